@@ -1,0 +1,229 @@
+/// \file backend/cpu/cache.hpp
+/// \brief KVCache<Policy, backend::Cpu>: ragged host storage, Eigen attention, policy dispatch.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../../config.hpp"
+#include "../../budget.hpp"
+#include "../../cache.hpp"
+#include "../../detail/head_store.hpp"
+#include "../../detail/select.hpp"
+#include "../../detail/validate.hpp"
+#include "../../error.hpp"
+#include "../../policy/policy_base.hpp"
+#include "../../shape.hpp"
+#include "../../span.hpp"
+#include "../../view.hpp"
+#include "attention.hpp"
+
+namespace kvpack {
+
+/// \brief CPU implementation of KVCache. Not thread-safe for concurrent mutation; attend() may
+/// run concurrently with other const calls. Uses OpenMP over heads and key splits when enabled.
+template <class Policy>
+class KVCache<Policy, backend::Cpu> {
+  static_assert(is_policy_v<Policy>,
+                "Policy lacks what KVCache needs: derive it from kvpack::PolicyBase (or "
+                "EvictionPolicy) and provide storage_type and validate(const ModelShape&)");
+
+ public:
+  using policy_type = Policy;
+  using backend_type = backend::Cpu;
+  using storage_type = typename Policy::storage_type;
+  static_assert(std::is_same_v<storage_type, Half> || std::is_same_v<storage_type, float>,
+                "the CPU cache stores Half or float rows");
+
+  /// Validates the shape and the policy's knobs; throws kvpack::error on a bad value.
+  explicit KVCache(const ModelShape& shape, Policy policy = Policy{})
+      : shape_(shape), policy_(std::move(policy)) {
+    shape_.validate();
+    policy_.validate(shape_);
+    heads_.resize(static_cast<std::size_t>(shape_.layers) * shape_.kv_heads);
+    layers_.resize(shape_.layers);
+  }
+
+  const ModelShape& shape() const { return shape_; }
+  const Policy& policy() const { return policy_; }
+
+  /// Appends a block of tokens to `layer`: k and v are tokens × kv_heads × head_dim (post-RoPE
+  /// keys), positions strictly increasing and after the layer's last position.
+  void append(int layer, const ActivationView& k, const ActivationView& v, Positions positions) {
+    constexpr const char* where = "KVCache::append";
+    detail::check_layer(where, shape_, layer);
+    detail::check_view(where, "k", k, shape_.kv_heads, shape_.head_dim);
+    detail::check_view(where, "v", v, shape_.kv_heads, shape_.head_dim);
+    detail::require(v.tokens() == k.tokens(), where, "v.tokens", v.tokens(),
+                    detail::concat(k.tokens(), " (k.tokens)"));
+    detail::LayerState& state = layers_[layer];
+    detail::check_append_positions(where, positions, k.tokens(), state);
+    detail::check_values(where, "k", k, storage_limit());
+    detail::check_values(where, "v", v, storage_limit());
+
+    const int d = shape_.head_dim;
+    const int64_t n = k.tokens();
+    std::vector<float> row(d);
+    for (int h = 0; h < shape_.kv_heads; ++h) {
+      detail::HeadStore<storage_type>& head = store(layer, h);
+      const std::size_t old = head.k.size();
+      head.k.resize(old + n * d);
+      head.v.resize(old + n * d);
+      for (int64_t t = 0; t < n; ++t) {
+        k.load(t, h, row.data());
+        detail::store_row(row.data(), head.k.data() + old + t * d, d);
+        v.load(t, h, row.data());
+        detail::store_row(row.data(), head.v.data() + old + t * d, d);
+      }
+      for (int64_t t = 0; t < n; ++t) head.positions.push_back(static_cast<int32_t>(positions[t]));
+    }
+    if (state.appended == 0) state.first_position = positions[0];
+    state.last_position = positions[n - 1];
+    state.appended += n;
+  }
+
+  /// Hands queries (tokens × q_heads × head_dim, post-RoPE) to policies that score with them.
+  void observe(int layer, const ActivationView& q, Positions positions) {
+    constexpr const char* where = "KVCache::observe";
+    check_query(where, layer, q, positions);
+    observed_ = true;
+  }
+
+  /// Applies the policy to everything held. May be called again later (e.g. every N decode
+  /// tokens); budgets are relative to the appended sequence, so repeated calls hold them.
+  void compress() {
+    if constexpr (Policy::needs_observe) {
+      detail::require(observed_, "KVCache::compress", "observe()", "never called",
+                      "observe() with queries before compress() for this policy");
+    }
+    if constexpr (is_eviction_policy_v<Policy>) {
+      static_assert(detail::has_token_score<Policy, storage_type>::value,
+                    "eviction Policy lacks static token_score(const T* key, const T* value, int)");
+      evict();
+    }
+  }
+
+  /// Attention of query tokens q (tokens × q_heads × head_dim, post-RoPE) over what `layer`
+  /// holds, causal by position, GQA, scaled by 1/sqrt(head_dim), softmax in fp32. Writes
+  /// tokens × q_heads × head_dim into `out`.
+  void attend(int layer, const ActivationView& q, Positions positions,
+              const OutputView& out) const {
+    constexpr const char* where = "KVCache::attend";
+    check_query(where, layer, q, positions);
+    detail::require(out.data() != nullptr, where, "out", "null data", "a writable buffer");
+    detail::require(out.tokens() == q.tokens() && out.heads() == shape_.q_heads &&
+                        out.head_dim() == shape_.head_dim,
+                    where, "out shape",
+                    detail::concat(out.tokens(), "x", out.heads(), "x", out.head_dim()),
+                    detail::concat(q.tokens(), "x", shape_.q_heads, "x", shape_.head_dim));
+    const int64_t min_query = *std::min_element(positions.begin(), positions.end());
+    for (int h = 0; h < shape_.kv_heads; ++h) {
+      const auto& head = store(layer, h);
+      if (head.size() == 0 || head.positions[0] > min_query) {
+        throw error(detail::concat(where, ": layer ", layer, " kv head ", h,
+                                   head.size() == 0 ? " holds no tokens"
+                                                    : " holds no token at or before position ",
+                                   head.size() == 0 ? "" : std::to_string(min_query),
+                                   ", expected at least one visible key per query"));
+      }
+    }
+    attend_unchecked(layer, q, positions, out);
+  }
+
+  /// Dense fp32 K/V and positions of `layer`, one entry per kv head (the slow path).
+  DenseLayer materialize(int layer) const {
+    detail::check_layer("KVCache::materialize", shape_, layer);
+    const int d = shape_.head_dim;
+    DenseLayer result;
+    result.heads.resize(shape_.kv_heads);
+    for (int h = 0; h < shape_.kv_heads; ++h) {
+      const auto& head = store(layer, h);
+      DenseHead& dst = result.heads[h];
+      dst.k.resize(head.k.size());
+      dst.v.resize(head.v.size());
+      for (int64_t t = 0; t < head.size(); ++t) {
+        detail::load_row(head.k.data() + t * d, dst.k.data() + t * d, d);
+        detail::load_row(head.v.data() + t * d, dst.v.data() + t * d, d);
+      }
+      dst.positions.assign(head.positions.begin(), head.positions.end());
+    }
+    return result;
+  }
+
+  /// Every byte held: K/V rows, positions, and the per-head / per-layer bookkeeping.
+  std::size_t bytes() const {
+    std::size_t total = heads_.size() * sizeof(detail::HeadStore<storage_type>) +
+                        layers_.size() * sizeof(detail::LayerState);
+    for (const auto& head : heads_) total += head.bytes();
+    return total;
+  }
+
+  /// What an uncompressed fp16 cache of the appended tokens would hold (K and V only).
+  std::size_t dense_bytes() const {
+    std::size_t total = 0;
+    for (const auto& layer : layers_) {
+      total += static_cast<std::size_t>(layer.appended) * shape_.kv_heads * shape_.head_dim * 2 * 2;
+    }
+    return total;
+  }
+
+  /// Tokens held by one (layer, kv-head).
+  int64_t tokens(int layer, int head) const {
+    detail::check_layer("KVCache::tokens", shape_, layer);
+    detail::require(head >= 0 && head < shape_.kv_heads, "KVCache::tokens", "head", head,
+                    detail::concat("in [0, ", shape_.kv_heads, ")"));
+    return store(layer, head).size();
+  }
+
+  /// Tokens ever appended to `layer` (the logical sequence length).
+  int64_t appended(int layer) const {
+    detail::check_layer("KVCache::appended", shape_, layer);
+    return layers_[layer].appended;
+  }
+
+  /// Drops every token and frees the memory; the shape and policy stay.
+  void clear() {
+    for (auto& head : heads_) head.clear();
+    for (auto& layer : layers_) layer = detail::LayerState{};
+    observed_ = false;
+  }
+
+ private:
+  static constexpr float storage_limit() {
+    return std::is_same_v<storage_type, Half> ? 65504.0f : std::numeric_limits<float>::max();
+  }
+
+  detail::HeadStore<storage_type>& store(int layer, int head) {
+    return heads_[static_cast<std::size_t>(layer) * shape_.kv_heads + head];
+  }
+  const detail::HeadStore<storage_type>& store(int layer, int head) const {
+    return heads_[static_cast<std::size_t>(layer) * shape_.kv_heads + head];
+  }
+
+  void check_query(const char* where, int layer, const ActivationView& q,
+                   Positions positions) const {
+    detail::check_layer(where, shape_, layer);
+    detail::check_view(where, "q", q, shape_.q_heads, shape_.head_dim);
+    detail::check_query_positions(where, positions, q.tokens(), layers_[layer]);
+    detail::check_values(where, "q", q, std::numeric_limits<float>::max());
+  }
+
+  void attend_unchecked(int layer, const ActivationView& q, Positions positions,
+                        const OutputView& out) const;
+  void evict();
+
+  ModelShape shape_;
+  Policy policy_;
+  std::vector<detail::HeadStore<storage_type>> heads_;  // layer-major: [layer][kv_head]
+  std::vector<detail::LayerState> layers_;
+  bool observed_ = false;
+};
+
+}  // namespace kvpack
+
+#include "cache_impl.hpp"

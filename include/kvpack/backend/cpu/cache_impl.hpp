@@ -1,0 +1,136 @@
+/// \file backend/cpu/cache_impl.hpp
+/// \brief Out-of-line members of KVCache<Policy, backend::Cpu>: attention and eviction.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cache.hpp"
+
+namespace kvpack {
+
+template <class Policy>
+void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const ActivationView& q,
+                                                     Positions positions,
+                                                     const OutputView& out) const {
+  const int d = shape_.head_dim;
+  const int g = shape_.group_size();
+  const int64_t tokens = q.tokens();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  // Work items: (kv head, block of query tokens, split of the keys). Query blocks bound the
+  // rows a tile is reused by; key splits give decode (few rows) parallelism over long caches.
+  const int64_t block_tokens = std::max<int64_t>(1, 64 / g);
+  const int64_t blocks = (tokens + block_tokens - 1) / block_tokens;
+  int64_t longest = 0;
+  for (int h = 0; h < shape_.kv_heads; ++h) longest = std::max(longest, store(layer, h).size());
+  const int64_t splits =
+      blocks * shape_.kv_heads >= 4 ? 1 : std::clamp<int64_t>(longest / 2048, 1, 8);
+  const int64_t items = shape_.kv_heads * blocks * splits;
+  std::vector<cpu::PartialState> partial(items);
+
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic)
+#endif
+  for (int64_t item = 0; item < items; ++item) {
+    const int h = static_cast<int>(item / (blocks * splits));
+    const int64_t block = (item / splits) % blocks;
+    const int64_t split = item % splits;
+    const auto& head = store(layer, h);
+    const cpu::HeadRows<storage_type> rows_of{head.k.data(), head.v.data(),
+                                              head.positions.data(), head.size()};
+    const int64_t t0 = block * block_tokens;
+    const int64_t tn = std::min(block_tokens, tokens - t0);
+    const int rows = static_cast<int>(tn * g);
+    std::vector<float> qrows(static_cast<std::size_t>(rows) * d), scratch;
+    std::vector<int64_t> visible(rows);
+    for (int64_t t = 0; t < tn; ++t) {
+      const int64_t vis =
+          std::upper_bound(head.positions.begin(), head.positions.end(), positions[t0 + t]) -
+          head.positions.begin();
+      for (int j = 0; j < g; ++j) {
+        const int r = static_cast<int>(t * g + j);
+        q.load(t0 + t, static_cast<int64_t>(h) * g + j, qrows.data() + r * d);
+        for (int i = 0; i < d; ++i) qrows[r * d + i] *= scale;
+        visible[r] = vis;
+      }
+    }
+    const int64_t span = (head.size() + splits - 1) / splits;
+    partial[item].reset(rows, d);
+    cpu::attend_rows(rows_of, d, qrows.data(), rows, visible.data(), split * span,
+                     std::min(head.size(), (split + 1) * span), partial[item], scratch);
+  }
+
+  // Merge the key splits of each (head, block) and normalise.
+  for (int h = 0; h < shape_.kv_heads; ++h) {
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t first = (static_cast<int64_t>(h) * blocks + block) * splits;
+      cpu::PartialState& acc = partial[first];
+      const int rows = static_cast<int>(acc.max.size());
+      for (int64_t s = 1; s < splits; ++s) {
+        const cpu::PartialState& other = partial[first + s];
+        for (int r = 0; r < rows; ++r) {
+          detail::softmax_merge(acc.max[r], acc.sum[r], acc.acc.data() + r * d, other.max[r],
+                                other.sum[r], other.acc.data() + r * d, d);
+        }
+      }
+      for (int r = 0; r < rows; ++r) {
+        const int64_t t = block * block_tokens + r / g;
+        float* dst = out.row(t, static_cast<int64_t>(h) * g + r % g);
+        const float inv = 1.0f / acc.sum[r];
+        for (int i = 0; i < d; ++i) dst[i] = acc.acc[r * d + i] * inv;
+      }
+    }
+  }
+}
+
+template <class Policy>
+void KVCache<Policy, backend::Cpu>::evict() {
+  const int d = shape_.head_dim;
+  const Budget& budget = policy_.budget;
+  struct Target {
+    int layer, head;
+  };
+  std::vector<Target> targets;
+  for (int l = policy_.skip_layers; l < shape_.layers; ++l) {
+    const detail::LayerState& state = layers_[l];
+    if (state.appended == 0 || state.appended < policy_.min_tokens) continue;
+    for (int h = 0; h < shape_.kv_heads; ++h) targets.push_back({l, h});
+  }
+  const int64_t n_targets = static_cast<int64_t>(targets.size());
+  std::vector<std::vector<float>> scores(n_targets);
+  std::vector<detail::SelectionHead> selection(n_targets);
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic)
+#endif
+  for (int64_t i = 0; i < n_targets; ++i) {
+    const auto& head = store(targets[i].layer, targets[i].head);
+    const detail::LayerState& state = layers_[targets[i].layer];
+    scores[i].resize(head.size());
+    for (int64_t t = 0; t < head.size(); ++t) {
+      scores[i][t] = Policy::token_score(head.k.data() + t * d, head.v.data() + t * d, d);
+    }
+    selection[i] = {scores[i].data(),
+                    head.positions.data(),
+                    head.size(),
+                    budget.target(state.appended),
+                    state.first_position + budget.sink_tokens,
+                    state.last_position - budget.recent_tokens};
+  }
+  std::vector<std::vector<int64_t>> kept;
+  if (budget.scope == BudgetScope::kGlobal) {
+    kept = detail::select_global(selection);
+  } else {
+    kept.resize(n_targets);
+    for (int64_t i = 0; i < n_targets; ++i) kept[i] = detail::select_top_k(selection[i]);
+  }
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic)
+#endif
+  for (int64_t i = 0; i < n_targets; ++i) {
+    auto& head = store(targets[i].layer, targets[i].head);
+    if (static_cast<int64_t>(kept[i].size()) < head.size()) head.keep(kept[i], d);
+  }
+}
+
+}  // namespace kvpack

@@ -1,0 +1,96 @@
+/// \file detail/validate.hpp
+/// \brief Argument checks shared by every backend's KVCache: all run before any state changes.
+#pragma once
+
+#ifndef KVPACK_INTERNAL_INCLUDE_OK
+#error "kvpack/detail/ headers are internal; include <kvpack/kvpack.hpp> instead"
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "../error.hpp"
+#include "../shape.hpp"
+#include "../span.hpp"
+#include "../view.hpp"
+
+namespace kvpack {
+namespace detail {
+
+/// What the container remembers of a layer's appended sequence.
+struct LayerState {
+  int64_t appended = 0;         ///< tokens ever appended (the logical sequence length)
+  int64_t first_position = -1;  ///< position of the first appended token, -1 when empty
+  int64_t last_position = -1;   ///< position of the last appended token, -1 when empty
+};
+
+inline void check_layer(const char* where, const ModelShape& shape, int layer) {
+  require(layer >= 0 && layer < shape.layers, where, "layer", layer,
+          concat("in [0, ", shape.layers, ")"));
+}
+
+inline void check_view(const char* where, const char* name, const ActivationView& x,
+                       int64_t heads, int64_t head_dim) {
+  require(x.data() != nullptr || x.tokens() == 0, where, name, "null data", "a non-null pointer");
+  require(x.tokens() > 0, where, concat(name, ".tokens").c_str(), x.tokens(), ">= 1");
+  require(x.heads() == heads, where, concat(name, ".heads").c_str(), x.heads(),
+          concat(heads, " (the model's head count)"));
+  require(x.head_dim() == head_dim, where, concat(name, ".head_dim").c_str(), x.head_dim(),
+          concat(head_dim, " (the model's head_dim)"));
+}
+
+/// Every element finite and, for 16-bit storage, inside the storage range.
+inline void check_values(const char* where, const char* name, const ActivationView& x,
+                         float limit) {
+  std::vector<float> row(x.head_dim());
+  for (int64_t t = 0; t < x.tokens(); ++t) {
+    for (int64_t h = 0; h < x.heads(); ++h) {
+      x.load(t, h, row.data());
+      for (int64_t i = 0; i < x.head_dim(); ++i) {
+        if (!(std::fabs(row[i]) <= limit)) {  // false for NaN too
+          throw error(concat(where, ": ", name, "[token ", t, ", head ", h, ", channel ", i,
+                             "] = ", row[i], ", expected a finite value with |x| <= ", limit));
+        }
+      }
+    }
+  }
+}
+
+/// Positions of a new block: one per token, >= 0, fit in int32, strictly increasing, and after
+/// everything already appended to the layer.
+inline void check_append_positions(const char* where, Positions positions, int64_t tokens,
+                                   const LayerState& layer) {
+  require(static_cast<int64_t>(positions.size()) == tokens, where, "positions.size()",
+          positions.size(), concat(tokens, " (one per token)"));
+  int64_t previous = layer.last_position;
+  for (std::size_t i = 0; i < positions.size(); ++i) {
+    const int64_t p = positions[i];
+    if (p < 0 || p > std::numeric_limits<int32_t>::max() || p <= previous) {
+      throw error(concat(where, ": positions[", i, "] = ", p, ", expected a value in (", previous,
+                         ", 2^31) — positions must be non-negative and strictly increasing ",
+                         "after the layer's last position"));
+    }
+    previous = p;
+  }
+}
+
+/// Query positions: one per query token, inside what the layer has seen.
+inline void check_query_positions(const char* where, Positions positions, int64_t tokens,
+                                  const LayerState& layer) {
+  require(layer.appended > 0, where, "layer", "empty", "a layer with appended tokens");
+  require(static_cast<int64_t>(positions.size()) == tokens, where, "positions.size()",
+          positions.size(), concat(tokens, " (one per query token)"));
+  for (std::size_t i = 0; i < positions.size(); ++i) {
+    const int64_t p = positions[i];
+    if (p < layer.first_position || p > layer.last_position) {
+      throw error(concat(where, ": positions[", i, "] = ", p, ", expected a position in [",
+                         layer.first_position, ", ", layer.last_position,
+                         "] (queries cannot lie beyond the cached sequence)"));
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace kvpack

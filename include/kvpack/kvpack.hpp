@@ -1,0 +1,15 @@
+/// \file kvpack.hpp
+/// \brief Umbrella header: the container, the CPU backend and every policy.
+#pragma once
+
+#include "budget.hpp"
+#include "cache.hpp"
+#include "config.hpp"
+#include "error.hpp"
+#include "half.hpp"
+#include "policy/identity.hpp"
+#include "policy/l2_norm_evict.hpp"
+#include "rope.hpp"
+#include "shape.hpp"
+#include "span.hpp"
+#include "view.hpp"

@@ -1,0 +1,37 @@
+/// \file policy/l2_norm_evict.hpp
+/// \brief L2NormEvict (Devoto et al., EMNLP 2024): keep the keys with the lowest L2 norm.
+///
+/// Low key norm correlates with high attention, so the score needs keys only: no queries, no
+/// attention maps. The reference leaves the first layers whole.
+#pragma once
+
+#include "../config.hpp"
+#include "../half.hpp"
+#include "policy_base.hpp"
+
+namespace kvpack {
+
+/// \brief Per (layer, kv-head), keeps the tokens whose post-RoPE key has the lowest L2 norm.
+///
+/// Knobs (paper defaults): budget (keep ratio 0.5, per head), layers 0–1 left whole. Sinks and a
+/// recent window can be protected through the budget.
+struct L2NormEvict : EvictionPolicy {
+  L2NormEvict() { skip_layers = 2; }
+  explicit L2NormEvict(Budget b, int skip = 2) {
+    budget = b;
+    skip_layers = skip;
+  }
+
+  /// Score of one token: −‖k‖² (higher = keep). Shared by the CPU and CUDA backends.
+  template <class T>
+  KVPACK_HOST_DEVICE static float token_score(const T* key, const T* /*value*/, int head_dim) {
+    float acc = 0.0f;
+    for (int i = 0; i < head_dim; ++i) {
+      const float x = to_float(key[i]);
+      acc += x * x;
+    }
+    return -acc;
+  }
+};
+
+}  // namespace kvpack

@@ -1,0 +1,77 @@
+/// \file policy/policy_base.hpp
+/// \brief Bases every policy derives from, and the traits the container checks policies with.
+///
+/// A policy is a small struct of knobs (with the paper's defaults) plus hooks. Hooks a policy
+/// does not need come from these bases. The container asks the traits below what kind of
+/// policy it holds and fails with a readable static_assert when a policy lacks what it needs.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../budget.hpp"
+#include "../half.hpp"
+#include "../shape.hpp"
+
+namespace kvpack {
+
+/// \brief Defaults for every policy: fp16 storage, no knobs to validate, no queries needed.
+struct PolicyBase {
+  /// Element type of stored K/V rows (Half or float).
+  using storage_type = Half;
+  /// Whether compress() needs observe() to have been called first.
+  static constexpr bool needs_observe = false;
+  void validate(const ModelShape&) const {}
+};
+
+/// \brief Base of token-eviction policies: a budget, layers left whole, a minimum length.
+///
+/// Derived policies provide the scores (higher = keep); the container selects per the budget
+/// and compacts storage so evicted tokens free their memory.
+struct EvictionPolicy : PolicyBase {
+  Budget budget{};
+  int skip_layers = 0;     ///< layers [0, skip_layers) are never compressed
+  int64_t min_tokens = 0;  ///< layers with fewer appended tokens are not compressed
+
+  void validate(const ModelShape& shape) const {
+    budget.validate("EvictionPolicy");
+    detail::require(skip_layers >= 0 && skip_layers <= shape.layers, "EvictionPolicy",
+                    "skip_layers", skip_layers, detail::concat("in [0, ", shape.layers, "]"));
+    detail::require(min_tokens >= 0, "EvictionPolicy", "min_tokens", min_tokens, ">= 0");
+  }
+};
+
+namespace detail {
+
+template <class P, class = void>
+struct has_validate : std::false_type {};
+template <class P>
+struct has_validate<P, std::void_t<decltype(std::declval<const P&>().validate(
+                           std::declval<const ModelShape&>()))>> : std::true_type {};
+
+template <class P, class = void>
+struct has_storage_type : std::false_type {};
+template <class P>
+struct has_storage_type<P, std::void_t<typename P::storage_type>> : std::true_type {};
+
+template <class P, class T, class = void>
+struct has_token_score : std::false_type {};
+template <class P, class T>
+struct has_token_score<P, T,
+                       std::void_t<decltype(P::token_score(std::declval<const T*>(),
+                                                           std::declval<const T*>(), 0))>>
+    : std::true_type {};
+
+}  // namespace detail
+
+/// \brief True when P can be held by a KVCache (C++17 stand-in for a concept).
+template <class P>
+inline constexpr bool is_policy_v =
+    std::is_base_of_v<PolicyBase, P> && detail::has_validate<P>::value &&
+    detail::has_storage_type<P>::value;
+
+/// \brief True for policies that evict tokens by a per-token score.
+template <class P>
+inline constexpr bool is_eviction_policy_v = std::is_base_of_v<EvictionPolicy, P>;
+
+}  // namespace kvpack

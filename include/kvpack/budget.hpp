@@ -22,11 +22,11 @@ enum class BudgetScope {
 /// Protected tokens (sinks at the start, a recent window at the end) count against the budget;
 /// when protection alone exceeds it, protection wins.
 struct Budget {
-  double keep_ratio = 0.5;   ///< fraction of appended tokens kept, in (0, 1]
-  int64_t keep_tokens = 0;   ///< when > 0: a fixed token count per (layer, head); overrides ratio
+  double keep_ratio = 0.5;  ///< fraction of appended tokens kept, in (0, 1]
+  int64_t keep_tokens = 0;  ///< when > 0: a fixed token count per (layer, head); overrides ratio
   BudgetScope scope = BudgetScope::kPerHead;
-  int64_t sink_tokens = 0;   ///< first tokens of the sequence always kept
-  int64_t recent_tokens = 0; ///< last tokens held always kept
+  int64_t sink_tokens = 0;    ///< first tokens of the sequence always kept
+  int64_t recent_tokens = 0;  ///< last tokens held always kept
 
   static Budget ratio(double keep, BudgetScope scope = BudgetScope::kPerHead) {
     Budget b;
@@ -42,8 +42,8 @@ struct Budget {
   }
 
   void validate(const char* where) const {
-    detail::require(keep_tokens > 0 || (keep_ratio > 0.0 && keep_ratio <= 1.0), where,
-                    "keep_ratio", keep_ratio, "a value in (0, 1]");
+    detail::require(keep_tokens > 0 || (keep_ratio > 0.0 && keep_ratio <= 1.0), where, "keep_ratio",
+                    keep_ratio, "a value in (0, 1]");
     detail::require(keep_tokens >= 0, where, "keep_tokens", keep_tokens, ">= 0 (0 = use ratio)");
     detail::require(sink_tokens >= 0, where, "sink_tokens", sink_tokens, ">= 0");
     detail::require(recent_tokens >= 0, where, "recent_tokens", recent_tokens, ">= 0");

@@ -41,8 +41,8 @@ struct ModelShape {
                     detail::concat("a positive multiple of kv_heads (", kv_heads, ")"));
     detail::require(head_dim > 0 && head_dim % 2 == 0 && head_dim <= 1024, where, "head_dim",
                     head_dim, "an even number in [2, 1024]");
-    detail::require(std::isfinite(rope.theta) && rope.theta > 1.0, where, "rope.theta",
-                    rope.theta, "a finite value > 1");
+    detail::require(std::isfinite(rope.theta) && rope.theta > 1.0, where, "rope.theta", rope.theta,
+                    "a finite value > 1");
   }
 };
 

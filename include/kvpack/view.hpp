@@ -34,11 +34,17 @@ namespace detail {
 template <class T>
 constexpr DType dtype_of();
 template <>
-constexpr DType dtype_of<float>() { return DType::kF32; }
+constexpr DType dtype_of<float>() {
+  return DType::kF32;
+}
 template <>
-constexpr DType dtype_of<Half>() { return DType::kF16; }
+constexpr DType dtype_of<Half>() {
+  return DType::kF16;
+}
 template <>
-constexpr DType dtype_of<BFloat16>() { return DType::kBF16; }
+constexpr DType dtype_of<BFloat16>() {
+  return DType::kBF16;
+}
 }  // namespace detail
 
 /// \brief Read-only view of activations (keys, values or queries) in fp32, fp16 or bf16.

@@ -20,12 +20,12 @@ namespace detail {
 
 /// One compressible head as selection sees it.
 struct SelectionHead {
-  const float* scores;      ///< per held token, higher = keep
-  const int32_t* positions; ///< per held token, ascending
-  int64_t size;             ///< tokens held
-  int64_t target;           ///< tokens to keep (Budget::target of the layer's appended count)
-  int64_t protect_below;    ///< positions < this are sinks
-  int64_t protect_above;    ///< positions > this are in the recent window
+  const float* scores;       ///< per held token, higher = keep
+  const int32_t* positions;  ///< per held token, ascending
+  int64_t size;              ///< tokens held
+  int64_t target;            ///< tokens to keep (Budget::target of the layer's appended count)
+  int64_t protect_below;     ///< positions < this are sinks
+  int64_t protect_above;     ///< positions > this are in the recent window
 };
 
 inline bool is_protected(const SelectionHead& h, int64_t i) {

@@ -31,8 +31,8 @@ inline void check_layer(const char* where, const ModelShape& shape, int layer) {
           concat("in [0, ", shape.layers, ")"));
 }
 
-inline void check_view(const char* where, const char* name, const ActivationView& x,
-                       int64_t heads, int64_t head_dim) {
+inline void check_view(const char* where, const char* name, const ActivationView& x, int64_t heads,
+                       int64_t head_dim) {
   require(x.data() != nullptr || x.tokens() == 0, where, name, "null data", "a non-null pointer");
   require(x.tokens() > 0, where, concat(name, ".tokens").c_str(), x.tokens(), ">= 1");
   require(x.heads() == heads, where, concat(name, ".heads").c_str(), x.heads(),

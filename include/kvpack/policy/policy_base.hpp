@@ -46,8 +46,9 @@ namespace detail {
 template <class P, class = void>
 struct has_validate : std::false_type {};
 template <class P>
-struct has_validate<P, std::void_t<decltype(std::declval<const P&>().validate(
-                           std::declval<const ModelShape&>()))>> : std::true_type {};
+struct has_validate<
+    P, std::void_t<decltype(std::declval<const P&>().validate(std::declval<const ModelShape&>()))>>
+    : std::true_type {};
 
 template <class P, class = void>
 struct has_storage_type : std::false_type {};
@@ -57,18 +58,17 @@ struct has_storage_type<P, std::void_t<typename P::storage_type>> : std::true_ty
 template <class P, class T, class = void>
 struct has_token_score : std::false_type {};
 template <class P, class T>
-struct has_token_score<P, T,
-                       std::void_t<decltype(P::token_score(std::declval<const T*>(),
-                                                           std::declval<const T*>(), 0))>>
+struct has_token_score<
+    P, T,
+    std::void_t<decltype(P::token_score(std::declval<const T*>(), std::declval<const T*>(), 0))>>
     : std::true_type {};
 
 }  // namespace detail
 
 /// \brief True when P can be held by a KVCache (C++17 stand-in for a concept).
 template <class P>
-inline constexpr bool is_policy_v =
-    std::is_base_of_v<PolicyBase, P> && detail::has_validate<P>::value &&
-    detail::has_storage_type<P>::value;
+inline constexpr bool is_policy_v = std::is_base_of_v<PolicyBase, P>&&
+    detail::has_validate<P>::value&& detail::has_storage_type<P>::value;
 
 /// \brief True for policies that evict tokens by a per-token score.
 template <class P>

@@ -46,9 +46,8 @@ struct PartialState {
 /// [begin, end) of `head`. Row r sees only keys with index < visible[r] (causal by position).
 /// Accumulates into `state` (online softmax), so splits can be merged afterwards.
 template <class T>
-void attend_rows(const HeadRows<T>& head, int d, const float* q, int rows,
-                 const int64_t* visible, int64_t begin, int64_t end, PartialState& state,
-                 std::vector<float>& scratch) {
+void attend_rows(const HeadRows<T>& head, int d, const float* q, int rows, const int64_t* visible,
+                 int64_t begin, int64_t end, PartialState& state, std::vector<float>& scratch) {
   using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using Vec = Eigen::Map<Eigen::VectorXf>;
   using ConstVec = Eigen::Map<const Eigen::VectorXf>;

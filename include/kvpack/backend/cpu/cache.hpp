@@ -10,9 +10,9 @@
 #include <utility>
 #include <vector>
 
-#include "../../config.hpp"
 #include "../../budget.hpp"
 #include "../../cache.hpp"
+#include "../../config.hpp"
 #include "../../detail/head_store.hpp"
 #include "../../detail/select.hpp"
 #include "../../detail/validate.hpp"
@@ -125,11 +125,11 @@ class KVCache<Policy, backend::Cpu> {
     for (int h = 0; h < shape_.kv_heads; ++h) {
       const auto& head = store(layer, h);
       if (head.size() == 0 || head.positions[0] > min_query) {
-        throw error(detail::concat(where, ": layer ", layer, " kv head ", h,
-                                   head.size() == 0 ? " holds no tokens"
-                                                    : " holds no token at or before position ",
-                                   head.size() == 0 ? "" : std::to_string(min_query),
-                                   ", expected at least one visible key per query"));
+        throw error(detail::concat(
+            where, ": layer ", layer, " kv head ", h,
+            head.size() == 0 ? " holds no tokens" : " holds no token at or before position ",
+            head.size() == 0 ? "" : std::to_string(min_query),
+            ", expected at least one visible key per query"));
       }
     }
     attend_unchecked(layer, q, positions, out);

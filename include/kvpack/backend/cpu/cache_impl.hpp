@@ -37,8 +37,8 @@ void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const Activation
     const int64_t block = (item / splits) % blocks;
     const int64_t split = item % splits;
     const auto& head = store(layer, h);
-    const cpu::HeadRows<storage_type> rows_of{head.k.data(), head.v.data(),
-                                              head.positions.data(), head.size()};
+    const cpu::HeadRows<storage_type> rows_of{head.k.data(), head.v.data(), head.positions.data(),
+                                              head.size()};
     const int64_t t0 = block * block_tokens;
     const int64_t tn = std::min(block_tokens, tokens - t0);
     const int rows = static_cast<int>(tn * g);

@@ -1,0 +1,121 @@
+#include <catch2/catch.hpp>
+#include <kvpack/kvpack.hpp>
+
+#include "test_util.hpp"
+
+using kvpack::ActivationView;
+using kvpack::ModelShape;
+using kvpack::OutputView;
+
+namespace {
+
+/// attend() of the last `queries` positions against the double reference over materialize().
+template <class Policy>
+double attention_error(const ModelShape& shape, int64_t n, int64_t queries, bool heads_first,
+                       uint32_t seed) {
+  kvpack::KVCache<Policy> cache(shape);
+  kvpack_test::fill_layer(cache, 0, n, seed, /*chunk=*/n > 100 ? 97 : 0);
+  const int d = shape.head_dim, g = shape.group_size();
+  const auto q = kvpack_test::random_values(queries * shape.q_heads * d, seed + 7, 2.0f);
+  const auto qpos = kvpack_test::iota_positions(queries, n - queries);
+  std::vector<float> out(q.size(), -1.0f);
+  const auto qv = heads_first ? ActivationView::hnd(q.data(), queries, shape.q_heads, d)
+                              : ActivationView::nhd(q.data(), queries, shape.q_heads, d);
+  const auto ov = heads_first ? OutputView::hnd(out.data(), queries, shape.q_heads, d)
+                              : OutputView::nhd(out.data(), queries, shape.q_heads, d);
+  cache.attend(0, qv, qpos, ov);
+  const kvpack::DenseLayer dense = cache.materialize(0);
+  double worst = 0;
+  std::vector<float> qrow(d);
+  for (int64_t t = 0; t < queries; ++t) {
+    for (int h = 0; h < shape.q_heads; ++h) {
+      qv.load(t, h, qrow.data());
+      const auto& head = dense.heads[h / g];
+      const auto ref =
+          kvpack_test::reference_attention(qrow.data(), head.k, head.v, head.positions, qpos[t], d);
+      worst = std::max(worst, kvpack_test::max_relative_row_error(ov.row(t, h), ref));
+    }
+  }
+  return worst;
+}
+
+}  // namespace
+
+TEST_CASE("attend: matches a double-precision reference (fp32 storage)", "[attention]") {
+  // GQA groups of 1, 3 and 8; head_dim 32, 64 and 128.
+  const ModelShape shapes[] = {
+      {1, 4, 4, 64, {}}, {1, 9, 3, 64, {}}, {1, 16, 2, 128, {}}, {1, 6, 3, 32, {}}};
+  for (const auto& shape : shapes) {
+    for (int64_t n : {int64_t{1}, int64_t{37}, int64_t{300}, int64_t{5000}}) {
+      for (int64_t queries : {int64_t{1}, int64_t{40}}) {
+        if (queries > n) continue;
+        for (bool heads_first : {false, true}) {
+          INFO("q_heads " << shape.q_heads << " kv_heads " << shape.kv_heads << " d "
+                          << shape.head_dim << " n " << n << " queries " << queries
+                          << (heads_first ? " HND" : " NHD"));
+          REQUIRE(attention_error<kvpack::IdentityF32>(shape, n, queries, heads_first, 42) < 1e-5);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("attend: fp16 storage matches the reference over the stored values", "[attention]") {
+  const ModelShape shape{1, 9, 3, 64, {}};
+  REQUIRE(attention_error<kvpack::Identity>(shape, 4100, 1, false, 3) < 1e-5);
+  REQUIRE(attention_error<kvpack::Identity>(shape, 700, 64, true, 4) < 1e-5);
+}
+
+TEST_CASE("attend: fp16 and bf16 query views give the fp32 answer of their values", "[attention]") {
+  const ModelShape shape{1, 9, 3, 64, {}};
+  kvpack::KVCache<kvpack::IdentityF32> cache(shape);
+  kvpack_test::fill_layer(cache, 0, 200, 9);
+  const auto q = kvpack_test::random_values(9 * 64, 10);
+  std::vector<kvpack::Half> qh(q.size());
+  std::vector<kvpack::BFloat16> qb(q.size());
+  std::vector<float> qh_f(q.size()), qb_f(q.size());
+  for (std::size_t i = 0; i < q.size(); ++i) {
+    qh[i] = kvpack::to_half(q[i]);
+    qb[i] = kvpack::to_bfloat16(q[i]);
+    qh_f[i] = kvpack::to_float(qh[i]);
+    qb_f[i] = kvpack::to_float(qb[i]);
+  }
+  const std::vector<int64_t> pos{199};
+  std::vector<float> a(q.size()), b(q.size()), c(q.size()), e(q.size());
+  cache.attend(0, ActivationView::nhd(qh.data(), 1, 9, 64), pos,
+               OutputView::nhd(a.data(), 1, 9, 64));
+  cache.attend(0, ActivationView::nhd(qh_f.data(), 1, 9, 64), pos,
+               OutputView::nhd(b.data(), 1, 9, 64));
+  cache.attend(0, ActivationView::nhd(qb.data(), 1, 9, 64), pos,
+               OutputView::nhd(c.data(), 1, 9, 64));
+  cache.attend(0, ActivationView::nhd(qb_f.data(), 1, 9, 64), pos,
+               OutputView::nhd(e.data(), 1, 9, 64));
+  REQUIRE(a == b);
+  REQUIRE(c == e);
+}
+
+TEST_CASE("attend: a strided (padded) view reads the same values as a packed one", "[attention]") {
+  const ModelShape shape{1, 9, 3, 64, {}};
+  kvpack::KVCache<kvpack::IdentityF32> packed(shape), padded(shape);
+  const int64_t n = 50;
+  const auto k = kvpack_test::random_values(n * 3 * 64, 1),
+             v = kvpack_test::random_values(n * 3 * 64, 2);
+  const auto pos = kvpack_test::iota_positions(n);
+  packed.append(0, ActivationView::nhd(k.data(), n, 3, 64), ActivationView::nhd(v.data(), n, 3, 64),
+                pos);
+  // Same values laid out with a token stride of 4 heads (one head of padding per token).
+  std::vector<float> kp(n * 4 * 64, NAN), vp(n * 4 * 64, NAN);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int i = 0; i < 3 * 64; ++i) {
+      kp[t * 256 + i] = k[t * 192 + i];
+      vp[t * 256 + i] = v[t * 192 + i];
+    }
+  }
+  padded.append(0, ActivationView(kp.data(), n, 3, 64, 256, 64),
+                ActivationView(vp.data(), n, 3, 64, 256, 64), pos);
+  const auto a = packed.materialize(0), b = padded.materialize(0);
+  for (int h = 0; h < 3; ++h) {
+    REQUIRE(a.heads[h].k == b.heads[h].k);
+    REQUIRE(a.heads[h].v == b.heads[h].v);
+  }
+}

@@ -1,0 +1,84 @@
+// Shared helpers of the CPU tests: seeded random activations and slow, obviously-right references.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <kvpack/kvpack.hpp>
+#include <numeric>
+#include <random>
+#include <vector>
+
+namespace kvpack_test {
+
+/// Gaussian values with a fixed seed; `scale` sets the spread.
+inline std::vector<float> random_values(std::size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> x(n);
+  for (auto& v : x) v = dist(rng);
+  return x;
+}
+
+inline std::vector<int64_t> iota_positions(int64_t n, int64_t first = 0) {
+  std::vector<int64_t> p(n);
+  std::iota(p.begin(), p.end(), first);
+  return p;
+}
+
+/// Double-precision attention of one query row over dense rows k, v (n × d) at `key_pos`,
+/// causal: keys with position > query_pos are ignored.
+inline std::vector<double> reference_attention(const float* q, const std::vector<float>& k,
+                                               const std::vector<float>& v,
+                                               const std::vector<int64_t>& key_pos,
+                                               int64_t query_pos, int d) {
+  const int64_t n = static_cast<int64_t>(key_pos.size());
+  std::vector<double> scores;
+  double max_score = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) {
+    if (key_pos[t] > query_pos) continue;
+    double s = 0;
+    for (int i = 0; i < d; ++i) s += static_cast<double>(q[i]) * k[t * d + i];
+    s /= std::sqrt(static_cast<double>(d));
+    scores.push_back(s);
+    max_score = std::max(max_score, s);
+  }
+  std::vector<double> out(d, 0.0);
+  double sum = 0;
+  int64_t j = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    if (key_pos[t] > query_pos) continue;
+    const double p = std::exp(scores[j++] - max_score);
+    sum += p;
+    for (int i = 0; i < d; ++i) out[i] += p * v[t * d + i];
+  }
+  for (auto& o : out) o /= sum;
+  return out;
+}
+
+/// Max over rows of ‖a − b‖ / ‖b‖ (relative error of each output row).
+inline double max_relative_row_error(const float* a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < b.size(); ++i) {
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return std::sqrt(num / den);
+}
+
+/// Fills a cache layer with random K/V (NHD fp32) and returns nothing; positions 0..n-1.
+template <class Cache>
+void fill_layer(Cache& cache, int layer, int64_t n, uint32_t seed, int64_t chunk = 0) {
+  const auto& s = cache.shape();
+  const auto k = random_values(n * s.kv_heads * s.head_dim, seed);
+  const auto v = random_values(n * s.kv_heads * s.head_dim, seed + 1000);
+  if (chunk <= 0) chunk = n;
+  for (int64_t t0 = 0; t0 < n; t0 += chunk) {
+    const int64_t tn = std::min(chunk, n - t0);
+    const auto pos = iota_positions(tn, t0);
+    const int64_t off = t0 * s.kv_heads * s.head_dim;
+    cache.append(layer, kvpack::ActivationView::nhd(k.data() + off, tn, s.kv_heads, s.head_dim),
+                 kvpack::ActivationView::nhd(v.data() + off, tn, s.kv_heads, s.head_dim), pos);
+  }
+}
+
+}  // namespace kvpack_test

@@ -18,12 +18,17 @@ template <class T>
 struct HeadStore {
   std::vector<T> k, v;
   std::vector<int32_t> positions;
+  /// Per-token scores of policies that score with observed queries (empty otherwise);
+  /// kUnscored marks tokens no query has seen yet.
+  std::vector<float> scores;
+  static constexpr float kUnscored = -1.0f;
 
   int64_t size() const { return static_cast<int64_t>(positions.size()); }
 
-  /// Bytes held: K and V rows plus one position per token.
+  /// Bytes held: K and V rows, one position per token, and scores when a policy keeps them.
   std::size_t bytes() const {
-    return (k.size() + v.size()) * sizeof(T) + positions.size() * sizeof(int32_t);
+    return (k.size() + v.size()) * sizeof(T) + positions.size() * sizeof(int32_t) +
+           scores.size() * sizeof(float);
   }
 
   /// Keeps rows `kept` (ascending indices) and releases the memory of the others: the new
@@ -42,12 +47,32 @@ struct HeadStore {
     k.swap(nk);
     v.swap(nv);
     positions.swap(np);
+    if (!scores.empty()) {
+      std::vector<float> ns(kept.size());
+      for (std::size_t j = 0; j < kept.size(); ++j) ns[j] = scores[kept[j]];
+      scores.swap(ns);
+    }
+  }
+
+  /// Drops the last `count` rows (used to roll back tokens that were never part of the
+  /// sequence, such as a scoring pass's repeat prompt).
+  void drop_back(int64_t count, int head_dim) {
+    const std::size_t n = static_cast<std::size_t>(size() - count);
+    k.resize(n * head_dim);
+    v.resize(n * head_dim);
+    positions.resize(n);
+    if (scores.size() > n) scores.resize(n);
+    k.shrink_to_fit();
+    v.shrink_to_fit();
+    positions.shrink_to_fit();
+    scores.shrink_to_fit();
   }
 
   void clear() {
     std::vector<T>().swap(k);
     std::vector<T>().swap(v);
     std::vector<int32_t>().swap(positions);
+    std::vector<float>().swap(scores);
   }
 };
 

@@ -63,6 +63,11 @@ struct has_token_score<
     std::void_t<decltype(P::token_score(std::declval<const T*>(), std::declval<const T*>(), 0))>>
     : std::true_type {};
 
+template <class P, class = void>
+struct scores_from_queries : std::false_type {};
+template <class P>
+struct scores_from_queries<P, std::enable_if_t<P::scores_from_queries>> : std::true_type {};
+
 }  // namespace detail
 
 /// \brief True when P can be held by a KVCache (C++17 stand-in for a concept).

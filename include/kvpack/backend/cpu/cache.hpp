@@ -17,11 +17,13 @@
 #include "../../detail/select.hpp"
 #include "../../detail/validate.hpp"
 #include "../../error.hpp"
+#include "../../policy/lazy_layer_drop.hpp"
 #include "../../policy/policy_base.hpp"
 #include "../../shape.hpp"
 #include "../../span.hpp"
 #include "../../view.hpp"
 #include "attention.hpp"
+#include "scoring.hpp"
 
 namespace kvpack {
 
@@ -47,10 +49,14 @@ class KVCache<Policy, backend::Cpu> {
     policy_.validate(shape_);
     heads_.resize(static_cast<std::size_t>(shape_.layers) * shape_.kv_heads);
     layers_.resize(shape_.layers);
+    if constexpr (is_lazy_layer_policy) observations_.resize(shape_.layers);
   }
 
   const ModelShape& shape() const { return shape_; }
   const Policy& policy() const { return policy_; }
+  /// Runtime knobs a driver changes between calls (e.g. ReconstructionEvict::window). Changing
+  /// a knob that validate() checks is re-validated by the next compress().
+  Policy& policy() { return policy_; }
 
   /// Appends a block of tokens to `layer`: k and v are tokens × kv_heads × head_dim (post-RoPE
   /// keys), positions strictly increasing and after the layer's last position.
@@ -81,6 +87,7 @@ class KVCache<Policy, backend::Cpu> {
         detail::store_row(row.data(), head.v.data() + old + t * d, d);
       }
       for (int64_t t = 0; t < n; ++t) head.positions.push_back(static_cast<int32_t>(positions[t]));
+      if (!head.scores.empty()) head.scores.resize(head.positions.size(), head.kUnscored);
     }
     if (state.appended == 0) state.first_position = positions[0];
     state.last_position = positions[n - 1];
@@ -91,6 +98,9 @@ class KVCache<Policy, backend::Cpu> {
   void observe(int layer, const ActivationView& q, Positions positions) {
     constexpr const char* where = "KVCache::observe";
     check_query(where, layer, q, positions);
+    if constexpr (detail::scores_from_queries<Policy>::value || is_lazy_layer_policy) {
+      observe_probabilities(layer, q, positions);
+    }
     observed_ = true;
   }
 
@@ -101,11 +111,59 @@ class KVCache<Policy, backend::Cpu> {
       detail::require(observed_, "KVCache::compress", "observe()", "never called",
                       "observe() with queries before compress() for this policy");
     }
+    policy_.validate(shape_);
     if constexpr (is_eviction_policy_v<Policy>) {
-      static_assert(detail::has_token_score<Policy, storage_type>::value,
-                    "eviction Policy lacks static token_score(const T* key, const T* value, int)");
+      static_assert(detail::has_token_score<Policy, storage_type>::value ||
+                        detail::scores_from_queries<Policy>::value,
+                    "eviction Policy lacks static token_score(const T* key, const T* value, int) "
+                    "or scores_from_queries");
       evict();
+    } else if constexpr (is_lazy_layer_policy) {
+      trim_lazy_layers();
     }
+  }
+
+  /// Removes every token at a position > `last_position` from all layers, e.g. the repeat
+  /// prompt of a scoring pass. Only tokens no compress() has evicted from can be rolled back.
+  void truncate(int64_t last_position) {
+    constexpr const char* where = "KVCache::truncate";
+    std::vector<int64_t> drop(shape_.layers, 0);
+    for (int l = 0; l < shape_.layers; ++l) {
+      if (layers_[l].last_position <= last_position) continue;
+      for (int h = 0; h < shape_.kv_heads; ++h) {
+        const auto& p = store(l, h).positions;
+        const int64_t count = p.end() - std::upper_bound(p.begin(), p.end(), last_position);
+        if (h == 0) drop[l] = count;
+        if (count != drop[l]) {
+          throw error(detail::concat(where, ": last_position = ", last_position,
+                                     ", expected a position after which layer ", l,
+                                     " still holds every appended token (some were evicted)"));
+        }
+      }
+    }
+    for (int l = 0; l < shape_.layers; ++l) {
+      if (drop[l] == 0 && layers_[l].last_position <= last_position) continue;
+      for (int h = 0; h < shape_.kv_heads; ++h) store(l, h).drop_back(drop[l], shape_.head_dim);
+      detail::LayerState& state = layers_[l];
+      state.appended -= drop[l];
+      state.last_position = state.appended == 0 ? -1 : std::min(state.last_position, last_position);
+      if (state.appended == 0) state.first_position = -1;
+    }
+  }
+
+  /// Mean attention mass that observed queries put on the initial + recent tokens of `layer`
+  /// (LazyLayerDrop's statistic); NaN when nothing was observed.
+  double observed_mass(int layer) const {
+    detail::check_layer("KVCache::observed_mass", shape_, layer);
+    if (observations_.empty()) return std::nan("");
+    const auto& o = observations_[layer];
+    return o.rows == 0 ? std::nan("") : o.mass / static_cast<double>(o.rows);
+  }
+
+  /// Whether compress() marked `layer` lazy (LazyLayerDrop); false before the decision.
+  bool is_lazy(int layer) const {
+    detail::check_layer("KVCache::is_lazy", shape_, layer);
+    return !observations_.empty() && observations_[layer].lazy == 1;
   }
 
   /// Attention of query tokens q (tokens × q_heads × head_dim, post-RoPE) over what `layer`
@@ -158,7 +216,8 @@ class KVCache<Policy, backend::Cpu> {
   /// Every byte held: K/V rows, positions, and the per-head / per-layer bookkeeping.
   std::size_t bytes() const {
     std::size_t total = heads_.size() * sizeof(detail::HeadStore<storage_type>) +
-                        layers_.size() * sizeof(detail::LayerState);
+                        layers_.size() * sizeof(detail::LayerState) +
+                        observations_.size() * sizeof(LayerObservation);
     for (const auto& head : heads_) total += head.bytes();
     return total;
   }
@@ -190,10 +249,20 @@ class KVCache<Policy, backend::Cpu> {
   void clear() {
     for (auto& head : heads_) head.clear();
     for (auto& layer : layers_) layer = detail::LayerState{};
+    for (auto& o : observations_) o = LayerObservation{};
     observed_ = false;
   }
 
  private:
+  static constexpr bool is_lazy_layer_policy = std::is_base_of_v<LazyLayerDrop, Policy>;
+
+  /// Per-layer statistic of LazyLayerDrop: summed mass over observed rows, and the decision.
+  struct LayerObservation {
+    double mass = 0.0;
+    int64_t rows = 0;
+    int lazy = -1;  // -1 undecided, 0 no, 1 yes
+  };
+
   static constexpr float storage_limit() {
     return std::is_same_v<storage_type, Half> ? 65504.0f : std::numeric_limits<float>::max();
   }
@@ -215,12 +284,18 @@ class KVCache<Policy, backend::Cpu> {
 
   void attend_unchecked(int layer, const ActivationView& q, Positions positions,
                         const OutputView& out) const;
+  void gather_query_rows(int layer, const ActivationView& q, Positions positions, int head,
+                         int64_t t0, int64_t tn, std::vector<float>& rows,
+                         std::vector<int64_t>& visible) const;
   void evict();
+  void observe_probabilities(int layer, const ActivationView& q, Positions positions);
+  void trim_lazy_layers();
 
   ModelShape shape_;
   Policy policy_;
   std::vector<detail::HeadStore<storage_type>> heads_;  // layer-major: [layer][kv_head]
   std::vector<detail::LayerState> layers_;
+  std::vector<LayerObservation> observations_;  // LazyLayerDrop only
   bool observed_ = false;
 };
 

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "cache.hpp"
@@ -17,7 +18,6 @@ void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const Activation
   const int d = shape_.head_dim;
   const int g = shape_.group_size();
   const int64_t tokens = q.tokens();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   // Work items: (kv head, block of query tokens, split of the keys). Query blocks bound the
   // rows a tile is reused by; key splits give decode (few rows) parallelism over long caches.
   const int64_t block_tokens = std::max<int64_t>(1, 64 / g);
@@ -42,19 +42,9 @@ void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const Activation
     const int64_t t0 = block * block_tokens;
     const int64_t tn = std::min(block_tokens, tokens - t0);
     const int rows = static_cast<int>(tn * g);
-    std::vector<float> qrows(static_cast<std::size_t>(rows) * d), scratch;
-    std::vector<int64_t> visible(rows);
-    for (int64_t t = 0; t < tn; ++t) {
-      const int64_t vis =
-          std::upper_bound(head.positions.begin(), head.positions.end(), positions[t0 + t]) -
-          head.positions.begin();
-      for (int j = 0; j < g; ++j) {
-        const int r = static_cast<int>(t * g + j);
-        q.load(t0 + t, static_cast<int64_t>(h) * g + j, qrows.data() + r * d);
-        for (int i = 0; i < d; ++i) qrows[r * d + i] *= scale;
-        visible[r] = vis;
-      }
-    }
+    std::vector<float> qrows, scratch;
+    std::vector<int64_t> visible;
+    gather_query_rows(layer, q, positions, h, t0, tn, qrows, visible);
     const int64_t span = (head.size() + splits - 1) / splits;
     partial[item].reset(rows, d);
     cpu::attend_rows(rows_of, d, qrows.data(), rows, visible.data(), split * span,
@@ -85,6 +75,108 @@ void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const Activation
 }
 
 template <class Policy>
+void KVCache<Policy, backend::Cpu>::gather_query_rows(int layer, const ActivationView& q,
+                                                      Positions positions, int head, int64_t t0,
+                                                      int64_t tn, std::vector<float>& rows,
+                                                      std::vector<int64_t>& visible) const {
+  // Rows of the GQA group of kv head `head` for query tokens [t0, t0 + tn), scaled by
+  // 1/sqrt(d), and how many held keys each row may see (causal by position).
+  const int d = shape_.head_dim;
+  const int g = shape_.group_size();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const auto& held = store(layer, head).positions;
+  rows.resize(static_cast<std::size_t>(tn) * g * d);
+  visible.resize(static_cast<std::size_t>(tn) * g);
+  for (int64_t t = 0; t < tn; ++t) {
+    const int64_t vis =
+        std::upper_bound(held.begin(), held.end(), positions[t0 + t]) - held.begin();
+    for (int j = 0; j < g; ++j) {
+      const int64_t r = t * g + j;
+      q.load(t0 + t, static_cast<int64_t>(head) * g + j, rows.data() + r * d);
+      for (int i = 0; i < d; ++i) rows[r * d + i] *= scale;
+      visible[r] = vis;
+    }
+  }
+}
+
+template <class Policy>
+void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const ActivationView& q,
+                                                          Positions positions) {
+  const int d = shape_.head_dim;
+  const int g = shape_.group_size();
+  const int64_t tokens = q.tokens();
+  const int64_t block_tokens = std::max<int64_t>(1, 256 / g);
+  std::vector<double> head_mass(shape_.kv_heads, 0.0);
+  // One kv head per work item: the per-key reduction (a max) then needs no synchronisation.
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic)
+#endif
+  for (int h = 0; h < shape_.kv_heads; ++h) {
+    auto& head = store(layer, h);
+    const cpu::HeadRows<storage_type> rows_of{head.k.data(), head.v.data(), head.positions.data(),
+                                              head.size()};
+    std::vector<float> qrows;
+    std::vector<int64_t> visible;
+    if constexpr (detail::scores_from_queries<Policy>::value) {
+      head.scores.resize(head.positions.size(), head.kUnscored);
+    }
+    const auto ranges = [&] {
+      if constexpr (detail::scores_from_queries<Policy>::value) {
+        return cpu::window_ranges(head.positions.data(), head.size(), policy_.window);
+      } else {
+        return cpu::window_ranges(head.positions.data(), head.size(), ScoreWindow::all());
+      }
+    }();
+    for (int64_t t0 = 0; t0 < tokens; t0 += block_tokens) {
+      const int64_t tn = std::min(block_tokens, tokens - t0);
+      gather_query_rows(layer, q, positions, h, t0, tn, qrows, visible);
+      if constexpr (detail::scores_from_queries<Policy>::value) {
+        float* scores = head.scores.data();
+        cpu::for_each_probability(rows_of, d, qrows.data(), static_cast<int>(tn * g),
+                                  visible.data(), ranges, [&](int, int64_t key, float p) {
+                                    if (p > scores[key]) scores[key] = p;
+                                  });
+      } else {
+        const int64_t first = layers_[layer].first_position;
+        double mass = 0.0;
+        cpu::for_each_probability(
+            rows_of, d, qrows.data(), static_cast<int>(tn * g), visible.data(), ranges,
+            [&](int r, int64_t key, float p) {
+              if (policy_.in_kept_set(head.positions[key], first, positions[t0 + r / g])) mass += p;
+            });
+        head_mass[h] += mass;
+      }
+    }
+  }
+  if constexpr (is_lazy_layer_policy) {
+    LayerObservation& o = observations_[layer];
+    for (double m : head_mass) o.mass += m;
+    o.rows += tokens * shape_.q_heads;
+  }
+}
+
+template <class Policy>
+void KVCache<Policy, backend::Cpu>::trim_lazy_layers() {
+  const int d = shape_.head_dim;
+  for (int l = 0; l < shape_.layers; ++l) {
+    LayerObservation& o = observations_[l];
+    if (o.lazy < 0 && o.rows > 0) o.lazy = o.mass / static_cast<double>(o.rows) > policy_.threshold;
+    if (o.lazy != 1) continue;
+    const detail::LayerState& state = layers_[l];
+    for (int h = 0; h < shape_.kv_heads; ++h) {
+      auto& head = store(l, h);
+      std::vector<int64_t> kept;
+      for (int64_t t = 0; t < head.size(); ++t) {
+        if (policy_.in_kept_set(head.positions[t], state.first_position, state.last_position)) {
+          kept.push_back(t);
+        }
+      }
+      if (static_cast<int64_t>(kept.size()) < head.size()) head.keep(kept, d);
+    }
+  }
+}
+
+template <class Policy>
 void KVCache<Policy, backend::Cpu>::evict() {
   const int d = shape_.head_dim;
   const Budget& budget = policy_.budget;
@@ -107,8 +199,17 @@ void KVCache<Policy, backend::Cpu>::evict() {
     const auto& head = store(targets[i].layer, targets[i].head);
     const detail::LayerState& state = layers_[targets[i].layer];
     scores[i].resize(head.size());
-    for (int64_t t = 0; t < head.size(); ++t) {
-      scores[i][t] = Policy::token_score(head.k.data() + t * d, head.v.data() + t * d, d);
+    if constexpr (detail::scores_from_queries<Policy>::value) {
+      // Tokens no observed query saw (appended after scoring) rank above everything.
+      for (int64_t t = 0; t < head.size(); ++t) {
+        const bool scored =
+            t < static_cast<int64_t>(head.scores.size()) && head.scores[t] != head.kUnscored;
+        scores[i][t] = scored ? head.scores[t] : std::numeric_limits<float>::infinity();
+      }
+    } else {
+      for (int64_t t = 0; t < head.size(); ++t) {
+        scores[i][t] = Policy::token_score(head.k.data() + t * d, head.v.data() + t * d, d);
+      }
     }
     selection[i] = {scores[i].data(),
                     head.positions.data(),

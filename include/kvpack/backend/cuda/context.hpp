@@ -1,0 +1,260 @@
+/// \file backend/cuda/context.hpp
+/// \brief Caller-owned CUDA resources (device, stream, cuBLAS / cuSOLVER handles), error checks
+/// that throw kvpack::error, and an RAII device buffer.
+///
+/// Host API only: this header compiles with any C++17 compiler that sees the CUDA toolkit's
+/// include directory (cuda_runtime_api.h, cublas_v2.h, cusolverDn.h); it needs no nvcc.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+#include <cusolverDn.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+
+#include "../../error.hpp"
+
+namespace kvpack {
+
+/// Where the data of a view lives. The CUDA cache accepts host views (copied to the device) and
+/// device views (read in place); positions are always host arrays, since they are validated on
+/// the host before any device work.
+enum class MemorySpace { kHost, kDevice };
+
+namespace cuda {
+
+/// Throws kvpack::error("<what>: CUDA error <name> (<description>)") unless `status` is success.
+inline void check_cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw error(detail::concat(what, ": CUDA error ", cudaGetErrorName(status), " (",
+                               cudaGetErrorString(status), ")"));
+  }
+}
+
+/// Checks the launch of the kernel just enqueued (bad configuration, missing device code).
+inline void check_launch(const char* kernel) {
+  check_cuda(cudaGetLastError(), detail::concat("launch of ", kernel).c_str());
+}
+
+/// Throws kvpack::error("<what>: cuBLAS error <name> (<description>)") unless success.
+inline void check_cublas(cublasStatus_t status, const char* what) {
+  if (status != CUBLAS_STATUS_SUCCESS) {
+    throw error(detail::concat(what, ": cuBLAS error ", cublasGetStatusName(status), " (",
+                               cublasGetStatusString(status), ")"));
+  }
+}
+
+/// Name of a cuSOLVER status (the library has no string function of its own).
+inline const char* cusolver_status_name(cusolverStatus_t status) {
+  switch (status) {
+    case CUSOLVER_STATUS_SUCCESS:
+      return "CUSOLVER_STATUS_SUCCESS";
+    case CUSOLVER_STATUS_NOT_INITIALIZED:
+      return "CUSOLVER_STATUS_NOT_INITIALIZED";
+    case CUSOLVER_STATUS_ALLOC_FAILED:
+      return "CUSOLVER_STATUS_ALLOC_FAILED";
+    case CUSOLVER_STATUS_INVALID_VALUE:
+      return "CUSOLVER_STATUS_INVALID_VALUE";
+    case CUSOLVER_STATUS_ARCH_MISMATCH:
+      return "CUSOLVER_STATUS_ARCH_MISMATCH";
+    case CUSOLVER_STATUS_MAPPING_ERROR:
+      return "CUSOLVER_STATUS_MAPPING_ERROR";
+    case CUSOLVER_STATUS_EXECUTION_FAILED:
+      return "CUSOLVER_STATUS_EXECUTION_FAILED";
+    case CUSOLVER_STATUS_INTERNAL_ERROR:
+      return "CUSOLVER_STATUS_INTERNAL_ERROR";
+    case CUSOLVER_STATUS_MATRIX_TYPE_NOT_SUPPORTED:
+      return "CUSOLVER_STATUS_MATRIX_TYPE_NOT_SUPPORTED";
+    case CUSOLVER_STATUS_NOT_SUPPORTED:
+      return "CUSOLVER_STATUS_NOT_SUPPORTED";
+    case CUSOLVER_STATUS_ZERO_PIVOT:
+      return "CUSOLVER_STATUS_ZERO_PIVOT";
+    case CUSOLVER_STATUS_INVALID_LICENSE:
+      return "CUSOLVER_STATUS_INVALID_LICENSE";
+    case CUSOLVER_STATUS_INVALID_WORKSPACE:
+      return "CUSOLVER_STATUS_INVALID_WORKSPACE";
+    default:
+      return "CUSOLVER_STATUS_<other>";
+  }
+}
+
+/// Throws kvpack::error("<what>: cuSOLVER error <name> (code <n>)") unless success.
+inline void check_cusolver(cusolverStatus_t status, const char* what) {
+  if (status != CUSOLVER_STATUS_SUCCESS) {
+    throw error(detail::concat(what, ": cuSOLVER error ", cusolver_status_name(status), " (code ",
+                               static_cast<int>(status), ")"));
+  }
+}
+
+/// \brief Makes `device` current for a scope and restores the previous device afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int current = previous_;
+    if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+/// \brief Caller-owned CUDA resources: a device, a stream on it, and cuBLAS / cuSOLVER handles
+/// bound to that stream (created on first use, so policies that need neither pay nothing).
+///
+/// Everything kvpack enqueues for a cache runs on this stream. The context must outlive every
+/// cache that uses it. Not copyable or movable: caches hold its address.
+class CudaContext {
+ public:
+  /// Creates a non-blocking stream on `device`; throws kvpack::error when the device does not
+  /// exist or CUDA cannot start.
+  explicit CudaContext(int device = 0) : device_(device) {
+    int count = 0;
+    check_cuda(cudaGetDeviceCount(&count), "CudaContext: cudaGetDeviceCount");
+    detail::require(device >= 0 && device < count, "CudaContext", "device", device,
+                    detail::concat("in [0, ", count, ") (the CUDA devices present)"));
+    DeviceGuard guard(device_);
+    check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking),
+               "CudaContext: cudaStreamCreateWithFlags");
+    const cudaError_t status =
+        cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_);
+    if (status != cudaSuccess) {
+      cudaStreamDestroy(stream_);
+      check_cuda(status, "CudaContext: cudaDeviceGetAttribute(MultiProcessorCount)");
+    }
+  }
+
+  ~CudaContext() {
+    int previous = 0;
+    const bool restore = cudaGetDevice(&previous) == cudaSuccess;
+    cudaSetDevice(device_);
+    if (cusolver_ != nullptr) cusolverDnDestroy(cusolver_);
+    if (cublas_ != nullptr) cublasDestroy(cublas_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+    if (restore) cudaSetDevice(previous);
+  }
+
+  CudaContext(const CudaContext&) = delete;
+  CudaContext& operator=(const CudaContext&) = delete;
+
+  int device() const { return device_; }
+  cudaStream_t stream() const { return stream_; }
+  /// Streaming multiprocessors of the device (sizes the split-K attention grid).
+  int sm_count() const { return sm_count_; }
+
+  /// cuBLAS handle bound to stream(); created on first call.
+  cublasHandle_t cublas() {
+    if (cublas_ == nullptr) {
+      DeviceGuard guard(device_);
+      cublasHandle_t handle = nullptr;
+      check_cublas(cublasCreate(&handle), "CudaContext: cublasCreate");
+      const cublasStatus_t status = cublasSetStream(handle, stream_);
+      if (status != CUBLAS_STATUS_SUCCESS) cublasDestroy(handle);
+      check_cublas(status, "CudaContext: cublasSetStream");
+      cublas_ = handle;
+    }
+    return cublas_;
+  }
+
+  /// cuSOLVER dense handle bound to stream(); created on first call.
+  cusolverDnHandle_t cusolver() {
+    if (cusolver_ == nullptr) {
+      DeviceGuard guard(device_);
+      cusolverDnHandle_t handle = nullptr;
+      check_cusolver(cusolverDnCreate(&handle), "CudaContext: cusolverDnCreate");
+      const cusolverStatus_t status = cusolverDnSetStream(handle, stream_);
+      if (status != CUSOLVER_STATUS_SUCCESS) cusolverDnDestroy(handle);
+      check_cusolver(status, "CudaContext: cusolverDnSetStream");
+      cusolver_ = handle;
+    }
+    return cusolver_;
+  }
+
+  /// Waits for everything enqueued on stream(); throws kvpack::error on an asynchronous fault.
+  void synchronize(const char* what = "cudaStreamSynchronize") const {
+    check_cuda(cudaStreamSynchronize(stream_), what);
+  }
+
+ private:
+  int device_ = 0;
+  int sm_count_ = 1;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  cusolverDnHandle_t cusolver_ = nullptr;
+};
+
+/// \brief Owning, move-only device allocation of `size()` elements of T (cudaMalloc/cudaFree).
+///
+/// An empty buffer holds no allocation. Freeing synchronises with the device (cudaFree), so
+/// owners drop buffers only when no enqueued work still reads them or after a stream sync.
+template <class T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  /// Allocates `size` elements on `device` (uninitialised); throws kvpack::error on failure.
+  DeviceBuffer(std::size_t size, int device) : size_(size), device_(device) {
+    if (size_ == 0) return;
+    DeviceGuard guard(device_);
+    void* ptr = nullptr;
+    const cudaError_t status = cudaMalloc(&ptr, size_ * sizeof(T));
+    if (status != cudaSuccess) {
+      cudaGetLastError();  // clear the (non-sticky) allocation error
+      throw error(detail::concat("DeviceBuffer: cudaMalloc of ", size_ * sizeof(T),
+                                 " bytes failed: ", cudaGetErrorName(status), " (",
+                                 cudaGetErrorString(status), ")"));
+    }
+    data_ = static_cast<T*>(ptr);
+  }
+  ~DeviceBuffer() { release(); }
+
+  DeviceBuffer(DeviceBuffer&& other) noexcept { swap(other); }
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
+    if (this != &other) {
+      release();
+      swap(other);
+    }
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  std::size_t size() const { return size_; }
+  std::size_t bytes() const { return size_ * sizeof(T); }
+  bool empty() const { return size_ == 0; }
+
+  /// Frees the allocation (if any); the buffer becomes empty.
+  void release() noexcept {
+    if (data_ != nullptr) {
+      int previous = 0;
+      const bool restore = cudaGetDevice(&previous) == cudaSuccess && previous != device_;
+      if (restore) cudaSetDevice(device_);
+      cudaFree(data_);
+      if (restore) cudaSetDevice(previous);
+    }
+    data_ = nullptr;
+    size_ = 0;
+  }
+
+  void swap(DeviceBuffer& other) noexcept {
+    std::swap(data_, other.data_);
+    std::swap(size_, other.size_);
+    std::swap(device_, other.device_);
+  }
+
+ private:
+  T* data_ = nullptr;
+  std::size_t size_ = 0;
+  int device_ = 0;
+};
+
+}  // namespace cuda
+}  // namespace kvpack

@@ -1,0 +1,272 @@
+// Policies that score with observed queries: ReconstructionEvict (KVzip) and LazyLayerDrop
+// (SimLayerKV), checked against brute-force softmax probabilities.
+#include <algorithm>
+#include <catch2/catch.hpp>
+#include <kvpack/kvpack.hpp>
+#include <map>
+#include <set>
+
+#include "test_util.hpp"
+
+using Catch::Matchers::Contains;
+using kvpack::ActivationView;
+using kvpack::Budget;
+using kvpack::BudgetScope;
+using kvpack::ModelShape;
+using kvpack::ReconstructionEvict;
+using kvpack::ScoreWindow;
+
+namespace {
+
+const ModelShape kShape{2, 9, 3, 64, {}};
+
+/// Softmax probabilities (double) of query row q at position qpos over the keys of `head` whose
+/// position passes `in_window`, causal.
+template <class InWindow>
+std::vector<double> probabilities(const float* q, const kvpack::DenseHead& head, int64_t qpos,
+                                  InWindow&& in_window) {
+  const int d = 64;
+  const std::size_t n = head.positions.size();
+  std::vector<double> s(n, -INFINITY);
+  double max = -INFINITY;
+  for (std::size_t t = 0; t < n; ++t) {
+    if (head.positions[t] > qpos || !in_window(head.positions[t])) continue;
+    double acc = 0;
+    for (int i = 0; i < d; ++i) acc += static_cast<double>(q[i]) * head.k[t * d + i];
+    s[t] = acc / 8.0;
+    max = std::max(max, s[t]);
+  }
+  double sum = 0;
+  for (auto& v : s) sum += (v = std::isinf(v) ? 0.0 : std::exp(v - max));
+  for (auto& v : s) v /= sum;
+  return s;
+}
+
+std::set<int64_t> kept_positions(const kvpack::DenseHead& head) {
+  return {head.positions.begin(), head.positions.end()};
+}
+
+/// Top `k` positions by score (ties by lower position), plus every position in `always`.
+std::set<int64_t> top_k(const std::map<int64_t, double>& scores, int64_t k,
+                        const std::set<int64_t>& always = {}) {
+  std::vector<std::pair<double, int64_t>> v;
+  std::set<int64_t> kept = always;
+  for (const auto& [pos, score] : scores) {
+    if (!always.count(pos)) v.push_back({-score, pos});
+  }
+  std::sort(v.begin(), v.end());
+  for (int64_t i = 0; i < k - static_cast<int64_t>(always.size()); ++i) kept.insert(v[i].second);
+  return kept;
+}
+
+struct RepeatScenario {
+  int64_t context = 200, repeat = 60;
+  std::vector<float> q = kvpack_test::random_values(60 * 9 * 64, 31, 3.0f);
+  std::vector<int64_t> qpos = kvpack_test::iota_positions(60, 200);
+  ActivationView qv() const { return ActivationView::nhd(q.data(), repeat, 9, 64); }
+};
+
+}  // namespace
+
+TEST_CASE(
+    "ReconstructionEvict: scores are the max softmax probability over queries and the GQA "
+    "group; eviction keeps the brute-force top-k",
+    "[scoring][kvzip]") {
+  for (auto scope : {BudgetScope::kPerHead, BudgetScope::kGlobal}) {
+    RepeatScenario sc;
+    Budget budget = Budget::ratio(0.3, scope);
+    budget.sink_tokens = 4;
+    kvpack::KVCache<ReconstructionEvict> cache(kShape, ReconstructionEvict(budget));
+    kvpack_test::fill_layer(cache, 1, sc.context + sc.repeat, 30);  // context + repeat prompt
+    kvpack_test::fill_layer(cache, 0, sc.context + sc.repeat, 40);
+    for (int l = 0; l < 2; ++l) cache.observe(l, sc.qv(), sc.qpos);
+    // Brute force: scores of the context keys, per (layer, head).
+    std::map<int64_t, double> all_scores;  // key: (layer*3 + head) * 1e6 + position
+    std::vector<std::map<int64_t, double>> per_head(6);
+    for (int l = 0; l < 2; ++l) {
+      const auto dense = cache.materialize(l);
+      for (int h = 0; h < 3; ++h) {
+        for (int64_t t = 0; t < sc.repeat; ++t) {
+          for (int j = 0; j < 3; ++j) {
+            const auto p = probabilities(sc.q.data() + (t * 9 + h * 3 + j) * 64, dense.heads[h],
+                                         sc.qpos[t], [](int64_t) { return true; });
+            for (int64_t key = 0; key < sc.context; ++key) {
+              auto& s = per_head[l * 3 + h][key];
+              s = std::max(s, p[key]);
+            }
+          }
+        }
+        for (const auto& [pos, s] : per_head[l * 3 + h])
+          all_scores[(l * 3 + h) * 1000000 + pos] = s;
+      }
+    }
+    cache.truncate(sc.context - 1);  // the repeat prompt was never part of the sequence
+    REQUIRE(cache.appended(0) == sc.context);
+    cache.compress();
+    // 60 kept per head (ceil(0.3 * 200)), sinks 0..3 always kept.
+    const std::set<int64_t> sinks{0, 1, 2, 3};
+    if (scope == BudgetScope::kPerHead) {
+      for (int l = 0; l < 2; ++l) {
+        for (int h = 0; h < 3; ++h) {
+          REQUIRE(kept_positions(cache.materialize(l).heads[h]) ==
+                  top_k(per_head[l * 3 + h], 60, sinks));
+        }
+      }
+    } else {
+      std::set<int64_t> always;
+      for (int hh = 0; hh < 6; ++hh) {
+        for (int64_t p : sinks) always.insert(hh * 1000000 + p);
+      }
+      const auto expected = top_k(all_scores, 6 * 60, always);
+      for (int l = 0; l < 2; ++l) {
+        for (int h = 0; h < 3; ++h) {
+          std::set<int64_t> mine;
+          for (int64_t p : expected) {
+            if (p / 1000000 == l * 3 + h) mine.insert(p % 1000000);
+          }
+          REQUIRE(kept_positions(cache.materialize(l).heads[h]) == mine);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("ReconstructionEvict: chunk-local softmax windows", "[scoring][kvzip]") {
+  RepeatScenario sc;
+  Budget budget = Budget::ratio(0.5);
+  budget.sink_tokens = 4;
+  kvpack::KVCache<ReconstructionEvict> cache(kShape, ReconstructionEvict(budget));
+  kvpack_test::fill_layer(cache, 0, sc.context + sc.repeat, 50);
+  kvpack_test::fill_layer(cache, 1, sc.context + sc.repeat, 51);
+  const ScoreWindow windows[] = {ScoreWindow::chunk(4, 4, 99, 200),
+                                 ScoreWindow::chunk(4, 100, 199, 200)};
+  for (const auto& w : windows) {
+    cache.policy().window = w;
+    cache.observe(0, sc.qv(), sc.qpos);
+  }
+  cache.policy().window = ScoreWindow::all();
+  cache.observe(1, sc.qv(), sc.qpos);
+  const auto dense = cache.materialize(0);
+  cache.truncate(199);
+  cache.compress();
+  for (int h = 0; h < 3; ++h) {
+    std::map<int64_t, double> scores;
+    for (const auto& w : windows) {
+      for (int64_t t = 0; t < sc.repeat; ++t) {
+        for (int j = 0; j < 3; ++j) {
+          const auto p = probabilities(sc.q.data() + (t * 9 + h * 3 + j) * 64, dense.heads[h],
+                                       sc.qpos[t], [&](int64_t pos) { return w.contains(pos); });
+          for (int64_t key = 0; key < 200; ++key) scores[key] = std::max(scores[key], p[key]);
+        }
+      }
+    }
+    REQUIRE(kept_positions(cache.materialize(0).heads[h]) == top_k(scores, 100, {0, 1, 2, 3}));
+  }
+}
+
+TEST_CASE("ReconstructionEvict: tokens appended after scoring are never evicted",
+          "[scoring][kvzip]") {
+  RepeatScenario sc;
+  kvpack::KVCache<ReconstructionEvict> cache(kShape, ReconstructionEvict(Budget::ratio(0.2)));
+  kvpack_test::fill_layer(cache, 0, 260, 60);
+  kvpack_test::fill_layer(cache, 1, 260, 61);
+  for (int l = 0; l < 2; ++l) cache.observe(l, sc.qv(), sc.qpos);
+  cache.truncate(199);
+  const auto k = kvpack_test::random_values(10 * 3 * 64, 62, 5.0f);
+  const auto question = kvpack_test::iota_positions(10, 200);
+  for (int l = 0; l < 2; ++l) {
+    cache.append(l, ActivationView::nhd(k.data(), 10, 3, 64),
+                 ActivationView::nhd(k.data(), 10, 3, 64), question);
+  }
+  cache.compress();
+  for (int l = 0; l < 2; ++l) {
+    for (int h = 0; h < 3; ++h) {
+      const auto kept = kept_positions(cache.materialize(l).heads[h]);
+      for (int64_t p : question) REQUIRE(kept.count(p) == 1);
+    }
+  }
+}
+
+TEST_CASE("ReconstructionEvict: bad calls are refused and change nothing", "[scoring][errors]") {
+  kvpack::KVCache<ReconstructionEvict> cache(kShape);
+  kvpack_test::fill_layer(cache, 0, 100, 1);
+  const std::size_t bytes = cache.bytes();
+  REQUIRE_THROWS_WITH(cache.compress(), Contains("observe()"));
+  REQUIRE(cache.bytes() == bytes);
+  const auto q = kvpack_test::random_values(9 * 64, 3);
+  cache.observe(0, ActivationView::nhd(q.data(), 1, 9, 64), std::vector<int64_t>{99});
+  cache.compress();  // per-head eviction on layer 0
+  REQUIRE_THROWS_WITH(cache.truncate(50), Contains("evicted"));
+  const std::vector<int64_t> beyond{150};
+  REQUIRE_THROWS_WITH(cache.observe(0, ActivationView::nhd(q.data(), 1, 9, 64), beyond),
+                      Contains("positions[0] = 150"));
+}
+
+TEST_CASE("LazyLayerDrop: observed mass matches brute force; lazy layers keep initial + recent",
+          "[scoring][simlayerkv]") {
+  const int64_t n = 600;
+  kvpack::LazyLayerDrop policy(0.5, 4, 128);
+  kvpack::KVCache<kvpack::LazyLayerDrop> cache(kShape, policy);
+  // Layer 0: the first keys are large, so queries attend to them (lazy); layer 1: random.
+  for (int l = 0; l < 2; ++l) {
+    auto k = kvpack_test::random_values(n * 3 * 64, 70 + l);
+    const auto v = kvpack_test::random_values(n * 3 * 64, 80 + l);
+    const auto q = kvpack_test::random_values(2 * 9 * 64, 90);
+    if (l == 0) {
+      for (int t = 0; t < 4; ++t) {
+        for (int h = 0; h < 3; ++h) {
+          // Twice the sum of the group's queries: every query of the group favours these keys.
+          for (int i = 0; i < 64; ++i) {
+            float sum = 0;
+            for (int r = 0; r < 2; ++r) {
+              for (int j = 0; j < 3; ++j) sum += q[(r * 9 + h * 3 + j) * 64 + i];
+            }
+            k[(t * 3 + h) * 64 + i] = 2.0f * sum;
+          }
+        }
+      }
+    }
+    cache.append(l, ActivationView::nhd(k.data(), n, 3, 64),
+                 ActivationView::nhd(v.data(), n, 3, 64), kvpack_test::iota_positions(n));
+  }
+  REQUIRE_THROWS_WITH(cache.compress(), Contains("observe()"));
+  const auto q = kvpack_test::random_values(2 * 9 * 64, 90);
+  const std::vector<int64_t> qpos{n - 2, n - 1};
+  for (int l = 0; l < 2; ++l) cache.observe(l, ActivationView::nhd(q.data(), 2, 9, 64), qpos);
+  double mass[2];
+  for (int l = 0; l < 2; ++l) {
+    const auto dense = cache.materialize(l);
+    double total = 0;
+    for (int t = 0; t < 2; ++t) {
+      for (int h = 0; h < 9; ++h) {
+        const auto p = probabilities(q.data() + (t * 9 + h) * 64, dense.heads[h / 3], qpos[t],
+                                     [](int64_t) { return true; });
+        for (int64_t key = 0; key < n; ++key) {
+          if (key < 4 || key > qpos[t] - 128) total += p[key];
+        }
+      }
+    }
+    mass[l] = total / 18.0;
+    REQUIRE(cache.observed_mass(l) == Approx(mass[l]).epsilon(1e-4));
+  }
+  REQUIRE(mass[0] > 0.5);
+  REQUIRE(mass[1] < 0.5);
+  cache.compress();
+  REQUIRE(cache.is_lazy(0));
+  REQUIRE_FALSE(cache.is_lazy(1));
+  for (int h = 0; h < 3; ++h) {
+    REQUIRE(cache.tokens(0, h) == 4 + 128);
+    REQUIRE(cache.tokens(1, h) == n);
+  }
+  // The lazy layer keeps a sliding window as the sequence grows.
+  const auto k = kvpack_test::random_values(5 * 3 * 64, 99);
+  for (int l = 0; l < 2; ++l) {
+    cache.append(l, ActivationView::nhd(k.data(), 5, 3, 64),
+                 ActivationView::nhd(k.data(), 5, 3, 64), kvpack_test::iota_positions(5, n));
+  }
+  cache.compress();
+  const auto kept = cache.materialize(0).heads[0].positions;
+  REQUIRE(kept.size() == 4 + 128);
+  REQUIRE(kept[4] == n + 5 - 128);
+  REQUIRE(cache.tokens(1, 0) == n + 5);
+}

@@ -1,19 +1,30 @@
 /// \file backend/cpu/attention.hpp
 /// \brief Tiled decode/prefill attention over one head's stored K/V on the CPU.
 ///
-/// Keys are visited in tiles; each tile is converted to fp32 once and reused by every query row
-/// of the GQA group (and of the query block), so K and V are read from memory once per call.
-/// Few rows (decode) use per-key dot products; many rows (prefill chunks) use Eigen GEMMs.
+/// Keys are visited in tiles; each tile is read from memory once per call and reused by every
+/// query row of the GQA group (and of the query block). Few rows (decode) run register-blocked
+/// AVX2 kernels that convert fp16 rows inside the dot products and the value accumulation (the
+/// decode step is bound by memory bandwidth, so K and V are read once and never written back);
+/// many rows (prefill chunks) convert a tile to fp32 once and use Eigen GEMMs. Softmax uses a
+/// vectorised exp (Cephes polynomial, ≤ 2 ulp) when AVX2 is available.
 #pragma once
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../../config.hpp"
 #include "../../detail/convert.hpp"
 #include "../../detail/online_softmax.hpp"
+#include "../../half.hpp"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__CUDA_ARCH__)
+#include <immintrin.h>
+#define KVPACK_CPU_AVX2 1
+#endif
 
 namespace kvpack {
 namespace cpu {
@@ -42,6 +53,237 @@ struct PartialState {
   }
 };
 
+}  // namespace cpu
+
+namespace detail {
+
+#if defined(KVPACK_CPU_AVX2)
+inline __m256 avx2_load(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 avx2_load(const Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+/// exp of 8 lanes (Cephes expf: range reduction by ln 2, degree-5 polynomial); relative error
+/// ≤ 2 ulp on [-87.3, 88.3]; inputs below clamp to exp(-87.3) ≈ 1.2e-38.
+inline __m256 avx2_exp(__m256 x) {
+  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365447504f));
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x);
+  y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+inline float avx2_sum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float avx2_max(__m256 a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+/// Stores the horizontal sums of a and b to dst[0] and dst[1].
+inline void avx2_store_sums(float* dst, __m256 a, __m256 b) {
+  const __m256 h = _mm256_hadd_ps(a, b);  // a01 a23 b01 b23 | a45 a67 b45 b67
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_hadd_ps(s, s);  // a b a b
+  _mm_storel_pi(reinterpret_cast<__m64*>(dst), s);
+}
+
+/// Scores of R query rows (q, row stride d) against keys k[0, n) (row stride d, d % 8 == 0):
+/// s[r * s_stride + i] = q_r · k_i. Two keys at a time share every query load.
+template <int R, class T>
+void avx2_tile_scores(const float* q, int d, const T* k, int64_t n, float* s, int64_t s_stride) {
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2) {
+    const T* k0 = k + i * d;
+    const T* k1 = k0 + d;
+    __m256 a0[R], a1[R];
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+    for (int j = 0; j < d; j += 8) {
+      const __m256 x0 = avx2_load(k0 + j);
+      const __m256 x1 = avx2_load(k1 + j);
+      for (int r = 0; r < R; ++r) {
+        const __m256 qv = _mm256_loadu_ps(q + r * d + j);
+        a0[r] = _mm256_fmadd_ps(qv, x0, a0[r]);
+        a1[r] = _mm256_fmadd_ps(qv, x1, a1[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) avx2_store_sums(s + r * s_stride + i, a0[r], a1[r]);
+  }
+  if (i < n) {
+    const T* k0 = k + i * d;
+    __m256 a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
+    for (int j = 0; j < d; j += 8) {
+      const __m256 x0 = avx2_load(k0 + j);
+      for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * d + j), x0, a[r]);
+    }
+    for (int r = 0; r < R; ++r) s[r * s_stride + i] = avx2_sum(a[r]);
+  }
+}
+
+/// acc[r][j0, j0 + 8C) += Σ_i p[r * p_stride + i] · v_i[j0, j0 + 8C) over keys [0, n); the
+/// accumulators stay in registers for the whole tile.
+template <int R, int C, class T>
+void avx2_tile_values_chunk(const float* p, int64_t p_stride, const T* v, int64_t n, int d, int j0,
+                            float* acc) {
+  __m256 a[R][C];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) a[r][c] = _mm256_loadu_ps(acc + r * d + j0 + 8 * c);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const T* vi = v + i * d + j0;
+    __m256 x[C];
+    for (int c = 0; c < C; ++c) x[c] = avx2_load(vi + 8 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m256 pr = _mm256_broadcast_ss(p + r * p_stride + i);
+      for (int c = 0; c < C; ++c) a[r][c] = _mm256_fmadd_ps(pr, x[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) _mm256_storeu_ps(acc + r * d + j0 + 8 * c, a[r][c]);
+  }
+}
+
+template <int R, class T>
+void avx2_tile_values(const float* p, int64_t p_stride, const T* v, int64_t n, int d, float* acc) {
+  int j0 = 0;
+  for (; j0 + 32 <= d; j0 += 32) avx2_tile_values_chunk<R, 4>(p, p_stride, v, n, d, j0, acc);
+  for (; j0 < d; j0 += 8) avx2_tile_values_chunk<R, 1>(p, p_stride, v, n, d, j0, acc);
+}
+#endif  // KVPACK_CPU_AVX2
+
+/// Max of x[0, n), n >= 1.
+inline float row_max(const float* x, int64_t n) {
+  float m = x[0];
+  int64_t i = 0;
+#if defined(KVPACK_CPU_AVX2)
+  if (n >= 8) {
+    __m256 mv = _mm256_loadu_ps(x);
+    for (i = 8; i + 8 <= n; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + i));
+    m = avx2_max(mv);
+  }
+#endif
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+/// x[i] = exp(x[i] − shift) for i in [0, n); returns the sum of the results.
+inline float exp_shifted(float* x, int64_t n, float shift) {
+  int64_t i = 0;
+  float sum = 0.0f;
+#if defined(KVPACK_CPU_AVX2)
+  const __m256 sv = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = avx2_exp(_mm256_sub_ps(_mm256_loadu_ps(x + i), sv));
+    _mm256_storeu_ps(x + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  if (i < n) {  // tail through a padded copy, so every lane comes from the same polynomial
+    alignas(32) float tail[8] = {};
+    std::copy(x + i, x + n, tail);
+    _mm256_store_ps(tail, avx2_exp(_mm256_sub_ps(_mm256_load_ps(tail), sv)));
+    std::copy(tail, tail + (n - i), x + i);
+    for (int64_t j = 0; j < n - i; ++j) sum += tail[j];
+    i = n;
+  }
+  sum += avx2_sum(acc);
+#endif
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    sum += x[i];
+  }
+  return sum;
+}
+
+/// Online-softmax step of one query row over one tile: scores sr[0, vis) become unnormalised
+/// probabilities (sr[vis, tn) become 0), and the row's max / denominator / accumulator are
+/// rescaled to the new max.
+inline void softmax_tile_row(float* sr, int64_t vis, int64_t tn, float& max, float& sum, float* acc,
+                             int d) {
+  if (vis == 0) {
+    std::fill(sr, sr + tn, 0.0f);
+    return;
+  }
+  const float new_max = std::max(max, row_max(sr, vis));
+  const float rescale = softmax_rescale(max, new_max);
+  const float tile_sum = exp_shifted(sr, vis, new_max);
+  std::fill(sr + vis, sr + tn, 0.0f);
+  sum = sum * rescale + tile_sum;
+  max = new_max;
+  if (rescale != 1.0f) {
+    for (int i = 0; i < d; ++i) acc[i] *= rescale;
+  }
+}
+
+#if defined(KVPACK_CPU_AVX2)
+/// Decode path of cpu::attend_rows: rows < kGemmRows, d % 8 == 0. Rows go in groups of up to
+/// three (a GQA group of 3 in one pass); K and V are converted inside the kernels.
+template <class T>
+void avx2_attend_rows(const cpu::HeadRows<T>& head, int d, const float* q, int rows,
+                      const int64_t* visible, int64_t begin, int64_t end, cpu::PartialState& state,
+                      std::vector<float>& scratch) {
+  constexpr int64_t stride = cpu::kAttentionTile;
+  scratch.resize(static_cast<std::size_t>(rows) * stride);
+  float* s = scratch.data();
+  for (int64_t t0 = begin; t0 < end; t0 += stride) {
+    const int64_t tn = std::min(stride, end - t0);
+    for (int r0 = 0; r0 < rows; r0 += 3) {
+      const int nr = std::min(3, rows - r0);
+      int64_t n = 0;  // keys of this tile that some row of the group sees
+      for (int r = r0; r < r0 + nr; ++r)
+        n = std::max(n, std::clamp<int64_t>(visible[r] - t0, 0, tn));
+      if (n == 0) continue;
+      const float* qg = q + static_cast<std::size_t>(r0) * d;
+      float* sg = s + r0 * stride;
+      const T* kt = head.k + t0 * d;
+      if (nr == 3) {
+        avx2_tile_scores<3>(qg, d, kt, n, sg, stride);
+      } else if (nr == 2) {
+        avx2_tile_scores<2>(qg, d, kt, n, sg, stride);
+      } else {
+        avx2_tile_scores<1>(qg, d, kt, n, sg, stride);
+      }
+      for (int r = r0; r < r0 + nr; ++r) {
+        const int64_t vis = std::clamp<int64_t>(visible[r] - t0, 0, tn);
+        softmax_tile_row(s + r * stride, vis, n, state.max[r], state.sum[r],
+                         state.acc.data() + static_cast<std::size_t>(r) * d, d);
+      }
+      float* ag = state.acc.data() + static_cast<std::size_t>(r0) * d;
+      const T* vt = head.v + t0 * d;
+      if (nr == 3) {
+        avx2_tile_values<3>(sg, stride, vt, n, d, ag);
+      } else if (nr == 2) {
+        avx2_tile_values<2>(sg, stride, vt, n, d, ag);
+      } else {
+        avx2_tile_values<1>(sg, stride, vt, n, d, ag);
+      }
+    }
+  }
+}
+#endif  // KVPACK_CPU_AVX2
+
+}  // namespace detail
+
+namespace cpu {
+
 /// Attends `rows` query rows q (row-major rows × d, already scaled by 1/sqrt(d)) over keys
 /// [begin, end) of `head`. Row r sees only keys with index < visible[r] (causal by position).
 /// Accumulates into `state` (online softmax), so splits can be merged afterwards.
@@ -55,6 +297,15 @@ void attend_rows(const HeadRows<T>& head, int d, const float* q, int rows, const
   for (int r = 0; r < rows; ++r) row_visible_max = std::max(row_visible_max, visible[r]);
   end = std::min(end, row_visible_max);
   if (begin >= end) return;
+
+#if defined(KVPACK_CPU_AVX2)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, Half>) {
+    if (rows < kGemmRows && d % 8 == 0) {
+      detail::avx2_attend_rows(head, d, q, rows, visible, begin, end, state, scratch);
+      return;
+    }
+  }
+#endif
 
   scratch.resize(static_cast<std::size_t>(kAttentionTile) * (2 * d + rows));
   float* kt = scratch.data();
@@ -76,25 +327,9 @@ void attend_rows(const HeadRows<T>& head, int d, const float* q, int rows, const
     }
     // Online softmax per row; masked keys get probability 0.
     for (int r = 0; r < rows; ++r) {
-      float* sr = s + r * tn;
       const int64_t vis = std::clamp<int64_t>(visible[r] - t0, 0, tn);
-      float tile_max = detail::neg_inf();
-      for (int64_t i = 0; i < vis; ++i) tile_max = std::max(tile_max, sr[i]);
-      if (vis == 0) {
-        std::fill(sr, sr + tn, 0.0f);
-        continue;
-      }
-      const float new_max = std::max(state.max[r], tile_max);
-      const float rescale = detail::softmax_rescale(state.max[r], new_max);
-      float sum = 0.0f;
-      for (int64_t i = 0; i < vis; ++i) {
-        sr[i] = std::exp(sr[i] - new_max);
-        sum += sr[i];
-      }
-      std::fill(sr + vis, sr + tn, 0.0f);
-      state.sum[r] = state.sum[r] * rescale + sum;
-      state.max[r] = new_max;
-      if (rescale != 1.0f) Vec(state.acc.data() + r * d, d) *= rescale;
+      detail::softmax_tile_row(s + r * tn, vis, tn, state.max[r], state.sum[r],
+                               state.acc.data() + static_cast<std::size_t>(r) * d, d);
     }
     for (int64_t i = 0; i < tn; ++i) detail::load_row(head.v + (t0 + i) * d, vt + i * d, d);
     Eigen::Map<RowMat> acc(state.acc.data(), rows, d);

@@ -37,8 +37,8 @@ void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const Activation
     const int64_t block = (item / splits) % blocks;
     const int64_t split = item % splits;
     const auto& head = store(layer, h);
-    const cpu::HeadRows<storage_type> rows_of{head.k.data(), head.v.data(), head.positions.data(),
-                                              head.size()};
+    const cpu::DenseRows<storage_type> rows_of{head.k.data(), head.v.data(), head.positions.data(),
+                                               head.size(), d};
     const int64_t t0 = block * block_tokens;
     const int64_t tn = std::min(block_tokens, tokens - t0);
     const int rows = static_cast<int>(tn * g);
@@ -113,8 +113,8 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
 #endif
   for (int h = 0; h < shape_.kv_heads; ++h) {
     auto& head = store(layer, h);
-    const cpu::HeadRows<storage_type> rows_of{head.k.data(), head.v.data(), head.positions.data(),
-                                              head.size()};
+    const cpu::DenseRows<storage_type> rows_of{head.k.data(), head.v.data(), head.positions.data(),
+                                               head.size(), d};
     std::vector<float> qrows;
     std::vector<int64_t> visible;
     if constexpr (detail::scores_from_queries<Policy>::value) {

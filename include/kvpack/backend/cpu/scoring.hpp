@@ -50,16 +50,15 @@ inline std::vector<std::pair<int64_t, int64_t>> window_ranges(const int32_t* pos
 /// Softmax probabilities of `rows` query rows (row-major rows × d, pre-scaled by 1/sqrt(d))
 /// over the keys of `head` inside `ranges`, causal (row r sees indices < visible[r]).
 /// Calls reduce(row, key_index, probability) for every visible key in the ranges.
-template <class T, class Reduce>
-void for_each_probability(const HeadRows<T>& head, int d, const float* q, int rows,
-                          const int64_t* visible,
+template <class Rows, class Reduce>
+void for_each_probability(const Rows& head, int d, const float* q, int rows, const int64_t* visible,
                           const std::vector<std::pair<int64_t, int64_t>>& ranges, Reduce&& reduce) {
   using ConstVec = Eigen::Map<const Eigen::VectorXf>;
   using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   std::vector<float> max(rows, detail::neg_inf()), sum(rows, 0.0f), kt(kAttentionTile * d),
       s(static_cast<std::size_t>(rows) * kAttentionTile);
   auto scores_of_tile = [&](int64_t t0, int64_t tn) {
-    for (int64_t i = 0; i < tn; ++i) detail::load_row(head.k + (t0 + i) * d, kt.data() + i * d, d);
+    head.load_keys(t0, tn, kt.data());
     if (rows >= kGemmRows) {
       Eigen::Map<RowMat>(s.data(), rows, tn).noalias() =
           Eigen::Map<const RowMat>(q, rows, d) *

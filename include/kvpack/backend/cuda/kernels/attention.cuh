@@ -1,0 +1,229 @@
+/// \file backend/cuda/kernels/attention.cuh
+/// \brief Decode / prefill attention over the stored rows: GQA, causal by position, online
+/// softmax in fp32, split-K over long caches.
+///
+/// Block = (16 query rows of one kv head, one key split). The rows r = t * group + j are the
+/// query heads of the kv head's GQA group for consecutive query tokens, so each K/V tile loaded
+/// into shared memory serves every row of the group (and several tokens in prefill). Keys are
+/// visited in tiles of 32: lane j scores key j for one row, the warp reduces max / sum, and each
+/// lane accumulates head_dim / 32 output channels. Each block writes an unnormalised partial
+/// state (max, denominator, accumulator) per row; merge_splits_kernel combines the splits with
+/// detail::softmax_merge and normalises.
+#pragma once
+
+#include "../../../detail/online_softmax.hpp"
+#include "common.cuh"
+
+namespace kvpack {
+namespace cuda {
+
+/// One kv head of the layer attended: stored rows and ascending positions (device).
+template <class T>
+struct AttentionHead {
+  const T* k;
+  const T* v;
+  const int32_t* positions;
+  int64_t size;
+};
+
+/// Arguments of attention_kernel shared by all blocks.
+struct AttentionParams {
+  const float* q;              ///< tokens x q_heads x head_dim, fp32, contiguous, unscaled
+  const int32_t* q_positions;  ///< tokens
+  int64_t tokens;
+  int q_heads;
+  int group;  ///< q_heads / kv_heads
+  float scale;  ///< 1 / sqrt(head_dim)
+  int64_t splits;
+  float* partial_acc;  ///< [split][token * q_heads + q_head][head_dim]
+  float* partial_max;  ///< [split][token * q_heads + q_head]
+  float* partial_sum;  ///< [split][token * q_heads + q_head]
+};
+
+/// Grid: (ceil(tokens * group / kAttentionRows), kv_heads, splits); block: kAttentionThreads.
+/// Static shared memory: 2 * 32 * (D + 1) + 16 * D + 4 * 32 floats + 18 int64
+/// (41.6 KiB for D = 128, under the 48 KiB static limit).
+template <class T, int D>
+__global__ void __launch_bounds__(kAttentionThreads)
+    attention_kernel(const AttentionHead<T>* __restrict__ heads, AttentionParams p) {
+  static_assert(D % 32 == 0, "head_dim must be a multiple of the warp size");
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  static_assert(D % kVec == 0, "rows are loaded in 16-byte vectors");
+  constexpr int kStride = D + 1;  // odd row stride: lane j reading row j hits bank (j + i) % 32
+  constexpr int kLaneChannels = D / 32;
+  constexpr int kRowVectors = D / kVec;
+
+  __shared__ float k_tile[kAttentionTile * kStride];
+  __shared__ float v_tile[kAttentionTile * kStride];
+  __shared__ float q_rows[kAttentionRows * D];
+  __shared__ float probabilities[kAttentionWarps * kAttentionTile];
+  __shared__ int64_t visible[kAttentionRows];
+  __shared__ int64_t key_range[2];
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int h = blockIdx.y;
+  const int64_t split = blockIdx.z;
+  const AttentionHead<T> head = heads[h];
+  const int64_t rows_total = p.tokens * p.group;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kAttentionRows;
+
+  // Query rows, pre-scaled by 1/sqrt(d) as in the CPU path; rows past the end are zero.
+  for (int e = tid; e < kAttentionRows * D; e += kAttentionThreads) {
+    const int r = e / D;
+    const int i = e % D;
+    const int64_t row = row0 + r;
+    float x = 0.0f;
+    if (row < rows_total) {
+      int64_t t = 0;
+      int q_head = 0;
+      attention_row(row, p.group, h, t, q_head);
+      x = p.q[(t * p.q_heads + q_head) * D + i] * p.scale;
+    }
+    q_rows[e] = x;
+  }
+  if (tid < kAttentionRows) {
+    const int64_t row = row0 + tid;
+    visible[tid] = row < rows_total
+                       ? visible_keys(head.positions, head.size, p.q_positions[row / p.group])
+                       : 0;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int64_t most_visible = 0;
+    for (int r = 0; r < kAttentionRows; ++r) {
+      most_visible = visible[r] > most_visible ? visible[r] : most_visible;
+    }
+    int64_t begin = 0, end = 0;
+    split_range(head.size, p.splits, split, begin, end);
+    key_range[0] = begin;
+    key_range[1] = end < most_visible ? end : most_visible;
+  }
+  __syncthreads();
+  const int64_t begin = key_range[0];
+  const int64_t end = key_range[1];
+
+  float row_max[kAttentionRowsPerWarp];
+  float row_sum[kAttentionRowsPerWarp];
+  float acc[kAttentionRowsPerWarp][kLaneChannels];
+#pragma unroll
+  for (int rr = 0; rr < kAttentionRowsPerWarp; ++rr) {
+    row_max[rr] = detail::neg_inf();
+    row_sum[rr] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kLaneChannels; ++c) acc[rr][c] = 0.0f;
+  }
+
+  for (int64_t t0 = begin; t0 < end; t0 += kAttentionTile) {
+    const int tn = static_cast<int>(end - t0 < kAttentionTile ? end - t0 : kAttentionTile);
+    __syncthreads();  // every warp is done with the previous tile
+    for (int idx = tid; idx < tn * kRowVectors; idx += kAttentionThreads) {
+      const int r = idx / kRowVectors;
+      const int c = idx % kRowVectors;
+      const int64_t offset = (t0 + r) * D + c * kVec;
+      load_vector16(head.k + offset, k_tile + r * kStride + c * kVec);
+      load_vector16(head.v + offset, v_tile + r * kStride + c * kVec);
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int rr = 0; rr < kAttentionRowsPerWarp; ++rr) {
+      const int r = warp * kAttentionRowsPerWarp + rr;
+      // Both conditions are uniform across the warp, so the shuffles below see all lanes.
+      if (row0 + r >= rows_total) continue;
+      const int64_t ahead = visible[r] - t0;
+      const int n_visible = static_cast<int>(ahead < 0 ? 0 : (ahead < tn ? ahead : tn));
+      if (n_visible == 0) continue;
+
+      float score = detail::neg_inf();
+      if (lane < n_visible) {
+        const float* q = q_rows + r * D;
+        const float* k = k_tile + lane * kStride;
+        float dot = 0.0f;
+#pragma unroll 16
+        for (int i = 0; i < D; ++i) dot += q[i] * k[i];
+        score = dot;
+      }
+      const float tile_max = warp_max(score);
+      const float rescale = softmax_advance(row_max[rr], row_sum[rr], tile_max);
+      const float prob = lane < n_visible ? expf(score - row_max[rr]) : 0.0f;
+      row_sum[rr] += warp_sum(prob);
+#pragma unroll
+      for (int c = 0; c < kLaneChannels; ++c) acc[rr][c] *= rescale;
+      probabilities[warp * kAttentionTile + lane] = prob;
+      __syncwarp();
+      for (int j = 0; j < n_visible; ++j) {
+        const float pj = probabilities[warp * kAttentionTile + j];
+        const float* v = v_tile + j * kStride;
+#pragma unroll
+        for (int c = 0; c < kLaneChannels; ++c) acc[rr][c] += pj * v[lane + 32 * c];
+      }
+      __syncwarp();  // the next row overwrites this warp's probabilities
+    }
+  }
+
+  const int64_t rows_all = p.tokens * p.q_heads;
+#pragma unroll
+  for (int rr = 0; rr < kAttentionRowsPerWarp; ++rr) {
+    const int64_t row = row0 + warp * kAttentionRowsPerWarp + rr;
+    if (row >= rows_total) continue;
+    int64_t t = 0;
+    int q_head = 0;
+    attention_row(row, p.group, h, t, q_head);
+    const int64_t slot = split * rows_all + t * p.q_heads + q_head;
+#pragma unroll
+    for (int c = 0; c < kLaneChannels; ++c) p.partial_acc[slot * D + lane + 32 * c] = acc[rr][c];
+    if (lane == 0) {
+      p.partial_max[slot] = row_max[rr];
+      p.partial_sum[slot] = row_sum[rr];
+    }
+  }
+}
+
+/// out(t, q_head, i) = merged accumulator / merged denominator over the splits of row
+/// t * q_heads + q_head. Block: one row, D threads (one channel each); grid strides over rows.
+/// Every row has at least one visible key (the cache checks it), so the denominator is > 0.
+template <int D>
+__global__ void __launch_bounds__(D)
+    merge_splits_kernel(const float* __restrict__ partial_acc,
+                        const float* __restrict__ partial_max,
+                        const float* __restrict__ partial_sum, int64_t rows, int64_t splits,
+                        int q_heads, float* __restrict__ out, int64_t out_token_stride,
+                        int64_t out_head_stride) {
+  const int i = threadIdx.x;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    float m = partial_max[row];
+    float l = partial_sum[row];
+    float a = partial_acc[row * D + i];
+    for (int64_t s = 1; s < splits; ++s) {
+      const int64_t slot = s * rows + row;
+      detail::softmax_merge(m, l, &a, partial_max[slot], partial_sum[slot],
+                            partial_acc + slot * D + i, 1);
+    }
+    const int64_t t = row / q_heads;
+    const int64_t q_head = row % q_heads;
+    out[t * out_token_stride + q_head * out_head_stride + i] = a * (1.0f / l);
+  }
+}
+
+/// Enqueues attention_kernel<T, D> and merge_splits_kernel<D>; `out` (device) receives
+/// tokens x q_heads x D with the given element strides.
+template <class T, int D>
+void launch_attention(const AttentionHead<T>* heads, int kv_heads, const AttentionParams& p,
+                      float* out, int64_t out_token_stride, int64_t out_head_stride,
+                      cudaStream_t stream) {
+  const int64_t row_blocks = (p.tokens * p.group + kAttentionRows - 1) / kAttentionRows;
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(kv_heads),
+                  static_cast<unsigned>(p.splits));
+  attention_kernel<T, D><<<grid, kAttentionThreads, 0, stream>>>(heads, p);
+  check_launch("attention_kernel");
+  const int64_t rows = p.tokens * p.q_heads;
+  merge_splits_kernel<D><<<grid_blocks(rows, 1, 1 << 20), D, 0, stream>>>(
+      p.partial_acc, p.partial_max, p.partial_sum, rows, p.splits, p.q_heads, out,
+      out_token_stride, out_head_stride);
+  check_launch("merge_splits_kernel");
+}
+
+}  // namespace cuda
+}  // namespace kvpack

@@ -1,0 +1,65 @@
+/// \file backend/cuda/kernels/common.cuh
+/// \brief Launch-geometry helpers and warp primitives shared by the kvpack kernels (nvcc only).
+#pragma once
+
+#if !defined(__CUDACC__)
+#error "kvpack/backend/cuda/kernels/*.cuh contain CUDA kernels and must be compiled by nvcc"
+#endif
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "../../../config.hpp"
+#include "../../../half.hpp"
+#include "../context.hpp"
+#include "../kernel_logic.hpp"
+
+namespace kvpack {
+namespace cuda {
+
+/// Threads per block of the elementwise kernels (append, score, gather).
+constexpr int kElementwiseThreads = 256;
+
+/// Blocks for `work` items at `threads` per block, capped: the kernels use grid-stride loops,
+/// so the cap bounds the grid without losing items.
+inline unsigned grid_blocks(int64_t work, int threads, int64_t cap = 65535) {
+  int64_t blocks = (work + threads - 1) / threads;
+  if (blocks < 1) blocks = 1;
+  return static_cast<unsigned>(blocks < cap ? blocks : cap);
+}
+
+/// Grid y / z extent for `count` items (the kernels stride over y by gridDim.y).
+inline unsigned grid_extent(int64_t count, int64_t cap = 65535) {
+  if (count < 1) return 1;
+  return static_cast<unsigned>(count < cap ? count : cap);
+}
+
+KVPACK_DEVICE float warp_max(float x) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float other = __shfl_xor_sync(0xFFFFFFFFu, x, offset);
+    x = other > x ? other : x;
+  }
+  return x;
+}
+
+KVPACK_DEVICE float warp_sum(float x) {
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xFFFFFFFFu, x, offset);
+  return x;
+}
+
+/// Loads 16 bytes (8 Half or 4 float) of a stored row and widens them to fp32. `src` must be
+/// 16-byte aligned: rows of head_dim 64/128 elements starting at a cudaMalloc base are.
+template <class T>
+KVPACK_DEVICE void load_vector16(const T* src, float* dst) {
+  constexpr int kCount = 16 / static_cast<int>(sizeof(T));
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  T values[kCount];
+  memcpy(values, &raw, sizeof(raw));
+#pragma unroll
+  for (int u = 0; u < kCount; ++u) dst[u] = to_float(values[u]);
+}
+
+}  // namespace cuda
+}  // namespace kvpack

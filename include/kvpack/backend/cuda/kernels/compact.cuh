@@ -1,0 +1,56 @@
+/// \file backend/cuda/kernels/compact.cuh
+/// \brief Compaction: gathers the kept rows of each head into new, exact-size buffers, so that
+/// eviction returns the memory of evicted tokens to the device.
+#pragma once
+
+#include "common.cuh"
+
+namespace kvpack {
+namespace cuda {
+
+/// One (layer, kv-head) to compact: old rows, kept indices (ascending), new buffers.
+template <class T>
+struct CompactJob {
+  const T* k;
+  const T* v;
+  const int32_t* positions;
+  const int32_t* kept_index;  ///< `kept` ascending row indices into the old rows
+  int64_t kept;
+  T* new_k;
+  T* new_v;
+  int32_t* new_positions;
+};
+
+/// new_k[j] = k[kept_index[j]] (rows of head_dim), likewise v and positions. Grid: x strides
+/// over kept * head_dim elements (coalesced within rows), y over jobs.
+template <class T>
+__global__ void gather_rows_kernel(const CompactJob<T>* __restrict__ jobs, int64_t job_count,
+                                   int head_dim) {
+  for (int64_t j = blockIdx.y; j < job_count; j += gridDim.y) {
+    const CompactJob<T> job = jobs[j];
+    const int64_t count = job.kept * head_dim;
+    for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count;
+         e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int64_t row = e / head_dim;
+      const int64_t i = e % head_dim;
+      const int64_t src = job.kept_index[row];
+      job.new_k[e] = job.k[src * head_dim + i];
+      job.new_v[e] = job.v[src * head_dim + i];
+      if (i == 0) job.new_positions[row] = job.positions[src];
+    }
+  }
+}
+
+/// Enqueues gather_rows_kernel; `longest` is the largest kept count of the jobs.
+template <class T>
+void launch_gather_rows(const CompactJob<T>* jobs, int64_t job_count, int64_t longest,
+                        int head_dim, cudaStream_t stream) {
+  if (job_count == 0 || longest == 0) return;
+  const dim3 grid(grid_blocks(longest * head_dim, kElementwiseThreads, 4096),
+                  grid_extent(job_count));
+  gather_rows_kernel<T><<<grid, kElementwiseThreads, 0, stream>>>(jobs, job_count, head_dim);
+  check_launch("gather_rows_kernel");
+}
+
+}  // namespace cuda
+}  // namespace kvpack

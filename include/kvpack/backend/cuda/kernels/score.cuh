@@ -1,0 +1,46 @@
+/// \file backend/cuda/kernels/score.cuh
+/// \brief Per-token eviction scores through the policy's KVPACK_HOST_DEVICE token_score hook
+/// (L2NormEvict: -||k||^2), for many (layer, head) segments in one launch.
+#pragma once
+
+#include "common.cuh"
+
+namespace kvpack {
+namespace cuda {
+
+/// One (layer, kv-head) to score: its stored rows and where its scores go.
+template <class T>
+struct ScoreJob {
+  const T* k;
+  const T* v;
+  int64_t size;    ///< rows held
+  int64_t offset;  ///< first score of this head in the concatenated score array
+};
+
+/// scores[job.offset + t] = Policy::token_score(k_t, v_t, head_dim): the CPU backend calls the
+/// same function on the same stored rows. Grid: x strides over tokens, y over jobs.
+template <class Policy, class T>
+__global__ void score_tokens_kernel(const ScoreJob<T>* __restrict__ jobs, int64_t job_count,
+                                    int head_dim, float* __restrict__ scores) {
+  for (int64_t j = blockIdx.y; j < job_count; j += gridDim.y) {
+    const ScoreJob<T> job = jobs[j];
+    for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < job.size;
+         t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      scores[job.offset + t] =
+          Policy::token_score(job.k + t * head_dim, job.v + t * head_dim, head_dim);
+    }
+  }
+}
+
+/// Enqueues score_tokens_kernel over `job_count` jobs whose longest holds `longest` rows.
+template <class Policy, class T>
+void launch_score_tokens(const ScoreJob<T>* jobs, int64_t job_count, int64_t longest,
+                         int head_dim, float* scores, cudaStream_t stream) {
+  const dim3 grid(grid_blocks(longest, kElementwiseThreads, 1024), grid_extent(job_count));
+  score_tokens_kernel<Policy, T>
+      <<<grid, kElementwiseThreads, 0, stream>>>(jobs, job_count, head_dim, scores);
+  check_launch("score_tokens_kernel");
+}
+
+}  // namespace cuda
+}  // namespace kvpack

@@ -10,10 +10,17 @@
 #include <cstdint>
 #include <vector>
 
+#include "../backend/cpu/attention.hpp"
+#include "convert.hpp"
+
 namespace kvpack {
 namespace detail {
 
 /// Rows are stored token-major (n × head_dim) in element type T, positions ascending.
+///
+/// Every CPU head store (this dense one, QuantizedHeadStore, ...) offers the same members:
+/// size(), positions, scores, append(), rows(), keep(), drop_back(), clear(), bytes(). The
+/// container only talks to that interface.
 template <class T>
 struct HeadStore {
   std::vector<T> k, v;
@@ -24,6 +31,25 @@ struct HeadStore {
   static constexpr float kUnscored = -1.0f;
 
   int64_t size() const { return static_cast<int64_t>(positions.size()); }
+
+  /// Appends n fp32 rows of keys and values (n × head_dim each) at `pos`.
+  void append(const float* k_rows, const float* v_rows, const int64_t* pos, int64_t n,
+              int head_dim) {
+    const std::size_t old = k.size();
+    k.resize(old + n * head_dim);
+    v.resize(old + n * head_dim);
+    for (int64_t t = 0; t < n; ++t) {
+      store_row(k_rows + t * head_dim, k.data() + old + t * head_dim, head_dim);
+      store_row(v_rows + t * head_dim, v.data() + old + t * head_dim, head_dim);
+      positions.push_back(static_cast<int32_t>(pos[t]));
+    }
+    if (!scores.empty()) scores.resize(positions.size(), kUnscored);
+  }
+
+  /// Tile loader over the held rows (see cpu::DenseRows).
+  cpu::DenseRows<T> rows(int head_dim) const {
+    return {k.data(), v.data(), positions.data(), size(), head_dim};
+  }
 
   /// Bytes held: K and V rows, one position per token, and scores when a policy keeps them.
   std::size_t bytes() const {

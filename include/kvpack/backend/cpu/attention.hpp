@@ -34,13 +34,37 @@ constexpr int64_t kAttentionTile = 128;
 /// Row counts at or above this use GEMMs for the score and value products.
 constexpr int kGemmRows = 16;
 
-/// \brief One head's stored keys/values (row-major n × d) and ascending positions.
+/// \brief One head's dense stored keys/values (row-major size × d, element type T) and ascending
+/// positions. Attention and scoring read rows through load_keys / load_values, so other row
+/// formats (quantized, low-rank) can provide the same two calls.
 template <class T>
-struct HeadRows {
+struct DenseRows {
   const T* k;
   const T* v;
   const int32_t* positions;
   int64_t size;
+  int d;
+
+  /// Keys [t0, t0 + n) as fp32 into dst (n × d).
+  void load_keys(int64_t t0, int64_t n, float* dst) const {
+    detail::load_row(k + t0 * d, dst, n * d);
+  }
+  /// Values [t0, t0 + n) as fp32 into dst (n × d).
+  void load_values(int64_t t0, int64_t n, float* dst) const {
+    detail::load_row(v + t0 * d, dst, n * d);
+  }
+};
+
+/// Former name of DenseRows.
+template <class T>
+using HeadRows = DenseRows<T>;
+
+/// Whether a row source is DenseRows (whose stored rows the AVX2 kernels read directly).
+template <class Rows>
+struct is_dense_rows : std::false_type {};
+template <class T>
+struct is_dense_rows<DenseRows<T>> : std::true_type {
+  using element_type = T;
 };
 
 /// \brief Partial attention state of `rows` query rows: running max, denominator, accumulator.
@@ -237,7 +261,7 @@ inline void softmax_tile_row(float* sr, int64_t vis, int64_t tn, float& max, flo
 /// Decode path of cpu::attend_rows: rows < kGemmRows, d % 8 == 0. Rows go in groups of up to
 /// three (a GQA group of 3 in one pass); K and V are converted inside the kernels.
 template <class T>
-void avx2_attend_rows(const cpu::HeadRows<T>& head, int d, const float* q, int rows,
+void avx2_attend_rows(const cpu::DenseRows<T>& head, int d, const float* q, int rows,
                       const int64_t* visible, int64_t begin, int64_t end, cpu::PartialState& state,
                       std::vector<float>& scratch) {
   constexpr int64_t stride = cpu::kAttentionTile;
@@ -287,8 +311,10 @@ namespace cpu {
 /// Attends `rows` query rows q (row-major rows × d, already scaled by 1/sqrt(d)) over keys
 /// [begin, end) of `head`. Row r sees only keys with index < visible[r] (causal by position).
 /// Accumulates into `state` (online softmax), so splits can be merged afterwards.
-template <class T>
-void attend_rows(const HeadRows<T>& head, int d, const float* q, int rows, const int64_t* visible,
+/// `Rows` provides load_keys / load_values (see DenseRows); dense fp16/fp32 rows take the AVX2
+/// decode kernels, which read the stored rows directly.
+template <class Rows>
+void attend_rows(const Rows& head, int d, const float* q, int rows, const int64_t* visible,
                  int64_t begin, int64_t end, PartialState& state, std::vector<float>& scratch) {
   using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using Vec = Eigen::Map<Eigen::VectorXf>;
@@ -299,10 +325,13 @@ void attend_rows(const HeadRows<T>& head, int d, const float* q, int rows, const
   if (begin >= end) return;
 
 #if defined(KVPACK_CPU_AVX2)
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, Half>) {
-    if (rows < kGemmRows && d % 8 == 0) {
-      detail::avx2_attend_rows(head, d, q, rows, visible, begin, end, state, scratch);
-      return;
+  if constexpr (is_dense_rows<Rows>::value) {
+    using T = typename is_dense_rows<Rows>::element_type;
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, Half>) {
+      if (rows < kGemmRows && d % 8 == 0) {
+        detail::avx2_attend_rows(head, d, q, rows, visible, begin, end, state, scratch);
+        return;
+      }
     }
   }
 #endif
@@ -315,7 +344,7 @@ void attend_rows(const HeadRows<T>& head, int d, const float* q, int rows, const
 
   for (int64_t t0 = begin; t0 < end; t0 += kAttentionTile) {
     const int64_t tn = std::min(kAttentionTile, end - t0);
-    for (int64_t i = 0; i < tn; ++i) detail::load_row(head.k + (t0 + i) * d, kt + i * d, d);
+    head.load_keys(t0, tn, kt);
     Eigen::Map<RowMat> sm(s, rows, tn);
     if (rows >= kGemmRows) {
       sm.noalias() = qm * Eigen::Map<const RowMat>(kt, tn, d).transpose();
@@ -331,7 +360,7 @@ void attend_rows(const HeadRows<T>& head, int d, const float* q, int rows, const
       detail::softmax_tile_row(s + r * tn, vis, tn, state.max[r], state.sum[r],
                                state.acc.data() + static_cast<std::size_t>(r) * d, d);
     }
-    for (int64_t i = 0; i < tn; ++i) detail::load_row(head.v + (t0 + i) * d, vt + i * d, d);
+    head.load_values(t0, tn, vt);
     Eigen::Map<RowMat> acc(state.acc.data(), rows, d);
     if (rows >= kGemmRows) {
       acc.noalias() += sm * Eigen::Map<const RowMat>(vt, tn, d);

@@ -14,9 +14,11 @@
 #include "../../cache.hpp"
 #include "../../config.hpp"
 #include "../../detail/head_store.hpp"
+#include "../../detail/quantized_head_store.hpp"
 #include "../../detail/select.hpp"
 #include "../../detail/validate.hpp"
 #include "../../error.hpp"
+#include "../../policy/compose.hpp"
 #include "../../policy/lazy_layer_drop.hpp"
 #include "../../policy/policy_base.hpp"
 #include "../../shape.hpp"
@@ -42,14 +44,34 @@ class KVCache<Policy, backend::Cpu> {
   static_assert(std::is_same_v<storage_type, Half> || std::is_same_v<storage_type, float>,
                 "the CPU cache stores Half or float rows");
 
+ private:
+  // What compress() runs: a selection stage (eviction, lazy layers or nothing), then
+  // quantization of what is kept when the policy (or the second stage of a Compose) is Quantize.
+  using Stages = detail::PolicyStages<Policy>;
+  using Selection = typename Stages::selection;
+  static constexpr bool kEvicts = is_eviction_policy_v<Selection>;
+  static constexpr bool kLazyLayers = std::is_base_of_v<LazyLayerDrop, Selection>;
+  static constexpr bool kQueryScores = detail::scores_from_queries<Selection>::value;
+  static constexpr bool kQuantized = Stages::quantized;
+  using Store = std::conditional_t<kQuantized, detail::QuantizedHeadStore,
+                                   detail::HeadStore<storage_type>>;
+
+ public:
+
   /// Validates the shape and the policy's knobs; throws kvpack::error on a bad value.
   explicit KVCache(const ModelShape& shape, Policy policy = Policy{})
       : shape_(shape), policy_(std::move(policy)) {
     shape_.validate();
     policy_.validate(shape_);
     heads_.resize(static_cast<std::size_t>(shape_.layers) * shape_.kv_heads);
+    if constexpr (kQuantized) {
+      for (auto& head : heads_) {
+        head.bits = Stages::quant_knobs(policy_)->bits;
+        head.group = Stages::quant_knobs(policy_)->group;
+      }
+    }
     layers_.resize(shape_.layers);
-    if constexpr (is_lazy_layer_policy) observations_.resize(shape_.layers);
+    if constexpr (kLazyLayers) observations_.resize(shape_.layers);
   }
 
   const ModelShape& shape() const { return shape_; }
@@ -74,20 +96,13 @@ class KVCache<Policy, backend::Cpu> {
 
     const int d = shape_.head_dim;
     const int64_t n = k.tokens();
-    std::vector<float> row(d);
+    std::vector<float> k_rows(n * d), v_rows(n * d);
     for (int h = 0; h < shape_.kv_heads; ++h) {
-      detail::HeadStore<storage_type>& head = store(layer, h);
-      const std::size_t old = head.k.size();
-      head.k.resize(old + n * d);
-      head.v.resize(old + n * d);
       for (int64_t t = 0; t < n; ++t) {
-        k.load(t, h, row.data());
-        detail::store_row(row.data(), head.k.data() + old + t * d, d);
-        v.load(t, h, row.data());
-        detail::store_row(row.data(), head.v.data() + old + t * d, d);
+        k.load(t, h, k_rows.data() + t * d);
+        v.load(t, h, v_rows.data() + t * d);
       }
-      for (int64_t t = 0; t < n; ++t) head.positions.push_back(static_cast<int32_t>(positions[t]));
-      if (!head.scores.empty()) head.scores.resize(head.positions.size(), head.kUnscored);
+      store(layer, h).append(k_rows.data(), v_rows.data(), positions.data(), n, d);
     }
     if (state.appended == 0) state.first_position = positions[0];
     state.last_position = positions[n - 1];
@@ -98,9 +113,7 @@ class KVCache<Policy, backend::Cpu> {
   void observe(int layer, const ActivationView& q, Positions positions) {
     constexpr const char* where = "KVCache::observe";
     check_query(where, layer, q, positions);
-    if constexpr (detail::scores_from_queries<Policy>::value || is_lazy_layer_policy) {
-      observe_probabilities(layer, q, positions);
-    }
+    if constexpr (kQueryScores || kLazyLayers) observe_probabilities(layer, q, positions);
     observed_ = true;
   }
 
@@ -112,14 +125,22 @@ class KVCache<Policy, backend::Cpu> {
                       "observe() with queries before compress() for this policy");
     }
     policy_.validate(shape_);
-    if constexpr (is_eviction_policy_v<Policy>) {
-      static_assert(detail::has_token_score<Policy, storage_type>::value ||
-                        detail::scores_from_queries<Policy>::value,
+    if constexpr (kEvicts) {
+      static_assert(detail::has_token_score<Selection, float>::value || kQueryScores,
                     "eviction Policy lacks static token_score(const T* key, const T* value, int) "
                     "or scores_from_queries");
       evict();
-    } else if constexpr (is_lazy_layer_policy) {
+    } else if constexpr (kLazyLayers) {
       trim_lazy_layers();
+    }
+    if constexpr (kQuantized) {
+      const int64_t residual = Stages::quant_knobs(policy_)->residual;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic)
+#endif
+      for (int64_t i = 0; i < static_cast<int64_t>(heads_.size()); ++i) {
+        heads_[i].quantize(residual, shape_.head_dim);
+      }
     }
   }
 
@@ -202,12 +223,10 @@ class KVCache<Policy, backend::Cpu> {
     for (int h = 0; h < shape_.kv_heads; ++h) {
       const auto& head = store(layer, h);
       DenseHead& dst = result.heads[h];
-      dst.k.resize(head.k.size());
-      dst.v.resize(head.v.size());
-      for (int64_t t = 0; t < head.size(); ++t) {
-        detail::load_row(head.k.data() + t * d, dst.k.data() + t * d, d);
-        detail::load_row(head.v.data() + t * d, dst.v.data() + t * d, d);
-      }
+      dst.k.resize(head.size() * d);
+      dst.v.resize(head.size() * d);
+      head.rows(d).load_keys(0, head.size(), dst.k.data());
+      head.rows(d).load_values(0, head.size(), dst.v.data());
       dst.positions.assign(head.positions.begin(), head.positions.end());
     }
     return result;
@@ -215,7 +234,7 @@ class KVCache<Policy, backend::Cpu> {
 
   /// Every byte held: K/V rows, positions, and the per-head / per-layer bookkeeping.
   std::size_t bytes() const {
-    std::size_t total = heads_.size() * sizeof(detail::HeadStore<storage_type>) +
+    std::size_t total = heads_.size() * sizeof(Store) +
                         layers_.size() * sizeof(detail::LayerState) +
                         observations_.size() * sizeof(LayerObservation);
     for (const auto& head : heads_) total += head.bytes();
@@ -254,8 +273,6 @@ class KVCache<Policy, backend::Cpu> {
   }
 
  private:
-  static constexpr bool is_lazy_layer_policy = std::is_base_of_v<LazyLayerDrop, Policy>;
-
   /// Per-layer statistic of LazyLayerDrop: summed mass over observed rows, and the decision.
   struct LayerObservation {
     double mass = 0.0;
@@ -267,10 +284,10 @@ class KVCache<Policy, backend::Cpu> {
     return std::is_same_v<storage_type, Half> ? 65504.0f : std::numeric_limits<float>::max();
   }
 
-  detail::HeadStore<storage_type>& store(int layer, int head) {
+  Store& store(int layer, int head) {
     return heads_[static_cast<std::size_t>(layer) * shape_.kv_heads + head];
   }
-  const detail::HeadStore<storage_type>& store(int layer, int head) const {
+  const Store& store(int layer, int head) const {
     return heads_[static_cast<std::size_t>(layer) * shape_.kv_heads + head];
   }
 
@@ -284,6 +301,8 @@ class KVCache<Policy, backend::Cpu> {
 
   void attend_unchecked(int layer, const ActivationView& q, Positions positions,
                         const OutputView& out) const;
+  const Selection& selection() const { return Stages::select_knobs(policy_); }
+
   void gather_query_rows(int layer, const ActivationView& q, Positions positions, int head,
                          int64_t t0, int64_t tn, std::vector<float>& rows,
                          std::vector<int64_t>& visible) const;
@@ -293,7 +312,7 @@ class KVCache<Policy, backend::Cpu> {
 
   ModelShape shape_;
   Policy policy_;
-  std::vector<detail::HeadStore<storage_type>> heads_;  // layer-major: [layer][kv_head]
+  std::vector<Store> heads_;  // layer-major: [layer][kv_head]
   std::vector<detail::LayerState> layers_;
   std::vector<LayerObservation> observations_;  // LazyLayerDrop only
   bool observed_ = false;

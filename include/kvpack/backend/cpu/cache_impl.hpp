@@ -37,8 +37,7 @@ void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const Activation
     const int64_t block = (item / splits) % blocks;
     const int64_t split = item % splits;
     const auto& head = store(layer, h);
-    const cpu::DenseRows<storage_type> rows_of{head.k.data(), head.v.data(), head.positions.data(),
-                                               head.size(), d};
+    const auto rows_of = head.rows(d);
     const int64_t t0 = block * block_tokens;
     const int64_t tn = std::min(block_tokens, tokens - t0);
     const int rows = static_cast<int>(tn * g);
@@ -113,16 +112,15 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
 #endif
   for (int h = 0; h < shape_.kv_heads; ++h) {
     auto& head = store(layer, h);
-    const cpu::DenseRows<storage_type> rows_of{head.k.data(), head.v.data(), head.positions.data(),
-                                               head.size(), d};
+    const auto rows_of = head.rows(d);
     std::vector<float> qrows;
     std::vector<int64_t> visible;
-    if constexpr (detail::scores_from_queries<Policy>::value) {
+    if constexpr (kQueryScores) {
       head.scores.resize(head.positions.size(), head.kUnscored);
     }
     const auto ranges = [&] {
-      if constexpr (detail::scores_from_queries<Policy>::value) {
-        return cpu::window_ranges(head.positions.data(), head.size(), policy_.window);
+      if constexpr (kQueryScores) {
+        return cpu::window_ranges(head.positions.data(), head.size(), selection().window);
       } else {
         return cpu::window_ranges(head.positions.data(), head.size(), ScoreWindow::all());
       }
@@ -130,7 +128,7 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
     for (int64_t t0 = 0; t0 < tokens; t0 += block_tokens) {
       const int64_t tn = std::min(block_tokens, tokens - t0);
       gather_query_rows(layer, q, positions, h, t0, tn, qrows, visible);
-      if constexpr (detail::scores_from_queries<Policy>::value) {
+      if constexpr (kQueryScores) {
         float* scores = head.scores.data();
         cpu::for_each_probability(rows_of, d, qrows.data(), static_cast<int>(tn * g),
                                   visible.data(), ranges, [&](int, int64_t key, float p) {
@@ -142,13 +140,15 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
         cpu::for_each_probability(
             rows_of, d, qrows.data(), static_cast<int>(tn * g), visible.data(), ranges,
             [&](int r, int64_t key, float p) {
-              if (policy_.in_kept_set(head.positions[key], first, positions[t0 + r / g])) mass += p;
+              if (selection().in_kept_set(head.positions[key], first, positions[t0 + r / g])) {
+                mass += p;
+              }
             });
         head_mass[h] += mass;
       }
     }
   }
-  if constexpr (is_lazy_layer_policy) {
+  if constexpr (kLazyLayers) {
     LayerObservation& o = observations_[layer];
     for (double m : head_mass) o.mass += m;
     o.rows += tokens * shape_.q_heads;
@@ -160,14 +160,15 @@ void KVCache<Policy, backend::Cpu>::trim_lazy_layers() {
   const int d = shape_.head_dim;
   for (int l = 0; l < shape_.layers; ++l) {
     LayerObservation& o = observations_[l];
-    if (o.lazy < 0 && o.rows > 0) o.lazy = o.mass / static_cast<double>(o.rows) > policy_.threshold;
+    if (o.lazy < 0 && o.rows > 0) o.lazy = o.mass / static_cast<double>(o.rows) > selection().threshold;
     if (o.lazy != 1) continue;
     const detail::LayerState& state = layers_[l];
     for (int h = 0; h < shape_.kv_heads; ++h) {
       auto& head = store(l, h);
       std::vector<int64_t> kept;
       for (int64_t t = 0; t < head.size(); ++t) {
-        if (policy_.in_kept_set(head.positions[t], state.first_position, state.last_position)) {
+        if (selection().in_kept_set(head.positions[t], state.first_position,
+                                    state.last_position)) {
           kept.push_back(t);
         }
       }
@@ -179,14 +180,15 @@ void KVCache<Policy, backend::Cpu>::trim_lazy_layers() {
 template <class Policy>
 void KVCache<Policy, backend::Cpu>::evict() {
   const int d = shape_.head_dim;
-  const Budget& budget = policy_.budget;
+  const Selection& knobs = selection();
+  const Budget& budget = knobs.budget;
   struct Target {
     int layer, head;
   };
   std::vector<Target> targets;
-  for (int l = policy_.skip_layers; l < shape_.layers; ++l) {
+  for (int l = knobs.skip_layers; l < shape_.layers; ++l) {
     const detail::LayerState& state = layers_[l];
-    if (state.appended == 0 || state.appended < policy_.min_tokens) continue;
+    if (state.appended == 0 || state.appended < knobs.min_tokens) continue;
     for (int h = 0; h < shape_.kv_heads; ++h) targets.push_back({l, h});
   }
   const int64_t n_targets = static_cast<int64_t>(targets.size());
@@ -199,7 +201,7 @@ void KVCache<Policy, backend::Cpu>::evict() {
     const auto& head = store(targets[i].layer, targets[i].head);
     const detail::LayerState& state = layers_[targets[i].layer];
     scores[i].resize(head.size());
-    if constexpr (detail::scores_from_queries<Policy>::value) {
+    if constexpr (kQueryScores) {
       // Tokens no observed query saw (appended after scoring) rank above everything.
       for (int64_t t = 0; t < head.size(); ++t) {
         const bool scored =
@@ -207,8 +209,16 @@ void KVCache<Policy, backend::Cpu>::evict() {
         scores[i][t] = scored ? head.scores[t] : std::numeric_limits<float>::infinity();
       }
     } else {
-      for (int64_t t = 0; t < head.size(); ++t) {
-        scores[i][t] = Policy::token_score(head.k.data() + t * d, head.v.data() + t * d, d);
+      // Score fp32 rows decoded tile by tile, whatever the store's format.
+      const auto rows_of = head.rows(d);
+      std::vector<float> kt(cpu::kAttentionTile * d), vt(cpu::kAttentionTile * d);
+      for (int64_t t0 = 0; t0 < head.size(); t0 += cpu::kAttentionTile) {
+        const int64_t tn = std::min(cpu::kAttentionTile, head.size() - t0);
+        rows_of.load_keys(t0, tn, kt.data());
+        rows_of.load_values(t0, tn, vt.data());
+        for (int64_t t = 0; t < tn; ++t) {
+          scores[i][t0 + t] = Selection::token_score(kt.data() + t * d, vt.data() + t * d, d);
+        }
       }
     }
     selection[i] = {scores[i].data(),

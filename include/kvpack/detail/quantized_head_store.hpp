@@ -1,0 +1,189 @@
+/// \file detail/quantized_head_store.hpp
+/// \brief CPU head store of the Quantize policy: KIVI blocks for old tokens, an fp16 tail for
+/// the newest ones. Same interface as HeadStore, so the container and eviction reuse it.
+#pragma once
+
+#ifndef KVPACK_INTERNAL_INCLUDE_OK
+#error "kvpack/detail/ headers are internal; include <kvpack/kvpack.hpp> instead"
+#endif
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "../half.hpp"
+#include "../quant/quant_block.hpp"
+#include "convert.hpp"
+
+namespace kvpack {
+namespace detail {
+
+/// Tokens [0, quantized) live in blocks, tokens [quantized, size) in the fp16 tail.
+/// Key blocks: one per channel per group of `group` tokens, ordered [token group][channel].
+/// Value blocks: one per group of `group` channels per token, ordered [token][channel group].
+struct QuantizedHeadStore {
+  int bits = 4;
+  int group = 32;
+  std::vector<uint8_t> key_blocks, value_blocks;
+  std::vector<Half> tail_k, tail_v;
+  std::vector<int32_t> positions;
+  std::vector<float> scores;
+  int64_t quantized = 0;
+  static constexpr float kUnscored = -1.0f;
+
+  std::size_t block_bytes() const { return 4 + static_cast<std::size_t>(group) * bits / 8; }
+  int64_t size() const { return static_cast<int64_t>(positions.size()); }
+
+  std::size_t bytes() const {
+    return key_blocks.size() + value_blocks.size() + (tail_k.size() + tail_v.size()) * 2 +
+           positions.size() * sizeof(int32_t) + scores.size() * sizeof(float);
+  }
+
+  void append(const float* k_rows, const float* v_rows, const int64_t* pos, int64_t n,
+              int head_dim) {
+    const std::size_t old = tail_k.size();
+    tail_k.resize(old + n * head_dim);
+    tail_v.resize(old + n * head_dim);
+    store_row(k_rows, tail_k.data() + old, n * head_dim);
+    store_row(v_rows, tail_v.data() + old, n * head_dim);
+    for (int64_t t = 0; t < n; ++t) positions.push_back(static_cast<int32_t>(pos[t]));
+    if (!scores.empty()) scores.resize(positions.size(), kUnscored);
+  }
+
+  /// Tile loader: decodes blocks (whole groups at a time when aligned) and reads the tail.
+  struct Rows {
+    const QuantizedHeadStore* store;
+    const int32_t* positions;
+    int64_t size;
+    int head_dim;
+
+    void load_keys(int64_t begin, int64_t n, float* out) const { load(begin, n, out, true); }
+    void load_values(int64_t begin, int64_t n, float* out) const { load(begin, n, out, false); }
+
+   private:
+    void load(int64_t begin, int64_t n, float* out, bool keys) const {
+      const QuantizedHeadStore& s = *store;
+      const int d = head_dim;
+      const int64_t end = begin + n;
+      const int64_t qend = end < s.quantized ? end : s.quantized;
+      if (begin < qend) {
+        dispatch_quant(s.bits, s.group, [&](auto b, auto g) {
+          constexpr int B = decltype(b)::value, G = decltype(g)::value;
+          using Block = QuantBlock<B, G>;
+          const auto* kb = reinterpret_cast<const Block*>(s.key_blocks.data());
+          const auto* vb = reinterpret_cast<const Block*>(s.value_blocks.data());
+          for (int64_t t = begin; t < qend;) {
+            float* row = out + (t - begin) * d;
+            if (!keys) {
+              for (int c = 0; c < d / G; ++c)
+                dequantize_block_ref(vb[t * (d / G) + c], row + c * G, 1);
+              ++t;
+            } else if (t % G == 0 && t + G <= qend) {
+              for (int c = 0; c < d; ++c) dequantize_block_ref(kb[(t / G) * d + c], row + c, d);
+              t += G;
+            } else {
+              for (int c = 0; c < d; ++c) row[c] = dequantize_ref(kb[(t / G) * d + c], int(t % G));
+              ++t;
+            }
+          }
+        });
+      }
+      const std::vector<Half>& tail = keys ? s.tail_k : s.tail_v;
+      for (int64_t t = begin > s.quantized ? begin : s.quantized; t < end; ++t) {
+        load_row(tail.data() + (t - s.quantized) * d, out + (t - begin) * d, d);
+      }
+    }
+  };
+
+  Rows rows(int head_dim) const { return {this, positions.data(), size(), head_dim}; }
+
+  /// Quantizes whole groups of the tail, leaving at least `residual` newest tokens in fp16.
+  void quantize(int64_t residual, int head_dim) {
+    const int d = head_dim;
+    const int64_t tail = size() - quantized;
+    const int64_t count = tail > residual ? (tail - residual) / group * group : 0;
+    if (count == 0) return;
+    std::vector<float> k(count * d), v(count * d);
+    load_row(tail_k.data(), k.data(), count * d);
+    load_row(tail_v.data(), v.data(), count * d);
+    const std::size_t bb = block_bytes();
+    const std::size_t key_old = key_blocks.size(), value_old = value_blocks.size();
+    key_blocks.resize(key_old + (count / group) * d * bb);
+    value_blocks.resize(value_old + count * (d / group) * bb);
+    dispatch_quant(bits, group, [&](auto b, auto g) {
+      constexpr int B = decltype(b)::value, G = decltype(g)::value;
+      using Block = QuantBlock<B, G>;
+      auto* kb = reinterpret_cast<Block*>(key_blocks.data() + key_old);
+      auto* vb = reinterpret_cast<Block*>(value_blocks.data() + value_old);
+      for (int64_t grp = 0; grp < count / G; ++grp) {
+        for (int c = 0; c < d; ++c)
+          quantize_block_ref(k.data() + grp * G * d + c, d, kb[grp * d + c]);
+      }
+      for (int64_t t = 0; t < count; ++t) {
+        for (int c = 0; c < d / G; ++c)
+          quantize_block_ref(v.data() + t * d + c * G, 1, vb[t * (d / G) + c]);
+      }
+    });
+    tail_k.erase(tail_k.begin(), tail_k.begin() + count * d);
+    tail_v.erase(tail_v.begin(), tail_v.begin() + count * d);
+    tail_k.shrink_to_fit();
+    tail_v.shrink_to_fit();
+    quantized += count;
+  }
+
+  /// Keeps rows `kept` (ascending). Kept rows return to the fp16 tail (decoded), to be
+  /// re-quantized by the next quantize(): eviction after quantization rounds twice, so
+  /// compositions evict before they quantize.
+  void keep(const std::vector<int64_t>& kept, int head_dim) {
+    const int d = head_dim;
+    const Rows r = rows(d);
+    std::vector<float> k(kept.size() * d), v(kept.size() * d);
+    std::vector<int32_t> np(kept.size());
+    for (std::size_t j = 0; j < kept.size(); ++j) {
+      r.load_keys(kept[j], 1, k.data() + j * d);
+      r.load_values(kept[j], 1, v.data() + j * d);
+      np[j] = positions[kept[j]];
+    }
+    std::vector<float> ns;
+    if (!scores.empty()) {
+      for (int64_t i : kept) ns.push_back(scores[i]);
+    }
+    clear();
+    tail_k.resize(kept.size() * d);
+    tail_v.resize(kept.size() * d);
+    store_row(k.data(), tail_k.data(), static_cast<int64_t>(k.size()));
+    store_row(v.data(), tail_v.data(), static_cast<int64_t>(v.size()));
+    positions.swap(np);
+    scores.swap(ns);
+  }
+
+  void drop_back(int64_t count, int head_dim) {
+    if (count <= size() - quantized) {
+      const std::size_t n = static_cast<std::size_t>(size() - quantized - count) * head_dim;
+      tail_k.resize(n);
+      tail_v.resize(n);
+      tail_k.shrink_to_fit();
+      tail_v.shrink_to_fit();
+      positions.resize(size() - count);
+      if (static_cast<int64_t>(scores.size()) > size()) scores.resize(size());
+      return;
+    }
+    std::vector<int64_t> kept(size() - count);
+    for (std::size_t i = 0; i < kept.size(); ++i) kept[i] = static_cast<int64_t>(i);
+    keep(kept, head_dim);
+  }
+
+  void clear() {
+    std::vector<uint8_t>().swap(key_blocks);
+    std::vector<uint8_t>().swap(value_blocks);
+    std::vector<Half>().swap(tail_k);
+    std::vector<Half>().swap(tail_v);
+    std::vector<int32_t>().swap(positions);
+    std::vector<float>().swap(scores);
+    quantized = 0;
+  }
+};
+
+}  // namespace detail
+}  // namespace kvpack

@@ -1,0 +1,42 @@
+/// \file policy/quantize.hpp
+/// \brief Quantize (KIVI, arXiv 2402.02750): asymmetric 2/4/8-bit min/max quantization, keys
+/// per channel over groups of tokens, values per token over groups of channels.
+#pragma once
+
+#include <cstdint>
+
+#include "../quant/quant_block.hpp"
+#include "policy_base.hpp"
+
+namespace kvpack {
+
+/// \brief KIVI quantization of everything but the newest `residual` tokens.
+///
+/// compress() quantizes, in whole groups of `group` tokens, every token older than the newest
+/// `residual` ones: keys per channel over the group's tokens, values per token over groups of
+/// `group` channels (QuantBlock format). The newest tokens stay fp16, so at least `residual`
+/// and fewer than `residual + group` tokens are full precision after each compress(). Call
+/// compress() again during decoding to quantize what has aged out of the window.
+/// Knobs (paper): bits 2 (also 4, 8); group 32; residual 128 (32 in the paper's examples).
+struct Quantize : PolicyBase {
+  int bits = 4;
+  int group = 32;
+  int64_t residual = 128;
+
+  Quantize() = default;
+  Quantize(int bits_, int group_ = 32, int64_t residual_ = 128)
+      : bits(bits_), group(group_), residual(residual_) {}
+
+  void validate(const ModelShape& shape) const {
+    constexpr const char* where = "Quantize";
+    detail::require(bits == 2 || bits == 4 || bits == 8, where, "bits", bits, "2, 4 or 8");
+    detail::require(group == 16 || group == 32 || group == 64 || group == 128, where, "group",
+                    group, "16, 32, 64 or 128");
+    detail::require(shape.head_dim % group == 0, where, "group", group,
+                    detail::concat("a divisor of head_dim (", shape.head_dim, ")"));
+    detail::require(residual >= 0 && residual % group == 0, where, "residual", residual,
+                    detail::concat("a non-negative multiple of group (", group, ")"));
+  }
+};
+
+}  // namespace kvpack

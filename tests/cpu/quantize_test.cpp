@@ -1,0 +1,222 @@
+// Quantize (KIVI): block format against its scalar reference and bounds, the cache's quantized
+// store, and Compose<Eviction, Quantize>.
+#include <catch2/catch.hpp>
+#include <kvpack/kvpack.hpp>
+#include <set>
+
+#include "test_util.hpp"
+
+using Catch::Matchers::Contains;
+using kvpack::ActivationView;
+using kvpack::ModelShape;
+using kvpack::QuantBlock;
+using kvpack::Quantize;
+
+namespace {
+
+template <int Bits>
+void check_block_bounds(const std::vector<float>& x) {
+  QuantBlock<Bits, 32> block;
+  for (std::size_t g = 0; g + 32 <= x.size(); g += 32) {
+    kvpack::quantize_block_ref(x.data() + g, 1, block);
+    const float scale = kvpack::to_float(block.scale);
+    float decoded[32];
+    kvpack::dequantize_block_ref(block, decoded, 1);
+    for (int i = 0; i < 32; ++i) {
+      REQUIRE(decoded[i] == kvpack::dequantize_ref(block, i));
+      // scale / 2, plus the fp32 rounding of code * scale + min.
+      REQUIRE(std::fabs(x[g + i] - decoded[i]) <=
+              scale / 2 * (1 + 1e-6f) + 1e-7f * std::fabs(x[g + i]) + 1e-30f);
+    }
+  }
+}
+
+template <int Bits>
+void check_packing() {
+  QuantBlock<Bits, 32> block{};
+  for (uint32_t pattern = 0; pattern < 3; ++pattern) {
+    std::vector<uint32_t> codes(32);
+    for (int i = 0; i < 32; ++i) codes[i] = (i * 7 + pattern * 5) % (1u << Bits);
+    for (int i = 0; i < 32; ++i) kvpack::detail::set_code<Bits>(block.codes, i, codes[i]);
+    for (int i = 0; i < 32; ++i)
+      REQUIRE(kvpack::detail::get_code<Bits>(block.codes, i) == codes[i]);
+  }
+  // The documented layout: element 0 in the lowest bits of byte 0.
+  QuantBlock<Bits, 32> one{};
+  kvpack::detail::set_code<Bits>(one.codes, 1, 1);
+  REQUIRE(one.codes[0] == (Bits == 8 ? 0 : (1u << Bits)));
+}
+
+const ModelShape kShape{2, 9, 3, 64, {}};
+
+/// What the cache must hold for tokens [0, quantized) of one head: the scalar reference applied
+/// to the fp16 rows that were appended.
+std::vector<float> reference_keys(const kvpack::DenseHead& dense, int64_t quantized, int bits) {
+  std::vector<float> out = dense.k;
+  kvpack::dispatch_quant(bits, 32, [&](auto b, auto g) {
+    constexpr int B = decltype(b)::value, G = decltype(g)::value;
+    QuantBlock<B, G> block;
+    for (int64_t grp = 0; grp < quantized / G; ++grp) {
+      for (int c = 0; c < 64; ++c) {
+        kvpack::quantize_block_ref(dense.k.data() + grp * G * 64 + c, 64, block);
+        kvpack::dequantize_block_ref(block, out.data() + grp * G * 64 + c, 64);
+      }
+    }
+  });
+  return out;
+}
+
+std::vector<float> reference_values(const kvpack::DenseHead& dense, int64_t quantized, int bits) {
+  std::vector<float> out = dense.v;
+  kvpack::dispatch_quant(bits, 32, [&](auto b, auto g) {
+    constexpr int B = decltype(b)::value, G = decltype(g)::value;
+    QuantBlock<B, G> block;
+    for (int64_t t = 0; t < quantized; ++t) {
+      for (int c = 0; c < 64 / G; ++c) {
+        kvpack::quantize_block_ref(dense.v.data() + t * 64 + c * G, 1, block);
+        kvpack::dequantize_block_ref(block, out.data() + t * 64 + c * G, 1);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("quant block: round-trip error within scale/2 on random and edge-case groups",
+          "[quantize]") {
+  std::vector<float> x = kvpack_test::random_values(32 * 200, 5, 2.0f);
+  std::vector<float> edge(32 * 5);
+  for (int i = 0; i < 32; ++i) {
+    edge[i] = 0.3f;                              // constant group (not fp16-representable)
+    edge[32 + i] = i == 7 ? 5.0f : -1.0f;        // one distinct value
+    edge[64 + i] = (i % 2 ? 1 : -1) * 65000.0f;  // the edges of the fp16 range
+    edge[96 + i] = 1e-6f * i;                    // tiny magnitudes (subnormal fp16 scale)
+    edge[128 + i] = 60000.0f + i;                // large, narrow
+  }
+  x.insert(x.end(), edge.begin(), edge.end());
+  check_block_bounds<2>(x);
+  check_block_bounds<4>(x);
+  check_block_bounds<8>(x);
+  // A constant, fp16-representable group is exact.
+  std::vector<float> exact(32, -2.5f);
+  QuantBlock<2, 32> block;
+  kvpack::quantize_block_ref(exact.data(), 1, block);
+  for (int i = 0; i < 32; ++i) REQUIRE(kvpack::dequantize_ref(block, i) == -2.5f);
+}
+
+TEST_CASE("quant block: packing and unpacking are exact", "[quantize]") {
+  check_packing<2>();
+  check_packing<4>();
+  check_packing<8>();
+}
+
+TEST_CASE("Quantize: the cache holds exactly the scalar reference's codes, and the bytes it says",
+          "[quantize][memory]") {
+  for (int bits : {2, 4, 8}) {
+    kvpack::KVCache<Quantize> cache(kShape, Quantize(bits, 32, 128));
+    kvpack_test::fill_layer(cache, 0, 1000, 11, 300);
+    kvpack_test::fill_layer(cache, 1, 100, 12);  // shorter than the residual: stays fp16
+    const auto before0 = cache.materialize(0);
+    const auto before1 = cache.materialize(1);
+    cache.compress();
+    const int64_t quantized = (1000 - 128) / 32 * 32;  // 864
+    const auto after0 = cache.materialize(0);
+    for (int h = 0; h < 3; ++h) {
+      REQUIRE(after0.heads[h].k == reference_keys(before0.heads[h], quantized, bits));
+      REQUIRE(after0.heads[h].v == reference_values(before0.heads[h], quantized, bits));
+      REQUIRE(after0.heads[h].positions == before0.heads[h].positions);
+      REQUIRE(cache.materialize(1).heads[h].k == before1.heads[h].k);
+    }
+    const std::size_t block = 4 + 32 * bits / 8;
+    const std::size_t per_head0 = (quantized / 32) * 64 * block + quantized * 2 * block +
+                                  (1000 - quantized) * 64 * 2 * 2 + 1000 * 4;
+    const std::size_t per_head1 = 100 * (64 * 2 * 2 + 4);
+    kvpack::KVCache<Quantize> empty(kShape, Quantize(bits));
+    REQUIRE(cache.bytes() - empty.bytes() == 3 * (per_head0 + per_head1));
+  }
+}
+
+TEST_CASE("Quantize: attend over quantized blocks equals attention over their decoded values",
+          "[quantize][attention]") {
+  for (int bits : {2, 4}) {
+    kvpack::KVCache<Quantize> cache(kShape, Quantize(bits, 32, 32));
+    kvpack_test::fill_layer(cache, 0, 2500, 21, 500);
+    cache.compress();
+    const auto dense = cache.materialize(0);
+    const auto q = kvpack_test::random_values(3 * 9 * 64, 22, 2.0f);
+    const std::vector<int64_t> qpos{1000, 2000, 2499};  // mid-block causal cut-offs too
+    std::vector<float> out(q.size());
+    cache.attend(0, ActivationView::nhd(q.data(), 3, 9, 64), qpos,
+                 kvpack::OutputView::nhd(out.data(), 3, 9, 64));
+    for (int t = 0; t < 3; ++t) {
+      for (int h = 0; h < 9; ++h) {
+        const auto& head = dense.heads[h / 3];
+        const auto ref = kvpack_test::reference_attention(q.data() + (t * 9 + h) * 64, head.k,
+                                                          head.v, head.positions, qpos[t], 64);
+        REQUIRE(kvpack_test::max_relative_row_error(out.data() + (t * 9 + h) * 64, ref) < 1e-5);
+      }
+    }
+  }
+}
+
+TEST_CASE("Quantize: compress during decoding quantizes what leaves the window", "[quantize]") {
+  kvpack::KVCache<Quantize> cache(kShape, Quantize(4, 32, 64));
+  kvpack_test::fill_layer(cache, 0, 100, 31);
+  cache.compress();  // 100 - 64 = 36 -> one group of 32 quantized
+  const std::size_t b1 = cache.bytes();
+  const auto k = kvpack_test::random_values(40 * 3 * 64, 32);
+  for (int t = 0; t < 40; ++t) {
+    cache.append(0, ActivationView::nhd(k.data() + t * 192, 1, 3, 64),
+                 ActivationView::nhd(k.data() + t * 192, 1, 3, 64), std::vector<int64_t>{100 + t});
+  }
+  cache.compress();                                  // 140 tokens: 140 - 64 = 76 -> 64 quantized
+  // Per head: 8 more fp16 tail rows, one more 4-bit group of 32 tokens, 40 more positions.
+  const std::size_t per_head = 8 * 64 * 2 * 2 + (64 + 32 * 2) * 20 + 40 * 4;
+  REQUIRE(cache.bytes() - b1 == 3 * per_head);
+  REQUIRE(cache.tokens(0, 0) == 140);
+}
+
+TEST_CASE("Compose<L2NormEvict, Quantize>: keeps L2's tokens, stores them quantized",
+          "[quantize][compose]") {
+  using Evict = kvpack::L2NormEvict;
+  using Both = kvpack::Compose<Evict, Quantize>;
+  kvpack::KVCache<Evict> evict_only(kShape, Evict(kvpack::Budget::ratio(0.25), 0));
+  kvpack::KVCache<Both> both(kShape,
+                             Both(Evict(kvpack::Budget::ratio(0.25), 0), Quantize(2, 32, 32)));
+  for (int l = 0; l < 2; ++l) {
+    kvpack_test::fill_layer(evict_only, l, 2000, 40 + l);
+    kvpack_test::fill_layer(both, l, 2000, 40 + l);
+  }
+  evict_only.compress();
+  both.compress();
+  for (int l = 0; l < 2; ++l) {
+    for (int h = 0; h < 3; ++h) {
+      REQUIRE(both.materialize(l).heads[h].positions ==
+              evict_only.materialize(l).heads[h].positions);
+    }
+  }
+  // 500 kept per head: 448 quantized (14 groups), 52 fp16.
+  const std::size_t per_head = 14 * 64 * 12 + 448 * 2 * 12 + 52 * 64 * 4 + 500 * 4;
+  kvpack::KVCache<Both> empty(kShape,
+                              Both(Evict(kvpack::Budget::ratio(0.25), 0), Quantize(2, 32, 32)));
+  REQUIRE(both.bytes() - empty.bytes() == 6 * per_head);
+  REQUIRE(static_cast<double>(both.dense_bytes()) / both.bytes() > 13.0);
+}
+
+TEST_CASE("Quantize: bad knobs are refused", "[quantize][errors]") {
+  using Cache = kvpack::KVCache<Quantize>;
+  REQUIRE_THROWS_WITH(Cache(kShape, Quantize(3)), Contains("bits = 3"));
+  REQUIRE_THROWS_WITH(Cache(kShape, Quantize(4, 0)), Contains("group = 0"));
+  REQUIRE_THROWS_WITH(Cache(kShape, Quantize(4, 48)), Contains("group = 48"));
+  REQUIRE_THROWS_WITH(Cache(kShape, Quantize(4, 128, 128)), Contains("divisor of head_dim"));
+  REQUIRE_THROWS_WITH(Cache(kShape, Quantize(4, 32, 100)), Contains("residual = 100"));
+  REQUIRE_THROWS_WITH(Cache(kShape, Quantize(4, 32, -32)), Contains("residual = -32"));
+  // Knobs changed at run time are re-validated by compress(), which then changes nothing.
+  Cache cache(kShape, Quantize(4));
+  kvpack_test::fill_layer(cache, 0, 300, 1);
+  const std::size_t bytes = cache.bytes();
+  cache.policy().bits = 5;
+  REQUIRE_THROWS_WITH(cache.compress(), Contains("bits = 5"));
+  REQUIRE(cache.bytes() == bytes);
+}

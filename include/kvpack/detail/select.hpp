@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "../budget.hpp"
@@ -32,58 +33,95 @@ inline bool is_protected(const SelectionHead& h, int64_t i) {
   return h.positions[i] < h.protect_below || h.positions[i] > h.protect_above;
 }
 
+/// The `room`-th highest of `scores` (1 <= room <= scores.size()), and how many of the `room`
+/// highest are strictly above it; reorders `scores`.
+struct Threshold {
+  float score;
+  int64_t above;
+};
+inline Threshold select_threshold(std::vector<float>& scores, int64_t room) {
+  const auto nth = scores.begin() + (room - 1);
+  std::nth_element(scores.begin(), nth, scores.end(), std::greater<float>());
+  const float score = *nth;
+  int64_t above = 0;
+  for (auto it = scores.begin(); it != nth; ++it) above += *it > score;
+  return {score, above};
+}
+
 /// Per-head top-k: protected tokens plus the best-scoring others up to the target.
+///
+/// Ties are broken by index (higher score first, then lower index), so the result is
+/// deterministic and identical across backends. The kept set is found through the score
+/// threshold: everything above it, then the lowest-index tokens at it; one pass in index order
+/// emits them already sorted.
 inline std::vector<int64_t> select_top_k(const SelectionHead& h) {
-  std::vector<int64_t> kept, candidates;
-  for (int64_t i = 0; i < h.size; ++i) (is_protected(h, i) ? kept : candidates).push_back(i);
-  const int64_t room = std::max<int64_t>(0, h.target - static_cast<int64_t>(kept.size()));
-  if (room < static_cast<int64_t>(candidates.size())) {
-    // Ties broken by index so the result is deterministic and identical across backends.
-    auto better = [&](int64_t a, int64_t b) {
-      return h.scores[a] > h.scores[b] || (h.scores[a] == h.scores[b] && a < b);
-    };
-    std::nth_element(candidates.begin(), candidates.begin() + room, candidates.end(), better);
-    candidates.resize(room);
+  std::vector<float> candidates;
+  candidates.reserve(static_cast<std::size_t>(h.size));
+  int64_t n_protected = 0;
+  for (int64_t i = 0; i < h.size; ++i) {
+    if (is_protected(h, i)) {
+      ++n_protected;
+    } else {
+      candidates.push_back(h.scores[i]);
+    }
   }
-  kept.insert(kept.end(), candidates.begin(), candidates.end());
-  std::sort(kept.begin(), kept.end());
+  const int64_t room = std::max<int64_t>(0, h.target - n_protected);
+  std::vector<int64_t> kept;
+  if (room >= static_cast<int64_t>(candidates.size())) {  // everything stays
+    kept.resize(static_cast<std::size_t>(h.size));
+    for (int64_t i = 0; i < h.size; ++i) kept[i] = i;
+    return kept;
+  }
+  kept.reserve(static_cast<std::size_t>(n_protected + room));
+  if (room == 0) {
+    for (int64_t i = 0; i < h.size; ++i) {
+      if (is_protected(h, i)) kept.push_back(i);
+    }
+    return kept;
+  }
+  const Threshold t = select_threshold(candidates, room);
+  int64_t ties = room - t.above;  // tokens at the threshold that fit, lowest index first
+  for (int64_t i = 0; i < h.size; ++i) {
+    const float s = h.scores[i];
+    if (is_protected(h, i) || s > t.score || (s == t.score && ties-- > 0)) kept.push_back(i);
+  }
   return kept;
 }
 
 /// One threshold over all heads: the total kept equals the sum of the targets, but each head
-/// keeps as many tokens as score above the threshold (ragged budgets).
+/// keeps as many tokens as score above the threshold (ragged budgets). Ties are broken by head,
+/// then by index, as in select_top_k.
 inline std::vector<std::vector<int64_t>> select_global(const std::vector<SelectionHead>& heads) {
-  struct Candidate {
-    float score;
-    int32_t head;
-    int64_t index;
-  };
   std::vector<std::vector<int64_t>> kept(heads.size());
-  std::vector<Candidate> candidates;
+  std::size_t total = 0;
+  for (const SelectionHead& head : heads) total += static_cast<std::size_t>(head.size);
+  std::vector<float> candidates;
+  candidates.reserve(total);
   int64_t room = 0;
-  for (std::size_t h = 0; h < heads.size(); ++h) {
-    const SelectionHead& head = heads[h];
+  for (const SelectionHead& head : heads) {
     room += head.target;
     for (int64_t i = 0; i < head.size; ++i) {
       if (is_protected(head, i)) {
-        kept[h].push_back(i);
         --room;
       } else {
-        candidates.push_back({head.scores[i], static_cast<int32_t>(h), i});
+        candidates.push_back(head.scores[i]);
       }
     }
   }
   room = std::max<int64_t>(0, room);
-  if (room < static_cast<int64_t>(candidates.size())) {
-    auto better = [](const Candidate& a, const Candidate& b) {
-      if (a.score != b.score) return a.score > b.score;
-      return a.head != b.head ? a.head < b.head : a.index < b.index;
-    };
-    std::nth_element(candidates.begin(), candidates.begin() + room, candidates.end(), better);
-    candidates.resize(room);
+  const bool keep_all = room >= static_cast<int64_t>(candidates.size());
+  Threshold t{0.0f, 0};
+  if (!keep_all && room > 0) t = select_threshold(candidates, room);
+  int64_t ties = room - t.above;
+  for (std::size_t h = 0; h < heads.size(); ++h) {
+    const SelectionHead& head = heads[h];
+    for (int64_t i = 0; i < head.size; ++i) {
+      const float s = head.scores[i];
+      const bool keep = is_protected(head, i) || keep_all ||
+                        (room > 0 && (s > t.score || (s == t.score && ties-- > 0)));
+      if (keep) kept[h].push_back(i);
+    }
   }
-  for (const Candidate& c : candidates) kept[c.head].push_back(c.index);
-  for (auto& k : kept) std::sort(k.begin(), k.end());
   return kept;
 }
 

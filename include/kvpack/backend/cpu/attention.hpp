@@ -129,49 +129,66 @@ inline void avx2_store_sums(float* dst, __m256 a, __m256 b) {
   _mm_storel_pi(reinterpret_cast<__m64*>(dst), s);
 }
 
-/// Scores of R query rows (q, row stride d) against keys k[0, n) (row stride d, d % 8 == 0):
-/// s[r * s_stride + i] = q_r · k_i. Two keys at a time share every query load.
-template <int R, class T>
-void avx2_tile_scores(const float* q, int d, const T* k, int64_t n, float* s, int64_t s_stride) {
-  int64_t i = 0;
-  for (; i + 2 <= n; i += 2) {
-    const T* k0 = k + i * d;
-    const T* k1 = k0 + d;
-    __m256 a0[R], a1[R];
-    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
-    for (int j = 0; j < d; j += 8) {
-      const __m256 x0 = avx2_load(k0 + j);
-      const __m256 x1 = avx2_load(k1 + j);
-      for (int r = 0; r < R; ++r) {
-        const __m256 qv = _mm256_loadu_ps(q + r * d + j);
-        a0[r] = _mm256_fmadd_ps(qv, x0, a0[r]);
-        a1[r] = _mm256_fmadd_ps(qv, x1, a1[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) avx2_store_sums(s + r * s_stride + i, a0[r], a1[r]);
+/// Scores of R query rows (q, row stride d) against K consecutive keys k (row stride d,
+/// d % 8 == 0): s[r * s_stride + i] = q_r · k_i. Each query load serves K keys, each key load R
+/// rows; R · K ≤ 9 accumulators plus K keys and one query stay within the 16 ymm registers.
+template <int R, int K, class T>
+void avx2_score_keys(const float* q, int d, const T* k, float* s, int64_t s_stride) {
+  __m256 a[R][K];
+  for (int r = 0; r < R; ++r) {
+    for (int i = 0; i < K; ++i) a[r][i] = _mm256_setzero_ps();
   }
-  if (i < n) {
-    const T* k0 = k + i * d;
-    __m256 a[R];
-    for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
-    for (int j = 0; j < d; j += 8) {
-      const __m256 x0 = avx2_load(k0 + j);
-      for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * d + j), x0, a[r]);
+  for (int j = 0; j < d; j += 8) {
+    __m256 x[K];
+    for (int i = 0; i < K; ++i) x[i] = avx2_load(k + i * d + j);
+    for (int r = 0; r < R; ++r) {
+      const __m256 qv = _mm256_loadu_ps(q + r * d + j);
+      for (int i = 0; i < K; ++i) a[r][i] = _mm256_fmadd_ps(qv, x[i], a[r][i]);
     }
-    for (int r = 0; r < R; ++r) s[r * s_stride + i] = avx2_sum(a[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    int i = 0;
+    for (; i + 2 <= K; i += 2) avx2_store_sums(s + r * s_stride + i, a[r][i], a[r][i + 1]);
+    if (i < K) s[r * s_stride + i] = avx2_sum(a[r][i]);
   }
 }
 
-/// acc[r][j0, j0 + 8C) += Σ_i p[r * p_stride + i] · v_i[j0, j0 + 8C) over keys [0, n); the
-/// accumulators stay in registers for the whole tile.
+/// Prefetches `count` elements from p into L1.
+template <class T>
+void avx2_prefetch(const T* p, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t o = 0; o < count * static_cast<int64_t>(sizeof(T)); o += 64) {
+    _mm_prefetch(bytes + o, _MM_HINT_T0);
+  }
+}
+
+/// Scores of R query rows against keys k[0, n), three keys at a time. Rows of `next` (the value
+/// rows of the same keys, or null) are prefetched as the keys go by, so the value pass that
+/// follows does not wait for memory.
+template <int R, class T>
+void avx2_tile_scores(const float* q, int d, const T* k, int64_t n, float* s, int64_t s_stride,
+                      const T* next) {
+  int64_t i = 0;
+  for (; i + 3 <= n; i += 3) {
+    if (next != nullptr) avx2_prefetch(next + i * d, 3 * d);
+    avx2_score_keys<R, 3>(q, d, k + i * d, s + i, s_stride);
+  }
+  if (n - i == 2) avx2_score_keys<R, 2>(q, d, k + i * d, s + i, s_stride);
+  if (n - i == 1) avx2_score_keys<R, 1>(q, d, k + i * d, s + i, s_stride);
+}
+
+/// acc[r][j0, j0 + 8C) += Σ_i p[r * p_stride + i] · v_i[j0, j0 + 8C) over keys [0, n). The R · C
+/// accumulators stay in registers for the whole tile (R · C + C + 1 ≤ 16 ymm: no spill, whose
+/// store-to-load round trip would serialise the loop).
 template <int R, int C, class T>
 void avx2_tile_values_chunk(const float* p, int64_t p_stride, const T* v, int64_t n, int d, int j0,
-                            float* acc) {
+                            float* acc, const T* next, int64_t next_rows) {
   __m256 a[R][C];
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < C; ++c) a[r][c] = _mm256_loadu_ps(acc + r * d + j0 + 8 * c);
   }
   for (int64_t i = 0; i < n; ++i) {
+    if (i < next_rows) avx2_prefetch(next + i * d, d);
     const T* vi = v + i * d + j0;
     __m256 x[C];
     for (int c = 0; c < C; ++c) x[c] = avx2_load(vi + 8 * c);
@@ -185,11 +202,21 @@ void avx2_tile_values_chunk(const float* p, int64_t p_stride, const T* v, int64_
   }
 }
 
+/// Value accumulation of R rows over keys [0, n) in channel chunks of 24, then 16 or 8.
 template <int R, class T>
-void avx2_tile_values(const float* p, int64_t p_stride, const T* v, int64_t n, int d, float* acc) {
+void avx2_tile_values(const float* p, int64_t p_stride, const T* v, int64_t n, int d, float* acc,
+                      const T* next, int64_t next_rows) {
+  // The first chunk also prefetches `next_rows` rows of `next` (the keys of the next tile).
   int j0 = 0;
-  for (; j0 + 32 <= d; j0 += 32) avx2_tile_values_chunk<R, 4>(p, p_stride, v, n, d, j0, acc);
-  for (; j0 < d; j0 += 8) avx2_tile_values_chunk<R, 1>(p, p_stride, v, n, d, j0, acc);
+  for (; j0 + 24 <= d; j0 += 24) {
+    avx2_tile_values_chunk<R, 3>(p, p_stride, v, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
+  }
+  if (d - j0 == 16) {
+    avx2_tile_values_chunk<R, 2>(p, p_stride, v, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
+  }
+  if (d - j0 == 8) {
+    avx2_tile_values_chunk<R, 1>(p, p_stride, v, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
+  }
 }
 #endif  // KVPACK_CPU_AVX2
 
@@ -278,12 +305,15 @@ void avx2_attend_rows(const cpu::DenseRows<T>& head, int d, const float* q, int 
       const float* qg = q + static_cast<std::size_t>(r0) * d;
       float* sg = s + r0 * stride;
       const T* kt = head.k + t0 * d;
+      const T* vt = head.v + t0 * d;
+      // Keys of the next tile, prefetched by the last group's value pass.
+      const int64_t next_rows = r0 + nr == rows ? std::min(stride, end - t0 - tn) : 0;
       if (nr == 3) {
-        avx2_tile_scores<3>(qg, d, kt, n, sg, stride);
+        avx2_tile_scores<3>(qg, d, kt, n, sg, stride, r0 == 0 ? vt : nullptr);
       } else if (nr == 2) {
-        avx2_tile_scores<2>(qg, d, kt, n, sg, stride);
+        avx2_tile_scores<2>(qg, d, kt, n, sg, stride, r0 == 0 ? vt : nullptr);
       } else {
-        avx2_tile_scores<1>(qg, d, kt, n, sg, stride);
+        avx2_tile_scores<1>(qg, d, kt, n, sg, stride, r0 == 0 ? vt : nullptr);
       }
       for (int r = r0; r < r0 + nr; ++r) {
         const int64_t vis = std::clamp<int64_t>(visible[r] - t0, 0, tn);
@@ -291,13 +321,12 @@ void avx2_attend_rows(const cpu::DenseRows<T>& head, int d, const float* q, int 
                          state.acc.data() + static_cast<std::size_t>(r) * d, d);
       }
       float* ag = state.acc.data() + static_cast<std::size_t>(r0) * d;
-      const T* vt = head.v + t0 * d;
       if (nr == 3) {
-        avx2_tile_values<3>(sg, stride, vt, n, d, ag);
+        avx2_tile_values<3>(sg, stride, vt, n, d, ag, kt + tn * d, next_rows);
       } else if (nr == 2) {
-        avx2_tile_values<2>(sg, stride, vt, n, d, ag);
+        avx2_tile_values<2>(sg, stride, vt, n, d, ag, kt + tn * d, next_rows);
       } else {
-        avx2_tile_values<1>(sg, stride, vt, n, d, ag);
+        avx2_tile_values<1>(sg, stride, vt, n, d, ag, kt + tn * d, next_rows);
       }
     }
   }

@@ -1,0 +1,163 @@
+#include "eval_cache.hpp"
+
+#include <sstream>
+#include <stdexcept>
+#include <type_traits>
+
+namespace kvpack::eval {
+namespace {
+
+/// Forwards the forward pass's calls to a KVCache, with observe() switchable at run time.
+template <class Cache>
+class SwitchableAdapter : public llama::AttentionCache {
+ public:
+  explicit SwitchableAdapter(Cache& cache) : cache_(&cache) {}
+  void rebind(Cache& cache) { cache_ = &cache; }
+  void set_observe(bool on) { observe_ = on; }
+
+  void append(int layer, const float* k, const float* v, const int64_t* positions,
+              int64_t n) override {
+    const ModelShape& s = cache_->shape();
+    cache_->append(layer, ActivationView::nhd(k, n, s.kv_heads, s.head_dim),
+                   ActivationView::nhd(v, n, s.kv_heads, s.head_dim),
+                   Positions(positions, static_cast<size_t>(n)));
+  }
+  void attend(int layer, const float* q, const int64_t* positions, int64_t n, float* out) override {
+    const ModelShape& s = cache_->shape();
+    cache_->attend(layer, ActivationView::nhd(q, n, s.q_heads, s.head_dim),
+                   Positions(positions, static_cast<size_t>(n)),
+                   OutputView::nhd(out, n, s.q_heads, s.head_dim));
+  }
+  void observe(int layer, const float* q, const int64_t* positions, int64_t n) override {
+    if (!observe_) return;
+    const ModelShape& s = cache_->shape();
+    cache_->observe(layer, ActivationView::nhd(q, n, s.q_heads, s.head_dim),
+                    Positions(positions, static_cast<size_t>(n)));
+  }
+
+ private:
+  Cache* cache_;
+  bool observe_ = false;
+};
+
+template <class Policy>
+class TypedEvalCache : public EvalCache {
+ public:
+  TypedEvalCache(const ModelShape& shape, const Policy& policy)
+      : cache_(shape, policy), adapter_(cache_) {}
+  TypedEvalCache(const TypedEvalCache& other) : cache_(other.cache_), adapter_(cache_) {}
+
+  llama::AttentionCache& attention() override { return adapter_; }
+  void set_observe(bool on) override { adapter_.set_observe(on); }
+  void set_window(const ScoreWindow& window) override {
+    if constexpr (std::is_same_v<Selection, ReconstructionEvict>) {
+      selection().window = window;
+    }
+  }
+  void compress() override { cache_.compress(); }
+  void truncate(int64_t last_position) override { cache_.truncate(last_position); }
+  std::size_t bytes() const override { return cache_.bytes(); }
+  std::size_t dense_bytes() const override { return cache_.dense_bytes(); }
+  std::unique_ptr<EvalCache> clone() const override {
+    return std::make_unique<TypedEvalCache>(*this);
+  }
+  bool needs_repeat_pass() const override { return std::is_same_v<Selection, ReconstructionEvict>; }
+  bool needs_last_queries() const override { return std::is_same_v<Selection, LazyLayerDrop>; }
+  std::vector<double> observed_mass() const override {
+    std::vector<double> m;
+    if constexpr (std::is_same_v<Selection, LazyLayerDrop>) {
+      for (int l = 0; l < cache_.shape().layers; ++l) m.push_back(cache_.observed_mass(l));
+    }
+    return m;
+  }
+  std::vector<bool> lazy_layers() const override {
+    std::vector<bool> lazy;
+    if constexpr (std::is_same_v<Selection, LazyLayerDrop>) {
+      for (int l = 0; l < cache_.shape().layers; ++l) lazy.push_back(cache_.is_lazy(l));
+    }
+    return lazy;
+  }
+
+ private:
+  using Selection = typename detail::PolicyStages<Policy>::selection;
+  Selection& selection() { return detail::PolicyStages<Policy>::select_knobs(cache_.policy()); }
+
+  KVCache<Policy> cache_;
+  SwitchableAdapter<KVCache<Policy>> adapter_;
+};
+
+Budget eviction_budget(const PolicySpec& spec, BudgetScope scope, int64_t default_sinks) {
+  Budget b = Budget::ratio(spec.keep, scope);
+  b.sink_tokens = spec.sinks >= 0 ? spec.sinks : default_sinks;
+  return b;
+}
+
+/// Builds the selection stage named `base` and hands it to `make(policy)`.
+template <class Make>
+std::unique_ptr<EvalCache> with_selection(const std::string& base, const PolicySpec& spec,
+                                          Make&& make) {
+  if (base == "l2") {
+    // Reference: layers 0-1 whole. Sinks protected like the other evictors.
+    return make(L2NormEvict(eviction_budget(spec, BudgetScope::kPerHead, 4), 2));
+  }
+  if (base == "kvzip" || base == "kvzip-uniform") {
+    return make(ReconstructionEvict(
+        eviction_budget(spec, base == "kvzip" ? BudgetScope::kGlobal : BudgetScope::kPerHead, 4)));
+  }
+  if (base == "lazy") {
+    return make(LazyLayerDrop(spec.threshold, spec.sinks >= 0 ? spec.sinks : 4, spec.lazy_recent));
+  }
+  throw std::runtime_error("unknown policy '" + base + "'; known: " + known_policy_names());
+}
+
+}  // namespace
+
+std::string known_policy_names() {
+  return "full, full-f32, quant, l2, kvzip, kvzip-uniform, lazy, and l2+quant, kvzip+quant, "
+         "kvzip-uniform+quant, lazy+quant";
+}
+
+void check_policy_name(const std::string& name) {
+  static const char* known[] = {
+      "full",          "full-f32", "quant",    "l2",          "kvzip",
+      "kvzip-uniform", "lazy",     "l2+quant", "kvzip+quant", "kvzip-uniform+quant",
+      "lazy+quant"};
+  for (const char* k : known) {
+    if (name == k) return;
+  }
+  throw std::runtime_error("unknown policy '" + name + "'; known: " + known_policy_names());
+}
+
+std::string PolicySpec::label() const {
+  std::ostringstream os;
+  os << name;
+  const bool quant = name == "quant" || name.find("+quant") != std::string::npos;
+  if (quant) os << bits;
+  if (name.rfind("l2", 0) == 0 || name.rfind("kvzip", 0) == 0) os << " keep=" << keep;
+  if (name.rfind("lazy", 0) == 0) os << " thr=" << threshold;
+  return os.str();
+}
+
+std::unique_ptr<EvalCache> make_cache(const PolicySpec& spec, const ModelShape& shape) {
+  check_policy_name(spec.name);
+  const Quantize quant(spec.bits, spec.group, spec.residual);
+  if (spec.name == "full") return std::make_unique<TypedEvalCache<Identity>>(shape, Identity{});
+  if (spec.name == "full-f32") {
+    return std::make_unique<TypedEvalCache<IdentityF32>>(shape, IdentityF32{});
+  }
+  if (spec.name == "quant") return std::make_unique<TypedEvalCache<Quantize>>(shape, quant);
+  const auto plus = spec.name.find("+quant");
+  if (plus != std::string::npos) {
+    return with_selection(spec.name.substr(0, plus), spec, [&](auto first) {
+      using P = Compose<decltype(first), Quantize>;
+      return std::unique_ptr<EvalCache>(
+          std::make_unique<TypedEvalCache<P>>(shape, P(first, quant)));
+    });
+  }
+  return with_selection(spec.name, spec, [&](auto policy) {
+    return std::unique_ptr<EvalCache>(
+        std::make_unique<TypedEvalCache<decltype(policy)>>(shape, policy));
+  });
+}
+
+}  // namespace kvpack::eval

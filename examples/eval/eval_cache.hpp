@@ -1,0 +1,63 @@
+#pragma once
+// Type-erased kvpack caches for the evaluation: one interface over KVCache<Policy> for every
+// policy kvpack-eval can run, built from a PolicySpec (name + knobs).
+
+#include <cstddef>
+#include <kvpack/kvpack.hpp>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "attention_cache.hpp"
+
+namespace kvpack::eval {
+
+/// What the command line says about one policy row.
+struct PolicySpec {
+  std::string name = "full";  ///< full, l2, kvzip, kvzip-uniform, lazy, quant; "A+quant" composes
+  double keep = 0.25;         ///< keep ratio of the eviction stage
+  int bits = 4;
+  int group = 32;
+  int64_t residual = 128;
+  double threshold = 0.6;  ///< LazyLayerDrop; measured default for SmolLM2 (README)
+  int64_t lazy_recent = 1024;
+  int64_t sinks = -1;  ///< protected first tokens; -1: the policy's default
+
+  /// A short label for tables: e.g. "kvzip keep=0.25", "lazy+quant4".
+  std::string label() const;
+};
+
+/// Parses "l2", "kvzip+quant", ... and checks that the name is known; throws std::runtime_error.
+void check_policy_name(const std::string& name);
+/// The names check_policy_name accepts, for --help.
+std::string known_policy_names();
+
+/// \brief A kvpack cache the model can run on, whatever its policy.
+class EvalCache {
+ public:
+  virtual ~EvalCache() = default;
+  /// The cache as the forward pass sees it.
+  virtual llama::AttentionCache& attention() = 0;
+  /// Whether the forward pass hands its queries to observe() (off during plain prefill).
+  virtual void set_observe(bool on) = 0;
+  /// Softmax window of the next observe() calls (ReconstructionEvict only; ignored otherwise).
+  virtual void set_window(const ScoreWindow& window) = 0;
+  virtual void compress() = 0;
+  /// Drops every token at a position > last_position (the repeat pass of KVzip).
+  virtual void truncate(int64_t last_position) = 0;
+  virtual std::size_t bytes() const = 0;
+  virtual std::size_t dense_bytes() const = 0;
+  /// An independent copy (compress once, answer several questions).
+  virtual std::unique_ptr<EvalCache> clone() const = 0;
+  /// KVzip: run the context-reconstruction pass before compress().
+  virtual bool needs_repeat_pass() const = 0;
+  /// SimLayerKV: observe the last context tokens' queries before compress().
+  virtual bool needs_last_queries() const = 0;
+  /// LazyLayerDrop's per-layer statistic and decision (empty for other policies).
+  virtual std::vector<double> observed_mass() const = 0;
+  virtual std::vector<bool> lazy_layers() const = 0;
+};
+
+std::unique_ptr<EvalCache> make_cache(const PolicySpec& spec, const ModelShape& shape);
+
+}  // namespace kvpack::eval

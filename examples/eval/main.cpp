@@ -1,0 +1,360 @@
+// kvpack-eval: compares kvpack policies with the full cache on the reference model, at measured
+// memory: next-token agreement and KL on a long text, perplexity, and query-agnostic retrieval.
+
+#include <omp.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "gguf.hpp"
+#include "model.hpp"
+#include "model_path.hpp"
+#include "runner.hpp"
+#include "tasks.hpp"
+#include "tokenizer.hpp"
+
+namespace {
+
+using kvpack::eval::PolicyResult;
+using kvpack::eval::PolicySpec;
+
+const char* kHelp =
+    "usage: kvpack-eval [options]\n"
+    "Runs the reference model with the full cache and with each policy, and prints a table\n"
+    "(and JSON with --json). Every policy is compared with the full cache on the same inputs.\n"
+    "\n"
+    "Policies:\n"
+    "  --policy LIST        comma-separated: full, quant, l2, kvzip, kvzip-uniform, lazy,\n"
+    "                       l2+quant, kvzip+quant, kvzip-uniform+quant, lazy+quant\n"
+    "                       (default: l2; 'full' is always run first as the reference)\n"
+    "  --keep LIST          keep ratios in (0, 1] for l2/kvzip (default 0.5,0.25)\n"
+    "  --bits LIST          quantization bits, 2/4/8 (default 4)\n"
+    "  --group N            quantization group size (default 32)\n"
+    "  --residual N         newest tokens kept in fp16 by quant (default 128)\n"
+    "  --threshold LIST     LazyLayerDrop thresholds (default 0.6, measured for SmolLM2)\n"
+    "  --lazy-recent N      LazyLayerDrop recent window (default 1024)\n"
+    "  --sinks N            protected first tokens (default: the system prompt, or 4)\n"
+    "Inputs:\n"
+    "  --context N          context tokens compressed before scoring (default 2048)\n"
+    "  --continuation N     teacher-forced tokens for agreement/KL/perplexity (default 128)\n"
+    "  --text FILE          long text for agreement/KL/perplexity (default: Debian's license\n"
+    "                       texts in /usr/share/common-licenses)\n"
+    "  --tasks FILE         JSONL retrieval tasks {\"context\",\"question\",\"answer\"[,\n"
+    "                       \"answer_prefix\"]} (default: generated passkey tasks)\n"
+    "  --task-kind KIND     generated tasks: passkey (default) or kv\n"
+    "  --num-tasks N        generated tasks (default 10)\n"
+    "  --seed N             seed of the generated tasks (default 1)\n"
+    "  --no-text            skip agreement/KL/perplexity\n"
+    "  --no-retrieval       skip retrieval\n"
+    "  --max-new-tokens N   greedy tokens per answer (default 10)\n"
+    "  --repeat-chunk N     KVzip repeat chunk in tokens (default 2000)\n"
+    "Output and machine:\n"
+    "  --json FILE          also write the results as JSON\n"
+    "  --model PATH         GGUF model (default: $KVPACK_MODEL or the kvpack cache)\n"
+    "  --threads N          OpenMP threads (default: all cores)\n"
+    "  --quiet              no progress bar\n"
+    "  -h, --help           this text\n";
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (!item.empty()) out.push_back(item);
+  }
+  if (out.empty()) throw std::runtime_error("empty list '" + s + "'");
+  return out;
+}
+
+double parse_double(const std::string& flag, const std::string& v, double lo, double hi) {
+  std::size_t used = 0;
+  double x = 0;
+  try {
+    x = std::stod(v, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != v.size() || !(x >= lo && x <= hi)) {
+    std::ostringstream os;
+    os << flag << ": '" << v << "' is not a number in [" << lo << ", " << hi << "]";
+    throw std::runtime_error(os.str());
+  }
+  return x;
+}
+
+int64_t parse_int(const std::string& flag, const std::string& v, int64_t lo, int64_t hi) {
+  const double x = parse_double(flag, v, static_cast<double>(lo), static_cast<double>(hi));
+  if (x != std::floor(x)) throw std::runtime_error(flag + ": '" + v + "' is not an integer");
+  return static_cast<int64_t>(x);
+}
+
+struct Options {
+  std::vector<std::string> policies{"l2"};
+  std::vector<double> keeps{0.5, 0.25};
+  std::vector<int> bits{4};
+  std::vector<double> thresholds{0.6};
+  PolicySpec base;
+  kvpack::eval::Settings settings;
+  std::string text_file, tasks_file, json_file, task_kind = "passkey";
+  std::string model = kvpack::llama::reference_model_path();
+  int num_tasks = 10;
+  uint32_t seed = 1;
+  int threads = 0;
+  bool quiet = false;
+};
+
+Options parse(int argc, char** argv) {
+  Options o;
+  auto value = [&](int& i) -> std::string {
+    if (i + 1 >= argc) throw std::runtime_error(std::string(argv[i]) + " needs a value");
+    return argv[++i];
+  };
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "-h" || a == "--help") {
+      std::cout << kHelp;
+      std::exit(0);
+    } else if (a == "--policy") {
+      o.policies = split(value(i));
+      for (const auto& p : o.policies) kvpack::eval::check_policy_name(p);
+    } else if (a == "--keep") {
+      o.keeps.clear();
+      for (const auto& k : split(value(i))) o.keeps.push_back(parse_double(a, k, 1e-6, 1.0));
+    } else if (a == "--bits") {
+      o.bits.clear();
+      for (const auto& b : split(value(i))) {
+        const int bits = static_cast<int>(parse_int(a, b, 2, 8));
+        if (bits != 2 && bits != 4 && bits != 8) throw std::runtime_error("--bits: 2, 4 or 8");
+        o.bits.push_back(bits);
+      }
+    } else if (a == "--threshold") {
+      o.thresholds.clear();
+      for (const auto& t : split(value(i))) o.thresholds.push_back(parse_double(a, t, 0.0, 1.0));
+    } else if (a == "--group") {
+      o.base.group = static_cast<int>(parse_int(a, value(i), 1, 4096));
+    } else if (a == "--residual") {
+      o.base.residual = parse_int(a, value(i), 0, 1 << 30);
+    } else if (a == "--lazy-recent") {
+      o.base.lazy_recent = parse_int(a, value(i), 1, 1 << 30);
+    } else if (a == "--sinks") {
+      o.base.sinks = parse_int(a, value(i), 0, 1 << 30);
+    } else if (a == "--context") {
+      o.settings.context = parse_int(a, value(i), 16, 1 << 20);
+    } else if (a == "--continuation") {
+      o.settings.continuation = parse_int(a, value(i), 2, 1 << 16);
+    } else if (a == "--text") {
+      o.text_file = value(i);
+    } else if (a == "--tasks") {
+      o.tasks_file = value(i);
+    } else if (a == "--task-kind") {
+      o.task_kind = value(i);
+      if (o.task_kind != "passkey" && o.task_kind != "kv") {
+        throw std::runtime_error("--task-kind: passkey or kv, not '" + o.task_kind + "'");
+      }
+    } else if (a == "--num-tasks") {
+      o.num_tasks = static_cast<int>(parse_int(a, value(i), 1, 100000));
+    } else if (a == "--seed") {
+      o.seed = static_cast<uint32_t>(parse_int(a, value(i), 0, 4294967295.0));
+    } else if (a == "--no-text") {
+      o.settings.run_text = false;
+    } else if (a == "--no-retrieval") {
+      o.settings.run_retrieval = false;
+    } else if (a == "--max-new-tokens") {
+      o.settings.max_new_tokens = static_cast<int>(parse_int(a, value(i), 1, 4096));
+    } else if (a == "--repeat-chunk") {
+      o.settings.repeat_chunk = parse_int(a, value(i), 16, 1 << 20);
+    } else if (a == "--json") {
+      o.json_file = value(i);
+    } else if (a == "--model") {
+      o.model = value(i);
+    } else if (a == "--threads") {
+      o.threads = static_cast<int>(parse_int(a, value(i), 1, 1024));
+    } else if (a == "--quiet") {
+      o.quiet = true;
+    } else {
+      throw std::runtime_error("unknown option '" + a + "' (see --help)");
+    }
+  }
+  return o;
+}
+
+/// Every (policy, knob) row to run, the full cache first.
+std::vector<PolicySpec> expand(const Options& o) {
+  std::vector<PolicySpec> rows;
+  PolicySpec full = o.base;
+  full.name = "full";
+  rows.push_back(full);
+  for (const auto& name : o.policies) {
+    if (name == "full") continue;
+    const bool evicts = name.rfind("l2", 0) == 0 || name.rfind("kvzip", 0) == 0;
+    const bool lazy = name.rfind("lazy", 0) == 0;
+    const bool quant = name == "quant" || name.find("+quant") != std::string::npos;
+    for (double keep : evicts ? o.keeps : std::vector<double>{1.0}) {
+      for (double thr : lazy ? o.thresholds : std::vector<double>{0.0}) {
+        for (int bits : quant ? o.bits : std::vector<int>{16}) {
+          PolicySpec s = o.base;
+          s.name = name;
+          s.keep = keep;
+          s.threshold = lazy ? thr : s.threshold;
+          s.bits = quant ? bits : s.bits;
+          rows.push_back(s);
+        }
+      }
+    }
+  }
+  return rows;
+}
+
+class ProgressBar {
+ public:
+  explicit ProgressBar(bool enabled) : enabled_(enabled) {}
+  void update(const std::string& row, const std::string& stage, double fraction) {
+    if (!enabled_) return;
+    const int width = 24, filled = static_cast<int>(fraction * width);
+    std::cerr << "\r\033[K" << row << " [" << std::string(filled, '#')
+              << std::string(width - filled, '.') << "] " << stage << std::flush;
+  }
+  void done() {
+    if (enabled_) std::cerr << "\r\033[K" << std::flush;
+  }
+
+ private:
+  bool enabled_;
+};
+
+std::string json_escape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+std::string json_number(double x) {
+  if (!std::isfinite(x)) return "null";
+  std::ostringstream os;
+  os << std::setprecision(6) << x;
+  return os.str();
+}
+
+void print_table(const std::vector<PolicyResult>& rows, const kvpack::eval::Settings& s) {
+  std::printf("\n%-26s %8s %9s %9s %9s %9s %10s %10s\n", "policy", "bytes_x", "agree@1", "kl",
+              "ppl", "retrieval", "prefill/s", "decode/s");
+  for (const auto& r : rows) {
+    const double ratio = s.run_text ? r.bytes_ratio : r.retrieval_bytes_ratio;
+    std::printf("%-26s %8.2f %9.3f %9.4f %9.2f %9.3f %10.1f %10.1f\n", r.label.c_str(), ratio,
+                s.run_text ? r.agreement_top1 : NAN, s.run_text ? r.kl : NAN,
+                s.run_text ? r.perplexity : NAN, s.run_retrieval ? r.retrieval_acc : NAN,
+                r.prefill_tokens_per_s, r.decode_tokens_per_s);
+  }
+  std::printf(
+      "\nbytes_x = dense fp16 bytes / bytes held after compress(), measured; agree@1 and "
+      "kl against the full cache over %lld continuation tokens after %lld context "
+      "tokens.\n",
+      static_cast<long long>(s.continuation), static_cast<long long>(s.context));
+}
+
+void write_json(const std::string& path, const Options& o, const std::vector<PolicyResult>& rows) {
+  std::ofstream out(path);
+  if (!out) throw std::runtime_error("cannot write '" + path + "'");
+  out << "{\n  \"model\": \"" << json_escape(o.model)
+      << "\",\n  \"context\": " << o.settings.context
+      << ",\n  \"continuation\": " << o.settings.continuation
+      << ",\n  \"num_tasks\": " << o.num_tasks << ",\n  \"task_kind\": \""
+      << (o.tasks_file.empty() ? o.task_kind : "file:" + json_escape(o.tasks_file))
+      << "\",\n  \"results\": [\n";
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    const auto& r = rows[i];
+    out << "    {\"policy\": \"" << json_escape(r.label)
+        << "\", \"bytes_ratio\": " << json_number(r.bytes_ratio)
+        << ", \"retrieval_bytes_ratio\": " << json_number(r.retrieval_bytes_ratio)
+        << ", \"agreement_top1\": " << json_number(o.settings.run_text ? r.agreement_top1 : NAN)
+        << ", \"kl\": " << json_number(o.settings.run_text ? r.kl : NAN)
+        << ", \"perplexity\": " << json_number(o.settings.run_text ? r.perplexity : NAN)
+        << ", \"retrieval_acc\": " << json_number(o.settings.run_retrieval ? r.retrieval_acc : NAN)
+        << ", \"prefill_tokens_per_s\": " << json_number(r.prefill_tokens_per_s)
+        << ", \"decode_tokens_per_s\": " << json_number(r.decode_tokens_per_s)
+        << ", \"score_seconds\": " << json_number(r.score_seconds)
+        << ", \"compress_seconds\": " << json_number(r.compress_seconds);
+    if (r.lazy_layers >= 0) {
+      out << ", \"lazy_layers\": " << r.lazy_layers << ", \"layer_mass\": [";
+      for (std::size_t l = 0; l < r.layer_mass.size(); ++l) {
+        out << (l ? ", " : "") << json_number(r.layer_mass[l]);
+      }
+      out << "]";
+    }
+    out << "}" << (i + 1 < rows.size() ? "," : "") << "\n";
+  }
+  out << "  ]\n}\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Options o = parse(argc, argv);
+    if (o.threads > 0) omp_set_num_threads(o.threads);
+    ProgressBar bar(!o.quiet);
+    const auto file = kvpack::llama::GgufFile::open(o.model);
+    const auto tokenizer = kvpack::llama::Tokenizer::from_gguf(file);
+    const auto model = kvpack::llama::LlamaModel::from_gguf(file);
+    kvpack::eval::Runner runner(model, tokenizer, o.settings);
+
+    std::vector<int32_t> text;
+    if (o.settings.run_text) {
+      text = tokenizer.encode(o.text_file.empty() ? kvpack::eval::default_text()
+                                                  : kvpack::eval::read_file(o.text_file));
+    }
+    std::vector<kvpack::eval::RetrievalTask> tasks;
+    if (o.settings.run_retrieval) {
+      if (!o.tasks_file.empty()) {
+        tasks = kvpack::eval::load_tasks_jsonl(o.tasks_file);
+      } else if (o.task_kind == "kv") {
+        tasks = kvpack::eval::make_kv_tasks(tokenizer, o.settings.context, o.num_tasks, o.seed);
+      } else {
+        tasks =
+            kvpack::eval::make_passkey_tasks(tokenizer, o.settings.context, o.num_tasks, o.seed);
+      }
+    }
+
+    const auto specs = expand(o);
+    std::vector<PolicyResult> rows;
+    kvpack::eval::TextReference reference;
+    for (std::size_t i = 0; i < specs.size(); ++i) {
+      PolicyResult r;
+      r.label = specs[i].label();
+      const std::string row =
+          "[" + std::to_string(i + 1) + "/" + std::to_string(specs.size()) + "] " + r.label;
+      auto progress = [&](const std::string& stage, double f) { bar.update(row, stage, f); };
+      runner.begin_row();
+      if (o.settings.run_text) {
+        if (i == 0) {
+          progress("text: full-cache reference", 0.0);
+          reference = runner.text_reference(text, r);
+        } else {
+          runner.run_text(specs[i], text, reference, r, progress);
+        }
+      }
+      if (o.settings.run_retrieval) runner.run_retrieval(specs[i], tasks, r, progress);
+      runner.end_row(r);
+      rows.push_back(r);
+      bar.done();
+      std::fprintf(stderr, "%s done\n", row.c_str());
+    }
+    print_table(rows, o.settings);
+    if (!o.json_file.empty()) write_json(o.json_file, o, rows);
+    return 0;
+  } catch (const std::exception& e) {
+    std::cerr << "kvpack-eval: " << e.what() << "\n";
+    return 2;
+  }
+}

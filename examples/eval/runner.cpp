@@ -1,0 +1,198 @@
+#include "runner.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <stdexcept>
+
+#include "inference.hpp"
+
+namespace kvpack::eval {
+namespace {
+
+double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+/// log-softmax of one logits row, in double.
+std::vector<double> log_softmax(const float* logits, int64_t n) {
+  double max = logits[0];
+  for (int64_t i = 1; i < n; ++i) max = std::max(max, static_cast<double>(logits[i]));
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(logits[i] - max);
+  const double log_z = max + std::log(sum);
+  std::vector<double> out(n);
+  for (int64_t i = 0; i < n; ++i) out[i] = logits[i] - log_z;
+  return out;
+}
+
+std::string system_header() {
+  return std::string("<|im_start|>system\n") + llama::kSmolLmDefaultSystemPrompt +
+         "<|im_end|>\n<|im_start|>user\n";
+}
+
+}  // namespace
+
+void Runner::repeat_pass(EvalCache& cache, const std::vector<int32_t>& ids, int64_t context_begin) {
+  // KVzip: the model re-reads its context, chunk by chunk, after an instruction to repeat it.
+  // Every query of that pass is observed with a chunk-local softmax (sinks + chunk + the repeat
+  // tokens); the repeat tokens are then rolled back, so the cache holds the context again.
+  const int64_t n = static_cast<int64_t>(ids.size());
+  const int64_t chunk = settings_.repeat_chunk;
+  for (int64_t begin = context_begin; begin < n; begin += chunk) {
+    const int64_t end = std::min(n, begin + chunk);
+    std::string instruction =
+        "<|im_end|>\n<|im_start|>user\nRepeat the previous context exactly.<|im_end|>\n"
+        "<|im_start|>assistant\n";
+    if (begin > context_begin) {
+      const std::vector<int32_t> cue(ids.begin() + std::max(context_begin, begin - 8),
+                                     ids.begin() + begin);
+      instruction =
+          "<|im_end|>\n<|im_start|>user\nRepeat the part of the previous context exactly, "
+          "starting with " +
+          tok_.decode(cue, false) + "<|im_end|>\n<|im_start|>assistant\n";
+    }
+    std::vector<int32_t> input = tok_.encode(instruction, true);
+    input.insert(input.end(), ids.begin() + begin, ids.begin() + end);
+    cache.set_window(ScoreWindow::chunk(context_begin, begin, end - 1, n));
+    cache.set_observe(true);
+    model_.forward(cache.attention(), input, n, llama::Logits::kNone);
+    cache.set_observe(false);
+    cache.truncate(n - 1);
+  }
+  cache.set_window(ScoreWindow::all());
+}
+
+std::unique_ptr<EvalCache> Runner::prefill_and_compress(const PolicySpec& spec_in,
+                                                        const std::vector<int32_t>& ids,
+                                                        int64_t context_begin,
+                                                        PolicyResult& stats) {
+  PolicySpec spec = spec_in;
+  if (spec.sinks < 0) spec.sinks = std::max<int64_t>(context_begin, 4);
+  auto cache = make_cache(spec, model_.config().shape());
+  const int64_t n = static_cast<int64_t>(ids.size());
+  const int64_t observed = cache->needs_last_queries() ? std::min(settings_.lazy_queries, n) : 0;
+  const double t0 = now_seconds();
+  cache->set_observe(false);
+  model_.forward(cache->attention(), ids.data(), n - observed, 0, llama::Logits::kNone);
+  if (observed > 0) {
+    cache->set_observe(true);
+    model_.forward(cache->attention(), ids.data() + n - observed, observed, n - observed,
+                   llama::Logits::kNone);
+    cache->set_observe(false);
+  }
+  prefill_seconds_ += now_seconds() - t0;
+  prefill_tokens_ += static_cast<double>(n);
+  if (cache->needs_repeat_pass()) {
+    const double t1 = now_seconds();
+    repeat_pass(*cache, ids, context_begin);
+    stats.score_seconds += now_seconds() - t1;
+  }
+  const double t2 = now_seconds();
+  cache->compress();
+  stats.compress_seconds += now_seconds() - t2;
+  stats.layer_mass = cache->observed_mass();
+  if (!cache->lazy_layers().empty()) {
+    const auto lazy = cache->lazy_layers();
+    stats.lazy_layers = static_cast<int>(std::count(lazy.begin(), lazy.end(), true));
+  }
+  return cache;
+}
+
+void score_against(const TextReference& ref, const float* logits, const std::vector<int32_t>& cont,
+                   PolicyResult& result) {
+  const int64_t m = ref.rows;
+  int64_t agree = 0;
+  double kl = 0, nll = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    const float* a = ref.logits.data() + i * ref.vocab;
+    const float* b = logits + i * ref.vocab;
+    agree += llama::argmax(a, ref.vocab) == llama::argmax(b, ref.vocab);
+    const auto la = log_softmax(a, ref.vocab), lb = log_softmax(b, ref.vocab);
+    double row = 0;
+    for (int64_t v = 0; v < ref.vocab; ++v) row += std::exp(la[v]) * (la[v] - lb[v]);
+    kl += row;
+    if (i + 1 < m) nll -= lb[cont[i + 1]];
+  }
+  result.agreement_top1 = static_cast<double>(agree) / static_cast<double>(m);
+  result.kl = kl / static_cast<double>(m);
+  result.perplexity = std::exp(nll / static_cast<double>(m - 1));
+}
+
+TextReference Runner::text_reference(const std::vector<int32_t>& text, PolicyResult& full) {
+  const int64_t c = settings_.context, m = settings_.continuation;
+  if (static_cast<int64_t>(text.size()) < c + m) {
+    throw std::runtime_error("the text has " + std::to_string(text.size()) +
+                             " tokens; --context + --continuation need " + std::to_string(c + m));
+  }
+  PolicySpec spec;
+  spec.name = "full";
+  const std::vector<int32_t> context(text.begin(), text.begin() + c);
+  auto cache = prefill_and_compress(spec, context, 0, full);
+  full.bytes_ratio = static_cast<double>(cache->dense_bytes()) / cache->bytes();
+  const std::vector<int32_t> cont(text.begin() + c, text.begin() + c + m);
+  const double t0 = now_seconds();
+  llama::RowMatrix logits = model_.forward(cache->attention(), cont, c, llama::Logits::kAll);
+  decode_seconds_ += now_seconds() - t0;  // teacher-forced, counted with decode
+  decode_tokens_ += static_cast<double>(m);
+  TextReference ref;
+  ref.rows = logits.rows();
+  ref.vocab = logits.cols();
+  ref.logits.assign(logits.data(), logits.data() + logits.size());
+  score_against(ref, ref.logits.data(), cont, full);
+  return ref;
+}
+
+void Runner::run_text(const PolicySpec& spec, const std::vector<int32_t>& text,
+                      const TextReference& ref, PolicyResult& result, const Progress& progress) {
+  const int64_t c = settings_.context, m = settings_.continuation;
+  progress("text: prefill + compress", 0.0);
+  const std::vector<int32_t> context(text.begin(), text.begin() + c);
+  auto cache = prefill_and_compress(spec, context, 0, result);
+  result.bytes_ratio = static_cast<double>(cache->dense_bytes()) / cache->bytes();
+  progress("text: continuation", 0.5);
+  const std::vector<int32_t> cont(text.begin() + c, text.begin() + c + m);
+  const llama::RowMatrix logits = model_.forward(cache->attention(), cont, c, llama::Logits::kAll);
+  score_against(ref, logits.data(), cont, result);
+}
+
+void Runner::run_retrieval(const PolicySpec& spec, const std::vector<RetrievalTask>& tasks,
+                           PolicyResult& result, const Progress& progress) {
+  const std::vector<int32_t> stops{tok_.eos_id(), tok_.find_piece("<|im_end|>")};
+  int correct = 0;
+  double ratio_sum = 0;
+  int contexts = 0;
+  for (std::size_t i = 0; i < tasks.size();) {
+    // Tasks with the same context share one compressed cache (query-agnostic compression).
+    std::size_t j = i;
+    while (j < tasks.size() && tasks[j].context == tasks[i].context) ++j;
+    progress("retrieval", static_cast<double>(i) / tasks.size());
+    std::vector<int32_t> ids = tok_.encode(system_header(), true);
+    const int64_t context_begin = static_cast<int64_t>(ids.size());
+    const auto context = tok_.encode(tasks[i].context);
+    ids.insert(ids.end(), context.begin(), context.end());
+    auto compressed = prefill_and_compress(spec, ids, context_begin, result);
+    ratio_sum += static_cast<double>(compressed->dense_bytes()) / compressed->bytes();
+    ++contexts;
+    for (std::size_t t = i; t < j; ++t) {
+      auto cache = compressed->clone();
+      std::string q = "\n\n" + tasks[t].question + "<|im_end|>\n<|im_start|>assistant\n";
+      if (!tasks[t].answer_prefix.empty()) q += tasks[t].answer_prefix;
+      const auto question = tok_.encode(q, true);
+      const auto gen =
+          llama::greedy_generate(model_, cache->attention(), question,
+                                 static_cast<int64_t>(ids.size()), settings_.max_new_tokens, stops);
+      prefill_seconds_ += gen.prefill_seconds;
+      prefill_tokens_ += static_cast<double>(question.size());
+      decode_seconds_ += gen.decode_seconds;
+      decode_tokens_ += std::max<double>(0, static_cast<double>(gen.tokens.size()) - 1);
+      const std::string answer = tok_.decode(gen.tokens, false);
+      correct += answer.find(tasks[t].answer) != std::string::npos;
+    }
+    i = j;
+  }
+  result.retrieval_acc = static_cast<double>(correct) / static_cast<double>(tasks.size());
+  result.retrieval_bytes_ratio = ratio_sum / contexts;
+}
+
+}  // namespace kvpack::eval

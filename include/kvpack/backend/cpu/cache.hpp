@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -14,11 +15,14 @@
 #include "../../cache.hpp"
 #include "../../config.hpp"
 #include "../../detail/head_store.hpp"
+#include "../../detail/low_rank_head_store.hpp"
 #include "../../detail/quantized_head_store.hpp"
 #include "../../detail/select.hpp"
 #include "../../detail/validate.hpp"
 #include "../../error.hpp"
+#include "../../policy/channel_shrink.hpp"
 #include "../../policy/compose.hpp"
+#include "../../policy/cross_layer_svd.hpp"
 #include "../../policy/lazy_layer_drop.hpp"
 #include "../../policy/policy_base.hpp"
 #include "../../shape.hpp"
@@ -53,11 +57,14 @@ class KVCache<Policy, backend::Cpu> {
   static constexpr bool kLazyLayers = std::is_base_of_v<LazyLayerDrop, Selection>;
   static constexpr bool kQueryScores = detail::scores_from_queries<Selection>::value;
   static constexpr bool kQuantized = Stages::quantized;
-  using Store = std::conditional_t<kQuantized, detail::QuantizedHeadStore,
-                                   detail::HeadStore<storage_type>>;
+  static constexpr bool kCrossLayer = std::is_same_v<Policy, CrossLayerSVD>;
+  static constexpr bool kChannelShrink = std::is_same_v<Policy, ChannelShrink>;
+  static constexpr bool kLowRank = kCrossLayer || kChannelShrink;
+  using Store = std::conditional_t<
+      kLowRank, detail::LowRankHeadStore,
+      std::conditional_t<kQuantized, detail::QuantizedHeadStore, detail::HeadStore<storage_type>>>;
 
  public:
-
   /// Validates the shape and the policy's knobs; throws kvpack::error on a bad value.
   explicit KVCache(const ModelShape& shape, Policy policy = Policy{})
       : shape_(shape), policy_(std::move(policy)) {
@@ -69,6 +76,10 @@ class KVCache<Policy, backend::Cpu> {
         head.bits = Stages::quant_knobs(policy_)->bits;
         head.group = Stages::quant_knobs(policy_)->group;
       }
+    }
+    if constexpr (kLowRank) {
+      auto rope = std::make_shared<const Rope>(shape_.rope, shape_.head_dim);
+      for (auto& head : heads_) head.rope = rope;
     }
     layers_.resize(shape_.layers);
     if constexpr (kLazyLayers) observations_.resize(shape_.layers);
@@ -133,6 +144,7 @@ class KVCache<Policy, backend::Cpu> {
     } else if constexpr (kLazyLayers) {
       trim_lazy_layers();
     }
+    if constexpr (kLowRank) factorize();
     if constexpr (kQuantized) {
       const int64_t residual = Stages::quant_knobs(policy_)->residual;
 #if defined(_OPENMP)
@@ -238,6 +250,7 @@ class KVCache<Policy, backend::Cpu> {
                         layers_.size() * sizeof(detail::LayerState) +
                         observations_.size() * sizeof(LayerObservation);
     for (const auto& head : heads_) total += head.bytes();
+    for (const auto& basis : bases_) total += basis->bytes() + sizeof(detail::LowRankBasis);
     return total;
   }
 
@@ -269,6 +282,7 @@ class KVCache<Policy, backend::Cpu> {
     for (auto& head : heads_) head.clear();
     for (auto& layer : layers_) layer = detail::LayerState{};
     for (auto& o : observations_) o = LayerObservation{};
+    bases_.clear();
     observed_ = false;
   }
 
@@ -307,6 +321,8 @@ class KVCache<Policy, backend::Cpu> {
                          int64_t t0, int64_t tn, std::vector<float>& rows,
                          std::vector<int64_t>& visible) const;
   void evict();
+  void factorize();
+  std::vector<float> pre_rope_rows(int layer, int head, int64_t tokens, bool keys) const;
   void observe_probabilities(int layer, const ActivationView& q, Positions positions);
   void trim_lazy_layers();
 
@@ -314,7 +330,8 @@ class KVCache<Policy, backend::Cpu> {
   Policy policy_;
   std::vector<Store> heads_;  // layer-major: [layer][kv_head]
   std::vector<detail::LayerState> layers_;
-  std::vector<LayerObservation> observations_;  // LazyLayerDrop only
+  std::vector<LayerObservation> observations_;                      // LazyLayerDrop only
+  std::vector<std::shared_ptr<const detail::LowRankBasis>> bases_;  // low-rank policies only
   bool observed_ = false;
 };
 

@@ -160,15 +160,15 @@ void KVCache<Policy, backend::Cpu>::trim_lazy_layers() {
   const int d = shape_.head_dim;
   for (int l = 0; l < shape_.layers; ++l) {
     LayerObservation& o = observations_[l];
-    if (o.lazy < 0 && o.rows > 0) o.lazy = o.mass / static_cast<double>(o.rows) > selection().threshold;
+    if (o.lazy < 0 && o.rows > 0)
+      o.lazy = o.mass / static_cast<double>(o.rows) > selection().threshold;
     if (o.lazy != 1) continue;
     const detail::LayerState& state = layers_[l];
     for (int h = 0; h < shape_.kv_heads; ++h) {
       auto& head = store(l, h);
       std::vector<int64_t> kept;
       for (int64_t t = 0; t < head.size(); ++t) {
-        if (selection().in_kept_set(head.positions[t], state.first_position,
-                                    state.last_position)) {
+        if (selection().in_kept_set(head.positions[t], state.first_position, state.last_position)) {
           kept.push_back(t);
         }
       }
@@ -242,6 +242,149 @@ void KVCache<Policy, backend::Cpu>::evict() {
     auto& head = store(targets[i].layer, targets[i].head);
     if (static_cast<int64_t>(kept[i].size()) < head.size()) head.keep(kept[i], d);
   }
+}
+
+}  // namespace kvpack
+
+#include <Eigen/SVD>
+
+namespace kvpack {
+
+template <class Policy>
+std::vector<float> KVCache<Policy, backend::Cpu>::pre_rope_rows(int layer, int head, int64_t tokens,
+                                                                bool keys) const {
+  // The first `tokens` rows of one head in fp32; keys un-rotated to pre-RoPE (exact inverse).
+  const int d = shape_.head_dim;
+  const auto& h = store(layer, head);
+  std::vector<float> rows(static_cast<std::size_t>(tokens) * d);
+  if (keys) {
+    h.rows(d).load_keys(0, tokens, rows.data());
+    const Rope rope(shape_.rope, d);
+    for (int64_t t = 0; t < tokens; ++t) rope.unrotate(rows.data() + t * d, h.positions[t]);
+  } else {
+    h.rows(d).load_values(0, tokens, rows.data());
+  }
+  return rows;
+}
+
+template <class Policy>
+void KVCache<Policy, backend::Cpu>::factorize() {
+  using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const int d = shape_.head_dim, heads = shape_.kv_heads;
+  std::vector<std::shared_ptr<const detail::LowRankBasis>> bases;
+  auto make_basis = [&](const RowMat& a) {
+    auto basis = std::make_shared<detail::LowRankBasis>();
+    basis->tokens = a.rows();
+    basis->rank = static_cast<int>(a.cols());
+    basis->rows.resize(a.size());
+    detail::store_row(a.data(), basis->rows.data(), a.size());
+    bases.push_back(basis);
+    return std::shared_ptr<const detail::LowRankBasis>(basis);
+  };
+  // Factors of one side for layers [l0, l1): the stacked pre-RoPE matrix, its truncated SVD,
+  // A = U (shared), B = Σ Vᵀ sliced per (layer, head).
+  auto factor_group = [&](int l0, int l1, int64_t tokens, int rank, bool keys) {
+    const int64_t cols = static_cast<int64_t>(l1 - l0) * heads * d;
+    RowMat x(tokens, cols);
+    for (int l = l0; l < l1; ++l) {
+      for (int h = 0; h < heads; ++h) {
+        const auto rows = pre_rope_rows(l, h, tokens, keys);
+        x.middleCols((static_cast<int64_t>(l - l0) * heads + h) * d, d) =
+            Eigen::Map<const RowMat>(rows.data(), tokens, d);
+      }
+    }
+    Eigen::BDCSVD<Eigen::MatrixXf> svd(x, Eigen::ComputeThinU | Eigen::ComputeThinV);
+    const RowMat a = svd.matrixU().leftCols(rank);
+    auto basis = make_basis(a);
+    std::vector<detail::LowRankFactor> factors;
+    for (int l = l0; l < l1; ++l) {
+      for (int h = 0; h < heads; ++h) {
+        detail::LowRankFactor f{basis, std::vector<float>(static_cast<std::size_t>(rank) * d)};
+        const int64_t c0 = (static_cast<int64_t>(l - l0) * heads + h) * d;
+        for (int j = 0; j < rank; ++j) {
+          for (int i = 0; i < d; ++i) {
+            f.b[j * d + i] = svd.singularValues()(j) * svd.matrixV()(c0 + i, j);
+          }
+        }
+        factors.push_back(std::move(f));
+      }
+    }
+    return factors;
+  };
+
+  if constexpr (kCrossLayer) {
+    const CrossLayerSVD& p = policy_;
+    for (int l0 = 0; l0 < shape_.layers; l0 += p.group_layers) {
+      const int l1 = std::min(shape_.layers, l0 + p.group_layers);
+      const auto& ref = store(l0, 0).positions;
+      for (int l = l0; l < l1; ++l) {
+        for (int h = 0; h < heads; ++h) {
+          if (store(l, h).positions != ref) {
+            throw error(
+                detail::concat("KVCache::compress: CrossLayerSVD needs every layer and "
+                               "head of a group to hold the same tokens; layer ",
+                               l, " head ", h, " differs from layer ", l0));
+          }
+        }
+      }
+      const int64_t tokens = static_cast<int64_t>(ref.size());
+      if (tokens == 0) continue;
+      const int g = l1 - l0;
+      const int64_t cols = static_cast<int64_t>(g) * heads * d;
+      int rk = p.rank_k, rv = p.rank_v;
+      if (rk == 0) {
+        // Solve dense / ratio = (r_k + r_v)(2 T + 4 g H d) + 4 g H T for r_k + r_v.
+        const double dense = 2.0 * g * heads * d * tokens * 2.0;
+        const double total = (dense / p.target_ratio - 4.0 * g * heads * tokens) /
+                             (2.0 * tokens + 4.0 * g * heads * d);
+        rk = static_cast<int>(std::lround(0.4 * total));
+        rv = static_cast<int>(std::lround(0.6 * total));
+      }
+      const int cap = static_cast<int>(std::min<int64_t>(tokens, cols));
+      rk = std::clamp(rk, 1, cap);
+      rv = std::clamp(rv, 1, cap);
+      auto kf = factor_group(l0, l1, tokens, rk, true);
+      auto vf = factor_group(l0, l1, tokens, rv, false);
+      for (int l = l0; l < l1; ++l) {
+        for (int h = 0; h < heads; ++h) {
+          const std::size_t i = static_cast<std::size_t>(l - l0) * heads + h;
+          store(l, h).set_factors(std::move(kf[i]), std::move(vf[i]), tokens, d);
+        }
+      }
+    }
+  } else {
+    const ChannelShrink& p = policy_;
+    const ChannelProjections& proj = *p.projections;
+    for (int l = 0; l < shape_.layers; ++l) {
+      const int64_t tokens = store(l, 0).size() - p.window;
+      if (tokens <= 0) continue;
+      for (bool keys : {true, false}) {
+        const int rank = keys ? proj.rank_k[l] : proj.rank_v[l];
+        const Eigen::Map<const RowMat> projection((keys ? proj.pk : proj.pv)[l].data(),
+                                                  proj.channels(), rank);
+        RowMat x(tokens, proj.channels());
+        for (int h = 0; h < heads; ++h) {
+          const auto rows = pre_rope_rows(l, h, tokens, keys);
+          x.middleCols(static_cast<int64_t>(h) * d, d) =
+              Eigen::Map<const RowMat>(rows.data(), tokens, d);
+        }
+        const RowMat latents = x * projection;
+        auto basis = make_basis(latents);
+        for (int h = 0; h < heads; ++h) {
+          detail::LowRankFactor f{basis, std::vector<float>(static_cast<std::size_t>(rank) * d)};
+          Eigen::Map<RowMat>(f.b.data(), rank, d) =
+              projection.middleRows(static_cast<int64_t>(h) * d, d).transpose();
+          auto& head = store(l, h);
+          if (keys) {
+            head.key = std::move(f);
+          } else {
+            head.set_factors(std::move(head.key), std::move(f), tokens, d);
+          }
+        }
+      }
+    }
+  }
+  bases_ = std::move(bases);
 }
 
 }  // namespace kvpack

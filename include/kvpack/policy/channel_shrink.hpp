@@ -1,0 +1,195 @@
+/// \file policy/channel_shrink.hpp
+/// \brief ChannelShrink (CSKV, arXiv 2409.10593): per-layer low-rank channel projections of
+/// pre-RoPE keys and of values, calibrated offline, with an exact window of recent tokens.
+#pragma once
+
+#include <Eigen/Core>
+#include <Eigen/Eigenvalues>
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../error.hpp"
+#include "policy_base.hpp"
+
+namespace kvpack {
+
+/// \brief Per-layer projections P_k (channels × r_k) and P_v (channels × r_v) with orthonormal
+/// columns, channels = kv_heads · head_dim. K ≈ (K P_k) P_kᵀ minimises the layer-wise
+/// reconstruction error over the calibration data (PCA without centring).
+///
+/// File format (little-endian): "KVPKPROJ", u32 version (1), u32 layers, u32 kv_heads,
+/// u32 head_dim, then per layer u32 r_k, u32 r_v, f32 P_k (channels × r_k, row-major),
+/// f32 P_v; then a u64 FNV-1a checksum of every preceding byte.
+struct ChannelProjections {
+  int layers = 0, kv_heads = 0, head_dim = 0;
+  std::vector<int> rank_k, rank_v;
+  std::vector<std::vector<float>> pk, pv;
+
+  int channels() const { return kv_heads * head_dim; }
+
+  /// PCA of calibration rows: `keys[l]` and `values[l]` are row-major tokens × channels
+  /// (pre-RoPE keys). Ranks per layer (the same for every layer here).
+  static ChannelProjections calibrate(const std::vector<std::vector<float>>& keys,
+                                      const std::vector<std::vector<float>>& values, int kv_heads,
+                                      int head_dim, int rk, int rv) {
+    ChannelProjections p;
+    p.layers = static_cast<int>(keys.size());
+    p.kv_heads = kv_heads;
+    p.head_dim = head_dim;
+    const int c = kv_heads * head_dim;
+    detail::require(!keys.empty() && keys.size() == values.size(), "ChannelProjections::calibrate",
+                    "layers", keys.size(), "the same non-zero count of key and value samples");
+    detail::require(rk >= 1 && rk <= c, "ChannelProjections::calibrate", "rank_k", rk,
+                    detail::concat("in [1, ", c, "]"));
+    detail::require(rv >= 1 && rv <= c, "ChannelProjections::calibrate", "rank_v", rv,
+                    detail::concat("in [1, ", c, "]"));
+    for (int l = 0; l < p.layers; ++l) {
+      p.rank_k.push_back(rk);
+      p.rank_v.push_back(rv);
+      p.pk.push_back(principal_directions(keys[l], c, rk));
+      p.pv.push_back(principal_directions(values[l], c, rv));
+    }
+    return p;
+  }
+
+  void save(const std::string& path) const {
+    std::vector<uint8_t> bytes;
+    auto put = [&](const void* data, std::size_t n) {
+      const auto* b = static_cast<const uint8_t*>(data);
+      bytes.insert(bytes.end(), b, b + n);
+    };
+    auto put_u32 = [&](uint32_t v) { put(&v, 4); };
+    put("KVPKPROJ", 8);
+    put_u32(kVersion);
+    put_u32(layers);
+    put_u32(kv_heads);
+    put_u32(head_dim);
+    for (int l = 0; l < layers; ++l) {
+      put_u32(rank_k[l]);
+      put_u32(rank_v[l]);
+      put(pk[l].data(), pk[l].size() * 4);
+      put(pv[l].data(), pv[l].size() * 4);
+    }
+    const uint64_t sum = fnv1a(bytes.data(), bytes.size());
+    put(&sum, 8);
+    std::ofstream out(path, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(bytes.data()),
+              static_cast<std::streamsize>(bytes.size()));
+    if (!out) throw error("ChannelProjections::save: cannot write '" + path + "'");
+  }
+
+  /// Reads a file written by save(); a truncated, corrupted or foreign file is an error.
+  static ChannelProjections load(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw error("ChannelProjections::load: cannot read '" + path + "'");
+    std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)),
+                               std::istreambuf_iterator<char>());
+    const std::string where = "ChannelProjections::load('" + path + "')";
+    if (bytes.size() < 8 + 16 + 8 || std::memcmp(bytes.data(), "KVPKPROJ", 8) != 0) {
+      throw error(where + ": not a kvpack projection file (bad magic or too short)");
+    }
+    uint64_t stored;
+    std::memcpy(&stored, bytes.data() + bytes.size() - 8, 8);
+    if (stored != fnv1a(bytes.data(), bytes.size() - 8)) {
+      throw error(where + ": checksum mismatch (file corrupted or truncated)");
+    }
+    std::size_t at = 8;
+    const std::size_t end = bytes.size() - 8;
+    auto get_u32 = [&]() {
+      if (at + 4 > end) throw error(where + ": truncated");
+      uint32_t v;
+      std::memcpy(&v, bytes.data() + at, 4);
+      at += 4;
+      return v;
+    };
+    const uint32_t version = get_u32();
+    if (version != kVersion) {
+      throw error(detail::concat(where, ": version = ", version, ", expected ", kVersion));
+    }
+    ChannelProjections p;
+    p.layers = static_cast<int>(get_u32());
+    p.kv_heads = static_cast<int>(get_u32());
+    p.head_dim = static_cast<int>(get_u32());
+    if (p.layers <= 0 || p.layers > 4096 || p.kv_heads <= 0 || p.head_dim <= 0 ||
+        static_cast<int64_t>(p.kv_heads) * p.head_dim > (1 << 20)) {
+      throw error(where + ": implausible shape in header");
+    }
+    const std::size_t c = static_cast<std::size_t>(p.channels());
+    auto get_matrix = [&](uint32_t rank) {
+      if (rank == 0 || rank > c || at + c * rank * 4 > end) {
+        throw error(detail::concat(where, ": rank ", rank, " out of range or data truncated"));
+      }
+      std::vector<float> m(c * rank);
+      std::memcpy(m.data(), bytes.data() + at, m.size() * 4);
+      at += m.size() * 4;
+      return m;
+    };
+    for (int l = 0; l < p.layers; ++l) {
+      const uint32_t rk = get_u32(), rv = get_u32();
+      p.rank_k.push_back(static_cast<int>(rk));
+      p.rank_v.push_back(static_cast<int>(rv));
+      p.pk.push_back(get_matrix(rk));
+      p.pv.push_back(get_matrix(rv));
+    }
+    if (at != end) throw error(where + ": trailing bytes after the last layer");
+    return p;
+  }
+
+ private:
+  static constexpr uint32_t kVersion = 1;
+
+  static uint64_t fnv1a(const uint8_t* data, std::size_t n) {
+    uint64_t h = 1469598103934665603ull;
+    for (std::size_t i = 0; i < n; ++i) h = (h ^ data[i]) * 1099511628211ull;
+    return h;
+  }
+
+  /// Top-r eigenvectors of XᵀX (in double), as a channels × r row-major matrix.
+  static std::vector<float> principal_directions(const std::vector<float>& x, int c, int r) {
+    detail::require(!x.empty() && x.size() % c == 0, "ChannelProjections::calibrate", "samples",
+                    x.size(), detail::concat("a non-empty multiple of ", c));
+    using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    const Eigen::Map<const RowMat> m(x.data(), static_cast<Eigen::Index>(x.size() / c), c);
+    const Eigen::MatrixXd gram = (m.transpose() * m).cast<double>();
+    Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eig(gram);
+    std::vector<float> p(static_cast<std::size_t>(c) * r);
+    for (int j = 0; j < r; ++j) {  // eigenvalues ascend: take the last r, largest first
+      const auto v = eig.eigenvectors().col(c - 1 - j);
+      for (int i = 0; i < c; ++i) p[static_cast<std::size_t>(i) * r + j] = static_cast<float>(v(i));
+    }
+    return p;
+  }
+};
+
+/// \brief CSKV's bi-branch cache: the newest `window` tokens exact, older ones as latents
+/// z = K_pre P_k (r_k per token, fp16) and z_v = V P_v; keys are rebuilt as z P_kᵀ and
+/// re-rotated tile by tile inside attention. Knobs (paper): window 32; keys compressed harder
+/// than values (choose r_k < r_v at calibration).
+struct ChannelShrink : PolicyBase {
+  int64_t window = 32;
+  std::shared_ptr<const ChannelProjections> projections;
+
+  ChannelShrink() = default;
+  explicit ChannelShrink(std::shared_ptr<const ChannelProjections> p, int64_t w = 32)
+      : window(w), projections(std::move(p)) {}
+
+  void validate(const ModelShape& shape) const {
+    constexpr const char* where = "ChannelShrink";
+    detail::require(window >= 0, where, "window", window, ">= 0");
+    detail::require(projections != nullptr, where, "projections", "null",
+                    "calibrated projections (ChannelProjections::calibrate or ::load)");
+    detail::require(
+        projections->layers == shape.layers && projections->kv_heads == shape.kv_heads &&
+            projections->head_dim == shape.head_dim,
+        where, "projections shape",
+        detail::concat(projections->layers, "x", projections->kv_heads, "x", projections->head_dim),
+        detail::concat(shape.layers, "x", shape.kv_heads, "x", shape.head_dim,
+                       " (layers x kv_heads x head_dim of the model)"));
+  }
+};
+
+}  // namespace kvpack

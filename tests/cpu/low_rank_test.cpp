@@ -1,0 +1,239 @@
+// Low-rank policies: CrossLayerSVD (xKV) and ChannelShrink (CSKV) against exact references.
+#include <Eigen/SVD>
+#include <catch2/catch.hpp>
+#include <cstdio>
+#include <fstream>
+#include <kvpack/kvpack.hpp>
+
+#include "test_util.hpp"
+
+using Catch::Matchers::Contains;
+using kvpack::ActivationView;
+using kvpack::ChannelProjections;
+using kvpack::ChannelShrink;
+using kvpack::CrossLayerSVD;
+using kvpack::ModelShape;
+using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+namespace {
+
+const ModelShape kShape{4, 6, 2, 32, {kvpack::RopeStyle::kHalfSplit, 10000.0}};
+
+/// Keys/values with a decaying spectrum shared across layers (as real caches have), appended
+/// post-RoPE like an engine would.
+template <class Cache>
+std::vector<RowMat> fill_low_rank(Cache& cache, int64_t n, uint32_t seed) {
+  const auto& s = cache.shape();
+  const int c = s.kv_heads * s.head_dim;
+  const int latent = 12;
+  const auto basis = kvpack_test::random_values(n * latent, seed);
+  std::vector<RowMat> pre_rope;  // per layer: tokens x (K channels | V channels)
+  const kvpack::Rope rope(s.rope, s.head_dim);
+  for (int l = 0; l < s.layers; ++l) {
+    const auto mix = kvpack_test::random_values(latent * 2 * c, seed + 10 + l);
+    const auto noise = kvpack_test::random_values(n * 2 * c, seed + 50 + l, 0.05f);
+    RowMat x = Eigen::Map<const RowMat>(basis.data(), n, latent) *
+                   Eigen::Map<const RowMat>(mix.data(), latent, 2 * c) +
+               Eigen::Map<const RowMat>(noise.data(), n, 2 * c);
+    pre_rope.push_back(x);
+    RowMat k = x.leftCols(c), v = x.rightCols(c);
+    for (int64_t t = 0; t < n; ++t) {
+      for (int h = 0; h < s.kv_heads; ++h) rope.rotate(k.data() + t * c + h * s.head_dim, t);
+    }
+    cache.append(l, ActivationView::nhd(k.data(), n, s.kv_heads, s.head_dim),
+                 ActivationView::nhd(v.data(), n, s.kv_heads, s.head_dim),
+                 kvpack_test::iota_positions(n));
+  }
+  return pre_rope;
+}
+
+/// Pre-RoPE keys of one layer as the cache now holds them (tokens x channels).
+template <class Cache>
+RowMat held_pre_rope_keys(const Cache& cache, int layer) {
+  const auto& s = cache.shape();
+  const auto dense = cache.materialize(layer);
+  const int64_t n = static_cast<int64_t>(dense.heads[0].positions.size());
+  RowMat k(n, s.kv_heads * s.head_dim);
+  const kvpack::Rope rope(s.rope, s.head_dim);
+  for (int h = 0; h < s.kv_heads; ++h) {
+    for (int64_t t = 0; t < n; ++t) {
+      std::vector<float> row(dense.heads[h].k.begin() + t * s.head_dim,
+                             dense.heads[h].k.begin() + (t + 1) * s.head_dim);
+      rope.unrotate(row.data(), dense.heads[h].positions[t]);
+      for (int i = 0; i < s.head_dim; ++i) k(t, h * s.head_dim + i) = row[i];
+    }
+  }
+  return k;
+}
+
+double optimal_error(const RowMat& x, int rank) {
+  Eigen::BDCSVD<Eigen::MatrixXf> svd(x);
+  double e = 0;
+  for (Eigen::Index i = rank; i < svd.singularValues().size(); ++i) {
+    e += double(svd.singularValues()(i)) * svd.singularValues()(i);
+  }
+  return std::sqrt(e);
+}
+
+}  // namespace
+
+TEST_CASE("CrossLayerSVD: stacked keys reach the Eckart-Young error of their group",
+          "[lowrank][xkv]") {
+  for (int group : {1, 2, 4}) {
+    const int rank = 10 * group;
+    kvpack::KVCache<CrossLayerSVD> cache(kShape, CrossLayerSVD(group, rank, rank));
+    const auto pre = fill_low_rank(cache, 300, 3);
+    cache.compress();
+    for (int l0 = 0; l0 < 4; l0 += group) {
+      RowMat stacked(300, group * 64), held(300, group * 64);
+      for (int l = l0; l < l0 + group; ++l) {
+        stacked.middleCols((l - l0) * 64, 64) = pre[l].leftCols(64);
+        held.middleCols((l - l0) * 64, 64) = held_pre_rope_keys(cache, l);
+      }
+      const double err = (stacked - held).norm();
+      const double opt = optimal_error(stacked, rank);
+      INFO("group " << group << " layers " << l0 << " err " << err << " optimal " << opt);
+      // fp16 storage of the basis adds ~1e-3 relative noise on top of the optimum.
+      REQUIRE(err <= 1.02 * opt + 2e-3 * stacked.norm());
+    }
+  }
+}
+
+TEST_CASE("CrossLayerSVD: full rank is exact, decode tokens stay exact, bytes are counted",
+          "[lowrank][xkv]") {
+  kvpack::KVCache<CrossLayerSVD> cache(kShape, CrossLayerSVD(2, 128, 128));
+  const auto pre = fill_low_rank(cache, 200, 5);
+  const std::size_t empty =
+      kvpack::KVCache<CrossLayerSVD>(kShape, CrossLayerSVD(2, 128, 128)).bytes();
+  cache.compress();
+  for (int l = 0; l < 4; ++l) {
+    const RowMat held = held_pre_rope_keys(cache, l);
+    REQUIRE((held - pre[l].leftCols(64)).norm() <= 2e-3 * pre[l].leftCols(64).norm());
+  }
+  // Bytes: per group and side a 200 x 128 fp16 basis; per (layer, head, side) B 128 x 32 fp32;
+  // positions; plus the fixed bookkeeping of the empty cache and one struct per basis.
+  const std::size_t expected = 2 * 2 * (200 * 128 * 2) + 4 * 2 * 2 * (128 * 32 * 4) +
+                               4 * 2 * 200 * 4 + 4 * sizeof(kvpack::detail::LowRankBasis);
+  REQUIRE(cache.bytes() - empty == expected);
+  // A decode token appended after compression is held exactly (fp16).
+  const auto k = kvpack_test::random_values(64, 9), v = kvpack_test::random_values(64, 10);
+  for (int l = 0; l < 4; ++l) {
+    cache.append(l, ActivationView::nhd(k.data(), 1, 2, 32),
+                 ActivationView::nhd(v.data(), 1, 2, 32), std::vector<int64_t>{200});
+  }
+  const auto dense = cache.materialize(3);
+  for (int i = 0; i < 32; ++i) {
+    REQUIRE(dense.heads[1].v[200 * 32 + i] == kvpack::to_float(kvpack::to_half(v[32 + i])));
+  }
+}
+
+TEST_CASE("CrossLayerSVD: attention on factors equals attention on their reconstruction",
+          "[lowrank][xkv][attention]") {
+  kvpack::KVCache<CrossLayerSVD> cache(kShape, CrossLayerSVD::with_ratio(4, 4.0));
+  fill_low_rank(cache, 400, 7);
+  cache.compress();
+  INFO("ratio " << double(cache.dense_bytes()) / cache.bytes());
+  REQUIRE(double(cache.dense_bytes()) / cache.bytes() > 3.0);
+  const auto dense = cache.materialize(2);
+  const auto q = kvpack_test::random_values(2 * 6 * 32, 8);
+  const std::vector<int64_t> qpos{150, 399};
+  std::vector<float> out(q.size());
+  cache.attend(2, ActivationView::nhd(q.data(), 2, 6, 32), qpos,
+               kvpack::OutputView::nhd(out.data(), 2, 6, 32));
+  for (int t = 0; t < 2; ++t) {
+    for (int h = 0; h < 6; ++h) {
+      const auto& head = dense.heads[h / 3];
+      const auto ref = kvpack_test::reference_attention(q.data() + (t * 6 + h) * 32, head.k, head.v,
+                                                        head.positions, qpos[t], 32);
+      REQUIRE(kvpack_test::max_relative_row_error(out.data() + (t * 6 + h) * 32, ref) < 1e-5);
+    }
+  }
+}
+
+TEST_CASE(
+    "CrossLayerSVD: a group size that does not divide the layers leaves a smaller last "
+    "group",
+    "[lowrank][xkv]") {
+  const ModelShape five{5, 6, 2, 32, {}};
+  kvpack::KVCache<CrossLayerSVD> cache(five, CrossLayerSVD(2, 64, 64));
+  fill_low_rank(cache, 100, 11);
+  cache.compress();  // groups {0,1}, {2,3}, {4}: the last one at rank min(64, 64 columns)
+  REQUIRE(cache.tokens(4, 1) == 100);
+}
+
+TEST_CASE("CrossLayerSVD: bad knobs are refused", "[lowrank][errors]") {
+  using Cache = kvpack::KVCache<CrossLayerSVD>;
+  REQUIRE_THROWS_WITH(Cache(kShape, CrossLayerSVD(0, 8, 8)), Contains("group_layers = 0"));
+  REQUIRE_THROWS_WITH(Cache(kShape, CrossLayerSVD(5, 8, 8)), Contains("group_layers = 5"));
+  REQUIRE_THROWS_WITH(Cache(kShape, CrossLayerSVD(1, 65, 8)), Contains("rank_k = 65"));
+  REQUIRE_THROWS_WITH(Cache(kShape, CrossLayerSVD(1, -1, 8)), Contains("rank_k = -1"));
+  REQUIRE_THROWS_WITH(Cache(kShape, CrossLayerSVD(1, 8, 0)), Contains("both set"));
+  REQUIRE_THROWS_WITH(Cache(kShape, CrossLayerSVD::with_ratio(2, 0.5)), Contains("target_ratio"));
+}
+
+TEST_CASE("ChannelShrink: calibrated PCA projections, exact window, file round trip",
+          "[lowrank][cskv]") {
+  // Calibrate on one sample, compress another drawn from the same subspace.
+  kvpack::KVCache<kvpack::Identity> calib(kShape);
+  const auto pre = fill_low_rank(calib, 500, 21);
+  std::vector<std::vector<float>> keys, values;
+  for (int l = 0; l < 4; ++l) {
+    RowMat k = pre[l].leftCols(64), v = pre[l].rightCols(64);
+    keys.emplace_back(k.data(), k.data() + k.size());
+    values.emplace_back(v.data(), v.data() + v.size());
+  }
+  const auto proj = ChannelProjections::calibrate(keys, values, 2, 32, 12, 16);
+  const std::string path = "kvpack_test_projections.bin";
+  proj.save(path);
+  const auto loaded = ChannelProjections::load(path);
+  REQUIRE(loaded.pk == proj.pk);
+  REQUIRE(loaded.pv == proj.pv);
+
+  auto shared = std::make_shared<const ChannelProjections>(loaded);
+  kvpack::KVCache<ChannelShrink> cache(kShape, ChannelShrink(shared, 32));
+  const auto truth = fill_low_rank(cache, 300, 21);  // same latent basis seed: same subspace
+  const auto before = cache.materialize(1);
+  cache.compress();
+  const auto after = cache.materialize(1);
+  // The newest 32 tokens are untouched; older ones are (K P) Pᵀ.
+  for (int h = 0; h < 2; ++h) {
+    for (int64_t i = 268 * 32; i < 300 * 32; ++i)
+      REQUIRE(after.heads[h].v[i] == before.heads[h].v[i]);
+  }
+  const RowMat held = held_pre_rope_keys(cache, 1);
+  const Eigen::Map<const RowMat> p(proj.pk[1].data(), 64, 12);
+  const RowMat k = truth[1].leftCols(64);
+  const RowMat expected = k.topRows(268) * p * p.transpose();
+  REQUIRE((held.topRows(268) - expected).norm() <= 2e-3 * expected.norm());
+  REQUIRE(double(cache.dense_bytes()) / cache.bytes() > 1.8);
+
+  // Corrupted, truncated and foreign files are refused.
+  std::vector<char> bytes;
+  {
+    std::ifstream in(path, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  auto write = [&](const std::vector<char>& b) {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out.write(b.data(), static_cast<std::streamsize>(b.size()));
+  };
+  auto flipped = bytes;
+  flipped[100] ^= 0x40;
+  write(flipped);
+  REQUIRE_THROWS_WITH(ChannelProjections::load(path), Contains("checksum"));
+  write(std::vector<char>(bytes.begin(), bytes.begin() + 500));
+  REQUIRE_THROWS_WITH(ChannelProjections::load(path), Contains("checksum"));
+  auto foreign = bytes;
+  foreign[0] = 'X';
+  write(foreign);
+  REQUIRE_THROWS_WITH(ChannelProjections::load(path), Contains("magic"));
+  std::remove(path.c_str());
+  REQUIRE_THROWS_WITH(ChannelProjections::load(path), Contains("cannot read"));
+
+  // Projections of another shape, or none, are refused when the cache is built.
+  const ModelShape other{4, 6, 3, 32, {}};
+  REQUIRE_THROWS_WITH(kvpack::KVCache<ChannelShrink>(other, ChannelShrink(shared)),
+                      Contains("projections shape"));
+  REQUIRE_THROWS_WITH(kvpack::KVCache<ChannelShrink>(kShape, ChannelShrink()),
+                      Contains("projections"));
+}

@@ -262,9 +262,8 @@ class KVCache<Policy, backend::Cuda> {
     constexpr const char* where = "KVCache::truncate";
     cuda::DeviceGuard guard(context_->device());
     std::lock_guard<std::mutex> lock(scratch_->mutex);
-    // Per head, the rows after last_position and the position of the first of them (the
-    // positions a head holds are a subset of the layer's, so counting them needs the device
-    // copy: one small download per head of the layers concerned).
+    // Rows after last_position, per head: counted on a download of the positions of the layers
+    // concerned (a head may hold a subset of the layer's positions after eviction).
     std::vector<int64_t> drop(shape_.layers, 0);
     std::vector<std::vector<int32_t>> held(heads_.size());
     const cudaStream_t stream = context_->stream();
@@ -275,10 +274,10 @@ class KVCache<Policy, backend::Cuda> {
         auto& p = held[static_cast<std::size_t>(l) * shape_.kv_heads + h];
         p.resize(static_cast<std::size_t>(head.size));
         if (head.size == 0) continue;
-        cuda::check_cuda(cudaMemcpyAsync(p.data(), head.positions.data(),
-                                         p.size() * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                                         stream),
-                         "KVCache::truncate: download of the positions");
+        cuda::check_cuda(
+            cudaMemcpyAsync(p.data(), head.positions.data(), p.size() * sizeof(int32_t),
+                            cudaMemcpyDeviceToHost, stream),
+            "KVCache::truncate: download of the positions");
       }
     }
     context_->synchronize(where);
@@ -304,8 +303,7 @@ class KVCache<Policy, backend::Cuda> {
       }
       detail::LayerState& state = layers_[l];
       state.appended -= drop[l];
-      state.last_position =
-          state.appended == 0 ? -1 : std::min(state.last_position, last_position);
+      state.last_position = state.appended == 0 ? -1 : std::min(state.last_position, last_position);
       if (state.appended == 0) state.first_position = -1;
     }
   }

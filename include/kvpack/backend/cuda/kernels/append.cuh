@@ -47,9 +47,8 @@ __global__ void scatter_positions_kernel(const Position* __restrict__ positions,
 /// ULLONG_MAX before the launch.
 template <class Tin>
 __global__ void find_first_invalid_kernel(const Tin* __restrict__ src, int64_t tokens, int heads,
-                                          int head_dim, int64_t token_stride,
-                                          int64_t head_stride, float limit,
-                                          unsigned long long* first) {
+                                          int head_dim, int64_t token_stride, int64_t head_stride,
+                                          float limit, unsigned long long* first) {
   const int64_t count = tokens * heads * head_dim;
   unsigned long long found = ULLONG_MAX;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count;
@@ -57,8 +56,7 @@ __global__ void find_first_invalid_kernel(const Tin* __restrict__ src, int64_t t
     const int64_t i = e % head_dim;
     const int64_t h = (e / head_dim) % heads;
     const int64_t t = e / (static_cast<int64_t>(head_dim) * heads);
-    if (!value_in_range(to_float(src[strided_offset(t, h, i, token_stride, head_stride)]),
-                        limit)) {
+    if (!value_in_range(to_float(src[strided_offset(t, h, i, token_stride, head_stride)]), limit)) {
       found = static_cast<unsigned long long>(e);
       break;  // later elements of this thread have larger indices
     }
@@ -77,13 +75,13 @@ void launch_convert_rows(const ActivationView& src, Tout* const* dst, int64_t ds
   switch (src.dtype()) {
     case DType::kF32:
       convert_rows_kernel<float, Tout><<<grid, kElementwiseThreads, 0, stream>>>(
-          static_cast<const float*>(src.data()), src.tokens(), heads, head_dim,
-          src.token_stride(), src.head_stride(), dst, dst_row_stride);
+          static_cast<const float*>(src.data()), src.tokens(), heads, head_dim, src.token_stride(),
+          src.head_stride(), dst, dst_row_stride);
       break;
     case DType::kF16:
       convert_rows_kernel<Half, Tout><<<grid, kElementwiseThreads, 0, stream>>>(
-          static_cast<const Half*>(src.data()), src.tokens(), heads, head_dim,
-          src.token_stride(), src.head_stride(), dst, dst_row_stride);
+          static_cast<const Half*>(src.data()), src.tokens(), heads, head_dim, src.token_stride(),
+          src.head_stride(), dst, dst_row_stride);
       break;
     case DType::kBF16:
       convert_rows_kernel<BFloat16, Tout><<<grid, kElementwiseThreads, 0, stream>>>(
@@ -113,13 +111,13 @@ inline void launch_find_first_invalid(const ActivationView& src, float limit,
   switch (src.dtype()) {
     case DType::kF32:
       find_first_invalid_kernel<float><<<grid, kElementwiseThreads, 0, stream>>>(
-          static_cast<const float*>(src.data()), src.tokens(), heads, head_dim,
-          src.token_stride(), src.head_stride(), limit, first);
+          static_cast<const float*>(src.data()), src.tokens(), heads, head_dim, src.token_stride(),
+          src.head_stride(), limit, first);
       break;
     case DType::kF16:
       find_first_invalid_kernel<Half><<<grid, kElementwiseThreads, 0, stream>>>(
-          static_cast<const Half*>(src.data()), src.tokens(), heads, head_dim,
-          src.token_stride(), src.head_stride(), limit, first);
+          static_cast<const Half*>(src.data()), src.tokens(), heads, head_dim, src.token_stride(),
+          src.head_stride(), limit, first);
       break;
     case DType::kBF16:
       find_first_invalid_kernel<BFloat16><<<grid, kElementwiseThreads, 0, stream>>>(

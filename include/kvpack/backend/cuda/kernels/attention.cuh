@@ -11,6 +11,7 @@
 /// detail::softmax_merge and normalises.
 #pragma once
 
+#include "../../../config.hpp"  // before detail/: it admits internal headers
 #include "../../../detail/online_softmax.hpp"
 #include "common.cuh"
 
@@ -32,7 +33,7 @@ struct AttentionParams {
   const int32_t* q_positions;  ///< tokens
   int64_t tokens;
   int q_heads;
-  int group;  ///< q_heads / kv_heads
+  int group;    ///< q_heads / kv_heads
   float scale;  ///< 1 / sqrt(head_dim)
   int64_t splits;
   float* partial_acc;  ///< [split][token * q_heads + q_head][head_dim]
@@ -220,8 +221,8 @@ void launch_attention(const AttentionHead<T>* heads, int kv_heads, const Attenti
   check_launch("attention_kernel");
   const int64_t rows = p.tokens * p.q_heads;
   merge_splits_kernel<D><<<grid_blocks(rows, 1, 1 << 20), D, 0, stream>>>(
-      p.partial_acc, p.partial_max, p.partial_sum, rows, p.splits, p.q_heads, out,
-      out_token_stride, out_head_stride);
+      p.partial_acc, p.partial_max, p.partial_sum, rows, p.splits, p.q_heads, out, out_token_stride,
+      out_head_stride);
   check_launch("merge_splits_kernel");
 }
 

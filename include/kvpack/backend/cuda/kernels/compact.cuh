@@ -43,8 +43,8 @@ __global__ void gather_rows_kernel(const CompactJob<T>* __restrict__ jobs, int64
 
 /// Enqueues gather_rows_kernel; `longest` is the largest kept count of the jobs.
 template <class T>
-void launch_gather_rows(const CompactJob<T>* jobs, int64_t job_count, int64_t longest,
-                        int head_dim, cudaStream_t stream) {
+void launch_gather_rows(const CompactJob<T>* jobs, int64_t job_count, int64_t longest, int head_dim,
+                        cudaStream_t stream) {
   if (job_count == 0 || longest == 0) return;
   const dim3 grid(grid_blocks(longest * head_dim, kElementwiseThreads, 4096),
                   grid_extent(job_count));

@@ -34,8 +34,8 @@ __global__ void score_tokens_kernel(const ScoreJob<T>* __restrict__ jobs, int64_
 
 /// Enqueues score_tokens_kernel over `job_count` jobs whose longest holds `longest` rows.
 template <class Policy, class T>
-void launch_score_tokens(const ScoreJob<T>* jobs, int64_t job_count, int64_t longest,
-                         int head_dim, float* scores, cudaStream_t stream) {
+void launch_score_tokens(const ScoreJob<T>* jobs, int64_t job_count, int64_t longest, int head_dim,
+                         float* scores, cudaStream_t stream) {
   const dim3 grid(grid_blocks(longest, kElementwiseThreads, 1024), grid_extent(job_count));
   score_tokens_kernel<Policy, T>
       <<<grid, kElementwiseThreads, 0, stream>>>(jobs, job_count, head_dim, scores);

@@ -135,8 +135,7 @@ __global__ void __launch_bounds__(kThreads)
 
 /// Enqueues the selection and the index kernels for `job_count` jobs.
 inline void launch_select_top_k(const SelectJob* jobs, int64_t job_count, uint8_t* flags,
-                                SelectResult* results, int32_t* kept_index,
-                                cudaStream_t stream) {
+                                SelectResult* results, int32_t* kept_index, cudaStream_t stream) {
   if (job_count == 0) return;
   const unsigned grid = static_cast<unsigned>(job_count);
   select_top_k_kernel<kSelectThreads><<<grid, kSelectThreads, 0, stream>>>(jobs, flags, results);

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds kvpack and runs every test: CPU unit tests, header hygiene, ODR, packaging, benchmark
+# smoke, the real-model tests (needs the reference model: scripts/fetch_model.sh), and the CUDA
+# tests (always compiled when nvcc is found; they report "Skipped" without a GPU).
+# Exits non-zero on any failure. Extra arguments go to the CMake configure step.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+start=$SECONDS
+
+bash scripts/setup.sh
+if [ -f scripts/fetch_model.sh ]; then
+  bash scripts/fetch_model.sh
+fi
+bash scripts/build.sh "$@"
+
+build_dir=${KVPACK_BUILD_DIR:-build}
+ctest --test-dir "$build_dir" --output-on-failure --no-tests=error -j "${KVPACK_JOBS:-$(nproc)}"
+echo "run_tests: all tests passed in $((SECONDS - start)) s"

@@ -1,0 +1,664 @@
+// KVCache<Policy, backend::Cuda> against KVCache<Policy, backend::Cpu> on the same inputs:
+// stored rows and positions (exact), kept-token sets (identical), bytes() (equal), attention
+// (normalised error < 1e-6) and bad-input errors (identical messages, nothing changed).
+// tests/cuda/main.cu returns 77 before any test runs when no device is present; each test also
+// skips on its own, so a filtered run without a device passes instead of crashing.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <kvpack/backend/cuda.hpp>
+#include <kvpack/kvpack.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+using Catch::Matchers::Contains;
+using kvpack::ActivationView;
+using kvpack::BFloat16;
+using kvpack::Budget;
+using kvpack::BudgetScope;
+using kvpack::Half;
+using kvpack::KVCache;
+using kvpack::L2NormEvict;
+using kvpack::MemorySpace;
+using kvpack::ModelShape;
+using kvpack::OutputView;
+namespace backend = kvpack::backend;
+
+namespace {
+
+bool device_available() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+#define KVPACK_SKIP_WITHOUT_DEVICE()           \
+  do {                                         \
+    if (!device_available()) {                 \
+      SUCCEED("no CUDA device: test skipped"); \
+      return;                                  \
+    }                                          \
+  } while (0)
+
+std::vector<float> gaussian(std::size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> x(n);
+  for (auto& v : x) v = dist(rng);
+  return x;
+}
+
+/// Multiples of 1/8 in [-4, 4]: exact in fp16, bf16 and fp32, and their squares sum exactly in
+/// fp32, so L2 scores are bit-identical on both backends (with or without FMA contraction) and
+/// ties are frequent (the index tie-break is exercised).
+std::vector<float> grid_values(std::size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> dist(-32, 32);
+  std::vector<float> x(n);
+  for (auto& v : x) v = static_cast<float>(dist(rng)) / 8.0f;
+  return x;
+}
+
+template <class T>
+std::vector<T> convert(const std::vector<float>& x);
+template <>
+std::vector<Half> convert<Half>(const std::vector<float>& x) {
+  std::vector<Half> y(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) y[i] = kvpack::to_half(x[i]);
+  return y;
+}
+template <>
+std::vector<BFloat16> convert<BFloat16>(const std::vector<float>& x) {
+  std::vector<BFloat16> y(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) y[i] = kvpack::to_bfloat16(x[i]);
+  return y;
+}
+
+int64_t position_of(int64_t t) { return 3 + 2 * t; }  // gaps: positions are not indices
+
+std::vector<int64_t> positions_range(int64_t t0, int64_t n) {
+  std::vector<int64_t> p(n);
+  for (int64_t i = 0; i < n; ++i) p[i] = position_of(t0 + i);
+  return p;
+}
+
+/// Appends tokens [t0, t0 + n) of `layer` to every cache, in the given layout and dtype.
+/// `keys_on_grid` makes keys grid_values (exact L2 scores). Layouts: 0 = NHD fp32,
+/// 1 = HND fp16 with padding, 2 = NHD bf16.
+template <class... Caches>
+void feed(const ModelShape& s, int layer, int64_t t0, int64_t n, int layout, bool keys_on_grid,
+          Caches&... caches) {
+  const int64_t heads = s.kv_heads, d = s.head_dim;
+  const uint32_t seed = static_cast<uint32_t>(1000 * layer + t0 + 17);
+  const std::size_t count = static_cast<std::size_t>(n * heads * d);
+  const auto pos = positions_range(t0, n);
+  if (layout == 1) {
+    // Heads-first with padded rows: element (t, h, i) at h * hs + t * ts + i.
+    const int64_t ts = d + 8, hs = n * ts + 16;
+    std::vector<float> k(static_cast<std::size_t>(heads * hs), 0.0f), v(k.size(), 0.0f);
+    const auto kk = keys_on_grid ? grid_values(count, seed) : gaussian(count, seed);
+    const auto vv = gaussian(count, seed + 1);
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t h = 0; h < heads; ++h) {
+        for (int64_t i = 0; i < d; ++i) {
+          k[h * hs + t * ts + i] = kk[(t * heads + h) * d + i];
+          v[h * hs + t * ts + i] = vv[(t * heads + h) * d + i];
+        }
+      }
+    }
+    const auto k16 = convert<Half>(k), v16 = convert<Half>(v);
+    (caches.append(layer, ActivationView(k16.data(), n, heads, d, ts, hs),
+                   ActivationView(v16.data(), n, heads, d, ts, hs), pos),
+     ...);
+    return;
+  }
+  const auto k = keys_on_grid ? grid_values(count, seed) : gaussian(count, seed);
+  const auto v = gaussian(count, seed + 1);
+  if (layout == 0) {
+    (caches.append(layer, ActivationView::nhd(k.data(), n, heads, d),
+                   ActivationView::nhd(v.data(), n, heads, d), pos),
+     ...);
+  } else {
+    const auto kb = convert<BFloat16>(k), vb = convert<BFloat16>(v);
+    (caches.append(layer, ActivationView::nhd(kb.data(), n, heads, d),
+                   ActivationView::nhd(vb.data(), n, heads, d), pos),
+     ...);
+  }
+}
+
+/// Prefill in two chunks (NHD fp32, padded HND fp16), then `decode` one-token bf16 appends, on
+/// every layer.
+template <class... Caches>
+void feed_sequence(const ModelShape& s, int64_t prefill, int64_t decode, bool keys_on_grid,
+                   Caches&... caches) {
+  const int64_t first = prefill * 3 / 5;
+  for (int l = 0; l < s.layers; ++l) {
+    feed(s, l, 0, first, 0, keys_on_grid, caches...);
+    feed(s, l, first, prefill - first, 1, keys_on_grid, caches...);
+    for (int64_t t = prefill; t < prefill + decode; ++t)
+      feed(s, l, t, 1, 2, keys_on_grid, caches...);
+  }
+}
+
+template <class CpuCache, class CudaCache>
+void require_same_state(const CpuCache& cpu, const CudaCache& gpu) {
+  const ModelShape& s = cpu.shape();
+  REQUIRE(gpu.bytes() == cpu.bytes());
+  REQUIRE(gpu.dense_bytes() == cpu.dense_bytes());
+  for (int l = 0; l < s.layers; ++l) {
+    REQUIRE(gpu.appended(l) == cpu.appended(l));
+    const auto a = gpu.materialize(l);
+    const auto b = cpu.materialize(l);
+    for (int h = 0; h < s.kv_heads; ++h) {
+      INFO("layer " << l << " head " << h);
+      REQUIRE(gpu.tokens(l, h) == cpu.tokens(l, h));
+      REQUIRE(a.heads[h].positions == b.heads[h].positions);  // the kept set, in order
+      REQUIRE(a.heads[h].k == b.heads[h].k);                  // bit-identical storage
+      REQUIRE(a.heads[h].v == b.heads[h].v);
+    }
+  }
+}
+
+double normalised_error(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  return den == 0 ? num : num / den;
+}
+
+template <class F>
+std::string error_of(F&& call) {
+  try {
+    call();
+  } catch (const kvpack::error& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    return std::string("not a kvpack::error: ") + e.what();
+  }
+  return "<no error>";
+}
+
+/// Attention of `qpos.size()` random query tokens on both caches: same error, or outputs within
+/// a normalised error of 1e-6. Returns whether outputs were compared.
+template <class CpuCache, class CudaCache>
+bool require_same_attention(const CpuCache& cpu, const CudaCache& gpu, int layer,
+                            const std::vector<int64_t>& qpos, uint32_t seed) {
+  const ModelShape& s = cpu.shape();
+  const int64_t n = static_cast<int64_t>(qpos.size());
+  const auto q = gaussian(static_cast<std::size_t>(n * s.q_heads * s.head_dim), seed);
+  const auto qv = ActivationView::nhd(q.data(), n, s.q_heads, s.head_dim);
+  std::vector<float> a(q.size(), -7.0f), b(q.size(), 7.0f);
+  const std::string ea = error_of(
+      [&] { gpu.attend(layer, qv, qpos, OutputView::nhd(a.data(), n, s.q_heads, s.head_dim)); });
+  const std::string eb = error_of(
+      [&] { cpu.attend(layer, qv, qpos, OutputView::nhd(b.data(), n, s.q_heads, s.head_dim)); });
+  REQUIRE(ea == eb);
+  if (eb != "<no error>") return false;
+  INFO("layer " << layer << ", " << n << " query tokens");
+  REQUIRE(normalised_error(a, b) < 1e-6);
+  return true;
+}
+
+/// Decode query at the last position, and a prefill-like block of query tokens at random
+/// positions (causal masks differ per row).
+template <class CpuCache, class CudaCache>
+void require_same_attention_everywhere(const CpuCache& cpu, const CudaCache& gpu, uint32_t seed) {
+  const ModelShape& s = cpu.shape();
+  std::mt19937 rng(seed);
+  for (int l = 0; l < s.layers; ++l) {
+    const int64_t appended = cpu.appended(l);
+    if (appended == 0) continue;
+    const int64_t last = position_of(appended - 1);
+    require_same_attention(cpu, gpu, l, {last}, seed + l);
+    std::vector<int64_t> block(37);
+    for (auto& p : block) p = position_of(static_cast<int64_t>(rng() % appended)) - (rng() & 1);
+    for (auto& p : block) p = std::max<int64_t>(p, position_of(0));
+    block.back() = last;
+    require_same_attention(cpu, gpu, l, block, seed + 100 + l);
+  }
+}
+
+const std::vector<ModelShape> kShapes{
+    {3, 4, 4, 64, {}},    // GQA group 1
+    {3, 6, 2, 128, {}},   // group 3
+    {3, 16, 2, 64, {}},   // group 8
+    {2, 24, 3, 128, {}},  // group 8, head_dim 128
+};
+
+}  // namespace
+
+TEST_CASE("CUDA Identity: storage, bytes and attention equal the CPU's", "[cuda]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  uint32_t seed = 1;
+  for (const ModelShape& s : kShapes) {
+    INFO("shape q_heads " << s.q_heads << " kv_heads " << s.kv_heads << " d " << s.head_dim);
+    KVCache<kvpack::Identity, backend::Cpu> cpu(s);
+    KVCache<kvpack::Identity, backend::Cuda> gpu(s);
+    feed_sequence(s, 260, 6, false, cpu, gpu);
+    require_same_state(cpu, gpu);
+    require_same_attention_everywhere(cpu, gpu, seed++);
+    gpu.compress();  // Identity: nothing changes
+    cpu.compress();
+    require_same_state(cpu, gpu);
+  }
+}
+
+TEST_CASE("CUDA IdentityF32: fp32 storage equals the CPU's", "[cuda]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  const ModelShape s = kShapes[1];
+  KVCache<kvpack::IdentityF32, backend::Cpu> cpu(s);
+  KVCache<kvpack::IdentityF32, backend::Cuda> gpu(s);
+  feed_sequence(s, 130, 3, false, cpu, gpu);
+  require_same_state(cpu, gpu);
+  require_same_attention_everywhere(cpu, gpu, 5);
+}
+
+TEST_CASE("CUDA attention: long decode uses key splits and matches the CPU", "[cuda]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  for (const ModelShape& base : {kShapes[0], kShapes[2], kShapes[3]}) {
+    ModelShape s = base;
+    s.layers = 1;
+    KVCache<kvpack::Identity, backend::Cpu> cpu(s);
+    KVCache<kvpack::Identity, backend::Cuda> gpu(s);
+    for (int64_t t0 = 0; t0 < 5000; t0 += 1250)
+      feed(s, 0, t0, 1250, t0 % 2500 == 0 ? 0 : 1, false, cpu, gpu);
+    const int64_t last = position_of(4999);
+    REQUIRE(require_same_attention(cpu, gpu, 0, {last}, 9));
+    REQUIRE(require_same_attention(cpu, gpu, 0, {position_of(4000), last - 1, last}, 10));
+    REQUIRE(require_same_attention(cpu, gpu, 0, {position_of(0)}, 11));  // one visible key
+  }
+}
+
+TEST_CASE("CUDA L2NormEvict per head: kept sets, bytes and attention equal the CPU's",
+          "[cuda][eviction]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  std::vector<L2NormEvict> policies;
+  policies.emplace_back(Budget::ratio(0.3), 1);
+  {
+    Budget b = Budget::tokens(100);
+    b.sink_tokens = 4;
+    b.recent_tokens = 16;
+    policies.emplace_back(b, 0);
+  }
+  {
+    Budget b = Budget::ratio(0.5);
+    b.sink_tokens = 1;
+    b.recent_tokens = 300;  // protection exceeds the budget: protection wins
+    policies.emplace_back(b, 0);
+  }
+  {
+    L2NormEvict p(Budget::ratio(0.2), 0);
+    p.min_tokens = 300;  // layers hold 266 tokens at the first compress: untouched
+    policies.push_back(p);
+  }
+  uint32_t seed = 50;
+  for (const ModelShape& s : kShapes) {
+    for (const L2NormEvict& policy : policies) {
+      INFO("shape q_heads " << s.q_heads << " kv_heads " << s.kv_heads << " d " << s.head_dim
+                            << "; keep_ratio " << policy.budget.keep_ratio << " keep_tokens "
+                            << policy.budget.keep_tokens << " sinks " << policy.budget.sink_tokens);
+      KVCache<L2NormEvict, backend::Cpu> cpu(s, policy);
+      KVCache<L2NormEvict, backend::Cuda> gpu(s, policy);
+      feed_sequence(s, 260, 6, true, cpu, gpu);
+      cpu.compress();
+      gpu.compress();
+      require_same_state(cpu, gpu);
+      require_same_attention_everywhere(cpu, gpu, seed++);
+      // Decoding goes on; a second compress holds the budget of the longer sequence.
+      for (int l = 0; l < s.layers; ++l) {
+        for (int64_t t = 266; t < 300; ++t) feed(s, l, t, 1, 2, true, cpu, gpu);
+      }
+      cpu.compress();
+      gpu.compress();
+      require_same_state(cpu, gpu);
+      require_same_attention_everywhere(cpu, gpu, seed++);
+    }
+  }
+}
+
+TEST_CASE("CUDA L2NormEvict global budget: ragged kept sets equal the CPU's", "[cuda][eviction]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  uint32_t seed = 90;
+  for (const ModelShape& s : kShapes) {
+    Budget b = Budget::ratio(0.25, BudgetScope::kGlobal);
+    b.sink_tokens = 2;
+    b.recent_tokens = 8;
+    KVCache<L2NormEvict, backend::Cpu> cpu(s, L2NormEvict(b, 1));
+    KVCache<L2NormEvict, backend::Cuda> gpu(s, L2NormEvict(b, 1));
+    // Layers of different lengths: the threshold spans them all.
+    for (int l = 0; l < s.layers; ++l) {
+      feed(s, l, 0, 150 + 60 * l, 0, true, cpu, gpu);
+      feed(s, l, 150 + 60 * l, 3, 2, true, cpu, gpu);
+    }
+    cpu.compress();
+    gpu.compress();
+    require_same_state(cpu, gpu);
+    require_same_attention_everywhere(cpu, gpu, seed++);
+    // Without protection a head may lose everything: the CPU and CUDA caches agree on that too.
+    KVCache<L2NormEvict, backend::Cpu> cpu0(
+        s, L2NormEvict(Budget::tokens(3, BudgetScope::kGlobal), 0));
+    KVCache<L2NormEvict, backend::Cuda> gpu0(
+        s, L2NormEvict(Budget::tokens(3, BudgetScope::kGlobal), 0));
+    feed_sequence(s, 40, 0, true, cpu0, gpu0);
+    cpu0.compress();
+    gpu0.compress();
+    require_same_state(cpu0, gpu0);
+    require_same_attention_everywhere(cpu0, gpu0, seed++);
+  }
+}
+
+TEST_CASE("CUDA eviction frees device memory: reserved bytes equal the held rows",
+          "[cuda][memory]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  const ModelShape s = kShapes[2];
+  KVCache<L2NormEvict, backend::Cuda> gpu(s, L2NormEvict(Budget::ratio(0.25), 0));
+  feed_sequence(s, 1000, 10, true, gpu);
+  const std::size_t bookkeeping =
+      static_cast<std::size_t>(s.layers) * s.kv_heads * sizeof(kvpack::detail::HeadStore<Half>) +
+      static_cast<std::size_t>(s.layers) * sizeof(kvpack::detail::LayerState);
+  REQUIRE(gpu.reserved_bytes() >= gpu.bytes() - bookkeeping);  // growth slack while appending
+  gpu.compress();
+  REQUIRE(gpu.reserved_bytes() == gpu.bytes() - bookkeeping);  // exact-size after compaction
+  REQUIRE(gpu.bytes() < gpu.dense_bytes() * 3 / 10);
+  std::size_t free_before = 0, free_after = 0, total = 0;
+  REQUIRE(cudaMemGetInfo(&free_before, &total) == cudaSuccess);
+  gpu.clear();
+  REQUIRE(cudaMemGetInfo(&free_after, &total) == cudaSuccess);
+  REQUIRE(gpu.reserved_bytes() == 0);
+  REQUIRE(gpu.workspace_bytes() == 0);
+  REQUIRE(free_after >= free_before);
+  for (int l = 0; l < s.layers; ++l) REQUIRE(gpu.appended(l) == 0);
+}
+
+TEST_CASE("CUDA errors: every bad call throws the CPU's message and changes nothing",
+          "[cuda][errors]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  const ModelShape s{2, 9, 3, 64, {}};
+  KVCache<L2NormEvict, backend::Cpu> cpu(s, L2NormEvict(Budget::ratio(0.5), 0));
+  KVCache<L2NormEvict, backend::Cuda> gpu(s, L2NormEvict(Budget::ratio(0.5), 0));
+  feed(s, 0, 0, 100, 0, false, cpu, gpu);
+  const auto k = gaussian(8 * 3 * 64, 1), v = gaussian(8 * 3 * 64, 2), q = gaussian(8 * 9 * 64, 3);
+  std::vector<float> out_cpu(8 * 9 * 64), out_gpu(8 * 9 * 64);
+  const auto kv = [](const std::vector<float>& x, int64_t n = 8) {
+    return ActivationView::nhd(x.data(), n, 3, 64);
+  };
+  const auto pos = positions_range(100, 8);
+  const std::vector<int64_t> last{position_of(99)}, beyond{position_of(99) + 1};
+  auto nan_k = k;
+  nan_k[100] = NAN;
+  auto inf_v = v;
+  inf_v[5 * 192 + 7] = -INFINITY;
+  auto big = k;
+  big[0] = 1e6f;
+  auto nan_q = q;
+  nan_q[3] = NAN;
+  auto dup = pos;
+  dup[3] = dup[2];
+  auto negative = positions_range(0, 8);
+  negative[0] = -3;
+  auto huge = positions_range(0, 8);
+  huge[7] = int64_t{1} << 32;
+
+  // Each call is run on both caches; `out` is the cache's own output buffer.
+  using Call = std::function<void(bool gpu_side)>;
+  auto append_call = [&](int layer, ActivationView a, ActivationView b, std::vector<int64_t> p) {
+    return Call([&, layer, a, b, p](bool g) {
+      if (g) {
+        gpu.append(layer, a, b, p);
+      } else {
+        cpu.append(layer, a, b, p);
+      }
+    });
+  };
+  auto attend_call = [&](int layer, ActivationView qv, std::vector<int64_t> p, int64_t out_tokens,
+                         int64_t out_heads) {
+    return Call([&, layer, qv, p, out_tokens, out_heads](bool g) {
+      std::vector<float>& o = g ? out_gpu : out_cpu;
+      const auto ov = OutputView::nhd(o.data(), out_tokens, out_heads, 64);
+      if (g) {
+        gpu.attend(layer, qv, p, ov);
+      } else {
+        cpu.attend(layer, qv, p, ov);
+      }
+    });
+  };
+  const auto qv1 = ActivationView::nhd(q.data(), 1, 9, 64);
+  const std::vector<Call> calls{
+      append_call(2, kv(k), kv(v), pos),
+      append_call(-1, kv(k), kv(v), pos),
+      append_call(0, ActivationView::nhd(k.data(), 8, 3, 32), kv(v), pos),
+      append_call(0, ActivationView::nhd(k.data(), 8, 2, 64), kv(v), pos),
+      append_call(0, kv(k), kv(v, 7), pos),
+      append_call(0, kv(k, 0), kv(v, 0), {}),
+      append_call(0, ActivationView::nhd(static_cast<const float*>(nullptr), 8, 3, 64), kv(v), pos),
+      append_call(0, kv(k), kv(v), positions_range(100, 7)),
+      append_call(0, kv(k), kv(v), dup),
+      append_call(0, kv(k), kv(v), positions_range(50, 8)),
+      append_call(1, kv(k), kv(v), negative),
+      append_call(1, kv(k), kv(v), huge),
+      append_call(0, kv(nan_k), kv(v), pos),
+      append_call(0, kv(k), kv(inf_v), pos),
+      append_call(0, kv(big), kv(v), pos),
+      attend_call(1, qv1, last, 1, 9),  // empty layer
+      attend_call(5, qv1, last, 1, 9),
+      attend_call(0, ActivationView::nhd(q.data(), 1, 3, 64), last, 1, 9),
+      attend_call(0, ActivationView::nhd(q.data(), 1, 9, 128), last, 1, 9),
+      attend_call(0, qv1, beyond, 1, 9),
+      attend_call(0, qv1, {position_of(98), position_of(99)}, 1, 9),
+      attend_call(0, qv1, last, 1, 3),
+      attend_call(0, ActivationView::nhd(nan_q.data(), 1, 9, 64), last, 1, 9),
+      attend_call(0, qv1, {position_of(0) - 1}, 1, 9),
+      Call([&](bool g) {
+        if (g) {
+          gpu.attend(0, qv1, last, OutputView());
+        } else {
+          cpu.attend(0, qv1, last, OutputView());
+        }
+      }),
+      Call([&](bool g) { g ? gpu.observe(0, qv1, beyond) : cpu.observe(0, qv1, beyond); }),
+      Call([&](bool g) { g ? gpu.observe(1, qv1, last) : cpu.observe(1, qv1, last); }),
+      Call([&](bool g) {
+        const auto bad = ActivationView::nhd(q.data(), 1, 8, 64);
+        g ? gpu.observe(0, bad, last) : cpu.observe(0, bad, last);
+      }),
+      Call([&](bool g) { g ? (void)gpu.tokens(0, 3) : (void)cpu.tokens(0, 3); }),
+      Call([&](bool g) { g ? (void)gpu.tokens(2, 0) : (void)cpu.tokens(2, 0); }),
+      Call([&](bool g) { g ? (void)gpu.materialize(-1) : (void)cpu.materialize(-1); }),
+      Call([&](bool g) { g ? (void)gpu.appended(9) : (void)cpu.appended(9); }),
+  };
+  for (std::size_t i = 0; i < calls.size(); ++i) {
+    INFO("bad call #" << i);
+    const std::size_t bytes = gpu.bytes();
+    const auto before = gpu.materialize(0);
+    const std::string expected = error_of([&] { calls[i](false); });
+    const std::string got = error_of([&] { calls[i](true); });
+    REQUIRE(expected != "<no error>");
+    REQUIRE(got == expected);
+    REQUIRE(gpu.bytes() == bytes);
+    const auto after = gpu.materialize(0);
+    for (int h = 0; h < s.kv_heads; ++h) {
+      REQUIRE(after.heads[h].positions == before.heads[h].positions);
+      REQUIRE(after.heads[h].k == before.heads[h].k);
+    }
+  }
+  require_same_state(cpu, gpu);
+
+  // Heads that lost their first tokens refuse earlier queries with the CPU's message.
+  KVCache<L2NormEvict, backend::Cpu> cpu1(ModelShape{1, 3, 3, 64, {}},
+                                          L2NormEvict(Budget::tokens(1), 0));
+  KVCache<L2NormEvict, backend::Cuda> gpu1(ModelShape{1, 3, 3, 64, {}},
+                                           L2NormEvict(Budget::tokens(1), 0));
+  feed(cpu1.shape(), 0, 0, 50, 0, true, cpu1, gpu1);
+  cpu1.compress();
+  gpu1.compress();
+  require_same_state(cpu1, gpu1);
+  for (int64_t t = 0; t < 50; t += 7) require_same_attention(cpu1, gpu1, 0, {position_of(t)}, 3);
+}
+
+TEST_CASE("CUDA construction: shape and knob errors as on the CPU; head_dim 64/128 only",
+          "[cuda][errors]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  using Gpu = KVCache<L2NormEvict, backend::Cuda>;
+  using Cpu = KVCache<L2NormEvict, backend::Cpu>;
+  const ModelShape good{2, 9, 3, 64, {}};
+  for (const ModelShape& bad : {ModelShape{2, 9, 4, 64, {}}, ModelShape{0, 9, 3, 64, {}},
+                                ModelShape{2, 9, 3, 63, {}}, ModelShape{2, 9, 0, 64, {}}}) {
+    REQUIRE(error_of([&] { Gpu g(bad); }) == error_of([&] { Cpu c(bad); }));
+  }
+  for (const L2NormEvict& bad :
+       {L2NormEvict(Budget::ratio(0.0)), L2NormEvict(Budget::ratio(1.5)),
+        L2NormEvict(Budget::tokens(-5)), L2NormEvict(Budget::ratio(0.5), 3)}) {
+    REQUIRE(error_of([&] { Gpu g(good, bad); }) == error_of([&] { Cpu c(good, bad); }));
+  }
+  REQUIRE_THROWS_WITH(Gpu(ModelShape{2, 9, 3, 96, {}}), Contains("head_dim = 96"));
+  REQUIRE_THROWS_AS(Gpu(ModelShape{2, 9, 3, 32, {}}), kvpack::error);
+  // A knob changed through policy() is re-validated by compress(), as on the CPU.
+  Gpu g(good);
+  g.policy().budget.keep_ratio = 2.0;
+  REQUIRE_THROWS_WITH(g.compress(), Contains("keep_ratio = 2"));
+}
+
+TEST_CASE("CUDA device-memory views: same storage and attention as host views", "[cuda]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  const ModelShape s = kShapes[1];  // q 6, kv 2, d 128
+  const int64_t n = 90, d = s.head_dim;
+  Budget budget = Budget::ratio(0.4);
+  budget.sink_tokens = 1;  // every head keeps its first token: all query positions are valid
+  KVCache<L2NormEvict, backend::Cuda> host(s, L2NormEvict(budget, 0));
+  KVCache<L2NormEvict, backend::Cuda> device(s, L2NormEvict(budget, 0));
+  const auto k = convert<Half>(grid_values(n * s.kv_heads * d, 5));
+  const auto v = gaussian(n * s.kv_heads * d, 6);
+  const auto q = gaussian(4 * s.q_heads * d, 7);
+  kvpack::cuda::CudaContext& ctx = device.context();
+  kvpack::cuda::DeviceBuffer<Half> dk(k.size(), ctx.device());
+  kvpack::cuda::DeviceBuffer<float> dv(v.size(), ctx.device()), dq(q.size(), ctx.device());
+  // Output with padded rows: strides (q_heads * (d + 4), d + 4).
+  const int64_t ohs = d + 4, ots = s.q_heads * ohs;
+  kvpack::cuda::DeviceBuffer<float> dout(4 * ots, ctx.device());
+  REQUIRE(cudaMemcpy(dk.data(), k.data(), dk.bytes(), cudaMemcpyHostToDevice) == cudaSuccess);
+  REQUIRE(cudaMemcpy(dv.data(), v.data(), dv.bytes(), cudaMemcpyHostToDevice) == cudaSuccess);
+  REQUIRE(cudaMemcpy(dq.data(), q.data(), dq.bytes(), cudaMemcpyHostToDevice) == cudaSuccess);
+  for (int l = 0; l < s.layers; ++l) {
+    // HND device views (heads-first) against NHD host views of the same values.
+    std::vector<Half> k_hnd(k.size());
+    std::vector<float> v_hnd(v.size());
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t h = 0; h < s.kv_heads; ++h) {
+        for (int64_t i = 0; i < d; ++i) {
+          k_hnd[(h * n + t) * d + i] = k[(t * s.kv_heads + h) * d + i];
+          v_hnd[(h * n + t) * d + i] = v[(t * s.kv_heads + h) * d + i];
+        }
+      }
+    }
+    REQUIRE(cudaMemcpy(dk.data(), k_hnd.data(), dk.bytes(), cudaMemcpyHostToDevice) == cudaSuccess);
+    REQUIRE(cudaMemcpy(dv.data(), v_hnd.data(), dv.bytes(), cudaMemcpyHostToDevice) == cudaSuccess);
+    const auto pos = positions_range(0, n);
+    host.append(l, ActivationView::nhd(k.data(), n, s.kv_heads, d),
+                ActivationView::nhd(v.data(), n, s.kv_heads, d), pos);
+    device.append(l, ActivationView::hnd(dk.data(), n, s.kv_heads, d),
+                  ActivationView::hnd(dv.data(), n, s.kv_heads, d), pos, MemorySpace::kDevice);
+  }
+  host.compress();
+  device.compress();
+  REQUIRE(device.bytes() == host.bytes());
+  for (int l = 0; l < s.layers; ++l) {
+    const auto a = device.materialize(l), b = host.materialize(l);
+    for (int h = 0; h < s.kv_heads; ++h) {
+      REQUIRE(a.heads[h].positions == b.heads[h].positions);
+      REQUIRE(a.heads[h].k == b.heads[h].k);
+      REQUIRE(a.heads[h].v == b.heads[h].v);
+    }
+    const std::vector<int64_t> qpos{position_of(n - 1), position_of(n - 2), position_of(60),
+                                    position_of(n - 1)};
+    std::vector<float> expected(q.size());
+    host.attend(l, ActivationView::nhd(q.data(), 4, s.q_heads, d), qpos,
+                OutputView::nhd(expected.data(), 4, s.q_heads, d));
+    device.attend(l, ActivationView::nhd(dq.data(), 4, s.q_heads, d), qpos,
+                  OutputView(dout.data(), 4, s.q_heads, d, ots, ohs), MemorySpace::kDevice);
+    std::vector<float> padded(dout.size());
+    REQUIRE(cudaMemcpy(padded.data(), dout.data(), dout.bytes(), cudaMemcpyDeviceToHost) ==
+            cudaSuccess);
+    std::vector<float> got(q.size());
+    for (int64_t t = 0; t < 4; ++t) {
+      for (int64_t h = 0; h < s.q_heads; ++h) {
+        for (int64_t i = 0; i < d; ++i)
+          got[(t * s.q_heads + h) * d + i] = padded[t * ots + h * ohs + i];
+      }
+    }
+    REQUIRE(normalised_error(got, expected) < 1e-10);  // same kernels, same inputs
+  }
+
+  // Device values are checked on the device with the host check's message.
+  std::vector<float> bad = v;
+  bad[(5 * s.kv_heads + 1) * d + 9] = NAN;
+  kvpack::cuda::DeviceBuffer<float> dbad(bad.size(), ctx.device());
+  REQUIRE(cudaMemcpy(dbad.data(), bad.data(), dbad.bytes(), cudaMemcpyHostToDevice) == cudaSuccess);
+  const auto next = positions_range(n, n);
+  const std::string on_host = error_of([&] {
+    host.append(0, ActivationView::nhd(k.data(), n, s.kv_heads, d),
+                ActivationView::nhd(bad.data(), n, s.kv_heads, d), next);
+  });
+  const std::string on_device = error_of([&] {
+    device.append(0, ActivationView::nhd(dk.data(), n, s.kv_heads, d),
+                  ActivationView::nhd(dbad.data(), n, s.kv_heads, d), next, MemorySpace::kDevice);
+  });
+  REQUIRE_THAT(on_host, Contains("v[token 5, head 1, channel 9]"));
+  REQUIRE(on_device == on_host);
+  // Memory-space mistakes are refused before anything is read.
+  REQUIRE_THAT(error_of([&] {
+                 device.append(0, ActivationView::nhd(k.data(), n, s.kv_heads, d),
+                               ActivationView::nhd(v.data(), n, s.kv_heads, d), next,
+                               MemorySpace::kDevice);
+               }),
+               Contains("k = a host pointer"));
+  REQUIRE_THAT(error_of([&] {
+                 host.append(0, ActivationView::nhd(dk.data(), n, s.kv_heads, d),
+                             ActivationView::nhd(dv.data(), n, s.kv_heads, d), next);
+               }),
+               Contains("k = a device pointer"));
+  REQUIRE(device.bytes() == host.bytes());
+}
+
+TEST_CASE("CUDA caller-owned context, truncate and clear", "[cuda]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  kvpack::cuda::CudaContext ctx(0);
+  REQUIRE(ctx.stream() != nullptr);
+  REQUIRE(ctx.sm_count() > 0);
+  REQUIRE(ctx.cublas() != nullptr);
+  REQUIRE(ctx.cublas() == ctx.cublas());  // created once
+  REQUIRE(ctx.cusolver() != nullptr);
+  REQUIRE_THROWS_WITH(kvpack::cuda::CudaContext(1 << 20), Contains("device = 1048576"));
+  REQUIRE_THROWS_WITH(kvpack::cuda::check_cuda(cudaErrorInvalidValue, "test"),
+                      Contains("test: CUDA error cudaErrorInvalidValue"));
+
+  const ModelShape s = kShapes[0];
+  KVCache<kvpack::Identity, backend::Cpu> cpu(s);
+  KVCache<kvpack::Identity, backend::Cuda> gpu(s, kvpack::Identity{}, ctx);
+  REQUIRE(&gpu.context() == &ctx);
+  feed_sequence(s, 120, 4, false, cpu, gpu);
+  // Roll back the last 10 tokens (e.g. a scoring prompt), then keep decoding.
+  const int64_t keep_until = position_of(113);
+  cpu.truncate(keep_until);
+  gpu.truncate(keep_until);
+  require_same_state(cpu, gpu);
+  for (int l = 0; l < s.layers; ++l) feed(s, l, 114, 5, 2, false, cpu, gpu);
+  require_same_state(cpu, gpu);
+  require_same_attention_everywhere(cpu, gpu, 77);
+
+  // Moving the cache keeps its storage.
+  KVCache<kvpack::Identity, backend::Cuda> moved(std::move(gpu));
+  require_same_state(cpu, moved);
+  moved.clear();
+  cpu.clear();
+  require_same_state(cpu, moved);
+  REQUIRE(moved.reserved_bytes() == 0);
+  feed_sequence(s, 30, 1, false, cpu, moved);
+  require_same_state(cpu, moved);
+  require_same_attention_everywhere(cpu, moved, 78);
+}

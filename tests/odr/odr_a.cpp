@@ -1,0 +1,10 @@
+// ODR test, translation unit a: includes the umbrella header and uses it. Linked with the other
+// unit into one program, so a non-inline definition in any header is a multiple-definition error.
+#include <cstddef>
+#include <kvpack/kvpack.hpp>
+
+std::size_t kvpack_odr_bytes_a() {
+  kvpack::ModelShape shape{2, 4, 2, 8, {}};
+  kvpack::KVCache<kvpack::Identity> cache(shape);
+  return cache.bytes();
+}

@@ -1,5 +1,7 @@
 #include "eval_cache.hpp"
 
+#include <algorithm>
+#include <cmath>
 #include <sstream>
 #include <stdexcept>
 #include <type_traits>
@@ -113,15 +115,25 @@ std::unique_ptr<EvalCache> with_selection(const std::string& base, const PolicyS
 }  // namespace
 
 std::string known_policy_names() {
-  return "full, full-f32, quant, l2, kvzip, kvzip-uniform, lazy, and l2+quant, kvzip+quant, "
-         "kvzip-uniform+quant, lazy+quant";
+  return "full, full-f32, quant, l2, kvzip, kvzip-uniform, lazy, xkv, cskv, and l2+quant, "
+         "kvzip+quant, kvzip-uniform+quant, lazy+quant";
+}
+
+std::pair<int, int> cskv_ranks(const ModelShape& shape, double ratio) {
+  // Per token and layer: dense 2 * c * 2 bytes; held (r_k + r_v) * 2 (fp16 latents) + one
+  // int32 position per kv head. r_k : r_v = 1 : 3.
+  const int c = shape.kv_heads * shape.head_dim;
+  const double total = (4.0 * c / ratio - 4.0 * shape.kv_heads) / 2.0;
+  const int rk = std::clamp(static_cast<int>(std::lround(0.25 * total)), 1, c);
+  const int rv = std::clamp(static_cast<int>(std::lround(0.75 * total)), 1, c);
+  return {rk, rv};
 }
 
 void check_policy_name(const std::string& name) {
   static const char* known[] = {
       "full",          "full-f32", "quant",    "l2",          "kvzip",
       "kvzip-uniform", "lazy",     "l2+quant", "kvzip+quant", "kvzip-uniform+quant",
-      "lazy+quant"};
+      "lazy+quant",    "xkv",      "cskv"};
   for (const char* k : known) {
     if (name == k) return;
   }
@@ -135,6 +147,8 @@ std::string PolicySpec::label() const {
   if (quant) os << bits;
   if (name.rfind("l2", 0) == 0 || name.rfind("kvzip", 0) == 0) os << " keep=" << keep;
   if (name.rfind("lazy", 0) == 0) os << " thr=" << threshold;
+  if (name == "xkv") os << " G=" << xkv_group << " x" << ratio;
+  if (name == "cskv") os << " x" << ratio;
   return os.str();
 }
 
@@ -146,6 +160,15 @@ std::unique_ptr<EvalCache> make_cache(const PolicySpec& spec, const ModelShape& 
     return std::make_unique<TypedEvalCache<IdentityF32>>(shape, IdentityF32{});
   }
   if (spec.name == "quant") return std::make_unique<TypedEvalCache<Quantize>>(shape, quant);
+  if (spec.name == "xkv") {
+    return std::make_unique<TypedEvalCache<CrossLayerSVD>>(
+        shape, CrossLayerSVD::with_ratio(spec.xkv_group, spec.ratio));
+  }
+  if (spec.name == "cskv") {
+    if (!spec.projections) throw std::runtime_error("cskv needs calibrated projections");
+    return std::make_unique<TypedEvalCache<ChannelShrink>>(
+        shape, ChannelShrink(spec.projections, spec.cskv_window));
+  }
   const auto plus = spec.name.find("+quant");
   if (plus != std::string::npos) {
     return with_selection(spec.name.substr(0, plus), spec, [&](auto first) {

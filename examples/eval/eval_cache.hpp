@@ -6,6 +6,7 @@
 #include <kvpack/kvpack.hpp>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attention_cache.hpp"
@@ -22,10 +23,19 @@ struct PolicySpec {
   double threshold = 0.6;  ///< LazyLayerDrop; measured default for SmolLM2 (README)
   int64_t lazy_recent = 1024;
   int64_t sinks = -1;  ///< protected first tokens; -1: the policy's default
+  double ratio = 4.0;  ///< target bytes ratio of the low-rank policies (xkv, cskv)
+  int xkv_group = 4;   ///< CrossLayerSVD layers per group
+  int64_t cskv_window = 32;
+  /// ChannelShrink projections for each layer, calibrated per ratio (set by the runner).
+  std::shared_ptr<const ChannelProjections> projections;
 
   /// A short label for tables: e.g. "kvzip keep=0.25", "lazy+quant4".
   std::string label() const;
 };
+
+/// Ranks (r_k, r_v) of ChannelShrink for a target bytes ratio on `shape`: keys compressed three
+/// times harder than values (CSKV: K 75 % / V 25 % at 2x beats the reverse).
+std::pair<int, int> cskv_ranks(const ModelShape& shape, double ratio);
 
 /// Parses "l2", "kvzip+quant", ... and checks that the name is known; throws std::runtime_error.
 void check_policy_name(const std::string& name);

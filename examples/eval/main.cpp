@@ -42,6 +42,10 @@ const char* kHelp =
     "  --threshold LIST     LazyLayerDrop thresholds (default 0.6, measured for SmolLM2)\n"
     "  --lazy-recent N      LazyLayerDrop recent window (default 1024)\n"
     "  --sinks N            protected first tokens (default: the system prompt, or 4)\n"
+    "  --ratio LIST         target bytes ratios of xkv and cskv (default 4)\n"
+    "  --xkv-group LIST     CrossLayerSVD layers per group (default 4)\n"
+    "  --cskv-window N      ChannelShrink exact window (default 32); its projections are\n"
+    "                       calibrated on the last 1024 tokens of the text\n"
     "Inputs:\n"
     "  --context N          context tokens compressed before scoring (default 2048)\n"
     "  --continuation N     teacher-forced tokens for agreement/KL/perplexity (default 128)\n"
@@ -101,6 +105,8 @@ struct Options {
   std::vector<double> keeps{0.5, 0.25};
   std::vector<int> bits{4};
   std::vector<double> thresholds{0.6};
+  std::vector<double> ratios{4.0};
+  std::vector<int> xkv_groups{4};
   PolicySpec base;
   kvpack::eval::Settings settings;
   std::string text_file, tasks_file, json_file, task_kind = "passkey";
@@ -138,6 +144,16 @@ Options parse(int argc, char** argv) {
     } else if (a == "--threshold") {
       o.thresholds.clear();
       for (const auto& t : split(value(i))) o.thresholds.push_back(parse_double(a, t, 0.0, 1.0));
+    } else if (a == "--ratio") {
+      o.ratios.clear();
+      for (const auto& r : split(value(i))) o.ratios.push_back(parse_double(a, r, 1.0001, 1e4));
+    } else if (a == "--xkv-group") {
+      o.xkv_groups.clear();
+      for (const auto& g : split(value(i))) {
+        o.xkv_groups.push_back(static_cast<int>(parse_int(a, g, 1, 1024)));
+      }
+    } else if (a == "--cskv-window") {
+      o.base.cskv_window = parse_int(a, value(i), 0, 1 << 20);
     } else if (a == "--group") {
       o.base.group = static_cast<int>(parse_int(a, value(i), 1, 4096));
     } else if (a == "--residual") {
@@ -197,6 +213,18 @@ std::vector<PolicySpec> expand(const Options& o) {
     const bool evicts = name.rfind("l2", 0) == 0 || name.rfind("kvzip", 0) == 0;
     const bool lazy = name.rfind("lazy", 0) == 0;
     const bool quant = name == "quant" || name.find("+quant") != std::string::npos;
+    if (name == "xkv" || name == "cskv") {
+      for (int group : name == "xkv" ? o.xkv_groups : std::vector<int>{o.base.xkv_group}) {
+        for (double ratio : o.ratios) {
+          PolicySpec s = o.base;
+          s.name = name;
+          s.xkv_group = group;
+          s.ratio = ratio;
+          rows.push_back(s);
+        }
+      }
+      continue;
+    }
     for (double keep : evicts ? o.keeps : std::vector<double>{1.0}) {
       for (double thr : lazy ? o.thresholds : std::vector<double>{0.0}) {
         for (int bits : quant ? o.bits : std::vector<int>{16}) {
@@ -309,10 +337,17 @@ int main(int argc, char** argv) {
     const auto model = kvpack::llama::LlamaModel::from_gguf(file);
     kvpack::eval::Runner runner(model, tokenizer, o.settings);
 
+    bool calibrate = false;
+    for (const auto& p : o.policies) calibrate = calibrate || p == "cskv";
     std::vector<int32_t> text;
-    if (o.settings.run_text) {
+    if (o.settings.run_text || calibrate) {
       text = tokenizer.encode(o.text_file.empty() ? kvpack::eval::default_text()
                                                   : kvpack::eval::read_file(o.text_file));
+    }
+    if (calibrate) {
+      // The end of the text, away from the scored window at its start.
+      const std::size_t n = std::min<std::size_t>(1024, text.size() / 2);
+      runner.set_calibration_tokens(std::vector<int32_t>(text.end() - n, text.end()));
     }
     std::vector<kvpack::eval::RetrievalTask> tasks;
     if (o.settings.run_retrieval) {

@@ -63,12 +63,48 @@ void Runner::repeat_pass(EvalCache& cache, const std::vector<int32_t>& ids, int6
   cache.set_window(ScoreWindow::all());
 }
 
+std::shared_ptr<const ChannelProjections> Runner::projections(double ratio) {
+  for (const auto& [r, p] : projections_) {
+    if (r == ratio) return p;
+  }
+  if (calibration_.empty()) throw std::runtime_error("cskv: no calibration tokens");
+  // Run the model over the calibration tokens on an exact fp32 cache, then collect each
+  // layer's pre-RoPE keys and values (tokens x kv_heads*head_dim).
+  const ModelShape shape = model_.config().shape();
+  KVCache<IdentityF32> cache(shape);
+  llama::KvCacheAdapter<KVCache<IdentityF32>> adapter(cache, false);
+  model_.forward(adapter, calibration_, 0, llama::Logits::kNone);
+  const Rope rope(shape.rope, shape.head_dim);
+  const int c = shape.kv_heads * shape.head_dim, d = shape.head_dim;
+  std::vector<std::vector<float>> keys(shape.layers), values(shape.layers);
+  for (int l = 0; l < shape.layers; ++l) {
+    const DenseLayer layer = cache.materialize(l);
+    const std::size_t n = layer.heads[0].positions.size();
+    keys[l].resize(n * c);
+    values[l].resize(n * c);
+    for (int h = 0; h < shape.kv_heads; ++h) {
+      for (std::size_t t = 0; t < n; ++t) {
+        float* k = keys[l].data() + t * c + h * d;
+        std::copy_n(layer.heads[h].k.data() + t * d, d, k);
+        rope.unrotate(k, layer.heads[h].positions[t]);
+        std::copy_n(layer.heads[h].v.data() + t * d, d, values[l].data() + t * c + h * d);
+      }
+    }
+  }
+  const auto [rk, rv] = cskv_ranks(shape, ratio);
+  auto p = std::make_shared<const ChannelProjections>(
+      ChannelProjections::calibrate(keys, values, shape.kv_heads, shape.head_dim, rk, rv));
+  projections_.push_back({ratio, p});
+  return p;
+}
+
 std::unique_ptr<EvalCache> Runner::prefill_and_compress(const PolicySpec& spec_in,
                                                         const std::vector<int32_t>& ids,
                                                         int64_t context_begin,
                                                         PolicyResult& stats) {
   PolicySpec spec = spec_in;
   if (spec.sinks < 0) spec.sinks = std::max<int64_t>(context_begin, 4);
+  if (spec.name == "cskv" && !spec.projections) spec.projections = projections(spec.ratio);
   auto cache = make_cache(spec, model_.config().shape());
   const int64_t n = static_cast<int64_t>(ids.size());
   const int64_t observed = cache->needs_last_queries() ? std::min(settings_.lazy_queries, n) : 0;

@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "eval_cache.hpp"
@@ -63,6 +64,11 @@ class Runner {
 
   /// Full-cache logits on text tokens [context, context + continuation).
   TextReference text_reference(const std::vector<int32_t>& text_tokens, PolicyResult& full);
+  /// Tokens the ChannelShrink projections are calibrated on (kept apart from the scored text).
+  void set_calibration_tokens(std::vector<int32_t> tokens) { calibration_ = std::move(tokens); }
+  /// PCA projections for `ratio`, computed once per ratio from the calibration tokens.
+  std::shared_ptr<const ChannelProjections> projections(double ratio);
+
   /// Starts a table row: resets the prefill / decode timers.
   void begin_row() { prefill_seconds_ = prefill_tokens_ = decode_seconds_ = decode_tokens_ = 0; }
   /// Writes the row's prefill and decode rates.
@@ -90,6 +96,8 @@ class Runner {
   const llama::LlamaModel& model_;
   const llama::Tokenizer& tok_;
   Settings settings_;
+  std::vector<int32_t> calibration_;
+  std::vector<std::pair<double, std::shared_ptr<const ChannelProjections>>> projections_;
   double prefill_seconds_ = 0, prefill_tokens_ = 0, decode_seconds_ = 0, decode_tokens_ = 0;
 };
 

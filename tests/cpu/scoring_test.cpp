@@ -70,7 +70,7 @@ struct RepeatScenario {
 
 TEST_CASE(
     "ReconstructionEvict: scores are the max softmax probability over queries and the GQA "
-    "group; eviction keeps the brute-force top-k",
+    "group, and eviction keeps the brute-force top-k",
     "[scoring][kvzip]") {
   for (auto scope : {BudgetScope::kPerHead, BudgetScope::kGlobal}) {
     RepeatScenario sc;
@@ -202,7 +202,7 @@ TEST_CASE("ReconstructionEvict: bad calls are refused and change nothing", "[sco
                       Contains("positions[0] = 150"));
 }
 
-TEST_CASE("LazyLayerDrop: observed mass matches brute force; lazy layers keep initial + recent",
+TEST_CASE("LazyLayerDrop: observed mass matches brute force, lazy layers keep initial + recent",
           "[scoring][simlayerkv]") {
   const int64_t n = 600;
   kvpack::LazyLayerDrop policy(0.5, 4, 128);

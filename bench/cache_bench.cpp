@@ -29,7 +29,7 @@ kvpack::L2NormEvict bench_policy<kvpack::L2NormEvict>() {
   return kvpack::L2NormEvict(kvpack::Budget::ratio(kKeepRatio), /*skip=*/0);
 }
 
-/// fp32 K+V input of `tokens` tokens, and what the cache stores of them.
+/// Bytes of the fp32 K and V that append() consumes for `tokens` tokens.
 double input_bytes(int64_t tokens) { return 2.0 * tokens * kKvHeads * kHeadDim * sizeof(float); }
 
 template <class Policy>

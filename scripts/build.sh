@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-bash scripts/setup.sh
+# run_tests.sh and run_demo.sh have run it already.
+[ -n "${KVPACK_SETUP_DONE:-}" ] || bash scripts/setup.sh
 
 build_dir=${KVPACK_BUILD_DIR:-build}
 configure=(-S . -B "$build_dir" -DCMAKE_BUILD_TYPE="${KVPACK_BUILD_TYPE:-Release}")

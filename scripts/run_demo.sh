@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
+export KVPACK_SETUP_DONE=1
 if [ -f scripts/fetch_model.sh ]; then
   bash scripts/fetch_model.sh
 fi

@@ -8,6 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$SECONDS
 
 bash scripts/setup.sh
+export KVPACK_SETUP_DONE=1
 if [ -f scripts/fetch_model.sh ]; then
   bash scripts/fetch_model.sh
 fi

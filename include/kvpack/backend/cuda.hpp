@@ -29,7 +29,8 @@
 
 #if !defined(__CUDACC__)
 #error \
-    "kvpack/backend/cuda.hpp defines KVCache<Policy, backend::Cuda> with CUDA kernels: compile this translation unit with nvcc (a .cu file). Host-only code may include kvpack/backend/cuda/context.hpp."
+    "kvpack/backend/cuda.hpp needs nvcc: compile this translation unit as CUDA (.cu)." \
+    " Host-only code can include kvpack/backend/cuda/context.hpp."
 #endif
 
 // Eigen (pulled in by the CPU backend) declares defaulted members __host__ __device__, which

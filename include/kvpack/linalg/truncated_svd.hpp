@@ -71,11 +71,17 @@ constexpr Eigen::Index kFullEigenMaxSize = 96;
 /// orthogonal to ~2·ε_double/kClusterGap ≈ 4e-9, far below fp32 resolution, so a wider (LAPACK:
 /// 1e-3) gap would only add O(n·r²) re-orthogonalisation work.
 constexpr double kClusterGap = 1e-7;
-/// Inverse-iteration solves per eigenvector; 1–2 converge for eigenvalues accurate to ε·‖T‖.
-constexpr int kInverseIterations = 3;
-/// Singular values below this fraction of σ₁ make U = X·V·S⁻¹ lose orthogonality in fp32: U is
-/// then the orthonormal factor of a QR of X·V instead.
-constexpr double kGuardRelative = 1e-6;
+/// Inverse-iteration solves per eigenvector. With a shift accurate to ε·‖T‖ one solve leaves
+/// components ~ε·‖T‖/gap ≤ 2e-9 along other eigenvectors outside the cluster; two leave none.
+constexpr int kInverseIterations = 2;
+/// Singular values below this fraction of σ₁ make U = X·V·S⁻¹ lose orthogonality in fp32 (the
+/// columns of X·V carry rounding ~ε·‖X‖: measured max|UᵀU − I| ≈ 3e-9·σ₁/σ_r, 2.6e-4 at
+/// σ_r = 1e-5·σ₁): U is then the orthonormal factor of a QR of X·V instead, which costs about
+/// as much as the X·V product itself.
+constexpr double kGuardRelative = 1e-3;
+/// A BDCSVD triplet whose residual ‖X·v_i − σ_i·u_i‖ exceeds this fraction of σ₁ is wrong, not
+/// inaccurate: fp32 rounding leaves ~1e-6.
+constexpr double kTripletTolerance = 1e-3;
 /// Rows of X converted to double at a time while accumulating the Gram matrix.
 constexpr Eigen::Index kGramRowBlock = 256;
 
@@ -256,19 +262,24 @@ inline void top_eigenpairs(Eigen::MatrixXd& g, Eigen::Index r, Eigen::VectorXd& 
     shift_prev = shift;
     lu.factor(diag, sub, shift, tiny);
     for (Eigen::Index i = 0; i < n; ++i) b(i) = uniform(rng);
-    for (int it = 0; it < kInverseIterations; ++it) {
+    for (int it = 0; it < kInverseIterations && ok; ++it) {
       b /= b.cwiseAbs().maxCoeff();  // keep the growth of the solve inside double range
       lu.solve(b.data());
-      if (k > cluster_begin) {
-        // Classical Gram-Schmidt, twice ("twice is enough"), against this cluster's vectors.
-        const auto previous = z.middleCols(cluster_begin, k - cluster_begin);
-        for (int pass = 0; pass < 2; ++pass) b -= previous * (previous.transpose() * b);
-      }
       const double norm = b.norm();
-      if (!(norm > 0.0) || !std::isfinite(norm)) {
-        ok = false;
-        break;
-      }
+      ok = norm > 0.0 && std::isfinite(norm);
+      b /= norm;
+    }
+    if (ok && k > cluster_begin) {
+      // Classical Gram-Schmidt, twice ("twice is enough"), against this cluster's vectors, once
+      // after the solves (LAPACK's dstein does it inside every iteration). Inside a cluster the
+      // solves amplify the whole cluster subspace alike, so a random start keeps a component
+      // orthogonal to the vectors found so far that is at worst a few orders of magnitude below
+      // the rest: double has the digits to spare, and this costs a third of the per-iteration
+      // version, which dominated for r ≳ n/4 on spectra with a flat tail.
+      const auto previous = z.middleCols(cluster_begin, k - cluster_begin);
+      for (int pass = 0; pass < 2; ++pass) b -= previous * (previous.transpose() * b);
+      const double norm = b.norm();
+      ok = norm > 0.0 && std::isfinite(norm);
       b /= norm;
     }
     z.col(k) = b;
@@ -283,14 +294,34 @@ inline void top_eigenpairs(Eigen::MatrixXd& g, Eigen::Index r, Eigen::VectorXd& 
 
 // ---- Routes ------------------------------------------------------------------------------------
 
+/// Largest residual ‖X·v_i − σ_i·u_i‖ over the returned triplets, relative to σ₁.
+template <class Derived>
+double triplet_residual(const Eigen::MatrixBase<Derived>& x, const SvdFactors& f) {
+  if (f.S.size() == 0 || f.S(0) == 0.0f) return 0.0;
+  const Eigen::MatrixXf r = x * f.V - f.U * f.S.asDiagonal();
+  return r.colwise().norm().maxCoeff() / f.S(0);
+}
+
+/// Eigen 3.4's BDCSVD can pair singular vectors wrongly when singular values repeat to working
+/// precision next to exact zeros (e.g. an exact-rank matrix with a flat spectrum: ‖X − USVᵀ‖
+/// reaches ‖X‖/3 although U and V are each orthonormal; seen in fp32 and fp64). One GEMM checks
+/// every returned triplet; a failure falls back to JacobiSVD (correct, ~20× slower).
 template <class Derived>
 SvdFactors bdc_svd(const Eigen::MatrixBase<Derived>& x, Eigen::Index r) {
-  const Eigen::BDCSVD<Eigen::MatrixXf> svd(x, Eigen::ComputeThinU | Eigen::ComputeThinV);
   SvdFactors f;
+  f.route = SvdRoute::kBdc;
+  {
+    const Eigen::BDCSVD<Eigen::MatrixXf> svd(x, Eigen::ComputeThinU | Eigen::ComputeThinV);
+    f.U = svd.matrixU().leftCols(r);
+    f.S = svd.singularValues().head(r);
+    f.V = svd.matrixV().leftCols(r);
+  }
+  if (triplet_residual(x, f) <= kTripletTolerance) return f;
+  const Eigen::JacobiSVD<Eigen::MatrixXf, Eigen::ColPivHouseholderQRPreconditioner> svd(
+      x, Eigen::ComputeThinU | Eigen::ComputeThinV);
   f.U = svd.matrixU().leftCols(r);
   f.S = svd.singularValues().head(r);
   f.V = svd.matrixV().leftCols(r);
-  f.route = SvdRoute::kBdc;
   return f;
 }
 
@@ -353,12 +384,15 @@ SvdFactors randomized_svd(const Eigen::MatrixBase<Derived>& x, const SvdOptions&
     q.noalias() = x * w;
     orthonormalize_columns(q);
   }
-  const Eigen::MatrixXf bt = x.transpose() * q;  // Bᵀ: n × l, tall
-  const Eigen::BDCSVD<Eigen::MatrixXf> svd(bt, Eigen::ComputeThinU | Eigen::ComputeThinV);
+  // B = QᵀX is small (l × cols) and its condition number is X's. Its SVD goes through the Gram
+  // route (double Gram matrix of the l-side), which is accurate far below the randomized
+  // route's own error and sidesteps BDCSVD's repeated-singular-value failure (see bdc_svd).
+  const Eigen::MatrixXf b = q.transpose() * x;
+  SvdFactors small = gram_svd(b, r);
   SvdFactors f;
-  f.S = svd.singularValues().head(r);
-  f.V = svd.matrixU().leftCols(r);
-  f.U.noalias() = q * svd.matrixV().leftCols(r);
+  f.U.noalias() = q * small.U;
+  f.S = std::move(small.S);
+  f.V = std::move(small.V);
   f.route = SvdRoute::kRandomized;
   return f;
 }

@@ -5,6 +5,10 @@
 #include <cstdlib>
 #include <iostream>
 #include <kvpack/kvpack.hpp>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 #include <string>
 #include <vector>
 
@@ -28,6 +32,7 @@ void usage() {
          "  --max-tokens N       tokens to generate (default 64)\n"
          "  --cache KIND         identity (fp16, default), identity-f32, dense (reference)\n"
          "  --chunk N            prefill chunk size (default 256)\n"
+         "  --threads N          OpenMP threads (default: OMP_NUM_THREADS or all cores)\n"
          "  --bench-prefill N    time the prefill of N synthetic tokens, then 32 decode steps\n";
 }
 
@@ -43,6 +48,7 @@ struct Options {
   int max_tokens = 64;
   int64_t chunk = 256;
   int64_t bench_prefill = 0;
+  int threads = 0;
 };
 
 // Runs `body` with an AttentionCache of the requested kind.
@@ -109,6 +115,8 @@ int main(int argc, char** argv) {
         o.cache = value();
       } else if (a == "--chunk") {
         o.chunk = std::stoll(value());
+      } else if (a == "--threads") {
+        o.threads = std::stoi(value());
       } else if (a == "--bench-prefill") {
         o.bench_prefill = std::stoll(value());
       } else if (a == "-h" || a == "--help") {
@@ -125,6 +133,9 @@ int main(int argc, char** argv) {
       return 2;
     }
 
+#if defined(_OPENMP)
+    if (o.threads > 0) omp_set_num_threads(o.threads);
+#endif
     auto t0 = std::chrono::steady_clock::now();
     const auto file = kvpack::llama::GgufFile::open(o.model);
     const Tokenizer tokenizer = Tokenizer::from_gguf(file);

@@ -15,7 +15,8 @@
 ///
 /// The Llama shape uses 8192 tokens, not 32768: at 32768 × 4096 one factorisation takes ~1.5 min
 /// per route on one core here (the Gram matrix alone is 5.5e11 double flops), too long for a
-/// benchmark run. Run with e.g. --benchmark_filter=BM_TruncatedSvd/.*cols:192 --benchmark_min_time=0.1.
+/// benchmark run. Run with e.g. --benchmark_filter=BM_TruncatedSvd/.*cols:192
+/// --benchmark_min_time=0.1.
 
 #include <benchmark/benchmark.h>
 
@@ -100,7 +101,8 @@ void svd_shapes(benchmark::internal::Benchmark* b) {
   const int64_t automatic = static_cast<int64_t>(kvpack::SvdRoute::kAuto);
   for (int64_t rows : {2048, 8192}) {
     for (int64_t cols : {192, 768, 960}) {
-      for (int64_t route : {bdc, gram, randomized, automatic}) b->Args({route, rows, cols, cols / 4, 1});
+      for (int64_t route : {bdc, gram, randomized, automatic})
+        b->Args({route, rows, cols, cols / 4, 1});
     }
   }
   // Llama-3-8B-like xKV group: 4 layers × 8 KV heads × 128 = 4096 channels.

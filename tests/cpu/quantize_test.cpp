@@ -170,7 +170,7 @@ TEST_CASE("Quantize: compress during decoding quantizes what leaves the window",
     cache.append(0, ActivationView::nhd(k.data() + t * 192, 1, 3, 64),
                  ActivationView::nhd(k.data() + t * 192, 1, 3, 64), std::vector<int64_t>{100 + t});
   }
-  cache.compress();                                  // 140 tokens: 140 - 64 = 76 -> 64 quantized
+  cache.compress();  // 140 tokens: 140 - 64 = 76 -> 64 quantized
   // Per head: 8 more fp16 tail rows, one more 4-bit group of 32 tokens, 40 more positions.
   const std::size_t per_head = 8 * 64 * 2 * 2 + (64 + 32 * 2) * 20 + 40 * 4;
   REQUIRE(cache.bytes() - b1 == 3 * per_head);

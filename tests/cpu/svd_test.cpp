@@ -1,9 +1,8 @@
 // Truncated SVD (include/kvpack/linalg/truncated_svd.hpp): every route against the Eckart–Young
 // optimum of BDCSVD's full spectrum, orthonormality of the factors, exact-rank recovery, and the
 // argument checks.
-#include <catch2/catch.hpp>
-
 #include <Eigen/Dense>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <kvpack/linalg/truncated_svd.hpp>
@@ -237,9 +236,8 @@ TEST_CASE("truncated_svd: degenerate shapes, a zero matrix and extreme scales", 
   };
   for (const Input& in : inputs) {
     const double norm = in.x.cast<double>().norm();
-    const double optimum =
-        kvpack::optimal_truncation_error(Eigen::BDCSVD<Eigen::MatrixXf>(in.x).singularValues(),
-                                         in.rank);
+    const double optimum = kvpack::optimal_truncation_error(
+        Eigen::BDCSVD<Eigen::MatrixXf>(in.x).singularValues(), in.rank);
     for (SvdRoute route : {SvdRoute::kBdc, SvdRoute::kGram, SvdRoute::kRandomized}) {
       INFO(in.name << " route " << route_name(route));
       const kvpack::SvdFactors f = kvpack::truncated_svd(in.x, options(route, in.rank));
@@ -301,26 +299,23 @@ TEST_CASE("optimal_truncation_error and frobenius_error", "[svd]") {
 TEST_CASE("truncated_svd rejects bad input with a message naming the argument", "[svd]") {
   const OneEigenThread one_thread;
   const Eigen::MatrixXf x = low_rank_plus_noise(64, 16, 16, 0.9, 1e-3, 9);
-  for (SvdRoute route :
-       {SvdRoute::kAuto, SvdRoute::kBdc, SvdRoute::kGram, SvdRoute::kRandomized}) {
+  for (SvdRoute route : {SvdRoute::kAuto, SvdRoute::kBdc, SvdRoute::kGram, SvdRoute::kRandomized}) {
     INFO("route " << route_name(route));
     CHECK_THROWS_AS(kvpack::truncated_svd(x, options(route, 0)), kvpack::error);
     CHECK_THROWS_WITH(kvpack::truncated_svd(x, options(route, 0)),
                       Catch::Contains("truncated_svd: rank = 0, expected in [1, min(rows, cols)]"));
-    CHECK_THROWS_WITH(kvpack::truncated_svd(x, options(route, -3)),
-                      Catch::Contains("rank = -3"));
+    CHECK_THROWS_WITH(kvpack::truncated_svd(x, options(route, -3)), Catch::Contains("rank = -3"));
     CHECK_THROWS_WITH(kvpack::truncated_svd(x, options(route, 17)),
                       Catch::Contains("rank = 17") && Catch::Contains("[1, 16]"));
     CHECK_NOTHROW(kvpack::truncated_svd(x, options(route, 16)));
 
     Eigen::MatrixXf bad = x;
     bad(37, 5) = std::numeric_limits<float>::quiet_NaN();
-    CHECK_THROWS_WITH(kvpack::truncated_svd(bad, options(route, 4)),
-                      Catch::Contains("truncated_svd: x = non-finite value") &&
-                          Catch::Contains("(37, 5)"));
+    CHECK_THROWS_WITH(
+        kvpack::truncated_svd(bad, options(route, 4)),
+        Catch::Contains("truncated_svd: x = non-finite value") && Catch::Contains("(37, 5)"));
     bad(37, 5) = std::numeric_limits<float>::infinity();
-    CHECK_THROWS_WITH(kvpack::truncated_svd(bad, options(route, 4)),
-                      Catch::Contains("non-finite"));
+    CHECK_THROWS_WITH(kvpack::truncated_svd(bad, options(route, 4)), Catch::Contains("non-finite"));
 
     const Eigen::MatrixXf empty(0, 16);
     CHECK_THROWS_WITH(kvpack::truncated_svd(empty, options(route, 1)),

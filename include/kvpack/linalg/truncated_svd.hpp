@@ -12,8 +12,6 @@
 /// kAuto picks one by shape (choose_svd_route).
 #pragma once
 
-#include "../config.hpp"
-
 #include <Eigen/Core>
 #include <Eigen/Eigenvalues>
 #include <Eigen/QR>
@@ -26,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "../config.hpp"
 #include "../error.hpp"
 
 namespace kvpack {
@@ -41,9 +40,9 @@ enum class SvdRoute {
 /// \brief Knobs of truncated_svd(). `rank` has no default: the caller always says it.
 struct SvdOptions {
   SvdRoute route = SvdRoute::kAuto;
-  Eigen::Index rank = 0;     ///< r, in [1, min(rows, cols)]
-  int power_iterations = 2;  ///< kRandomized: q, passes of (X Xᵀ) applied to the range sample
-  int oversampling = 8;      ///< kRandomized: p, extra sample columns (sample width r + p)
+  Eigen::Index rank = 0;         ///< r, in [1, min(rows, cols)]
+  int power_iterations = 2;      ///< kRandomized: q, passes of (X Xᵀ) applied to the range sample
+  int oversampling = 8;          ///< kRandomized: p, extra sample columns (sample width r + p)
   uint64_t seed = 0x6b7670616b;  ///< kRandomized: seed of the Gaussian test matrix Ω
 };
 
@@ -151,8 +150,7 @@ struct TridiagonalLu {
   std::vector<double> dl, d, du, du2;
   std::vector<char> swapped;
 
-  void factor(const Eigen::VectorXd& diag, const Eigen::VectorXd& sub, double lambda,
-              double tiny) {
+  void factor(const Eigen::VectorXd& diag, const Eigen::VectorXd& sub, double lambda, double tiny) {
     const Eigen::Index n = diag.size();
     dl.assign(sub.data(), sub.data() + sub.size());
     du = dl;
@@ -225,7 +223,8 @@ inline void top_eigenpairs(Eigen::MatrixXd& g, Eigen::Index r, Eigen::VectorXd& 
 
   // Scale to unit magnitude as SelfAdjointEigenSolver does, so the tolerances below are relative.
   double scale = 0.0;
-  for (Eigen::Index j = 0; j < n; ++j) scale = std::max(scale, g.col(j).tail(n - j).cwiseAbs().maxCoeff());
+  for (Eigen::Index j = 0; j < n; ++j)
+    scale = std::max(scale, g.col(j).tail(n - j).cwiseAbs().maxCoeff());
   if (scale == 0.0) {
     values.setZero(r);
     vectors = Eigen::MatrixXd::Identity(n, r);
@@ -414,10 +413,10 @@ SvdFactors randomized_svd(const Eigen::MatrixBase<Derived>& x, const SvdOptions&
 /// Randomized gives away 0.1–4 % of Frobenius error on spectra with a flat tail, so it is taken
 /// only when predicted at least 25 % faster than Gram. The rule picks the faster route in 45 of
 /// the 56 cases; the misses cost ≤ 1.5× (sub-millisecond matrices aside), the worst being
-/// n = 2048 at r = n/2, where the memory-bound tridiagonalisation outgrows its n³ term. BDC is never chosen: it was the slowest
-/// route on every shape measured (3–10× Gram) and Gram's double Gram matrix matches its accuracy.
-/// Examples: 8192 × 768, r = 192 → Gram; 8192 × 960, r = 120 → randomized; 32768 × 4096,
-/// r = 384 → randomized.
+/// n = 2048 at r = n/2, where the memory-bound tridiagonalisation outgrows its n³ term. BDC is
+/// never chosen: it was the slowest route on every shape measured (3–10× Gram) and Gram's double
+/// Gram matrix matches its accuracy. Examples: 8192 × 768, r = 192 → Gram; 8192 × 960, r = 120 →
+/// randomized; 32768 × 4096, r = 384 → randomized.
 inline SvdRoute choose_svd_route(Eigen::Index rows, Eigen::Index cols, Eigen::Index rank,
                                  const SvdOptions& options = {}) {
   const double m = static_cast<double>(std::max(rows, cols));
@@ -491,8 +490,7 @@ inline double optimal_truncation_error(const Eigen::Ref<const Eigen::VectorXf>& 
                                        Eigen::Index r) {
   detail::require(r >= 0 && r <= singular_values.size(), "optimal_truncation_error", "r", r,
                   detail::concat("in [0, ", singular_values.size(), "]"));
-  return std::sqrt(
-      singular_values.tail(singular_values.size() - r).cast<double>().squaredNorm());
+  return std::sqrt(singular_values.tail(singular_values.size() - r).cast<double>().squaredNorm());
 }
 
 /// \brief ‖X − U·diag(S)·Vᵀ‖_F, accumulated in double.
@@ -502,9 +500,8 @@ inline double frobenius_error(const Eigen::Ref<const Eigen::MatrixXf>& x, const 
 }
 
 /// \brief ‖X − U·diag(S)·Vᵀ‖_F of row-major X, accumulated in double.
-inline double frobenius_error(const Eigen::Map<const RowMajorMatrixXf>& x,
-                              const Eigen::MatrixXf& u, const Eigen::VectorXf& s,
-                              const Eigen::MatrixXf& v) {
+inline double frobenius_error(const Eigen::Map<const RowMajorMatrixXf>& x, const Eigen::MatrixXf& u,
+                              const Eigen::VectorXf& s, const Eigen::MatrixXf& v) {
   return detail::frobenius_error_impl(x, u, s, v);
 }
 

@@ -6,11 +6,8 @@
 int main() {
   kvpack::ModelShape shape{2, 4, 2, 8, {}};
   kvpack::KVCache<kvpack::Identity> cache(shape);
-#ifdef KVPACK_HAS_CUDA
-  const char* cuda = "yes";
-#else
-  const char* cuda = "no";
-#endif
+  // kvpack/config.hpp defines it to 0 unless kvpack::cuda (or nvcc) sets it.
+  const char* cuda = KVPACK_HAS_CUDA ? "yes" : "no";
   std::printf("kvpack consumer: cache.bytes() = %zu, KVPACK_HAS_CUDA: %s\n",
               static_cast<std::size_t>(cache.bytes()), cuda);
   return 0;

@@ -72,6 +72,18 @@ class TypedEvalCache : public EvalCache {
     }
     return m;
   }
+  int layers() const override { return cache_.shape().layers; }
+  DenseLayer materialize(int layer) const override { return cache_.materialize(layer); }
+  void set_keep(double keep) override {
+    if constexpr (std::is_base_of_v<EvictionPolicy, Selection>) {
+      Budget& b = selection().budget;
+      b.keep_ratio = keep;
+      b.keep_tokens = 0;
+      b.validate("set_keep");
+    } else {
+      throw std::runtime_error("set_keep: this policy has no keep ratio");
+    }
+  }
   std::vector<bool> lazy_layers() const override {
     std::vector<bool> lazy;
     if constexpr (std::is_same_v<Selection, LazyLayerDrop>) {
@@ -84,9 +96,44 @@ class TypedEvalCache : public EvalCache {
   using Selection = typename detail::PolicyStages<Policy>::selection;
   Selection& selection() { return detail::PolicyStages<Policy>::select_knobs(cache_.policy()); }
 
+  void append_rows(int layer, const float* k, const float* v, const int64_t* positions,
+                   int64_t n) override {
+    adapter_.append(layer, k, v, positions, n);
+  }
+
   KVCache<Policy> cache_;
   SwitchableAdapter<KVCache<Policy>> adapter_;
 };
+
+}  // namespace
+
+void EvalCache::copy_prefix_from(const EvalCache& source, int64_t end_position) {
+  std::vector<float> k, v;
+  std::vector<int64_t> positions;
+  for (int l = 0; l < source.layers(); ++l) {
+    const DenseLayer layer = source.materialize(l);
+    const auto& pos = layer.heads.at(0).positions;
+    const int64_t heads = static_cast<int64_t>(layer.heads.size());
+    const int64_t d = static_cast<int64_t>(layer.heads[0].k.size() /
+                                           std::max<std::size_t>(1, pos.size()));
+    const int64_t n = std::lower_bound(pos.begin(), pos.end(), end_position) - pos.begin();
+    k.resize(n * heads * d);
+    v.resize(n * heads * d);
+    for (int64_t h = 0; h < heads; ++h) {
+      if (layer.heads[h].positions != pos) {
+        throw std::runtime_error("copy_prefix_from: the source heads hold different tokens");
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        std::copy_n(layer.heads[h].k.data() + t * d, d, k.data() + (t * heads + h) * d);
+        std::copy_n(layer.heads[h].v.data() + t * d, d, v.data() + (t * heads + h) * d);
+      }
+    }
+    positions.assign(pos.begin(), pos.begin() + n);
+    if (n > 0) append_rows(l, k.data(), v.data(), positions.data(), n);
+  }
+}
+
+namespace {
 
 Budget eviction_budget(const PolicySpec& spec, BudgetScope scope, int64_t default_sinks) {
   Budget b = Budget::ratio(spec.keep, scope);

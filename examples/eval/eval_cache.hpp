@@ -66,6 +66,20 @@ class EvalCache {
   /// LazyLayerDrop's per-layer statistic and decision (empty for other policies).
   virtual std::vector<double> observed_mass() const = 0;
   virtual std::vector<bool> lazy_layers() const = 0;
+  virtual int layers() const = 0;
+  /// Dense copy of one layer (every kv head), for copying a prefilled cache into another.
+  virtual DenseLayer materialize(int layer) const = 0;
+  /// Appends every token of `source` at a position < `end_position`, layer by layer: the same
+  /// K/V a prefill of those tokens would have appended (prefill attention reads the uncompressed
+  /// cache, so it does not depend on the policy). `source` must hold the same tokens in every head.
+  void copy_prefix_from(const EvalCache& source, int64_t end_position);
+  /// Sets the keep ratio of the eviction stage (a cache observed once, compressed at several
+  /// budgets); throws for policies without one.
+  virtual void set_keep(double keep) = 0;
+
+ protected:
+  virtual void append_rows(int layer, const float* k, const float* v, const int64_t* positions,
+                           int64_t n) = 0;
 };
 
 std::unique_ptr<EvalCache> make_cache(const PolicySpec& spec, const ModelShape& shape);

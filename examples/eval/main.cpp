@@ -65,6 +65,7 @@ const char* kHelp =
     "  --model PATH         GGUF model (default: $KVPACK_MODEL or the kvpack cache)\n"
     "  --threads N          OpenMP threads (default: all cores)\n"
     "  --quiet              no progress bar\n"
+    "  --verbose            print each retrieval answer (expected, generated) on stderr\n"
     "  -h, --help           this text\n";
 
 std::vector<std::string> split(const std::string& s) {
@@ -193,6 +194,8 @@ Options parse(int argc, char** argv) {
       o.model = value(i);
     } else if (a == "--threads") {
       o.threads = static_cast<int>(parse_int(a, value(i), 1, 1024));
+    } else if (a == "--verbose") {
+      o.settings.verbose = true;
     } else if (a == "--quiet") {
       o.quiet = true;
     } else {
@@ -274,20 +277,37 @@ std::string json_number(double x) {
   return os.str();
 }
 
+/// "%W.Pf" of x, or "-" right-aligned when x is not finite (not measured for this row).
+std::string cell(double x, int width, int precision) {
+  char buf[64];
+  if (std::isfinite(x)) {
+    std::snprintf(buf, sizeof buf, "%*.*f", width, precision, x);
+  } else {
+    std::snprintf(buf, sizeof buf, "%*s", width, "-");
+  }
+  return buf;
+}
+
 void print_table(const std::vector<PolicyResult>& rows, const kvpack::eval::Settings& s) {
-  std::printf("\n%-26s %8s %9s %9s %9s %9s %10s %10s\n", "policy", "bytes_x", "agree@1", "kl",
-              "ppl", "retrieval", "prefill/s", "decode/s");
+  std::printf("\n%-26s %8s %9s %9s %9s %9s %10s %10s %10s\n", "policy", "bytes_x", "agree@1",
+              "kl", "ppl", "retrieval", "prefill/s", "decode/s", "compress_s");
   for (const auto& r : rows) {
     const double ratio = s.run_text ? r.bytes_ratio : r.retrieval_bytes_ratio;
-    std::printf("%-26s %8.2f %9.3f %9.4f %9.2f %9.3f %10.1f %10.1f\n", r.label.c_str(), ratio,
-                s.run_text ? r.agreement_top1 : NAN, s.run_text ? r.kl : NAN,
-                s.run_text ? r.perplexity : NAN, s.run_retrieval ? r.retrieval_acc : NAN,
-                r.prefill_tokens_per_s, r.decode_tokens_per_s);
+    const double retrieval = r.retrieval_asked > 0 ? r.retrieval_acc : NAN;
+    std::printf("%-26s %s %s %s %s %s %s %s %s\n", r.label.c_str(), cell(ratio, 8, 2).c_str(),
+                cell(s.run_text ? r.agreement_top1 : NAN, 9, 3).c_str(),
+                cell(s.run_text ? r.kl : NAN, 9, 4).c_str(),
+                cell(s.run_text ? r.perplexity : NAN, 9, 2).c_str(), cell(retrieval, 9, 3).c_str(),
+                cell(r.prefill_tokens_per_s(), 10, 1).c_str(),
+                cell(r.decode_tokens_per_s(), 10, 1).c_str(),
+                cell(r.score_seconds + r.compress_seconds, 10, 3).c_str());
   }
   std::printf(
-      "\nbytes_x = dense fp16 bytes / bytes held after compress(), measured; agree@1 and "
-      "kl against the full cache over %lld continuation tokens after %lld context "
-      "tokens.\n",
+      "\nbytes_x = dense fp16 bytes / bytes held after compress(), measured; agree@1 and kl "
+      "against the full cache over %lld continuation tokens after %lld context tokens; "
+      "prefill/s once per context on the full cache (every row starts from a copy of it); "
+      "decode/s greedy steps over the row's cache; compress_s = scoring passes + compress(), "
+      "summed over contexts.\n",
       static_cast<long long>(s.continuation), static_cast<long long>(s.context));
 }
 
@@ -308,9 +328,10 @@ void write_json(const std::string& path, const Options& o, const std::vector<Pol
         << ", \"agreement_top1\": " << json_number(o.settings.run_text ? r.agreement_top1 : NAN)
         << ", \"kl\": " << json_number(o.settings.run_text ? r.kl : NAN)
         << ", \"perplexity\": " << json_number(o.settings.run_text ? r.perplexity : NAN)
-        << ", \"retrieval_acc\": " << json_number(o.settings.run_retrieval ? r.retrieval_acc : NAN)
-        << ", \"prefill_tokens_per_s\": " << json_number(r.prefill_tokens_per_s)
-        << ", \"decode_tokens_per_s\": " << json_number(r.decode_tokens_per_s)
+        << ", \"retrieval_acc\": " << json_number(r.retrieval_asked > 0 ? r.retrieval_acc : NAN)
+        << ", \"prefill_tokens_per_s\": " << json_number(r.prefill_tokens_per_s())
+        << ", \"decode_tokens_per_s\": " << json_number(r.decode_tokens_per_s())
+        << ", \"retrieval_asked\": " << r.retrieval_asked
         << ", \"score_seconds\": " << json_number(r.score_seconds)
         << ", \"compress_seconds\": " << json_number(r.compress_seconds);
     if (r.lazy_layers >= 0) {
@@ -362,28 +383,25 @@ int main(int argc, char** argv) {
     }
 
     const auto specs = expand(o);
-    std::vector<PolicyResult> rows;
-    kvpack::eval::TextReference reference;
-    for (std::size_t i = 0; i < specs.size(); ++i) {
-      PolicyResult r;
-      r.label = specs[i].label();
-      const std::string row =
-          "[" + std::to_string(i + 1) + "/" + std::to_string(specs.size()) + "] " + r.label;
-      auto progress = [&](const std::string& stage, double f) { bar.update(row, stage, f); };
-      runner.begin_row();
-      if (o.settings.run_text) {
-        if (i == 0) {
-          progress("text: full-cache reference", 0.0);
-          reference = runner.text_reference(text, r);
-        } else {
-          runner.run_text(specs[i], text, reference, r, progress);
-        }
-      }
-      if (o.settings.run_retrieval) runner.run_retrieval(specs[i], tasks, r, progress);
-      runner.end_row(r);
-      rows.push_back(r);
+    std::vector<PolicyResult> rows(specs.size());
+    for (std::size_t i = 0; i < specs.size(); ++i) rows[i].label = specs[i].label();
+    std::string phase;
+    auto progress = [&](const std::string& stage, double f) { bar.update(phase, stage, f); };
+    if (o.settings.run_text) {
+      phase = "text";
+      runner.run_text(specs, text, rows, progress);
       bar.done();
-      std::fprintf(stderr, "%s done\n", row.c_str());
+      std::fprintf(stderr, "text done\n");
+    }
+    if (o.settings.run_retrieval) {
+      phase = "retrieval";
+      // Partial results survive an interrupted long run.
+      auto save = [&] {
+        if (!o.json_file.empty()) write_json(o.json_file, o, rows);
+      };
+      runner.run_retrieval(specs, tasks, rows, progress, save);
+      bar.done();
+      std::fprintf(stderr, "retrieval done\n");
     }
     print_table(rows, o.settings);
     if (!o.json_file.empty()) write_json(o.json_file, o, rows);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <stdexcept>
 
 #include "inference.hpp"
@@ -98,31 +99,54 @@ std::shared_ptr<const ChannelProjections> Runner::projections(double ratio) {
   return p;
 }
 
-std::unique_ptr<EvalCache> Runner::prefill_and_compress(const PolicySpec& spec_in,
-                                                        const std::vector<int32_t>& ids,
-                                                        int64_t context_begin,
-                                                        PolicyResult& stats) {
+std::unique_ptr<EvalCache> Runner::prefill_full(const std::vector<int32_t>& ids,
+                                                PolicyResult& stats) {
+  PolicySpec spec;
+  spec.name = "full";
+  auto cache = make_cache(spec, model_.config().shape());
+  const double t0 = now_seconds();
+  model_.forward(cache->attention(), ids, 0, llama::Logits::kNone);
+  stats.prefill_seconds += now_seconds() - t0;
+  stats.prefill_tokens += static_cast<double>(ids.size());
+  return cache;
+}
+
+std::unique_ptr<EvalCache> Runner::derive(const PolicySpec& spec_in, const EvalCache& full,
+                                          const std::vector<int32_t>& ids, int64_t context_begin,
+                                          Observed& observed, PolicyResult& stats) {
   PolicySpec spec = spec_in;
   if (spec.sinks < 0) spec.sinks = std::max<int64_t>(context_begin, 4);
   if (spec.name == "cskv" && !spec.projections) spec.projections = projections(spec.ratio);
-  auto cache = make_cache(spec, model_.config().shape());
   const int64_t n = static_cast<int64_t>(ids.size());
-  const int64_t observed = cache->needs_last_queries() ? std::min(settings_.lazy_queries, n) : 0;
-  const double t0 = now_seconds();
-  cache->set_observe(false);
-  model_.forward(cache->attention(), ids.data(), n - observed, 0, llama::Logits::kNone);
-  if (observed > 0) {
-    cache->set_observe(true);
-    model_.forward(cache->attention(), ids.data() + n - observed, observed, n - observed,
+  std::unique_ptr<EvalCache> cache;
+  auto fresh = make_cache(spec, model_.config().shape());
+  if (fresh->needs_repeat_pass()) {
+    // One repeat pass per context and policy; rows at other keep ratios reuse its scores.
+    auto it = std::find_if(observed.begin(), observed.end(),
+                           [&](const auto& e) { return e.first == spec.name; });
+    if (it == observed.end()) {
+      fresh->copy_prefix_from(full, n);
+      const double t0 = now_seconds();
+      repeat_pass(*fresh, ids, context_begin);
+      const double seconds = now_seconds() - t0;
+      observed.emplace_back(spec.name, std::make_pair(std::move(fresh), seconds));
+      it = observed.end() - 1;
+    }
+    cache = it->second.first->clone();
+    cache->set_keep(spec.keep);
+    stats.score_seconds += it->second.second;
+  } else if (fresh->needs_last_queries()) {
+    // SimLayerKV decides from the last context tokens' queries: re-run just those tokens.
+    const int64_t last = std::min(settings_.lazy_queries, n);
+    fresh->copy_prefix_from(full, n - last);
+    fresh->set_observe(true);
+    model_.forward(fresh->attention(), ids.data() + n - last, last, n - last,
                    llama::Logits::kNone);
-    cache->set_observe(false);
-  }
-  prefill_seconds_ += now_seconds() - t0;
-  prefill_tokens_ += static_cast<double>(n);
-  if (cache->needs_repeat_pass()) {
-    const double t1 = now_seconds();
-    repeat_pass(*cache, ids, context_begin);
-    stats.score_seconds += now_seconds() - t1;
+    fresh->set_observe(false);
+    cache = std::move(fresh);
+  } else {
+    fresh->copy_prefix_from(full, n);
+    cache = std::move(fresh);
   }
   const double t2 = now_seconds();
   cache->compress();
@@ -155,80 +179,85 @@ void score_against(const TextReference& ref, const float* logits, const std::vec
   result.perplexity = std::exp(nll / static_cast<double>(m - 1));
 }
 
-TextReference Runner::text_reference(const std::vector<int32_t>& text, PolicyResult& full) {
+void Runner::run_text(const std::vector<PolicySpec>& specs, const std::vector<int32_t>& text,
+                      std::vector<PolicyResult>& results, const Progress& progress) {
   const int64_t c = settings_.context, m = settings_.continuation;
   if (static_cast<int64_t>(text.size()) < c + m) {
     throw std::runtime_error("the text has " + std::to_string(text.size()) +
                              " tokens; --context + --continuation need " + std::to_string(c + m));
   }
-  PolicySpec spec;
-  spec.name = "full";
   const std::vector<int32_t> context(text.begin(), text.begin() + c);
-  auto cache = prefill_and_compress(spec, context, 0, full);
-  full.bytes_ratio = static_cast<double>(cache->dense_bytes()) / cache->bytes();
   const std::vector<int32_t> cont(text.begin() + c, text.begin() + c + m);
-  const double t0 = now_seconds();
-  llama::RowMatrix logits = model_.forward(cache->attention(), cont, c, llama::Logits::kAll);
-  decode_seconds_ += now_seconds() - t0;  // teacher-forced, counted with decode
-  decode_tokens_ += static_cast<double>(m);
+  progress("text: prefill", 0.0);
+  const auto full = prefill_full(context, results[0]);
   TextReference ref;
-  ref.rows = logits.rows();
-  ref.vocab = logits.cols();
-  ref.logits.assign(logits.data(), logits.data() + logits.size());
-  score_against(ref, ref.logits.data(), cont, full);
-  return ref;
+  Observed observed;
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    progress("text: " + results[i].label, static_cast<double>(i) / specs.size());
+    auto cache = i == 0 ? full->clone() : derive(specs[i], *full, context, 0, observed, results[i]);
+    results[i].bytes_ratio = static_cast<double>(cache->dense_bytes()) / cache->bytes();
+    const llama::RowMatrix logits =
+        model_.forward(cache->attention(), cont, c, llama::Logits::kAll);
+    if (i == 0) {
+      ref.rows = logits.rows();
+      ref.vocab = logits.cols();
+      ref.logits.assign(logits.data(), logits.data() + logits.size());
+    }
+    score_against(ref, logits.data(), cont, results[i]);
+  }
 }
 
-void Runner::run_text(const PolicySpec& spec, const std::vector<int32_t>& text,
-                      const TextReference& ref, PolicyResult& result, const Progress& progress) {
-  const int64_t c = settings_.context, m = settings_.continuation;
-  progress("text: prefill + compress", 0.0);
-  const std::vector<int32_t> context(text.begin(), text.begin() + c);
-  auto cache = prefill_and_compress(spec, context, 0, result);
-  result.bytes_ratio = static_cast<double>(cache->dense_bytes()) / cache->bytes();
-  progress("text: continuation", 0.5);
-  const std::vector<int32_t> cont(text.begin() + c, text.begin() + c + m);
-  const llama::RowMatrix logits = model_.forward(cache->attention(), cont, c, llama::Logits::kAll);
-  score_against(ref, logits.data(), cont, result);
-}
-
-void Runner::run_retrieval(const PolicySpec& spec, const std::vector<RetrievalTask>& tasks,
-                           PolicyResult& result, const Progress& progress) {
+void Runner::run_retrieval(const std::vector<PolicySpec>& specs,
+                           const std::vector<RetrievalTask>& tasks,
+                           std::vector<PolicyResult>& results, const Progress& progress,
+                           const std::function<void()>& after_context) {
   const std::vector<int32_t> stops{tok_.eos_id(), tok_.find_piece("<|im_end|>")};
-  int correct = 0;
-  double ratio_sum = 0;
-  int contexts = 0;
   for (std::size_t i = 0; i < tasks.size();) {
     // Tasks with the same context share one compressed cache (query-agnostic compression).
     std::size_t j = i;
     while (j < tasks.size() && tasks[j].context == tasks[i].context) ++j;
-    progress("retrieval", static_cast<double>(i) / tasks.size());
+    const double done = static_cast<double>(i) / tasks.size();
+    progress("retrieval: prefill", done);
     std::vector<int32_t> ids = tok_.encode(system_header(), true);
     const int64_t context_begin = static_cast<int64_t>(ids.size());
     const auto context = tok_.encode(tasks[i].context);
     ids.insert(ids.end(), context.begin(), context.end());
-    auto compressed = prefill_and_compress(spec, ids, context_begin, result);
-    ratio_sum += static_cast<double>(compressed->dense_bytes()) / compressed->bytes();
-    ++contexts;
-    for (std::size_t t = i; t < j; ++t) {
-      auto cache = compressed->clone();
-      std::string q = "\n\n" + tasks[t].question + "<|im_end|>\n<|im_start|>assistant\n";
-      if (!tasks[t].answer_prefix.empty()) q += tasks[t].answer_prefix;
-      const auto question = tok_.encode(q, true);
-      const auto gen =
-          llama::greedy_generate(model_, cache->attention(), question,
-                                 static_cast<int64_t>(ids.size()), settings_.max_new_tokens, stops);
-      prefill_seconds_ += gen.prefill_seconds;
-      prefill_tokens_ += static_cast<double>(question.size());
-      decode_seconds_ += gen.decode_seconds;
-      decode_tokens_ += std::max<double>(0, static_cast<double>(gen.tokens.size()) - 1);
-      const std::string answer = tok_.decode(gen.tokens, false);
-      correct += answer.find(tasks[t].answer) != std::string::npos;
+    const auto full = prefill_full(ids, results[0]);
+    Observed observed;
+    for (std::size_t r = 0; r < specs.size(); ++r) {
+      progress("retrieval: " + results[r].label,
+               done + static_cast<double>(j - i) / tasks.size() * r / specs.size());
+      PolicyResult& res = results[r];
+      auto compressed =
+          r == 0 ? full->clone() : derive(specs[r], *full, ids, context_begin, observed, res);
+      res.retrieval_ratio_sum += static_cast<double>(compressed->dense_bytes()) / compressed->bytes();
+      ++res.retrieval_contexts;
+      for (std::size_t t = i; t < j; ++t) {
+        auto cache = compressed->clone();
+        std::string q = "\n\n" + tasks[t].question + "<|im_end|>\n<|im_start|>assistant\n";
+        if (!tasks[t].answer_prefix.empty()) q += tasks[t].answer_prefix;
+        const auto question = tok_.encode(q, true);
+        const auto gen = llama::greedy_generate(model_, cache->attention(), question,
+                                                static_cast<int64_t>(ids.size()),
+                                                settings_.max_new_tokens, stops);
+        // Greedy decode steps over the compressed cache (after the question's prefill).
+        res.decode_seconds += gen.decode_seconds;
+        res.decode_tokens += std::max<double>(0, static_cast<double>(gen.tokens.size()) - 1);
+        const std::string answer = tok_.decode(gen.tokens, false);
+        const bool correct = answer.find(tasks[t].answer) != std::string::npos;
+        res.retrieval_correct += correct;
+        if (settings_.verbose) {
+          std::fprintf(stderr, "\n[%s] task %zu: expected %s, got \"%s\" %s\n", res.label.c_str(),
+                       t, tasks[t].answer.c_str(), answer.c_str(), correct ? "ok" : "WRONG");
+        }
+        ++res.retrieval_asked;
+      }
+      res.retrieval_acc = static_cast<double>(res.retrieval_correct) / res.retrieval_asked;
+      res.retrieval_bytes_ratio = res.retrieval_ratio_sum / res.retrieval_contexts;
     }
+    if (after_context) after_context();
     i = j;
   }
-  result.retrieval_acc = static_cast<double>(correct) / static_cast<double>(tasks.size());
-  result.retrieval_bytes_ratio = ratio_sum / contexts;
 }
 
 }  // namespace kvpack::eval

@@ -25,6 +25,7 @@ struct Settings {
   int max_new_tokens = 10;      ///< greedy tokens generated per retrieval question
   bool run_text = true;
   bool run_retrieval = true;
+  bool verbose = false;  ///< print every retrieval answer on stderr
 };
 
 /// One row of the result table.
@@ -36,12 +37,19 @@ struct PolicyResult {
   double perplexity = 0;      ///< of the continuation under this policy
   double retrieval_acc = 0;   ///< share of questions whose answer was generated
   double retrieval_bytes_ratio = 0;
-  double prefill_tokens_per_s = 0;
-  double decode_tokens_per_s = 0;
+  int retrieval_correct = 0, retrieval_asked = 0;
+  double retrieval_ratio_sum = 0;
+  int retrieval_contexts = 0;
+  /// Model throughput: prefill over the uncompressed context (measured once, in the full row:
+  /// every other row starts from a copy of that prefill), decode over this row's cache.
+  double prefill_seconds = 0, prefill_tokens = 0, decode_seconds = 0, decode_tokens = 0;
   double score_seconds = 0;  ///< extra passes a policy needs before compress (KVzip repeat)
   double compress_seconds = 0;
   std::vector<double> layer_mass;  ///< LazyLayerDrop: observed mass per layer
   int lazy_layers = -1;
+
+  double prefill_tokens_per_s() const { return prefill_tokens / prefill_seconds; }
+  double decode_tokens_per_s() const { return decode_tokens / decode_seconds; }
 };
 
 /// Logits of the full cache on the text, computed once and shared by every policy row.
@@ -55,42 +63,44 @@ struct TextReference {
 void score_against(const TextReference& ref, const float* logits,
                    const std::vector<int32_t>& continuation, PolicyResult& result);
 
+/// (row, stage, fraction of the whole run) for a progress display.
 using Progress = std::function<void(const std::string& stage, double fraction)>;
 
+/// \brief Runs every policy row on the same inputs. Each context is prefilled once, on the full
+/// cache; each row's cache starts from a copy of that prefill (exactly what its own prefill would
+/// have appended), runs what its policy needs before compress() and is compressed.
 class Runner {
  public:
   Runner(const llama::LlamaModel& model, const llama::Tokenizer& tokenizer, Settings settings)
       : model_(model), tok_(tokenizer), settings_(settings) {}
 
-  /// Full-cache logits on text tokens [context, context + continuation).
-  TextReference text_reference(const std::vector<int32_t>& text_tokens, PolicyResult& full);
   /// Tokens the ChannelShrink projections are calibrated on (kept apart from the scored text).
   void set_calibration_tokens(std::vector<int32_t> tokens) { calibration_ = std::move(tokens); }
   /// PCA projections for `ratio`, computed once per ratio from the calibration tokens.
   std::shared_ptr<const ChannelProjections> projections(double ratio);
 
-  /// Starts a table row: resets the prefill / decode timers.
-  void begin_row() { prefill_seconds_ = prefill_tokens_ = decode_seconds_ = decode_tokens_ = 0; }
-  /// Writes the row's prefill and decode rates.
-  void end_row(PolicyResult& result) const {
-    result.prefill_tokens_per_s = prefill_tokens_ / std::max(prefill_seconds_, 1e-9);
-    result.decode_tokens_per_s = decode_tokens_ / std::max(decode_seconds_, 1e-9);
-  }
-  /// Agreement, KL and perplexity of `spec` against `reference`.
-  void run_text(const PolicySpec& spec, const std::vector<int32_t>& text_tokens,
-                const TextReference& reference, PolicyResult& result, const Progress& progress);
-  /// Retrieval accuracy: each task's context is compressed once, then every question is asked
-  /// on its own copy of the compressed cache (tasks sharing a context share the compression).
-  void run_retrieval(const PolicySpec& spec, const std::vector<RetrievalTask>& tasks,
-                     PolicyResult& result, const Progress& progress);
+  /// Agreement, KL and perplexity of every row against row 0 (the full cache) on
+  /// text[0, context + continuation).
+  void run_text(const std::vector<PolicySpec>& specs, const std::vector<int32_t>& text_tokens,
+                std::vector<PolicyResult>& results, const Progress& progress);
+  /// Retrieval accuracy: each task's context is compressed once per row, then every question
+  /// on that context is asked on its own copy of the compressed cache.
+  /// `after_context` runs after each context (e.g. to save partial results).
+  void run_retrieval(const std::vector<PolicySpec>& specs, const std::vector<RetrievalTask>& tasks,
+                     std::vector<PolicyResult>& results, const Progress& progress,
+                     const std::function<void()>& after_context = {});
 
  private:
-  /// Prefills `ids` at positions [0, n) into a fresh cache for `spec`, runs what the policy needs
-  /// before compress() (repeat pass, last-query observation) and compresses. `sinks` protected
-  /// first tokens (the system prompt), `context_begin` first position of the compressible text.
-  std::unique_ptr<EvalCache> prefill_and_compress(const PolicySpec& spec,
-                                                  const std::vector<int32_t>& ids,
-                                                  int64_t context_begin, PolicyResult& stats);
+  /// Caches observed by a repeat pass, per policy name, for the context being evaluated.
+  using Observed = std::vector<std::pair<std::string, std::pair<std::unique_ptr<EvalCache>, double>>>;
+
+  /// Prefills ids[0, n) into a full (fp16) cache; timing goes to `stats`.
+  std::unique_ptr<EvalCache> prefill_full(const std::vector<int32_t>& ids, PolicyResult& stats);
+  /// The row's compressed cache for context `ids`, built from the full cache's prefill.
+  /// `context_begin`: first position of the compressible text (after the system prompt).
+  std::unique_ptr<EvalCache> derive(const PolicySpec& spec, const EvalCache& full,
+                                    const std::vector<int32_t>& ids, int64_t context_begin,
+                                    Observed& observed, PolicyResult& stats);
   void repeat_pass(EvalCache& cache, const std::vector<int32_t>& ids, int64_t context_begin);
 
   const llama::LlamaModel& model_;
@@ -98,7 +108,6 @@ class Runner {
   Settings settings_;
   std::vector<int32_t> calibration_;
   std::vector<std::pair<double, std::shared_ptr<const ChannelProjections>>> projections_;
-  double prefill_seconds_ = 0, prefill_tokens_ = 0, decode_seconds_ = 0, decode_tokens_ = 0;
 };
 
 }  // namespace kvpack::eval

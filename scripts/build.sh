@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Configures and builds kvpack (tests, benchmarks, examples) in ${KVPACK_BUILD_DIR:-build}.
 # Extra arguments go to the CMake configure step, e.g. -DKVPACK_ENABLE_CUDA=OFF.
-# Environment: KVPACK_BUILD_DIR (build), KVPACK_BUILD_TYPE (Release), KVPACK_JOBS (nproc).
+# Environment: KVPACK_BUILD_DIR (build), KVPACK_BUILD_TYPE (Release), KVPACK_JOBS (nproc),
+# KVPACK_BUILD_TARGETS (space-separated targets; default: everything).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -20,4 +21,6 @@ if [ ! -f "$build_dir/CMakeCache.txt" ]; then
 fi
 
 cmake "${configure[@]}" "$@"
-cmake --build "$build_dir" --parallel "${KVPACK_JOBS:-$(nproc)}"
+targets=()
+for t in ${KVPACK_BUILD_TARGETS:-}; do targets+=(--target "$t"); done
+cmake --build "$build_dir" --parallel "${KVPACK_JOBS:-$(nproc)}" "${targets[@]}"

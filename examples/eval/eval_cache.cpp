@@ -114,8 +114,8 @@ void EvalCache::copy_prefix_from(const EvalCache& source, int64_t end_position) 
     const DenseLayer layer = source.materialize(l);
     const auto& pos = layer.heads.at(0).positions;
     const int64_t heads = static_cast<int64_t>(layer.heads.size());
-    const int64_t d = static_cast<int64_t>(layer.heads[0].k.size() /
-                                           std::max<std::size_t>(1, pos.size()));
+    const int64_t d =
+        static_cast<int64_t>(layer.heads[0].k.size() / std::max<std::size_t>(1, pos.size()));
     const int64_t n = std::lower_bound(pos.begin(), pos.end(), end_position) - pos.begin();
     k.resize(n * heads * d);
     v.resize(n * heads * d);
@@ -193,7 +193,7 @@ std::string PolicySpec::label() const {
   const bool quant = name == "quant" || name.find("+quant") != std::string::npos;
   if (quant) os << bits;
   if (name.rfind("l2", 0) == 0 || name.rfind("kvzip", 0) == 0) os << " keep=" << keep;
-  if (name.rfind("lazy", 0) == 0) os << " thr=" << threshold;
+  if (name.rfind("lazy", 0) == 0) os << " thr=" << threshold << " w=" << lazy_recent;
   if (name == "xkv") os << " G=" << xkv_group << " x" << ratio;
   if (name == "cskv") os << " x" << ratio;
   return os.str();

@@ -40,7 +40,7 @@ const char* kHelp =
     "  --group N            quantization group size (default 32)\n"
     "  --residual N         newest tokens kept in fp16 by quant (default 128)\n"
     "  --threshold LIST     LazyLayerDrop thresholds (default 0.6, measured for SmolLM2)\n"
-    "  --lazy-recent N      LazyLayerDrop recent window (default 1024)\n"
+    "  --lazy-recent LIST   LazyLayerDrop recent windows in tokens (default 1024)\n"
     "  --sinks N            protected first tokens (default: the system prompt, or 4)\n"
     "  --ratio LIST         target bytes ratios of xkv and cskv (default 4)\n"
     "  --xkv-group LIST     CrossLayerSVD layers per group (default 4)\n"
@@ -106,6 +106,7 @@ struct Options {
   std::vector<double> keeps{0.5, 0.25};
   std::vector<int> bits{4};
   std::vector<double> thresholds{0.6};
+  std::vector<int64_t> lazy_recents{1024};
   std::vector<double> ratios{4.0};
   std::vector<int> xkv_groups{4};
   PolicySpec base;
@@ -160,7 +161,8 @@ Options parse(int argc, char** argv) {
     } else if (a == "--residual") {
       o.base.residual = parse_int(a, value(i), 0, 1 << 30);
     } else if (a == "--lazy-recent") {
-      o.base.lazy_recent = parse_int(a, value(i), 1, 1 << 30);
+      o.lazy_recents.clear();
+      for (const auto& r : split(value(i))) o.lazy_recents.push_back(parse_int(a, r, 1, 1 << 30));
     } else if (a == "--sinks") {
       o.base.sinks = parse_int(a, value(i), 0, 1 << 30);
     } else if (a == "--context") {
@@ -230,13 +232,16 @@ std::vector<PolicySpec> expand(const Options& o) {
     }
     for (double keep : evicts ? o.keeps : std::vector<double>{1.0}) {
       for (double thr : lazy ? o.thresholds : std::vector<double>{0.0}) {
-        for (int bits : quant ? o.bits : std::vector<int>{16}) {
-          PolicySpec s = o.base;
-          s.name = name;
-          s.keep = keep;
-          s.threshold = lazy ? thr : s.threshold;
-          s.bits = quant ? bits : s.bits;
-          rows.push_back(s);
+        for (int64_t recent : lazy ? o.lazy_recents : std::vector<int64_t>{o.base.lazy_recent}) {
+          for (int bits : quant ? o.bits : std::vector<int>{16}) {
+            PolicySpec s = o.base;
+            s.name = name;
+            s.keep = keep;
+            s.threshold = lazy ? thr : s.threshold;
+            s.lazy_recent = recent;
+            s.bits = quant ? bits : s.bits;
+            rows.push_back(s);
+          }
         }
       }
     }
@@ -289,8 +294,8 @@ std::string cell(double x, int width, int precision) {
 }
 
 void print_table(const std::vector<PolicyResult>& rows, const kvpack::eval::Settings& s) {
-  std::printf("\n%-26s %8s %9s %9s %9s %9s %10s %10s %10s\n", "policy", "bytes_x", "agree@1",
-              "kl", "ppl", "retrieval", "prefill/s", "decode/s", "compress_s");
+  std::printf("\n%-26s %8s %9s %9s %9s %9s %10s %10s %10s\n", "policy", "bytes_x", "agree@1", "kl",
+              "ppl", "retrieval", "prefill/s", "decode/s", "compress_s");
   for (const auto& r : rows) {
     const double ratio = s.run_text ? r.bytes_ratio : r.retrieval_bytes_ratio;
     const double retrieval = r.retrieval_asked > 0 ? r.retrieval_acc : NAN;
@@ -336,8 +341,12 @@ void write_json(const std::string& path, const Options& o, const std::vector<Pol
         << ", \"compress_seconds\": " << json_number(r.compress_seconds);
     if (r.lazy_layers >= 0) {
       out << ", \"lazy_layers\": " << r.lazy_layers << ", \"layer_mass\": [";
-      for (std::size_t l = 0; l < r.layer_mass.size(); ++l) {
-        out << (l ? ", " : "") << json_number(r.layer_mass[l]);
+      for (std::size_t c = 0; c < r.layer_mass.size(); ++c) {
+        out << (c ? ", " : "") << "[";
+        for (std::size_t l = 0; l < r.layer_mass[c].size(); ++l) {
+          out << (l ? ", " : "") << json_number(r.layer_mass[c][l]);
+        }
+        out << "]";
       }
       out << "]";
     }

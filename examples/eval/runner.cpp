@@ -140,8 +140,7 @@ std::unique_ptr<EvalCache> Runner::derive(const PolicySpec& spec_in, const EvalC
     const int64_t last = std::min(settings_.lazy_queries, n);
     fresh->copy_prefix_from(full, n - last);
     fresh->set_observe(true);
-    model_.forward(fresh->attention(), ids.data() + n - last, last, n - last,
-                   llama::Logits::kNone);
+    model_.forward(fresh->attention(), ids.data() + n - last, last, n - last, llama::Logits::kNone);
     fresh->set_observe(false);
     cache = std::move(fresh);
   } else {
@@ -151,10 +150,11 @@ std::unique_ptr<EvalCache> Runner::derive(const PolicySpec& spec_in, const EvalC
   const double t2 = now_seconds();
   cache->compress();
   stats.compress_seconds += now_seconds() - t2;
-  stats.layer_mass = cache->observed_mass();
   if (!cache->lazy_layers().empty()) {
+    stats.layer_mass.push_back(cache->observed_mass());
     const auto lazy = cache->lazy_layers();
-    stats.lazy_layers = static_cast<int>(std::count(lazy.begin(), lazy.end(), true));
+    stats.lazy_layers = std::max(stats.lazy_layers, 0) +
+                        static_cast<int>(std::count(lazy.begin(), lazy.end(), true));
   }
   return cache;
 }
@@ -230,7 +230,8 @@ void Runner::run_retrieval(const std::vector<PolicySpec>& specs,
       PolicyResult& res = results[r];
       auto compressed =
           r == 0 ? full->clone() : derive(specs[r], *full, ids, context_begin, observed, res);
-      res.retrieval_ratio_sum += static_cast<double>(compressed->dense_bytes()) / compressed->bytes();
+      res.retrieval_ratio_sum +=
+          static_cast<double>(compressed->dense_bytes()) / compressed->bytes();
       ++res.retrieval_contexts;
       for (std::size_t t = i; t < j; ++t) {
         auto cache = compressed->clone();

@@ -45,8 +45,9 @@ struct PolicyResult {
   double prefill_seconds = 0, prefill_tokens = 0, decode_seconds = 0, decode_tokens = 0;
   double score_seconds = 0;  ///< extra passes a policy needs before compress (KVzip repeat)
   double compress_seconds = 0;
-  std::vector<double> layer_mass;  ///< LazyLayerDrop: observed mass per layer
-  int lazy_layers = -1;
+  /// LazyLayerDrop: observed mass per layer, one vector per compressed context.
+  std::vector<std::vector<double>> layer_mass;
+  int lazy_layers = -1;  ///< LazyLayerDrop: lazy layers summed over contexts
 
   double prefill_tokens_per_s() const { return prefill_tokens / prefill_seconds; }
   double decode_tokens_per_s() const { return decode_tokens / decode_seconds; }
@@ -92,7 +93,8 @@ class Runner {
 
  private:
   /// Caches observed by a repeat pass, per policy name, for the context being evaluated.
-  using Observed = std::vector<std::pair<std::string, std::pair<std::unique_ptr<EvalCache>, double>>>;
+  using Observed =
+      std::vector<std::pair<std::string, std::pair<std::unique_ptr<EvalCache>, double>>>;
 
   /// Prefills ids[0, n) into a full (fp16) cache; timing goes to `stats`.
   std::unique_ptr<EvalCache> prefill_full(const std::vector<int32_t>& ids, PolicyResult& stats);

@@ -74,14 +74,15 @@ class TypedEvalCache : public EvalCache {
   }
   int layers() const override { return cache_.shape().layers; }
   DenseLayer materialize(int layer) const override { return cache_.materialize(layer); }
-  void set_keep(double keep) override {
+  void set_budget(double keep, BudgetScope scope) override {
     if constexpr (std::is_base_of_v<EvictionPolicy, Selection>) {
       Budget& b = selection().budget;
       b.keep_ratio = keep;
       b.keep_tokens = 0;
-      b.validate("set_keep");
+      b.scope = scope;
+      b.validate("set_budget");
     } else {
-      throw std::runtime_error("set_keep: this policy has no keep ratio");
+      throw std::runtime_error("set_budget: this policy has no eviction budget");
     }
   }
   std::vector<bool> lazy_layers() const override {
@@ -176,7 +177,14 @@ std::pair<int, int> cskv_ranks(const ModelShape& shape, double ratio) {
   return {rk, rv};
 }
 
-void check_policy_name(const std::string& name) {
+void check_policy_name(const std::string& written) {
+  // A trailing bit width on a quant name ("quant4", "l2+quant2") is checked by the caller.
+  std::string name = written;
+  const auto q = name.find("quant");
+  if (q != std::string::npos && q + 5 < name.size() &&
+      name.find_first_not_of("0123456789", q + 5) == std::string::npos) {
+    name.resize(q + 5);
+  }
   static const char* known[] = {
       "full",          "full-f32", "quant",    "l2",          "kvzip",
       "kvzip-uniform", "lazy",     "l2+quant", "kvzip+quant", "kvzip-uniform+quant",
@@ -184,7 +192,7 @@ void check_policy_name(const std::string& name) {
   for (const char* k : known) {
     if (name == k) return;
   }
-  throw std::runtime_error("unknown policy '" + name + "'; known: " + known_policy_names());
+  throw std::runtime_error("unknown policy '" + written + "'; known: " + known_policy_names());
 }
 
 std::string PolicySpec::label() const {
@@ -192,7 +200,13 @@ std::string PolicySpec::label() const {
   os << name;
   const bool quant = name == "quant" || name.find("+quant") != std::string::npos;
   if (quant) os << bits;
-  if (name.rfind("l2", 0) == 0 || name.rfind("kvzip", 0) == 0) os << " keep=" << keep;
+  if (name.rfind("l2", 0) == 0 || name.rfind("kvzip", 0) == 0) {
+    if (keep_from_ratio) {
+      os << " x" << ratio;
+    } else {
+      os << " keep=" << keep;
+    }
+  }
   if (name.rfind("lazy", 0) == 0) os << " thr=" << threshold << " w=" << lazy_recent;
   if (name == "xkv") os << " G=" << xkv_group << " x" << ratio;
   if (name == "cskv") os << " x" << ratio;

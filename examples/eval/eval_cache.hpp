@@ -24,7 +24,9 @@ struct PolicySpec {
   int64_t lazy_recent = 1024;
   int64_t sinks = -1;  ///< protected first tokens; -1: the policy's default
   double ratio = 4.0;  ///< target bytes ratio of the low-rank policies (xkv, cskv)
-  int xkv_group = 4;   ///< CrossLayerSVD layers per group
+  /// Eviction rows: keep = R_store / ratio per context, R_store measured (see kvpack-eval --help).
+  bool keep_from_ratio = false;
+  int xkv_group = 4;  ///< CrossLayerSVD layers per group
   int64_t cskv_window = 32;
   /// ChannelShrink projections for each layer, calibrated per ratio (set by the runner).
   std::shared_ptr<const ChannelProjections> projections;
@@ -73,9 +75,9 @@ class EvalCache {
   /// K/V a prefill of those tokens would have appended (prefill attention reads the uncompressed
   /// cache, so it does not depend on the policy). `source` must hold the same tokens in every head.
   void copy_prefix_from(const EvalCache& source, int64_t end_position);
-  /// Sets the keep ratio of the eviction stage (a cache observed once, compressed at several
-  /// budgets); throws for policies without one.
-  virtual void set_keep(double keep) = 0;
+  /// Sets the keep ratio and scope of the eviction stage (a cache observed once, compressed at
+  /// several budgets); throws for policies without one.
+  virtual void set_budget(double keep, BudgetScope scope) = 0;
 
  protected:
   virtual void append_rows(int layer, const float* k, const float* v, const int64_t* positions,

@@ -32,17 +32,22 @@ const char* kHelp =
     "(and JSON with --json). Every policy is compared with the full cache on the same inputs.\n"
     "\n"
     "Policies:\n"
-    "  --policy LIST        comma-separated: full, quant, l2, kvzip, kvzip-uniform, lazy,\n"
-    "                       l2+quant, kvzip+quant, kvzip-uniform+quant, lazy+quant\n"
+    "  --policy LIST        comma-separated: full, quant, l2, kvzip, kvzip-uniform, lazy, xkv,\n"
+    "                       cskv, l2+quant, kvzip+quant, kvzip-uniform+quant, lazy+quant;\n"
+    "                       a quant name may carry its bits (quant2, lazy+quant4)\n"
     "                       (default: l2; 'full' is always run first as the reference)\n"
     "  --keep LIST          keep ratios in (0, 1] for l2/kvzip (default 0.5,0.25)\n"
+    "  --ratio LIST         target bytes ratios (dense fp16 / held): xkv and cskv ranks\n"
+    "                       (default 4); given explicitly, l2/kvzip rows too, instead of\n"
+    "                       --keep: keep = R_store / R, R_store the ratio of the storage\n"
+    "                       stage alone (fp16 rows, or KIVI for +quant) measured on the\n"
+    "                       same context\n"
     "  --bits LIST          quantization bits, 2/4/8 (default 4)\n"
     "  --group N            quantization group size (default 32)\n"
     "  --residual N         newest tokens kept in fp16 by quant (default 128)\n"
     "  --threshold LIST     LazyLayerDrop thresholds (default 0.6, measured for SmolLM2)\n"
     "  --lazy-recent LIST   LazyLayerDrop recent windows in tokens (default 1024)\n"
     "  --sinks N            protected first tokens (default: the system prompt, or 4)\n"
-    "  --ratio LIST         target bytes ratios of xkv and cskv (default 4)\n"
     "  --xkv-group LIST     CrossLayerSVD layers per group (default 4)\n"
     "  --cskv-window N      ChannelShrink exact window (default 32); its projections are\n"
     "                       calibrated on the last 1024 tokens of the text\n"
@@ -108,6 +113,7 @@ struct Options {
   std::vector<double> thresholds{0.6};
   std::vector<int64_t> lazy_recents{1024};
   std::vector<double> ratios{4.0};
+  bool ratios_given = false;  ///< --ratio also sets the eviction rows' budgets
   std::vector<int> xkv_groups{4};
   PolicySpec base;
   kvpack::eval::Settings settings;
@@ -133,6 +139,15 @@ Options parse(int argc, char** argv) {
     } else if (a == "--policy") {
       o.policies = split(value(i));
       for (const auto& p : o.policies) kvpack::eval::check_policy_name(p);
+      for (const auto& p : o.policies) {
+        const auto q = p.find("quant");
+        if (q != std::string::npos && q + 5 < p.size()) {
+          const int b = static_cast<int>(parse_int(a, p.substr(q + 5), 2, 8));
+          if (b != 2 && b != 4 && b != 8) {
+            throw std::runtime_error("--policy " + p + ": bits must be 2, 4 or 8");
+          }
+        }
+      }
     } else if (a == "--keep") {
       o.keeps.clear();
       for (const auto& k : split(value(i))) o.keeps.push_back(parse_double(a, k, 1e-6, 1.0));
@@ -148,6 +163,7 @@ Options parse(int argc, char** argv) {
       for (const auto& t : split(value(i))) o.thresholds.push_back(parse_double(a, t, 0.0, 1.0));
     } else if (a == "--ratio") {
       o.ratios.clear();
+      o.ratios_given = true;
       for (const auto& r : split(value(i))) o.ratios.push_back(parse_double(a, r, 1.0001, 1e4));
     } else if (a == "--xkv-group") {
       o.xkv_groups.clear();
@@ -213,8 +229,16 @@ std::vector<PolicySpec> expand(const Options& o) {
   PolicySpec full = o.base;
   full.name = "full";
   rows.push_back(full);
-  for (const auto& name : o.policies) {
-    if (name == "full") continue;
+  for (const auto& written : o.policies) {
+    if (written == "full") continue;
+    // "lazy+quant4": bits written into the name override --bits for that row.
+    std::string name = written;
+    std::vector<int> bits_list = o.bits;
+    const auto q = name.find("quant");
+    if (q != std::string::npos && q + 5 < name.size()) {
+      bits_list = {std::stoi(name.substr(q + 5))};
+      name.resize(q + 5);
+    }
     const bool evicts = name.rfind("l2", 0) == 0 || name.rfind("kvzip", 0) == 0;
     const bool lazy = name.rfind("lazy", 0) == 0;
     const bool quant = name == "quant" || name.find("+quant") != std::string::npos;
@@ -230,13 +254,22 @@ std::vector<PolicySpec> expand(const Options& o) {
       }
       continue;
     }
-    for (double keep : evicts ? o.keeps : std::vector<double>{1.0}) {
+    // Eviction rows: one per keep ratio, or per target bytes ratio when --ratio is given.
+    const std::vector<double> budgets = !evicts          ? std::vector<double>{1.0}
+                                        : o.ratios_given ? o.ratios
+                                                         : o.keeps;
+    for (double budget : budgets) {
       for (double thr : lazy ? o.thresholds : std::vector<double>{0.0}) {
         for (int64_t recent : lazy ? o.lazy_recents : std::vector<int64_t>{o.base.lazy_recent}) {
-          for (int bits : quant ? o.bits : std::vector<int>{16}) {
+          for (int bits : quant ? bits_list : std::vector<int>{16}) {
             PolicySpec s = o.base;
             s.name = name;
-            s.keep = keep;
+            if (evicts && o.ratios_given) {
+              s.ratio = budget;
+              s.keep_from_ratio = true;
+            } else {
+              s.keep = budget;
+            }
             s.threshold = lazy ? thr : s.threshold;
             s.lazy_recent = recent;
             s.bits = quant ? bits : s.bits;

@@ -111,6 +111,19 @@ std::unique_ptr<EvalCache> Runner::prefill_full(const std::vector<int32_t>& ids,
   return cache;
 }
 
+double Runner::keep_for_ratio(const PolicySpec& spec, const EvalCache& full, int64_t n) const {
+  // Bytes-budget split: the storage stage alone (fp16 rows, or KIVI of every token for
+  // "+quant") reaches R_store on this context; eviction supplies the rest, keep = R_store / R.
+  // Exact for the kept rows; the fp16 residual of KIVI makes the composed ratio a little lower.
+  PolicySpec store = spec;
+  store.name = spec.name.find("+quant") != std::string::npos ? "quant" : "full";
+  auto cache = make_cache(store, model_.config().shape());
+  cache->copy_prefix_from(full, n);
+  cache->compress();
+  const double r_store = static_cast<double>(cache->dense_bytes()) / cache->bytes();
+  return std::clamp(r_store / spec.ratio, 1e-4, 1.0);
+}
+
 std::unique_ptr<EvalCache> Runner::derive(const PolicySpec& spec_in, const EvalCache& full,
                                           const std::vector<int32_t>& ids, int64_t context_begin,
                                           Observed& observed, PolicyResult& stats) {
@@ -118,22 +131,27 @@ std::unique_ptr<EvalCache> Runner::derive(const PolicySpec& spec_in, const EvalC
   if (spec.sinks < 0) spec.sinks = std::max<int64_t>(context_begin, 4);
   if (spec.name == "cskv" && !spec.projections) spec.projections = projections(spec.ratio);
   const int64_t n = static_cast<int64_t>(ids.size());
+  if (spec.keep_from_ratio) spec.keep = keep_for_ratio(spec, full, n);
   std::unique_ptr<EvalCache> cache;
   auto fresh = make_cache(spec, model_.config().shape());
   if (fresh->needs_repeat_pass()) {
-    // One repeat pass per context and policy; rows at other keep ratios reuse its scores.
+    // One repeat pass per context and policy type; rows at other budgets (keep ratio, global or
+    // per-head) reuse its scores.
+    std::string key = spec.name;
+    const bool uniform = key.find("-uniform") != std::string::npos;
+    if (uniform) key.erase(key.find("-uniform"), 8);
     auto it = std::find_if(observed.begin(), observed.end(),
-                           [&](const auto& e) { return e.first == spec.name; });
+                           [&](const auto& e) { return e.first == key; });
     if (it == observed.end()) {
       fresh->copy_prefix_from(full, n);
       const double t0 = now_seconds();
       repeat_pass(*fresh, ids, context_begin);
       const double seconds = now_seconds() - t0;
-      observed.emplace_back(spec.name, std::make_pair(std::move(fresh), seconds));
+      observed.emplace_back(key, std::make_pair(std::move(fresh), seconds));
       it = observed.end() - 1;
     }
     cache = it->second.first->clone();
-    cache->set_keep(spec.keep);
+    cache->set_budget(spec.keep, uniform ? BudgetScope::kPerHead : BudgetScope::kGlobal);
     stats.score_seconds += it->second.second;
   } else if (fresh->needs_last_queries()) {
     // SimLayerKV decides from the last context tokens' queries: re-run just those tokens.

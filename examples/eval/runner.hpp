@@ -103,6 +103,8 @@ class Runner {
   std::unique_ptr<EvalCache> derive(const PolicySpec& spec, const EvalCache& full,
                                     const std::vector<int32_t>& ids, int64_t context_begin,
                                     Observed& observed, PolicyResult& stats);
+  /// Keep ratio that brings an eviction row to its target bytes ratio `spec.ratio` on `full`.
+  double keep_for_ratio(const PolicySpec& spec, const EvalCache& full, int64_t n) const;
   void repeat_pass(EvalCache& cache, const std::vector<int32_t>& ids, int64_t context_begin);
 
   const llama::LlamaModel& model_;

@@ -9,6 +9,8 @@
 #endif
 
 #include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -20,6 +22,63 @@
 
 namespace kvpack {
 namespace detail {
+
+/// \brief RoPE over a run of positions: the cos/sin of consecutive positions come from one
+/// rotation by the unit-step angle (angle addition in double), re-anchored on exact values every
+/// kAnchor positions and at every jump. Rope::rotate evaluates cos and sin per pair and token,
+/// which cost more than the rank-r GEMM that rebuilds a key tile; this gives the same rotation
+/// to ~1e-15 (relative) in the angles and the same double-precision pair rotation.
+class RopeRun {
+ public:
+  /// Positions between exact cos/sin evaluations: angle addition loses ~2 ε_double per step.
+  static constexpr int64_t kAnchor = 256;
+
+  explicit RopeRun(const Rope& rope)
+      : style_(rope.config().style), d_(rope.head_dim()), inv_freq_(rope.head_dim() / 2) {
+    const int half = d_ / 2;
+    step_cos_.resize(half);
+    step_sin_.resize(half);
+    for (int i = 0; i < half; ++i) {
+      inv_freq_[i] = std::pow(rope.config().theta, -2.0 * i / d_);  // as Rope computes it
+      step_cos_[i] = std::cos(inv_freq_[i]);
+      step_sin_[i] = std::sin(inv_freq_[i]);
+    }
+  }
+
+  /// Rotates (inverse = false) or un-rotates rows x[t·d .. t·d + d) for t in [0, n), row t at
+  /// position pos[t].
+  void apply(float* x, const int32_t* pos, int64_t n, bool inverse) const {
+    const int half = d_ / 2;
+    std::vector<double> c(half), s(half);
+    const double sign = inverse ? -1.0 : 1.0;
+    for (int64_t t = 0; t < n; ++t) {
+      if (t % kAnchor == 0 || pos[t] != pos[t - 1] + 1) {
+        for (int i = 0; i < half; ++i) {
+          const double angle = static_cast<double>(pos[t]) * inv_freq_[i];
+          c[i] = std::cos(angle);
+          s[i] = std::sin(angle);
+        }
+      } else {
+        for (int i = 0; i < half; ++i) {
+          const double ci = c[i] * step_cos_[i] - s[i] * step_sin_[i];
+          s[i] = s[i] * step_cos_[i] + c[i] * step_sin_[i];
+          c[i] = ci;
+        }
+      }
+      float* row = x + t * d_;
+      if (style_ == RopeStyle::kInterleaved) {
+        for (int i = 0; i < half; ++i) rotate_pair(row[2 * i], row[2 * i + 1], c[i], sign * s[i]);
+      } else {
+        for (int i = 0; i < half; ++i) rotate_pair(row[i], row[i + half], c[i], sign * s[i]);
+      }
+    }
+  }
+
+ private:
+  RopeStyle style_;
+  int d_;
+  std::vector<double> inv_freq_, step_cos_, step_sin_;
+};
 
 /// \brief Token basis shared by every head of one layer (ChannelShrink) or of a group of
 /// layers (CrossLayerSVD). Immutable once built; counted once by the container.
@@ -72,12 +131,22 @@ struct LowRankHeadStore {
     int64_t size;
     int head_dim;
 
+    /// Post-RoPE keys [begin, begin + n): factored rows rebuilt and rotated, tail rows as held.
     void load_keys(int64_t begin, int64_t n, float* out) const {
       load(store->key, store->tail_k, begin, n, out);
-      if (store->rope) {
-        const int64_t fend = begin + n < store->factored ? begin + n : store->factored;
-        for (int64_t t = begin; t < fend; ++t)
-          store->rope->rotate(out + (t - begin) * head_dim, positions[t]);
+      const int64_t fend = begin + n < store->factored ? begin + n : store->factored;
+      if (store->rope && begin < fend) {
+        RopeRun(*store->rope).apply(out, positions + begin, fend - begin, false);
+      }
+    }
+    /// Pre-RoPE keys [begin, begin + n): factored rows as rebuilt (they are pre-RoPE), tail
+    /// rows un-rotated. What a refactorisation reads: no rotation there and back.
+    void load_pre_rope_keys(int64_t begin, int64_t n, float* out) const {
+      load(store->key, store->tail_k, begin, n, out);
+      const int64_t tbegin = begin > store->factored ? begin : store->factored;
+      if (store->rope && tbegin < begin + n) {
+        RopeRun(*store->rope)
+            .apply(out + (tbegin - begin) * head_dim, positions + tbegin, begin + n - tbegin, true);
       }
     }
     void load_values(int64_t begin, int64_t n, float* out) const {
@@ -119,16 +188,20 @@ struct LowRankHeadStore {
     factored = tokens;
   }
 
-  /// Keeps rows `kept`: decodes them into the exact tail (factors are per sequence, so an
-  /// eviction after factoring cannot keep them).
+  /// Keeps rows `kept` (ascending): decodes them into the exact tail (factors are per sequence,
+  /// so an eviction after factoring cannot keep them).
   void keep(const std::vector<int64_t>& kept, int head_dim) {
     const int d = head_dim;
+    const int64_t n = size();
+    std::vector<float> all_k(static_cast<std::size_t>(n) * d), all_v(all_k.size());
+    const Rows r = rows(d);
+    r.load_keys(0, n, all_k.data());
+    r.load_values(0, n, all_v.data());
     std::vector<float> k(kept.size() * d), v(kept.size() * d);
     std::vector<int32_t> np(kept.size());
-    const Rows r = rows(d);
     for (std::size_t j = 0; j < kept.size(); ++j) {
-      r.load_keys(kept[j], 1, k.data() + j * d);
-      r.load_values(kept[j], 1, v.data() + j * d);
+      std::copy_n(all_k.data() + kept[j] * d, d, k.data() + j * d);
+      std::copy_n(all_v.data() + kept[j] * d, d, v.data() + j * d);
       np[j] = positions[kept[j]];
     }
     const auto keep_rope = rope;

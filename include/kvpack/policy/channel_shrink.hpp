@@ -189,6 +189,28 @@ struct ChannelShrink : PolicyBase {
         detail::concat(projections->layers, "x", projections->kv_heads, "x", projections->head_dim),
         detail::concat(shape.layers, "x", shape.kv_heads, "x", shape.head_dim,
                        " (layers x kv_heads x head_dim of the model)"));
+    // Projections built by hand (not by calibrate or load) may be inconsistent; compress()
+    // reads channels × rank floats per layer and side.
+    const ChannelProjections& p = *projections;
+    const std::size_t layers = static_cast<std::size_t>(p.layers);
+    detail::require(p.rank_k.size() == layers && p.rank_v.size() == layers &&
+                        p.pk.size() == layers && p.pv.size() == layers,
+                    where, "projections layers", p.rank_k.size(),
+                    detail::concat(p.layers, " ranks and matrices per side"));
+    const int c = p.channels();
+    for (int l = 0; l < p.layers; ++l) {
+      for (bool keys : {true, false}) {
+        const int rank = keys ? p.rank_k[l] : p.rank_v[l];
+        const std::size_t size = (keys ? p.pk : p.pv)[l].size();
+        detail::require(
+            rank >= 1 && rank <= c, where, keys ? "projections rank_k" : "projections rank_v",
+            detail::concat(rank, " (layer ", l, ")"), detail::concat("in [1, ", c, "]"));
+        detail::require(size == static_cast<std::size_t>(c) * rank, where,
+                        keys ? "projections pk size" : "projections pv size",
+                        detail::concat(size, " (layer ", l, ")"),
+                        detail::concat(c, " channels x rank ", rank));
+      }
+    }
   }
 };
 

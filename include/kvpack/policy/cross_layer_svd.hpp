@@ -3,8 +3,12 @@
 /// keys (and, separately, values) of a group of adjacent layers.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <utility>
 
+#include "../linalg/truncated_svd.hpp"
 #include "policy_base.hpp"
 
 namespace kvpack {
@@ -12,17 +16,29 @@ namespace kvpack {
 /// \brief Groups of `group_layers` consecutive layers share one token basis per side.
 ///
 /// compress() stacks each group's pre-RoPE keys side by side (tokens × G·kv_heads·head_dim),
-/// takes a rank-r_k truncated SVD X ≈ U Σ Vᵀ, and stores A = U (fp16, shared by the group) and
-/// per (layer, head) B = (Σ Vᵀ) columns (fp32); values likewise at r_v. Keys are re-rotated at
-/// their positions when read. Tokens appended later stay exact until the next compress(),
-/// which refactors everything held. When `group_layers` does not divide the layer count, the
-/// last group is smaller. Ranks: `rank_k`/`rank_v` when non-zero, else derived at compress time
-/// from `target_ratio` (dense fp16 bytes ÷ bytes held) with r_k : r_v = 1 : 1.5 as in the paper.
+/// takes a rank-r_k truncated SVD X ≈ U Σ Vᵀ (kvpack::truncated_svd, route `svd_route`), and
+/// stores A = U (fp16, shared by the group) and per (layer, head) B = (Σ Vᵀ) columns (fp32);
+/// values likewise at r_v. Keys are re-rotated at their positions when read. Tokens appended
+/// later stay exact until the next compress(), which refactors everything held.
+///
+/// Groups: [0, G), [G, 2G), …; when `group_layers` does not divide the layer count, the last
+/// group is smaller (e.g. 30 layers at G = 4: seven groups of 4, one of 2), as in the paper's
+/// code. Ranks:
+///  - `rank_k`/`rank_v` > 0: the same ranks for every group, so they must fit every group's
+///    columns, the smaller last group's included (validate() refuses them otherwise), and
+///    compress() refuses a group holding fewer tokens than the rank (a rank-r factorisation of
+///    fewer than r rows would take more memory than the rows themselves);
+///  - both 0: derived per group at compress time from `target_ratio` (dense fp16 bytes ÷ bytes
+///    held, see ranks_for_ratio) with r_k : r_v = 1 : 1.5 as in the paper, clamped to
+///    [1, min(tokens, columns)].
+/// Negative ranks, or one rank set without the other, are refused.
 struct CrossLayerSVD : PolicyBase {
   int group_layers = 4;
   int rank_k = 0;
   int rank_v = 0;
   double target_ratio = 4.0;
+  /// How the SVD runs (kAuto: Gram or randomized by shape, see choose_svd_route).
+  SvdRoute svd_route = SvdRoute::kAuto;
 
   CrossLayerSVD() = default;
   CrossLayerSVD(int group, int rk, int rv) : group_layers(group), rank_k(rk), rank_v(rv) {}
@@ -33,19 +49,49 @@ struct CrossLayerSVD : PolicyBase {
     return p;
   }
 
+  /// \brief Ranks (r_k, r_v) that hold a group of `layers` layers × `kv_heads` × `head_dim` at
+  /// `tokens` tokens in dense/`ratio` bytes: fp16 basis rows (2·T bytes per rank), fp32 factors
+  /// (4·layers·kv_heads·head_dim bytes per rank) and int32 positions (4·layers·kv_heads·T), with
+  /// r_k : r_v = 1 : 1.5. Not clamped: a result below 1 means the ratio is out of reach.
+  static std::pair<int, int> ranks_for_ratio(int64_t tokens, int layers, int kv_heads, int head_dim,
+                                             double ratio) {
+    const double t = static_cast<double>(tokens);
+    const double lh = static_cast<double>(layers) * kv_heads;
+    const double dense = 2.0 * 2.0 * lh * head_dim * t;
+    const double total = (dense / ratio - 4.0 * lh * t) / (2.0 * t + 4.0 * lh * head_dim);
+    return {static_cast<int>(std::lround(0.4 * total)), static_cast<int>(std::lround(0.6 * total))};
+  }
+
+  /// Layers of the smallest group (the last one when group_layers does not divide `layers`).
+  int smallest_group(int layers) const {
+    const int rest = layers % group_layers;
+    return rest == 0 ? group_layers : rest;
+  }
+
   void validate(const ModelShape& shape) const {
     constexpr const char* where = "CrossLayerSVD";
     detail::require(group_layers >= 1 && group_layers <= shape.layers, where, "group_layers",
                     group_layers, detail::concat("in [1, ", shape.layers, "]"));
-    const int64_t cols = static_cast<int64_t>(group_layers) * shape.kv_heads * shape.head_dim;
-    detail::require(rank_k >= 0 && rank_k <= cols, where, "rank_k", rank_k,
-                    detail::concat("in [0, ", cols, "] (0 = from target_ratio)"));
-    detail::require(rank_v >= 0 && rank_v <= cols, where, "rank_v", rank_v,
-                    detail::concat("in [0, ", cols, "] (0 = from target_ratio)"));
+    const int small = smallest_group(shape.layers);
+    const int64_t cols = static_cast<int64_t>(small) * shape.kv_heads * shape.head_dim;
+    const std::string range =
+        small == group_layers
+            ? detail::concat("in [0, ", cols, "] (0 = from target_ratio; at most the ",
+                             group_layers, " x ", shape.kv_heads, " x ", shape.head_dim,
+                             " columns of a group)")
+            : detail::concat("in [0, ", cols, "] (0 = from target_ratio; at most the ", small,
+                             " x ", shape.kv_heads, " x ", shape.head_dim,
+                             " columns of the last group, which holds the ", small,
+                             " layers left over by group_layers = ", group_layers, ")");
+    detail::require(rank_k >= 0 && rank_k <= cols, where, "rank_k", rank_k, range);
+    detail::require(rank_v >= 0 && rank_v <= cols, where, "rank_v", rank_v, range);
     detail::require((rank_k > 0) == (rank_v > 0), where, "rank_k/rank_v",
                     detail::concat(rank_k, "/", rank_v), "both set or both 0");
     detail::require(rank_k > 0 || (target_ratio > 1.0 && target_ratio < 1e6), where, "target_ratio",
                     target_ratio, "> 1 when ranks are derived from it");
+    const int route = static_cast<int>(svd_route);
+    detail::require(route >= 0 && route <= static_cast<int>(SvdRoute::kRandomized), where,
+                    "svd_route", route, "one of SvdRoute::kAuto, kBdc, kGram, kRandomized");
   }
 };
 

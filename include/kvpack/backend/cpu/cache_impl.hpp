@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cache.hpp"
+#include "low_rank_attention.hpp"
 
 namespace kvpack {
 
@@ -24,8 +25,10 @@ void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const Activation
   const int64_t blocks = (tokens + block_tokens - 1) / block_tokens;
   int64_t longest = 0;
   for (int h = 0; h < shape_.kv_heads; ++h) longest = std::max(longest, store(layer, h).size());
+  // Factored keys cost a rank-r rebuild per token: split low-rank heads into shorter spans.
+  const int64_t split_tokens = kLowRank ? 512 : 2048;
   const int64_t splits =
-      blocks * shape_.kv_heads >= 4 ? 1 : std::clamp<int64_t>(longest / 2048, 1, 8);
+      blocks * shape_.kv_heads >= 4 ? 1 : std::clamp<int64_t>(longest / split_tokens, 1, 8);
   const int64_t items = shape_.kv_heads * blocks * splits;
   std::vector<cpu::PartialState> partial(items);
 
@@ -37,7 +40,6 @@ void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const Activation
     const int64_t block = (item / splits) % blocks;
     const int64_t split = item % splits;
     const auto& head = store(layer, h);
-    const auto rows_of = head.rows(d);
     const int64_t t0 = block * block_tokens;
     const int64_t tn = std::min(block_tokens, tokens - t0);
     const int rows = static_cast<int>(tn * g);
@@ -46,8 +48,14 @@ void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const Activation
     gather_query_rows(layer, q, positions, h, t0, tn, qrows, visible);
     const int64_t span = (head.size() + splits - 1) / splits;
     partial[item].reset(rows, d);
-    cpu::attend_rows(rows_of, d, qrows.data(), rows, visible.data(), split * span,
-                     std::min(head.size(), (split + 1) * span), partial[item], scratch);
+    const int64_t begin = split * span, end = std::min(head.size(), (split + 1) * span);
+    if constexpr (kLowRank) {
+      cpu::attend_low_rank_rows(head, d, qrows.data(), rows, visible.data(), begin, end,
+                                partial[item], scratch);
+    } else {
+      cpu::attend_rows(head.rows(d), d, qrows.data(), rows, visible.data(), begin, end,
+                       partial[item], scratch);
+    }
   }
 
   // Merge the key splits of each (head, block) and normalise.
@@ -103,54 +111,91 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
                                                           Positions positions) {
   const int d = shape_.head_dim;
   const int g = shape_.group_size();
+  const int heads = shape_.kv_heads;
   const int64_t tokens = q.tokens();
-  const int64_t block_tokens = std::max<int64_t>(1, 256 / g);
-  std::vector<double> head_mass(shape_.kv_heads, 0.0);
-  // One kv head per work item: the per-key reduction (a max) then needs no synchronisation.
+  // Work items: (kv head, block of query tokens). A block's rows share every packed key panel
+  // while it is in L1; blocks give the parallelism (3 kv heads alone would idle cores).
+  const int64_t block_tokens = std::max<int64_t>(1, cpu::kScoreRows / g);
+  const int64_t blocks = (tokens + block_tokens - 1) / block_tokens;
+  const int64_t items = heads * blocks;
+
+  // The window's keys of each head, fp32 and packed once for all blocks.
+  std::vector<cpu::PackedKeys> keys(heads);
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic)
 #endif
-  for (int h = 0; h < shape_.kv_heads; ++h) {
+  for (int h = 0; h < heads; ++h) {
     auto& head = store(layer, h);
-    const auto rows_of = head.rows(d);
-    std::vector<float> qrows;
-    std::vector<int64_t> visible;
     if constexpr (kQueryScores) {
       head.scores.resize(head.positions.size(), head.kUnscored);
+      keys[h].pack(head.rows(d), d,
+                   cpu::window_ranges(head.positions.data(), head.size(), selection().window));
+    } else {
+      keys[h].pack(head.rows(d), d,
+                   cpu::window_ranges(head.positions.data(), head.size(), ScoreWindow::all()));
     }
-    const auto ranges = [&] {
-      if constexpr (kQueryScores) {
-        return cpu::window_ranges(head.positions.data(), head.size(), selection().window);
-      } else {
-        return cpu::window_ranges(head.positions.data(), head.size(), ScoreWindow::all());
-      }
-    }();
-    for (int64_t t0 = 0; t0 < tokens; t0 += block_tokens) {
+  }
+
+  std::vector<double> item_mass(kLazyLayers ? items : 0, 0.0);
+#if defined(_OPENMP)
+#pragma omp parallel
+#endif
+  {
+    // Per thread: the max probability of each window key over this thread's blocks (a max is
+    // exact, so merging the threads in any order gives the same scores).
+    std::vector<std::vector<float>> best(kQueryScores ? heads : 0);
+    cpu::ScoreStrip strip;
+    std::vector<float> qrows;
+    std::vector<int64_t> visible;
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic) nowait
+#endif
+    for (int64_t item = 0; item < items; ++item) {
+      const int h = static_cast<int>(item / blocks);
+      const int64_t t0 = (item % blocks) * block_tokens;
       const int64_t tn = std::min(block_tokens, tokens - t0);
+      const int rows = static_cast<int>(tn * g);
       gather_query_rows(layer, q, positions, h, t0, tn, qrows, visible);
+      cpu::score_strip(keys[h], qrows.data(), rows, visible.data(), strip);
       if constexpr (kQueryScores) {
-        float* scores = head.scores.data();
-        cpu::for_each_probability(rows_of, d, qrows.data(), static_cast<int>(tn * g),
-                                  visible.data(), ranges, [&](int, int64_t key, float p) {
-                                    if (p > scores[key]) scores[key] = p;
-                                  });
+        if (best[h].empty()) best[h].assign(keys[h].size(), Store::kUnscored);
+        cpu::max_probabilities(strip, rows, best[h].data());
       } else {
+        const auto& held = store(layer, h).positions;
         const int64_t first = layers_[layer].first_position;
         double mass = 0.0;
-        cpu::for_each_probability(
-            rows_of, d, qrows.data(), static_cast<int>(tn * g), visible.data(), ranges,
-            [&](int r, int64_t key, float p) {
-              if (selection().in_kept_set(head.positions[key], first, positions[t0 + r / g])) {
-                mass += p;
-              }
-            });
-        head_mass[h] += mass;
+        for (int r = 0; r < rows; ++r) {
+          const int64_t query_position = positions[t0 + r / g];
+          const float* p = strip.row(r);
+          double row_mass = 0.0;
+          for (int64_t j = 0; j < strip.limit[r]; ++j) {  // window "all": index j is key j
+            if (selection().in_kept_set(held[j], first, query_position)) row_mass += p[j];
+          }
+          mass += row_mass * strip.inv_sum[r];
+        }
+        item_mass[item] = mass;
+      }
+    }
+    if constexpr (kQueryScores) {
+#if defined(_OPENMP)
+#pragma omp critical(kvpack_observe_merge)
+#endif
+      for (int h = 0; h < heads; ++h) {
+        if (best[h].empty()) continue;
+        float* scores = store(layer, h).scores.data();
+        for (std::size_t i = 0; i < keys[h].ranges().size(); ++i) {
+          const auto& range = keys[h].ranges()[i];
+          const float* b = best[h].data() + keys[h].offset(i);
+          for (int64_t t = range.first; t < range.second; ++t) {
+            scores[t] = std::max(scores[t], b[t - range.first]);
+          }
+        }
       }
     }
   }
   if constexpr (kLazyLayers) {
     LayerObservation& o = observations_[layer];
-    for (double m : head_mass) o.mass += m;
+    for (double m : item_mass) o.mass += m;
     o.rows += tokens * shape_.q_heads;
   }
 }
@@ -246,23 +291,27 @@ void KVCache<Policy, backend::Cpu>::evict() {
 
 }  // namespace kvpack
 
-#include <Eigen/SVD>
+#include <exception>
+#include <memory>
+#include <tuple>
+#include <utility>
+
+#include "../../linalg/truncated_svd.hpp"
 
 namespace kvpack {
 
 template <class Policy>
 std::vector<float> KVCache<Policy, backend::Cpu>::pre_rope_rows(int layer, int head, int64_t tokens,
                                                                 bool keys) const {
-  // The first `tokens` rows of one head in fp32; keys un-rotated to pre-RoPE (exact inverse).
+  // The first `tokens` rows of one head in fp32; keys pre-RoPE (factored rows are held pre-RoPE,
+  // exact rows are un-rotated: an exact inverse up to fp32 rounding).
   const int d = shape_.head_dim;
-  const auto& h = store(layer, head);
+  const auto rows_of = store(layer, head).rows(d);
   std::vector<float> rows(static_cast<std::size_t>(tokens) * d);
   if (keys) {
-    h.rows(d).load_keys(0, tokens, rows.data());
-    const Rope rope(shape_.rope, d);
-    for (int64_t t = 0; t < tokens; ++t) rope.unrotate(rows.data() + t * d, h.positions[t]);
+    rows_of.load_pre_rope_keys(0, tokens, rows.data());
   } else {
-    h.rows(d).load_values(0, tokens, rows.data());
+    rows_of.load_values(0, tokens, rows.data());
   }
   return rows;
 }
@@ -270,117 +319,152 @@ std::vector<float> KVCache<Policy, backend::Cpu>::pre_rope_rows(int layer, int h
 template <class Policy>
 void KVCache<Policy, backend::Cpu>::factorize() {
   using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  constexpr const char* where = "KVCache::compress";
   const int d = shape_.head_dim, heads = shape_.kv_heads;
-  std::vector<std::shared_ptr<const detail::LowRankBasis>> bases;
-  auto make_basis = [&](const RowMat& a) {
-    auto basis = std::make_shared<detail::LowRankBasis>();
-    basis->tokens = a.rows();
-    basis->rank = static_cast<int>(a.cols());
-    basis->rows.resize(a.size());
-    detail::store_row(a.data(), basis->rows.data(), a.size());
-    bases.push_back(basis);
-    return std::shared_ptr<const detail::LowRankBasis>(basis);
+  // One job per (layers [l0, l1), side): its stacked pre-RoPE matrix becomes a shared basis and
+  // one factor per (layer, head). Every job runs before anything held changes, so a refused rank,
+  // heads holding different tokens or a failure inside the SVD leave the cache as it was.
+  struct Job {
+    int l0, l1;
+    bool keys;
+    int rank;
+    int64_t tokens;
+    std::vector<detail::LowRankFactor> factors;  // (layer − l0) · heads + head
   };
-  // Factors of one side for layers [l0, l1): the stacked pre-RoPE matrix, its truncated SVD,
-  // A = U (shared), B = Σ Vᵀ sliced per (layer, head).
-  auto factor_group = [&](int l0, int l1, int64_t tokens, int rank, bool keys) {
-    const int64_t cols = static_cast<int64_t>(l1 - l0) * heads * d;
-    RowMat x(tokens, cols);
+  std::vector<Job> jobs;
+  auto require_same_tokens = [&](int l0, int l1, const char* what) {
+    const auto& ref = store(l0, 0).positions;
     for (int l = l0; l < l1; ++l) {
       for (int h = 0; h < heads; ++h) {
-        const auto rows = pre_rope_rows(l, h, tokens, keys);
-        x.middleCols((static_cast<int64_t>(l - l0) * heads + h) * d, d) =
-            Eigen::Map<const RowMat>(rows.data(), tokens, d);
-      }
-    }
-    Eigen::BDCSVD<Eigen::MatrixXf> svd(x, Eigen::ComputeThinU | Eigen::ComputeThinV);
-    const RowMat a = svd.matrixU().leftCols(rank);
-    auto basis = make_basis(a);
-    std::vector<detail::LowRankFactor> factors;
-    for (int l = l0; l < l1; ++l) {
-      for (int h = 0; h < heads; ++h) {
-        detail::LowRankFactor f{basis, std::vector<float>(static_cast<std::size_t>(rank) * d)};
-        const int64_t c0 = (static_cast<int64_t>(l - l0) * heads + h) * d;
-        for (int j = 0; j < rank; ++j) {
-          for (int i = 0; i < d; ++i) {
-            f.b[j * d + i] = svd.singularValues()(j) * svd.matrixV()(c0 + i, j);
-          }
+        if (store(l, h).positions != ref) {
+          throw error(detail::concat(where, ": ", what, " needs every head",
+                                     l1 - l0 > 1 ? " and layer" : "",
+                                     " it factors together to hold the same tokens; layer ", l,
+                                     " head ", h, " differs from layer ", l0, " head 0"));
         }
-        factors.push_back(std::move(f));
       }
     }
-    return factors;
   };
-
   if constexpr (kCrossLayer) {
     const CrossLayerSVD& p = policy_;
     for (int l0 = 0; l0 < shape_.layers; l0 += p.group_layers) {
       const int l1 = std::min(shape_.layers, l0 + p.group_layers);
-      const auto& ref = store(l0, 0).positions;
-      for (int l = l0; l < l1; ++l) {
-        for (int h = 0; h < heads; ++h) {
-          if (store(l, h).positions != ref) {
-            throw error(
-                detail::concat("KVCache::compress: CrossLayerSVD needs every layer and "
-                               "head of a group to hold the same tokens; layer ",
-                               l, " head ", h, " differs from layer ", l0));
+      require_same_tokens(l0, l1, "CrossLayerSVD");
+      const int64_t tokens = store(l0, 0).size();
+      if (tokens == 0) continue;
+      const int64_t cols = static_cast<int64_t>(l1 - l0) * heads * d;
+      const int64_t cap = std::min(tokens, cols);
+      int rk = p.rank_k, rv = p.rank_v;
+      if (rk > 0) {
+        for (const auto& [name, rank] :
+             {std::pair<const char*, int>{"rank_k", rk}, {"rank_v", rv}}) {
+          if (rank > cap) {
+            throw error(detail::concat(
+                where, ": CrossLayerSVD ", name, " = ", rank, ", expected at most min(tokens, ",
+                "columns) = ", cap, " for layers [", l0, ", ", l1, "), which hold ", tokens,
+                " tokens x ", cols, " columns (compress once at least ", rank,
+                " tokens are held, or derive the ranks from target_ratio)"));
           }
         }
+      } else {
+        std::tie(rk, rv) =
+            CrossLayerSVD::ranks_for_ratio(tokens, l1 - l0, heads, d, p.target_ratio);
+        rk = static_cast<int>(std::clamp<int64_t>(rk, 1, cap));
+        rv = static_cast<int>(std::clamp<int64_t>(rv, 1, cap));
       }
-      const int64_t tokens = static_cast<int64_t>(ref.size());
-      if (tokens == 0) continue;
-      const int g = l1 - l0;
-      const int64_t cols = static_cast<int64_t>(g) * heads * d;
-      int rk = p.rank_k, rv = p.rank_v;
-      if (rk == 0) {
-        // Solve dense / ratio = (r_k + r_v)(2 T + 4 g H d) + 4 g H T for r_k + r_v.
-        const double dense = 2.0 * g * heads * d * tokens * 2.0;
-        const double total = (dense / p.target_ratio - 4.0 * g * heads * tokens) /
-                             (2.0 * tokens + 4.0 * g * heads * d);
-        rk = static_cast<int>(std::lround(0.4 * total));
-        rv = static_cast<int>(std::lround(0.6 * total));
-      }
-      const int cap = static_cast<int>(std::min<int64_t>(tokens, cols));
-      rk = std::clamp(rk, 1, cap);
-      rv = std::clamp(rv, 1, cap);
-      auto kf = factor_group(l0, l1, tokens, rk, true);
-      auto vf = factor_group(l0, l1, tokens, rv, false);
-      for (int l = l0; l < l1; ++l) {
-        for (int h = 0; h < heads; ++h) {
-          const std::size_t i = static_cast<std::size_t>(l - l0) * heads + h;
-          store(l, h).set_factors(std::move(kf[i]), std::move(vf[i]), tokens, d);
-        }
-      }
+      jobs.push_back({l0, l1, true, rk, tokens, {}});
+      jobs.push_back({l0, l1, false, rv, tokens, {}});
     }
   } else {
     const ChannelShrink& p = policy_;
-    const ChannelProjections& proj = *p.projections;
     for (int l = 0; l < shape_.layers; ++l) {
-      const int64_t tokens = store(l, 0).size() - p.window;
+      // Tokens factored by an earlier compress() stay factored even if `window` grew since.
+      const int64_t tokens = std::max(store(l, 0).size() - p.window, store(l, 0).factored);
       if (tokens <= 0) continue;
-      for (bool keys : {true, false}) {
-        const int rank = keys ? proj.rank_k[l] : proj.rank_v[l];
-        const Eigen::Map<const RowMat> projection((keys ? proj.pk : proj.pv)[l].data(),
-                                                  proj.channels(), rank);
-        RowMat x(tokens, proj.channels());
-        for (int h = 0; h < heads; ++h) {
-          const auto rows = pre_rope_rows(l, h, tokens, keys);
-          x.middleCols(static_cast<int64_t>(h) * d, d) =
-              Eigen::Map<const RowMat>(rows.data(), tokens, d);
-        }
-        const RowMat latents = x * projection;
-        auto basis = make_basis(latents);
-        for (int h = 0; h < heads; ++h) {
-          detail::LowRankFactor f{basis, std::vector<float>(static_cast<std::size_t>(rank) * d)};
-          Eigen::Map<RowMat>(f.b.data(), rank, d) =
-              projection.middleRows(static_cast<int64_t>(h) * d, d).transpose();
-          auto& head = store(l, h);
-          if (keys) {
-            head.key = std::move(f);
-          } else {
-            head.set_factors(std::move(head.key), std::move(f), tokens, d);
-          }
-        }
+      require_same_tokens(l, l + 1, "ChannelShrink");
+      jobs.push_back({l, l + 1, true, p.projections->rank_k[l], tokens, {}});
+      jobs.push_back({l, l + 1, false, p.projections->rank_v[l], tokens, {}});
+    }
+  }
+
+  auto run = [&](Job& job) {
+    const int64_t cols = static_cast<int64_t>(job.l1 - job.l0) * heads * d;
+    RowMat x(job.tokens, cols);
+    for (int l = job.l0; l < job.l1; ++l) {
+      for (int h = 0; h < heads; ++h) {
+        const auto rows = pre_rope_rows(l, h, job.tokens, job.keys);
+        x.middleCols((static_cast<int64_t>(l - job.l0) * heads + h) * d, d) =
+            Eigen::Map<const RowMat>(rows.data(), job.tokens, d);
+      }
+    }
+    auto basis = std::make_shared<detail::LowRankBasis>();
+    basis->tokens = job.tokens;
+    basis->rank = job.rank;
+    basis->rows.resize(static_cast<std::size_t>(job.tokens) * job.rank);
+    // B of (layer, head): rank × d, from `bt`, the (cols × rank) matrix whose rows are channels.
+    auto add_factors = [&](const auto& bt) {
+      for (int64_t c0 = 0; c0 < cols; c0 += d) {
+        detail::LowRankFactor f{basis, std::vector<float>(static_cast<std::size_t>(job.rank) * d)};
+        Eigen::Map<RowMat>(f.b.data(), job.rank, d) = bt.middleRows(c0, d).transpose();
+        job.factors.push_back(std::move(f));
+      }
+    };
+    if constexpr (kCrossLayer) {
+      // X ≈ U Σ Vᵀ: A = U shared by the group, B of (layer, head) = Σ V[columns of that head]ᵀ.
+      SvdOptions options;
+      options.route = policy_.svd_route;
+      options.rank = job.rank;
+      const SvdFactors f =
+          truncated_svd(Eigen::Map<const RowMajorMatrixXf>(x.data(), x.rows(), cols), options);
+      const RowMat a = f.U;
+      detail::store_row(a.data(), basis->rows.data(), a.size());
+      add_factors(Eigen::MatrixXf(f.V * f.S.asDiagonal()));
+    } else {
+      // Latents Z = X P (tokens × rank) shared by the layer's heads, B of a head = P[its rows]ᵀ.
+      const ChannelProjections& proj = *policy_.projections;
+      const Eigen::Map<const RowMat> projection((job.keys ? proj.pk : proj.pv)[job.l0].data(), cols,
+                                                job.rank);
+      const RowMat latents = x * projection;
+      detail::store_row(latents.data(), basis->rows.data(), latents.size());
+      add_factors(projection);
+    }
+  };
+  // Jobs are independent: two threads factor two groups at once (the SVD's double-precision
+  // Gram matrix and tridiagonalisation are single-threaded; Eigen's GEMMs see the parallel
+  // region and stay on their thread). Exceptions cannot leave an OpenMP region: keep the first.
+  std::vector<std::exception_ptr> failures(jobs.size());
+  const int64_t n_jobs = static_cast<int64_t>(jobs.size());
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic) if (n_jobs > 1)
+#endif
+  for (int64_t i = 0; i < n_jobs; ++i) {
+    try {
+      run(jobs[i]);
+    } catch (...) {
+      failures[i] = std::current_exception();
+    }
+  }
+  for (const auto& failure : failures) {
+    if (failure) std::rethrow_exception(failure);
+  }
+
+  // Commit: jobs come in (keys, values) pairs of the same layers and tokens.
+  for (std::size_t i = 0; i + 1 < jobs.size(); i += 2) {
+    Job& k = jobs[i];
+    Job& v = jobs[i + 1];
+    for (int l = k.l0; l < k.l1; ++l) {
+      for (int h = 0; h < heads; ++h) {
+        const std::size_t f = static_cast<std::size_t>(l - k.l0) * heads + h;
+        store(l, h).set_factors(std::move(k.factors[f]), std::move(v.factors[f]), k.tokens, d);
+      }
+    }
+  }
+  // Bases held: each shared basis once, whichever heads still point to it.
+  std::vector<std::shared_ptr<const detail::LowRankBasis>> bases;
+  for (const auto& head : heads_) {
+    for (const auto* side : {&head.key, &head.value}) {
+      if (side->basis && std::find(bases.begin(), bases.end(), side->basis) == bases.end()) {
+        bases.push_back(side->basis);
       }
     }
   }

@@ -1,7 +1,14 @@
 /// \file backend/cpu/scoring.hpp
-/// \brief Softmax attention probabilities of observed queries, reduced per key without ever
-/// holding the queries × keys matrix: two streaming passes over key tiles (max/denominator,
-/// then normalised probabilities handed to a reducer). Memory stays O(keys) per head.
+/// \brief Softmax attention probabilities of observed queries over the keys of a ScoreWindow,
+/// reduced per key (ReconstructionEvict's max, LazyLayerDrop's mass).
+///
+/// The keys of the window are converted to fp32 once per head and packed in panels of 16 keys
+/// stored channel-major, so a register-blocked kernel broadcasts one query element against 16
+/// keys (an outer-product GEMM at close to the FMA peak). A block of query rows is scored
+/// against the whole window in one pass: its score strip (rows × window keys) holds the row's
+/// scores, then its unnormalised probabilities, so every score is computed and exponentiated
+/// once. Memory stays O(keys) per head: the packed keys and one strip of a bounded number of
+/// rows per thread, never the queries × keys matrix.
 #pragma once
 
 #include "../../config.hpp"
@@ -11,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -21,6 +29,14 @@
 
 namespace kvpack {
 namespace cpu {
+
+/// Keys per packed panel (two AVX2 registers of scores per query row).
+constexpr int kScorePanel = 16;
+/// Query rows scored together against each panel: the block's rows (≤ 12 KiB at d = 64) and
+/// one panel (4 KiB) stay in L1 while the panel is reused by every row.
+constexpr int kScoreRows = 48;
+/// Lanes of a row's running max in the score kernel (one AVX2 register; reduced at the end).
+constexpr int kMaxLanes = 8;
 
 /// Index ranges [first, second) of `positions` (ascending) that fall inside `window`.
 inline std::vector<std::pair<int64_t, int64_t>> window_ranges(const int32_t* positions, int64_t n,
@@ -47,53 +63,256 @@ inline std::vector<std::pair<int64_t, int64_t>> window_ranges(const int32_t* pos
   return ranges;
 }
 
+/// \brief The keys of one head inside a window, as fp32 panels for the score kernel.
+///
+/// Window index j is the j-th key of the concatenated ranges (ascending head index). Panel p
+/// holds window keys [16p, 16p + 16) channel-major: element (channel c, key i) at c · 16 + i;
+/// the last panel is zero-padded.
+class PackedKeys {
+ public:
+  /// Packs the keys of `head` (anything with load_keys, see DenseRows) inside `ranges`.
+  template <class Rows>
+  void pack(const Rows& head, int d, std::vector<std::pair<int64_t, int64_t>> ranges) {
+    ranges_ = std::move(ranges);
+    d_ = d;
+    offsets_.clear();
+    size_ = 0;
+    for (const auto& r : ranges_) {
+      offsets_.push_back(size_);
+      size_ += r.second - r.first;
+    }
+    const int64_t panels = (size_ + kScorePanel - 1) / kScorePanel;
+    panels_.assign(static_cast<std::size_t>(panels) * kScorePanel * d, 0.0f);
+    std::vector<float> tile(static_cast<std::size_t>(kScorePanel) * d);
+    int64_t j = 0;  // window index of the next key to pack
+    for (const auto& r : ranges_) {
+      for (int64_t t = r.first; t < r.second;) {
+        // Keys of this range up to the end of the current panel, loaded as one block.
+        const int64_t lane = j % kScorePanel;
+        const int64_t n = std::min<int64_t>(kScorePanel - lane, r.second - t);
+        head.load_keys(t, n, tile.data());
+        float* panel = panels_.data() + (j / kScorePanel) * kScorePanel * d;
+        for (int64_t i = 0; i < n; ++i) {
+          for (int c = 0; c < d; ++c) panel[c * kScorePanel + lane + i] = tile[i * d + c];
+        }
+        t += n;
+        j += n;
+      }
+    }
+  }
+
+  /// Keys in the window.
+  int64_t size() const { return size_; }
+  int head_dim() const { return d_; }
+  /// Window keys whose head index is below `index` (those a causal row with visible = index
+  /// sees).
+  int64_t count_before(int64_t index) const {
+    int64_t count = 0;
+    for (const auto& r : ranges_) count += std::clamp<int64_t>(index - r.first, 0, r.second - r.first);
+    return count;
+  }
+  const std::vector<std::pair<int64_t, int64_t>>& ranges() const { return ranges_; }
+  /// Window index of the first key of ranges()[i].
+  int64_t offset(std::size_t i) const { return offsets_[i]; }
+  const float* panel(int64_t p) const { return panels_.data() + p * kScorePanel * d_; }
+
+ private:
+  std::vector<std::pair<int64_t, int64_t>> ranges_;
+  std::vector<int64_t> offsets_;
+  std::vector<float> panels_;
+  int64_t size_ = 0;
+  int d_ = 0;
+};
+
+/// \brief Softmax probabilities of a block of query rows over a window. Row r sees window keys
+/// [0, limit[r]); its probability of key j is row(r)[j] · inv_sum[r] (values hold
+/// exp(score − row max)). Rows with limit 0 see no key.
+struct ScoreStrip {
+  std::vector<float> values;
+  std::vector<float> inv_sum;
+  std::vector<int64_t> limit;
+  std::vector<float> max;  // rows × kMaxLanes running maxima of the score kernel
+  int64_t stride = 0;
+
+  const float* row(int r) const { return values.data() + r * stride; }
+  float probability(int r, int64_t j) const { return row(r)[j] * inv_sum[r]; }
+};
+
+}  // namespace cpu
+
+namespace detail {
+
+#if defined(KVPACK_CPU_AVX2)
+/// Scores of R query rows (q, row stride d) against one panel: s[r · lds + i] = q_r · key_i,
+/// and the row's 8-lane running max max[r · 8 ..] raised by the first valid[r] of them (a
+/// vertical max: no horizontal reduction, no call, so the accumulators stay in registers).
+/// 2R accumulators + 2 keys + 1 broadcast ≤ 15 ymm for R ≤ 6.
+template <int R>
+inline void avx2_panel_scores(const float* q, int d, const float* panel, float* s, int64_t lds,
+                              const int64_t* valid, float* max) {
+  __m256 a[R][2];
+  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+  for (int c = 0; c < d; ++c) {
+    const __m256 k0 = _mm256_loadu_ps(panel + c * cpu::kScorePanel);
+    const __m256 k1 = _mm256_loadu_ps(panel + c * cpu::kScorePanel + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 b = _mm256_broadcast_ss(q + r * d + c);
+      a[r][0] = _mm256_fmadd_ps(b, k0, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(b, k1, a[r][1]);
+    }
+  }
+  const __m256 ninf = _mm256_set1_ps(-INFINITY);
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(s + r * lds, a[r][0]);
+    _mm256_storeu_ps(s + r * lds + 8, a[r][1]);
+    if (valid[r] <= 0) continue;
+    __m256 x0 = a[r][0], x1 = a[r][1];
+    if (valid[r] < cpu::kScorePanel) {  // keys past the row's causal limit do not count
+      const __m256 v = _mm256_set1_ps(static_cast<float>(valid[r]));
+      x0 = _mm256_blendv_ps(
+          ninf, x0, _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), v, _CMP_LT_OQ));
+      x1 = _mm256_blendv_ps(
+          ninf, x1, _mm256_cmp_ps(_mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15), v, _CMP_LT_OQ));
+    }
+    float* m = max + r * cpu::kMaxLanes;
+    _mm256_storeu_ps(m, _mm256_max_ps(_mm256_loadu_ps(m), _mm256_max_ps(x0, x1)));
+  }
+}
+#endif
+
+/// Scores of up to 6 rows against panels [0, panels) into s (row stride lds), with running
+/// maxima (see avx2_panel_scores).
+inline void group_scores(const cpu::PackedKeys& keys, const float* q, int rows, int64_t panels,
+                         float* s, int64_t lds, const int64_t* limit, float* max) {
+  const int d = keys.head_dim();
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t j0 = p * cpu::kScorePanel;
+    int64_t valid[6];
+    for (int r = 0; r < rows; ++r) valid[r] = std::min<int64_t>(limit[r] - j0, cpu::kScorePanel);
+    float* sp = s + j0;
+    const float* panel = keys.panel(p);
+#if defined(KVPACK_CPU_AVX2)
+    switch (rows) {
+      case 6:
+        avx2_panel_scores<6>(q, d, panel, sp, lds, valid, max);
+        break;
+      case 5:
+        avx2_panel_scores<5>(q, d, panel, sp, lds, valid, max);
+        break;
+      case 4:
+        avx2_panel_scores<4>(q, d, panel, sp, lds, valid, max);
+        break;
+      case 3:
+        avx2_panel_scores<3>(q, d, panel, sp, lds, valid, max);
+        break;
+      case 2:
+        avx2_panel_scores<2>(q, d, panel, sp, lds, valid, max);
+        break;
+      default:
+        avx2_panel_scores<1>(q, d, panel, sp, lds, valid, max);
+        break;
+    }
+#else
+    for (int r = 0; r < rows; ++r) {
+      float x[cpu::kScorePanel] = {};
+      for (int c = 0; c < d; ++c) {
+        const float qc = q[r * d + c];
+        for (int i = 0; i < cpu::kScorePanel; ++i) x[i] += qc * panel[c * cpu::kScorePanel + i];
+      }
+      for (int i = 0; i < cpu::kScorePanel; ++i) {
+        sp[r * lds + i] = x[i];
+        if (i < valid[r]) max[r * cpu::kMaxLanes] = std::max(max[r * cpu::kMaxLanes], x[i]);
+      }
+    }
+#endif
+  }
+}
+
+/// best[i] = max(best[i], x[i] · scale) for i in [0, n).
+inline void max_scaled(float* best, const float* x, int64_t n, float scale) {
+  int64_t i = 0;
+#if defined(KVPACK_CPU_AVX2)
+  const __m256 sv = _mm256_set1_ps(scale);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(x + i), sv);
+    _mm256_storeu_ps(best + i, _mm256_max_ps(_mm256_loadu_ps(best + i), p));
+  }
+#endif
+  for (; i < n; ++i) best[i] = std::max(best[i], x[i] * scale);
+}
+
+}  // namespace detail
+
+namespace cpu {
+
+/// Softmax probabilities of `rows` query rows q (row-major rows × d, pre-scaled by 1/sqrt(d))
+/// over the window keys `keys`, causal: row r sees the keys whose head index is below
+/// visible[r]. Each score is computed once (with the row max on the side), then exponentiated
+/// in place while the strip is still in cache.
+inline void score_strip(const PackedKeys& keys, const float* q, int rows, const int64_t* visible,
+                        ScoreStrip& strip) {
+  const int d = keys.head_dim();
+  strip.limit.resize(rows);
+  int64_t widest = 0;
+  for (int r = 0; r < rows; ++r) {
+    strip.limit[r] = keys.count_before(visible[r]);
+    widest = std::max(widest, strip.limit[r]);
+  }
+  strip.stride = (widest + kScorePanel - 1) / kScorePanel * kScorePanel;
+  strip.values.resize(static_cast<std::size_t>(rows) * strip.stride);
+  strip.inv_sum.assign(rows, 0.0f);
+  strip.max.assign(static_cast<std::size_t>(rows) * kMaxLanes, detail::neg_inf());
+  for (int r0 = 0; r0 < rows; r0 += 6) {
+    const int n = std::min(6, rows - r0);
+    int64_t group_limit = 0;
+    for (int r = r0; r < r0 + n; ++r) group_limit = std::max(group_limit, strip.limit[r]);
+    detail::group_scores(keys, q + static_cast<std::size_t>(r0) * d, n,
+                         (group_limit + kScorePanel - 1) / kScorePanel,
+                         strip.values.data() + r0 * strip.stride, strip.stride,
+                         strip.limit.data() + r0, strip.max.data() + r0 * kMaxLanes);
+  }
+  for (int r = 0; r < rows; ++r) {
+    if (strip.limit[r] == 0) continue;
+    const float* lanes = strip.max.data() + r * kMaxLanes;
+    const float max = *std::max_element(lanes, lanes + kMaxLanes);
+    const float sum =
+        detail::exp_shifted(strip.values.data() + r * strip.stride, strip.limit[r], max);
+    strip.inv_sum[r] = 1.0f / sum;
+  }
+}
+
+/// best[j] = max(best[j], max over rows of the probability of window key j); keys no row sees
+/// keep their value. Column blocks keep `best` in L1 while every row visits it.
+inline void max_probabilities(const ScoreStrip& strip, int rows, float* best) {
+  constexpr int64_t kBlock = 2048;
+  for (int64_t j0 = 0; j0 < strip.stride; j0 += kBlock) {
+    for (int r = 0; r < rows; ++r) {
+      const int64_t n = std::min(strip.limit[r], j0 + kBlock) - j0;
+      if (n > 0) detail::max_scaled(best + j0, strip.row(r) + j0, n, strip.inv_sum[r]);
+    }
+  }
+}
+
 /// Softmax probabilities of `rows` query rows (row-major rows × d, pre-scaled by 1/sqrt(d))
 /// over the keys of `head` inside `ranges`, causal (row r sees indices < visible[r]).
 /// Calls reduce(row, key_index, probability) for every visible key in the ranges.
 template <class Rows, class Reduce>
 void for_each_probability(const Rows& head, int d, const float* q, int rows, const int64_t* visible,
                           const std::vector<std::pair<int64_t, int64_t>>& ranges, Reduce&& reduce) {
-  using ConstVec = Eigen::Map<const Eigen::VectorXf>;
-  using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  std::vector<float> max(rows, detail::neg_inf()), sum(rows, 0.0f), kt(kAttentionTile * d),
-      s(static_cast<std::size_t>(rows) * kAttentionTile);
-  auto scores_of_tile = [&](int64_t t0, int64_t tn) {
-    head.load_keys(t0, tn, kt.data());
-    if (rows >= kGemmRows) {
-      Eigen::Map<RowMat>(s.data(), rows, tn).noalias() =
-          Eigen::Map<const RowMat>(q, rows, d) *
-          Eigen::Map<const RowMat>(kt.data(), tn, d).transpose();
-      return;
-    }
-    for (int r = 0; r < rows; ++r) {
-      ConstVec qr(q + r * d, d);
-      for (int64_t i = 0; i < tn; ++i) s[r * tn + i] = qr.dot(ConstVec(kt.data() + i * d, d));
-    }
-  };
-  auto visible_in_tile = [&](int r, int64_t t0, int64_t tn) {
-    return std::clamp<int64_t>(visible[r] - t0, 0, tn);
-  };
-  for (int pass = 0; pass < 2; ++pass) {
-    for (const auto& range : ranges) {
-      for (int64_t t0 = range.first; t0 < range.second; t0 += kAttentionTile) {
-        const int64_t tn = std::min(kAttentionTile, range.second - t0);
-        scores_of_tile(t0, tn);
-        for (int r = 0; r < rows; ++r) {
-          const float* sr = s.data() + r * tn;
-          const int64_t vis = visible_in_tile(r, t0, tn);
-          if (pass == 0) {
-            float tile_max = detail::neg_inf();
-            for (int64_t i = 0; i < vis; ++i) tile_max = std::max(tile_max, sr[i]);
-            if (vis == 0) continue;
-            const float new_max = std::max(max[r], tile_max);
-            float acc = sum[r] * detail::softmax_rescale(max[r], new_max);
-            for (int64_t i = 0; i < vis; ++i) acc += std::exp(sr[i] - new_max);
-            sum[r] = acc;
-            max[r] = new_max;
-          } else {
-            const float inv = 1.0f / sum[r];
-            for (int64_t i = 0; i < vis; ++i) reduce(r, t0 + i, std::exp(sr[i] - max[r]) * inv);
-          }
+  PackedKeys keys;
+  keys.pack(head, d, ranges);
+  ScoreStrip strip;
+  for (int r0 = 0; r0 < rows; r0 += kScoreRows) {
+    const int n = std::min(kScoreRows, rows - r0);
+    score_strip(keys, q + static_cast<std::size_t>(r0) * d, n, visible + r0, strip);
+    for (int r = 0; r < n; ++r) {
+      const float* p = strip.row(r);
+      for (std::size_t i = 0; i < keys.ranges().size(); ++i) {
+        const auto& range = keys.ranges()[i];
+        const int64_t base = keys.offset(i);
+        const int64_t end = std::min(range.second - range.first, strip.limit[r] - base);
+        for (int64_t t = 0; t < end; ++t) {
+          reduce(r0 + r, range.first + t, p[base + t] * strip.inv_sum[r]);
         }
       }
     }

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -35,8 +36,6 @@ constexpr int kScorePanel = 16;
 /// Query rows scored together against each panel: the block's rows (≤ 12 KiB at d = 64) and
 /// one panel (4 KiB) stay in L1 while the panel is reused by every row.
 constexpr int kScoreRows = 48;
-/// Lanes of a row's running max in the score kernel (one AVX2 register; reduced at the end).
-constexpr int kMaxLanes = 8;
 
 /// Index ranges [first, second) of `positions` (ascending) that fall inside `window`.
 inline std::vector<std::pair<int64_t, int64_t>> window_ranges(const int32_t* positions, int64_t n,
@@ -108,7 +107,8 @@ class PackedKeys {
   /// sees).
   int64_t count_before(int64_t index) const {
     int64_t count = 0;
-    for (const auto& r : ranges_) count += std::clamp<int64_t>(index - r.first, 0, r.second - r.first);
+    for (const auto& r : ranges_)
+      count += std::clamp<int64_t>(index - r.first, 0, r.second - r.first);
     return count;
   }
   const std::vector<std::pair<int64_t, int64_t>>& ranges() const { return ranges_; }
@@ -131,7 +131,6 @@ struct ScoreStrip {
   std::vector<float> values;
   std::vector<float> inv_sum;
   std::vector<int64_t> limit;
-  std::vector<float> max;  // rows × kMaxLanes running maxima of the score kernel
   int64_t stride = 0;
 
   const float* row(int r) const { return values.data() + r * stride; }
@@ -143,13 +142,13 @@ struct ScoreStrip {
 namespace detail {
 
 #if defined(KVPACK_CPU_AVX2)
-/// Scores of R query rows (q, row stride d) against one panel: s[r · lds + i] = q_r · key_i,
-/// and the row's 8-lane running max max[r · 8 ..] raised by the first valid[r] of them (a
-/// vertical max: no horizontal reduction, no call, so the accumulators stay in registers).
-/// 2R accumulators + 2 keys + 1 broadcast ≤ 15 ymm for R ≤ 6.
-template <int R>
-inline void avx2_panel_scores(const float* q, int d, const float* panel, float* s, int64_t lds,
-                              const int64_t* valid, float* max) {
+/// Scores of R query rows (q, row stride d) against one panel: s[r · lds + i] = q_r · key_i.
+/// 2R accumulators + 2 keys + 1 broadcast ≤ 15 ymm for R ≤ 6. D > 0 fixes head_dim at compile
+/// time (the query offsets become immediates, which frees the registers that held them).
+template <int R, int D>
+inline void avx2_panel_scores(const float* q, int head_dim, const float* panel, float* s,
+                              int64_t lds) {
+  const int d = D > 0 ? D : head_dim;
   __m256 a[R][2];
   for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
   for (int c = 0; c < d; ++c) {
@@ -161,71 +160,54 @@ inline void avx2_panel_scores(const float* q, int d, const float* panel, float* 
       a[r][1] = _mm256_fmadd_ps(b, k1, a[r][1]);
     }
   }
-  const __m256 ninf = _mm256_set1_ps(-INFINITY);
   for (int r = 0; r < R; ++r) {
     _mm256_storeu_ps(s + r * lds, a[r][0]);
     _mm256_storeu_ps(s + r * lds + 8, a[r][1]);
-    if (valid[r] <= 0) continue;
-    __m256 x0 = a[r][0], x1 = a[r][1];
-    if (valid[r] < cpu::kScorePanel) {  // keys past the row's causal limit do not count
-      const __m256 v = _mm256_set1_ps(static_cast<float>(valid[r]));
-      x0 = _mm256_blendv_ps(
-          ninf, x0, _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), v, _CMP_LT_OQ));
-      x1 = _mm256_blendv_ps(
-          ninf, x1, _mm256_cmp_ps(_mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15), v, _CMP_LT_OQ));
-    }
-    float* m = max + r * cpu::kMaxLanes;
-    _mm256_storeu_ps(m, _mm256_max_ps(_mm256_loadu_ps(m), _mm256_max_ps(x0, x1)));
   }
 }
 #endif
 
-/// Scores of up to 6 rows against panels [0, panels) into s (row stride lds), with running
-/// maxima (see avx2_panel_scores).
-inline void group_scores(const cpu::PackedKeys& keys, const float* q, int rows, int64_t panels,
-                         float* s, int64_t lds, const int64_t* limit, float* max) {
+/// Scores of up to 6 rows against panel p of `keys` into s (row stride lds).
+inline void group_scores(const cpu::PackedKeys& keys, const float* q, int rows, int64_t p, float* s,
+                         int64_t lds) {
   const int d = keys.head_dim();
-  for (int64_t p = 0; p < panels; ++p) {
-    const int64_t j0 = p * cpu::kScorePanel;
-    int64_t valid[6];
-    for (int r = 0; r < rows; ++r) valid[r] = std::min<int64_t>(limit[r] - j0, cpu::kScorePanel);
-    float* sp = s + j0;
-    const float* panel = keys.panel(p);
+  float* sp = s + p * cpu::kScorePanel;
+  const float* panel = keys.panel(p);
 #if defined(KVPACK_CPU_AVX2)
+  auto kernel = [&](auto head_dim) {
+    constexpr int D = decltype(head_dim)::value;
     switch (rows) {
       case 6:
-        avx2_panel_scores<6>(q, d, panel, sp, lds, valid, max);
-        break;
+        return avx2_panel_scores<6, D>(q, d, panel, sp, lds);
       case 5:
-        avx2_panel_scores<5>(q, d, panel, sp, lds, valid, max);
-        break;
+        return avx2_panel_scores<5, D>(q, d, panel, sp, lds);
       case 4:
-        avx2_panel_scores<4>(q, d, panel, sp, lds, valid, max);
-        break;
+        return avx2_panel_scores<4, D>(q, d, panel, sp, lds);
       case 3:
-        avx2_panel_scores<3>(q, d, panel, sp, lds, valid, max);
-        break;
+        return avx2_panel_scores<3, D>(q, d, panel, sp, lds);
       case 2:
-        avx2_panel_scores<2>(q, d, panel, sp, lds, valid, max);
-        break;
+        return avx2_panel_scores<2, D>(q, d, panel, sp, lds);
       default:
-        avx2_panel_scores<1>(q, d, panel, sp, lds, valid, max);
-        break;
+        return avx2_panel_scores<1, D>(q, d, panel, sp, lds);
     }
-#else
-    for (int r = 0; r < rows; ++r) {
-      float x[cpu::kScorePanel] = {};
-      for (int c = 0; c < d; ++c) {
-        const float qc = q[r * d + c];
-        for (int i = 0; i < cpu::kScorePanel; ++i) x[i] += qc * panel[c * cpu::kScorePanel + i];
-      }
-      for (int i = 0; i < cpu::kScorePanel; ++i) {
-        sp[r * lds + i] = x[i];
-        if (i < valid[r]) max[r * cpu::kMaxLanes] = std::max(max[r * cpu::kMaxLanes], x[i]);
-      }
-    }
-#endif
+  };
+  if (d == 64) {
+    kernel(std::integral_constant<int, 64>{});
+  } else if (d == 128) {
+    kernel(std::integral_constant<int, 128>{});
+  } else {
+    kernel(std::integral_constant<int, 0>{});
   }
+#else
+  for (int r = 0; r < rows; ++r) {
+    float x[cpu::kScorePanel] = {};
+    for (int c = 0; c < d; ++c) {
+      const float qc = q[r * d + c];
+      for (int i = 0; i < cpu::kScorePanel; ++i) x[i] += qc * panel[c * cpu::kScorePanel + i];
+    }
+    for (int i = 0; i < cpu::kScorePanel; ++i) sp[r * lds + i] = x[i];
+  }
+#endif
 }
 
 /// best[i] = max(best[i], x[i] · scale) for i in [0, n).
@@ -247,8 +229,8 @@ namespace cpu {
 
 /// Softmax probabilities of `rows` query rows q (row-major rows × d, pre-scaled by 1/sqrt(d))
 /// over the window keys `keys`, causal: row r sees the keys whose head index is below
-/// visible[r]. Each score is computed once (with the row max on the side), then exponentiated
-/// in place while the strip is still in cache.
+/// visible[r]. Each score is computed once; the row's max, then exp in place, follow while the
+/// strip is still in cache (a max folded into the kernel cost more than this extra pass).
 inline void score_strip(const PackedKeys& keys, const float* q, int rows, const int64_t* visible,
                         ScoreStrip& strip) {
   const int d = keys.head_dim();
@@ -261,20 +243,21 @@ inline void score_strip(const PackedKeys& keys, const float* q, int rows, const 
   strip.stride = (widest + kScorePanel - 1) / kScorePanel * kScorePanel;
   strip.values.resize(static_cast<std::size_t>(rows) * strip.stride);
   strip.inv_sum.assign(rows, 0.0f);
-  strip.max.assign(static_cast<std::size_t>(rows) * kMaxLanes, detail::neg_inf());
-  for (int r0 = 0; r0 < rows; r0 += 6) {
-    const int n = std::min(6, rows - r0);
-    int64_t group_limit = 0;
-    for (int r = r0; r < r0 + n; ++r) group_limit = std::max(group_limit, strip.limit[r]);
-    detail::group_scores(keys, q + static_cast<std::size_t>(r0) * d, n,
-                         (group_limit + kScorePanel - 1) / kScorePanel,
-                         strip.values.data() + r0 * strip.stride, strip.stride,
-                         strip.limit.data() + r0, strip.max.data() + r0 * kMaxLanes);
+  // Panel-major: each panel is read into L1 once and used by every row of the block.
+  const int64_t panels = strip.stride / kScorePanel;
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t j0 = p * kScorePanel;
+    for (int r0 = 0; r0 < rows; r0 += 6) {
+      const int n = std::min(6, rows - r0);
+      const int64_t group_limit = *std::max_element(&strip.limit[r0], &strip.limit[r0] + n);
+      if (group_limit <= j0) continue;  // causal: no row of the group sees this panel
+      detail::group_scores(keys, q + static_cast<std::size_t>(r0) * d, n, p,
+                           strip.values.data() + r0 * strip.stride, strip.stride);
+    }
   }
   for (int r = 0; r < rows; ++r) {
     if (strip.limit[r] == 0) continue;
-    const float* lanes = strip.max.data() + r * kMaxLanes;
-    const float max = *std::max_element(lanes, lanes + kMaxLanes);
+    const float max = detail::row_max(strip.values.data() + r * strip.stride, strip.limit[r]);
     const float sum =
         detail::exp_shifted(strip.values.data() + r * strip.stride, strip.limit[r], max);
     strip.inv_sum[r] = 1.0f / sum;

@@ -270,3 +270,124 @@ TEST_CASE("LazyLayerDrop: observed mass matches brute force, lazy layers keep in
   REQUIRE(kept[4] == n + 5 - 128);
   REQUIRE(cache.tokens(1, 0) == n + 5);
 }
+
+namespace {
+
+/// Brute-force (double) max probability per key: over rows r, the softmax of row r over the keys
+/// of `positions` inside `window` and at indices < visible[r]; -1 for keys no row sees.
+std::vector<double> reference_max_probability(const std::vector<float>& q, int rows, int d,
+                                              const std::vector<float>& k,
+                                              const std::vector<int32_t>& positions,
+                                              const std::vector<int64_t>& visible,
+                                              const ScoreWindow& window) {
+  const std::size_t n = positions.size();
+  std::vector<double> best(n, -1.0);
+  for (int r = 0; r < rows; ++r) {
+    std::vector<double> s(n, -INFINITY);
+    double max = -INFINITY;
+    for (std::size_t t = 0; t < n; ++t) {
+      if (static_cast<int64_t>(t) >= visible[r] || !window.contains(positions[t])) continue;
+      double acc = 0;
+      for (int i = 0; i < d; ++i) acc += static_cast<double>(q[r * d + i]) * k[t * d + i];
+      s[t] = acc;
+      max = std::max(max, acc);
+    }
+    if (max == -INFINITY) continue;
+    double sum = 0;
+    for (double v : s) sum += std::isinf(v) ? 0.0 : std::exp(v - max);
+    for (std::size_t t = 0; t < n; ++t) {
+      if (!std::isinf(s[t])) best[t] = std::max(best[t], std::exp(s[t] - max) / sum);
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "Query scoring kernel: max softmax probability per key matches a double brute force "
+    "(windows, causal limits, odd sizes, fp16 and fp32 rows)",
+    "[scoring][kvzip]") {
+  struct Case {
+    int d, rows;
+    int64_t keys;
+  };
+  // Row counts around the kernel's group of 6 and block of 48; key counts off the 16-key panel.
+  const Case cases[] = {{64, 1, 37},   {64, 5, 300},  {64, 13, 517}, {64, 48, 1000},
+                        {64, 50, 129}, {128, 7, 250}, {40, 9, 200}};
+  uint32_t seed = 100;
+  for (const Case& c : cases) {
+    // Keys at positions 3, 5, 7, ... (gaps, so windows cut between held tokens).
+    std::vector<int32_t> positions(c.keys);
+    for (int64_t t = 0; t < c.keys; ++t) positions[t] = static_cast<int32_t>(3 + 2 * t);
+    const int32_t last = positions.back();
+    const ScoreWindow windows[] = {
+        ScoreWindow::all(), ScoreWindow::chunk(10, last / 3, last / 2, last - 40),
+        ScoreWindow::chunk(0, last / 4, last, INT64_MAX), ScoreWindow::chunk(8, 1000000, 0, last)};
+    // Scaled queries so some rows are peaked (max probability near 1), others flat.
+    const auto q = kvpack_test::random_values(static_cast<std::size_t>(c.rows) * c.d, seed++, 0.6f);
+    const auto k_values =
+        kvpack_test::random_values(static_cast<std::size_t>(c.keys) * c.d, seed++);
+    std::vector<kvpack::Half> k_half(k_values.size());
+    std::vector<float> k_rounded(k_values.size());  // what the fp16 rows hold, as fp32
+    for (std::size_t i = 0; i < k_values.size(); ++i) {
+      k_half[i] = kvpack::to_half(k_values[i]);
+      k_rounded[i] = kvpack::to_float(k_half[i]);
+    }
+    // Causal limits: every key, none, a few, and everything in between.
+    std::vector<int64_t> visible(c.rows);
+    for (int r = 0; r < c.rows; ++r) visible[r] = (r * 7919 + 13) % (c.keys + 1);
+    visible[0] = c.keys;
+    if (c.rows > 2) visible[1] = 0;
+    for (const auto& window : windows) {
+      for (bool half : {true, false}) {
+        const auto& k_ref = half ? k_rounded : k_values;
+        const auto expected =
+            reference_max_probability(q, c.rows, c.d, k_ref, positions, visible, window);
+        const auto ranges = kvpack::cpu::window_ranges(positions.data(), c.keys, window);
+        kvpack::cpu::PackedKeys keys;
+        if (half) {
+          keys.pack(kvpack::cpu::DenseRows<kvpack::Half>{k_half.data(), k_half.data(),
+                                                         positions.data(), c.keys, c.d},
+                    c.d, ranges);
+        } else {
+          keys.pack(kvpack::cpu::DenseRows<float>{k_values.data(), k_values.data(),
+                                                  positions.data(), c.keys, c.d},
+                    c.d, ranges);
+        }
+        // The cache's path: blocks of rows, max into window-indexed scores.
+        std::vector<float> best(keys.size(), -1.0f);
+        kvpack::cpu::ScoreStrip strip;
+        for (int r0 = 0; r0 < c.rows; r0 += 16) {
+          const int n = std::min(16, c.rows - r0);
+          kvpack::cpu::score_strip(keys, q.data() + r0 * c.d, n, visible.data() + r0, strip);
+          kvpack::cpu::max_probabilities(strip, n, best.data());
+        }
+        // The per-key reducer interface over the same rows.
+        std::vector<double> reduced(c.keys, -1.0);
+        kvpack::cpu::for_each_probability(
+            kvpack::cpu::DenseRows<float>{k_ref.data(), k_ref.data(), positions.data(), c.keys,
+                                          c.d},
+            c.d, q.data(), c.rows, visible.data(), ranges,
+            [&](int, int64_t key, float p) { reduced[key] = std::max<double>(reduced[key], p); });
+        std::vector<double> got(c.keys, -1.0);
+        for (std::size_t i = 0; i < ranges.size(); ++i) {
+          for (int64_t t = ranges[i].first; t < ranges[i].second; ++t) {
+            got[t] = best[keys.offset(i) + t - ranges[i].first];
+          }
+        }
+        for (int64_t t = 0; t < c.keys; ++t) {
+          INFO("d " << c.d << " rows " << c.rows << " keys " << c.keys << " key " << t << " half "
+                    << half);
+          if (expected[t] < 0) {
+            REQUIRE(got[t] == -1.0);  // no row saw this key: it stays unscored
+            REQUIRE(reduced[t] == -1.0);
+          } else {
+            REQUIRE(got[t] == Approx(expected[t]).epsilon(2e-5).margin(1e-12));
+            REQUIRE(reduced[t] == Approx(expected[t]).epsilon(2e-5).margin(1e-12));
+          }
+        }
+      }
+    }
+  }
+}

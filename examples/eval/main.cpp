@@ -70,6 +70,7 @@ const char* kHelp =
     "  --model PATH         GGUF model (default: $KVPACK_MODEL or the kvpack cache)\n"
     "  --threads N          OpenMP threads (default: all cores)\n"
     "  --quiet              no progress bar\n"
+    "  --note TEXT          free text stored in the JSON (e.g. what else ran)\n"
     "  --verbose            print each retrieval answer (expected, generated) on stderr\n"
     "  -h, --help           this text\n";
 
@@ -123,6 +124,7 @@ struct Options {
   uint32_t seed = 1;
   int threads = 0;
   bool quiet = false;
+  std::string note;  ///< free text copied into the JSON (e.g. the machine's state)
 };
 
 Options parse(int argc, char** argv) {
@@ -212,6 +214,8 @@ Options parse(int argc, char** argv) {
       o.model = value(i);
     } else if (a == "--threads") {
       o.threads = static_cast<int>(parse_int(a, value(i), 1, 1024));
+    } else if (a == "--note") {
+      o.note = value(i);
     } else if (a == "--verbose") {
       o.settings.verbose = true;
     } else if (a == "--quiet") {
@@ -349,11 +353,15 @@ void print_table(const std::vector<PolicyResult>& rows, const kvpack::eval::Sett
       static_cast<long long>(s.continuation), static_cast<long long>(s.context));
 }
 
-void write_json(const std::string& path, const Options& o, const std::vector<PolicyResult>& rows) {
+void write_json(const std::string& path, const Options& o, const std::vector<PolicyResult>& rows,
+                double gemm_flops_per_s = NAN) {
   std::ofstream out(path);
   if (!out) throw std::runtime_error("cannot write '" + path + "'");
   out << "{\n  \"model\": \"" << json_escape(o.model)
-      << "\",\n  \"context\": " << o.settings.context
+      << "\",\n  \"threads\": " << omp_get_max_threads()
+      << ",\n  \"gemm_flops_per_s\": " << json_number(gemm_flops_per_s)
+      << ",\n  \"prefill_flops_per_s\": " << json_number(rows.at(0).prefill_flops_per_s())
+      << ",\n  \"note\": \"" << json_escape(o.note) << "\",\n  \"context\": " << o.settings.context
       << ",\n  \"continuation\": " << o.settings.continuation
       << ",\n  \"num_tasks\": " << o.num_tasks << ",\n  \"task_kind\": \""
       << (o.tasks_file.empty() ? o.task_kind : "file:" + json_escape(o.tasks_file))
@@ -446,7 +454,17 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "retrieval done\n");
     }
     print_table(rows, o.settings);
-    if (!o.json_file.empty()) write_json(o.json_file, o, rows);
+    // Same-run baseline for the prefill rate: Eigen GEMM at the MLP shape of one prefill chunk.
+    const double gemm =
+        kvpack::eval::measure_gemm_flops_per_s(model.config(), model.chunk_size(), 2.0);
+    std::printf(
+        "prefill: %.1f GFLOP/s (matmuls + attention, %.0f tokens) = %.2f of this machine's fp32 "
+        "GEMM, %.1f GFLOP/s at (%lld x %d)(%d x %d), %d threads, measured in this run\n",
+        rows[0].prefill_flops_per_s() * 1e-9, rows[0].prefill_tokens,
+        rows[0].prefill_flops_per_s() / gemm, gemm * 1e-9,
+        static_cast<long long>(model.chunk_size()), model.config().hidden, model.config().hidden,
+        model.config().ffn, omp_get_max_threads());
+    if (!o.json_file.empty()) write_json(o.json_file, o, rows, gemm);
     return 0;
   } catch (const std::exception& e) {
     std::cerr << "kvpack-eval: " << e.what() << "\n";

@@ -1,5 +1,6 @@
 #include "runner.hpp"
 
+#include <Eigen/Dense>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -108,6 +109,7 @@ std::unique_ptr<EvalCache> Runner::prefill_full(const std::vector<int32_t>& ids,
   model_.forward(cache->attention(), ids, 0, llama::Logits::kNone);
   stats.prefill_seconds += now_seconds() - t0;
   stats.prefill_tokens += static_cast<double>(ids.size());
+  stats.prefill_flops += prefill_flops(model_.config(), static_cast<int64_t>(ids.size()));
   return cache;
 }
 
@@ -175,6 +177,30 @@ std::unique_ptr<EvalCache> Runner::derive(const PolicySpec& spec_in, const EvalC
                         static_cast<int>(std::count(lazy.begin(), lazy.end(), true));
   }
   return cache;
+}
+
+double prefill_flops(const llama::LlamaConfig& c, int64_t n) {
+  const double q = static_cast<double>(c.q_heads) * c.head_dim;
+  const double kv = static_cast<double>(c.kv_heads) * c.head_dim;
+  const double weights = c.hidden * (2 * q + 2 * kv) + 3.0 * c.hidden * c.ffn;
+  const double pairs = 0.5 * static_cast<double>(n) * static_cast<double>(n + 1);
+  return c.layers * (2.0 * weights * static_cast<double>(n) + 4.0 * q * pairs);
+}
+
+double measure_gemm_flops_per_s(const llama::LlamaConfig& c, int64_t rows, double seconds) {
+  using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const Matrix a = Matrix::Random(rows, c.hidden), b = Matrix::Random(c.hidden, c.ffn);
+  Matrix out(rows, c.ffn);
+  out.noalias() = a * b;  // warm-up
+  int64_t reps = 0;
+  const double t0 = now_seconds();
+  double elapsed = 0;
+  while (elapsed < seconds) {
+    out.noalias() = a * b;
+    ++reps;
+    elapsed = now_seconds() - t0;
+  }
+  return 2.0 * static_cast<double>(rows) * c.hidden * c.ffn * static_cast<double>(reps) / elapsed;
 }
 
 void score_against(const TextReference& ref, const float* logits, const std::vector<int32_t>& cont,

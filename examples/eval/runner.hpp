@@ -43,6 +43,7 @@ struct PolicyResult {
   /// Model throughput: prefill over the uncompressed context (measured once, in the full row:
   /// every other row starts from a copy of that prefill), decode over this row's cache.
   double prefill_seconds = 0, prefill_tokens = 0, decode_seconds = 0, decode_tokens = 0;
+  double prefill_flops = 0;  ///< matmul + attention FLOPs of the timed prefills
   double score_seconds = 0;  ///< extra passes a policy needs before compress (KVzip repeat)
   double compress_seconds = 0;
   /// LazyLayerDrop: observed mass per layer, one vector per compressed context.
@@ -51,6 +52,7 @@ struct PolicyResult {
 
   double prefill_tokens_per_s() const { return prefill_tokens / prefill_seconds; }
   double decode_tokens_per_s() const { return decode_tokens / decode_seconds; }
+  double prefill_flops_per_s() const { return prefill_flops / prefill_seconds; }
 };
 
 /// Logits of the full cache on the text, computed once and shared by every policy row.
@@ -59,6 +61,15 @@ struct TextReference {
   int64_t rows = 0;
   int64_t vocab = 0;
 };
+
+/// FLOPs of a prefill of `n` tokens at positions [0, n) without the output head: 2 per weight
+/// of every projection per token, plus 4·d per (query head, query, visible key) for QKᵀ and PV.
+double prefill_flops(const llama::LlamaConfig& c, int64_t n);
+
+/// Rate of Eigen's fp32 GEMM at the model's MLP shape, (chunk × hidden)·(hidden × ffn), with the
+/// current OpenMP threads: the baseline the prefill rate is compared with, measured in the same
+/// run. Runs for about `seconds`.
+double measure_gemm_flops_per_s(const llama::LlamaConfig& c, int64_t rows, double seconds);
 
 /// Agreement, KL and perplexity of `logits` (continuation × vocab) against the reference.
 void score_against(const TextReference& ref, const float* logits,

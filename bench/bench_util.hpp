@@ -16,6 +16,7 @@
 
 #include <benchmark/benchmark.h>
 
+#include <Eigen/Core>
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
@@ -248,6 +249,28 @@ inline void add_fraction(benchmark::State& state, Baseline kind, double bytes_pe
 inline void add_bytes_per_second(benchmark::State& state, double bytes_per_iteration) {
   state.counters["bytes_per_second"] =
       benchmark::Counter(bytes_per_iteration, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// FLOP/s of Eigen's fp32 GEMM on the reference model's MLP shape (512 × 576 · 576 × 1536, a
+/// prefill chunk through the up-projection) with Eigen's current thread count: median of passes
+/// over ~0.3 s, measured once per process. Compute-bound kernels are judged against it.
+inline double mlp_gemm_flop_per_second() {
+  static const double rate = [] {
+    using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    const RowMat a = RowMat::Random(512, 576), b = RowMat::Random(576, 1536);
+    RowMat c(512, 1536);
+    std::vector<double> rates;
+    const double start = now_seconds();
+    while (rates.size() < 3 || (now_seconds() - start < 0.3 && rates.size() < 64)) {
+      const double t0 = now_seconds();
+      c.noalias() = a * b;
+      benchmark::DoNotOptimize(c.data());
+      rates.push_back(2.0 * 512 * 576 * 1536 / (now_seconds() - t0));
+    }
+    std::nth_element(rates.begin(), rates.begin() + rates.size() / 2, rates.end());
+    return rates[rates.size() / 2];
+  }();
+  return rate;
 }
 
 /// Evicts this core's caches and most of the shared L3 by reading 2 × L3 of unrelated data.

@@ -160,6 +160,46 @@ TEST_CASE("Quantize: attend over quantized blocks equals attention over their de
   }
 }
 
+TEST_CASE(
+    "Quantize: decode attend (dequantization inside the dots) equals attention over the decoded "
+    "values for every bit width, group, head_dim and GQA group",
+    "[quantize][attention]") {
+  struct Shape {
+    int q_heads, kv_heads, d;
+  };
+  // 5000 tokens: decode splits the keys in two at token 2500, inside a group (partial groups).
+  const int64_t n = 5000;
+  for (const Shape& sh : {Shape{9, 3, 64}, Shape{4, 4, 64}, Shape{6, 2, 128}}) {
+    const ModelShape shape{1, sh.q_heads, sh.kv_heads, sh.d, {}};
+    for (int bits : {2, 4, 8}) {
+      for (int group : {16, 32, 64}) {
+        for (int64_t residual : {int64_t{0}, int64_t{128}}) {
+          kvpack::KVCache<Quantize> cache(shape, Quantize(bits, group, residual));
+          kvpack_test::fill_layer(cache, 0, n, 40 + bits, 1000);
+          cache.compress();
+          const auto dense = cache.materialize(0);
+          const auto q =
+              kvpack_test::random_values(static_cast<std::size_t>(sh.q_heads) * sh.d, 41, 2.0f);
+          for (int64_t pos : {n - 1, n - 100, int64_t{2600}, int64_t{517}, int64_t{31}}) {
+            std::vector<float> out(q.size());
+            cache.attend(0, ActivationView::nhd(q.data(), 1, sh.q_heads, sh.d),
+                         std::vector<int64_t>{pos},
+                         kvpack::OutputView::nhd(out.data(), 1, sh.q_heads, sh.d));
+            for (int h = 0; h < sh.q_heads; ++h) {
+              const auto& head = dense.heads[h / (sh.q_heads / sh.kv_heads)];
+              const auto ref = kvpack_test::reference_attention(q.data() + h * sh.d, head.k, head.v,
+                                                                head.positions, pos, sh.d);
+              INFO("bits " << bits << " group " << group << " residual " << residual << " d "
+                           << sh.d << " position " << pos << " head " << h);
+              REQUIRE(kvpack_test::max_relative_row_error(out.data() + h * sh.d, ref) < 1e-5);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("Quantize: compress during decoding quantizes what leaves the window", "[quantize]") {
   kvpack::KVCache<Quantize> cache(kShape, Quantize(4, 32, 64));
   kvpack_test::fill_layer(cache, 0, 100, 31);

@@ -29,6 +29,7 @@
 #include "../../span.hpp"
 #include "../../view.hpp"
 #include "attention.hpp"
+#include "quantized_attention.hpp"
 #include "scoring.hpp"
 
 namespace kvpack {

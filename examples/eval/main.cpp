@@ -45,7 +45,8 @@ const char* kHelp =
     "  --bits LIST          quantization bits, 2/4/8 (default 4)\n"
     "  --group N            quantization group size (default 32)\n"
     "  --residual N         newest tokens kept in fp16 by quant (default 128)\n"
-    "  --threshold LIST     LazyLayerDrop thresholds (default 0.6, measured for SmolLM2)\n"
+    "  --threshold LIST     LazyLayerDrop thresholds (default 0.9, from the mass measured on\n"
+    "                       SmolLM2, README)\n"
     "  --lazy-recent LIST   LazyLayerDrop recent windows in tokens (default 1024)\n"
     "  --sinks N            protected first tokens (default: the system prompt, or 4)\n"
     "  --xkv-group LIST     CrossLayerSVD layers per group (default 4)\n"
@@ -111,7 +112,7 @@ struct Options {
   std::vector<std::string> policies{"l2"};
   std::vector<double> keeps{0.5, 0.25};
   std::vector<int> bits{4};
-  std::vector<double> thresholds{0.6};
+  std::vector<double> thresholds{0.9};
   std::vector<int64_t> lazy_recents{1024};
   std::vector<double> ratios{4.0};
   bool ratios_given = false;  ///< --ratio also sets the eviction rows' budgets

@@ -29,121 +29,203 @@ namespace detail {
 
 #if defined(KVPACK_CPU_AVX2)
 
-/// Largest head_dim of the AVX2 quantized kernels (their per-group scales live on the stack).
-constexpr int kMaxQuantizedHeadDim = 256;
+/// Codes of a block are decoded in chunks of kChunk = 32 elements (16 when G = 16), two
+/// vectors of 8 per pass, in "slot order": the lanes of one 8-byte load widened to 32 bits
+/// (vpmovzxbd), each lane holding 8 / Bits codes, give one vector per code slot without any byte
+/// shuffling. 4-bit: pass p yields elements 16p + {0, 2, .., 14} and 16p + {1, 3, .., 15};
+/// 2-bit: pass 0 yields elements 4i and 4i + 1, pass 1 4i + 2 and 4i + 3 (i < 8); 8-bit is in
+/// element order. avx2_natural_order() puts the results of all passes back in element order.
+template <int Bits, int G>
+constexpr int code_chunk() {
+  return G % 32 == 0 ? 32 : 16;
+}
 
-/// Codes [16k, 16k + 16) of a block's packed codes, one byte each, in token order.
-template <int Bits>
-inline __m128i avx2_unpack16(const uint8_t* codes, int k) {
+/// Pass `pass` of the chunk of codes starting at element `first` (see code_chunk).
+template <int Bits, int Chunk>
+inline void avx2_decode_pass(const uint8_t* codes, int first, int pass, __m256& x0, __m256& x1) {
+  auto widen = [](const uint8_t* p) {  // 8 bytes → 8 lanes of 32 bits
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  };
   if constexpr (Bits == 8) {
-    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * k));
+    const uint8_t* c = codes + first + 16 * pass;
+    x0 = _mm256_cvtepi32_ps(widen(c));
+    x1 = _mm256_cvtepi32_ps(widen(c + 8));
   } else if constexpr (Bits == 4) {
-    const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * k));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    // Element 2i is the low nibble of byte i, 2i + 1 the high one.
-    return _mm_unpacklo_epi8(_mm_and_si128(x, mask), _mm_and_si128(_mm_srli_epi16(x, 4), mask));
+    const __m256i w = widen(codes + (first + 16 * pass) / 2);
+    x0 = _mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(0x0F)));
+    x1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 4));
+  } else if constexpr (Chunk == 32) {
+    const __m256i w = _mm256_srli_epi32(widen(codes + first / 4), 4 * pass);
+    const __m256i mask = _mm256_set1_epi32(0x03);
+    x0 = _mm256_cvtepi32_ps(_mm256_and_si256(w, mask));
+    x1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 2), mask));
   } else {
+    // 16 2-bit codes are 4 bytes: unpack them in element order instead.
     int32_t word;
-    std::memcpy(&word, codes + 4 * k, sizeof(word));
+    std::memcpy(&word, codes + first / 4, sizeof(word));
     const __m128i x = _mm_cvtsi32_si128(word);
     const __m128i mask = _mm_set1_epi8(0x03);
-    // Element 4i + j sits in bits 2j of byte i.
     const __m128i b0 = _mm_and_si128(x, mask), b1 = _mm_and_si128(_mm_srli_epi16(x, 2), mask);
     const __m128i b2 = _mm_and_si128(_mm_srli_epi16(x, 4), mask);
     const __m128i b3 = _mm_and_si128(_mm_srli_epi16(x, 6), mask);
-    return _mm_unpacklo_epi16(_mm_unpacklo_epi8(b0, b1), _mm_unpacklo_epi8(b2, b3));
+    const __m128i b = _mm_unpacklo_epi16(_mm_unpacklo_epi8(b0, b1), _mm_unpacklo_epi8(b2, b3));
+    x0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+    x1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(b, b)));
   }
 }
 
-/// The low (half 0) or high (half 1) 8 of 16 byte codes as floats.
-inline __m256 avx2_codes_to_float(__m128i codes, int half) {
-  return _mm256_cvtepi32_ps(
-      _mm256_cvtepu8_epi32(half == 0 ? codes : _mm_unpackhi_epi64(codes, codes)));
+/// out[0, Chunk) in element order from the pass results v[0, Chunk / 8) (v[2p], v[2p + 1] from
+/// pass p; see code_chunk).
+template <int Bits, int Chunk>
+inline void avx2_natural_order(const __m256* v, float* out) {
+  if constexpr (Bits == 8 || (Bits == 2 && Chunk == 16)) {
+    for (int i = 0; i < Chunk / 8; ++i) _mm256_storeu_ps(out + 8 * i, v[i]);
+  } else if constexpr (Bits == 4) {
+    for (int p = 0; p < Chunk / 16; ++p) {  // even / odd elements → interleaved
+      const __m256 lo = _mm256_unpacklo_ps(v[2 * p], v[2 * p + 1]);
+      const __m256 hi = _mm256_unpackhi_ps(v[2 * p], v[2 * p + 1]);
+      _mm256_storeu_ps(out + 16 * p, _mm256_permute2f128_ps(lo, hi, 0x20));
+      _mm256_storeu_ps(out + 16 * p + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    }
+  } else {  // 2-bit, 32 elements: element 4i + j is lane i of v[j] (a 4 × 8 transpose)
+    const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    _mm256_storeu_ps(out, _mm256_permute2f128_ps(u0, u1, 0x20));
+    _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(u2, u3, 0x20));
+    _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
+    _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
+  }
 }
 
-inline float half_bits_to_float(Half h) { return _cvtsh_ss(h.bits); }
+/// Scales and mins of 8 blocks (a block starts with its fp16 scale and min: one 32-bit word)
+/// at blocks[0], blocks[step], ..., the first `count` of them (the rest read as 0).
+template <class Block>
+inline void avx2_scales_and_mins(const Block* blocks, int64_t step, int count, __m256& scale,
+                                 __m256& min) {
+  uint32_t w[8];
+  for (int j = 0; j < 8; ++j) {
+    w[j] = 0;
+    if (j < count) std::memcpy(&w[j], blocks + j * step, sizeof(uint32_t));
+  }
+  const __m256i words =
+      _mm256_setr_epi32(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]),
+                        static_cast<int>(w[3]), static_cast<int>(w[4]), static_cast<int>(w[5]),
+                        static_cast<int>(w[6]), static_cast<int>(w[7]));
+  // [scale 0..3, min 0..3 | scale 4..7, min 4..7] → [scales | mins]
+  const __m256i halves = _mm256_permute4x64_epi64(
+      _mm256_packus_epi32(_mm256_and_si256(words, _mm256_set1_epi32(0xFFFF)),
+                          _mm256_srli_epi32(words, 16)),
+      0xD8);
+  scale = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
+  min = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
+}
 
-/// Scores of R ≤ 3 query rows (q, row stride d) against the G tokens of key group `grp`:
-/// s[r · s_stride + i] for i < G.
+/// Scores of R ≤ 3 query rows (q, row stride d) against the G tokens of key group `kb` (d
+/// blocks, one per channel): s[r · s_stride + i] for i < G. qs: scratch of R · d floats.
 template <int R, int Bits, int G>
 void avx2_quantized_group_scores(const QuantBlock<Bits, G>* kb, int d, const float* q, float* s,
                                  int64_t s_stride, float* qs) {
-  // qs[r · d + c] = q_rc · scale_c; bias_r = Σ_c q_rc · min_c. The group's scales and mins
-  // are decoded once for all rows.
-  alignas(32) float scale[kMaxQuantizedHeadDim], min[kMaxQuantizedHeadDim];
-  for (int c = 0; c < d; ++c) {
-    scale[c] = half_bits_to_float(kb[c].scale);
-    min[c] = half_bits_to_float(kb[c].min);
+  // 16 tokens per pass: 2R accumulators + 2 code vectors + 1 broadcast stay in registers.
+  constexpr int kChunk = code_chunk<Bits, G>();
+  // qs[r · d + c] = q_rc · scale_c; bias_r = Σ_c q_rc · min_c, 8 channels at a time.
+  __m256 b[R];
+  for (int r = 0; r < R; ++r) b[r] = _mm256_setzero_ps();
+  for (int c = 0; c < d; c += 8) {
+    __m256 scale, min;
+    avx2_scales_and_mins(kb + c, 1, 8, scale, min);
+    for (int r = 0; r < R; ++r) {
+      const __m256 qv = _mm256_loadu_ps(q + r * d + c);
+      _mm256_storeu_ps(qs + r * d + c, _mm256_mul_ps(qv, scale));
+      b[r] = _mm256_fmadd_ps(qv, min, b[r]);
+    }
   }
   float bias[R];
-  for (int r = 0; r < R; ++r) {
-    __m256 b = _mm256_setzero_ps();
-    for (int c = 0; c < d; c += 8) {
-      const __m256 qv = _mm256_loadu_ps(q + r * d + c);
-      _mm256_storeu_ps(qs + r * d + c, _mm256_mul_ps(qv, _mm256_load_ps(scale + c)));
-      b = _mm256_fmadd_ps(qv, _mm256_load_ps(min + c), b);
-    }
-    bias[r] = avx2_sum(b);
-  }
-  for (int k = 0; k < G / 16; ++k) {
-    __m256 a[R][2];
-    for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_set1_ps(bias[r]);
-    for (int c = 0; c < d; ++c) {
-      const __m128i codes = avx2_unpack16<Bits>(kb[c].codes, k);
-      const __m256 lo = avx2_codes_to_float(codes, 0), hi = avx2_codes_to_float(codes, 1);
+  for (int r = 0; r < R; ++r) bias[r] = avx2_sum(b[r]);
+  for (int k = 0; k < G / kChunk; ++k) {
+    __m256 v[R][kChunk / 8];
+    for (int pass = 0; pass < kChunk / 16; ++pass) {
+      __m256 a[R][2];
+      for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_set1_ps(bias[r]);
+      for (int c = 0; c < d; ++c) {
+        __m256 x0, x1;
+        avx2_decode_pass<Bits, kChunk>(kb[c].codes, kChunk * k, pass, x0, x1);
+        for (int r = 0; r < R; ++r) {
+          const __m256 b = _mm256_broadcast_ss(qs + r * d + c);
+          a[r][0] = _mm256_fmadd_ps(b, x0, a[r][0]);
+          a[r][1] = _mm256_fmadd_ps(b, x1, a[r][1]);
+        }
+      }
       for (int r = 0; r < R; ++r) {
-        const __m256 b = _mm256_broadcast_ss(qs + r * d + c);
-        a[r][0] = _mm256_fmadd_ps(b, lo, a[r][0]);
-        a[r][1] = _mm256_fmadd_ps(b, hi, a[r][1]);
+        v[r][2 * pass] = a[r][0];
+        v[r][2 * pass + 1] = a[r][1];
       }
     }
-    for (int r = 0; r < R; ++r) {
-      _mm256_storeu_ps(s + r * s_stride + 16 * k, a[r][0]);
-      _mm256_storeu_ps(s + r * s_stride + 16 * k + 8, a[r][1]);
-    }
+    for (int r = 0; r < R; ++r)
+      avx2_natural_order<Bits, kChunk>(v[r], s + r * s_stride + kChunk * k);
   }
 }
 
 /// acc[r · d + c] += Σ_t p[r · p_stride + t] · v̂_t[c] over tokens t < n of value blocks vb
-/// (d / G blocks per token). ps is scratch of R · n · (d / G) floats.
+/// (d / G blocks per token); p[r · p_stride + t] for t in [n, n rounded up to 8) are zeroed.
+/// ps: scratch of R · (d / G) · (n + 8) floats.
 template <int R, int Bits, int G>
-void avx2_quantized_values(const QuantBlock<Bits, G>* vb, int d, const float* p, int64_t p_stride,
+void avx2_quantized_values(const QuantBlock<Bits, G>* vb, int d, float* p, int64_t p_stride,
                            int64_t n, float* acc, float* ps) {
+  constexpr int kChunk = code_chunk<Bits, G>();  // 16 channels per pass, as the key kernel
   const int groups = d / G;
-  // ps[(r · n + t) · groups + g] = p_rt · scale_tg; the min terms summed per (row, group).
-  float min_sum[R][16] = {};
-  for (int64_t t = 0; t < n; ++t) {
-    for (int g = 0; g < groups; ++g) {
-      const QuantBlock<Bits, G>& b = vb[t * groups + g];
-      const float scale = half_bits_to_float(b.scale), min = half_bits_to_float(b.min);
+  const int64_t n8 = (n + 7) / 8 * 8;
+  for (int r = 0; r < R; ++r) std::fill(p + r * p_stride + n, p + r * p_stride + n8, 0.0f);
+  // ps[(r · groups + g) · n8 + t] = p_rt · scale_tg and the min terms Σ_t p_rt · min_tg,
+  // 8 tokens at a time.
+  float min_sum[R][16];
+  for (int g = 0; g < groups; ++g) {
+    __m256 m[R];
+    for (int r = 0; r < R; ++r) m[r] = _mm256_setzero_ps();
+    for (int64_t t0 = 0; t0 < n8; t0 += 8) {
+      __m256 scale, min;
+      avx2_scales_and_mins(vb + t0 * groups + g, groups,
+                           static_cast<int>(std::min<int64_t>(8, n - t0)), scale, min);
       for (int r = 0; r < R; ++r) {
-        const float pr = p[r * p_stride + t];
-        ps[(r * n + t) * groups + g] = pr * scale;
-        min_sum[r][g] += pr * min;
+        const __m256 pv = _mm256_loadu_ps(p + r * p_stride + t0);
+        _mm256_storeu_ps(ps + (r * groups + g) * n8 + t0, _mm256_mul_ps(pv, scale));
+        m[r] = _mm256_fmadd_ps(pv, min, m[r]);
       }
     }
+    for (int r = 0; r < R; ++r) min_sum[r][g] = avx2_sum(m[r]);
   }
   for (int g = 0; g < groups; ++g) {
-    for (int k = 0; k < G / 16; ++k) {
-      const int c0 = g * G + 16 * k;
-      __m256 a[R][2];
-      for (int r = 0; r < R; ++r) {
-        const __m256 m = _mm256_set1_ps(min_sum[r][g]);
-        a[r][0] = _mm256_add_ps(_mm256_loadu_ps(acc + r * d + c0), m);
-        a[r][1] = _mm256_add_ps(_mm256_loadu_ps(acc + r * d + c0 + 8), m);
-      }
-      for (int64_t t = 0; t < n; ++t) {
-        const __m128i codes = avx2_unpack16<Bits>(vb[t * groups + g].codes, k);
-        const __m256 lo = avx2_codes_to_float(codes, 0), hi = avx2_codes_to_float(codes, 1);
+    for (int k = 0; k < G / kChunk; ++k) {
+      const int c0 = g * G + kChunk * k;
+      __m256 v[R][kChunk / 8];
+      for (int pass = 0; pass < kChunk / 16; ++pass) {
+        __m256 a[R][2];
+        for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < n; ++t) {
+          __m256 x0, x1;
+          avx2_decode_pass<Bits, kChunk>(vb[t * groups + g].codes, kChunk * k, pass, x0, x1);
+          for (int r = 0; r < R; ++r) {
+            const __m256 b = _mm256_broadcast_ss(ps + (r * groups + g) * n8 + t);
+            a[r][0] = _mm256_fmadd_ps(b, x0, a[r][0]);
+            a[r][1] = _mm256_fmadd_ps(b, x1, a[r][1]);
+          }
+        }
         for (int r = 0; r < R; ++r) {
-          const __m256 b = _mm256_broadcast_ss(ps + (r * n + t) * groups + g);
-          a[r][0] = _mm256_fmadd_ps(b, lo, a[r][0]);
-          a[r][1] = _mm256_fmadd_ps(b, hi, a[r][1]);
+          v[r][2 * pass] = a[r][0];
+          v[r][2 * pass + 1] = a[r][1];
         }
       }
+      // Back to channel order, then acc += Σ_t p_t (scale_t · code_t + min_t).
       for (int r = 0; r < R; ++r) {
-        _mm256_storeu_ps(acc + r * d + c0, a[r][0]);
-        _mm256_storeu_ps(acc + r * d + c0 + 8, a[r][1]);
+        alignas(32) float natural[32];
+        avx2_natural_order<Bits, kChunk>(v[r], natural);
+        const __m256 m = _mm256_set1_ps(min_sum[r][g]);
+        for (int i = 0; i < kChunk; i += 8) {
+          float* dst = acc + r * d + c0 + i;
+          _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst),
+                                              _mm256_add_ps(_mm256_load_ps(natural + i), m)));
+        }
       }
     }
   }
@@ -159,9 +241,9 @@ void avx2_quantized_attend(const QuantizedHeadStore& store, int d, const float* 
   const auto* kb = reinterpret_cast<const Block*>(store.key_blocks.data());
   const auto* vb = reinterpret_cast<const Block*>(store.value_blocks.data());
   constexpr int64_t kTile = G >= 128 ? G : 128 / G * G;  // whole groups, ~128 tokens
-  constexpr int64_t stride = kTile;
-  // Scratch: scores 3 × tile, scaled queries 3 × d, value scales 3 × tile × (d / G).
-  scratch.resize(static_cast<std::size_t>(3) * stride + 3 * d + 3 * kTile * (d / G));
+  constexpr int64_t stride = kTile + 8;  // room for the values kernel's zero padding
+  // Scratch: scores 3 × tile, scaled queries 3 × d, scaled probabilities 3 × (tile + 8) × (d / G).
+  scratch.resize(static_cast<std::size_t>(3) * stride + 3 * d + 3 * (kTile + 8) * (d / G));
   float* s = scratch.data();
   float* qs = s + 3 * stride;
   float* ps = qs + 3 * d;
@@ -224,8 +306,7 @@ inline void attend_rows(const detail::QuantizedHeadStore::Rows& head, int d, con
   for (int r = 0; r < rows; ++r) row_visible_max = std::max(row_visible_max, visible[r]);
   end = std::min(end, row_visible_max);
   // Value groups must not exceed the per-(row, group) min sums of the kernel (d / G ≤ 16).
-  if (rows < kGemmRows && d % 16 == 0 && d <= detail::kMaxQuantizedHeadDim &&
-      d / store.group <= 16 && begin < end) {
+  if (rows < kGemmRows && d % 16 == 0 && d / store.group <= 16 && begin < end) {
     const int64_t split = std::clamp(store.quantized, begin, end);
     if (begin < split) {
       dispatch_quant(store.bits, store.group, [&](auto b, auto g) {

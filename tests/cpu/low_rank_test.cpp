@@ -5,6 +5,7 @@
 #include <fstream>
 #include <kvpack/kvpack.hpp>
 
+#include "low_rank_util.hpp"
 #include "test_util.hpp"
 
 using Catch::Matchers::Contains;
@@ -13,75 +14,18 @@ using kvpack::ChannelProjections;
 using kvpack::ChannelShrink;
 using kvpack::CrossLayerSVD;
 using kvpack::ModelShape;
-using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using kvpack_test::RowMat;
 
-namespace {
-
-const ModelShape kShape{4, 6, 2, 32, {kvpack::RopeStyle::kHalfSplit, 10000.0}};
-
-/// Keys/values with a decaying spectrum shared across layers (as real caches have), appended
-/// post-RoPE like an engine would.
-template <class Cache>
-std::vector<RowMat> fill_low_rank(Cache& cache, int64_t n, uint32_t seed) {
-  const auto& s = cache.shape();
-  const int c = s.kv_heads * s.head_dim;
-  const int latent = 12;
-  const auto basis = kvpack_test::random_values(n * latent, seed);
-  std::vector<RowMat> pre_rope;  // per layer: tokens x (K channels | V channels)
-  const kvpack::Rope rope(s.rope, s.head_dim);
-  for (int l = 0; l < s.layers; ++l) {
-    const auto mix = kvpack_test::random_values(latent * 2 * c, seed + 10 + l);
-    const auto noise = kvpack_test::random_values(n * 2 * c, seed + 50 + l, 0.05f);
-    RowMat x = Eigen::Map<const RowMat>(basis.data(), n, latent) *
-                   Eigen::Map<const RowMat>(mix.data(), latent, 2 * c) +
-               Eigen::Map<const RowMat>(noise.data(), n, 2 * c);
-    pre_rope.push_back(x);
-    RowMat k = x.leftCols(c), v = x.rightCols(c);
-    for (int64_t t = 0; t < n; ++t) {
-      for (int h = 0; h < s.kv_heads; ++h) rope.rotate(k.data() + t * c + h * s.head_dim, t);
-    }
-    cache.append(l, ActivationView::nhd(k.data(), n, s.kv_heads, s.head_dim),
-                 ActivationView::nhd(v.data(), n, s.kv_heads, s.head_dim),
-                 kvpack_test::iota_positions(n));
-  }
-  return pre_rope;
-}
-
-/// Pre-RoPE keys of one layer as the cache now holds them (tokens x channels).
-template <class Cache>
-RowMat held_pre_rope_keys(const Cache& cache, int layer) {
-  const auto& s = cache.shape();
-  const auto dense = cache.materialize(layer);
-  const int64_t n = static_cast<int64_t>(dense.heads[0].positions.size());
-  RowMat k(n, s.kv_heads * s.head_dim);
-  const kvpack::Rope rope(s.rope, s.head_dim);
-  for (int h = 0; h < s.kv_heads; ++h) {
-    for (int64_t t = 0; t < n; ++t) {
-      std::vector<float> row(dense.heads[h].k.begin() + t * s.head_dim,
-                             dense.heads[h].k.begin() + (t + 1) * s.head_dim);
-      rope.unrotate(row.data(), dense.heads[h].positions[t]);
-      for (int i = 0; i < s.head_dim; ++i) k(t, h * s.head_dim + i) = row[i];
-    }
-  }
-  return k;
-}
-
-double optimal_error(const RowMat& x, int rank) {
-  Eigen::BDCSVD<Eigen::MatrixXf> svd(x);
-  double e = 0;
-  for (Eigen::Index i = rank; i < svd.singularValues().size(); ++i) {
-    e += double(svd.singularValues()(i)) * svd.singularValues()(i);
-  }
-  return std::sqrt(e);
-}
-
-}  // namespace
+using kvpack_test::fill_low_rank;
+using kvpack_test::held_pre_rope_keys;
+using kvpack_test::kLowRankShape;
+using kvpack_test::optimal_error;
 
 TEST_CASE("CrossLayerSVD: stacked keys reach the Eckart-Young error of their group",
           "[lowrank][xkv]") {
   for (int group : {1, 2, 4}) {
     const int rank = 10 * group;
-    kvpack::KVCache<CrossLayerSVD> cache(kShape, CrossLayerSVD(group, rank, rank));
+    kvpack::KVCache<CrossLayerSVD> cache(kLowRankShape, CrossLayerSVD(group, rank, rank));
     const auto pre = fill_low_rank(cache, 300, 3);
     cache.compress();
     for (int l0 = 0; l0 < 4; l0 += group) {
@@ -101,10 +45,10 @@ TEST_CASE("CrossLayerSVD: stacked keys reach the Eckart-Young error of their gro
 
 TEST_CASE("CrossLayerSVD: full rank is exact, decode tokens stay exact, bytes are counted",
           "[lowrank][xkv]") {
-  kvpack::KVCache<CrossLayerSVD> cache(kShape, CrossLayerSVD(2, 128, 128));
+  kvpack::KVCache<CrossLayerSVD> cache(kLowRankShape, CrossLayerSVD(2, 128, 128));
   const auto pre = fill_low_rank(cache, 200, 5);
   const std::size_t empty =
-      kvpack::KVCache<CrossLayerSVD>(kShape, CrossLayerSVD(2, 128, 128)).bytes();
+      kvpack::KVCache<CrossLayerSVD>(kLowRankShape, CrossLayerSVD(2, 128, 128)).bytes();
   cache.compress();
   for (int l = 0; l < 4; ++l) {
     const RowMat held = held_pre_rope_keys(cache, l);
@@ -129,7 +73,7 @@ TEST_CASE("CrossLayerSVD: full rank is exact, decode tokens stay exact, bytes ar
 
 TEST_CASE("CrossLayerSVD: attention on factors equals attention on their reconstruction",
           "[lowrank][xkv][attention]") {
-  kvpack::KVCache<CrossLayerSVD> cache(kShape, CrossLayerSVD::with_ratio(4, 4.0));
+  kvpack::KVCache<CrossLayerSVD> cache(kLowRankShape, CrossLayerSVD::with_ratio(4, 4.0));
   fill_low_rank(cache, 400, 7);
   cache.compress();
   INFO("ratio " << double(cache.dense_bytes()) / cache.bytes());
@@ -163,18 +107,19 @@ TEST_CASE(
 
 TEST_CASE("CrossLayerSVD: bad knobs are refused", "[lowrank][errors]") {
   using Cache = kvpack::KVCache<CrossLayerSVD>;
-  REQUIRE_THROWS_WITH(Cache(kShape, CrossLayerSVD(0, 8, 8)), Contains("group_layers = 0"));
-  REQUIRE_THROWS_WITH(Cache(kShape, CrossLayerSVD(5, 8, 8)), Contains("group_layers = 5"));
-  REQUIRE_THROWS_WITH(Cache(kShape, CrossLayerSVD(1, 65, 8)), Contains("rank_k = 65"));
-  REQUIRE_THROWS_WITH(Cache(kShape, CrossLayerSVD(1, -1, 8)), Contains("rank_k = -1"));
-  REQUIRE_THROWS_WITH(Cache(kShape, CrossLayerSVD(1, 8, 0)), Contains("both set"));
-  REQUIRE_THROWS_WITH(Cache(kShape, CrossLayerSVD::with_ratio(2, 0.5)), Contains("target_ratio"));
+  REQUIRE_THROWS_WITH(Cache(kLowRankShape, CrossLayerSVD(0, 8, 8)), Contains("group_layers = 0"));
+  REQUIRE_THROWS_WITH(Cache(kLowRankShape, CrossLayerSVD(5, 8, 8)), Contains("group_layers = 5"));
+  REQUIRE_THROWS_WITH(Cache(kLowRankShape, CrossLayerSVD(1, 65, 8)), Contains("rank_k = 65"));
+  REQUIRE_THROWS_WITH(Cache(kLowRankShape, CrossLayerSVD(1, -1, 8)), Contains("rank_k = -1"));
+  REQUIRE_THROWS_WITH(Cache(kLowRankShape, CrossLayerSVD(1, 8, 0)), Contains("both set"));
+  REQUIRE_THROWS_WITH(Cache(kLowRankShape, CrossLayerSVD::with_ratio(2, 0.5)),
+                      Contains("target_ratio"));
 }
 
 TEST_CASE("ChannelShrink: calibrated PCA projections, exact window, file round trip",
           "[lowrank][cskv]") {
   // Calibrate on one sample, compress another drawn from the same subspace.
-  kvpack::KVCache<kvpack::Identity> calib(kShape);
+  kvpack::KVCache<kvpack::Identity> calib(kLowRankShape);
   const auto pre = fill_low_rank(calib, 500, 21);
   std::vector<std::vector<float>> keys, values;
   for (int l = 0; l < 4; ++l) {
@@ -190,7 +135,7 @@ TEST_CASE("ChannelShrink: calibrated PCA projections, exact window, file round t
   REQUIRE(loaded.pv == proj.pv);
 
   auto shared = std::make_shared<const ChannelProjections>(loaded);
-  kvpack::KVCache<ChannelShrink> cache(kShape, ChannelShrink(shared, 32));
+  kvpack::KVCache<ChannelShrink> cache(kLowRankShape, ChannelShrink(shared, 32));
   const auto truth = fill_low_rank(cache, 300, 21);  // same latent basis seed: same subspace
   const auto before = cache.materialize(1);
   cache.compress();
@@ -234,6 +179,6 @@ TEST_CASE("ChannelShrink: calibrated PCA projections, exact window, file round t
   const ModelShape other{4, 6, 3, 32, {}};
   REQUIRE_THROWS_WITH(kvpack::KVCache<ChannelShrink>(other, ChannelShrink(shared)),
                       Contains("projections shape"));
-  REQUIRE_THROWS_WITH(kvpack::KVCache<ChannelShrink>(kShape, ChannelShrink()),
+  REQUIRE_THROWS_WITH(kvpack::KVCache<ChannelShrink>(kLowRankShape, ChannelShrink()),
                       Contains("projections"));
 }

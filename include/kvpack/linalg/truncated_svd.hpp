@@ -3,7 +3,8 @@
 /// the factorisation behind the low-rank policies (CrossLayerSVD, ChannelShrink).
 ///
 /// Three routes, one result type:
-///  - kBdc: Eigen::BDCSVD, truncated. The exact reference; slowest.
+///  - kBdc: Eigen::BDCSVD, truncated, screened and checked (bdc_svd). The exact reference;
+///    slowest, never taken by kAuto.
 ///  - kGram: Gram matrix of the short side in double, its top r eigenpairs, the other factor by
 ///    one GEMM. Optimal error to fp32 precision for singular values down to ~1e-6·σ₁ (see
 ///    gram_svd below for the precision limit).
@@ -81,6 +82,11 @@ constexpr double kGuardRelative = 1e-3;
 /// A BDCSVD triplet whose residual ‖X·v_i − σ_i·u_i‖ exceeds this fraction of σ₁ is wrong, not
 /// inaccurate: fp32 rounding leaves ~1e-6.
 constexpr double kTripletTolerance = 1e-3;
+/// bdc_unsafe(): singular values at or below this fraction of σ₁ count as zeros (fp32 rounding of
+/// an exactly rank-deficient X leaves ~1e-7·σ₁), and gaps at or below kBdcTie·σ₁ between non-zero
+/// ones as ties (exact ties come out ~1e-7·σ₁ apart; a false alarm only costs Jacobi's time).
+constexpr double kBdcZero = 1e-5;
+constexpr double kBdcTie = 1e-6;
 /// Rows of X converted to double at a time while accumulating the Gram matrix.
 constexpr Eigen::Index kGramRowBlock = 256;
 
@@ -305,21 +311,63 @@ double triplet_residual(const Eigen::MatrixBase<Derived>& x, const SvdFactors& f
   return r.colwise().norm().maxCoeff() / f.S(0);
 }
 
-/// Eigen 3.4's BDCSVD can pair singular vectors wrongly when singular values repeat to working
-/// precision next to exact zeros (e.g. an exact-rank matrix with a flat spectrum: ‖X − USVᵀ‖
-/// reaches ‖X‖/3 although U and V are each orthonormal; seen in fp32 and fp64). One GEMM checks
-/// every returned triplet; a failure falls back to JacobiSVD (correct, ~20× slower).
+/// G = XᵀX of a tall X (rows ≥ cols) in double, lower triangle, accumulated from fp32 row blocks:
+/// each product of two fp32 numbers is exact in double, so G carries only ~ε_double·‖X‖² error.
+template <class Derived>
+Eigen::MatrixXd gram_matrix(const Eigen::MatrixBase<Derived>& x) {
+  const Eigen::Index m = x.rows(), n = x.cols();
+  Eigen::MatrixXd g = Eigen::MatrixXd::Zero(n, n);
+  Eigen::MatrixXd block;
+  for (Eigen::Index r0 = 0; r0 < m; r0 += kGramRowBlock) {
+    const Eigen::Index rows = std::min(kGramRowBlock, m - r0);
+    block = x.middleRows(r0, rows).template cast<double>();
+    g.selfadjointView<Eigen::Lower>().rankUpdate(block.transpose());
+  }
+  return g;
+}
+
+/// Whether Eigen's BDCSVD must not see `x`: its singular values (from the double Gram matrix of
+/// the short side) include numerical zeros (≤ kBdcZero·σ₁) and ties among the others (gaps
+/// ≤ kBdcTie·σ₁), or X is zero. On such inputs (e.g. stacked copies of one layer whose spectrum is
+/// flat) Eigen 3.4.0's deflation pairs singular vectors wrongly (caught afterwards by the triplet
+/// check) and reads out of bounds (perturbCol0 indexes perm(-1), tensorflow/tensorflow#9234),
+/// which no check afterwards can undo: measured on 512 × 256 stacks of 4 copies of a rank-8 or
+/// rank-64 layer with equal singular values, an assertion failure with assertions on and a
+/// segfault or wrong triplets in 1–2 of 8 seeds with -O3 -DNDEBUG. Zeros alone (duplicated or zero
+/// columns of a random matrix) and ties alone (orthonormal columns) ran correctly. Costs the Gram
+/// matrix and its eigenvalues, a fraction of BDC's time.
+template <class Derived>
+bool bdc_unsafe(const Eigen::MatrixBase<Derived>& x) {
+  const Eigen::MatrixXd g = x.rows() >= x.cols() ? gram_matrix(x) : gram_matrix(x.transpose());
+  const Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> es(g, Eigen::EigenvaluesOnly);
+  const Eigen::VectorXd sigma = es.eigenvalues().reverse().cwiseMax(0.0).cwiseSqrt();
+  const double s1 = sigma(0);
+  if (!(s1 > 0.0)) return true;
+  Eigen::Index nonzero = 0;
+  while (nonzero < sigma.size() && sigma(nonzero) > kBdcZero * s1) ++nonzero;
+  if (nonzero == sigma.size()) return false;
+  for (Eigen::Index i = 0; i + 1 < nonzero; ++i) {
+    if (sigma(i) - sigma(i + 1) <= kBdcTie * s1) return true;
+  }
+  return false;
+}
+
+/// The exact reference: Eigen's BDCSVD, screened by bdc_unsafe() and checked afterwards (Eigen
+/// 3.4's BDCSVD can pair singular vectors wrongly when singular values repeat to working precision
+/// next to exact zeros: ‖X − USVᵀ‖ reaches ‖X‖/3 although U and V are each orthonormal; seen in
+/// fp32 and fp64). One GEMM checks every returned triplet. Inputs screened out, and triplets that
+/// fail the check, go to JacobiSVD with a QR preconditioner (correct, ~20× slower).
 template <class Derived>
 SvdFactors bdc_svd(const Eigen::MatrixBase<Derived>& x, Eigen::Index r) {
   SvdFactors f;
   f.route = SvdRoute::kBdc;
-  {
+  if (!bdc_unsafe(x)) {
     const Eigen::BDCSVD<Eigen::MatrixXf> svd(x, Eigen::ComputeThinU | Eigen::ComputeThinV);
     f.U = svd.matrixU().leftCols(r);
     f.S = svd.singularValues().head(r);
     f.V = svd.matrixV().leftCols(r);
+    if (triplet_residual(x, f) <= kTripletTolerance) return f;
   }
-  if (triplet_residual(x, f) <= kTripletTolerance) return f;
   const Eigen::JacobiSVD<Eigen::MatrixXf, Eigen::ColPivHouseholderQRPreconditioner> svd(
       x, Eigen::ComputeThinU | Eigen::ComputeThinV);
   f.U = svd.matrixU().leftCols(r);
@@ -336,14 +384,7 @@ SvdFactors bdc_svd(const Eigen::MatrixBase<Derived>& x, Eigen::Index r) {
 /// kGuardRelative·σ₁.
 template <class Derived>
 SvdFactors gram_svd_tall(const Eigen::MatrixBase<Derived>& x, Eigen::Index r) {
-  const Eigen::Index m = x.rows(), n = x.cols();
-  Eigen::MatrixXd g = Eigen::MatrixXd::Zero(n, n);
-  Eigen::MatrixXd block;
-  for (Eigen::Index r0 = 0; r0 < m; r0 += kGramRowBlock) {
-    const Eigen::Index rows = std::min(kGramRowBlock, m - r0);
-    block = x.middleRows(r0, rows).template cast<double>();
-    g.selfadjointView<Eigen::Lower>().rankUpdate(block.transpose());
-  }
+  Eigen::MatrixXd g = gram_matrix(x);
   Eigen::VectorXd lambda;
   Eigen::MatrixXd v;
   top_eigenpairs(g, r, lambda, v);

@@ -193,10 +193,12 @@ struct ChannelShrink : PolicyBase {
     // reads channels × rank floats per layer and side.
     const ChannelProjections& p = *projections;
     const std::size_t layers = static_cast<std::size_t>(p.layers);
-    detail::require(p.rank_k.size() == layers && p.rank_v.size() == layers &&
-                        p.pk.size() == layers && p.pv.size() == layers,
-                    where, "projections layers", p.rank_k.size(),
-                    detail::concat(p.layers, " ranks and matrices per side"));
+    detail::require(
+        p.rank_k.size() == layers && p.rank_v.size() == layers && p.pk.size() == layers &&
+            p.pv.size() == layers,
+        where, "projections rank_k/rank_v/pk/pv sizes",
+        detail::concat(p.rank_k.size(), "/", p.rank_v.size(), "/", p.pk.size(), "/", p.pv.size()),
+        detail::concat(p.layers, " (one per layer) each"));
     const int c = p.channels();
     for (int l = 0; l < p.layers; ++l) {
       for (bool keys : {true, false}) {

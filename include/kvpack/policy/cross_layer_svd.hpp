@@ -76,13 +76,12 @@ struct CrossLayerSVD : PolicyBase {
     const int64_t cols = static_cast<int64_t>(small) * shape.kv_heads * shape.head_dim;
     const std::string range =
         small == group_layers
-            ? detail::concat("in [0, ", cols, "] (0 = from target_ratio; at most the ",
-                             group_layers, " x ", shape.kv_heads, " x ", shape.head_dim,
-                             " columns of a group)")
-            : detail::concat("in [0, ", cols, "] (0 = from target_ratio; at most the ", small,
-                             " x ", shape.kv_heads, " x ", shape.head_dim,
-                             " columns of the last group, which holds the ", small,
-                             " layers left over by group_layers = ", group_layers, ")");
+            ? detail::concat("in [0, ", cols, "] (0 = from target_ratio; a group has ", small,
+                             " x ", shape.kv_heads, " x ", shape.head_dim, " columns)")
+            : detail::concat("in [0, ", cols, "] (0 = from target_ratio; the last group has only ",
+                             small, " x ", shape.kv_heads, " x ", shape.head_dim,
+                             " columns: group_layers = ", group_layers, " does not divide the ",
+                             shape.layers, " layers)");
     detail::require(rank_k >= 0 && rank_k <= cols, where, "rank_k", rank_k, range);
     detail::require(rank_v >= 0 && rank_v <= cols, where, "rank_v", rank_v, range);
     detail::require((rank_k > 0) == (rank_v > 0), where, "rank_k/rank_v",

@@ -14,8 +14,14 @@ import sys
 import tempfile
 
 
+PALETTE = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d",
+           "#666666", "#1f78b4", "#b2df8a", "#fb9a99", "#cab2d6"]
+
+
 def family(label):
-    name = label.split()[0].rstrip("0123456789")
+    name = label.split()[0]
+    if name.startswith("quant"):
+        return "quant"
     return name.split("+")[0] + ("+quant" if "+quant" in name else "")
 
 
@@ -39,7 +45,9 @@ def main():
         for r in doc["results"]:
             # Each panel at the bytes ratio measured on its own inputs.
             text_ratio, task_ratio = r.get("bytes_ratio"), r.get("retrieval_bytes_ratio")
-            if r.get("retrieval_acc") is not None and task_ratio:
+            # Retrieval from fewer than 5 questions is not a measurement worth plotting.
+            asked = r.get("retrieval_asked", 0)
+            if r.get("retrieval_acc") is not None and task_ratio and asked >= 5:
                 rows.append((task_ratio, r["retrieval_acc"], None, r["policy"]))
             if r.get("agreement_top1") is not None and text_ratio:
                 rows.append((text_ratio, None, r["agreement_top1"], r["policy"]))
@@ -61,12 +69,18 @@ def main():
     for col, metric in ((1, "retrieval accuracy"), (2, "top-1 agreement with the full cache")):
         plots = []
         for i, fam in enumerate(families):
+            points = [r for r in rows if family(r[3]) == fam and r[col] is not None]
+            if not points:
+                continue
             path = os.path.join(tmp, f"{col}_{i}.dat")
             with open(path, "w") as fh:
-                for r in rows:
-                    if family(r[3]) == fam and r[col] is not None:
-                        fh.write(f"{r[0]} {r[col]}\n")
-            plots.append(f"'{path}' using 1:2 with points pt 7 ps 1.2 title '{fam}'")
+                fh.writelines(f"{r[0]} {r[col]}\n" for r in points)
+            # Colour and marker both vary, so no two families look alike.
+            plots.append(
+                f"'{path}' using 1:2 with points pt {5 + 2 * (i % 4)} "
+                f"lc rgb '{PALETTE[i % len(PALETTE)]}' ps 1.3 "
+                f"title '{fam}'"
+            )
         front = frontier([(r[0], r[col], r[3]) for r in rows if r[col] is not None])
         path = os.path.join(tmp, f"front_{col}.dat")
         with open(path, "w") as fh:

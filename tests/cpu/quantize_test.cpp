@@ -1,7 +1,9 @@
 // Quantize (KIVI): block format against its scalar reference and bounds, the cache's quantized
 // store, and Compose<Eviction, Quantize>.
 #include <catch2/catch.hpp>
+#include <cstring>
 #include <kvpack/kvpack.hpp>
+#include <random>
 #include <set>
 
 #include "test_util.hpp"
@@ -109,6 +111,99 @@ TEST_CASE("quant block: packing and unpacking are exact", "[quantize]") {
   check_packing<2>();
   check_packing<4>();
   check_packing<8>();
+}
+
+namespace {
+
+/// Random rows with the cases that stress the rounding rule: constant groups (scale 0), signed
+/// zeros as the extremes, fp16 subnormals, values at the fp16 limit, exact fp16 values.
+std::vector<float> hard_rows(std::size_t n, uint32_t seed) {
+  auto x = kvpack_test::random_values(n, seed, 3.0f);
+  std::mt19937 rng(seed);
+  for (std::size_t i = 0; i < n; ++i) {
+    switch (rng() % 16) {
+      case 0:
+        x[i] = 0.0f;
+        break;
+      case 1:
+        x[i] = -0.0f;
+        break;
+      case 2:
+        x[i] = 3e-7f * (rng() % 2 ? 1.0f : -1.0f);
+        break;  // fp16 subnormal range
+      case 3:
+        x[i] = kvpack::to_float(kvpack::to_half(x[i]));
+        break;
+      case 4:
+        x[i] = rng() % 2 ? 65504.0f : -65504.0f;
+        break;
+      default:
+        break;
+    }
+  }
+  return x;
+}
+
+template <int Bits, int G>
+void check_cpu_quantizers(int d, uint32_t seed) {
+  using Block = QuantBlock<Bits, G>;
+  auto same = [](const Block& a, const Block& b) {
+    return std::memcmp(&a, &b, sizeof(Block)) == 0;
+  };
+  for (int variant = 0; variant < 4; ++variant) {
+    auto rows = hard_rows(static_cast<std::size_t>(G) * d, seed + variant);
+    if (variant == 1) std::fill(rows.begin(), rows.end(), 1.5f);  // every group constant
+    if (variant == 2) {  // zeros of both signs as min and max of many groups
+      for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = (i % 3 == 0) ? -0.0f : 0.0f;
+      rows[5] = 2.0f;
+    }
+    std::vector<Block> got(d), want(d);
+    kvpack::cpu::quantize_key_group<Bits, G>(rows.data(), d, got.data());
+    for (int c = 0; c < d; ++c) kvpack::quantize_block_ref(rows.data() + c, d, want[c]);
+    for (int c = 0; c < d; ++c) {
+      INFO("keys: bits " << Bits << " group " << G << " d " << d << " channel " << c);
+      REQUIRE(same(got[c], want[c]));
+    }
+    if (d % G != 0) continue;
+    // Batched rows (8 tokens per step, plus a remainder) and single rows.
+    for (int64_t n : {int64_t{G}, int64_t{G} - 3}) {
+      std::vector<Block> batch(static_cast<std::size_t>(n) * (d / G));
+      kvpack::cpu::quantize_value_rows<Bits, G>(rows.data(), n, d, batch.data());
+      for (int64_t t = 0; t < n; ++t) {
+        for (int g = 0; g < d / G; ++g) {
+          Block ref;
+          kvpack::quantize_block_ref(rows.data() + t * d + g * G, 1, ref);
+          INFO("value rows: bits " << Bits << " group " << G << " d " << d << " token " << t);
+          REQUIRE(same(batch[t * (d / G) + g], ref));
+        }
+      }
+    }
+    std::vector<Block> vgot(d / G), vwant(d / G);
+    for (int t = 0; t < G; ++t) {
+      kvpack::cpu::quantize_value_row<Bits, G>(rows.data() + t * d, d, vgot.data());
+      for (int g = 0; g < d / G; ++g) {
+        kvpack::quantize_block_ref(rows.data() + t * d + g * G, 1, vwant[g]);
+        INFO("values: bits " << Bits << " group " << G << " d " << d << " token " << t);
+        REQUIRE(same(vgot[g], vwant[g]));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("Quantize: the CPU block quantizers equal the scalar reference bit for bit",
+          "[quantize]") {
+  uint32_t seed = 500;
+  for (int d : {64, 128, 20}) {
+    check_cpu_quantizers<2, 16>(d, seed += 10);
+    check_cpu_quantizers<2, 32>(d, seed += 10);
+    check_cpu_quantizers<4, 32>(d, seed += 10);
+    check_cpu_quantizers<4, 64>(d, seed += 10);
+    check_cpu_quantizers<8, 32>(d, seed += 10);
+    check_cpu_quantizers<8, 128>(d, seed += 10);
+    check_cpu_quantizers<4, 16>(d, seed += 10);
+  }
 }
 
 TEST_CASE("Quantize: the cache holds exactly the scalar reference's codes, and the bytes it says",

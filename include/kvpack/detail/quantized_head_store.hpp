@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../backend/cpu/quantize.hpp"
 #include "../half.hpp"
 #include "../quant/quant_block.hpp"
 #include "convert.hpp"
@@ -99,14 +100,13 @@ struct QuantizedHeadStore {
   Rows rows(int head_dim) const { return {this, positions.data(), size(), head_dim}; }
 
   /// Quantizes whole groups of the tail, leaving at least `residual` newest tokens in fp16.
+  /// Group by group: the group's fp16 rows are widened into a small fp32 buffer (no copy of the
+  /// whole tail), then quantized by the CPU kernels (bit for bit the scalar reference).
   void quantize(int64_t residual, int head_dim) {
     const int d = head_dim;
     const int64_t tail = size() - quantized;
     const int64_t count = tail > residual ? (tail - residual) / group * group : 0;
     if (count == 0) return;
-    std::vector<float> k(count * d), v(count * d);
-    load_row(tail_k.data(), k.data(), count * d);
-    load_row(tail_v.data(), v.data(), count * d);
     const std::size_t bb = block_bytes();
     const std::size_t key_old = key_blocks.size(), value_old = value_blocks.size();
     key_blocks.resize(key_old + (count / group) * d * bb);
@@ -116,13 +116,12 @@ struct QuantizedHeadStore {
       using Block = QuantBlock<B, G>;
       auto* kb = reinterpret_cast<Block*>(key_blocks.data() + key_old);
       auto* vb = reinterpret_cast<Block*>(value_blocks.data() + value_old);
+      std::vector<float> k(static_cast<std::size_t>(G) * d), v(static_cast<std::size_t>(G) * d);
       for (int64_t grp = 0; grp < count / G; ++grp) {
-        for (int c = 0; c < d; ++c)
-          quantize_block_ref(k.data() + grp * G * d + c, d, kb[grp * d + c]);
-      }
-      for (int64_t t = 0; t < count; ++t) {
-        for (int c = 0; c < d / G; ++c)
-          quantize_block_ref(v.data() + t * d + c * G, 1, vb[t * (d / G) + c]);
+        load_row(tail_k.data() + grp * G * d, k.data(), G * d);
+        load_row(tail_v.data() + grp * G * d, v.data(), G * d);
+        cpu::quantize_key_group<B, G>(k.data(), d, kb + grp * d);
+        cpu::quantize_value_rows<B, G>(v.data(), G, d, vb + grp * G * (d / G));
       }
     });
     tail_k.erase(tail_k.begin(), tail_k.begin() + count * d);

@@ -9,10 +9,13 @@
 ///
 /// Rounding rule (every backend must match it bit for bit): `min` is the largest fp16 ≤ the
 /// group minimum, `scale` the smallest fp16 ≥ (max − min) / (2^bits − 1), and
-/// code = clamp(floor((x − min) / scale + 0.5), 0, 2^bits − 1), computed in fp32. With those
-/// directed roundings every value satisfies |x − x̂| ≤ scale / 2 (plus fp32 rounding).
+/// code = clamp(floor(fma(x − min, 1 / scale, 0.5)), 0, 2^bits − 1), computed in fp32 (one
+/// division for 1 / scale, one fused multiply-add per code: written out, so no compiler's
+/// contraction choice can change a code). With those directed roundings every value satisfies
+/// |x − x̂| ≤ scale / 2 (plus fp32 rounding).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -107,7 +110,7 @@ KVPACK_HOST_DEVICE void quantize_block_ref(const float* x, int64_t stride,
   const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
   for (int i = 0; i < QuantBlock<Bits, Group>::code_bytes; ++i) block.codes[i] = 0;
   for (int i = 0; i < Group; ++i) {
-    float c = (x[i * stride] - min) * inv + 0.5f;
+    float c = fmaf(x[i * stride] - min, inv, 0.5f);
     c = c < 0.0f ? 0.0f : c;
     uint32_t code = static_cast<uint32_t>(c);  // floor for c >= 0
     code = code > static_cast<uint32_t>(QuantBlock<Bits, Group>::levels)

@@ -100,32 +100,52 @@ struct QuantizedHeadStore {
   Rows rows(int head_dim) const { return {this, positions.data(), size(), head_dim}; }
 
   /// Quantizes whole groups of the tail, leaving at least `residual` newest tokens in fp16.
-  /// Group by group: the group's fp16 rows are widened into a small fp32 buffer (no copy of the
-  /// whole tail), then quantized by the CPU kernels (bit for bit the scalar reference).
   void quantize(int64_t residual, int head_dim) {
-    const int d = head_dim;
-    const int64_t tail = size() - quantized;
-    const int64_t count = tail > residual ? (tail - residual) / group * group : 0;
+    const int64_t count = quantizable(residual);
     if (count == 0) return;
+    reserve_blocks(count, head_dim);
+    quantize_groups(0, count / group, head_dim);
+    commit_quantized(count, head_dim);
+  }
+
+  // quantize() in three steps, so a caller can spread step 2 over threads (groups are
+  // independent): how many tail tokens to quantize, room for their blocks, the groups, and
+  // dropping them from the tail.
+
+  /// Tail tokens quantize(residual) turns into blocks: whole groups, ≥ residual left in fp16.
+  int64_t quantizable(int64_t residual) const {
+    const int64_t tail = size() - quantized;
+    return tail > residual ? (tail - residual) / group * group : 0;
+  }
+  /// Appends (zeroed) blocks for `count` more tokens.
+  void reserve_blocks(int64_t count, int head_dim) {
     const std::size_t bb = block_bytes();
-    const std::size_t key_old = key_blocks.size(), value_old = value_blocks.size();
-    key_blocks.resize(key_old + (count / group) * d * bb);
-    value_blocks.resize(value_old + count * (d / group) * bb);
+    key_blocks.resize(key_blocks.size() + (count / group) * head_dim * bb);
+    value_blocks.resize(value_blocks.size() + count * (head_dim / group) * bb);
+  }
+  /// Quantizes tail groups [g0, g1) (group g holds tail tokens [g · group, (g + 1) · group))
+  /// into the reserved blocks. The group's fp16 rows are widened into a small fp32 buffer (no
+  /// copy of the whole tail), then quantized by the CPU kernels (bit for bit the reference).
+  void quantize_groups(int64_t g0, int64_t g1, int head_dim) {
+    const int d = head_dim;
     dispatch_quant(bits, group, [&](auto b, auto g) {
       constexpr int B = decltype(b)::value, G = decltype(g)::value;
       using Block = QuantBlock<B, G>;
-      auto* kb = reinterpret_cast<Block*>(key_blocks.data() + key_old);
-      auto* vb = reinterpret_cast<Block*>(value_blocks.data() + value_old);
+      auto* kb = reinterpret_cast<Block*>(key_blocks.data()) + (quantized / G) * d;
+      auto* vb = reinterpret_cast<Block*>(value_blocks.data()) + quantized * (d / G);
       std::vector<float> k(static_cast<std::size_t>(G) * d), v(static_cast<std::size_t>(G) * d);
-      for (int64_t grp = 0; grp < count / G; ++grp) {
+      for (int64_t grp = g0; grp < g1; ++grp) {
         load_row(tail_k.data() + grp * G * d, k.data(), G * d);
         load_row(tail_v.data() + grp * G * d, v.data(), G * d);
         cpu::quantize_key_group<B, G>(k.data(), d, kb + grp * d);
         cpu::quantize_value_rows<B, G>(v.data(), G, d, vb + grp * G * (d / G));
       }
     });
-    tail_k.erase(tail_k.begin(), tail_k.begin() + count * d);
-    tail_v.erase(tail_v.begin(), tail_v.begin() + count * d);
+  }
+  /// Drops the first `count` tail tokens, now held by blocks.
+  void commit_quantized(int64_t count, int head_dim) {
+    tail_k.erase(tail_k.begin(), tail_k.begin() + count * head_dim);
+    tail_v.erase(tail_v.begin(), tail_v.begin() + count * head_dim);
     tail_k.shrink_to_fit();
     tail_v.shrink_to_fit();
     quantized += count;

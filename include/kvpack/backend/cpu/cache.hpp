@@ -146,15 +146,7 @@ class KVCache<Policy, backend::Cpu> {
       trim_lazy_layers();
     }
     if constexpr (kLowRank) factorize();
-    if constexpr (kQuantized) {
-      const int64_t residual = Stages::quant_knobs(policy_)->residual;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic)
-#endif
-      for (int64_t i = 0; i < static_cast<int64_t>(heads_.size()); ++i) {
-        heads_[i].quantize(residual, shape_.head_dim);
-      }
-    }
+    if constexpr (kQuantized) quantize();
   }
 
   /// Removes every token at a position > `last_position` from all layers, e.g. the repeat
@@ -322,6 +314,7 @@ class KVCache<Policy, backend::Cpu> {
                          int64_t t0, int64_t tn, std::vector<float>& rows,
                          std::vector<int64_t>& visible) const;
   void evict();
+  void quantize();
   void factorize();
   std::vector<float> pre_rope_rows(int layer, int head, int64_t tokens, bool keys) const;
   void observe_probabilities(int layer, const ActivationView& q, Positions positions);

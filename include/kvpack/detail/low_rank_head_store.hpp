@@ -45,12 +45,66 @@ class RopeRun {
     }
   }
 
+  int head_dim() const { return d_; }
+
   /// Rotates (inverse = false) or un-rotates rows x[t·d .. t·d + d) for t in [0, n), row t at
-  /// position pos[t].
+  /// position pos[t], in double like Rope::rotate.
   void apply(float* x, const int32_t* pos, int64_t n, bool inverse) const {
     const int half = d_ / 2;
-    std::vector<double> c(half), s(half);
     const double sign = inverse ? -1.0 : 1.0;
+    for_each_angle(pos, n, [&](int64_t t, const double* c, const double* s) {
+      float* row = x + t * d_;
+      if (style_ == RopeStyle::kInterleaved) {
+        for (int i = 0; i < half; ++i) rotate_pair(row[2 * i], row[2 * i + 1], c[i], sign * s[i]);
+      } else {
+        for (int i = 0; i < half; ++i) rotate_pair(row[i], row[i + half], c[i], sign * s[i]);
+      }
+    });
+  }
+
+  /// fp32 cos and sin of every pair at positions pos[0, n): c[t·(d/2) + i], s[t·(d/2) + i].
+  void angles(const int32_t* pos, int64_t n, float* c, float* s) const {
+    const int half = d_ / 2;
+    for_each_angle(pos, n, [&](int64_t t, const double* cd, const double* sd) {
+      for (int i = 0; i < half; ++i) {
+        c[t * half + i] = static_cast<float>(cd[i]);
+        s[t * half + i] = static_cast<float>(sd[i]);
+      }
+    });
+  }
+
+  /// Rotates n rows of d values (row t at x + t·stride) by angles() of their positions, in fp32:
+  /// within ~2 ulp of apply(), for the attention tiles where keys come from an fp16 basis anyway.
+  void rotate(float* x, int64_t n, int64_t stride, const float* c, const float* s) const {
+    const int half = d_ / 2;
+    for (int64_t t = 0; t < n; ++t) {
+      float* row = x + t * stride;
+      const float* ct = c + t * half;
+      const float* st = s + t * half;
+      if (style_ == RopeStyle::kInterleaved) {
+        for (int i = 0; i < half; ++i) {
+          const float a = row[2 * i], b = row[2 * i + 1];
+          row[2 * i] = a * ct[i] - b * st[i];
+          row[2 * i + 1] = a * st[i] + b * ct[i];
+        }
+      } else {
+        float* lo = row;
+        float* hi = row + half;
+        for (int i = 0; i < half; ++i) {
+          const float a = lo[i], b = hi[i];
+          lo[i] = a * ct[i] - b * st[i];
+          hi[i] = a * st[i] + b * ct[i];
+        }
+      }
+    }
+  }
+
+ private:
+  /// Calls f(t, cos, sin) with the d/2 angles of position pos[t], for t in [0, n).
+  template <class F>
+  void for_each_angle(const int32_t* pos, int64_t n, F&& f) const {
+    const int half = d_ / 2;
+    std::vector<double> c(half), s(half);
     for (int64_t t = 0; t < n; ++t) {
       if (t % kAnchor == 0 || pos[t] != pos[t - 1] + 1) {
         for (int i = 0; i < half; ++i) {
@@ -65,16 +119,10 @@ class RopeRun {
           c[i] = ci;
         }
       }
-      float* row = x + t * d_;
-      if (style_ == RopeStyle::kInterleaved) {
-        for (int i = 0; i < half; ++i) rotate_pair(row[2 * i], row[2 * i + 1], c[i], sign * s[i]);
-      } else {
-        for (int i = 0; i < half; ++i) rotate_pair(row[i], row[i + half], c[i], sign * s[i]);
-      }
+      f(t, c.data(), s.data());
     }
   }
 
- private:
   RopeStyle style_;
   int d_;
   std::vector<double> inv_freq_, step_cos_, step_sin_;

@@ -25,36 +25,54 @@ void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const Activation
   const int64_t blocks = (tokens + block_tokens - 1) / block_tokens;
   int64_t longest = 0;
   for (int h = 0; h < shape_.kv_heads; ++h) longest = std::max(longest, store(layer, h).size());
-  // Factored keys cost a rank-r rebuild per token: split low-rank heads into shorter spans.
+  // Low-rank heads of a layer share their token basis: one work item covers every kv head of a
+  // (query block, key split), so a basis tile is converted and multiplied once for all heads.
+  // Factored keys cost a rank-r rebuild per token: shorter key splits.
+  const int item_heads = kLowRank ? shape_.kv_heads : 1;
+  const int64_t head_groups = shape_.kv_heads / item_heads;
   const int64_t split_tokens = kLowRank ? 512 : 2048;
   const int64_t splits =
-      blocks * shape_.kv_heads >= 4 ? 1 : std::clamp<int64_t>(longest / split_tokens, 1, 8);
-  const int64_t items = shape_.kv_heads * blocks * splits;
-  std::vector<cpu::PartialState> partial(items);
+      blocks * head_groups >= 4 ? 1 : std::clamp<int64_t>(longest / split_tokens, 1, 8);
+  const int64_t items = head_groups * blocks * splits;
+  // Partial states per (kv head, block, split), whichever heads an item covers.
+  std::vector<cpu::PartialState> partial(static_cast<std::size_t>(shape_.kv_heads) * blocks *
+                                         splits);
 
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic)
 #endif
   for (int64_t item = 0; item < items; ++item) {
-    const int h = static_cast<int>(item / (blocks * splits));
+    const int h0 = static_cast<int>(item / (blocks * splits)) * item_heads;
     const int64_t block = (item / splits) % blocks;
     const int64_t split = item % splits;
-    const auto& head = store(layer, h);
     const int64_t t0 = block * block_tokens;
     const int64_t tn = std::min(block_tokens, tokens - t0);
     const int rows = static_cast<int>(tn * g);
-    std::vector<float> qrows, scratch;
-    std::vector<int64_t> visible;
-    gather_query_rows(layer, q, positions, h, t0, tn, qrows, visible);
-    const int64_t span = (head.size() + splits - 1) / splits;
-    partial[item].reset(rows, d);
-    const int64_t begin = split * span, end = std::min(head.size(), (split + 1) * span);
+    int64_t size = 0;  // the longest head of the item (a layer's heads hold the same tokens)
+    for (int i = 0; i < item_heads; ++i) size = std::max(size, store(layer, h0 + i).size());
+    const int64_t span = (size + splits - 1) / splits;
+    const int64_t begin = split * span, end = std::min(size, (split + 1) * span);
+    std::vector<float> scratch;
+    auto state = [&](int h) -> cpu::PartialState& {
+      return partial[(static_cast<int64_t>(h) * blocks + block) * splits + split];
+    };
     if constexpr (kLowRank) {
-      cpu::attend_low_rank_rows(head, d, qrows.data(), rows, visible.data(), begin, end,
-                                partial[item], scratch);
+      std::vector<std::vector<float>> qrows(item_heads);
+      std::vector<std::vector<int64_t>> visible(item_heads);
+      std::vector<cpu::LowRankQuery> query(item_heads);
+      for (int i = 0; i < item_heads; ++i) {
+        gather_query_rows(layer, q, positions, h0 + i, t0, tn, qrows[i], visible[i]);
+        state(h0 + i).reset(rows, d);
+        query[i] = {&store(layer, h0 + i), qrows[i].data(), visible[i].data(), &state(h0 + i)};
+      }
+      cpu::attend_low_rank_heads(query.data(), item_heads, d, rows, begin, end, scratch);
     } else {
-      cpu::attend_rows(head.rows(d), d, qrows.data(), rows, visible.data(), begin, end,
-                       partial[item], scratch);
+      std::vector<float> qrows;
+      std::vector<int64_t> visible;
+      gather_query_rows(layer, q, positions, h0, t0, tn, qrows, visible);
+      state(h0).reset(rows, d);
+      cpu::attend_rows(store(layer, h0).rows(d), d, qrows.data(), rows, visible.data(), begin, end,
+                       state(h0), scratch);
     }
   }
 

@@ -10,6 +10,7 @@
 #include "policy/channel_shrink.hpp"
 #include "policy/compose.hpp"
 #include "policy/cross_layer_svd.hpp"
+#include "policy/head_level_evict.hpp"
 #include "policy/identity.hpp"
 #include "policy/l2_norm_evict.hpp"
 #include "policy/lazy_layer_drop.hpp"

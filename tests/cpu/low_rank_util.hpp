@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <kvpack/kvpack.hpp>
+#include <memory>
 #include <vector>
 
 #include "test_util.hpp"
@@ -119,6 +120,61 @@ double attention_error(const Cache& cache, int layer, const std::vector<float>& 
     }
   }
   return worst;
+}
+
+/// Positions with gaps (as after an engine's own eviction or a skipped prompt) and a large
+/// offset: RopeRun re-anchors at every jump and the angles are large.
+inline std::vector<int64_t> gapped_positions(int64_t n) {
+  std::vector<int64_t> p(n);
+  int64_t at = 100000;
+  for (int64_t t = 0; t < n; ++t) {
+    p[t] = at;
+    at += (t % 97 == 96) ? 13 : 1;
+  }
+  return p;
+}
+
+/// Appends `n` decode tokens (one call each) after the last position of every layer.
+template <class Cache>
+void append_decode_tokens(Cache& cache, int64_t first_position, int64_t n, uint32_t seed) {
+  const auto& s = cache.shape();
+  for (int64_t t = 0; t < n; ++t) {
+    const auto k = random_values(s.kv_heads * s.head_dim, seed + 2 * t);
+    const auto v = random_values(s.kv_heads * s.head_dim, seed + 2 * t + 1);
+    for (int l = 0; l < s.layers; ++l) {
+      cache.append(l, kvpack::ActivationView::nhd(k.data(), 1, s.kv_heads, s.head_dim),
+                   kvpack::ActivationView::nhd(v.data(), 1, s.kv_heads, s.head_dim),
+                   std::vector<int64_t>{first_position + t});
+    }
+  }
+}
+
+/// Runs attend for `query_positions` and returns the worst relative row error.
+template <class Cache>
+double attend_error(const Cache& cache, int layer, const std::vector<int64_t>& query_positions,
+                    uint32_t seed) {
+  const auto& s = cache.shape();
+  const int64_t n = static_cast<int64_t>(query_positions.size());
+  const auto q = random_values(n * s.q_heads * s.head_dim, seed);
+  std::vector<float> out(q.size());
+  cache.attend(layer, kvpack::ActivationView::nhd(q.data(), n, s.q_heads, s.head_dim),
+               query_positions, kvpack::OutputView::nhd(out.data(), n, s.q_heads, s.head_dim));
+  return attention_error(cache, layer, q, query_positions, out);
+}
+
+inline std::shared_ptr<const kvpack::ChannelProjections> calibrated_projections(
+    const kvpack::ModelShape& shape, int rk, int rv) {
+  kvpack::KVCache<kvpack::Identity> calib(shape);
+  const auto pre = fill_low_rank(calib, 500, 21);
+  const int c = shape.kv_heads * shape.head_dim;
+  std::vector<std::vector<float>> keys, values;
+  for (const RowMat& x : pre) {
+    const RowMat k = x.leftCols(c), v = x.rightCols(c);
+    keys.emplace_back(k.data(), k.data() + k.size());
+    values.emplace_back(v.data(), v.data() + v.size());
+  }
+  return std::make_shared<const kvpack::ChannelProjections>(
+      kvpack::ChannelProjections::calibrate(keys, values, shape.kv_heads, shape.head_dim, rk, rv));
 }
 
 }  // namespace kvpack_test

@@ -2,8 +2,12 @@
 // (SimLayerKV), checked against brute-force softmax probabilities.
 #include <algorithm>
 #include <catch2/catch.hpp>
+#include <cstdio>
+#include <fstream>
 #include <kvpack/kvpack.hpp>
 #include <map>
+#include <memory>
+#include <numeric>
 #include <set>
 
 #include "test_util.hpp"
@@ -185,6 +189,143 @@ TEST_CASE("ReconstructionEvict: tokens appended after scoring are never evicted"
       for (int64_t p : question) REQUIRE(kept.count(p) == 1);
     }
   }
+}
+
+TEST_CASE(
+    "KVzip head level: head scores are each head's largest pair score, saved and reused; the "
+    "top heads keep their context, the others their protected tokens",
+    "[scoring][kvzip][headlevel]") {
+  RepeatScenario sc;
+  kvpack::KVCache<ReconstructionEvict> sample(kShape);
+  kvpack_test::fill_layer(sample, 0, sc.context + sc.repeat, 50);
+  kvpack_test::fill_layer(sample, 1, sc.context + sc.repeat, 51);
+  REQUIRE_THROWS_WITH(sample.head_scores(), Contains("observe()"));
+  for (int l = 0; l < 2; ++l) sample.observe(l, sc.qv(), sc.qpos);
+  std::vector<double> expected(6, 0.0);  // brute force: max over queries, GQA rows and keys
+  for (int l = 0; l < 2; ++l) {
+    const auto dense = sample.materialize(l);
+    for (int h = 0; h < 3; ++h) {
+      for (int64_t t = 0; t < sc.repeat; ++t) {
+        for (int j = 0; j < 3; ++j) {
+          const auto p = probabilities(sc.q.data() + (t * 9 + h * 3 + j) * 64, dense.heads[h],
+                                       sc.qpos[t], [](int64_t) { return true; });
+          for (int64_t key = 0; key < sc.context; ++key) {
+            expected[l * 3 + h] = std::max(expected[l * 3 + h], p[key]);
+          }
+        }
+      }
+    }
+  }
+  sample.truncate(sc.context - 1);
+  const kvpack::HeadScores scores = sample.head_scores();
+  REQUIRE(scores.sample_tokens == sc.context);
+  for (int i = 0; i < 6; ++i) REQUIRE(scores.at(i / 3, i % 3) == Approx(expected[i]).margin(1e-5));
+
+  const std::string path = "kvpack_test_head_scores.bin";
+  scores.save(path);
+  const auto shared = std::make_shared<const kvpack::HeadScores>(kvpack::HeadScores::load(path));
+  REQUIRE(shared->score == scores.score);
+  std::remove(path.c_str());
+
+  // Heads ranked by score (ties to the lower index), as heads_kept must choose them.
+  std::vector<int> rank(6);
+  std::iota(rank.begin(), rank.end(), 0);
+  std::stable_sort(rank.begin(), rank.end(),
+                   [&](int a, int b) { return scores.score[a] > scores.score[b]; });
+  for (auto scope : {BudgetScope::kGlobal, BudgetScope::kPerHead}) {
+    // Global: the best 3 of 6 heads. Per layer: the best 1 of each layer's 3 (ceil(0.33 * 3)).
+    Budget budget = Budget::ratio(scope == BudgetScope::kGlobal ? 0.5 : 0.33, scope);
+    budget.sink_tokens = 4;
+    budget.recent_tokens = 8;
+    std::set<int> whole;
+    if (scope == BudgetScope::kGlobal) {
+      whole = {rank[0], rank[1], rank[2]};
+    } else {
+      for (int l = 0; l < 2; ++l) {
+        for (int i : rank) {
+          if (i / 3 == l) {
+            whole.insert(i);
+            break;
+          }
+        }
+      }
+    }
+    // Another input: no observe() needed, the sample's scores decide.
+    kvpack::KVCache<kvpack::HeadLevelEvict> cache(kShape, kvpack::HeadLevelEvict(shared, budget));
+    const std::size_t empty = cache.bytes();
+    kvpack_test::fill_layer(cache, 0, sc.context, 60);
+    kvpack_test::fill_layer(cache, 1, sc.context, 61);
+    cache.compress();
+    std::set<int64_t> protected_positions{0, 1, 2, 3};
+    for (int64_t p = sc.context - 8; p < sc.context; ++p) protected_positions.insert(p);
+    std::size_t held = 0;
+    for (int i = 0; i < 6; ++i) {
+      INFO("layer " << i / 3 << " head " << i % 3);
+      const auto kept = kept_positions(cache.materialize(i / 3).heads[i % 3]);
+      if (whole.count(i)) {
+        REQUIRE(kept.size() == static_cast<std::size_t>(sc.context));
+      } else {
+        REQUIRE(kept == protected_positions);
+      }
+      held += kept.size();
+    }
+    // Every byte: fp16 K and V rows plus an int32 position per held token.
+    REQUIRE(cache.bytes() - empty == held * (64 * 2 * 2 + 4));
+  }
+}
+
+TEST_CASE("KVzip head level: bad scores and budgets are refused", "[scoring][headlevel][errors]") {
+  using Cache = kvpack::KVCache<kvpack::HeadLevelEvict>;
+  kvpack::HeadScores hs;
+  hs.layers = 2;
+  hs.kv_heads = 3;
+  hs.score = {0.1f, 0.2f, 0.3f, 0.4f, 0.5f, 0.6f};
+  const Budget half = Budget::ratio(0.5, BudgetScope::kGlobal);
+  REQUIRE_THROWS_WITH(Cache(kShape, kvpack::HeadLevelEvict(nullptr, half)),
+                      Contains("scores = null"));
+  auto other = hs;
+  other.kv_heads = 2;
+  other.score.resize(4);
+  REQUIRE_THROWS_WITH(
+      Cache(kShape, kvpack::HeadLevelEvict(std::make_shared<kvpack::HeadScores>(other), half)),
+      Contains("2 x 2"));
+  auto nan = hs;
+  nan.score[4] = NAN;
+  REQUIRE_THROWS_WITH(
+      Cache(kShape, kvpack::HeadLevelEvict(std::make_shared<kvpack::HeadScores>(nan), half)),
+      Contains("layer 1 head 1"));
+  REQUIRE_THROWS_WITH(Cache(kShape, kvpack::HeadLevelEvict(std::make_shared<kvpack::HeadScores>(hs),
+                                                           Budget::tokens(10))),
+                      Contains("keep_tokens = 10"));
+  // A knob broken at run time: compress() refuses and holds what it held.
+  Cache cache(kShape, kvpack::HeadLevelEvict(std::make_shared<kvpack::HeadScores>(hs), half));
+  kvpack_test::fill_layer(cache, 0, 100, 1);
+  const std::size_t bytes = cache.bytes();
+  cache.policy().scores = nullptr;
+  REQUIRE_THROWS_WITH(cache.compress(), Contains("scores = null"));
+  REQUIRE(cache.bytes() == bytes);
+  // Files: foreign, corrupted, wrong version.
+  const std::string path = "kvpack_test_head_scores_bad.bin";
+  hs.save(path);
+  std::vector<char> bytes_of;
+  {
+    std::ifstream in(path, std::ios::binary);
+    bytes_of.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  auto write = [&](std::vector<char> b) {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out.write(b.data(), static_cast<std::streamsize>(b.size()));
+  };
+  auto flipped = bytes_of;
+  flipped[30] ^= 0x10;
+  write(flipped);
+  REQUIRE_THROWS_WITH(kvpack::HeadScores::load(path), Contains("checksum mismatch"));
+  auto foreign = bytes_of;
+  foreign[3] = 'X';
+  write(foreign);
+  REQUIRE_THROWS_WITH(kvpack::HeadScores::load(path), Contains("not a kvpack head score file"));
+  std::remove(path.c_str());
+  REQUIRE_THROWS_WITH(kvpack::HeadScores::load(path), Contains("cannot read"));
 }
 
 TEST_CASE("ReconstructionEvict: bad calls are refused and change nothing", "[scoring][errors]") {

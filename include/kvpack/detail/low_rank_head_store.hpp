@@ -16,7 +16,9 @@
 #include <memory>
 #include <vector>
 
+#include "../backend/cpu/quantize.hpp"
 #include "../half.hpp"
+#include "../quant/quant_block.hpp"
 #include "../rope.hpp"
 #include "convert.hpp"
 
@@ -130,11 +132,62 @@ class RopeRun {
 
 /// \brief Token basis shared by every head of one layer (ChannelShrink) or of a group of
 /// layers (CrossLayerSVD). Immutable once built; counted once by the container.
+///
+/// fp16 rows like the dense cache, or (Compose<…, Quantize>) KIVI blocks: one per basis column
+/// over each whole group of `group` rows, as KIVI stores keys. Per column, because the columns
+/// differ in scale (SVD directions ordered by singular value, PCA latents by variance) while a
+/// column varies smoothly over tokens; a row block would let the first column set every step.
+/// The last tokens % group rows stay fp16.
 struct LowRankBasis {
   int64_t tokens = 0;
   int rank = 0;
-  std::vector<Half> rows;  ///< tokens × rank, row-major, fp16 like the dense cache
-  std::size_t bytes() const { return rows.size() * sizeof(Half); }
+  int bits = 0;  ///< 0: every row fp16; 2, 4 or 8: whole groups of rows quantized
+  int group = 32;
+  std::vector<uint8_t> blocks;  ///< QuantBlock<bits, group>, [row group][column]
+  std::vector<Half> rows;       ///< rows [quantized_rows(), tokens), row-major × rank
+
+  int64_t quantized_rows() const { return bits == 0 ? 0 : tokens / group * group; }
+  std::size_t bytes() const { return blocks.size() + rows.size() * sizeof(Half); }
+
+  /// Holds `a` (n × r, row-major fp32): fp16 when bits_ is 0, else quantized as above.
+  void assign(const float* a, int64_t n, int r, int bits_, int group_) {
+    tokens = n;
+    rank = r;
+    bits = bits_;
+    group = group_;
+    const int64_t q = quantized_rows();
+    blocks.clear();
+    if (q > 0) {
+      dispatch_quant(bits, group, [&](auto b, auto g) {
+        constexpr int B = decltype(b)::value, G = decltype(g)::value;
+        blocks.resize(static_cast<std::size_t>(q / G) * r * sizeof(QuantBlock<B, G>));
+        auto* out = reinterpret_cast<QuantBlock<B, G>*>(blocks.data());
+        for (int64_t grp = 0; grp < q / G; ++grp) {
+          cpu::quantize_key_group<B, G>(a + grp * G * r, r, out + grp * r);
+        }
+      });
+    }
+    rows.resize(static_cast<std::size_t>(n - q) * r);
+    store_row(a + q * r, rows.data(), (n - q) * r);
+  }
+
+  /// Rows [begin, begin + n) in fp32 (row-major × rank).
+  void load(int64_t begin, int64_t n, float* out) const {
+    const int64_t q = quantized_rows();
+    const int64_t qend = std::min(begin + n, q);
+    if (begin < qend) {
+      dispatch_quant(bits, group, [&](auto b, auto g) {
+        constexpr int B = decltype(b)::value, G = decltype(g)::value;
+        dequantize_channel_rows_ref(reinterpret_cast<const QuantBlock<B, G>*>(blocks.data()), rank,
+                                    begin, qend, out);
+      });
+    }
+    const int64_t fbegin = std::max(begin, q);
+    if (fbegin < begin + n) {
+      load_row(rows.data() + (fbegin - q) * rank, out + (fbegin - begin) * rank,
+               (begin + n - fbegin) * rank);
+    }
+  }
 };
 
 /// One side (keys or values) of a head: basis A (shared) and factor B (r × d, this head's).
@@ -211,7 +264,7 @@ struct LowRankHeadStore {
       if (begin < fend) {
         const int r = f.basis->rank;
         RowMat a(fend - begin, r);
-        load_row(f.basis->rows.data() + begin * r, a.data(), (fend - begin) * r);
+        f.basis->load(begin, fend - begin, a.data());
         Eigen::Map<RowMat>(out, fend - begin, d).noalias() =
             a * Eigen::Map<const RowMat>(f.b.data(), r, d);
       }

@@ -74,19 +74,14 @@ struct QuantizedHeadStore {
           using Block = QuantBlock<B, G>;
           const auto* kb = reinterpret_cast<const Block*>(s.key_blocks.data());
           const auto* vb = reinterpret_cast<const Block*>(s.value_blocks.data());
-          for (int64_t t = begin; t < qend;) {
+          if (keys) {
+            dequantize_channel_rows_ref(kb, d, begin, qend, out);
+            return;
+          }
+          for (int64_t t = begin; t < qend; ++t) {
             float* row = out + (t - begin) * d;
-            if (!keys) {
-              for (int c = 0; c < d / G; ++c)
-                dequantize_block_ref(vb[t * (d / G) + c], row + c * G, 1);
-              ++t;
-            } else if (t % G == 0 && t + G <= qend) {
-              for (int c = 0; c < d; ++c) dequantize_block_ref(kb[(t / G) * d + c], row + c, d);
-              t += G;
-            } else {
-              for (int c = 0; c < d; ++c) row[c] = dequantize_ref(kb[(t / G) * d + c], int(t % G));
-              ++t;
-            }
+            for (int c = 0; c < d / G; ++c)
+              dequantize_block_ref(vb[t * (d / G) + c], row + c * G, 1);
           }
         });
       }

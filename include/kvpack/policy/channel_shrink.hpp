@@ -6,12 +6,12 @@
 #include <Eigen/Core>
 #include <Eigen/Eigenvalues>
 #include <cstdint>
-#include <cstring>
-#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "../config.hpp"
+#include "../detail/checked_file.hpp"
 #include "../error.hpp"
 #include "policy_base.hpp"
 
@@ -57,96 +57,52 @@ struct ChannelProjections {
   }
 
   void save(const std::string& path) const {
-    std::vector<uint8_t> bytes;
-    auto put = [&](const void* data, std::size_t n) {
-      const auto* b = static_cast<const uint8_t*>(data);
-      bytes.insert(bytes.end(), b, b + n);
-    };
-    auto put_u32 = [&](uint32_t v) { put(&v, 4); };
-    put("KVPKPROJ", 8);
-    put_u32(kVersion);
-    put_u32(layers);
-    put_u32(kv_heads);
-    put_u32(head_dim);
+    detail::CheckedFileWriter out("KVPKPROJ");
+    out.put_u32(kVersion);
+    out.put_u32(layers);
+    out.put_u32(kv_heads);
+    out.put_u32(head_dim);
     for (int l = 0; l < layers; ++l) {
-      put_u32(rank_k[l]);
-      put_u32(rank_v[l]);
-      put(pk[l].data(), pk[l].size() * 4);
-      put(pv[l].data(), pv[l].size() * 4);
+      out.put_u32(rank_k[l]);
+      out.put_u32(rank_v[l]);
+      out.put_floats(pk[l]);
+      out.put_floats(pv[l]);
     }
-    const uint64_t sum = fnv1a(bytes.data(), bytes.size());
-    put(&sum, 8);
-    std::ofstream out(path, std::ios::binary);
-    out.write(reinterpret_cast<const char*>(bytes.data()),
-              static_cast<std::streamsize>(bytes.size()));
-    if (!out) throw error("ChannelProjections::save: cannot write '" + path + "'");
+    out.write(path, "ChannelProjections::save");
   }
 
   /// Reads a file written by save(); a truncated, corrupted or foreign file is an error.
   static ChannelProjections load(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw error("ChannelProjections::load: cannot read '" + path + "'");
-    std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)),
-                               std::istreambuf_iterator<char>());
-    const std::string where = "ChannelProjections::load('" + path + "')";
-    if (bytes.size() < 8 + 16 + 8 || std::memcmp(bytes.data(), "KVPKPROJ", 8) != 0) {
-      throw error(where + ": not a kvpack projection file (bad magic or too short)");
-    }
-    uint64_t stored;
-    std::memcpy(&stored, bytes.data() + bytes.size() - 8, 8);
-    if (stored != fnv1a(bytes.data(), bytes.size() - 8)) {
-      throw error(where + ": checksum mismatch (file corrupted or truncated)");
-    }
-    std::size_t at = 8;
-    const std::size_t end = bytes.size() - 8;
-    auto get_u32 = [&]() {
-      if (at + 4 > end) throw error(where + ": truncated");
-      uint32_t v;
-      std::memcpy(&v, bytes.data() + at, 4);
-      at += 4;
-      return v;
-    };
-    const uint32_t version = get_u32();
-    if (version != kVersion) {
-      throw error(detail::concat(where, ": version = ", version, ", expected ", kVersion));
-    }
+    detail::CheckedFileReader in(path, "KVPKPROJ", "ChannelProjections::load", "projection");
+    in.expect_version(kVersion);
     ChannelProjections p;
-    p.layers = static_cast<int>(get_u32());
-    p.kv_heads = static_cast<int>(get_u32());
-    p.head_dim = static_cast<int>(get_u32());
+    p.layers = static_cast<int>(in.get_u32());
+    p.kv_heads = static_cast<int>(in.get_u32());
+    p.head_dim = static_cast<int>(in.get_u32());
     if (p.layers <= 0 || p.layers > 4096 || p.kv_heads <= 0 || p.head_dim <= 0 ||
         static_cast<int64_t>(p.kv_heads) * p.head_dim > (1 << 20)) {
-      throw error(where + ": implausible shape in header");
+      throw error(in.where() + ": implausible shape in header");
     }
     const std::size_t c = static_cast<std::size_t>(p.channels());
     auto get_matrix = [&](uint32_t rank) {
-      if (rank == 0 || rank > c || at + c * rank * 4 > end) {
-        throw error(detail::concat(where, ": rank ", rank, " out of range or data truncated"));
+      if (rank == 0 || rank > c) {
+        throw error(detail::concat(in.where(), ": rank ", rank, " out of range"));
       }
-      std::vector<float> m(c * rank);
-      std::memcpy(m.data(), bytes.data() + at, m.size() * 4);
-      at += m.size() * 4;
-      return m;
+      return in.get_floats(c * rank, detail::concat("a rank-", rank, " projection"));
     };
     for (int l = 0; l < p.layers; ++l) {
-      const uint32_t rk = get_u32(), rv = get_u32();
+      const uint32_t rk = in.get_u32(), rv = in.get_u32();
       p.rank_k.push_back(static_cast<int>(rk));
       p.rank_v.push_back(static_cast<int>(rv));
       p.pk.push_back(get_matrix(rk));
       p.pv.push_back(get_matrix(rv));
     }
-    if (at != end) throw error(where + ": trailing bytes after the last layer");
+    in.finish();
     return p;
   }
 
  private:
   static constexpr uint32_t kVersion = 1;
-
-  static uint64_t fnv1a(const uint8_t* data, std::size_t n) {
-    uint64_t h = 1469598103934665603ull;
-    for (std::size_t i = 0; i < n; ++i) h = (h ^ data[i]) * 1099511628211ull;
-    return h;
-  }
 
   /// Top-r eigenvectors of XᵀX (in double), as a channels × r row-major matrix.
   static std::vector<float> principal_directions(const std::vector<float>& x, int c, int r) {

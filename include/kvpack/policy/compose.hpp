@@ -9,12 +9,20 @@
 
 namespace kvpack {
 
-/// \brief Two-stage policy: `first` selects what is kept (an eviction policy or LazyLayerDrop),
-/// `second` stores it compactly (Quantize). bytes() of the composed cache is the true total.
+/// \brief Two-stage policy: `first` decides what is kept (an eviction policy, LazyLayerDrop, or a
+/// low-rank policy: CrossLayerSVD, ChannelShrink), `second` stores it compactly (Quantize).
+/// bytes() of the composed cache is the true total.
 ///
-/// Splitting a bytes budget: a target bytes ratio R is met by keeping a token share of
-/// R_q / R, where R_q is the ratio the quantizer alone reaches (see kvpack-eval's
-/// `--bytes-ratio`); the eviction stage takes what quantization cannot give.
+/// What Quantize applies to: after eviction or lazy layers, the kept rows (KIVI as alone,
+/// residual window included); after a low-rank stage, the token bases (xKV's shared U,
+/// CSKV's latents), per basis column over groups of `group` tokens, while the small per-head
+/// factors stay fp32 and the low-rank stage's exact tail stays fp16 (Quantize::residual is
+/// not used there: the exact window is the low-rank policy's).
+///
+/// Splitting a bytes budget R between the stages: quantization takes its fixed factor R_q (the
+/// ratio it reaches alone), the first stage the rest. Eviction keeps a token share of R_q / R
+/// (kvpack-eval's `--ratio`); CrossLayerSVD with derived ranks prices basis values at the
+/// quantized cost (ranks_for_ratio's basis_bytes), so its target_ratio is the composed total's.
 template <class First, class Second>
 struct Compose : PolicyBase {
   static_assert(std::is_same_v<Second, Quantize>,

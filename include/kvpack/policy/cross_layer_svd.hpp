@@ -50,15 +50,16 @@ struct CrossLayerSVD : PolicyBase {
   }
 
   /// \brief Ranks (r_k, r_v) that hold a group of `layers` layers × `kv_heads` × `head_dim` at
-  /// `tokens` tokens in dense/`ratio` bytes: fp16 basis rows (2·T bytes per rank), fp32 factors
+  /// `tokens` tokens in dense/`ratio` bytes: basis values of `basis_bytes` each (fp16: 2; a
+  /// quantized basis, Compose<CrossLayerSVD, Quantize>: bits/8 + 4/group), fp32 factors
   /// (4·layers·kv_heads·head_dim bytes per rank) and int32 positions (4·layers·kv_heads·T), with
   /// r_k : r_v = 1 : 1.5. Not clamped: a result below 1 means the ratio is out of reach.
   static std::pair<int, int> ranks_for_ratio(int64_t tokens, int layers, int kv_heads, int head_dim,
-                                             double ratio) {
+                                             double ratio, double basis_bytes = 2.0) {
     const double t = static_cast<double>(tokens);
     const double lh = static_cast<double>(layers) * kv_heads;
     const double dense = 2.0 * 2.0 * lh * head_dim * t;
-    const double total = (dense / ratio - 4.0 * lh * t) / (2.0 * t + 4.0 * lh * head_dim);
+    const double total = (dense / ratio - 4.0 * lh * t) / (basis_bytes * t + 4.0 * lh * head_dim);
     return {static_cast<int>(std::lround(0.4 * total)), static_cast<int>(std::lround(0.6 * total))};
   }
 

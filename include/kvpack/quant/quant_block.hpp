@@ -142,6 +142,26 @@ KVPACK_HOST_DEVICE void dequantize_block_ref(const QuantBlock<Bits, Group>& bloc
   }
 }
 
+/// \brief Decodes rows [begin, end) of a channel-blocked matrix into `out` (row-major,
+/// (end − begin) × d): block (t / Group) · d + c holds channel c of the Group rows from
+/// (t / Group) · Group (KIVI's key layout). Whole groups decode block by block, partial ones
+/// value by value; either way the values are dequantize_ref's.
+template <int Bits, int Group>
+inline void dequantize_channel_rows_ref(const QuantBlock<Bits, Group>* blocks, int d, int64_t begin,
+                                        int64_t end, float* out) {
+  for (int64_t t = begin; t < end;) {
+    float* row = out + (t - begin) * d;
+    const QuantBlock<Bits, Group>* group = blocks + (t / Group) * d;
+    if (t % Group == 0 && t + Group <= end) {
+      for (int c = 0; c < d; ++c) dequantize_block_ref(group[c], row + c, d);
+      t += Group;
+    } else {
+      for (int c = 0; c < d; ++c) row[c] = dequantize_ref(group[c], static_cast<int>(t % Group));
+      ++t;
+    }
+  }
+}
+
 /// Turns runtime (bits, group) into compile-time constants for `f(bits_c, group_c)`; returns
 /// false for an unsupported pair. Supported: bits 2/4/8 × group 16/32/64/128.
 template <class F>

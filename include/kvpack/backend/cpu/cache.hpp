@@ -23,6 +23,7 @@
 #include "../../policy/channel_shrink.hpp"
 #include "../../policy/compose.hpp"
 #include "../../policy/cross_layer_svd.hpp"
+#include "../../policy/head_level_evict.hpp"
 #include "../../policy/lazy_layer_drop.hpp"
 #include "../../policy/policy_base.hpp"
 #include "../../shape.hpp"
@@ -50,17 +51,20 @@ class KVCache<Policy, backend::Cpu> {
                 "the CPU cache stores Half or float rows");
 
  private:
-  // What compress() runs: a selection stage (eviction, lazy layers or nothing), then
-  // quantization of what is kept when the policy (or the second stage of a Compose) is Quantize.
+  // What compress() runs: a selection stage (eviction, lazy layers, low-rank factoring or
+  // nothing), then quantization of what is kept when the policy (or the second stage of a
+  // Compose) is Quantize: of the rows for selection policies, of the token bases for low rank.
   using Stages = detail::PolicyStages<Policy>;
   using Selection = typename Stages::selection;
   static constexpr bool kEvicts = is_eviction_policy_v<Selection>;
   static constexpr bool kLazyLayers = std::is_base_of_v<LazyLayerDrop, Selection>;
   static constexpr bool kQueryScores = detail::scores_from_queries<Selection>::value;
+  static constexpr bool kHeadLevel = std::is_same_v<Selection, HeadLevelEvict>;
   static constexpr bool kQuantized = Stages::quantized;
-  static constexpr bool kCrossLayer = std::is_same_v<Policy, CrossLayerSVD>;
-  static constexpr bool kChannelShrink = std::is_same_v<Policy, ChannelShrink>;
+  static constexpr bool kCrossLayer = std::is_same_v<Selection, CrossLayerSVD>;
+  static constexpr bool kChannelShrink = std::is_same_v<Selection, ChannelShrink>;
   static constexpr bool kLowRank = kCrossLayer || kChannelShrink;
+  static constexpr bool kQuantizedRows = kQuantized && !kLowRank;
   using Store = std::conditional_t<
       kLowRank, detail::LowRankHeadStore,
       std::conditional_t<kQuantized, detail::QuantizedHeadStore, detail::HeadStore<storage_type>>>;
@@ -72,7 +76,7 @@ class KVCache<Policy, backend::Cpu> {
     shape_.validate();
     policy_.validate(shape_);
     heads_.resize(static_cast<std::size_t>(shape_.layers) * shape_.kv_heads);
-    if constexpr (kQuantized) {
+    if constexpr (kQuantizedRows) {
       for (auto& head : heads_) {
         head.bits = Stages::quant_knobs(policy_)->bits;
         head.group = Stages::quant_knobs(policy_)->group;
@@ -138,7 +142,7 @@ class KVCache<Policy, backend::Cpu> {
     }
     policy_.validate(shape_);
     if constexpr (kEvicts) {
-      static_assert(detail::has_token_score<Selection, float>::value || kQueryScores,
+      static_assert(detail::has_token_score<Selection, float>::value || kQueryScores || kHeadLevel,
                     "eviction Policy lacks static token_score(const T* key, const T* value, int) "
                     "or scores_from_queries");
       evict();
@@ -146,7 +150,7 @@ class KVCache<Policy, backend::Cpu> {
       trim_lazy_layers();
     }
     if constexpr (kLowRank) factorize();
-    if constexpr (kQuantized) quantize();
+    if constexpr (kQuantizedRows) quantize();
   }
 
   /// Removes every token at a position > `last_position` from all layers, e.g. the repeat
@@ -184,6 +188,35 @@ class KVCache<Policy, backend::Cpu> {
     if (observations_.empty()) return std::nan("");
     const auto& o = observations_[layer];
     return o.rows == 0 ? std::nan("") : o.mass / static_cast<double>(o.rows);
+  }
+
+  /// \brief KVzip head scores of what observe() has scored so far (ReconstructionEvict): per
+  /// (layer, kv head), the largest score any held token received. Call after a repeat pass over
+  /// a sample, before compress(); save the result and reuse it with HeadLevelEvict.
+  HeadScores head_scores() const {
+    static_assert(kQueryScores, "head_scores() needs a policy scored by observe() queries");
+    constexpr const char* where = "KVCache::head_scores";
+    detail::require(observed_, where, "observe()", "never called",
+                    "a repeat pass handed to observe() first");
+    HeadScores out;
+    out.layers = shape_.layers;
+    out.kv_heads = shape_.kv_heads;
+    out.score.assign(heads_.size(), 0.0f);
+    for (int l = 0; l < shape_.layers; ++l) {
+      out.sample_tokens = std::max(out.sample_tokens, layers_[l].appended);
+      for (int h = 0; h < shape_.kv_heads; ++h) {
+        bool any = false;
+        for (float s : store(l, h).scores) {
+          if (s == Store::kUnscored) continue;
+          out.score[static_cast<std::size_t>(l) * shape_.kv_heads + h] =
+              std::max(out.score[static_cast<std::size_t>(l) * shape_.kv_heads + h], s);
+          any = true;
+        }
+        detail::require(any, where, "scored tokens of layer/head", detail::concat(l, "/", h),
+                        "at least one (observe() queries over the held tokens)");
+      }
+    }
+    return out;
   }
 
   /// Whether compress() marked `layer` lazy (LazyLayerDrop); false before the decision.

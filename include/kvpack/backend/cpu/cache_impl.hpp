@@ -287,6 +287,13 @@ void KVCache<Policy, backend::Cpu>::evict() {
     for (int h = 0; h < shape_.kv_heads; ++h) targets.push_back({l, h});
   }
   const int64_t n_targets = static_cast<int64_t>(targets.size());
+  // HeadLevelEvict: a head keeps every token or only the protected ones.
+  std::vector<char> whole;
+  if constexpr (kHeadLevel) {
+    std::vector<int> ids;
+    for (const Target& t : targets) ids.push_back(t.layer * shape_.kv_heads + t.head);
+    whole = knobs.heads_kept(ids);
+  }
   std::vector<std::vector<float>> scores(n_targets);
   std::vector<detail::SelectionHead> selection(n_targets);
 #if defined(_OPENMP)
@@ -296,7 +303,9 @@ void KVCache<Policy, backend::Cpu>::evict() {
     const auto& head = store(targets[i].layer, targets[i].head);
     const detail::LayerState& state = layers_[targets[i].layer];
     scores[i].resize(head.size());
-    if constexpr (kQueryScores) {
+    if constexpr (kHeadLevel) {
+      std::fill(scores[i].begin(), scores[i].end(), 0.0f);
+    } else if constexpr (kQueryScores) {
       // Tokens no observed query saw (appended after scoring) rank above everything.
       for (int64_t t = 0; t < head.size(); ++t) {
         const bool scored =
@@ -319,12 +328,12 @@ void KVCache<Policy, backend::Cpu>::evict() {
     selection[i] = {scores[i].data(),
                     head.positions.data(),
                     head.size(),
-                    budget.target(state.appended),
+                    kHeadLevel ? (whole[i] ? head.size() : 0) : budget.target(state.appended),
                     state.first_position + budget.sink_tokens,
                     state.last_position - budget.recent_tokens};
   }
   std::vector<std::vector<int64_t>> kept;
-  if (budget.scope == BudgetScope::kGlobal) {
+  if (budget.scope == BudgetScope::kGlobal && !kHeadLevel) {
     kept = detail::select_global(selection);
   } else {
     kept.resize(n_targets);
@@ -395,8 +404,13 @@ void KVCache<Policy, backend::Cpu>::factorize() {
       }
     }
   };
+  // Compose<…, Quantize>: the bases are quantized, and ranks derived from a target ratio pay
+  // for basis values at the quantized cost (the quantizer's share of the budget is fixed).
+  const Quantize* quant = Stages::quant_knobs(policy_);
+  const int basis_bits = quant ? quant->bits : 0;
+  const int basis_group = quant ? quant->group : 32;
   if constexpr (kCrossLayer) {
-    const CrossLayerSVD& p = policy_;
+    const CrossLayerSVD& p = selection();
     for (int l0 = 0; l0 < shape_.layers; l0 += p.group_layers) {
       const int l1 = std::min(shape_.layers, l0 + p.group_layers);
       require_same_tokens(l0, l1, "CrossLayerSVD");
@@ -418,7 +432,8 @@ void KVCache<Policy, backend::Cpu>::factorize() {
         }
       } else {
         std::tie(rk, rv) =
-            CrossLayerSVD::ranks_for_ratio(tokens, l1 - l0, heads, d, p.target_ratio);
+            CrossLayerSVD::ranks_for_ratio(tokens, l1 - l0, heads, d, p.target_ratio,
+                                           quant ? quant->bits / 8.0 + 4.0 / quant->group : 2.0);
         rk = static_cast<int>(std::clamp<int64_t>(rk, 1, cap));
         rv = static_cast<int>(std::clamp<int64_t>(rv, 1, cap));
       }
@@ -426,7 +441,7 @@ void KVCache<Policy, backend::Cpu>::factorize() {
       jobs.push_back({l0, l1, false, rv, tokens, {}});
     }
   } else {
-    const ChannelShrink& p = policy_;
+    const ChannelShrink& p = selection();
     for (int l = 0; l < shape_.layers; ++l) {
       // Tokens factored by an earlier compress() stay factored even if `window` grew since.
       const int64_t tokens = std::max(store(l, 0).size() - p.window, store(l, 0).factored);
@@ -448,9 +463,6 @@ void KVCache<Policy, backend::Cpu>::factorize() {
       }
     }
     auto basis = std::make_shared<detail::LowRankBasis>();
-    basis->tokens = job.tokens;
-    basis->rank = job.rank;
-    basis->rows.resize(static_cast<std::size_t>(job.tokens) * job.rank);
     // B of (layer, head): rank × d, from `bt`, the (cols × rank) matrix whose rows are channels.
     auto add_factors = [&](const auto& bt) {
       for (int64_t c0 = 0; c0 < cols; c0 += d) {
@@ -462,20 +474,20 @@ void KVCache<Policy, backend::Cpu>::factorize() {
     if constexpr (kCrossLayer) {
       // X ≈ U Σ Vᵀ: A = U shared by the group, B of (layer, head) = Σ V[columns of that head]ᵀ.
       SvdOptions options;
-      options.route = policy_.svd_route;
+      options.route = selection().svd_route;
       options.rank = job.rank;
       const SvdFactors f =
           truncated_svd(Eigen::Map<const RowMajorMatrixXf>(x.data(), x.rows(), cols), options);
       const RowMat a = f.U;
-      detail::store_row(a.data(), basis->rows.data(), a.size());
+      basis->assign(a.data(), job.tokens, job.rank, basis_bits, basis_group);
       add_factors(Eigen::MatrixXf(f.V * f.S.asDiagonal()));
     } else {
       // Latents Z = X P (tokens × rank) shared by the layer's heads, B of a head = P[its rows]ᵀ.
-      const ChannelProjections& proj = *policy_.projections;
+      const ChannelProjections& proj = *selection().projections;
       const Eigen::Map<const RowMat> projection((job.keys ? proj.pk : proj.pv)[job.l0].data(), cols,
                                                 job.rank);
       const RowMat latents = x * projection;
-      detail::store_row(latents.data(), basis->rows.data(), latents.size());
+      basis->assign(latents.data(), job.tokens, job.rank, basis_bits, basis_group);
       add_factors(projection);
     }
   };

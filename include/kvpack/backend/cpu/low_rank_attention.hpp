@@ -93,7 +93,7 @@ inline void attend_low_rank_heads(const LowRankQuery* heads, int count, int d, i
     const int32_t* positions = first.positions.data();
     for (int64_t t0 = begin; t0 < factored_end; t0 += tile) {
       const int64_t tn = std::min(tile, factored_end - t0);
-      detail::load_row(first.key.basis->rows.data() + t0 * rk, ak, tn * rk);
+      first.key.basis->load(t0, tn, ak);
       Eigen::Map<RowMat>(kt, tn, hd).noalias() = Eigen::Map<const RowMat>(ak, tn, rk) * bkm;
       rope.angles(positions + t0, tn, cs, cs + tn * half);
       for (int h = 0; h < count; ++h) {
@@ -115,7 +115,7 @@ inline void attend_low_rank_heads(const LowRankQuery* heads, int count, int d, i
           if (vis > 0 && rescale != 1.0f) accm.row(static_cast<int64_t>(h) * rows + r) *= rescale;
         }
       }
-      detail::load_row(first.value.basis->rows.data() + t0 * rv, av, tn * rv);
+      first.value.basis->load(t0, tn, av);
       accm.noalias() +=
           Eigen::Map<const RowMat>(s, all_rows, tn) * Eigen::Map<const RowMat>(av, tn, rv);
     }

@@ -11,6 +11,12 @@
 ///  - kRandomized: Halko–Martinsson–Tropp range finder with power iterations. Within a few
 ///    percent of the optimal error; its cost grows with r, not with min(rows, cols)³.
 /// kAuto picks one by shape (choose_svd_route).
+///
+/// Instantiation: every function here that touches an Eigen decomposition is a template (the
+/// entry points through an unused `int` parameter with a default), so BDCSVD, JacobiSVD,
+/// SelfAdjointEigenSolver and HouseholderQR are instantiated only in translation units that
+/// call them. As plain inline functions they cost ~80 s of compile time in every file that
+/// included <kvpack/kvpack.hpp> (GCC 12, measured), whether it used an SVD or not.
 #pragma once
 
 #include <Eigen/Core>
@@ -121,7 +127,8 @@ void check_svd_input(const Eigen::MatrixBase<Derived>& x, const SvdOptions& opti
 
 /// Replaces `y` (m × k, m ≥ k) by the thin Q of its Householder QR. Robust to rank deficiency: a
 /// zero column gets an orthonormal completion instead of a division by zero.
-inline void orthonormalize_columns(Eigen::MatrixXf& y) {
+template <int = 0>  // deferred: see "Instantiation" above
+void orthonormalize_columns(Eigen::MatrixXf& y) {
   // Householder vectors come from squared norms, which over/underflow in fp32 for entries beyond
   // ~1e19 or below ~1e-19 (X of scale 1e30 gave NaN factors); Q does not depend on the scale.
   const float largest = y.cwiseAbs().maxCoeff();
@@ -134,7 +141,8 @@ inline void orthonormalize_columns(Eigen::MatrixXf& y) {
 /// U from M = X·V (columns σ_i·u_i) and S. The division is exact in theory, but a column of M
 /// carries fp32 rounding ~ε·‖X‖, so U = M·S⁻¹ drifts from orthonormal as σ_i/σ₁ shrinks; then
 /// the QR of M gives an orthonormal U spanning the same columns (signs matched to M).
-inline Eigen::MatrixXf left_factor(Eigen::MatrixXf m, const Eigen::VectorXf& s) {
+template <int = 0>
+Eigen::MatrixXf left_factor(Eigen::MatrixXf m, const Eigen::VectorXf& s) {
   const float s0 = s.size() > 0 ? s(0) : 0.0f;
   const bool guarded = s0 > 0.0f && s.minCoeff() >= static_cast<float>(kGuardRelative) * s0;
   if (guarded) {
@@ -217,8 +225,9 @@ struct TridiagonalLu {
 /// dstein, O(n) per solve) and back-transforms them with the Householder reflectors (O(n²r)).
 /// Falls back to the full solver for small n or if inverse iteration ever produces a
 /// non-finite vector.
-inline void top_eigenpairs(Eigen::MatrixXd& g, Eigen::Index r, Eigen::VectorXd& values,
-                           Eigen::MatrixXd& vectors) {
+template <int = 0>
+void top_eigenpairs(Eigen::MatrixXd& g, Eigen::Index r, Eigen::VectorXd& values,
+                    Eigen::MatrixXd& vectors) {
   const Eigen::Index n = g.rows();
   auto full_solver = [&] {
     const Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> es(g);
@@ -513,15 +522,15 @@ double frobenius_error_impl(const Eigen::MatrixBase<Derived>& x, const Eigen::Ma
 
 /// \brief Rank-`options.rank` truncated SVD of `x` (column-major or any strided view).
 /// \throws kvpack::error on an empty or non-finite `x` or a rank outside [1, min(rows, cols)].
-inline SvdFactors truncated_svd(const Eigen::Ref<const Eigen::MatrixXf>& x,
-                                const SvdOptions& options) {
+template <int = 0>
+SvdFactors truncated_svd(const Eigen::Ref<const Eigen::MatrixXf>& x, const SvdOptions& options) {
   return detail::truncated_svd_impl(x, options);
 }
 
 /// \brief Rank-`options.rank` truncated SVD of row-major token × channel data as the caches hold
 /// it, without a copy.
-inline SvdFactors truncated_svd(const Eigen::Map<const RowMajorMatrixXf>& x,
-                                const SvdOptions& options) {
+template <int = 0>
+SvdFactors truncated_svd(const Eigen::Map<const RowMajorMatrixXf>& x, const SvdOptions& options) {
   return detail::truncated_svd_impl(x, options);
 }
 
@@ -535,24 +544,28 @@ inline double optimal_truncation_error(const Eigen::Ref<const Eigen::VectorXf>& 
 }
 
 /// \brief ‖X − U·diag(S)·Vᵀ‖_F, accumulated in double.
-inline double frobenius_error(const Eigen::Ref<const Eigen::MatrixXf>& x, const Eigen::MatrixXf& u,
-                              const Eigen::VectorXf& s, const Eigen::MatrixXf& v) {
+template <int = 0>
+double frobenius_error(const Eigen::Ref<const Eigen::MatrixXf>& x, const Eigen::MatrixXf& u,
+                       const Eigen::VectorXf& s, const Eigen::MatrixXf& v) {
   return detail::frobenius_error_impl(x, u, s, v);
 }
 
 /// \brief ‖X − U·diag(S)·Vᵀ‖_F of row-major X, accumulated in double.
-inline double frobenius_error(const Eigen::Map<const RowMajorMatrixXf>& x, const Eigen::MatrixXf& u,
-                              const Eigen::VectorXf& s, const Eigen::MatrixXf& v) {
+template <int = 0>
+double frobenius_error(const Eigen::Map<const RowMajorMatrixXf>& x, const Eigen::MatrixXf& u,
+                       const Eigen::VectorXf& s, const Eigen::MatrixXf& v) {
   return detail::frobenius_error_impl(x, u, s, v);
 }
 
 /// \brief ‖X − U·diag(S)·Vᵀ‖_F of a factorisation returned by truncated_svd().
-inline double frobenius_error(const Eigen::Ref<const Eigen::MatrixXf>& x, const SvdFactors& f) {
+template <int = 0>
+double frobenius_error(const Eigen::Ref<const Eigen::MatrixXf>& x, const SvdFactors& f) {
   return detail::frobenius_error_impl(x, f.U, f.S, f.V);
 }
 
 /// \brief ‖X − U·diag(S)·Vᵀ‖_F of row-major X and a factorisation returned by truncated_svd().
-inline double frobenius_error(const Eigen::Map<const RowMajorMatrixXf>& x, const SvdFactors& f) {
+template <int = 0>
+double frobenius_error(const Eigen::Map<const RowMajorMatrixXf>& x, const SvdFactors& f) {
   return detail::frobenius_error_impl(x, f.U, f.S, f.V);
 }
 

@@ -33,6 +33,8 @@ struct ChannelProjections {
 
   /// PCA of calibration rows: `keys[l]` and `values[l]` are row-major tokens × channels
   /// (pre-RoPE keys). Ranks per layer (the same for every layer here).
+  /// (A template only so that the eigensolver is instantiated where calibration is called.)
+  template <int = 0>
   static ChannelProjections calibrate(const std::vector<std::vector<float>>& keys,
                                       const std::vector<std::vector<float>>& values, int kv_heads,
                                       int head_dim, int rk, int rv) {
@@ -105,6 +107,7 @@ struct ChannelProjections {
   static constexpr uint32_t kVersion = 1;
 
   /// Top-r eigenvectors of XᵀX (in double), as a channels × r row-major matrix.
+  template <int = 0>
   static std::vector<float> principal_directions(const std::vector<float>& x, int c, int r) {
     detail::require(!x.empty() && x.size() % c == 0, "ChannelProjections::calibrate", "samples",
                     x.size(), detail::concat("a non-empty multiple of ", c));

@@ -85,6 +85,13 @@ class TypedEvalCache : public EvalCache {
       throw std::runtime_error("set_budget: this policy has no eviction budget");
     }
   }
+  HeadScores head_scores() const override {
+    if constexpr (std::is_same_v<Policy, ReconstructionEvict>) {
+      return cache_.head_scores();
+    } else {
+      throw std::runtime_error("head_scores: only a kvzip cache scores heads");
+    }
+  }
   std::vector<bool> lazy_layers() const override {
     std::vector<bool> lazy;
     if constexpr (std::is_same_v<Selection, LazyLayerDrop>) {
@@ -154,6 +161,10 @@ std::unique_ptr<EvalCache> with_selection(const std::string& base, const PolicyS
     return make(ReconstructionEvict(
         eviction_budget(spec, base == "kvzip" ? BudgetScope::kGlobal : BudgetScope::kPerHead, 4)));
   }
+  if (base == "kvzip-head") {
+    if (!spec.head_scores) throw std::runtime_error("kvzip-head needs head scores");
+    return make(HeadLevelEvict(spec.head_scores, eviction_budget(spec, BudgetScope::kGlobal, 4)));
+  }
   if (base == "lazy") {
     return make(LazyLayerDrop(spec.threshold, spec.sinks >= 0 ? spec.sinks : 4, spec.lazy_recent));
   }
@@ -163,15 +174,17 @@ std::unique_ptr<EvalCache> with_selection(const std::string& base, const PolicyS
 }  // namespace
 
 std::string known_policy_names() {
-  return "full, full-f32, quant, l2, kvzip, kvzip-uniform, lazy, xkv, cskv, and l2+quant, "
-         "kvzip+quant, kvzip-uniform+quant, lazy+quant";
+  return "full, full-f32, quant, l2, kvzip, kvzip-uniform, kvzip-head, lazy, xkv, cskv, and "
+         "l2+quant, kvzip+quant, kvzip-uniform+quant, kvzip-head+quant, lazy+quant, xkv+quant, "
+         "cskv+quant";
 }
 
-std::pair<int, int> cskv_ranks(const ModelShape& shape, double ratio) {
-  // Per token and layer: dense 2 * c * 2 bytes; held (r_k + r_v) * 2 (fp16 latents) + one
-  // int32 position per kv head. r_k : r_v = 1 : 3.
+std::pair<int, int> cskv_ranks(const ModelShape& shape, double ratio, double latent_bytes) {
+  // Per token and layer: dense 2 * c * 2 bytes; held (r_k + r_v) latents of `latent_bytes`
+  // each (fp16: 2; KIVI blocks of cskv+quant: bits/8 + 4/group) + one int32 position per kv
+  // head. r_k : r_v = 1 : 3.
   const int c = shape.kv_heads * shape.head_dim;
-  const double total = (4.0 * c / ratio - 4.0 * shape.kv_heads) / 2.0;
+  const double total = (4.0 * c / ratio - 4.0 * shape.kv_heads) / latent_bytes;
   const int rk = std::clamp(static_cast<int>(std::lround(0.25 * total)), 1, c);
   const int rv = std::clamp(static_cast<int>(std::lround(0.75 * total)), 1, c);
   return {rk, rv};
@@ -185,10 +198,23 @@ void check_policy_name(const std::string& written) {
       name.find_first_not_of("0123456789", q + 5) == std::string::npos) {
     name.resize(q + 5);
   }
-  static const char* known[] = {
-      "full",          "full-f32", "quant",    "l2",          "kvzip",
-      "kvzip-uniform", "lazy",     "l2+quant", "kvzip+quant", "kvzip-uniform+quant",
-      "lazy+quant",    "xkv",      "cskv"};
+  static const char* known[] = {"full",
+                                "full-f32",
+                                "quant",
+                                "l2",
+                                "kvzip",
+                                "kvzip-uniform",
+                                "lazy",
+                                "l2+quant",
+                                "kvzip+quant",
+                                "kvzip-uniform+quant",
+                                "lazy+quant",
+                                "xkv",
+                                "cskv",
+                                "xkv+quant",
+                                "cskv+quant",
+                                "kvzip-head",
+                                "kvzip-head+quant"};
   for (const char* k : known) {
     if (name == k) return;
   }
@@ -208,8 +234,8 @@ std::string PolicySpec::label() const {
     }
   }
   if (name.rfind("lazy", 0) == 0) os << " thr=" << threshold << " w=" << lazy_recent;
-  if (name == "xkv") os << " G=" << xkv_group << " x" << ratio;
-  if (name == "cskv") os << " x" << ratio;
+  if (name.rfind("xkv", 0) == 0) os << " G=" << xkv_group << " x" << ratio;
+  if (name.rfind("cskv", 0) == 0) os << " x" << ratio;
   return os.str();
 }
 
@@ -229,6 +255,17 @@ std::unique_ptr<EvalCache> make_cache(const PolicySpec& spec, const ModelShape& 
     if (!spec.projections) throw std::runtime_error("cskv needs calibrated projections");
     return std::make_unique<TypedEvalCache<ChannelShrink>>(
         shape, ChannelShrink(spec.projections, spec.cskv_window));
+  }
+  if (spec.name == "xkv+quant") {
+    using P = Compose<CrossLayerSVD, Quantize>;
+    return std::make_unique<TypedEvalCache<P>>(
+        shape, P(CrossLayerSVD::with_ratio(spec.xkv_group, spec.ratio), quant));
+  }
+  if (spec.name == "cskv+quant") {
+    if (!spec.projections) throw std::runtime_error("cskv+quant needs calibrated projections");
+    using P = Compose<ChannelShrink, Quantize>;
+    return std::make_unique<TypedEvalCache<P>>(
+        shape, P(ChannelShrink(spec.projections, spec.cskv_window), quant));
   }
   const auto plus = spec.name.find("+quant");
   if (plus != std::string::npos) {

@@ -30,6 +30,8 @@ struct PolicySpec {
   int64_t cskv_window = 32;
   /// ChannelShrink projections for each layer, calibrated per ratio (set by the runner).
   std::shared_ptr<const ChannelProjections> projections;
+  /// KVzip head-level scores from a sample (set by the runner for kvzip-head).
+  std::shared_ptr<const HeadScores> head_scores;
 
   /// A short label for tables: e.g. "kvzip keep=0.25", "lazy+quant4".
   std::string label() const;
@@ -37,7 +39,7 @@ struct PolicySpec {
 
 /// Ranks (r_k, r_v) of ChannelShrink for a target bytes ratio on `shape`: keys compressed three
 /// times harder than values (CSKV: K 75 % / V 25 % at 2x beats the reverse).
-std::pair<int, int> cskv_ranks(const ModelShape& shape, double ratio);
+std::pair<int, int> cskv_ranks(const ModelShape& shape, double ratio, double latent_bytes = 2.0);
 
 /// Parses "l2", "kvzip+quant", ... and checks that the name is known; throws std::runtime_error.
 void check_policy_name(const std::string& name);
@@ -68,6 +70,8 @@ class EvalCache {
   /// LazyLayerDrop's per-layer statistic and decision (empty for other policies).
   virtual std::vector<double> observed_mass() const = 0;
   virtual std::vector<bool> lazy_layers() const = 0;
+  /// KVzip head scores of what a repeat pass observed (ReconstructionEvict; throws otherwise).
+  virtual HeadScores head_scores() const = 0;
   virtual int layers() const = 0;
   /// Dense copy of one layer (every kv head), for copying a prefilled cache into another.
   virtual DenseLayer materialize(int layer) const = 0;

@@ -32,9 +32,13 @@ const char* kHelp =
     "(and JSON with --json). Every policy is compared with the full cache on the same inputs.\n"
     "\n"
     "Policies:\n"
-    "  --policy LIST        comma-separated: full, quant, l2, kvzip, kvzip-uniform, lazy, xkv,\n"
-    "                       cskv, l2+quant, kvzip+quant, kvzip-uniform+quant, lazy+quant;\n"
-    "                       a quant name may carry its bits (quant2, lazy+quant4)\n"
+    "  --policy LIST        comma-separated: full, quant, l2, kvzip, kvzip-uniform,\n"
+    "                       kvzip-head (KVzip head level: whole heads kept by scores from\n"
+    "                       one sample, --keep = share of heads), lazy, xkv,\n"
+    "                       cskv, l2+quant, kvzip+quant, kvzip-uniform+quant, lazy+quant,\n"
+    "                       xkv+quant, cskv+quant (quantized bases / latents, ranks priced\n"
+    "                       at the quantized bytes); a quant name may carry its bits\n"
+    "                       (quant2, lazy+quant4, xkv+quant4)\n"
     "                       (default: l2; 'full' is always run first as the reference)\n"
     "  --keep LIST          keep ratios in (0, 1] for l2/kvzip (default 0.5,0.25)\n"
     "  --ratio LIST         target bytes ratios (dense fp16 / held): xkv and cskv ranks\n"
@@ -66,6 +70,9 @@ const char* kHelp =
     "  --no-retrieval       skip retrieval\n"
     "  --max-new-tokens N   greedy tokens per answer (default 10)\n"
     "  --repeat-chunk N     KVzip repeat chunk in tokens (default 2000)\n"
+    "  --head-scores FILE   kvzip-head: load head scores from FILE, or score one sample (a\n"
+    "                       passkey context of --context tokens, seed + 1000003, not one of\n"
+    "                       the evaluated inputs) and write them there\n"
     "Output and machine:\n"
     "  --json FILE          also write the results as JSON\n"
     "  --model PATH         GGUF model (default: $KVPACK_MODEL or the kvpack cache)\n"
@@ -217,6 +224,8 @@ Options parse(int argc, char** argv) {
       o.threads = static_cast<int>(parse_int(a, value(i), 1, 1024));
     } else if (a == "--note") {
       o.note = value(i);
+    } else if (a == "--head-scores") {
+      o.settings.head_scores_file = value(i);
     } else if (a == "--verbose") {
       o.settings.verbose = true;
     } else if (a == "--quiet") {
@@ -247,14 +256,18 @@ std::vector<PolicySpec> expand(const Options& o) {
     const bool evicts = name.rfind("l2", 0) == 0 || name.rfind("kvzip", 0) == 0;
     const bool lazy = name.rfind("lazy", 0) == 0;
     const bool quant = name == "quant" || name.find("+quant") != std::string::npos;
-    if (name == "xkv" || name == "cskv") {
-      for (int group : name == "xkv" ? o.xkv_groups : std::vector<int>{o.base.xkv_group}) {
+    const bool xkv = name.rfind("xkv", 0) == 0;
+    if (xkv || name.rfind("cskv", 0) == 0) {
+      for (int group : xkv ? o.xkv_groups : std::vector<int>{o.base.xkv_group}) {
         for (double ratio : o.ratios) {
-          PolicySpec s = o.base;
-          s.name = name;
-          s.xkv_group = group;
-          s.ratio = ratio;
-          rows.push_back(s);
+          for (int bits : quant ? bits_list : std::vector<int>{16}) {
+            PolicySpec s = o.base;
+            s.name = name;
+            s.xkv_group = group;
+            s.ratio = ratio;
+            s.bits = quant ? bits : s.bits;
+            rows.push_back(s);
+          }
         }
       }
       continue;
@@ -410,7 +423,7 @@ int main(int argc, char** argv) {
     kvpack::eval::Runner runner(model, tokenizer, o.settings);
 
     bool calibrate = false;
-    for (const auto& p : o.policies) calibrate = calibrate || p == "cskv";
+    for (const auto& p : o.policies) calibrate = calibrate || p.rfind("cskv", 0) == 0;
     std::vector<int32_t> text;
     if (o.settings.run_text || calibrate) {
       text = tokenizer.encode(o.text_file.empty() ? kvpack::eval::default_text()
@@ -420,6 +433,13 @@ int main(int argc, char** argv) {
       // The end of the text, away from the scored window at its start.
       const std::size_t n = std::min<std::size_t>(1024, text.size() / 2);
       runner.set_calibration_tokens(std::vector<int32_t>(text.end() - n, text.end()));
+    }
+    bool head_level = false;
+    for (const auto& p : o.policies) head_level = head_level || p.rfind("kvzip-head", 0) == 0;
+    if (head_level) {
+      runner.set_head_sample(
+          kvpack::eval::make_passkey_tasks(tokenizer, o.settings.context, 1, o.seed + 1000003u)[0]
+              .context);
     }
     std::vector<kvpack::eval::RetrievalTask> tasks;
     if (o.settings.run_retrieval) {

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <stdexcept>
 
 #include "inference.hpp"
@@ -65,9 +66,9 @@ void Runner::repeat_pass(EvalCache& cache, const std::vector<int32_t>& ids, int6
   cache.set_window(ScoreWindow::all());
 }
 
-std::shared_ptr<const ChannelProjections> Runner::projections(double ratio) {
-  for (const auto& [r, p] : projections_) {
-    if (r == ratio) return p;
+std::shared_ptr<const ChannelProjections> Runner::projections(double ratio, double latent_bytes) {
+  for (const auto& [key, p] : projections_) {
+    if (key == std::make_pair(ratio, latent_bytes)) return p;
   }
   if (calibration_.empty()) throw std::runtime_error("cskv: no calibration tokens");
   // Run the model over the calibration tokens on an exact fp32 cache, then collect each
@@ -93,11 +94,35 @@ std::shared_ptr<const ChannelProjections> Runner::projections(double ratio) {
       }
     }
   }
-  const auto [rk, rv] = cskv_ranks(shape, ratio);
+  const auto [rk, rv] = cskv_ranks(shape, ratio, latent_bytes);
   auto p = std::make_shared<const ChannelProjections>(
       ChannelProjections::calibrate(keys, values, shape.kv_heads, shape.head_dim, rk, rv));
-  projections_.push_back({ratio, p});
+  projections_.push_back({{ratio, latent_bytes}, p});
   return p;
+}
+
+std::shared_ptr<const HeadScores> Runner::head_scores() {
+  if (head_scores_) return head_scores_;
+  const std::string& file = settings_.head_scores_file;
+  if (!file.empty() && std::ifstream(file).good()) {
+    head_scores_ = std::make_shared<const HeadScores>(HeadScores::load(file));
+    return head_scores_;
+  }
+  if (head_sample_.empty()) throw std::runtime_error("kvzip-head: no head sample");
+  std::vector<int32_t> ids = tok_.encode(system_header(), true);
+  const int64_t context_begin = static_cast<int64_t>(ids.size());
+  const auto context = tok_.encode(head_sample_);
+  ids.insert(ids.end(), context.begin(), context.end());
+  PolicyResult untimed;
+  const auto full = prefill_full(ids, untimed);
+  PolicySpec spec;
+  spec.name = "kvzip";
+  auto cache = make_cache(spec, model_.config().shape());
+  cache->copy_prefix_from(*full, static_cast<int64_t>(ids.size()));
+  repeat_pass(*cache, ids, context_begin);
+  head_scores_ = std::make_shared<const HeadScores>(cache->head_scores());
+  if (!file.empty()) head_scores_->save(file);
+  return head_scores_;
 }
 
 std::unique_ptr<EvalCache> Runner::prefill_full(const std::vector<int32_t>& ids,
@@ -131,7 +156,12 @@ std::unique_ptr<EvalCache> Runner::derive(const PolicySpec& spec_in, const EvalC
                                           Observed& observed, PolicyResult& stats) {
   PolicySpec spec = spec_in;
   if (spec.sinks < 0) spec.sinks = std::max<int64_t>(context_begin, 4);
-  if (spec.name == "cskv" && !spec.projections) spec.projections = projections(spec.ratio);
+  if (spec.name.rfind("cskv", 0) == 0 && !spec.projections) {
+    // cskv+quant: ranks priced at the quantized latents' bytes (the quantizer's share is fixed).
+    const bool quant = spec.name == "cskv+quant";
+    spec.projections = projections(spec.ratio, quant ? spec.bits / 8.0 + 4.0 / spec.group : 2.0);
+  }
+  if (spec.name.rfind("kvzip-head", 0) == 0 && !spec.head_scores) spec.head_scores = head_scores();
   const int64_t n = static_cast<int64_t>(ids.size());
   if (spec.keep_from_ratio) spec.keep = keep_for_ratio(spec, full, n);
   std::unique_ptr<EvalCache> cache;

@@ -26,6 +26,8 @@ struct Settings {
   bool run_text = true;
   bool run_retrieval = true;
   bool verbose = false;  ///< print every retrieval answer on stderr
+  /// kvzip-head: head scores file to load, or to write after scoring the sample.
+  std::string head_scores_file;
 };
 
 /// One row of the result table.
@@ -88,8 +90,14 @@ class Runner {
 
   /// Tokens the ChannelShrink projections are calibrated on (kept apart from the scored text).
   void set_calibration_tokens(std::vector<int32_t> tokens) { calibration_ = std::move(tokens); }
-  /// PCA projections for `ratio`, computed once per ratio from the calibration tokens.
-  std::shared_ptr<const ChannelProjections> projections(double ratio);
+  /// PCA projections for `ratio` with latents of `latent_bytes` each (fp16: 2), computed once
+  /// per (ratio, latent_bytes) from the calibration tokens.
+  std::shared_ptr<const ChannelProjections> projections(double ratio, double latent_bytes);
+  /// The input kvzip-head's scores come from (one sample, not an evaluated input).
+  void set_head_sample(std::string context) { head_sample_ = std::move(context); }
+  /// KVzip head scores: loaded from Settings::head_scores_file when it exists, else from one
+  /// repeat pass over the head sample (then written to that file when one is named).
+  std::shared_ptr<const HeadScores> head_scores();
 
   /// Agreement, KL and perplexity of every row against row 0 (the full cache) on
   /// text[0, context + continuation).
@@ -122,7 +130,11 @@ class Runner {
   const llama::Tokenizer& tok_;
   Settings settings_;
   std::vector<int32_t> calibration_;
-  std::vector<std::pair<double, std::shared_ptr<const ChannelProjections>>> projections_;
+  std::string head_sample_;
+  std::shared_ptr<const HeadScores> head_scores_;
+  /// Keyed by (bytes ratio, bytes per latent value).
+  std::vector<std::pair<std::pair<double, double>, std::shared_ptr<const ChannelProjections>>>
+      projections_;
 };
 
 }  // namespace kvpack::eval

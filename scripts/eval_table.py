@@ -17,8 +17,9 @@ def cell(x, fmt):
 def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
-    print("| policy | bytes ratio | agreement@1 | KL | perplexity | retrieval | retrieval bytes ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| policy | bytes ratio | agreement@1 | agreement, decisive | KL | perplexity | retrieval "
+          "| retrieval bytes ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     seen = set()
     for path in sys.argv[1:]:
         with open(path) as fh:
@@ -29,7 +30,8 @@ def main():
             seen.add(r["policy"])
             print(
                 f"| {r['policy']} | {cell(r.get('bytes_ratio'), '.2f')} "
-                f"| {cell(r.get('agreement_top1'), '.3f')} | {cell(r.get('kl'), '.4f')} "
+                f"| {cell(r.get('agreement_top1'), '.3f')} "
+                f"| {cell(r.get('agreement_decisive'), '.3f')} | {cell(r.get('kl'), '.4f')} "
                 f"| {cell(r.get('perplexity'), '.2f')} | {cell(r.get('retrieval_acc'), '.2f')} "
                 f"| {cell(r.get('retrieval_bytes_ratio'), '.2f')} |"
             )

@@ -179,12 +179,16 @@ std::string known_policy_names() {
          "cskv+quant";
 }
 
-std::pair<int, int> cskv_ranks(const ModelShape& shape, double ratio, double latent_bytes) {
-  // Per token and layer: dense 2 * c * 2 bytes; held (r_k + r_v) latents of `latent_bytes`
-  // each (fp16: 2; KIVI blocks of cskv+quant: bits/8 + 4/group) + one int32 position per kv
-  // head. r_k : r_v = 1 : 3.
+std::pair<int, int> cskv_ranks(const ModelShape& shape, double ratio, int64_t tokens,
+                               double latent_bytes) {
+  // Per layer at T tokens: dense 2 * c * 2 * T bytes; held (r_k + r_v) latents of
+  // `latent_bytes` each per token (fp16: 2; KIVI blocks of cskv+quant: bits/8 + 4/group), the
+  // fp32 projections bytes() counts (c x (r_k + r_v) floats) and an int32 position per token and
+  // kv head. r_k : r_v = 1 : 3.
   const int c = shape.kv_heads * shape.head_dim;
-  const double total = (4.0 * c / ratio - 4.0 * shape.kv_heads) / latent_bytes;
+  const double t = static_cast<double>(tokens);
+  const double total =
+      (4.0 * c * t / ratio - 4.0 * shape.kv_heads * t) / (latent_bytes * t + 4.0 * c);
   const int rk = std::clamp(static_cast<int>(std::lround(0.25 * total)), 1, c);
   const int rv = std::clamp(static_cast<int>(std::lround(0.75 * total)), 1, c);
   return {rk, rv};

@@ -37,9 +37,11 @@ struct PolicySpec {
   std::string label() const;
 };
 
-/// Ranks (r_k, r_v) of ChannelShrink for a target bytes ratio on `shape`: keys compressed three
-/// times harder than values (CSKV: K 75 % / V 25 % at 2x beats the reverse).
-std::pair<int, int> cskv_ranks(const ModelShape& shape, double ratio, double latent_bytes = 2.0);
+/// Ranks (r_k, r_v) of ChannelShrink for a target bytes ratio on `shape` at `tokens` tokens (the
+/// projections it holds count): keys compressed three times harder than values (CSKV: K 75 % /
+/// V 25 % at 2x beats the reverse).
+std::pair<int, int> cskv_ranks(const ModelShape& shape, double ratio, int64_t tokens,
+                               double latent_bytes = 2.0);
 
 /// Parses "l2", "kvzip+quant", ... and checks that the name is known; throws std::runtime_error.
 void check_policy_name(const std::string& name);

@@ -345,13 +345,14 @@ std::string cell(double x, int width, int precision) {
 }
 
 void print_table(const std::vector<PolicyResult>& rows, const kvpack::eval::Settings& s) {
-  std::printf("\n%-26s %8s %9s %9s %9s %9s %10s %10s %10s\n", "policy", "bytes_x", "agree@1", "kl",
-              "ppl", "retrieval", "prefill/s", "decode/s", "compress_s");
+  std::printf("\n%-26s %8s %9s %9s %9s %9s %9s %10s %10s %10s\n", "policy", "bytes_x", "agree@1",
+              "agr_dec", "kl", "ppl", "retrieval", "prefill/s", "decode/s", "compress_s");
   for (const auto& r : rows) {
     const double ratio = s.run_text ? r.bytes_ratio : r.retrieval_bytes_ratio;
     const double retrieval = r.retrieval_asked > 0 ? r.retrieval_acc : NAN;
-    std::printf("%-26s %s %s %s %s %s %s %s %s\n", r.label.c_str(), cell(ratio, 8, 2).c_str(),
+    std::printf("%-26s %s %s %s %s %s %s %s %s %s\n", r.label.c_str(), cell(ratio, 8, 2).c_str(),
                 cell(s.run_text ? r.agreement_top1 : NAN, 9, 3).c_str(),
+                cell(s.run_text ? r.agreement_decisive : NAN, 9, 3).c_str(),
                 cell(s.run_text ? r.kl : NAN, 9, 4).c_str(),
                 cell(s.run_text ? r.perplexity : NAN, 9, 2).c_str(), cell(retrieval, 9, 3).c_str(),
                 cell(r.prefill_tokens_per_s(), 10, 1).c_str(),
@@ -360,11 +361,13 @@ void print_table(const std::vector<PolicyResult>& rows, const kvpack::eval::Sett
   }
   std::printf(
       "\nbytes_x = dense fp16 bytes / bytes held after compress(), measured; agree@1 and kl "
-      "against the full cache over %lld continuation tokens after %lld context tokens; "
+      "against the full cache over %lld continuation tokens after %lld context tokens; agr_dec = "
+      "agree@1 where the full cache's top-1 probability leads the runner-up by >= %.2f; "
       "prefill/s once per context on the full cache (every row starts from a copy of it); "
       "decode/s greedy steps over the row's cache; compress_s = scoring passes + compress(), "
       "summed over contexts.\n",
-      static_cast<long long>(s.continuation), static_cast<long long>(s.context));
+      static_cast<long long>(s.continuation), static_cast<long long>(s.context),
+      kvpack::eval::kDecisiveMargin);
 }
 
 void write_json(const std::string& path, const Options& o, const std::vector<PolicyResult>& rows,
@@ -386,6 +389,9 @@ void write_json(const std::string& path, const Options& o, const std::vector<Pol
         << "\", \"bytes_ratio\": " << json_number(r.bytes_ratio)
         << ", \"retrieval_bytes_ratio\": " << json_number(r.retrieval_bytes_ratio)
         << ", \"agreement_top1\": " << json_number(o.settings.run_text ? r.agreement_top1 : NAN)
+        << ", \"agreement_decisive\": "
+        << json_number(o.settings.run_text ? r.agreement_decisive : NAN)
+        << ", \"decisive_positions\": " << r.decisive_positions
         << ", \"kl\": " << json_number(o.settings.run_text ? r.kl : NAN)
         << ", \"perplexity\": " << json_number(o.settings.run_text ? r.perplexity : NAN)
         << ", \"retrieval_acc\": " << json_number(r.retrieval_asked > 0 ? r.retrieval_acc : NAN)

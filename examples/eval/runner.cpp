@@ -94,7 +94,7 @@ std::shared_ptr<const ChannelProjections> Runner::projections(double ratio, doub
       }
     }
   }
-  const auto [rk, rv] = cskv_ranks(shape, ratio, latent_bytes);
+  const auto [rk, rv] = cskv_ranks(shape, ratio, settings_.context, latent_bytes);
   auto p = std::make_shared<const ChannelProjections>(
       ChannelProjections::calibrate(keys, values, shape.kv_heads, shape.head_dim, rk, rv));
   projections_.push_back({{ratio, latent_bytes}, p});
@@ -236,19 +236,38 @@ double measure_gemm_flops_per_s(const llama::LlamaConfig& c, int64_t rows, doubl
 void score_against(const TextReference& ref, const float* logits, const std::vector<int32_t>& cont,
                    PolicyResult& result) {
   const int64_t m = ref.rows;
-  int64_t agree = 0;
+  int64_t agree = 0, decisive = 0, decisive_agree = 0;
   double kl = 0, nll = 0;
   for (int64_t i = 0; i < m; ++i) {
     const float* a = ref.logits.data() + i * ref.vocab;
     const float* b = logits + i * ref.vocab;
-    agree += llama::argmax(a, ref.vocab) == llama::argmax(b, ref.vocab);
+    const bool same = llama::argmax(a, ref.vocab) == llama::argmax(b, ref.vocab);
+    agree += same;
     const auto la = log_softmax(a, ref.vocab), lb = log_softmax(b, ref.vocab);
+    // The full cache's top-1 probability lead over its runner-up at this position.
+    double p1 = 0, p2 = 0;
+    for (int64_t v = 0; v < ref.vocab; ++v) {
+      const double p = std::exp(la[v]);
+      if (p > p1) {
+        p2 = p1;
+        p1 = p;
+      } else if (p > p2) {
+        p2 = p;
+      }
+    }
+    if (p1 - p2 >= kDecisiveMargin) {
+      ++decisive;
+      decisive_agree += same;
+    }
     double row = 0;
     for (int64_t v = 0; v < ref.vocab; ++v) row += std::exp(la[v]) * (la[v] - lb[v]);
     kl += row;
     if (i + 1 < m) nll -= lb[cont[i + 1]];
   }
   result.agreement_top1 = static_cast<double>(agree) / static_cast<double>(m);
+  result.decisive_positions = decisive;
+  result.agreement_decisive =
+      decisive > 0 ? static_cast<double>(decisive_agree) / static_cast<double>(decisive) : NAN;
   result.kl = kl / static_cast<double>(m);
   result.perplexity = std::exp(nll / static_cast<double>(m - 1));
 }

@@ -35,9 +35,13 @@ struct PolicyResult {
   std::string label;
   double bytes_ratio = 0;     ///< dense fp16 bytes / bytes() after compression (text run)
   double agreement_top1 = 0;  ///< next-token argmax equal to the full cache's
-  double kl = 0;              ///< mean KL(full || policy) over continuation tokens, nats
-  double perplexity = 0;      ///< of the continuation under this policy
-  double retrieval_acc = 0;   ///< share of questions whose answer was generated
+  /// agreement_top1 over the positions where the full cache's top-1 probability leads its
+  /// runner-up by ≥ kDecisiveMargin (near-ties excluded), and how many such positions.
+  double agreement_decisive = 0;
+  int64_t decisive_positions = 0;
+  double kl = 0;             ///< mean KL(full || policy) over continuation tokens, nats
+  double perplexity = 0;     ///< of the continuation under this policy
+  double retrieval_acc = 0;  ///< share of questions whose answer was generated
   double retrieval_bytes_ratio = 0;
   int retrieval_correct = 0, retrieval_asked = 0;
   double retrieval_ratio_sum = 0;
@@ -72,6 +76,10 @@ double prefill_flops(const llama::LlamaConfig& c, int64_t n);
 /// current OpenMP threads: the baseline the prefill rate is compared with, measured in the same
 /// run. Runs for about `seconds`.
 double measure_gemm_flops_per_s(const llama::LlamaConfig& c, int64_t rows, double seconds);
+
+/// Lead of the full cache's top-1 probability over its runner-up that makes a position count
+/// for agreement_decisive.
+constexpr double kDecisiveMargin = 0.1;
 
 /// Agreement, KL and perplexity of `logits` (continuation × vocab) against the reference.
 void score_against(const TextReference& ref, const float* logits,

@@ -117,6 +117,7 @@ std::shared_ptr<const HeadScores> Runner::head_scores() {
   const auto full = prefill_full(ids, untimed);
   PolicySpec spec;
   spec.name = "kvzip";
+  spec.sinks = context_begin;  // the system prompt: not part of any head's score
   auto cache = make_cache(spec, model_.config().shape());
   cache->copy_prefix_from(*full, static_cast<int64_t>(ids.size()));
   repeat_pass(*cache, ids, context_begin);

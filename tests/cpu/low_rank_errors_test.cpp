@@ -37,16 +37,7 @@ void require_refused_unchanged(Cache& cache, F&& call, const std::string& fragme
 }
 
 ChannelProjections projections_for(const ModelShape& shape, int rk, int rv, uint32_t seed = 3) {
-  kvpack::KVCache<kvpack::Identity> calib(shape);
-  const auto pre = fill_low_rank(calib, 200, seed);
-  const int c = shape.kv_heads * shape.head_dim;
-  std::vector<std::vector<float>> keys, values;
-  for (const RowMat& x : pre) {
-    const RowMat k = x.leftCols(c), v = x.rightCols(c);
-    keys.emplace_back(k.data(), k.data() + k.size());
-    values.emplace_back(v.data(), v.data() + v.size());
-  }
-  return ChannelProjections::calibrate(keys, values, shape.kv_heads, shape.head_dim, rk, rv);
+  return kvpack_test::projections_for(shape, rk, rv, 200, seed);
 }
 
 std::vector<char> read_file(const std::string& path) {

@@ -162,10 +162,11 @@ double attend_error(const Cache& cache, int layer, const std::vector<int64_t>& q
   return attention_error(cache, layer, q, query_positions, out);
 }
 
-inline std::shared_ptr<const kvpack::ChannelProjections> calibrated_projections(
-    const kvpack::ModelShape& shape, int rk, int rv) {
+/// ChannelShrink projections at ranks (rk, rv), calibrated on `tokens` fill_low_rank tokens.
+inline kvpack::ChannelProjections projections_for(const kvpack::ModelShape& shape, int rk, int rv,
+                                                  int64_t tokens = 500, uint32_t seed = 21) {
   kvpack::KVCache<kvpack::Identity> calib(shape);
-  const auto pre = fill_low_rank(calib, 500, 21);
+  const auto pre = fill_low_rank(calib, tokens, seed);
   const int c = shape.kv_heads * shape.head_dim;
   std::vector<std::vector<float>> keys, values;
   for (const RowMat& x : pre) {
@@ -173,8 +174,14 @@ inline std::shared_ptr<const kvpack::ChannelProjections> calibrated_projections(
     keys.emplace_back(k.data(), k.data() + k.size());
     values.emplace_back(v.data(), v.data() + v.size());
   }
-  return std::make_shared<const kvpack::ChannelProjections>(
-      kvpack::ChannelProjections::calibrate(keys, values, shape.kv_heads, shape.head_dim, rk, rv));
+  return kvpack::ChannelProjections::calibrate(keys, values, shape.kv_heads, shape.head_dim, rk,
+                                               rv);
+}
+
+/// projections_for on the seed-21 subspace, shared as ChannelShrink holds them.
+inline std::shared_ptr<const kvpack::ChannelProjections> calibrated_projections(
+    const kvpack::ModelShape& shape, int rk, int rv) {
+  return std::make_shared<const kvpack::ChannelProjections>(projections_for(shape, rk, rv));
 }
 
 }  // namespace kvpack_test

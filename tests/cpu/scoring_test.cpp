@@ -70,6 +70,29 @@ struct RepeatScenario {
   ActivationView qv() const { return ActivationView::nhd(q.data(), repeat, 9, 64); }
 };
 
+/// Brute-force KVzip scores of the scenario's context keys: per (layer · 3 + head), position →
+/// max softmax probability over the repeat queries and the head's GQA rows.
+std::vector<std::map<int64_t, double>> brute_force_scores(
+    const kvpack::KVCache<ReconstructionEvict>& cache, const RepeatScenario& sc) {
+  std::vector<std::map<int64_t, double>> per_head(6);
+  for (int l = 0; l < 2; ++l) {
+    const auto dense = cache.materialize(l);
+    for (int h = 0; h < 3; ++h) {
+      for (int64_t t = 0; t < sc.repeat; ++t) {
+        for (int j = 0; j < 3; ++j) {
+          const auto p = probabilities(sc.q.data() + (t * 9 + h * 3 + j) * 64, dense.heads[h],
+                                       sc.qpos[t], [](int64_t) { return true; });
+          for (int64_t key = 0; key < sc.context; ++key) {
+            auto& s = per_head[l * 3 + h][key];
+            s = std::max(s, p[key]);
+          }
+        }
+      }
+    }
+  }
+  return per_head;
+}
+
 }  // namespace
 
 TEST_CASE(
@@ -85,24 +108,10 @@ TEST_CASE(
     kvpack_test::fill_layer(cache, 0, sc.context + sc.repeat, 40);
     for (int l = 0; l < 2; ++l) cache.observe(l, sc.qv(), sc.qpos);
     // Brute force: scores of the context keys, per (layer, head).
+    const auto per_head = brute_force_scores(cache, sc);
     std::map<int64_t, double> all_scores;  // key: (layer*3 + head) * 1e6 + position
-    std::vector<std::map<int64_t, double>> per_head(6);
-    for (int l = 0; l < 2; ++l) {
-      const auto dense = cache.materialize(l);
-      for (int h = 0; h < 3; ++h) {
-        for (int64_t t = 0; t < sc.repeat; ++t) {
-          for (int j = 0; j < 3; ++j) {
-            const auto p = probabilities(sc.q.data() + (t * 9 + h * 3 + j) * 64, dense.heads[h],
-                                         sc.qpos[t], [](int64_t) { return true; });
-            for (int64_t key = 0; key < sc.context; ++key) {
-              auto& s = per_head[l * 3 + h][key];
-              s = std::max(s, p[key]);
-            }
-          }
-        }
-        for (const auto& [pos, s] : per_head[l * 3 + h])
-          all_scores[(l * 3 + h) * 1000000 + pos] = s;
-      }
+    for (int hh = 0; hh < 6; ++hh) {
+      for (const auto& [pos, score] : per_head[hh]) all_scores[hh * 1000000 + pos] = score;
     }
     cache.truncate(sc.context - 1);  // the repeat prompt was never part of the sequence
     REQUIRE(cache.appended(0) == sc.context);
@@ -192,7 +201,7 @@ TEST_CASE("ReconstructionEvict: tokens appended after scoring are never evicted"
 }
 
 TEST_CASE(
-    "KVzip head level: head scores are each head's largest pair score, saved and reused; the "
+    "KVzip head level: head scores are each head's largest pair score, saved and reused, and the "
     "top heads keep their context, the others their protected tokens",
     "[scoring][kvzip][headlevel]") {
   RepeatScenario sc;
@@ -204,18 +213,10 @@ TEST_CASE(
   // Brute force: max over queries, GQA rows and the keys after the 4 protected sinks (the
   // default ReconstructionEvict budget's), which head_scores() leaves out.
   std::vector<double> expected(6, 0.0);
-  for (int l = 0; l < 2; ++l) {
-    const auto dense = sample.materialize(l);
-    for (int h = 0; h < 3; ++h) {
-      for (int64_t t = 0; t < sc.repeat; ++t) {
-        for (int j = 0; j < 3; ++j) {
-          const auto p = probabilities(sc.q.data() + (t * 9 + h * 3 + j) * 64, dense.heads[h],
-                                       sc.qpos[t], [](int64_t) { return true; });
-          for (int64_t key = 4; key < sc.context; ++key) {
-            expected[l * 3 + h] = std::max(expected[l * 3 + h], p[key]);
-          }
-        }
-      }
+  const auto per_head = brute_force_scores(sample, sc);
+  for (int i = 0; i < 6; ++i) {
+    for (const auto& [pos, score] : per_head[i]) {
+      if (pos >= 4) expected[i] = std::max(expected[i], score);
     }
   }
   sample.truncate(sc.context - 1);

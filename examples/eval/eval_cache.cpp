@@ -182,7 +182,7 @@ std::string known_policy_names() {
 std::pair<int, int> cskv_ranks(const ModelShape& shape, double ratio, int64_t tokens,
                                double latent_bytes) {
   // Per layer at T tokens: dense 2 * c * 2 * T bytes; held (r_k + r_v) latents of
-  // `latent_bytes` each per token (fp16: 2; KIVI blocks of cskv+quant: bits/8 + 4/group), the
+  // `latent_bytes` each per token (fp16: 2; cskv+quant: Quantize::bytes_per_value()), the
   // fp32 projections bytes() counts (c x (r_k + r_v) floats) and an int32 position per token and
   // kv head. r_k : r_v = 1 : 3.
   const int c = shape.kv_heads * shape.head_dim;

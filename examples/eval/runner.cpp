@@ -160,7 +160,8 @@ std::unique_ptr<EvalCache> Runner::derive(const PolicySpec& spec_in, const EvalC
   if (spec.name.rfind("cskv", 0) == 0 && !spec.projections) {
     // cskv+quant: ranks priced at the quantized latents' bytes (the quantizer's share is fixed).
     const bool quant = spec.name == "cskv+quant";
-    spec.projections = projections(spec.ratio, quant ? spec.bits / 8.0 + 4.0 / spec.group : 2.0);
+    spec.projections =
+        projections(spec.ratio, quant ? Quantize(spec.bits, spec.group).bytes_per_value() : 2.0);
   }
   if (spec.name.rfind("kvzip-head", 0) == 0 && !spec.head_scores) spec.head_scores = head_scores();
   const int64_t n = static_cast<int64_t>(ids.size());
@@ -245,10 +246,11 @@ void score_against(const TextReference& ref, const float* logits, const std::vec
     const bool same = llama::argmax(a, ref.vocab) == llama::argmax(b, ref.vocab);
     agree += same;
     const auto la = log_softmax(a, ref.vocab), lb = log_softmax(b, ref.vocab);
-    // The full cache's top-1 probability lead over its runner-up at this position.
-    double p1 = 0, p2 = 0;
+    // One pass over the full cache's probabilities: KL, and its top-1 lead over the runner-up.
+    double row = 0, p1 = 0, p2 = 0;
     for (int64_t v = 0; v < ref.vocab; ++v) {
       const double p = std::exp(la[v]);
+      row += p * (la[v] - lb[v]);
       if (p > p1) {
         p2 = p1;
         p1 = p;
@@ -256,13 +258,11 @@ void score_against(const TextReference& ref, const float* logits, const std::vec
         p2 = p;
       }
     }
+    kl += row;
     if (p1 - p2 >= kDecisiveMargin) {
       ++decisive;
       decisive_agree += same;
     }
-    double row = 0;
-    for (int64_t v = 0; v < ref.vocab; ++v) row += std::exp(la[v]) * (la[v] - lb[v]);
-    kl += row;
     if (i + 1 < m) nll -= lb[cont[i + 1]];
   }
   result.agreement_top1 = static_cast<double>(agree) / static_cast<double>(m);

@@ -64,6 +64,8 @@ TEST_CASE("LowRankBasis: quantized columns hold the reference codes, within scal
     kvpack::dispatch_quant(bits, 32, [&](auto b, auto g) {
       constexpr int B = decltype(b)::value, G = decltype(g)::value;
       const auto* blocks = reinterpret_cast<const kvpack::QuantBlock<B, G>*>(basis.blocks.data());
+      // What byte budgets price a quantized value at is the block's real size per value.
+      REQUIRE(Quantize(B, G).bytes_per_value() == double(sizeof(kvpack::QuantBlock<B, G>)) / G);
       for (int64_t grp = 0; grp < 3; ++grp) {
         for (int j = 0; j < r; ++j) {
           kvpack::QuantBlock<B, G> ref;

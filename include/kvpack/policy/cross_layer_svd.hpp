@@ -51,7 +51,7 @@ struct CrossLayerSVD : PolicyBase {
 
   /// \brief Ranks (r_k, r_v) that hold a group of `layers` layers × `kv_heads` × `head_dim` at
   /// `tokens` tokens in dense/`ratio` bytes: basis values of `basis_bytes` each (fp16: 2; a
-  /// quantized basis, Compose<CrossLayerSVD, Quantize>: bits/8 + 4/group), fp32 factors
+  /// quantized basis, Compose<CrossLayerSVD, Quantize>: Quantize::bytes_per_value()), fp32 factors
   /// (4·layers·kv_heads·head_dim bytes per rank) and int32 positions (4·layers·kv_heads·T), with
   /// r_k : r_v = 1 : 1.5. Not clamped: a result below 1 means the ratio is out of reach.
   static std::pair<int, int> ranks_for_ratio(int64_t tokens, int layers, int kv_heads, int head_dim,

@@ -115,13 +115,13 @@ struct HeadLevelEvict : EvictionPolicy {
     const int h_per_layer = scores->kv_heads;
     std::vector<char> kept(heads.size(), 0);
     auto keep_top = [&](const std::vector<std::size_t>& among) {
-      const auto n = static_cast<double>(among.size());
-      const auto k = static_cast<std::size_t>(std::ceil(budget.keep_ratio * n - 1e-9));
+      // The budget's own rounding, over heads instead of tokens (keep_tokens is refused).
+      const auto k = static_cast<std::size_t>(budget.target(static_cast<int64_t>(among.size())));
       std::vector<std::size_t> order = among;
       std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
         return scores->score[heads[a]] > scores->score[heads[b]];
       });
-      for (std::size_t i = 0; i < std::min(k, order.size()); ++i) kept[order[i]] = 1;
+      for (std::size_t i = 0; i < k; ++i) kept[order[i]] = 1;
     };
     if (budget.scope == BudgetScope::kGlobal) {
       std::vector<std::size_t> all(heads.size());

@@ -27,6 +27,10 @@ struct Quantize : PolicyBase {
   Quantize(int bits_, int group_ = 32, int64_t residual_ = 128)
       : bits(bits_), group(group_), residual(residual_) {}
 
+  /// Bytes one quantized value costs: its code plus its share of the block's fp16 scale and
+  /// minimum (QuantBlock: 4 bytes per `group` values). What budgets split by bytes price it at.
+  double bytes_per_value() const { return bits / 8.0 + 4.0 / group; }
+
   void validate(const ModelShape& shape) const {
     constexpr const char* where = "Quantize";
     detail::require(bits == 2 || bits == 4 || bits == 8, where, "bits", bits, "2, 4 or 8");

@@ -304,7 +304,7 @@ void KVCache<Policy, backend::Cpu>::evict() {
     const detail::LayerState& state = layers_[targets[i].layer];
     scores[i].resize(head.size());
     if constexpr (kHeadLevel) {
-      std::fill(scores[i].begin(), scores[i].end(), 0.0f);
+      // No token scores (resize() zeroed them): the head's target below decides.
     } else if constexpr (kQueryScores) {
       // Tokens no observed query saw (appended after scoring) rank above everything.
       for (int64_t t = 0; t < head.size(); ++t) {
@@ -431,9 +431,8 @@ void KVCache<Policy, backend::Cpu>::factorize() {
           }
         }
       } else {
-        std::tie(rk, rv) =
-            CrossLayerSVD::ranks_for_ratio(tokens, l1 - l0, heads, d, p.target_ratio,
-                                           quant ? quant->bits / 8.0 + 4.0 / quant->group : 2.0);
+        std::tie(rk, rv) = CrossLayerSVD::ranks_for_ratio(tokens, l1 - l0, heads, d, p.target_ratio,
+                                                          quant ? quant->bytes_per_value() : 2.0);
         rk = static_cast<int>(std::clamp<int64_t>(rk, 1, cap));
         rv = static_cast<int>(std::clamp<int64_t>(rv, 1, cap));
       }

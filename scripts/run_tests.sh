@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Builds kvpack and runs every test: CPU unit tests, header hygiene, ODR, packaging, benchmark
 # smoke, the real-model tests (needs the reference model: scripts/fetch_model.sh), and the CUDA
-# tests (always compiled when nvcc is found; they report "Skipped" without a GPU).
+# tests (always compiled when nvcc is found; they report "Skipped" without a GPU); then the CPU
+# tests under ASan + UBSan and TSan (scripts/run_sanitizers.sh) and a fuzz smoke of every
+# libFuzzer target (scripts/run_fuzz.sh, KVPACK_FUZZ_SECONDS each, default 30).
+# KVPACK_SANITIZERS=0 skips the last two (quick local runs; CI always runs them).
 # Exits non-zero on any failure. Extra arguments go to the CMake configure step.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,4 +19,9 @@ bash scripts/build.sh "$@"
 
 build_dir=${KVPACK_BUILD_DIR:-build}
 ctest --test-dir "$build_dir" --output-on-failure --no-tests=error -j "${KVPACK_JOBS:-$(nproc)}"
+echo "run_tests: ctest passed after $((SECONDS - start)) s"
+if [ "${KVPACK_SANITIZERS:-1}" != 0 ] || [ -n "${CI:-}" ]; then
+  bash scripts/run_sanitizers.sh
+  bash scripts/run_fuzz.sh "${KVPACK_FUZZ_SECONDS:-30}"
+fi
 echo "run_tests: all tests passed in $((SECONDS - start)) s"

@@ -2,6 +2,7 @@
 // memory: next-token agreement and KL on a long text, perplexity, and query-agnostic retrieval.
 
 #include <omp.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cmath>
@@ -38,8 +39,12 @@ const char* kHelp =
     "                       cskv, l2+quant, kvzip+quant, kvzip-uniform+quant, lazy+quant,\n"
     "                       xkv+quant, cskv+quant (quantized bases / latents, ranks priced\n"
     "                       at the quantized bytes); a quant name may carry its bits\n"
-    "                       (quant2, lazy+quant4, xkv+quant4)\n"
-    "                       (default: l2; 'full' is always run first as the reference)\n"
+    "                       (quant2, lazy+quant4, xkv+quant4), and any name its own\n"
+    "                       budget, overriding --keep / --ratio for that row:\n"
+    "                       NAME:keep=K or NAME:ratio=R (kvzip:keep=0.33, xkv:ratio=8)\n"
+    "                       (default: quant4,kvzip:keep=0.33,kvzip+quant4:ratio=8,\n"
+    "                       l2:keep=0.33, the frontier the demo shows; 'full' always\n"
+    "                       runs first as the reference)\n"
     "  --keep LIST          keep ratios in (0, 1] for l2/kvzip (default 0.5,0.25)\n"
     "  --ratio LIST         target bytes ratios (dense fp16 / held): xkv and cskv ranks\n"
     "                       (default 4); given explicitly, l2/kvzip rows too, instead of\n"
@@ -115,8 +120,33 @@ int64_t parse_int(const std::string& flag, const std::string& v, int64_t lo, int
   return static_cast<int64_t>(x);
 }
 
+/// The budget a --policy item carries after its name ("kvzip:keep=0.33", "xkv:ratio=8").
+struct RowBudget {
+  std::string name;    ///< the item without its budget
+  double keep = NAN;   ///< keep ratio, when given
+  double ratio = NAN;  ///< target bytes ratio, when given
+};
+
+RowBudget row_budget(const std::string& written) {
+  RowBudget b;
+  const auto colon = written.find(':');
+  b.name = written.substr(0, colon);
+  if (colon == std::string::npos) return b;
+  const std::string knob = written.substr(colon + 1);
+  const std::string flag = "--policy " + written;
+  if (knob.rfind("keep=", 0) == 0) {
+    b.keep = parse_double(flag, knob.substr(5), 1e-6, 1.0);
+  } else if (knob.rfind("ratio=", 0) == 0) {
+    b.ratio = parse_double(flag, knob.substr(6), 1.0001, 1e4);
+  } else {
+    throw std::runtime_error(flag + ": expected NAME:keep=K or NAME:ratio=R after the name");
+  }
+  return b;
+}
+
 struct Options {
-  std::vector<std::string> policies{"l2"};
+  std::vector<std::string> policies{"quant4", "kvzip:keep=0.33", "kvzip+quant4:ratio=8",
+                                    "l2:keep=0.33"};
   std::vector<double> keeps{0.5, 0.25};
   std::vector<int> bits{4};
   std::vector<double> thresholds{0.9};
@@ -148,8 +178,10 @@ Options parse(int argc, char** argv) {
       std::exit(0);
     } else if (a == "--policy") {
       o.policies = split(value(i));
-      for (const auto& p : o.policies) kvpack::eval::check_policy_name(p);
-      for (const auto& p : o.policies) {
+      for (const auto& written : o.policies) {
+        const RowBudget own = row_budget(written);  // checks the budget suffix
+        kvpack::eval::check_policy_name(own.name);
+        const std::string& p = own.name;
         const auto q = p.find("quant");
         if (q != std::string::npos && q + 5 < p.size()) {
           const int b = static_cast<int>(parse_int(a, p.substr(q + 5), 2, 8));
@@ -243,10 +275,11 @@ std::vector<PolicySpec> expand(const Options& o) {
   PolicySpec full = o.base;
   full.name = "full";
   rows.push_back(full);
-  for (const auto& written : o.policies) {
-    if (written == "full") continue;
+  for (const auto& item : o.policies) {
+    const RowBudget own = row_budget(item);
+    if (own.name == "full") continue;
     // "lazy+quant4": bits written into the name override --bits for that row.
-    std::string name = written;
+    std::string name = own.name;
     std::vector<int> bits_list = o.bits;
     const auto q = name.find("quant");
     if (q != std::string::npos && q + 5 < name.size()) {
@@ -258,8 +291,9 @@ std::vector<PolicySpec> expand(const Options& o) {
     const bool quant = name == "quant" || name.find("+quant") != std::string::npos;
     const bool xkv = name.rfind("xkv", 0) == 0;
     if (xkv || name.rfind("cskv", 0) == 0) {
+      const auto ratios = std::isnan(own.ratio) ? o.ratios : std::vector<double>{own.ratio};
       for (int group : xkv ? o.xkv_groups : std::vector<int>{o.base.xkv_group}) {
-        for (double ratio : o.ratios) {
+        for (double ratio : ratios) {
           for (int bits : quant ? bits_list : std::vector<int>{16}) {
             PolicySpec s = o.base;
             s.name = name;
@@ -273,16 +307,19 @@ std::vector<PolicySpec> expand(const Options& o) {
       continue;
     }
     // Eviction rows: one per keep ratio, or per target bytes ratio when --ratio is given.
-    const std::vector<double> budgets = !evicts          ? std::vector<double>{1.0}
-                                        : o.ratios_given ? o.ratios
-                                                         : o.keeps;
+    const bool by_ratio = !std::isnan(own.ratio) || (std::isnan(own.keep) && o.ratios_given);
+    const std::vector<double> budgets = !evicts                 ? std::vector<double>{1.0}
+                                        : !std::isnan(own.ratio) ? std::vector<double>{own.ratio}
+                                        : !std::isnan(own.keep)  ? std::vector<double>{own.keep}
+                                        : o.ratios_given         ? o.ratios
+                                                                 : o.keeps;
     for (double budget : budgets) {
       for (double thr : lazy ? o.thresholds : std::vector<double>{0.0}) {
         for (int64_t recent : lazy ? o.lazy_recents : std::vector<int64_t>{o.base.lazy_recent}) {
           for (int bits : quant ? bits_list : std::vector<int>{16}) {
             PolicySpec s = o.base;
             s.name = name;
-            if (evicts && o.ratios_given) {
+            if (evicts && by_ratio) {
               s.ratio = budget;
               s.keep_from_ratio = true;
             } else {
@@ -300,21 +337,34 @@ std::vector<PolicySpec> expand(const Options& o) {
   return rows;
 }
 
+/// Progress on stderr: a bar redrawn in place on a terminal; in a file or a pipe, a few plain
+/// lines (the start of each phase and every ~10 %), not hundreds of carriage-return frames.
 class ProgressBar {
  public:
-  explicit ProgressBar(bool enabled) : enabled_(enabled) {}
-  void update(const std::string& row, const std::string& stage, double fraction) {
+  explicit ProgressBar(bool enabled) : enabled_(enabled), terminal_(isatty(STDERR_FILENO)) {}
+  void update(const std::string& phase, const std::string& stage, double fraction) {
     if (!enabled_) return;
+    if (!terminal_) {
+      const int tenth = static_cast<int>(fraction * 10);
+      if (phase == phase_ && tenth <= tenth_) return;
+      phase_ = phase;
+      tenth_ = tenth;
+      std::cerr << phase << ": " << static_cast<int>(fraction * 100) << " % (" << stage << ")\n";
+      return;
+    }
     const int width = 24, filled = static_cast<int>(fraction * width);
-    std::cerr << "\r\033[K" << row << " [" << std::string(filled, '#')
+    std::cerr << "\r\033[K" << phase << " [" << std::string(filled, '#')
               << std::string(width - filled, '.') << "] " << stage << std::flush;
   }
   void done() {
-    if (enabled_) std::cerr << "\r\033[K" << std::flush;
+    if (enabled_ && terminal_) std::cerr << "\r\033[K" << std::flush;
   }
 
  private:
   bool enabled_;
+  bool terminal_;
+  std::string phase_;
+  int tenth_ = -1;
 };
 
 std::string json_escape(const std::string& s) {
@@ -368,6 +418,44 @@ void print_table(const std::vector<PolicyResult>& rows, const kvpack::eval::Sett
       "summed over contexts.\n",
       static_cast<long long>(s.continuation), static_cast<long long>(s.context),
       kvpack::eval::kDecisiveMargin);
+}
+
+/// One line that reads the table: the most compressed row that answers as many retrieval
+/// questions as the full cache, and the row that answers fewest. Computed from the rows.
+void print_reading(const std::vector<PolicyResult>& rows, const kvpack::eval::Settings& s) {
+  if (rows.size() < 2) return;
+  const PolicyResult& full = rows[0];
+  const auto ratio = [&](const PolicyResult& r) {
+    return s.run_text ? r.bytes_ratio : r.retrieval_bytes_ratio;
+  };
+  const auto answers = [](const PolicyResult& r) {
+    return std::to_string(r.retrieval_correct) + "/" + std::to_string(r.retrieval_asked);
+  };
+  const auto quality = [&](const PolicyResult& r) {
+    return s.run_text ? ", KL " + cell(r.kl, 0, 3) + " vs the full cache" : std::string();
+  };
+  if (full.retrieval_asked == 0) return;
+  const PolicyResult* best = nullptr;
+  const PolicyResult* worst = nullptr;
+  for (std::size_t i = 1; i < rows.size(); ++i) {
+    const PolicyResult& r = rows[i];
+    if (r.retrieval_correct >= full.retrieval_correct && (!best || ratio(r) > ratio(*best))) {
+      best = &r;
+    }
+    if (!worst || r.retrieval_correct < worst->retrieval_correct) worst = &r;
+  }
+  std::printf("\nReading: the full cache answers %s questions.", answers(full).c_str());
+  if (best) {
+    std::printf(" %s holds %.1fx less memory and answers %s%s.", best->label.c_str(), ratio(*best),
+                answers(*best).c_str(), quality(*best).c_str());
+  } else {
+    std::printf(" No compressed row answers as many.");
+  }
+  if (worst && worst->retrieval_correct < full.retrieval_correct) {
+    std::printf(" %s (%.1fx) answers %s%s.", worst->label.c_str(), ratio(*worst),
+                answers(*worst).c_str(), quality(*worst).c_str());
+  }
+  std::printf("\n");
 }
 
 void write_json(const std::string& path, const Options& o, const std::vector<PolicyResult>& rows,
@@ -481,6 +569,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "retrieval done\n");
     }
     print_table(rows, o.settings);
+    print_reading(rows, o.settings);
     // Same-run baseline for the prefill rate: Eigen GEMM at the MLP shape of one prefill chunk.
     const double gemm =
         kvpack::eval::measure_gemm_flops_per_s(model.config(), model.chunk_size(), 2.0);

@@ -2,148 +2,13 @@
 
 #include <algorithm>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
 #include <stdexcept>
 
 namespace kvpack::eval {
 namespace {
-
-/// Minimal parser for a flat JSON object of string values (what the task format needs).
-class JsonLine {
- public:
-  JsonLine(const std::string& text, int line) : s_(text), line_(line) {}
-
-  std::vector<std::pair<std::string, std::string>> parse() {
-    std::vector<std::pair<std::string, std::string>> fields;
-    skip_ws();
-    expect('{');
-    skip_ws();
-    if (peek() == '}') return fields;
-    for (;;) {
-      skip_ws();
-      std::string key = string();
-      skip_ws();
-      expect(':');
-      skip_ws();
-      fields.emplace_back(key, string());
-      skip_ws();
-      if (peek() == ',') {
-        ++i_;
-        continue;
-      }
-      expect('}');
-      skip_ws();
-      if (i_ != s_.size()) fail("trailing characters after the object");
-      return fields;
-    }
-  }
-
- private:
-  [[noreturn]] void fail(const std::string& what) const {
-    throw std::runtime_error("task file line " + std::to_string(line_) + ", column " +
-                             std::to_string(i_ + 1) + ": " + what);
-  }
-  char peek() const { return i_ < s_.size() ? s_[i_] : '\0'; }
-  void skip_ws() {
-    while (i_ < s_.size() && (s_[i_] == ' ' || s_[i_] == '\t' || s_[i_] == '\r')) ++i_;
-  }
-  void expect(char c) {
-    if (peek() != c) fail(std::string("expected '") + c + "'");
-    ++i_;
-  }
-  void put_utf8(std::string& out, uint32_t cp) {
-    if (cp < 0x80) {
-      out += static_cast<char>(cp);
-    } else if (cp < 0x800) {
-      out += static_cast<char>(0xC0 | (cp >> 6));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-      out += static_cast<char>(0xE0 | (cp >> 12));
-      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    } else {
-      out += static_cast<char>(0xF0 | (cp >> 18));
-      out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    }
-  }
-  uint32_t hex4() {
-    if (i_ + 4 > s_.size()) fail("truncated \\u escape");
-    uint32_t v = 0;
-    for (int k = 0; k < 4; ++k) {
-      const char c = s_[i_++];
-      v <<= 4;
-      if (c >= '0' && c <= '9')
-        v |= c - '0';
-      else if (c >= 'a' && c <= 'f')
-        v |= c - 'a' + 10;
-      else if (c >= 'A' && c <= 'F')
-        v |= c - 'A' + 10;
-      else
-        fail("bad hex digit in \\u escape");
-    }
-    return v;
-  }
-  std::string string() {
-    if (peek() != '"') fail("expected a string (only string values are supported)");
-    ++i_;
-    std::string out;
-    while (i_ < s_.size() && s_[i_] != '"') {
-      char c = s_[i_++];
-      if (c != '\\') {
-        out += c;
-        continue;
-      }
-      if (i_ >= s_.size()) fail("truncated escape");
-      c = s_[i_++];
-      switch (c) {
-        case 'n':
-          out += '\n';
-          break;
-        case 't':
-          out += '\t';
-          break;
-        case 'r':
-          out += '\r';
-          break;
-        case 'b':
-          out += '\b';
-          break;
-        case 'f':
-          out += '\f';
-          break;
-        case '"':
-        case '\\':
-        case '/':
-          out += c;
-          break;
-        case 'u': {
-          uint32_t cp = hex4();
-          if (cp >= 0xD800 && cp < 0xDC00) {
-            if (i_ + 2 > s_.size() || s_[i_] != '\\' || s_[i_ + 1] != 'u') fail("lone surrogate");
-            i_ += 2;
-            const uint32_t lo = hex4();
-            if (lo < 0xDC00 || lo >= 0xE000) fail("bad low surrogate");
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-          }
-          put_utf8(out, cp);
-          break;
-        }
-        default:
-          fail(std::string("unknown escape \\") + c);
-      }
-    }
-    if (i_ >= s_.size()) fail("unterminated string");
-    ++i_;
-    return out;
-  }
-
-  const std::string& s_;
-  int line_;
-  std::size_t i_ = 0;
-};
 
 const char* kFiller[] = {
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",
@@ -191,41 +56,58 @@ std::string read_file(const std::string& path) {
   return os.str();
 }
 
-std::vector<RetrievalTask> load_tasks_jsonl(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error("cannot read task file '" + path + "'");
+std::vector<RetrievalTask> parse_tasks_jsonl(const std::string& text, const std::string& source) {
   std::vector<RetrievalTask> tasks;
+  std::istringstream in(text);
   std::string line;
   int number = 0;
+  auto fail = [&](const std::string& what) {
+    throw std::runtime_error(source + " line " + std::to_string(number) + ": " + what);
+  };
   while (std::getline(in, line)) {
     ++number;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    RetrievalTask task;
-    bool has[3] = {false, false, false};
-    for (auto& [key, value] : JsonLine(line, number).parse()) {
-      if (key == "context")
-        task.context = value, has[0] = true;
-      else if (key == "question")
-        task.question = value, has[1] = true;
-      else if (key == "answer")
-        task.answer = value, has[2] = true;
-      else if (key == "answer_prefix")
-        task.answer_prefix = value;
+    nlohmann::json object;
+    try {
+      object = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::parse_error& e) {
+      // e.byte: 1-based offset of the character the parser stopped at.
+      throw std::runtime_error(source + " line " + std::to_string(number) + ", column " +
+                               std::to_string(e.byte) + ": " + e.what());
     }
-    const char* names[3] = {"context", "question", "answer"};
-    for (int i = 0; i < 3; ++i) {
-      if (!has[i]) {
-        throw std::runtime_error("task file line " + std::to_string(number) + ": missing \"" +
-                                 names[i] + "\"");
+    if (!object.is_object()) fail("expected a JSON object, got " + std::string(object.type_name()));
+    // Fields the task uses must be text (the answer may be a number, as exports write passkeys);
+    // every other field may hold any JSON value and is ignored.
+    auto text_field = [&](const char* key, bool required, bool number_ok) -> std::string {
+      const auto it = object.find(key);
+      if (it == object.end()) {
+        if (required) fail(std::string("missing \"") + key + "\"");
+        return {};
       }
-    }
-    if (task.answer.empty()) {
-      throw std::runtime_error("task file line " + std::to_string(number) + ": empty answer");
-    }
+      if (it->is_string()) return it->get<std::string>();
+      if (number_ok && it->is_number()) return it->dump();
+      fail(std::string("\"") + key + "\" must be a string" + (number_ok ? " or a number" : "") +
+           ", got " + it->type_name());
+      return {};
+    };
+    RetrievalTask task;
+    task.context = text_field("context", true, false);
+    task.question = text_field("question", true, false);
+    task.answer = text_field("answer", true, true);
+    task.answer_prefix = text_field("answer_prefix", false, false);
+    if (task.answer.empty()) fail("empty answer");
     tasks.push_back(std::move(task));
   }
-  if (tasks.empty()) throw std::runtime_error("task file '" + path + "' holds no task");
+  if (tasks.empty()) throw std::runtime_error(source + " holds no task");
   return tasks;
+}
+
+std::vector<RetrievalTask> load_tasks_jsonl(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot read task file '" + path + "'");
+  std::ostringstream text;
+  text << in.rdbuf();
+  return parse_tasks_jsonl(text.str(), "task file '" + path + "'");
 }
 
 RetrievalTask make_passkey_task(const llama::Tokenizer& tok, int64_t context_tokens, double depth,

@@ -19,9 +19,14 @@ struct RetrievalTask {
   std::string answer_prefix;  ///< optional start of the assistant turn ("The pass key is")
 };
 
-/// Reads one JSON object per line with string fields "context", "question", "answer" and the
-/// optional "answer_prefix". Throws std::runtime_error naming the line on malformed input.
+/// Reads one JSON object per line (JSON Lines) with the string fields "context" and
+/// "question", "answer" (a string or a number) and the optional "answer_prefix"; other fields
+/// may hold any JSON value (numbers, arrays, objects) and are ignored. Blank lines are skipped.
+/// Throws std::runtime_error naming the file, the line and, for malformed JSON, the column.
 std::vector<RetrievalTask> load_tasks_jsonl(const std::string& path);
+
+/// load_tasks_jsonl on text already in memory; `source` names it in error messages.
+std::vector<RetrievalTask> parse_tasks_jsonl(const std::string& text, const std::string& source);
 
 /// Passkey retrieval: a 5-digit key hidden in filler prose at `depth` (0 = start, 1 = end) of a
 /// context of about `context_tokens` tokens. Deterministic for a seed.

@@ -20,7 +20,16 @@ enum class BudgetScope {
 /// The target is relative to the tokens *appended* to a layer (the logical sequence), not to
 /// what a head still holds, so calling compress() again during decoding holds the same budget.
 /// Protected tokens (sinks at the start, a recent window at the end) count against the budget;
-/// when protection alone exceeds it, protection wins.
+/// when protection alone exceeds it, protection wins. A head that holds tokens always keeps at
+/// least one, even when a global threshold or a head-level choice would take them all.
+///
+/// Over a growing sequence: policies that score from K/V (L2NormEvict) score every token at
+/// each compress(), so the budget covers the whole sequence and decode tokens compete with the
+/// context. Policies that score from observed queries (ReconstructionEvict) apply the budget to
+/// the tokens they have scored: tokens appended after the last observe() (a question, decode
+/// tokens) are kept outside it until an observe() scores them. Counting them against it would
+/// squeeze the scored context out as decoding goes on; the price is that such a cache grows by
+/// the unscored tokens.
 struct Budget {
   double keep_ratio = 0.5;  ///< fraction of appended tokens kept, in (0, 1]
   int64_t keep_tokens = 0;  ///< when > 0: a fixed token count per (layer, head); overrides ratio

@@ -114,6 +114,19 @@ TEST_CASE("L2NormEvict: global scope applies one threshold across layers and hea
   std::vector<std::set<int64_t>> expected(12);
   for (int64_t i = 0; i < total_keep; ++i)
     expected[all[i].second.first].insert(all[i].second.second);
+  // A head the threshold empties keeps its best token (lowest norm): attention needs a key.
+  int64_t emptied = 0;
+  for (int head = 0; head < 12; ++head) {
+    if (!expected[head].empty()) continue;
+    ++emptied;
+    for (const auto& [norm2, where] : all) {
+      if (where.first == head) {
+        expected[head].insert(where.second);
+        break;
+      }
+    }
+  }
+  REQUIRE(emptied > 0);  // the layer-0 scale empties heads: the contract is exercised
   const std::size_t bytes_before = cache.bytes();
   cache.compress();
   int64_t kept = 0;
@@ -126,7 +139,7 @@ TEST_CASE("L2NormEvict: global scope applies one threshold across layers and hea
       counts.insert(cache.tokens(l, h));
     }
   }
-  REQUIRE(kept == total_keep);
+  REQUIRE(kept == total_keep + emptied);
   REQUIRE(counts.size() > 3);  // budgets really differ per head
   // bytes() is what the kept rows hold plus the fixed bookkeeping, nothing else.
   const std::size_t per_token = 2 * 64 * sizeof(kvpack::Half) + sizeof(int32_t);

@@ -81,4 +81,19 @@ void fill_layer(Cache& cache, int layer, int64_t n, uint32_t seed, int64_t chunk
   }
 }
 
+/// Appends `n` decode tokens (one call each) after the last position of every layer.
+template <class Cache>
+void append_decode_tokens(Cache& cache, int64_t first_position, int64_t n, uint32_t seed) {
+  const auto& s = cache.shape();
+  for (int64_t t = 0; t < n; ++t) {
+    const auto k = random_values(s.kv_heads * s.head_dim, seed + 2 * t);
+    const auto v = random_values(s.kv_heads * s.head_dim, seed + 2 * t + 1);
+    for (int l = 0; l < s.layers; ++l) {
+      cache.append(l, kvpack::ActivationView::nhd(k.data(), 1, s.kv_heads, s.head_dim),
+                   kvpack::ActivationView::nhd(v.data(), 1, s.kv_heads, s.head_dim),
+                   std::vector<int64_t>{first_position + t});
+    }
+  }
+}
+
 }  // namespace kvpack_test

@@ -8,6 +8,7 @@
 #error "kvpack/detail/ headers are internal; include <kvpack/kvpack.hpp> instead"
 #endif
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -89,11 +90,18 @@ class CheckedFileReader {
       throw error(concat(where_, ": version = ", version, ", expected ", expected));
     }
   }
-  /// `n` floats; `what` names them when the file holds fewer.
+  /// `n` floats, every one finite; `what` names them when the file holds fewer or a value is
+  /// NaN or infinite (no field of these files may be: a checksum only proves the bytes are the
+  /// ones written, not that the writer was sane).
   std::vector<float> get_floats(std::size_t n, const std::string& what) {
     if (n > (end_ - at_) / sizeof(float)) throw error(where_ + ": " + what + " truncated");
     std::vector<float> v(n);
     std::memcpy(v.data(), bytes_.data() + at_, n * sizeof(float));
+    for (std::size_t i = 0; i < n; ++i) {
+      if (!std::isfinite(v[i])) {
+        throw error(concat(where_, ": ", what, " value ", i, " = ", v[i], ", expected finite"));
+      }
+    }
     at_ += n * sizeof(float);
     return v;
   }

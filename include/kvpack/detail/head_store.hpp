@@ -80,6 +80,9 @@ struct HeadStore {
     }
   }
 
+  /// Rows: any rollback is clean (see QuantizedHeadStore::drop_back_split).
+  int64_t drop_back_split(int64_t) const { return 0; }
+
   /// Drops the last `count` rows (used to roll back tokens that were never part of the
   /// sequence, such as a scoring pass's repeat prompt).
   void drop_back(int64_t count, int head_dim) {

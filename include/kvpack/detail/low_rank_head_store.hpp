@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../backend/cpu/quantize.hpp"
+#include "../error.hpp"
 #include "../half.hpp"
 #include "../quant/quant_block.hpp"
 #include "../rope.hpp"
@@ -190,6 +191,36 @@ struct LowRankBasis {
   }
 };
 
+/// Largest magnitude a basis value is stored at. fp16 rows hold up to 65504; KIVI blocks of a
+/// basis column store its minimum and its step (max − min) / (2^bits − 1) in fp16 as well, so
+/// 2^15 keeps both in range with room for their directed rounding.
+inline constexpr float kBasisLimit = 32768.0f;
+
+/// Range policy of a token basis (n × r, row-major fp32): scales each column whose largest
+/// magnitude exceeds kBasisLimit by a power of two 2^-e so that it fits, and returns 2^e per
+/// column (1 for the others); the caller multiplies the matching factor rows by it, which keeps
+/// A·B. Powers of two are exact in fp32 and fp16, so a column already in range is untouched and
+/// a scaled one keeps its relative precision. Latents of large activations (CSKV: values of
+/// magnitude 8,200 over 128 channels project to ≈ 93,000) would otherwise be stored as inf.
+/// Throws kvpack::error, naming `where`, when a value is not finite.
+inline Eigen::VectorXf fit_basis_range(float* a, int64_t n, int r, const char* where) {
+  Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> m(a, n, r);
+  Eigen::VectorXf scale = Eigen::VectorXf::Ones(r);
+  for (int j = 0; j < r; ++j) {
+    const float peak = n == 0 ? 0.0f : m.col(j).cwiseAbs().maxCoeff();
+    if (!std::isfinite(peak)) {
+      throw error(concat(where, ": low-rank basis column ", j,
+                         " is not finite (inputs too large for fp32 products), expected finite "
+                         "latents; scale the activations down"));
+    }
+    if (peak <= kBasisLimit) continue;
+    const float s = std::ldexp(1.0f, std::ilogb(peak / kBasisLimit) + 1);  // peak / s <= limit
+    m.col(j) /= s;
+    scale[j] = s;
+  }
+  return scale;
+}
+
 /// One side (keys or values) of a head: basis A (shared) and factor B (r × d, this head's).
 struct LowRankFactor {
   std::shared_ptr<const LowRankBasis> basis;
@@ -315,17 +346,26 @@ struct LowRankHeadStore {
     positions.swap(np);
   }
 
+  /// Any rollback is clean: factored tokens are rows of the basis (see drop_back).
+  int64_t drop_back_split(int64_t) const { return 0; }
+
+  /// Drops the last `count` tokens. Into the factored part, `factored` shrinks and the basis
+  /// and factors stay as they are (the basis is shared and immutable; its unused rows stay
+  /// counted until the next compress() refactors), so what is kept is bit-identical and the
+  /// cache no larger.
   void drop_back(int64_t count, int head_dim) {
-    if (count <= size() - factored) {
-      const std::size_t n = static_cast<std::size_t>(size() - factored - count) * head_dim;
-      tail_k.resize(n);
-      tail_v.resize(n);
-      positions.resize(size() - count);
-      return;
+    const int64_t kept = size() - count;
+    factored = std::min(factored, kept);
+    const std::size_t n = static_cast<std::size_t>(kept - factored) * head_dim;
+    tail_k.resize(n);
+    tail_v.resize(n);
+    tail_k.shrink_to_fit();
+    tail_v.shrink_to_fit();
+    positions.resize(kept);
+    if (factored == 0) {
+      key = {};
+      value = {};
     }
-    std::vector<int64_t> kept(size() - count);
-    for (std::size_t i = 0; i < kept.size(); ++i) kept[i] = static_cast<int64_t>(i);
-    keep(kept, head_dim);
   }
 
   void clear() {

@@ -172,20 +172,34 @@ struct QuantizedHeadStore {
     scores.swap(ns);
   }
 
+  /// Tokens a rollback of `count` would leave inside a quantized group, or 0 when it drops
+  /// whole groups or tail rows only. A group's key blocks span all its tokens: cutting one would
+  /// re-quantize (changing what is kept) or widen it to fp16 (growing the cache), so truncate
+  /// refuses such a cut instead.
+  int64_t drop_back_split(int64_t count) const {
+    const int64_t kept = size() - count;
+    return kept < quantized ? kept % group : 0;
+  }
+
+  /// Drops the last `count` tokens: tail rows, then whole groups of blocks (see
+  /// drop_back_split: a cut inside a group is the caller's to refuse). What stays is untouched.
   void drop_back(int64_t count, int head_dim) {
-    if (count <= size() - quantized) {
-      const std::size_t n = static_cast<std::size_t>(size() - quantized - count) * head_dim;
-      tail_k.resize(n);
-      tail_v.resize(n);
-      tail_k.shrink_to_fit();
-      tail_v.shrink_to_fit();
-      positions.resize(size() - count);
-      if (static_cast<int64_t>(scores.size()) > size()) scores.resize(size());
-      return;
+    const int64_t kept = size() - count;
+    const std::size_t bb = block_bytes();
+    if (kept < quantized) {
+      quantized = kept / group * group;
+      key_blocks.resize(static_cast<std::size_t>(quantized / group) * head_dim * bb);
+      value_blocks.resize(static_cast<std::size_t>(quantized) * (head_dim / group) * bb);
+      key_blocks.shrink_to_fit();
+      value_blocks.shrink_to_fit();
     }
-    std::vector<int64_t> kept(size() - count);
-    for (std::size_t i = 0; i < kept.size(); ++i) kept[i] = static_cast<int64_t>(i);
-    keep(kept, head_dim);
+    const std::size_t n = static_cast<std::size_t>(kept - quantized) * head_dim;
+    tail_k.resize(n);
+    tail_v.resize(n);
+    tail_k.shrink_to_fit();
+    tail_v.shrink_to_fit();
+    positions.resize(kept);
+    if (static_cast<int64_t>(scores.size()) > kept) scores.resize(kept);
   }
 
   void clear() {

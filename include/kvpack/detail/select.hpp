@@ -3,6 +3,11 @@
 ///
 /// Backend independent: it sees scores and positions only, and returns the kept indices of
 /// each head in ascending order (so stored positions stay sorted).
+///
+/// Contract: a head that holds tokens keeps at least one (its best-scoring, lowest index on
+/// ties), whatever the budget, so decode attention always has a key to attend to. A global
+/// threshold or a head-level choice may otherwise leave a head with nothing; the extra token
+/// is counted by bytes() like any other.
 #pragma once
 
 #ifndef KVPACK_INTERNAL_INCLUDE_OK
@@ -65,7 +70,9 @@ inline std::vector<int64_t> select_top_k(const SelectionHead& h) {
       candidates.push_back(h.scores[i]);
     }
   }
-  const int64_t room = std::max<int64_t>(0, h.target - n_protected);
+  // A head never empties: with nothing protected, at least its best token stays.
+  const int64_t floor = n_protected == 0 && h.size > 0 ? 1 : 0;
+  const int64_t room = std::max<int64_t>(floor, h.target - n_protected);
   std::vector<int64_t> kept;
   if (room >= static_cast<int64_t>(candidates.size())) {  // everything stays
     kept.resize(static_cast<std::size_t>(h.size));
@@ -120,6 +127,9 @@ inline std::vector<std::vector<int64_t>> select_global(const std::vector<Selecti
       const bool keep = is_protected(head, i) || keep_all ||
                         (room > 0 && (s > t.score || (s == t.score && ties-- > 0)));
       if (keep) kept[h].push_back(i);
+    }
+    if (kept[h].empty() && head.size > 0) {  // the threshold took every token of this head
+      kept[h].push_back(std::max_element(head.scores, head.scores + head.size) - head.scores);
     }
   }
   return kept;

@@ -129,6 +129,7 @@ struct ChannelProjections {
 /// re-rotated tile by tile inside attention. Knobs (paper): window 32; keys compressed harder
 /// than values (choose r_k < r_v at calibration).
 struct ChannelShrink : PolicyBase {
+  static constexpr StorageFormat storage_format = StorageFormat::kLowRankFactors;
   int64_t window = 32;
   std::shared_ptr<const ChannelProjections> projections;
 

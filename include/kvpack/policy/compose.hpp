@@ -35,9 +35,15 @@ struct Compose : PolicyBase {
   Compose() = default;
   Compose(First a, Second b) : first(a), second(b) {}
 
+  /// Each stage's knobs against what they constrain: quantized rows need group | head_dim,
+  /// quantized low-rank bases (grouped along tokens) only a valid block format.
   void validate(const ModelShape& shape) const {
     first.validate(shape);
-    second.validate(shape);
+    if constexpr (First::storage_format == StorageFormat::kLowRankFactors) {
+      second.validate_basis();
+    } else {
+      second.validate(shape);
+    }
   }
 };
 

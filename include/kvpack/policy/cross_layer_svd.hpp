@@ -33,6 +33,7 @@ namespace kvpack {
 ///    [1, min(tokens, columns)].
 /// Negative ranks, or one rank set without the other, are refused.
 struct CrossLayerSVD : PolicyBase {
+  static constexpr StorageFormat storage_format = StorageFormat::kLowRankFactors;
   int group_layers = 4;
   int rank_k = 0;
   int rank_v = 0;

@@ -15,8 +15,17 @@
 
 namespace kvpack {
 
-/// \brief Defaults for every policy: fp16 storage, no knobs to validate, no queries needed.
+/// What the selection stage of a policy keeps: token rows (dense, or KIVI blocks when quantized)
+/// or low-rank factors (a token basis shared by heads times per-head factors). It decides the
+/// store the container uses and what a following Quantize stage quantizes.
+enum class StorageFormat {
+  kRows,            ///< one row per kept token and head
+  kLowRankFactors,  ///< basis A (tokens × rank) · factor B (rank × head_dim), exact recent tail
+};
+
+/// \brief Defaults for every policy: fp16 rows, no knobs to validate, no queries needed.
 struct PolicyBase {
+  static constexpr StorageFormat storage_format = StorageFormat::kRows;
   /// Element type of stored K/V rows (Half or float).
   using storage_type = Half;
   /// Whether compress() needs observe() to have been called first.

@@ -31,11 +31,20 @@ struct Quantize : PolicyBase {
   /// minimum (QuantBlock: 4 bytes per `group` values). What budgets split by bytes price it at.
   double bytes_per_value() const { return bits / 8.0 + 4.0 / group; }
 
-  void validate(const ModelShape& shape) const {
+  /// Knobs of the block format alone: what quantizing a low-rank basis needs (its groups run
+  /// along tokens, per basis column, so head_dim and residual do not constrain it).
+  void validate_basis() const {
     constexpr const char* where = "Quantize";
     detail::require(bits == 2 || bits == 4 || bits == 8, where, "bits", bits, "2, 4 or 8");
     detail::require(group == 16 || group == 32 || group == 64 || group == 128, where, "group",
                     group, "16, 32, 64 or 128");
+  }
+
+  /// Knobs of row quantization: values are grouped along channels, so `group` must divide
+  /// head_dim, and whole groups of tokens leave the residual window.
+  void validate(const ModelShape& shape) const {
+    constexpr const char* where = "Quantize";
+    validate_basis();
     detail::require(shape.head_dim % group == 0, where, "group", group,
                     detail::concat("a divisor of head_dim (", shape.head_dim, ")"));
     detail::require(residual >= 0 && residual % group == 0, where, "residual", residual,

@@ -19,8 +19,9 @@ namespace kvpack {
 /// Knobs (paper defaults): budget keep 0.3, global scope, sinks protected (`budget.sink_tokens`,
 /// the system prompt; 4 by default). `window` is the softmax window of the next observe() calls:
 /// set it per repeated chunk (ScoreWindow::chunk) for the chunk-local softmax of the reference,
-/// or leave ScoreWindow::all(). Tokens no observed query has seen (e.g. a question appended
-/// after scoring) are never evicted.
+/// or leave ScoreWindow::all(). Tokens no observed query has seen (e.g. a question or decode
+/// tokens appended after scoring) are never evicted and do not count against the budget, which
+/// applies to the scored tokens (Budget: "over a growing sequence").
 struct ReconstructionEvict : EvictionPolicy {
   static constexpr bool needs_observe = true;
   /// Scores come from observe(); the container stores one float per held token.

@@ -63,7 +63,8 @@ class KVCache<Policy, backend::Cpu> {
   static constexpr bool kQuantized = Stages::quantized;
   static constexpr bool kCrossLayer = std::is_same_v<Selection, CrossLayerSVD>;
   static constexpr bool kChannelShrink = std::is_same_v<Selection, ChannelShrink>;
-  static constexpr bool kLowRank = kCrossLayer || kChannelShrink;
+  static constexpr bool kLowRank =
+      Selection::storage_format == StorageFormat::kLowRankFactors;
   static constexpr bool kQuantizedRows = kQuantized && !kLowRank;
   using Store = std::conditional_t<
       kLowRank, detail::LowRankHeadStore,
@@ -154,7 +155,10 @@ class KVCache<Policy, backend::Cpu> {
   }
 
   /// Removes every token at a position > `last_position` from all layers, e.g. the repeat
-  /// prompt of a scoring pass. Only tokens no compress() has evicted from can be rolled back.
+  /// prompt of a scoring pass or rejected speculative tokens. What stays is bit-identical and
+  /// bytes() does not grow. Refused (kvpack::error, nothing changed) when compress() evicted
+  /// some of the tokens after the position from some heads only, or when the cut falls inside
+  /// a quantized KIVI group (its blocks span the whole group): roll back to a group end then.
   void truncate(int64_t last_position) {
     constexpr const char* where = "KVCache::truncate";
     std::vector<int64_t> drop(shape_.layers, 0);
@@ -169,6 +173,16 @@ class KVCache<Policy, backend::Cpu> {
                                      ", expected a position after which layer ", l,
                                      " still holds every appended token (some were evicted)"));
         }
+        const int64_t split = store(l, h).drop_back_split(count);
+        if (split > 0) {
+          const int64_t whole = static_cast<int64_t>(p.size()) - count - split;  // tokens in the groups kept whole
+          throw error(detail::concat(
+              where, ": last_position = ", last_position, " would cut inside a quantized group",
+              " of layer ", l, " kv head ", h, " (", split,
+              " of its tokens stay), expected the end of a group: ",
+              whole > 0 ? detail::concat("position ", p[whole - 1]) : std::string("clear()"),
+              ", or a position in the fp16 residual"));
+        }
       }
     }
     for (int l = 0; l < shape_.layers; ++l) {
@@ -179,6 +193,7 @@ class KVCache<Policy, backend::Cpu> {
       state.last_position = state.appended == 0 ? -1 : std::min(state.last_position, last_position);
       if (state.appended == 0) state.first_position = -1;
     }
+    if constexpr (kLowRank) collect_bases();
   }
 
   /// Mean attention mass that observed queries put on the initial + recent tokens of `layer`
@@ -355,6 +370,8 @@ class KVCache<Policy, backend::Cpu> {
   void evict();
   void quantize();
   void factorize();
+  /// bases_ = every token basis some head still points to, once (bytes() counts them).
+  void collect_bases();
   std::vector<float> pre_rope_rows(int layer, int head, int64_t tokens, bool keys) const;
   void observe_probabilities(int layer, const ActivationView& q, Positions positions);
   void trim_lazy_layers();

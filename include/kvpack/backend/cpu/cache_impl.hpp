@@ -303,14 +303,18 @@ void KVCache<Policy, backend::Cpu>::evict() {
     const auto& head = store(targets[i].layer, targets[i].head);
     const detail::LayerState& state = layers_[targets[i].layer];
     scores[i].resize(head.size());
+    int64_t unscored = 0;  // tokens the policy has no score for yet
     if constexpr (kHeadLevel) {
       // No token scores (resize() zeroed them): the head's target below decides.
     } else if constexpr (kQueryScores) {
-      // Tokens no observed query saw (appended after scoring) rank above everything.
+      // Tokens no observed query saw (appended after scoring: the question, decode tokens) rank
+      // above everything and are kept outside the budget, which applies to the scored tokens.
+      // Counting them against it would squeeze the scored context out as decoding goes on.
       for (int64_t t = 0; t < head.size(); ++t) {
         const bool scored =
             t < static_cast<int64_t>(head.scores.size()) && head.scores[t] != head.kUnscored;
         scores[i][t] = scored ? head.scores[t] : std::numeric_limits<float>::infinity();
+        unscored += !scored;
       }
     } else {
       // Score fp32 rows decoded tile by tile, whatever the store's format.
@@ -328,7 +332,8 @@ void KVCache<Policy, backend::Cpu>::evict() {
     selection[i] = {scores[i].data(),
                     head.positions.data(),
                     head.size(),
-                    kHeadLevel ? (whole[i] ? head.size() : 0) : budget.target(state.appended),
+                    kHeadLevel ? (whole[i] ? head.size() : 0)
+                               : budget.target(state.appended - unscored) + unscored,
                     state.first_position + budget.sink_tokens,
                     state.last_position - budget.recent_tokens};
   }
@@ -462,11 +467,17 @@ void KVCache<Policy, backend::Cpu>::factorize() {
       }
     }
     auto basis = std::make_shared<detail::LowRankBasis>();
-    // B of (layer, head): rank × d, from `bt`, the (cols × rank) matrix whose rows are channels.
-    auto add_factors = [&](const auto& bt) {
+    // Holds A (tokens × rank) and, from `bt` (cols × rank, rows are channels), B of each
+    // (layer, head): rank × d. Columns of A beyond the storage range are scaled down by a power
+    // of two and the matching rows of B (fp32) up by it, so A·B is unchanged.
+    auto add_factors = [&](RowMat& a, const auto& bt) {
+      const Eigen::VectorXf scale =
+          detail::fit_basis_range(a.data(), job.tokens, job.rank, where);
+      basis->assign(a.data(), job.tokens, job.rank, basis_bits, basis_group);
       for (int64_t c0 = 0; c0 < cols; c0 += d) {
         detail::LowRankFactor f{basis, std::vector<float>(static_cast<std::size_t>(job.rank) * d)};
-        Eigen::Map<RowMat>(f.b.data(), job.rank, d) = bt.middleRows(c0, d).transpose();
+        Eigen::Map<RowMat>(f.b.data(), job.rank, d) =
+            (bt.middleRows(c0, d) * scale.asDiagonal()).transpose();
         job.factors.push_back(std::move(f));
       }
     };
@@ -477,17 +488,15 @@ void KVCache<Policy, backend::Cpu>::factorize() {
       options.rank = job.rank;
       const SvdFactors f =
           truncated_svd(Eigen::Map<const RowMajorMatrixXf>(x.data(), x.rows(), cols), options);
-      const RowMat a = f.U;
-      basis->assign(a.data(), job.tokens, job.rank, basis_bits, basis_group);
-      add_factors(Eigen::MatrixXf(f.V * f.S.asDiagonal()));
+      RowMat a = f.U;
+      add_factors(a, Eigen::MatrixXf(f.V * f.S.asDiagonal()));
     } else {
       // Latents Z = X P (tokens × rank) shared by the layer's heads, B of a head = P[its rows]ᵀ.
       const ChannelProjections& proj = *selection().projections;
       const Eigen::Map<const RowMat> projection((job.keys ? proj.pk : proj.pv)[job.l0].data(), cols,
                                                 job.rank);
-      const RowMat latents = x * projection;
-      basis->assign(latents.data(), job.tokens, job.rank, basis_bits, basis_group);
-      add_factors(projection);
+      RowMat latents = x * projection;
+      add_factors(latents, projection);
     }
   };
   // Jobs are independent: two threads factor two groups at once (the SVD's double-precision
@@ -520,6 +529,11 @@ void KVCache<Policy, backend::Cpu>::factorize() {
       }
     }
   }
+  collect_bases();
+}
+
+template <class Policy>
+void KVCache<Policy, backend::Cpu>::collect_bases() {
   // Bases held: each shared basis once, whichever heads still point to it.
   std::vector<std::shared_ptr<const detail::LowRankBasis>> bases;
   for (const auto& head : heads_) {

@@ -128,6 +128,8 @@ KVPACK_HOST_DEVICE int select_digit(const uint32_t* hist, uint64_t& remaining) {
 KVPACK_HOST_DEVICE int64_t kept_count(int64_t protected_tokens, int64_t size, int64_t target) {
   int64_t room = target - protected_tokens;
   if (room < 0) room = 0;
+  // As detail::select_top_k: a head holding tokens never empties.
+  if (room == 0 && protected_tokens == 0 && size > 0) room = 1;
   const int64_t candidates = size - protected_tokens;
   return protected_tokens + (room < candidates ? room : candidates);
 }

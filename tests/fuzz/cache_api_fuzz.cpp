@@ -1,0 +1,231 @@
+// libFuzzer target: the public KVCache API driven by fuzzed shapes, policies, knobs, positions
+// and values. Bytes are read as a program: a shape and a policy, then operations (append,
+// observe, compress, attend, truncate, materialize, a knob change). Findings: a crash or a
+// sanitizer report, an exception other than kvpack::error, a refused call that changed what the
+// cache holds, or a non-finite attention output from finite inputs.
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <kvpack/kvpack.hpp>
+#include <limits>
+#include <memory>
+#include <random>
+#include <vector>
+
+namespace {
+
+/// Reads the input as a stream of small integers; zeros once it runs out.
+class Bytes {
+ public:
+  Bytes(const uint8_t* data, size_t size) : data_(data), size_(size) {}
+  bool empty() const { return at_ >= size_; }
+  uint8_t u8() { return at_ < size_ ? data_[at_++] : 0; }
+  uint32_t u32() {
+    uint32_t v = 0;
+    for (int i = 0; i < 4; ++i) v = v << 8 | u8();
+    return v;
+  }
+  /// A value in [lo, hi].
+  int range(int lo, int hi) { return lo + u8() % (hi - lo + 1); }
+
+ private:
+  const uint8_t* data_;
+  size_t size_;
+  size_t at_ = 0;
+};
+
+/// A block of activations: seeded Gaussian values of a fuzzed scale, with an optional special
+/// value (NaN, ±inf, beyond fp16, subnormal) at a fuzzed index.
+std::vector<float> activations(Bytes& in, std::size_t n) {
+  std::mt19937 rng(in.u32());
+  const float scales[] = {1.0f, 0.01f, 30.0f, 3000.0f, 60000.0f};
+  std::normal_distribution<float> dist(0.0f, scales[in.u8() % 5]);
+  std::vector<float> x(n);
+  for (auto& v : x) v = dist(rng);
+  const uint8_t special = in.u8();
+  if (n > 0 && special < 40) {
+    const float values[] = {std::nanf(""), INFINITY, -INFINITY, 70000.0f, 1e-40f, 0.0f};
+    x[in.u32() % n] = values[special % 6];
+  }
+  return x;
+}
+
+bool all_finite(const std::vector<float>& x) {
+  for (float v : x) {
+    if (!std::isfinite(v)) return false;
+  }
+  return true;
+}
+
+/// What a refused call must leave as it was.
+template <class Cache>
+std::vector<int64_t> state(const Cache& cache) {
+  std::vector<int64_t> s{static_cast<int64_t>(cache.bytes()),
+                         static_cast<int64_t>(cache.dense_bytes())};
+  for (int l = 0; l < cache.shape().layers; ++l) {
+    s.push_back(cache.appended(l));
+    for (int h = 0; h < cache.shape().kv_heads; ++h) s.push_back(cache.tokens(l, h));
+  }
+  return s;
+}
+
+/// Runs `call`; a kvpack::error must leave `cache` unchanged, anything else escapes (a finding).
+template <class Cache, class F>
+bool attempt(Cache& cache, F&& call) {
+  const auto before = state(cache);
+  try {
+    call();
+    return true;
+  } catch (const kvpack::error&) {
+    if (state(cache) != before) std::abort();  // a failed call changed the cache
+    return false;
+  }
+}
+
+template <class Policy>
+void drive(const kvpack::ModelShape& shape, const Policy& policy, Bytes& in) {
+  std::unique_ptr<kvpack::KVCache<Policy>> made;
+  try {
+    made = std::make_unique<kvpack::KVCache<Policy>>(shape, policy);
+  } catch (const kvpack::error&) {
+    return;  // a refused shape or knob
+  }
+  auto& cache = *made;
+  const int kv = shape.kv_heads, q_heads = shape.q_heads, d = shape.head_dim;
+  std::vector<int64_t> next(shape.layers, 0);  // next position per layer
+  for (int op = 0; op < 48 && !in.empty(); ++op) {
+    const int layer = in.range(0, shape.layers);  // == layers: an invalid layer
+    const int safe_layer = layer < shape.layers ? layer : 0;
+    switch (in.u8() % 8) {
+      case 0:
+      case 1: {  // append a block (prefill chunk or decode token)
+        const int64_t n = in.range(0, 40);
+        const auto k = activations(in, static_cast<std::size_t>(n) * kv * d);
+        const auto v = activations(in, static_cast<std::size_t>(n) * kv * d);
+        std::vector<int64_t> pos(static_cast<std::size_t>(n));
+        const int gap = in.u8() < 30 ? in.range(-3, 40) : 0;  // sometimes out of order / gapped
+        for (int64_t t = 0; t < n; ++t) pos[t] = next[safe_layer] + gap + t;
+        const bool appended = attempt(cache, [&] {
+          cache.append(layer, kvpack::ActivationView::nhd(k.data(), n, kv, d),
+                       kvpack::ActivationView::nhd(v.data(), n, kv, d), pos);
+        });
+        if (appended && n > 0) next[layer] = pos.back() + 1;
+        break;
+      }
+      case 2: {  // observe queries (scoring policies)
+        const int64_t n = in.range(1, 12);
+        const auto q = activations(in, static_cast<std::size_t>(n) * q_heads * d);
+        std::vector<int64_t> pos(static_cast<std::size_t>(n));
+        for (int64_t t = 0; t < n; ++t) pos[t] = next[safe_layer] - n + t;
+        attempt(cache, [&] {
+          cache.observe(layer, kvpack::ActivationView::nhd(q.data(), n, q_heads, d), pos);
+        });
+        break;
+      }
+      case 3:
+        attempt(cache, [&] { cache.compress(); });
+        break;
+      case 4: {  // attend one or a few queries
+        const int64_t n = in.range(1, 3);
+        const auto q = activations(in, static_cast<std::size_t>(n) * q_heads * d);
+        std::vector<int64_t> pos(static_cast<std::size_t>(n));
+        for (int64_t t = 0; t < n; ++t) pos[t] = next[safe_layer] - 1 - in.range(0, 3);
+        std::vector<float> out(q.size());
+        const auto before = state(cache);
+        try {
+          cache.attend(layer, kvpack::ActivationView::nhd(q.data(), n, q_heads, d), pos,
+                       kvpack::OutputView::nhd(out.data(), n, q_heads, d));
+          if (all_finite(q) && !all_finite(out)) std::abort();  // finite in, non-finite out
+        } catch (const kvpack::error&) {
+        }
+        if (state(cache) != before) std::abort();  // attend is const
+        break;
+      }
+      case 5: {  // roll back
+        const int64_t last = next[safe_layer] - 1 - in.range(0, 50);
+        if (attempt(cache, [&] { cache.truncate(last); })) {
+          for (int l = 0; l < shape.layers; ++l) {
+            next[l] = std::min<int64_t>(next[l], std::max<int64_t>(last + 1, 0));
+            if (cache.appended(l) == 0) next[l] = 0;
+          }
+        }
+        break;
+      }
+      case 6:  // materialize: what is held is finite
+        attempt(cache, [&] {
+          for (const auto& head : cache.materialize(layer).heads) {
+            if (!all_finite(head.k) || !all_finite(head.v)) std::abort();
+          }
+        });
+        break;
+      default:
+        attempt(cache, [&] { cache.clear(); });
+        std::fill(next.begin(), next.end(), 0);
+        break;
+    }
+  }
+}
+
+kvpack::Budget budget(Bytes& in) {
+  kvpack::Budget b;
+  const double keeps[] = {0.05, 0.25, 0.5, 1.0, 0.0, 1.5};  // the last two are invalid
+  b.keep_ratio = keeps[in.u8() % 6];
+  b.keep_tokens = in.u8() < 40 ? in.range(-1, 50) : 0;
+  b.scope = in.u8() & 1 ? kvpack::BudgetScope::kGlobal : kvpack::BudgetScope::kPerHead;
+  b.sink_tokens = in.range(0, 8);
+  b.recent_tokens = in.range(0, 16);
+  return b;
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  Bytes in(data, size);
+  const int dims[] = {8, 16, 32, 64, 80, 0, 7};  // 0 and 7 are invalid
+  kvpack::ModelShape shape;
+  shape.layers = in.range(1, 3);
+  shape.kv_heads = in.range(1, 3);
+  shape.q_heads = shape.kv_heads * in.range(1, 3) + (in.u8() < 10 ? 1 : 0);
+  shape.head_dim = dims[in.u8() % 7];
+  shape.rope.style = in.u8() & 1 ? kvpack::RopeStyle::kHalfSplit : kvpack::RopeStyle::kInterleaved;
+  const int bits[] = {2, 4, 8, 3};
+  const int groups[] = {16, 32, 64, 10};
+  const kvpack::Quantize quant(bits[in.u8() % 4], groups[in.u8() % 4], 16 * in.range(0, 3));
+  switch (in.u8() % 9) {
+    case 0:
+      drive(shape, kvpack::Identity{}, in);
+      break;
+    case 1:
+      drive(shape, kvpack::L2NormEvict(budget(in), in.range(0, 2)), in);
+      break;
+    case 2:
+      drive(shape, quant, in);
+      break;
+    case 3:
+      drive(shape, kvpack::ReconstructionEvict(budget(in)), in);
+      break;
+    case 4:
+      drive(shape, kvpack::LazyLayerDrop(in.range(0, 10) / 10.0, in.range(0, 4), in.range(0, 32)),
+            in);
+      break;
+    case 5:
+      drive(shape, kvpack::CrossLayerSVD(in.range(1, 3), in.range(0, 12), in.range(0, 12)), in);
+      break;
+    case 6:
+      drive(shape, kvpack::CrossLayerSVD::with_ratio(in.range(1, 3), 1.0 + in.range(0, 12)), in);
+      break;
+    case 7: {
+      using P = kvpack::Compose<kvpack::ReconstructionEvict, kvpack::Quantize>;
+      drive(shape, P(kvpack::ReconstructionEvict(budget(in)), quant), in);
+      break;
+    }
+    default: {
+      using P = kvpack::Compose<kvpack::CrossLayerSVD, kvpack::Quantize>;
+      drive(shape, P(kvpack::CrossLayerSVD::with_ratio(in.range(1, 3), 2.0 + in.range(0, 8)), quant),
+            in);
+      break;
+    }
+  }
+  return 0;
+}

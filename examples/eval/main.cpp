@@ -308,7 +308,7 @@ std::vector<PolicySpec> expand(const Options& o) {
     }
     // Eviction rows: one per keep ratio, or per target bytes ratio when --ratio is given.
     const bool by_ratio = !std::isnan(own.ratio) || (std::isnan(own.keep) && o.ratios_given);
-    const std::vector<double> budgets = !evicts                 ? std::vector<double>{1.0}
+    const std::vector<double> budgets = !evicts                  ? std::vector<double>{1.0}
                                         : !std::isnan(own.ratio) ? std::vector<double>{own.ratio}
                                         : !std::isnan(own.keep)  ? std::vector<double>{own.keep}
                                         : o.ratios_given         ? o.ratios

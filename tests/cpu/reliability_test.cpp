@@ -76,8 +76,8 @@ TEST_CASE("Global and head-level budgets leave every head at least one token", "
   const auto v = random_values(n * 2 * 64, 8);
   for (int64_t t = 0; t < n; ++t) std::copy_n(k.data(), 64, k.data() + t * 128);
   const auto append = [&](auto& cache) {
-    cache.append(0, ActivationView::nhd(k.data(), n, 2, 64), ActivationView::nhd(v.data(), n, 2, 64),
-                 kvpack_test::iota_positions(n));
+    cache.append(0, ActivationView::nhd(k.data(), n, 2, 64),
+                 ActivationView::nhd(v.data(), n, 2, 64), kvpack_test::iota_positions(n));
   };
 
   SECTION("ReconstructionEvict, global threshold, no sinks") {
@@ -86,7 +86,8 @@ TEST_CASE("Global and head-level budgets leave every head at least one token", "
           shape, kvpack::ReconstructionEvict(Budget::ratio(keep, BudgetScope::kGlobal)));
       append(cache);
       const auto q = random_values(16 * 4 * 64, 9, 3.0f);
-      cache.observe(0, ActivationView::nhd(q.data(), 16, 4, 64), kvpack_test::iota_positions(16, 48));
+      cache.observe(0, ActivationView::nhd(q.data(), 16, 4, 64),
+                    kvpack_test::iota_positions(16, 48));
       cache.compress();
       REQUIRE(cache.tokens(0, 0) >= 1);
       REQUIRE(cache.tokens(0, 1) >= 1);
@@ -218,8 +219,7 @@ TEST_CASE("Head-level and lazy-layer budgets over a growing sequence", "[reliabi
     for (int l = 0; l < 2; ++l) append_random(cache, l, 0, kContext, 40 + l);
     const auto q = random_values(8 * 64, 3);
     for (int l = 0; l < 2; ++l) {
-      cache.observe(l, ActivationView::nhd(q.data(), 1, 8, 64),
-                    std::vector<int64_t>{kContext - 1});
+      cache.observe(l, ActivationView::nhd(q.data(), 1, 8, 64), std::vector<int64_t>{kContext - 1});
     }
     cache.compress();
     decode(cache, [&](int64_t) {
@@ -234,7 +234,8 @@ TEST_CASE("Head-level and lazy-layer budgets over a growing sequence", "[reliabi
   }
 }
 
-// --- 3. Derived values never overflow their storage type ------------------------------------------
+// --- 3. Derived values never overflow their storage type
+// ------------------------------------------
 
 TEST_CASE("ChannelShrink latents beyond the fp16 range are stored without inf", "[reliability]") {
   const ModelShape shape{2, 4, 2, 64, {kvpack::RopeStyle::kHalfSplit, 10000.0}};
@@ -322,8 +323,7 @@ void check_rollback(const ModelShape& shape, Policy policy) {
       const auto& a = after.heads[h];
       const auto& b = before[l].heads[h];
       const std::size_t kept = a.positions.size();
-      REQUIRE(std::vector<int64_t>(b.positions.begin(), b.positions.begin() + kept) ==
-              a.positions);
+      REQUIRE(std::vector<int64_t>(b.positions.begin(), b.positions.begin() + kept) == a.positions);
       REQUIRE(a.positions.back() <= 99);
       const std::size_t values = kept * shape.head_dim;
       REQUIRE(std::equal(a.k.begin(), a.k.end(), b.k.begin(), b.k.begin() + values));
@@ -364,10 +364,10 @@ TEST_CASE("Rollback into compressed tokens keeps the rest bit-identical and no l
     const auto after = cache.materialize(1);
     for (int h = 0; h < s.kv_heads; ++h) {
       REQUIRE(after.heads[h].positions.size() == 96);
-      REQUIRE(std::equal(after.heads[h].k.begin(), after.heads[h].k.end(),
-                         before.heads[h].k.begin()));
-      REQUIRE(std::equal(after.heads[h].v.begin(), after.heads[h].v.end(),
-                         before.heads[h].v.begin()));
+      REQUIRE(
+          std::equal(after.heads[h].k.begin(), after.heads[h].k.end(), before.heads[h].k.begin()));
+      REQUIRE(
+          std::equal(after.heads[h].v.begin(), after.heads[h].v.end(), before.heads[h].v.begin()));
     }
   }
   SECTION("Quantize, cut inside a quantized group: refused, nothing changes") {
@@ -375,9 +375,8 @@ TEST_CASE("Rollback into compressed tokens keeps the rest bit-identical and no l
     kvpack_test::fill_low_rank(cache, 200, 31);
     cache.compress();
     const auto snap = kvpack_test::snapshot(cache);
-    REQUIRE_THROWS_WITH(cache.truncate(99),
-                        Catch::Contains("inside a quantized group") &&
-                            Catch::Contains("position 95"));
+    REQUIRE_THROWS_WITH(cache.truncate(99), Catch::Contains("inside a quantized group") &&
+                                                Catch::Contains("position 95"));
     REQUIRE(kvpack_test::snapshot(cache) == snap);
     REQUIRE_NOTHROW(cache.truncate(170));  // in the fp16 residual: fine
   }
@@ -395,6 +394,7 @@ TEST_CASE("Quantized low-rank bases accept any head_dim (their groups run along 
   for (int l = 0; l < 2; ++l) REQUIRE(kvpack_test::attend_error(cache, l, {127}, 6 + l) < 2e-3);
   // Rows quantized after eviction are grouped along channels: there head_dim must divide.
   using R = kvpack::Compose<kvpack::L2NormEvict, kvpack::Quantize>;
-  REQUIRE_THROWS_WITH((kvpack::KVCache<R>(shape, R(kvpack::L2NormEvict(), kvpack::Quantize(4, 32)))),
-                      Catch::Contains("a divisor of head_dim (80)"));
+  REQUIRE_THROWS_WITH(
+      (kvpack::KVCache<R>(shape, R(kvpack::L2NormEvict(), kvpack::Quantize(4, 32)))),
+      Catch::Contains("a divisor of head_dim (80)"));
 }

@@ -43,7 +43,8 @@ std::vector<float> read(const Cache& cache, uint32_t seed) {
   const auto q = kvpack_test::random_values(kShape.layers * 8 * 64, seed);
   std::vector<float> out(q.size());
   for (int l = 0; l < kShape.layers; ++l) {
-    cache.attend(l, ActivationView::nhd(q.data() + l * 8 * 64, 1, 8, 64), std::vector<int64_t>{kTokens + 7},
+    cache.attend(l, ActivationView::nhd(q.data() + l * 8 * 64, 1, 8, 64),
+                 std::vector<int64_t>{kTokens + 7},
                  OutputView::nhd(out.data() + l * 8 * 64, 1, 8, 64));
   }
   return out;
@@ -81,7 +82,8 @@ void stress(std::vector<Cache>& caches, int readers) {
 TEST_CASE("Caches written on their own threads, then read by concurrent attend calls",
           "[threads]") {
   SECTION("fp16 rows, L2 eviction, KIVI, KVzip global, xKV") {
-    std::vector<kvpack::KVCache<kvpack::Identity>> dense(3, kvpack::KVCache<kvpack::Identity>(kShape));
+    std::vector<kvpack::KVCache<kvpack::Identity>> dense(3,
+                                                         kvpack::KVCache<kvpack::Identity>(kShape));
     stress(dense, 3);
     Budget global = Budget::ratio(0.4, BudgetScope::kGlobal);
     global.sink_tokens = 4;
@@ -92,7 +94,8 @@ TEST_CASE("Caches written on their own threads, then read by concurrent attend c
         3, kvpack::KVCache<kvpack::Quantize>(kShape, kvpack::Quantize(4, 32, 64)));
     stress(quant, 3);
     std::vector<kvpack::KVCache<kvpack::ReconstructionEvict>> kvzip(
-        2, kvpack::KVCache<kvpack::ReconstructionEvict>(kShape, kvpack::ReconstructionEvict(global)));
+        2,
+        kvpack::KVCache<kvpack::ReconstructionEvict>(kShape, kvpack::ReconstructionEvict(global)));
     stress(kvzip, 3);
     std::vector<kvpack::KVCache<kvpack::CrossLayerSVD>> xkv(
         2, kvpack::KVCache<kvpack::CrossLayerSVD>(kShape, kvpack::CrossLayerSVD(2, 16, 24)));

@@ -222,8 +222,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     default: {
       using P = kvpack::Compose<kvpack::CrossLayerSVD, kvpack::Quantize>;
-      drive(shape, P(kvpack::CrossLayerSVD::with_ratio(in.range(1, 3), 2.0 + in.range(0, 8)), quant),
-            in);
+      drive(shape,
+            P(kvpack::CrossLayerSVD::with_ratio(in.range(1, 3), 2.0 + in.range(0, 8)), quant), in);
       break;
     }
   }

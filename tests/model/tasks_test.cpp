@@ -1,10 +1,10 @@
 // The evaluation's JSON Lines task reader: fields it uses, fields it ignores (any JSON value),
 // and errors that name the line and column. No model needed.
 #if defined(KVPACK_HAVE_EVAL_TASKS)
+#include "tasks.hpp"
+
 #include <catch2/catch.hpp>
 #include <string>
-
-#include "tasks.hpp"
 
 using Catch::Matchers::Contains;
 using kvpack::eval::parse_tasks_jsonl;

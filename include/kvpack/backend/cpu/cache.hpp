@@ -63,8 +63,7 @@ class KVCache<Policy, backend::Cpu> {
   static constexpr bool kQuantized = Stages::quantized;
   static constexpr bool kCrossLayer = std::is_same_v<Selection, CrossLayerSVD>;
   static constexpr bool kChannelShrink = std::is_same_v<Selection, ChannelShrink>;
-  static constexpr bool kLowRank =
-      Selection::storage_format == StorageFormat::kLowRankFactors;
+  static constexpr bool kLowRank = Selection::storage_format == StorageFormat::kLowRankFactors;
   static constexpr bool kQuantizedRows = kQuantized && !kLowRank;
   using Store = std::conditional_t<
       kLowRank, detail::LowRankHeadStore,
@@ -175,7 +174,8 @@ class KVCache<Policy, backend::Cpu> {
         }
         const int64_t split = store(l, h).drop_back_split(count);
         if (split > 0) {
-          const int64_t whole = static_cast<int64_t>(p.size()) - count - split;  // tokens in the groups kept whole
+          const int64_t whole =
+              static_cast<int64_t>(p.size()) - count - split;  // tokens in the groups kept whole
           throw error(detail::concat(
               where, ": last_position = ", last_position, " would cut inside a quantized group",
               " of layer ", l, " kv head ", h, " (", split,

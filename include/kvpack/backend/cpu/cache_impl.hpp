@@ -471,8 +471,7 @@ void KVCache<Policy, backend::Cpu>::factorize() {
     // (layer, head): rank × d. Columns of A beyond the storage range are scaled down by a power
     // of two and the matching rows of B (fp32) up by it, so A·B is unchanged.
     auto add_factors = [&](RowMat& a, const auto& bt) {
-      const Eigen::VectorXf scale =
-          detail::fit_basis_range(a.data(), job.tokens, job.rank, where);
+      const Eigen::VectorXf scale = detail::fit_basis_range(a.data(), job.tokens, job.rank, where);
       basis->assign(a.data(), job.tokens, job.rank, basis_bits, basis_group);
       for (int64_t c0 = 0; c0 < cols; c0 += d) {
         detail::LowRankFactor f{basis, std::vector<float>(static_cast<std::size_t>(job.rank) * d)};

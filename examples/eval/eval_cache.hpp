@@ -15,7 +15,7 @@ namespace kvpack::eval {
 
 /// What the command line says about one policy row.
 struct PolicySpec {
-  std::string name = "full";  ///< full, l2, kvzip, kvzip-uniform, lazy, quant; "A+quant" composes
+  std::string name = "full";  ///< a registry name (policy_registry.hpp); "A+quant" composes
   double keep = 0.25;         ///< keep ratio of the eviction stage
   int bits = 4;
   int group = 32;
@@ -43,11 +43,6 @@ struct PolicySpec {
 std::pair<int, int> cskv_ranks(const ModelShape& shape, double ratio, int64_t tokens,
                                double latent_bytes = 2.0);
 
-/// Parses "l2", "kvzip+quant", ... and checks that the name is known; throws std::runtime_error.
-void check_policy_name(const std::string& name);
-/// The names check_policy_name accepts, for --help.
-std::string known_policy_names();
-
 /// \brief A kvpack cache the model can run on, whatever its policy.
 class EvalCache {
  public:
@@ -65,10 +60,6 @@ class EvalCache {
   virtual std::size_t dense_bytes() const = 0;
   /// An independent copy (compress once, answer several questions).
   virtual std::unique_ptr<EvalCache> clone() const = 0;
-  /// KVzip: run the context-reconstruction pass before compress().
-  virtual bool needs_repeat_pass() const = 0;
-  /// SimLayerKV: observe the last context tokens' queries before compress().
-  virtual bool needs_last_queries() const = 0;
   /// LazyLayerDrop's per-layer statistic and decision (empty for other policies).
   virtual std::vector<double> observed_mass() const = 0;
   virtual std::vector<bool> lazy_layers() const = 0;
@@ -90,6 +81,7 @@ class EvalCache {
                            int64_t n) = 0;
 };
 
+/// The cache of a row: its policy's registry entry (policy_registry.hpp) builds it.
 std::unique_ptr<EvalCache> make_cache(const PolicySpec& spec, const ModelShape& shape);
 
 }  // namespace kvpack::eval

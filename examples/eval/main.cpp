@@ -18,6 +18,7 @@
 #include "gguf.hpp"
 #include "model.hpp"
 #include "model_path.hpp"
+#include "policy_registry.hpp"
 #include "runner.hpp"
 #include "tasks.hpp"
 #include "tokenizer.hpp"
@@ -33,19 +34,18 @@ const char* kHelp =
     "(and JSON with --json). Every policy is compared with the full cache on the same inputs.\n"
     "\n"
     "Policies:\n"
-    "  --policy LIST        comma-separated: full, quant, l2, kvzip, kvzip-uniform,\n"
-    "                       kvzip-head (KVzip head level: whole heads kept by scores from\n"
-    "                       one sample, --keep = share of heads), lazy, xkv,\n"
-    "                       cskv, l2+quant, kvzip+quant, kvzip-uniform+quant, lazy+quant,\n"
-    "                       xkv+quant, cskv+quant (quantized bases / latents, ranks priced\n"
-    "                       at the quantized bytes); a quant name may carry its bits\n"
-    "                       (quant2, lazy+quant4, xkv+quant4), and any name its own\n"
-    "                       budget, overriding --keep / --ratio for that row:\n"
-    "                       NAME:keep=K or NAME:ratio=R (kvzip:keep=0.33, xkv:ratio=8)\n"
+    "  --policy LIST        comma-separated policy names (listed below); NAME+quant\n"
+    "                       applies 4-bit KIVI to what NAME keeps (quantized bases /\n"
+    "                       latents for xkv and cskv, ranks priced at the quantized\n"
+    "                       bytes); a quant name may carry its bits (quant2, lazy+quant4,\n"
+    "                       xkv+quant4), and any name its own budget, overriding --keep /\n"
+    "                       --ratio for that row: NAME:keep=K or NAME:ratio=R\n"
+    "                       (kvzip:keep=0.33, xkv:ratio=8)\n"
     "                       (default: quant4,kvzip:keep=0.33,kvzip+quant4:ratio=8,\n"
     "                       l2:keep=0.33, the frontier the demo shows; 'full' always\n"
     "                       runs first as the reference)\n"
-    "  --keep LIST          keep ratios in (0, 1] for l2/kvzip (default 0.5,0.25)\n"
+    "  --keep LIST          keep ratios in (0, 1] of the eviction policies (default\n"
+    "                       0.5,0.25)\n"
     "  --ratio LIST         target bytes ratios (dense fp16 / held): xkv and cskv ranks\n"
     "                       (default 4); given explicitly, l2/kvzip rows too, instead of\n"
     "                       --keep: keep = R_store / R, R_store the ratio of the storage\n"
@@ -174,21 +174,17 @@ Options parse(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "-h" || a == "--help") {
-      std::cout << kHelp;
+      std::cout << kHelp << "\nPolicy names (--policy):\n";
+      for (const auto& e : kvpack::eval::policy_registry()) {
+        std::printf("  %-19s  %s%s\n", e.name.c_str(), e.help.c_str(),
+                    e.composes ? " [+quant]" : "");
+      }
       std::exit(0);
     } else if (a == "--policy") {
       o.policies = split(value(i));
       for (const auto& written : o.policies) {
-        const RowBudget own = row_budget(written);  // checks the budget suffix
-        kvpack::eval::check_policy_name(own.name);
-        const std::string& p = own.name;
-        const auto q = p.find("quant");
-        if (q != std::string::npos && q + 5 < p.size()) {
-          const int b = static_cast<int>(parse_int(a, p.substr(q + 5), 2, 8));
-          if (b != 2 && b != 4 && b != 8) {
-            throw std::runtime_error("--policy " + p + ": bits must be 2, 4 or 8");
-          }
-        }
+        // Checks the budget suffix, the name and any bits written into it.
+        kvpack::eval::resolve_policy(row_budget(written).name);
       }
     } else if (a == "--keep") {
       o.keeps.clear();
@@ -271,6 +267,7 @@ Options parse(int argc, char** argv) {
 
 /// Every (policy, knob) row to run, the full cache first.
 std::vector<PolicySpec> expand(const Options& o) {
+  using kvpack::eval::RowKnob;
   std::vector<PolicySpec> rows;
   PolicySpec full = o.base;
   full.name = "full";
@@ -278,28 +275,30 @@ std::vector<PolicySpec> expand(const Options& o) {
   for (const auto& item : o.policies) {
     const RowBudget own = row_budget(item);
     if (own.name == "full") continue;
+    const kvpack::eval::ResolvedPolicy policy = kvpack::eval::resolve_policy(own.name);
+    const RowKnob knob = policy.entry->knob;
     // "lazy+quant4": bits written into the name override --bits for that row.
     std::string name = own.name;
-    std::vector<int> bits_list = o.bits;
-    const auto q = name.find("quant");
-    if (q != std::string::npos && q + 5 < name.size()) {
-      bits_list = {std::stoi(name.substr(q + 5))};
-      name.resize(q + 5);
-    }
-    const bool evicts = name.rfind("l2", 0) == 0 || name.rfind("kvzip", 0) == 0;
-    const bool lazy = name.rfind("lazy", 0) == 0;
-    const bool quant = name == "quant" || name.find("+quant") != std::string::npos;
-    const bool xkv = name.rfind("xkv", 0) == 0;
-    if (xkv || name.rfind("cskv", 0) == 0) {
+    if (policy.bits != 0) name.resize(name.find("quant") + 5);
+    const std::vector<int> bits_list = policy.bits != 0  ? std::vector<int>{policy.bits}
+                                       : policy.quantized ? o.bits
+                                                          : std::vector<int>{16};
+    auto row = [&](int bits) {
+      PolicySpec s = o.base;
+      s.name = name;
+      s.bits = policy.quantized ? bits : s.bits;
+      return s;
+    };
+    if (knob == RowKnob::kRatio) {
       const auto ratios = std::isnan(own.ratio) ? o.ratios : std::vector<double>{own.ratio};
-      for (int group : xkv ? o.xkv_groups : std::vector<int>{o.base.xkv_group}) {
+      const auto groups =
+          policy.entry->needs.layer_groups ? o.xkv_groups : std::vector<int>{o.base.xkv_group};
+      for (int group : groups) {
         for (double ratio : ratios) {
-          for (int bits : quant ? bits_list : std::vector<int>{16}) {
-            PolicySpec s = o.base;
-            s.name = name;
+          for (int bits : bits_list) {
+            PolicySpec s = row(bits);
             s.xkv_group = group;
             s.ratio = ratio;
-            s.bits = quant ? bits : s.bits;
             rows.push_back(s);
           }
         }
@@ -307,6 +306,8 @@ std::vector<PolicySpec> expand(const Options& o) {
       continue;
     }
     // Eviction rows: one per keep ratio, or per target bytes ratio when --ratio is given.
+    const bool evicts = knob == RowKnob::kKeep;
+    const bool lazy = knob == RowKnob::kThreshold;
     const bool by_ratio = !std::isnan(own.ratio) || (std::isnan(own.keep) && o.ratios_given);
     const std::vector<double> budgets = !evicts                  ? std::vector<double>{1.0}
                                         : !std::isnan(own.ratio) ? std::vector<double>{own.ratio}
@@ -316,9 +317,8 @@ std::vector<PolicySpec> expand(const Options& o) {
     for (double budget : budgets) {
       for (double thr : lazy ? o.thresholds : std::vector<double>{0.0}) {
         for (int64_t recent : lazy ? o.lazy_recents : std::vector<int64_t>{o.base.lazy_recent}) {
-          for (int bits : quant ? bits_list : std::vector<int>{16}) {
-            PolicySpec s = o.base;
-            s.name = name;
+          for (int bits : bits_list) {
+            PolicySpec s = row(bits);
             if (evicts && by_ratio) {
               s.ratio = budget;
               s.keep_from_ratio = true;
@@ -327,7 +327,6 @@ std::vector<PolicySpec> expand(const Options& o) {
             }
             s.threshold = lazy ? thr : s.threshold;
             s.lazy_recent = recent;
-            s.bits = quant ? bits : s.bits;
             rows.push_back(s);
           }
         }
@@ -516,8 +515,13 @@ int main(int argc, char** argv) {
     const auto model = kvpack::llama::LlamaModel::from_gguf(file);
     kvpack::eval::Runner runner(model, tokenizer, o.settings);
 
-    bool calibrate = false;
-    for (const auto& p : o.policies) calibrate = calibrate || p.rfind("cskv", 0) == 0;
+    // What the rows' policies need from the driver besides their own rows.
+    bool calibrate = false, head_level = false;
+    for (const auto& p : o.policies) {
+      const auto& needs = kvpack::eval::resolve_policy(row_budget(p).name).entry->needs;
+      calibrate = calibrate || needs.projections;
+      head_level = head_level || needs.head_scores;
+    }
     std::vector<int32_t> text;
     if (o.settings.run_text || calibrate) {
       text = tokenizer.encode(o.text_file.empty() ? kvpack::eval::default_text()
@@ -528,8 +532,6 @@ int main(int argc, char** argv) {
       const std::size_t n = std::min<std::size_t>(1024, text.size() / 2);
       runner.set_calibration_tokens(std::vector<int32_t>(text.end() - n, text.end()));
     }
-    bool head_level = false;
-    for (const auto& p : o.policies) head_level = head_level || p.rfind("kvzip-head", 0) == 0;
     if (head_level) {
       runner.set_head_sample(
           kvpack::eval::make_passkey_tasks(tokenizer, o.settings.context, 1, o.seed + 1000003u)[0]

@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "inference.hpp"
+#include "policy_registry.hpp"
 
 namespace kvpack::eval {
 namespace {
@@ -144,7 +145,7 @@ double Runner::keep_for_ratio(const PolicySpec& spec, const EvalCache& full, int
   // "+quant") reaches R_store on this context; eviction supplies the rest, keep = R_store / R.
   // Exact for the kept rows; the fp16 residual of KIVI makes the composed ratio a little lower.
   PolicySpec store = spec;
-  store.name = spec.name.find("+quant") != std::string::npos ? "quant" : "full";
+  store.name = resolve_policy(spec.name).quantized ? "quant" : "full";
   auto cache = make_cache(store, model_.config().shape());
   cache->copy_prefix_from(full, n);
   cache->compress();
@@ -157,23 +158,23 @@ std::unique_ptr<EvalCache> Runner::derive(const PolicySpec& spec_in, const EvalC
                                           Observed& observed, PolicyResult& stats) {
   PolicySpec spec = spec_in;
   if (spec.sinks < 0) spec.sinks = std::max<int64_t>(context_begin, 4);
-  if (spec.name.rfind("cskv", 0) == 0 && !spec.projections) {
-    // cskv+quant: ranks priced at the quantized latents' bytes (the quantizer's share is fixed).
-    const bool quant = spec.name == "cskv+quant";
-    spec.projections =
-        projections(spec.ratio, quant ? Quantize(spec.bits, spec.group).bytes_per_value() : 2.0);
+  const ResolvedPolicy policy = resolve_policy(spec.name);
+  const DriverNeeds& needs = policy.entry->needs;
+  if (needs.projections && !spec.projections) {
+    // +quant: ranks priced at the quantized latents' bytes (the quantizer's share is fixed).
+    spec.projections = projections(
+        spec.ratio, policy.quantized ? Quantize(spec.bits, spec.group).bytes_per_value() : 2.0);
   }
-  if (spec.name.rfind("kvzip-head", 0) == 0 && !spec.head_scores) spec.head_scores = head_scores();
+  if (needs.head_scores && !spec.head_scores) spec.head_scores = head_scores();
   const int64_t n = static_cast<int64_t>(ids.size());
   if (spec.keep_from_ratio) spec.keep = keep_for_ratio(spec, full, n);
   std::unique_ptr<EvalCache> cache;
   auto fresh = make_cache(spec, model_.config().shape());
-  if (fresh->needs_repeat_pass()) {
-    // One repeat pass per context and policy type; rows at other budgets (keep ratio, global or
-    // per-head) reuse its scores.
-    std::string key = spec.name;
-    const bool uniform = key.find("-uniform") != std::string::npos;
-    if (uniform) key.erase(key.find("-uniform"), 8);
+  if (needs.repeat_pass) {
+    // One repeat pass per context and cache type: the scores do not depend on the budget, so
+    // rows at other keep ratios or scopes reuse them.
+    const std::string key = needs.shared_scores +
+                            (policy.quantized ? "+quant" + std::to_string(spec.bits) : "");
     auto it = std::find_if(observed.begin(), observed.end(),
                            [&](const auto& e) { return e.first == key; });
     if (it == observed.end()) {
@@ -185,11 +186,11 @@ std::unique_ptr<EvalCache> Runner::derive(const PolicySpec& spec_in, const EvalC
       it = observed.end() - 1;
     }
     cache = it->second.first->clone();
-    cache->set_budget(spec.keep, uniform ? BudgetScope::kPerHead : BudgetScope::kGlobal);
+    cache->set_budget(spec.keep, policy.entry->scope);
     stats.score_seconds += it->second.second;
-  } else if (fresh->needs_last_queries()) {
-    // SimLayerKV decides from the last context tokens' queries: re-run just those tokens.
-    const int64_t last = std::min(settings_.lazy_queries, n);
+  } else if (needs.last_queries > 0) {
+    // SimLayerKV / SnapKV decide from the last context tokens' queries: re-run just those.
+    const int64_t last = std::min(needs.last_queries, n);
     fresh->copy_prefix_from(full, n - last);
     fresh->set_observe(true);
     model_.forward(fresh->attention(), ids.data() + n - last, last, n - last, llama::Logits::kNone);

@@ -21,7 +21,6 @@ struct Settings {
   int64_t context = 2048;       ///< tokens of context before compression
   int64_t continuation = 128;   ///< teacher-forced tokens scored after compression
   int64_t repeat_chunk = 2000;  ///< KVzip: context tokens re-read per repeat chunk
-  int64_t lazy_queries = 1;     ///< SimLayerKV: last context tokens whose queries are observed
   int max_new_tokens = 10;      ///< greedy tokens generated per retrieval question
   bool run_text = true;
   bool run_retrieval = true;

@@ -17,6 +17,8 @@
 #include "policy/quantize.hpp"
 #include "policy/reconstruction_evict.hpp"
 #include "policy/score_window.hpp"
+#include "policy/snapkv.hpp"
+#include "policy/streaming_llm.hpp"
 #include "quant/quant_block.hpp"
 #include "rope.hpp"
 #include "shape.hpp"

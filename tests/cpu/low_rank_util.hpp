@@ -102,26 +102,6 @@ std::vector<std::vector<float>> snapshot(const Cache& cache) {
   return s;
 }
 
-/// Checks every query row of `out` (tokens × q_heads × d) against double-precision attention
-/// over what materialize() returns for `layer`; returns the largest relative row error.
-template <class Cache>
-double attention_error(const Cache& cache, int layer, const std::vector<float>& q,
-                       const std::vector<int64_t>& query_positions, const std::vector<float>& out) {
-  const auto& s = cache.shape();
-  const auto dense = cache.materialize(layer);
-  double worst = 0.0;
-  for (std::size_t t = 0; t < query_positions.size(); ++t) {
-    for (int h = 0; h < s.q_heads; ++h) {
-      const auto& head = dense.heads[h / s.group_size()];
-      const std::size_t row = (t * s.q_heads + h) * s.head_dim;
-      const auto ref = reference_attention(q.data() + row, head.k, head.v, head.positions,
-                                           query_positions[t], s.head_dim);
-      worst = std::max(worst, max_relative_row_error(out.data() + row, ref));
-    }
-  }
-  return worst;
-}
-
 /// Positions with gaps (as after an engine's own eviction or a skipped prompt) and a large
 /// offset: RopeRun re-anchors at every jump and the angles are large.
 inline std::vector<int64_t> gapped_positions(int64_t n) {
@@ -132,19 +112,6 @@ inline std::vector<int64_t> gapped_positions(int64_t n) {
     at += (t % 97 == 96) ? 13 : 1;
   }
   return p;
-}
-
-/// Runs attend for `query_positions` and returns the worst relative row error.
-template <class Cache>
-double attend_error(const Cache& cache, int layer, const std::vector<int64_t>& query_positions,
-                    uint32_t seed) {
-  const auto& s = cache.shape();
-  const int64_t n = static_cast<int64_t>(query_positions.size());
-  const auto q = random_values(n * s.q_heads * s.head_dim, seed);
-  std::vector<float> out(q.size());
-  cache.attend(layer, kvpack::ActivationView::nhd(q.data(), n, s.q_heads, s.head_dim),
-               query_positions, kvpack::OutputView::nhd(out.data(), n, s.q_heads, s.head_dim));
-  return attention_error(cache, layer, q, query_positions, out);
 }
 
 /// ChannelShrink projections at ranks (rk, rv), calibrated on `tokens` fill_low_rank tokens.

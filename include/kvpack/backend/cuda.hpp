@@ -118,7 +118,7 @@ template <class P>
 struct is_token_score_policy<P, std::void_t<typename P::storage_type>>
     : std::bool_constant<is_eviction_policy_v<P> &&
                          detail::has_token_score<P, typename P::storage_type>::value &&
-                         !detail::scores_from_queries<P>::value> {};
+                         P::score_source == ScoreSource::kKeyValue> {};
 
 /// Policies the CUDA cache implements: BasicIdentity and eviction policies scored per token
 /// from K/V (L2NormEvict); token_score must be a KVPACK_HOST_DEVICE function.

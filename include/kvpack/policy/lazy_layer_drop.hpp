@@ -21,6 +21,7 @@ namespace kvpack {
 /// distribution of your model (KVCache::observed_mass) before choosing it.
 struct LazyLayerDrop : PolicyBase {
   static constexpr bool needs_observe = true;
+  static constexpr ScoreSource score_source = ScoreSource::kLayerMass;
   double threshold = 0.9;
   int64_t initial_tokens = 4;
   int64_t recent_tokens = 1024;

@@ -12,8 +12,26 @@
 #include "../budget.hpp"
 #include "../half.hpp"
 #include "../shape.hpp"
+#include "score_window.hpp"
 
 namespace kvpack {
+
+/// Where a policy's selection stage gets its scores. The container runs the matching scoring
+/// pass and selection; it never names a concrete policy.
+enum class ScoreSource {
+  kNone,             ///< no selection by score (keep everything, quantize, low rank)
+  kKeyValue,         ///< static token_score(key, value, head_dim) of each held row (L2 norm)
+  kPosition,         ///< static position_score(position, last_position): recency (StreamingLLM)
+  kObservedQueries,  ///< softmax attention of the queries handed to observe() (KVzip, SnapKV)
+  kHeadScores,       ///< one score per (layer, kv head): heads kept whole or cut to protection
+  kLayerMass,        ///< observed attention mass per layer (SimLayerKV's lazy layers)
+};
+
+/// How the softmax probabilities that observed queries give a key become its score.
+enum class QueryReduction {
+  kMax,  ///< the largest over queries and the query heads of the GQA group (KVzip)
+  kSum,  ///< the sum over queries and the query heads of the GQA group (SnapKV)
+};
 
 /// What the selection stage of a policy keeps: token rows (dense, or KIVI blocks when quantized)
 /// or low-rank factors (a token basis shared by heads times per-head factors). It decides the
@@ -26,6 +44,7 @@ enum class StorageFormat {
 /// \brief Defaults for every policy: fp16 rows, no knobs to validate, no queries needed.
 struct PolicyBase {
   static constexpr StorageFormat storage_format = StorageFormat::kRows;
+  static constexpr ScoreSource score_source = ScoreSource::kNone;
   /// Element type of stored K/V rows (Half or float).
   using storage_type = Half;
   /// Whether compress() needs observe() to have been called first.
@@ -38,6 +57,7 @@ struct PolicyBase {
 /// Derived policies provide the scores (higher = keep); the container selects per the budget
 /// and compacts storage so evicted tokens free their memory.
 struct EvictionPolicy : PolicyBase {
+  static constexpr ScoreSource score_source = ScoreSource::kKeyValue;
   Budget budget{};
   int skip_layers = 0;     ///< layers [0, skip_layers) are never compressed
   int64_t min_tokens = 0;  ///< layers with fewer appended tokens are not compressed
@@ -48,6 +68,22 @@ struct EvictionPolicy : PolicyBase {
                     "skip_layers", skip_layers, detail::concat("in [0, ", shape.layers, "]"));
     detail::require(min_tokens >= 0, "EvictionPolicy", "min_tokens", min_tokens, ">= 0");
   }
+
+  /// Hook run on one (layer, kv head)'s scores, in held order, before selection (e.g. SnapKV's
+  /// pooling over neighbouring tokens). Tokens not scored yet hold a value below every score.
+  void finalize_scores(float* /*scores*/, int64_t /*n*/) const {}
+};
+
+/// \brief Base of eviction policies scored by the queries handed to observe(): the container
+/// keeps one float per held token, reduced over every observed query and the query heads of the
+/// GQA group by `query_reduction`. Tokens no observed query has seen are kept outside the budget
+/// (Budget: "over a growing sequence").
+struct QueryScoredEviction : EvictionPolicy {
+  static constexpr bool needs_observe = true;
+  static constexpr ScoreSource score_source = ScoreSource::kObservedQueries;
+  static constexpr QueryReduction query_reduction = QueryReduction::kMax;
+  /// Keys that enter the softmax of the next observe() calls (default: every key).
+  ScoreWindow window{};
 };
 
 namespace detail {
@@ -72,10 +108,15 @@ struct has_token_score<
     std::void_t<decltype(P::token_score(std::declval<const T*>(), std::declval<const T*>(), 0))>>
     : std::true_type {};
 
-template <class P, class = void>
-struct scores_from_queries : std::false_type {};
+/// Whether P reduces observed probabilities by their sum (QueryReduction::kSum).
 template <class P>
-struct scores_from_queries<P, std::enable_if_t<P::scores_from_queries>> : std::true_type {};
+constexpr bool sums_query_scores() {
+  if constexpr (P::score_source == ScoreSource::kObservedQueries) {
+    return P::query_reduction == QueryReduction::kSum;
+  } else {
+    return false;
+  }
+}
 
 }  // namespace detail
 

@@ -22,11 +22,7 @@ namespace kvpack {
 /// or leave ScoreWindow::all(). Tokens no observed query has seen (e.g. a question or decode
 /// tokens appended after scoring) are never evicted and do not count against the budget, which
 /// applies to the scored tokens (Budget: "over a growing sequence").
-struct ReconstructionEvict : EvictionPolicy {
-  static constexpr bool needs_observe = true;
-  /// Scores come from observe(); the container stores one float per held token.
-  static constexpr bool scores_from_queries = true;
-  ScoreWindow window{};
+struct ReconstructionEvict : QueryScoredEviction {
 
   ReconstructionEvict() {
     budget = Budget::ratio(0.3, BudgetScope::kGlobal);

@@ -57,9 +57,12 @@ class KVCache<Policy, backend::Cpu> {
   using Stages = detail::PolicyStages<Policy>;
   using Selection = typename Stages::selection;
   static constexpr bool kEvicts = is_eviction_policy_v<Selection>;
-  static constexpr bool kLazyLayers = std::is_base_of_v<LazyLayerDrop, Selection>;
-  static constexpr bool kQueryScores = detail::scores_from_queries<Selection>::value;
-  static constexpr bool kHeadLevel = std::is_same_v<Selection, HeadLevelEvict>;
+  static constexpr ScoreSource kSource = Selection::score_source;
+  static constexpr bool kLazyLayers = kSource == ScoreSource::kLayerMass;
+  static constexpr bool kQueryScores = kSource == ScoreSource::kObservedQueries;
+  static constexpr bool kHeadLevel = kSource == ScoreSource::kHeadScores;
+  static constexpr bool kPositionScores = kSource == ScoreSource::kPosition;
+  static constexpr bool kSumScores = detail::sums_query_scores<Selection>();
   static constexpr bool kQuantized = Stages::quantized;
   static constexpr bool kCrossLayer = std::is_same_v<Selection, CrossLayerSVD>;
   static constexpr bool kChannelShrink = std::is_same_v<Selection, ChannelShrink>;
@@ -142,9 +145,10 @@ class KVCache<Policy, backend::Cpu> {
     }
     policy_.validate(shape_);
     if constexpr (kEvicts) {
-      static_assert(detail::has_token_score<Selection, float>::value || kQueryScores || kHeadLevel,
-                    "eviction Policy lacks static token_score(const T* key, const T* value, int) "
-                    "or scores_from_queries");
+      static_assert(kSource != ScoreSource::kKeyValue ||
+                        detail::has_token_score<Selection, float>::value,
+                    "eviction Policy with ScoreSource::kKeyValue lacks static "
+                    "token_score(const T* key, const T* value, int head_dim)");
       evict();
     } else if constexpr (kLazyLayers) {
       trim_lazy_layers();

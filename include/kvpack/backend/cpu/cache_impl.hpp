@@ -155,13 +155,27 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
   }
 
   std::vector<double> item_mass(kLazyLayers ? items : 0, 0.0);
+  // Sums are not exact like maxima: each work item keeps its own partial sums, merged below in
+  // item order, so the scores do not depend on the thread count or timing.
+  std::vector<std::vector<float>> item_sums(kSumScores ? items : 0);
+  // Folds window-key values `b` of head h into its stored scores with `combine`.
+  auto merge_into_scores = [&](int h, const float* b, auto combine) {
+    float* scores = store(layer, h).scores.data();
+    for (std::size_t i = 0; i < keys[h].ranges().size(); ++i) {
+      const auto& range = keys[h].ranges()[i];
+      const float* bi = b + keys[h].offset(i);
+      for (int64_t t = range.first; t < range.second; ++t) {
+        scores[t] = combine(scores[t], bi[t - range.first]);
+      }
+    }
+  };
 #if defined(_OPENMP)
 #pragma omp parallel
 #endif
   {
     // Per thread: the max probability of each window key over this thread's blocks (a max is
     // exact, so merging the threads in any order gives the same scores).
-    std::vector<std::vector<float>> best(kQueryScores ? heads : 0);
+    std::vector<std::vector<float>> best(kQueryScores && !kSumScores ? heads : 0);
     cpu::ScoreStrip strip;
     std::vector<float> qrows;
     std::vector<int64_t> visible;
@@ -175,7 +189,10 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
       const int rows = static_cast<int>(tn * g);
       gather_query_rows(layer, q, positions, h, t0, tn, qrows, visible);
       cpu::score_strip(keys[h], qrows.data(), rows, visible.data(), strip);
-      if constexpr (kQueryScores) {
+      if constexpr (kSumScores) {
+        item_sums[item].assign(keys[h].size(), Store::kUnscored);
+        cpu::sum_probabilities(strip, rows, item_sums[item].data());
+      } else if constexpr (kQueryScores) {
         if (best[h].empty()) best[h].assign(keys[h].size(), Store::kUnscored);
         cpu::max_probabilities(strip, rows, best[h].data());
       } else {
@@ -194,21 +211,22 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
         item_mass[item] = mass;
       }
     }
-    if constexpr (kQueryScores) {
+    if constexpr (kQueryScores && !kSumScores) {
 #if defined(_OPENMP)
 #pragma omp critical(kvpack_observe_merge)
 #endif
       for (int h = 0; h < heads; ++h) {
         if (best[h].empty()) continue;
-        float* scores = store(layer, h).scores.data();
-        for (std::size_t i = 0; i < keys[h].ranges().size(); ++i) {
-          const auto& range = keys[h].ranges()[i];
-          const float* b = best[h].data() + keys[h].offset(i);
-          for (int64_t t = range.first; t < range.second; ++t) {
-            scores[t] = std::max(scores[t], b[t - range.first]);
-          }
-        }
+        merge_into_scores(h, best[h].data(), [](float s, float b) { return std::max(s, b); });
       }
+    }
+  }
+  if constexpr (kSumScores) {
+    for (int64_t item = 0; item < items; ++item) {
+      merge_into_scores(static_cast<int>(item / blocks), item_sums[item].data(), [](float s, float b) {
+        if (b == Store::kUnscored) return s;  // no row of this item saw the key
+        return (s == Store::kUnscored ? 0.0f : s) + b;
+      });
     }
   }
   if constexpr (kLazyLayers) {
@@ -310,11 +328,20 @@ void KVCache<Policy, backend::Cpu>::evict() {
       // Tokens no observed query saw (appended after scoring: the question, decode tokens) rank
       // above everything and are kept outside the budget, which applies to the scored tokens.
       // Counting them against it would squeeze the scored context out as decoding goes on.
+      float* s = scores[i].data();
+      for (int64_t t = 0; t < head.size(); ++t) {
+        s[t] = t < static_cast<int64_t>(head.scores.size()) ? head.scores[t] : head.kUnscored;
+      }
+      knobs.finalize_scores(s, head.size());  // e.g. SnapKV's pooling
       for (int64_t t = 0; t < head.size(); ++t) {
         const bool scored =
             t < static_cast<int64_t>(head.scores.size()) && head.scores[t] != head.kUnscored;
-        scores[i][t] = scored ? head.scores[t] : std::numeric_limits<float>::infinity();
+        if (!scored) s[t] = std::numeric_limits<float>::infinity();
         unscored += !scored;
+      }
+    } else if constexpr (kPositionScores) {
+      for (int64_t t = 0; t < head.size(); ++t) {
+        scores[i][t] = Selection::position_score(head.positions[t], state.last_position);
       }
     } else {
       // Score fp32 rows decoded tile by tile, whatever the store's format.

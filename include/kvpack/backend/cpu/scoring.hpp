@@ -223,6 +223,21 @@ inline void max_scaled(float* best, const float* x, int64_t n, float scale) {
   for (; i < n; ++i) best[i] = std::max(best[i], x[i] * scale);
 }
 
+/// best[i] = max(best[i], 0) + x[i] · scale: running sums of probabilities, where a negative
+/// value marks a key no row has seen yet (it starts the sum at 0).
+inline void sum_scaled(float* best, const float* x, int64_t n, float scale) {
+  int64_t i = 0;
+#if defined(KVPACK_CPU_AVX2)
+  const __m256 sv = _mm256_set1_ps(scale);
+  const __m256 zero = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 b = _mm256_max_ps(_mm256_loadu_ps(best + i), zero);
+    _mm256_storeu_ps(best + i, _mm256_fmadd_ps(_mm256_loadu_ps(x + i), sv, b));
+  }
+#endif
+  for (; i < n; ++i) best[i] = std::fma(x[i], scale, std::max(best[i], 0.0f));
+}
+
 }  // namespace detail
 
 namespace cpu {
@@ -272,6 +287,18 @@ inline void max_probabilities(const ScoreStrip& strip, int rows, float* best) {
     for (int r = 0; r < rows; ++r) {
       const int64_t n = std::min(strip.limit[r], j0 + kBlock) - j0;
       if (n > 0) detail::max_scaled(best + j0, strip.row(r) + j0, n, strip.inv_sum[r]);
+    }
+  }
+}
+
+/// sums[j] += the probabilities of window key j over the rows (rows in order, so the sum is
+/// deterministic); keys no row sees keep their value (negative: unscored).
+inline void sum_probabilities(const ScoreStrip& strip, int rows, float* sums) {
+  constexpr int64_t kBlock = 2048;
+  for (int64_t j0 = 0; j0 < strip.stride; j0 += kBlock) {
+    for (int r = 0; r < rows; ++r) {
+      const int64_t n = std::min(strip.limit[r], j0 + kBlock) - j0;
+      if (n > 0) detail::sum_scaled(sums + j0, strip.row(r) + j0, n, strip.inv_sum[r]);
     }
   }
 }

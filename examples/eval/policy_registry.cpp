@@ -1,0 +1,182 @@
+#include "policy_registry.hpp"
+
+#include <sstream>
+#include <stdexcept>
+
+#include "typed_eval_cache.hpp"
+
+namespace kvpack::eval {
+namespace {
+
+/// The eviction budget of a row: its keep ratio, the entry's scope, and its protected sinks
+/// (the system prompt, set by the runner; 4 when built without one).
+Budget eviction_budget(const PolicySpec& spec, BudgetScope scope) {
+  Budget b = Budget::ratio(spec.keep, scope);
+  b.sink_tokens = spec.sinks >= 0 ? spec.sinks : 4;
+  return b;
+}
+
+/// A factory for the selection stage `select(spec)`: alone, or composed with the row's KIVI.
+template <class Select>
+CacheFactory stage(Select select) {
+  return [select](const PolicySpec& spec, const ModelShape& shape, const Quantize* quant) {
+    const auto first = select(spec);
+    if (quant == nullptr) return make_typed_cache(shape, first);
+    using P = Compose<std::decay_t<decltype(first)>, Quantize>;
+    return make_typed_cache(shape, P(first, *quant));
+  };
+}
+
+std::vector<PolicyEntry> make_registry() {
+  std::vector<PolicyEntry> r;
+  auto add = [&](PolicyEntry e) { r.push_back(std::move(e)); };
+  const auto full = [](const PolicySpec&, const ModelShape& shape, const Quantize*) {
+    return make_typed_cache(shape, Identity{});
+  };
+  add({"full", "the uncompressed fp16 cache (the reference every row is compared with)",
+       RowKnob::kNone, BudgetScope::kPerHead, {}, false, full});
+  add({"full-f32", "an uncompressed fp32 cache", RowKnob::kNone, BudgetScope::kPerHead, {}, false,
+       [](const PolicySpec&, const ModelShape& shape, const Quantize*) {
+         return make_typed_cache(shape, IdentityF32{});
+       }});
+  add({"quant", "KIVI 2/4/8-bit (--bits, --group, --residual)", RowKnob::kNone,
+       BudgetScope::kPerHead, {}, false,
+       [](const PolicySpec&, const ModelShape& shape, const Quantize* quant) {
+         return make_typed_cache(shape, *quant);
+       }});
+  add({"l2", "L2-norm eviction, per head, layers 0-1 whole", RowKnob::kKeep,
+       BudgetScope::kPerHead, {}, true, stage([](const PolicySpec& s) {
+         return L2NormEvict(eviction_budget(s, BudgetScope::kPerHead), 2);
+       })});
+  add({"streaming", "StreamingLLM: sinks + the most recent tokens", RowKnob::kKeep,
+       BudgetScope::kPerHead, {}, true, stage([](const PolicySpec& s) {
+         return StreamingLLM(eviction_budget(s, BudgetScope::kPerHead));
+       })});
+  DriverNeeds snap;
+  snap.last_queries = 32;  // SnapKV's observation window
+  add({"snapkv", "SnapKV: the last 32 prompt queries score the keys, max-pooled (kernel 7)",
+       RowKnob::kKeep, BudgetScope::kPerHead, snap, true, stage([](const PolicySpec& s) {
+         return SnapKV(eviction_budget(s, BudgetScope::kPerHead), 32, 7);
+       })});
+  DriverNeeds repeat;
+  repeat.repeat_pass = true;
+  repeat.shared_scores = "kvzip";
+  for (const auto& [name, scope] : {std::pair<const char*, BudgetScope>{"kvzip", BudgetScope::kGlobal},
+                                    {"kvzip-uniform", BudgetScope::kPerHead}}) {
+    add({name,
+         scope == BudgetScope::kGlobal
+             ? "KVzip: scores from a context-reconstruction pass, one global threshold"
+             : "KVzip scores, the same keep ratio in every head",
+         RowKnob::kKeep, scope, repeat, true, stage([scope = scope](const PolicySpec& s) {
+           return ReconstructionEvict(eviction_budget(s, scope));
+         })});
+  }
+  DriverNeeds heads;
+  heads.head_scores = true;
+  add({"kvzip-head", "KVzip head level: whole heads kept by scores from one sample (--keep = share "
+       "of heads)", RowKnob::kKeep, BudgetScope::kGlobal, heads, true,
+       stage([](const PolicySpec& s) {
+         if (!s.head_scores) throw std::runtime_error("kvzip-head needs head scores");
+         return HeadLevelEvict(s.head_scores, eviction_budget(s, BudgetScope::kGlobal));
+       })});
+  DriverNeeds last;
+  last.last_queries = 1;  // SimLayerKV decides from the last prompt token's query
+  add({"lazy", "SimLayerKV: lazy layers cut to initial + recent tokens (--threshold, "
+       "--lazy-recent)", RowKnob::kThreshold, BudgetScope::kPerHead, last, true,
+       stage([](const PolicySpec& s) {
+         return LazyLayerDrop(s.threshold, s.sinks >= 0 ? s.sinks : 4, s.lazy_recent);
+       })});
+  DriverNeeds groups;
+  groups.layer_groups = true;
+  add({"xkv", "xKV: cross-layer SVD of --xkv-group layers, ranks for --ratio", RowKnob::kRatio,
+       BudgetScope::kPerHead, groups, true, stage([](const PolicySpec& s) {
+         return CrossLayerSVD::with_ratio(s.xkv_group, s.ratio);
+       })});
+  DriverNeeds calibrated;
+  calibrated.projections = true;
+  add({"cskv", "CSKV: calibrated per-layer channel projections, ranks for --ratio",
+       RowKnob::kRatio, BudgetScope::kPerHead, calibrated, true, stage([](const PolicySpec& s) {
+         if (!s.projections) throw std::runtime_error(s.name + " needs calibrated projections");
+         return ChannelShrink(s.projections, s.cskv_window);
+       })});
+  return r;
+}
+
+}  // namespace
+
+const std::vector<PolicyEntry>& policy_registry() {
+  static const std::vector<PolicyEntry> registry = make_registry();
+  return registry;
+}
+
+std::string known_policy_names() {
+  std::ostringstream os;
+  std::string composing;
+  for (const PolicyEntry& e : policy_registry()) {
+    os << (os.tellp() > 0 ? ", " : "") << e.name;
+    if (e.composes) composing += (composing.empty() ? "" : ", ") + e.name + "+quant";
+  }
+  return os.str() + ", and " + composing;
+}
+
+ResolvedPolicy resolve_policy(const std::string& written) {
+  ResolvedPolicy r;
+  std::string base = written;
+  // A trailing bit width on a quant name: "quant4", "l2+quant2".
+  const auto q = base.find("quant");
+  if (q != std::string::npos && q + 5 < base.size() &&
+      base.find_first_not_of("0123456789", q + 5) == std::string::npos) {
+    r.bits = std::stoi(base.substr(q + 5));
+    if (r.bits != 2 && r.bits != 4 && r.bits != 8) {
+      throw std::runtime_error("policy '" + written + "': bits must be 2, 4 or 8");
+    }
+    base.resize(q + 5);
+  }
+  r.quantized = base == "quant";
+  const auto plus = base.find("+quant");
+  if (plus != std::string::npos && plus + 6 == base.size()) {
+    base.resize(plus);
+    r.quantized = true;
+  }
+  for (const PolicyEntry& e : policy_registry()) {
+    if (e.name == base && (!r.quantized || e.composes || e.name == "quant")) {
+      r.entry = &e;
+      return r;
+    }
+  }
+  throw std::runtime_error("unknown policy '" + written + "'; known: " + known_policy_names());
+}
+
+std::string PolicySpec::label() const {
+  const ResolvedPolicy r = resolve_policy(name);
+  std::ostringstream os;
+  os << name;
+  if (r.quantized) os << bits;
+  switch (r.entry->knob) {
+    case RowKnob::kKeep:
+      if (keep_from_ratio) {
+        os << " x" << ratio;
+      } else {
+        os << " keep=" << keep;
+      }
+      break;
+    case RowKnob::kThreshold:
+      os << " thr=" << threshold << " w=" << lazy_recent;
+      break;
+    case RowKnob::kRatio:
+      if (r.entry->needs.layer_groups) os << " G=" << xkv_group;
+      os << " x" << ratio;
+      break;
+    case RowKnob::kNone:
+      break;
+  }
+  return os.str();
+}
+
+std::unique_ptr<EvalCache> make_cache(const PolicySpec& spec, const ModelShape& shape) {
+  const ResolvedPolicy r = resolve_policy(spec.name);
+  const Quantize quant(spec.bits, spec.group, spec.residual);
+  return r.entry->make(spec, shape, r.quantized ? &quant : nullptr);
+}
+
+}  // namespace kvpack::eval

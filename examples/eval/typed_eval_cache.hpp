@@ -1,0 +1,122 @@
+#pragma once
+// TypedEvalCache<Policy>: the EvalCache of one KVCache<Policy>, and the adapter the forward pass
+// calls. Policy-specific calls dispatch on the policy's traits (score source, stages), never on
+// a concrete policy type.
+
+#include <memory>
+#include <stdexcept>
+#include <type_traits>
+#include <vector>
+
+#include "eval_cache.hpp"
+
+namespace kvpack::eval {
+
+/// Forwards the forward pass's calls to a KVCache, with observe() switchable at run time.
+template <class Cache>
+class SwitchableAdapter : public llama::AttentionCache {
+ public:
+  explicit SwitchableAdapter(Cache& cache) : cache_(&cache) {}
+  void rebind(Cache& cache) { cache_ = &cache; }
+  void set_observe(bool on) { observe_ = on; }
+
+  void append(int layer, const float* k, const float* v, const int64_t* positions,
+              int64_t n) override {
+    const ModelShape& s = cache_->shape();
+    cache_->append(layer, ActivationView::nhd(k, n, s.kv_heads, s.head_dim),
+                   ActivationView::nhd(v, n, s.kv_heads, s.head_dim),
+                   Positions(positions, static_cast<size_t>(n)));
+  }
+  void attend(int layer, const float* q, const int64_t* positions, int64_t n, float* out) override {
+    const ModelShape& s = cache_->shape();
+    cache_->attend(layer, ActivationView::nhd(q, n, s.q_heads, s.head_dim),
+                   Positions(positions, static_cast<size_t>(n)),
+                   OutputView::nhd(out, n, s.q_heads, s.head_dim));
+  }
+  void observe(int layer, const float* q, const int64_t* positions, int64_t n) override {
+    if (!observe_) return;
+    const ModelShape& s = cache_->shape();
+    cache_->observe(layer, ActivationView::nhd(q, n, s.q_heads, s.head_dim),
+                    Positions(positions, static_cast<size_t>(n)));
+  }
+
+ private:
+  Cache* cache_;
+  bool observe_ = false;
+};
+
+template <class Policy>
+class TypedEvalCache : public EvalCache {
+ public:
+  TypedEvalCache(const ModelShape& shape, const Policy& policy)
+      : cache_(shape, policy), adapter_(cache_) {}
+  TypedEvalCache(const TypedEvalCache& other) : cache_(other.cache_), adapter_(cache_) {}
+
+  llama::AttentionCache& attention() override { return adapter_; }
+  void set_observe(bool on) override { adapter_.set_observe(on); }
+  void set_window(const ScoreWindow& window) override {
+    if constexpr (std::is_base_of_v<QueryScoredEviction, Selection>) selection().window = window;
+  }
+  void compress() override { cache_.compress(); }
+  void truncate(int64_t last_position) override { cache_.truncate(last_position); }
+  std::size_t bytes() const override { return cache_.bytes(); }
+  std::size_t dense_bytes() const override { return cache_.dense_bytes(); }
+  std::unique_ptr<EvalCache> clone() const override {
+    return std::make_unique<TypedEvalCache>(*this);
+  }
+  std::vector<double> observed_mass() const override {
+    std::vector<double> m;
+    if constexpr (kLayerMass) {
+      for (int l = 0; l < cache_.shape().layers; ++l) m.push_back(cache_.observed_mass(l));
+    }
+    return m;
+  }
+  int layers() const override { return cache_.shape().layers; }
+  DenseLayer materialize(int layer) const override { return cache_.materialize(layer); }
+  void set_budget(double keep, BudgetScope scope) override {
+    if constexpr (std::is_base_of_v<EvictionPolicy, Selection>) {
+      Budget& b = selection().budget;
+      b.keep_ratio = keep;
+      b.keep_tokens = 0;
+      b.scope = scope;
+      b.validate("set_budget");
+    } else {
+      throw std::runtime_error("set_budget: this policy has no eviction budget");
+    }
+  }
+  HeadScores head_scores() const override {
+    if constexpr (std::is_base_of_v<QueryScoredEviction, Policy>) {
+      return cache_.head_scores();
+    } else {
+      throw std::runtime_error("head_scores: only a cache scored by observed queries has them");
+    }
+  }
+  std::vector<bool> lazy_layers() const override {
+    std::vector<bool> lazy;
+    if constexpr (kLayerMass) {
+      for (int l = 0; l < cache_.shape().layers; ++l) lazy.push_back(cache_.is_lazy(l));
+    }
+    return lazy;
+  }
+
+ private:
+  using Selection = typename detail::PolicyStages<Policy>::selection;
+  static constexpr bool kLayerMass = Selection::score_source == ScoreSource::kLayerMass;
+  Selection& selection() { return detail::PolicyStages<Policy>::select_knobs(cache_.policy()); }
+
+  void append_rows(int layer, const float* k, const float* v, const int64_t* positions,
+                   int64_t n) override {
+    adapter_.append(layer, k, v, positions, n);
+  }
+
+  KVCache<Policy> cache_;
+  SwitchableAdapter<KVCache<Policy>> adapter_;
+};
+
+/// The EvalCache of a KVCache<Policy> built from `policy`.
+template <class Policy>
+std::unique_ptr<EvalCache> make_typed_cache(const ModelShape& shape, const Policy& policy) {
+  return std::make_unique<TypedEvalCache<Policy>>(shape, policy);
+}
+
+}  // namespace kvpack::eval

@@ -55,7 +55,7 @@ const char* kHelp =
     "  --group N            quantization group size (default 32)\n"
     "  --residual N         newest tokens kept in fp16 by quant (default 128)\n"
     "  --threshold LIST     LazyLayerDrop thresholds (default 0.9, from the mass measured on\n"
-    "                       SmolLM2, README)\n"
+    "                       SmolLM2, docs/evaluation.md)\n"
     "  --lazy-recent LIST   LazyLayerDrop recent windows in tokens (default 1024)\n"
     "  --sinks N            protected first tokens (default: the system prompt, or 4)\n"
     "  --xkv-group LIST     CrossLayerSVD layers per group (default 4)\n"
@@ -280,7 +280,7 @@ std::vector<PolicySpec> expand(const Options& o) {
     // "lazy+quant4": bits written into the name override --bits for that row.
     std::string name = own.name;
     if (policy.bits != 0) name.resize(name.find("quant") + 5);
-    const std::vector<int> bits_list = policy.bits != 0  ? std::vector<int>{policy.bits}
+    const std::vector<int> bits_list = policy.bits != 0   ? std::vector<int>{policy.bits}
                                        : policy.quantized ? o.bits
                                                           : std::vector<int>{16};
     auto row = [&](int bits) {

@@ -33,23 +33,47 @@ std::vector<PolicyEntry> make_registry() {
   const auto full = [](const PolicySpec&, const ModelShape& shape, const Quantize*) {
     return make_typed_cache(shape, Identity{});
   };
-  add({"full", "the uncompressed fp16 cache (the reference every row is compared with)",
-       RowKnob::kNone, BudgetScope::kPerHead, {}, false, full});
-  add({"full-f32", "an uncompressed fp32 cache", RowKnob::kNone, BudgetScope::kPerHead, {}, false,
+  add({"full",
+       "the uncompressed fp16 cache (the reference every row is compared with)",
+       RowKnob::kNone,
+       BudgetScope::kPerHead,
+       {},
+       false,
+       full});
+  add({"full-f32",
+       "an uncompressed fp32 cache",
+       RowKnob::kNone,
+       BudgetScope::kPerHead,
+       {},
+       false,
        [](const PolicySpec&, const ModelShape& shape, const Quantize*) {
          return make_typed_cache(shape, IdentityF32{});
        }});
-  add({"quant", "KIVI 2/4/8-bit (--bits, --group, --residual)", RowKnob::kNone,
-       BudgetScope::kPerHead, {}, false,
+  add({"quant",
+       "KIVI 2/4/8-bit (--bits, --group, --residual)",
+       RowKnob::kNone,
+       BudgetScope::kPerHead,
+       {},
+       false,
        [](const PolicySpec&, const ModelShape& shape, const Quantize* quant) {
          return make_typed_cache(shape, *quant);
        }});
-  add({"l2", "L2-norm eviction, per head, layers 0-1 whole", RowKnob::kKeep,
-       BudgetScope::kPerHead, {}, true, stage([](const PolicySpec& s) {
+  add({"l2",
+       "L2-norm eviction, per head, layers 0-1 whole",
+       RowKnob::kKeep,
+       BudgetScope::kPerHead,
+       {},
+       true,
+       stage([](const PolicySpec& s) {
          return L2NormEvict(eviction_budget(s, BudgetScope::kPerHead), 2);
        })});
-  add({"streaming", "StreamingLLM: sinks + the most recent tokens", RowKnob::kKeep,
-       BudgetScope::kPerHead, {}, true, stage([](const PolicySpec& s) {
+  add({"streaming",
+       "StreamingLLM: sinks + the most recent tokens",
+       RowKnob::kKeep,
+       BudgetScope::kPerHead,
+       {},
+       true,
+       stage([](const PolicySpec& s) {
          return StreamingLLM(eviction_budget(s, BudgetScope::kPerHead));
        })});
   DriverNeeds snap;
@@ -61,8 +85,9 @@ std::vector<PolicyEntry> make_registry() {
   DriverNeeds repeat;
   repeat.repeat_pass = true;
   repeat.shared_scores = "kvzip";
-  for (const auto& [name, scope] : {std::pair<const char*, BudgetScope>{"kvzip", BudgetScope::kGlobal},
-                                    {"kvzip-uniform", BudgetScope::kPerHead}}) {
+  for (const auto& [name, scope] :
+       {std::pair<const char*, BudgetScope>{"kvzip", BudgetScope::kGlobal},
+        {"kvzip-uniform", BudgetScope::kPerHead}}) {
     add({name,
          scope == BudgetScope::kGlobal
              ? "KVzip: scores from a context-reconstruction pass, one global threshold"
@@ -73,29 +98,30 @@ std::vector<PolicyEntry> make_registry() {
   }
   DriverNeeds heads;
   heads.head_scores = true;
-  add({"kvzip-head", "KVzip head level: whole heads kept by scores from one sample (--keep = share "
-       "of heads)", RowKnob::kKeep, BudgetScope::kGlobal, heads, true,
-       stage([](const PolicySpec& s) {
+  add({"kvzip-head",
+       "KVzip head level: whole heads kept by scores from one sample (--keep = share "
+       "of heads)",
+       RowKnob::kKeep, BudgetScope::kGlobal, heads, true, stage([](const PolicySpec& s) {
          if (!s.head_scores) throw std::runtime_error("kvzip-head needs head scores");
          return HeadLevelEvict(s.head_scores, eviction_budget(s, BudgetScope::kGlobal));
        })});
   DriverNeeds last;
   last.last_queries = 1;  // SimLayerKV decides from the last prompt token's query
-  add({"lazy", "SimLayerKV: lazy layers cut to initial + recent tokens (--threshold, "
-       "--lazy-recent)", RowKnob::kThreshold, BudgetScope::kPerHead, last, true,
-       stage([](const PolicySpec& s) {
+  add({"lazy",
+       "SimLayerKV: lazy layers cut to initial + recent tokens (--threshold, "
+       "--lazy-recent)",
+       RowKnob::kThreshold, BudgetScope::kPerHead, last, true, stage([](const PolicySpec& s) {
          return LazyLayerDrop(s.threshold, s.sinks >= 0 ? s.sinks : 4, s.lazy_recent);
        })});
   DriverNeeds groups;
   groups.layer_groups = true;
   add({"xkv", "xKV: cross-layer SVD of --xkv-group layers, ranks for --ratio", RowKnob::kRatio,
-       BudgetScope::kPerHead, groups, true, stage([](const PolicySpec& s) {
-         return CrossLayerSVD::with_ratio(s.xkv_group, s.ratio);
-       })});
+       BudgetScope::kPerHead, groups, true,
+       stage([](const PolicySpec& s) { return CrossLayerSVD::with_ratio(s.xkv_group, s.ratio); })});
   DriverNeeds calibrated;
   calibrated.projections = true;
-  add({"cskv", "CSKV: calibrated per-layer channel projections, ranks for --ratio",
-       RowKnob::kRatio, BudgetScope::kPerHead, calibrated, true, stage([](const PolicySpec& s) {
+  add({"cskv", "CSKV: calibrated per-layer channel projections, ranks for --ratio", RowKnob::kRatio,
+       BudgetScope::kPerHead, calibrated, true, stage([](const PolicySpec& s) {
          if (!s.projections) throw std::runtime_error(s.name + " needs calibrated projections");
          return ChannelShrink(s.projections, s.cskv_window);
        })});

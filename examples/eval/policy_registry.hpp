@@ -23,7 +23,7 @@ enum class RowKnob {
 
 /// What the driver runs on a row's cache before compress().
 struct DriverNeeds {
-  bool repeat_pass = false;   ///< KVzip: re-read the context, every query observed
+  bool repeat_pass = false;  ///< KVzip: re-read the context, every query observed
   /// Entries with the same key score alike (their rows differ only in the budget): one repeat
   /// pass per context serves them all.
   std::string shared_scores;

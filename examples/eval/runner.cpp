@@ -173,8 +173,8 @@ std::unique_ptr<EvalCache> Runner::derive(const PolicySpec& spec_in, const EvalC
   if (needs.repeat_pass) {
     // One repeat pass per context and cache type: the scores do not depend on the budget, so
     // rows at other keep ratios or scopes reuse them.
-    const std::string key = needs.shared_scores +
-                            (policy.quantized ? "+quant" + std::to_string(spec.bits) : "");
+    const std::string key =
+        needs.shared_scores + (policy.quantized ? "+quant" + std::to_string(spec.bits) : "");
     auto it = std::find_if(observed.begin(), observed.end(),
                            [&](const auto& e) { return e.first == key; });
     if (it == observed.end()) {

@@ -56,6 +56,7 @@
 
 #include "../budget.hpp"
 #include "../config.hpp"
+#include "../detail/cache_front.hpp"
 #include "../detail/select.hpp"
 #include "../detail/validate.hpp"
 #include "../error.hpp"
@@ -163,10 +164,7 @@ inline ActivationView pack_view(const ActivationView& x, unsigned char* dst,
 /// on the current device. Move-only. Calls on one cache are serialised (a mutex guards the
 /// workspace), so const calls may come from several threads.
 template <class Policy>
-class KVCache<Policy, backend::Cuda> {
-  static_assert(is_policy_v<Policy>,
-                "Policy lacks what KVCache needs: derive it from kvpack::PolicyBase (or "
-                "EvictionPolicy) and provide storage_type and validate(const ModelShape&)");
+class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   static_assert(cuda::supports_policy_v<Policy>,
                 "no CUDA implementation of this Policy: backend::Cuda implements BasicIdentity "
                 "and eviction policies scored per token from K/V (L2NormEvict: an "
@@ -174,16 +172,22 @@ class KVCache<Policy, backend::Cuda> {
                 "for the others (query-scored eviction, LazyLayerDrop, Quantize, Compose)");
 
  public:
-  using policy_type = Policy;
   using backend_type = backend::Cuda;
-  using storage_type = typename Policy::storage_type;
-  static_assert(std::is_same_v<storage_type, Half> || std::is_same_v<storage_type, float>,
-                "the CUDA cache stores Half or float rows");
+  using typename detail::CacheFront<Policy>::storage_type;
+
+ private:
+  using Front = detail::CacheFront<Policy>;
+  using Front::layers_;
+  using Front::observed_;
+  using Front::policy_;
+  using Front::shape_;
+
+ public:
 
   /// Validates the shape and the policy's knobs (as the CPU cache does; head_dim must also be
   /// 64 or 128), then creates a context on the current CUDA device.
   explicit KVCache(const ModelShape& shape, Policy policy = Policy{})
-      : shape_(shape), policy_(std::move(policy)) {
+      : Front(shape, std::move(policy)) {
     validate_construction();
     int device = 0;
     cuda::check_cuda(cudaGetDevice(&device), "KVCache (CUDA): cudaGetDevice");
@@ -194,7 +198,7 @@ class KVCache<Policy, backend::Cuda> {
 
   /// As above, on a caller-owned context that must outlive the cache.
   KVCache(const ModelShape& shape, Policy policy, cuda::CudaContext& context)
-      : shape_(shape), policy_(std::move(policy)), context_(&context) {
+      : Front(shape, std::move(policy)), context_(&context) {
     validate_construction();
     allocate_bookkeeping();
   }
@@ -204,11 +208,6 @@ class KVCache<Policy, backend::Cuda> {
   KVCache(const KVCache&) = delete;
   KVCache& operator=(const KVCache&) = delete;
 
-  const ModelShape& shape() const { return shape_; }
-  const Policy& policy() const { return policy_; }
-  /// Runtime knobs (e.g. the budget); a knob that validate() checks is re-validated by the next
-  /// compress().
-  Policy& policy() { return policy_; }
   cuda::CudaContext& context() const { return *context_; }
 
   /// Appends a block of tokens to `layer`: k and v are tokens × kv_heads × head_dim (post-RoPE
@@ -216,13 +215,7 @@ class KVCache<Policy, backend::Cuda> {
   void append(int layer, const ActivationView& k, const ActivationView& v, Positions positions,
               MemorySpace space = MemorySpace::kHost) {
     constexpr const char* where = "KVCache::append";
-    detail::check_layer(where, shape_, layer);
-    detail::check_view(where, "k", k, shape_.kv_heads, shape_.head_dim);
-    detail::check_view(where, "v", v, shape_.kv_heads, shape_.head_dim);
-    detail::require(v.tokens() == k.tokens(), where, "v.tokens", v.tokens(),
-                    detail::concat(k.tokens(), " (k.tokens)"));
-    detail::LayerState& state = layers_[layer];
-    detail::check_append_positions(where, positions, k.tokens(), state);
+    this->check_append(where, layer, k, v, positions);
     cuda::DeviceGuard guard(context_->device());
     std::lock_guard<std::mutex> lock(scratch_->mutex);
     check_space(where, "k", k.data(), space);
@@ -244,11 +237,7 @@ class KVCache<Policy, backend::Cuda> {
 
   /// Applies the policy to everything held (see the CPU cache: repeated calls hold the budget).
   void compress() {
-    if constexpr (Policy::needs_observe) {
-      detail::require(observed_, "KVCache::compress", "observe()", "never called",
-                      "observe() with queries before compress() for this policy");
-    }
-    policy_.validate(shape_);
+    this->check_compress();
     if constexpr (is_eviction_policy_v<Policy>) {
       cuda::DeviceGuard guard(context_->device());
       std::lock_guard<std::mutex> lock(scratch_->mutex);
@@ -265,7 +254,6 @@ class KVCache<Policy, backend::Cuda> {
     std::lock_guard<std::mutex> lock(scratch_->mutex);
     // Rows after last_position, per head: counted on a download of the positions of the layers
     // concerned (a head may hold a subset of the layer's positions after eviction).
-    std::vector<int64_t> drop(shape_.layers, 0);
     std::vector<std::vector<int32_t>> held(heads_.size());
     const cudaStream_t stream = context_->stream();
     for (int l = 0; l < shape_.layers; ++l) {
@@ -282,31 +270,19 @@ class KVCache<Policy, backend::Cuda> {
       }
     }
     context_->synchronize(where);
+    const std::vector<int64_t> drop = this->plan_truncate(where, last_position, [&](int l, int h) {
+      const auto& p = held[static_cast<std::size_t>(l) * shape_.kv_heads + h];
+      return static_cast<int64_t>(p.end() - std::upper_bound(p.begin(), p.end(), last_position));
+    });
     for (int l = 0; l < shape_.layers; ++l) {
-      if (layers_[l].last_position <= last_position) continue;
-      for (int h = 0; h < shape_.kv_heads; ++h) {
-        const auto& p = held[static_cast<std::size_t>(l) * shape_.kv_heads + h];
-        const int64_t count = p.end() - std::upper_bound(p.begin(), p.end(), last_position);
-        if (h == 0) drop[l] = count;
-        if (count != drop[l]) {
-          throw error(detail::concat(where, ": last_position = ", last_position,
-                                     ", expected a position after which layer ", l,
-                                     " still holds every appended token (some were evicted)"));
-        }
-      }
-    }
-    for (int l = 0; l < shape_.layers; ++l) {
-      if (drop[l] == 0 && layers_[l].last_position <= last_position) continue;
+      if (!this->truncates(l, last_position, drop)) continue;
       for (int h = 0; h < shape_.kv_heads; ++h) {
         DeviceHead& head = store(l, h);
         head.size -= drop[l];
         if (head.size == 0) head.first_position = -1;
       }
-      detail::LayerState& state = layers_[l];
-      state.appended -= drop[l];
-      state.last_position = state.appended == 0 ? -1 : std::min(state.last_position, last_position);
-      if (state.appended == 0) state.first_position = -1;
     }
+    this->commit_truncate(last_position, drop);
   }
 
   /// LazyLayerDrop's statistic on the CPU cache; no CUDA policy observes queries, so NaN.
@@ -329,23 +305,11 @@ class KVCache<Policy, backend::Cuda> {
     cuda::DeviceGuard guard(context_->device());
     std::lock_guard<std::mutex> lock(scratch_->mutex);
     check_query(where, layer, q, positions, space);
-    detail::require(out.data() != nullptr, where, "out", "null data", "a writable buffer");
-    detail::require(out.tokens() == q.tokens() && out.heads() == shape_.q_heads &&
-                        out.head_dim() == shape_.head_dim,
-                    where, "out shape",
-                    detail::concat(out.tokens(), "x", out.heads(), "x", out.head_dim()),
-                    detail::concat(q.tokens(), "x", shape_.q_heads, "x", shape_.head_dim));
-    const int64_t min_query = *std::min_element(positions.begin(), positions.end());
-    for (int h = 0; h < shape_.kv_heads; ++h) {
+    this->check_output(where, q, out);
+    this->check_visible(where, layer, positions, [&](int h) {
       const auto& head = store(layer, h);
-      if (head.size == 0 || head.first_position > min_query) {
-        throw error(detail::concat(
-            where, ": layer ", layer, " kv head ", h,
-            head.size == 0 ? " holds no tokens" : " holds no token at or before position ",
-            head.size == 0 ? "" : std::to_string(min_query),
-            ", expected at least one visible key per query"));
-      }
-    }
+      return std::pair<int64_t, int64_t>(head.size, head.first_position);
+    });
     check_space(where, "out", out.data(), space);
     attend_unchecked(layer, q, positions, out, space);
   }
@@ -418,27 +382,10 @@ class KVCache<Policy, backend::Cuda> {
     return scratch_->device.bytes() + scratch_->invalid_index.bytes();
   }
 
-  /// What an uncompressed fp16 cache of the appended tokens would hold (K and V only).
-  std::size_t dense_bytes() const {
-    std::size_t total = 0;
-    for (const auto& layer : layers_) {
-      total += static_cast<std::size_t>(layer.appended) * shape_.kv_heads * shape_.head_dim * 2 * 2;
-    }
-    return total;
-  }
-
   /// Tokens held by one (layer, kv-head).
   int64_t tokens(int layer, int head) const {
-    detail::check_layer("KVCache::tokens", shape_, layer);
-    detail::require(head >= 0 && head < shape_.kv_heads, "KVCache::tokens", "head", head,
-                    detail::concat("in [0, ", shape_.kv_heads, ")"));
+    this->check_head("KVCache::tokens", layer, head);
     return store(layer, head).size;
-  }
-
-  /// Tokens ever appended to `layer` (the logical sequence length).
-  int64_t appended(int layer) const {
-    detail::check_layer("KVCache::appended", shape_, layer);
-    return layers_[layer].appended;
   }
 
   /// Drops every token and frees the device memory (storage and workspace); shape and policy
@@ -448,10 +395,9 @@ class KVCache<Policy, backend::Cuda> {
     std::lock_guard<std::mutex> lock(scratch_->mutex);
     context_->synchronize("KVCache::clear");
     for (auto& head : heads_) head = cuda::DeviceHead<storage_type>{};
-    for (auto& layer : layers_) layer = detail::LayerState{};
     scratch_->device.release();
     scratch_->invalid_index.release();
-    observed_ = false;
+    this->clear_front();
   }
 
  private:
@@ -474,9 +420,8 @@ class KVCache<Policy, backend::Cuda> {
     return 2 * static_cast<std::size_t>(shape_.head_dim) * sizeof(storage_type) + sizeof(int32_t);
   }
 
+  /// What the CUDA kernels add to the front end's checks (shape and knobs are validated there).
   void validate_construction() {
-    shape_.validate();
-    policy_.validate(shape_);
     detail::require(cuda::supported_head_dim(shape_.head_dim), "KVCache (CUDA)", "head_dim",
                     shape_.head_dim, "64 or 128 (the head dims the CUDA kernels are compiled for)");
     detail::require(shape_.kv_heads <= 65535, "KVCache (CUDA)", "kv_heads", shape_.kv_heads,
@@ -485,7 +430,6 @@ class KVCache<Policy, backend::Cuda> {
 
   void allocate_bookkeeping() {
     heads_.resize(static_cast<std::size_t>(shape_.layers) * shape_.kv_heads);
-    layers_.resize(shape_.layers);
     scratch_ = std::make_unique<Scratch>();
   }
 
@@ -597,9 +541,7 @@ class KVCache<Policy, backend::Cuda> {
 
   void check_query(const char* where, int layer, const ActivationView& q, Positions positions,
                    MemorySpace space) const {
-    detail::check_layer(where, shape_, layer);
-    detail::check_view(where, "q", q, shape_.q_heads, shape_.head_dim);
-    detail::check_query_positions(where, positions, q.tokens(), layers_[layer]);
+    this->check_query_shape(where, layer, q, positions);
     check_space(where, "q", q.data(), space);
     check_values(where, "q", q, std::numeric_limits<float>::max(), space);
   }
@@ -613,14 +555,10 @@ class KVCache<Policy, backend::Cuda> {
   template <class P = Policy>
   void evict();
 
-  ModelShape shape_;
-  Policy policy_;
   std::unique_ptr<cuda::CudaContext> owned_context_;  // set when the cache made its own context
   cuda::CudaContext* context_ = nullptr;
   std::vector<DeviceHead> heads_;  // layer-major: [layer][kv_head]
-  std::vector<detail::LayerState> layers_;
   std::unique_ptr<Scratch> scratch_;
-  bool observed_ = false;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -723,10 +661,7 @@ void KVCache<Policy, backend::Cuda>::append_unchecked(int layer, const Activatio
     if (head.size == 0) head.first_position = positions[0];
     head.size += n;
   }
-  detail::LayerState& state = layers_[layer];
-  if (state.appended == 0) state.first_position = positions[0];
-  state.last_position = positions[n - 1];
-  state.appended += n;
+  this->record_append(layer, positions, n);
 }
 
 template <class Policy>

@@ -14,6 +14,7 @@
 #include "../../budget.hpp"
 #include "../../cache.hpp"
 #include "../../config.hpp"
+#include "../../detail/cache_front.hpp"
 #include "../../detail/head_store.hpp"
 #include "../../detail/low_rank_head_store.hpp"
 #include "../../detail/quantized_head_store.hpp"
@@ -38,17 +39,10 @@ namespace kvpack {
 /// \brief CPU implementation of KVCache. Not thread-safe for concurrent mutation; attend() may
 /// run concurrently with other const calls. Uses OpenMP over heads and key splits when enabled.
 template <class Policy>
-class KVCache<Policy, backend::Cpu> {
-  static_assert(is_policy_v<Policy>,
-                "Policy lacks what KVCache needs: derive it from kvpack::PolicyBase (or "
-                "EvictionPolicy) and provide storage_type and validate(const ModelShape&)");
-
+class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
  public:
-  using policy_type = Policy;
   using backend_type = backend::Cpu;
-  using storage_type = typename Policy::storage_type;
-  static_assert(std::is_same_v<storage_type, Half> || std::is_same_v<storage_type, float>,
-                "the CPU cache stores Half or float rows");
+  using typename detail::CacheFront<Policy>::storage_type;
 
  private:
   // What compress() runs: a selection stage (eviction, lazy layers, low-rank factoring or
@@ -71,13 +65,16 @@ class KVCache<Policy, backend::Cpu> {
   using Store = std::conditional_t<
       kLowRank, detail::LowRankHeadStore,
       std::conditional_t<kQuantized, detail::QuantizedHeadStore, detail::HeadStore<storage_type>>>;
+  using Front = detail::CacheFront<Policy>;
+  using Front::layers_;
+  using Front::observed_;
+  using Front::policy_;
+  using Front::shape_;
 
  public:
   /// Validates the shape and the policy's knobs; throws kvpack::error on a bad value.
   explicit KVCache(const ModelShape& shape, Policy policy = Policy{})
-      : shape_(shape), policy_(std::move(policy)) {
-    shape_.validate();
-    policy_.validate(shape_);
+      : Front(shape, std::move(policy)) {
     heads_.resize(static_cast<std::size_t>(shape_.layers) * shape_.kv_heads);
     if constexpr (kQuantizedRows) {
       for (auto& head : heads_) {
@@ -89,27 +86,14 @@ class KVCache<Policy, backend::Cpu> {
       auto rope = std::make_shared<const Rope>(shape_.rope, shape_.head_dim);
       for (auto& head : heads_) head.rope = rope;
     }
-    layers_.resize(shape_.layers);
     if constexpr (kLazyLayers) observations_.resize(shape_.layers);
   }
-
-  const ModelShape& shape() const { return shape_; }
-  const Policy& policy() const { return policy_; }
-  /// Runtime knobs a driver changes between calls (e.g. ReconstructionEvict::window). Changing
-  /// a knob that validate() checks is re-validated by the next compress().
-  Policy& policy() { return policy_; }
 
   /// Appends a block of tokens to `layer`: k and v are tokens × kv_heads × head_dim (post-RoPE
   /// keys), positions strictly increasing and after the layer's last position.
   void append(int layer, const ActivationView& k, const ActivationView& v, Positions positions) {
     constexpr const char* where = "KVCache::append";
-    detail::check_layer(where, shape_, layer);
-    detail::check_view(where, "k", k, shape_.kv_heads, shape_.head_dim);
-    detail::check_view(where, "v", v, shape_.kv_heads, shape_.head_dim);
-    detail::require(v.tokens() == k.tokens(), where, "v.tokens", v.tokens(),
-                    detail::concat(k.tokens(), " (k.tokens)"));
-    detail::LayerState& state = layers_[layer];
-    detail::check_append_positions(where, positions, k.tokens(), state);
+    this->check_append(where, layer, k, v, positions);
     detail::check_values(where, "k", k, storage_limit());
     detail::check_values(where, "v", v, storage_limit());
 
@@ -123,9 +107,7 @@ class KVCache<Policy, backend::Cpu> {
       }
       store(layer, h).append(k_rows.data(), v_rows.data(), positions.data(), n, d);
     }
-    if (state.appended == 0) state.first_position = positions[0];
-    state.last_position = positions[n - 1];
-    state.appended += n;
+    this->record_append(layer, positions, n);
   }
 
   /// Hands queries (tokens × q_heads × head_dim, post-RoPE) to policies that score with them.
@@ -139,11 +121,7 @@ class KVCache<Policy, backend::Cpu> {
   /// Applies the policy to everything held. May be called again later (e.g. every N decode
   /// tokens); budgets are relative to the appended sequence, so repeated calls hold them.
   void compress() {
-    if constexpr (Policy::needs_observe) {
-      detail::require(observed_, "KVCache::compress", "observe()", "never called",
-                      "observe() with queries before compress() for this policy");
-    }
-    policy_.validate(shape_);
+    this->check_compress();
     if constexpr (kEvicts) {
       static_assert(kSource != ScoreSource::kKeyValue ||
                         detail::has_token_score<Selection, float>::value,
@@ -164,39 +142,30 @@ class KVCache<Policy, backend::Cpu> {
   /// a quantized KIVI group (its blocks span the whole group): roll back to a group end then.
   void truncate(int64_t last_position) {
     constexpr const char* where = "KVCache::truncate";
-    std::vector<int64_t> drop(shape_.layers, 0);
+    const auto after = [&](int l, int h) {
+      const auto& p = store(l, h).positions;
+      return static_cast<int64_t>(p.end() - std::upper_bound(p.begin(), p.end(), last_position));
+    };
+    const std::vector<int64_t> drop = this->plan_truncate(where, last_position, after);
     for (int l = 0; l < shape_.layers; ++l) {
-      if (layers_[l].last_position <= last_position) continue;
-      for (int h = 0; h < shape_.kv_heads; ++h) {
+      for (int h = 0; h < shape_.kv_heads && drop[l] > 0; ++h) {
+        const int64_t split = store(l, h).drop_back_split(drop[l]);
+        if (split == 0) continue;
         const auto& p = store(l, h).positions;
-        const int64_t count = p.end() - std::upper_bound(p.begin(), p.end(), last_position);
-        if (h == 0) drop[l] = count;
-        if (count != drop[l]) {
-          throw error(detail::concat(where, ": last_position = ", last_position,
-                                     ", expected a position after which layer ", l,
-                                     " still holds every appended token (some were evicted)"));
-        }
-        const int64_t split = store(l, h).drop_back_split(count);
-        if (split > 0) {
-          const int64_t whole =
-              static_cast<int64_t>(p.size()) - count - split;  // tokens in the groups kept whole
-          throw error(detail::concat(
-              where, ": last_position = ", last_position, " would cut inside a quantized group",
-              " of layer ", l, " kv head ", h, " (", split,
-              " of its tokens stay), expected the end of a group: ",
-              whole > 0 ? detail::concat("position ", p[whole - 1]) : std::string("clear()"),
-              ", or a position in the fp16 residual"));
-        }
+        const int64_t whole = static_cast<int64_t>(p.size()) - drop[l] - split;  // whole groups
+        throw error(detail::concat(
+            where, ": last_position = ", last_position, " would cut inside a quantized group",
+            " of layer ", l, " kv head ", h, " (", split,
+            " of its tokens stay), expected the end of a group: ",
+            whole > 0 ? detail::concat("position ", p[whole - 1]) : std::string("clear()"),
+            ", or a position in the fp16 residual"));
       }
     }
     for (int l = 0; l < shape_.layers; ++l) {
-      if (drop[l] == 0 && layers_[l].last_position <= last_position) continue;
+      if (!this->truncates(l, last_position, drop)) continue;
       for (int h = 0; h < shape_.kv_heads; ++h) store(l, h).drop_back(drop[l], shape_.head_dim);
-      detail::LayerState& state = layers_[l];
-      state.appended -= drop[l];
-      state.last_position = state.appended == 0 ? -1 : std::min(state.last_position, last_position);
-      if (state.appended == 0) state.first_position = -1;
     }
+    this->commit_truncate(last_position, drop);
     if constexpr (kLowRank) collect_bases();
   }
 
@@ -257,23 +226,11 @@ class KVCache<Policy, backend::Cpu> {
               const OutputView& out) const {
     constexpr const char* where = "KVCache::attend";
     check_query(where, layer, q, positions);
-    detail::require(out.data() != nullptr, where, "out", "null data", "a writable buffer");
-    detail::require(out.tokens() == q.tokens() && out.heads() == shape_.q_heads &&
-                        out.head_dim() == shape_.head_dim,
-                    where, "out shape",
-                    detail::concat(out.tokens(), "x", out.heads(), "x", out.head_dim()),
-                    detail::concat(q.tokens(), "x", shape_.q_heads, "x", shape_.head_dim));
-    const int64_t min_query = *std::min_element(positions.begin(), positions.end());
-    for (int h = 0; h < shape_.kv_heads; ++h) {
+    this->check_output(where, q, out);
+    this->check_visible(where, layer, positions, [&](int h) {
       const auto& head = store(layer, h);
-      if (head.size() == 0 || head.positions[0] > min_query) {
-        throw error(detail::concat(
-            where, ": layer ", layer, " kv head ", h,
-            head.size() == 0 ? " holds no tokens" : " holds no token at or before position ",
-            head.size() == 0 ? "" : std::to_string(min_query),
-            ", expected at least one visible key per query"));
-      }
-    }
+      return std::pair<int64_t, int64_t>(head.size(), head.size() ? head.positions[0] : -1);
+    });
     attend_unchecked(layer, q, positions, out);
   }
 
@@ -305,36 +262,18 @@ class KVCache<Policy, backend::Cpu> {
     return total;
   }
 
-  /// What an uncompressed fp16 cache of the appended tokens would hold (K and V only).
-  std::size_t dense_bytes() const {
-    std::size_t total = 0;
-    for (const auto& layer : layers_) {
-      total += static_cast<std::size_t>(layer.appended) * shape_.kv_heads * shape_.head_dim * 2 * 2;
-    }
-    return total;
-  }
-
   /// Tokens held by one (layer, kv-head).
   int64_t tokens(int layer, int head) const {
-    detail::check_layer("KVCache::tokens", shape_, layer);
-    detail::require(head >= 0 && head < shape_.kv_heads, "KVCache::tokens", "head", head,
-                    detail::concat("in [0, ", shape_.kv_heads, ")"));
+    this->check_head("KVCache::tokens", layer, head);
     return store(layer, head).size();
-  }
-
-  /// Tokens ever appended to `layer` (the logical sequence length).
-  int64_t appended(int layer) const {
-    detail::check_layer("KVCache::appended", shape_, layer);
-    return layers_[layer].appended;
   }
 
   /// Drops every token and frees the memory; the shape and policy stay.
   void clear() {
     for (auto& head : heads_) head.clear();
-    for (auto& layer : layers_) layer = detail::LayerState{};
     for (auto& o : observations_) o = LayerObservation{};
     bases_.clear();
-    observed_ = false;
+    this->clear_front();
   }
 
  private:
@@ -358,9 +297,7 @@ class KVCache<Policy, backend::Cpu> {
 
   void check_query(const char* where, int layer, const ActivationView& q,
                    Positions positions) const {
-    detail::check_layer(where, shape_, layer);
-    detail::check_view(where, "q", q, shape_.q_heads, shape_.head_dim);
-    detail::check_query_positions(where, positions, q.tokens(), layers_[layer]);
+    this->check_query_shape(where, layer, q, positions);
     detail::check_values(where, "q", q, std::numeric_limits<float>::max());
   }
 
@@ -380,13 +317,9 @@ class KVCache<Policy, backend::Cpu> {
   void observe_probabilities(int layer, const ActivationView& q, Positions positions);
   void trim_lazy_layers();
 
-  ModelShape shape_;
-  Policy policy_;
   std::vector<Store> heads_;  // layer-major: [layer][kv_head]
-  std::vector<detail::LayerState> layers_;
   std::vector<LayerObservation> observations_;                      // LazyLayerDrop only
   std::vector<std::shared_ptr<const detail::LowRankBasis>> bases_;  // low-rank policies only
-  bool observed_ = false;
 };
 
 }  // namespace kvpack

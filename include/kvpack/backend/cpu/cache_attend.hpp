@@ -1,0 +1,127 @@
+/// \file backend/cpu/cache_attend.hpp
+/// \brief Out-of-line members of KVCache<Policy, backend::Cpu>: decode and prefill attention over
+/// what a layer holds (rows, KIVI blocks or low-rank factors).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cache.hpp"
+#include "low_rank_attention.hpp"
+
+namespace kvpack {
+
+template <class Policy>
+void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const ActivationView& q,
+                                                     Positions positions,
+                                                     const OutputView& out) const {
+  const int d = shape_.head_dim;
+  const int g = shape_.group_size();
+  const int64_t tokens = q.tokens();
+  // Work items: (kv head, block of query tokens, split of the keys). Query blocks bound the
+  // rows a tile is reused by; key splits give decode (few rows) parallelism over long caches.
+  const int64_t block_tokens = std::max<int64_t>(1, 64 / g);
+  const int64_t blocks = (tokens + block_tokens - 1) / block_tokens;
+  int64_t longest = 0;
+  for (int h = 0; h < shape_.kv_heads; ++h) longest = std::max(longest, store(layer, h).size());
+  // Low-rank heads of a layer share their token basis: one work item covers every kv head of a
+  // (query block, key split), so a basis tile is converted and multiplied once for all heads.
+  // Factored keys cost a rank-r rebuild per token: shorter key splits.
+  const int item_heads = kLowRank ? shape_.kv_heads : 1;
+  const int64_t head_groups = shape_.kv_heads / item_heads;
+  const int64_t split_tokens = kLowRank ? 512 : 2048;
+  const int64_t splits =
+      blocks * head_groups >= 4 ? 1 : std::clamp<int64_t>(longest / split_tokens, 1, 8);
+  const int64_t items = head_groups * blocks * splits;
+  // Partial states per (kv head, block, split), whichever heads an item covers.
+  std::vector<cpu::PartialState> partial(static_cast<std::size_t>(shape_.kv_heads) * blocks *
+                                         splits);
+
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic)
+#endif
+  for (int64_t item = 0; item < items; ++item) {
+    const int h0 = static_cast<int>(item / (blocks * splits)) * item_heads;
+    const int64_t block = (item / splits) % blocks;
+    const int64_t split = item % splits;
+    const int64_t t0 = block * block_tokens;
+    const int64_t tn = std::min(block_tokens, tokens - t0);
+    const int rows = static_cast<int>(tn * g);
+    int64_t size = 0;  // the longest head of the item (a layer's heads hold the same tokens)
+    for (int i = 0; i < item_heads; ++i) size = std::max(size, store(layer, h0 + i).size());
+    const int64_t span = (size + splits - 1) / splits;
+    const int64_t begin = split * span, end = std::min(size, (split + 1) * span);
+    std::vector<float> scratch;
+    auto state = [&](int h) -> cpu::PartialState& {
+      return partial[(static_cast<int64_t>(h) * blocks + block) * splits + split];
+    };
+    if constexpr (kLowRank) {
+      std::vector<std::vector<float>> qrows(item_heads);
+      std::vector<std::vector<int64_t>> visible(item_heads);
+      std::vector<cpu::LowRankQuery> query(item_heads);
+      for (int i = 0; i < item_heads; ++i) {
+        gather_query_rows(layer, q, positions, h0 + i, t0, tn, qrows[i], visible[i]);
+        state(h0 + i).reset(rows, d);
+        query[i] = {&store(layer, h0 + i), qrows[i].data(), visible[i].data(), &state(h0 + i)};
+      }
+      cpu::attend_low_rank_heads(query.data(), item_heads, d, rows, begin, end, scratch);
+    } else {
+      std::vector<float> qrows;
+      std::vector<int64_t> visible;
+      gather_query_rows(layer, q, positions, h0, t0, tn, qrows, visible);
+      state(h0).reset(rows, d);
+      cpu::attend_rows(store(layer, h0).rows(d), d, qrows.data(), rows, visible.data(), begin, end,
+                       state(h0), scratch);
+    }
+  }
+
+  // Merge the key splits of each (head, block) and normalise.
+  for (int h = 0; h < shape_.kv_heads; ++h) {
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t first = (static_cast<int64_t>(h) * blocks + block) * splits;
+      cpu::PartialState& acc = partial[first];
+      const int rows = static_cast<int>(acc.max.size());
+      for (int64_t s = 1; s < splits; ++s) {
+        const cpu::PartialState& other = partial[first + s];
+        for (int r = 0; r < rows; ++r) {
+          detail::softmax_merge(acc.max[r], acc.sum[r], acc.acc.data() + r * d, other.max[r],
+                                other.sum[r], other.acc.data() + r * d, d);
+        }
+      }
+      for (int r = 0; r < rows; ++r) {
+        const int64_t t = block * block_tokens + r / g;
+        float* dst = out.row(t, static_cast<int64_t>(h) * g + r % g);
+        const float inv = 1.0f / acc.sum[r];
+        for (int i = 0; i < d; ++i) dst[i] = acc.acc[r * d + i] * inv;
+      }
+    }
+  }
+}
+
+template <class Policy>
+void KVCache<Policy, backend::Cpu>::gather_query_rows(int layer, const ActivationView& q,
+                                                      Positions positions, int head, int64_t t0,
+                                                      int64_t tn, std::vector<float>& rows,
+                                                      std::vector<int64_t>& visible) const {
+  // Rows of the GQA group of kv head `head` for query tokens [t0, t0 + tn), scaled by
+  // 1/sqrt(d), and how many held keys each row may see (causal by position).
+  const int d = shape_.head_dim;
+  const int g = shape_.group_size();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const auto& held = store(layer, head).positions;
+  rows.resize(static_cast<std::size_t>(tn) * g * d);
+  visible.resize(static_cast<std::size_t>(tn) * g);
+  for (int64_t t = 0; t < tn; ++t) {
+    const int64_t vis =
+        std::upper_bound(held.begin(), held.end(), positions[t0 + t]) - held.begin();
+    for (int j = 0; j < g; ++j) {
+      const int64_t r = t * g + j;
+      q.load(t0 + t, static_cast<int64_t>(head) * g + j, rows.data() + r * d);
+      for (int i = 0; i < d; ++i) rows[r * d + i] *= scale;
+      visible[r] = vis;
+    }
+  }
+}
+
+}  // namespace kvpack

@@ -1,0 +1,191 @@
+/// \file detail/cache_front.hpp
+/// \brief The part of KVCache every backend shares: shape, policy, per-layer state, the checks
+/// of each public call, the compress() preconditions and the rollback plan of truncate().
+#pragma once
+
+#ifndef KVPACK_INTERNAL_INCLUDE_OK
+#error "kvpack/detail/ headers are internal; include <kvpack/kvpack.hpp> instead"
+#endif
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../error.hpp"
+#include "../half.hpp"
+#include "../policy/policy_base.hpp"
+#include "../shape.hpp"
+#include "../span.hpp"
+#include "../view.hpp"
+#include "validate.hpp"
+
+namespace kvpack {
+namespace detail {
+
+/// \brief Front end of KVCache<Policy, Backend>: a backend derives from it and adds storage.
+/// Every check here runs before any state changes, so a refused call leaves the cache as it was.
+template <class Policy>
+class CacheFront {
+  static_assert(is_policy_v<Policy>,
+                "Policy lacks what KVCache needs: derive it from kvpack::PolicyBase (or "
+                "EvictionPolicy) and provide storage_type and validate(const ModelShape&)");
+
+ public:
+  using policy_type = Policy;
+  /// Element type of stored rows: Half or float.
+  using storage_type = typename Policy::storage_type;
+  static_assert(std::is_same_v<storage_type, Half> || std::is_same_v<storage_type, float>,
+                "KVCache stores Half or float rows");
+
+  const ModelShape& shape() const { return shape_; }
+  const Policy& policy() const { return policy_; }
+  /// Runtime knobs a driver changes between calls (e.g. a query-scored policy's window).
+  /// Changing a knob that validate() checks is re-validated by the next compress().
+  Policy& policy() { return policy_; }
+
+  /// What an uncompressed fp16 cache of the appended tokens would hold (K and V only).
+  std::size_t dense_bytes() const {
+    std::size_t total = 0;
+    for (const auto& layer : layers_) {
+      total += static_cast<std::size_t>(layer.appended) * shape_.kv_heads * shape_.head_dim * 2 * 2;
+    }
+    return total;
+  }
+
+  /// Tokens ever appended to `layer` (the logical sequence length).
+  int64_t appended(int layer) const {
+    check_layer("KVCache::appended", shape_, layer);
+    return layers_[layer].appended;
+  }
+
+ protected:
+  /// Validates the shape and the policy's knobs; throws kvpack::error on a bad value.
+  CacheFront(const ModelShape& shape, Policy policy) : shape_(shape), policy_(std::move(policy)) {
+    shape_.validate();
+    policy_.validate(shape_);
+    layers_.resize(shape_.layers);
+  }
+
+  /// append(): layer, both views, equal token counts, positions after the layer's last.
+  void check_append(const char* where, int layer, const ActivationView& k, const ActivationView& v,
+                    Positions positions) const {
+    check_layer(where, shape_, layer);
+    check_view(where, "k", k, shape_.kv_heads, shape_.head_dim);
+    check_view(where, "v", v, shape_.kv_heads, shape_.head_dim);
+    require(v.tokens() == k.tokens(), where, "v.tokens", v.tokens(),
+            concat(k.tokens(), " (k.tokens)"));
+    check_append_positions(where, positions, k.tokens(), layers_[layer]);
+  }
+
+  /// Records an appended block of `n` tokens at `positions` in the layer's state.
+  void record_append(int layer, Positions positions, int64_t n) {
+    LayerState& state = layers_[layer];
+    if (state.appended == 0) state.first_position = positions[0];
+    state.last_position = positions[n - 1];
+    state.appended += n;
+  }
+
+  /// observe() / attend(): layer, the query view, positions inside what the layer has seen.
+  void check_query_shape(const char* where, int layer, const ActivationView& q,
+                         Positions positions) const {
+    check_layer(where, shape_, layer);
+    check_view(where, "q", q, shape_.q_heads, shape_.head_dim);
+    check_query_positions(where, positions, q.tokens(), layers_[layer]);
+  }
+
+  /// attend(): the output view matches the queries.
+  void check_output(const char* where, const ActivationView& q, const OutputView& out) const {
+    require(out.data() != nullptr, where, "out", "null data", "a writable buffer");
+    require(out.tokens() == q.tokens() && out.heads() == shape_.q_heads &&
+                out.head_dim() == shape_.head_dim,
+            where, "out shape", concat(out.tokens(), "x", out.heads(), "x", out.head_dim()),
+            concat(q.tokens(), "x", shape_.q_heads, "x", shape_.head_dim));
+  }
+
+  /// attend(): every kv head of `layer` holds a key at or before the earliest query.
+  /// `held(h)` gives the head's token count and its first held position.
+  template <class Held>
+  void check_visible(const char* where, int layer, Positions positions, Held&& held) const {
+    const int64_t min_query = *std::min_element(positions.begin(), positions.end());
+    for (int h = 0; h < shape_.kv_heads; ++h) {
+      const auto [size, first] = held(h);
+      if (size == 0 || first > min_query) {
+        throw error(concat(where, ": layer ", layer, " kv head ", h,
+                           size == 0 ? " holds no tokens" : " holds no token at or before position ",
+                           size == 0 ? "" : std::to_string(min_query),
+                           ", expected at least one visible key per query"));
+      }
+    }
+  }
+
+  void check_head(const char* where, int layer, int head) const {
+    check_layer(where, shape_, layer);
+    require(head >= 0 && head < shape_.kv_heads, where, "head", head,
+            concat("in [0, ", shape_.kv_heads, ")"));
+  }
+
+  /// compress(): observe() came first when the policy needs it; the knobs are still valid.
+  void check_compress() const {
+    if constexpr (Policy::needs_observe) {
+      require(observed_, "KVCache::compress", "observe()", "never called",
+              "observe() with queries before compress() for this policy");
+    }
+    policy_.validate(shape_);
+  }
+
+  /// truncate(): tokens to drop per layer. `after(l, h)` counts the tokens of (layer, head)
+  /// at positions > last_position; every head of a layer must drop the same count (else some
+  /// were evicted, and the rollback would not be a rollback).
+  template <class After>
+  std::vector<int64_t> plan_truncate(const char* where, int64_t last_position,
+                                     After&& after) const {
+    std::vector<int64_t> drop(shape_.layers, 0);
+    for (int l = 0; l < shape_.layers; ++l) {
+      if (layers_[l].last_position <= last_position) continue;
+      for (int h = 0; h < shape_.kv_heads; ++h) {
+        const int64_t count = after(l, h);
+        if (h == 0) drop[l] = count;
+        if (count != drop[l]) {
+          throw error(concat(where, ": last_position = ", last_position,
+                             ", expected a position after which layer ", l,
+                             " still holds every appended token (some were evicted)"));
+        }
+      }
+    }
+    return drop;
+  }
+
+  /// Whether layer l is touched by a truncate to last_position that drops drop[l] tokens.
+  bool truncates(int layer, int64_t last_position, const std::vector<int64_t>& drop) const {
+    return drop[layer] != 0 || layers_[layer].last_position > last_position;
+  }
+
+  /// Updates the layers' state after the heads dropped drop[l] tokens each.
+  void commit_truncate(int64_t last_position, const std::vector<int64_t>& drop) {
+    for (int l = 0; l < shape_.layers; ++l) {
+      if (!truncates(l, last_position, drop)) continue;
+      LayerState& state = layers_[l];
+      state.appended -= drop[l];
+      state.last_position = state.appended == 0 ? -1 : std::min(state.last_position, last_position);
+      if (state.appended == 0) state.first_position = -1;
+    }
+  }
+
+  /// clear(): forget the layers' sequences.
+  void clear_front() {
+    for (auto& layer : layers_) layer = LayerState{};
+    observed_ = false;
+  }
+
+  ModelShape shape_;
+  Policy policy_;
+  std::vector<LayerState> layers_;
+  bool observed_ = false;
+};
+
+}  // namespace detail
+}  // namespace kvpack

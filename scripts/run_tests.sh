@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds kvpack and runs every test: CPU unit tests, header hygiene, ODR, packaging, benchmark
 # smoke, the real-model tests (needs the reference model: scripts/fetch_model.sh), and the CUDA
-# tests (always compiled when nvcc is found; they report "Skipped" without a GPU); then the CPU
-# tests under ASan + UBSan and TSan (scripts/run_sanitizers.sh) and a fuzz smoke of every
-# libFuzzer target (scripts/run_fuzz.sh, KVPACK_FUZZ_SECONDS each, default 30).
+# tests (always compiled when nvcc is found; they report "Skipped" without a GPU). The CPU unit
+# tests are built with ASan + UBSan. Then the concurrency test under TSan
+# (scripts/run_sanitizers.sh) and a fuzz smoke of every libFuzzer target (scripts/run_fuzz.sh,
+# KVPACK_FUZZ_SECONDS each, default 30).
 # KVPACK_SANITIZERS=0 skips the last two (quick local runs; CI always runs them).
 # Exits non-zero on any failure. Extra arguments go to the CMake configure step.
 set -euo pipefail

@@ -74,6 +74,9 @@ std::vector<RetrievalTask> parse_tasks_jsonl(const std::string& text, const std:
       // e.byte: 1-based offset of the character the parser stopped at.
       throw std::runtime_error(source + " line " + std::to_string(number) + ", column " +
                                std::to_string(e.byte) + ": " + e.what());
+    } catch (const nlohmann::json::exception& e) {
+      // Valid syntax the parser still refuses, e.g. a number beyond double (found by fuzzing).
+      fail(e.what());
     }
     if (!object.is_object()) fail("expected a JSON object, got " + std::string(object.type_name()));
     // Fields the task uses must be text (the answer may be a number, as exports write passkeys);

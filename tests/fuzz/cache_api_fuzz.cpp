@@ -94,13 +94,13 @@ void drive(const kvpack::ModelShape& shape, const Policy& policy, Bytes& in) {
   auto& cache = *made;
   const int kv = shape.kv_heads, q_heads = shape.q_heads, d = shape.head_dim;
   std::vector<int64_t> next(shape.layers, 0);  // next position per layer
-  for (int op = 0; op < 48 && !in.empty(); ++op) {
+  for (int op = 0; op < 32 && !in.empty(); ++op) {
     const int layer = in.range(0, shape.layers);  // == layers: an invalid layer
     const int safe_layer = layer < shape.layers ? layer : 0;
     switch (in.u8() % 8) {
       case 0:
       case 1: {  // append a block (prefill chunk or decode token)
-        const int64_t n = in.range(0, 40);
+        const int64_t n = in.range(0, 24);
         const auto k = activations(in, static_cast<std::size_t>(n) * kv * d);
         const auto v = activations(in, static_cast<std::size_t>(n) * kv * d);
         std::vector<int64_t> pos(static_cast<std::size_t>(n));
@@ -184,7 +184,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   Bytes in(data, size);
   const int dims[] = {8, 16, 32, 64, 80, 0, 7};  // 0 and 7 are invalid
   kvpack::ModelShape shape;
-  shape.layers = in.range(1, 3);
+  shape.layers = in.range(1, 2);
   shape.kv_heads = in.range(1, 3);
   shape.q_heads = shape.kv_heads * in.range(1, 3) + (in.u8() < 10 ? 1 : 0);
   shape.head_dim = dims[in.u8() % 7];

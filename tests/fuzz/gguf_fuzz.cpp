@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "dequant.hpp"
@@ -29,8 +30,8 @@ void refusable(F&& f) {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   refusable([&] {
     const GgufFile file = GgufFile::parse(std::vector<uint8_t>(data, data + size));
-    for (const auto& [key, value] : file.metadata()) {
-      (void)value;
+    for (const auto& entry : file.metadata()) {
+      const std::string& key = entry.first;  // (clang 14 cannot capture a structured binding)
       refusable([&] { (void)file.get_int(key); });
       refusable([&] { (void)file.get_float(key); });
       refusable([&] { (void)file.get_bool(key); });

@@ -4,7 +4,8 @@
 Seeds are small valid inputs of each format, so the fuzzers start past the first checks:
 a GGUF file with tokenizer metadata and F32 / Q4_1 / Q8_0 tensors, KVPKHEAD / KVPKPROJ files
 (with the steering byte of checked_file_fuzz.cpp), JSON Lines task files, and byte programs for
-the cache API driver."""
+the cache API driver. Files named regression_* are inputs that once failed (kept by hand, not
+written here)."""
 import os
 import random
 import struct

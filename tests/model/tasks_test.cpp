@@ -42,6 +42,12 @@ TEST_CASE("Task files: malformed lines are refused with their line and column", 
       parse_tasks_jsonl("{\"context\": \"c\", \"question\": \"q\", \"answer\": \"\"}", "t.jsonl"),
       Contains("line 1: empty answer"));
   REQUIRE_THROWS_WITH(parse_tasks_jsonl("\n  \n", "t.jsonl"), Contains("t.jsonl holds no task"));
+  // Found by fuzzing: a number beyond double is valid syntax that the parser refuses with an
+  // exception of another kind; it must still be a runtime_error naming the line.
+  REQUIRE_THROWS_WITH(parse_tasks_jsonl(good + "{\"context\": \"c\", \"question\": \"q\", "
+                                               "\"answer\": \"a\", \"len\": 5e888}\n",
+                                        "t.jsonl"),
+                      Contains("t.jsonl line 2: ") && Contains("number overflow"));
   REQUIRE_THROWS_WITH(kvpack::eval::load_tasks_jsonl("/nonexistent/tasks.jsonl"),
                       Contains("cannot read task file '/nonexistent/tasks.jsonl'"));
 }

@@ -3,9 +3,9 @@
 /// of each public call, the compress() preconditions and the rollback plan of truncate().
 #pragma once
 
-#ifndef KVPACK_INTERNAL_INCLUDE_OK
-#error "kvpack/detail/ headers are internal; include <kvpack/kvpack.hpp> instead"
-#endif
+// clang-format off
+#include "internal.hpp"  // first, before anything defines the macro it checks
+// clang-format on
 
 #include <algorithm>
 #include <cstddef>
@@ -114,10 +114,11 @@ class CacheFront {
     for (int h = 0; h < shape_.kv_heads; ++h) {
       const auto [size, first] = held(h);
       if (size == 0 || first > min_query) {
-        throw error(concat(where, ": layer ", layer, " kv head ", h,
-                           size == 0 ? " holds no tokens" : " holds no token at or before position ",
-                           size == 0 ? "" : std::to_string(min_query),
-                           ", expected at least one visible key per query"));
+        throw error(
+            concat(where, ": layer ", layer, " kv head ", h,
+                   size == 0 ? " holds no tokens" : " holds no token at or before position ",
+                   size == 0 ? "" : std::to_string(min_query),
+                   ", expected at least one visible key per query"));
       }
     }
   }

@@ -4,9 +4,9 @@
 /// every preceding byte. A foreign, corrupted or truncated file is a clear error.
 #pragma once
 
-#ifndef KVPACK_INTERNAL_INCLUDE_OK
-#error "kvpack/detail/ headers are internal; include <kvpack/kvpack.hpp> instead"
-#endif
+// clang-format off
+#include "internal.hpp"  // first, before anything defines the macro it checks
+// clang-format on
 
 #include <cmath>
 #include <cstddef>

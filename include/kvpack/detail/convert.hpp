@@ -2,9 +2,9 @@
 /// \brief Row conversions between fp32 and the 16-bit storage types (F16C when available).
 #pragma once
 
-#ifndef KVPACK_INTERNAL_INCLUDE_OK
-#error "kvpack/detail/ headers are internal; include <kvpack/kvpack.hpp> instead"
-#endif
+// clang-format off
+#include "internal.hpp"  // first, before anything defines the macro it checks
+// clang-format on
 
 #include <cstdint>
 

@@ -2,9 +2,9 @@
 /// \brief Ragged storage of one (layer, kv-head): its kept K/V rows and their positions.
 #pragma once
 
-#ifndef KVPACK_INTERNAL_INCLUDE_OK
-#error "kvpack/detail/ headers are internal; include <kvpack/kvpack.hpp> instead"
-#endif
+// clang-format off
+#include "internal.hpp"  // first, before anything defines the macro it checks
+// clang-format on
 
 #include <cstddef>
 #include <cstdint>

@@ -4,9 +4,9 @@
 /// the newest tokens exact. Keys are factored pre-RoPE and rotated when a tile is read.
 #pragma once
 
-#ifndef KVPACK_INTERNAL_INCLUDE_OK
-#error "kvpack/detail/ headers are internal; include <kvpack/kvpack.hpp> instead"
-#endif
+// clang-format off
+#include "internal.hpp"  // first, before anything defines the macro it checks
+// clang-format on
 
 #include <Eigen/Core>
 #include <algorithm>

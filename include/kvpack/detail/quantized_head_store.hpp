@@ -3,9 +3,9 @@
 /// the newest ones. Same interface as HeadStore, so the container and eviction reuse it.
 #pragma once
 
-#ifndef KVPACK_INTERNAL_INCLUDE_OK
-#error "kvpack/detail/ headers are internal; include <kvpack/kvpack.hpp> instead"
-#endif
+// clang-format off
+#include "internal.hpp"  // first, before anything defines the macro it checks
+// clang-format on
 
 #include <cstddef>
 #include <cstdint>

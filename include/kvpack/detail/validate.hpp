@@ -2,9 +2,9 @@
 /// \brief Argument checks shared by every backend's KVCache: all run before any state changes.
 #pragma once
 
-#ifndef KVPACK_INTERNAL_INCLUDE_OK
-#error "kvpack/detail/ headers are internal; include <kvpack/kvpack.hpp> instead"
-#endif
+// clang-format off
+#include "internal.hpp"  // first, before anything defines the macro it checks
+// clang-format on
 
 #include <cmath>
 #include <cstdint>

@@ -279,28 +279,34 @@ inline void score_strip(const PackedKeys& keys, const float* q, int rows, const 
   }
 }
 
-/// best[j] = max(best[j], max over rows of the probability of window key j); keys no row sees
-/// keep their value. Column blocks keep `best` in L1 while every row visits it.
-inline void max_probabilities(const ScoreStrip& strip, int rows, float* best) {
+/// Folds the probabilities of every row into out[j] for each window key j with
+/// fold(out + j0, probabilities + j0, n, 1 / row sum), rows in order (so a sum is deterministic).
+/// Column blocks keep `out` in L1 while every row visits it; keys no row sees keep their value.
+template <class Fold>
+inline void fold_probabilities(const ScoreStrip& strip, int rows, float* out, Fold fold) {
   constexpr int64_t kBlock = 2048;
   for (int64_t j0 = 0; j0 < strip.stride; j0 += kBlock) {
     for (int r = 0; r < rows; ++r) {
       const int64_t n = std::min(strip.limit[r], j0 + kBlock) - j0;
-      if (n > 0) detail::max_scaled(best + j0, strip.row(r) + j0, n, strip.inv_sum[r]);
+      if (n > 0) fold(out + j0, strip.row(r) + j0, n, strip.inv_sum[r]);
     }
   }
 }
 
-/// sums[j] += the probabilities of window key j over the rows (rows in order, so the sum is
-/// deterministic); keys no row sees keep their value (negative: unscored).
+/// best[j] = max(best[j], max over rows of the probability of window key j) (KVzip).
+inline void max_probabilities(const ScoreStrip& strip, int rows, float* best) {
+  // A lambda, not the function's address: its type fixes the call, so it inlines.
+  fold_probabilities(strip, rows, best, [](float* o, const float* p, int64_t n, float scale) {
+    detail::max_scaled(o, p, n, scale);
+  });
+}
+
+/// sums[j] += the probabilities of window key j over the rows (SnapKV); a negative sums[j]
+/// (unscored) starts at 0.
 inline void sum_probabilities(const ScoreStrip& strip, int rows, float* sums) {
-  constexpr int64_t kBlock = 2048;
-  for (int64_t j0 = 0; j0 < strip.stride; j0 += kBlock) {
-    for (int r = 0; r < rows; ++r) {
-      const int64_t n = std::min(strip.limit[r], j0 + kBlock) - j0;
-      if (n > 0) detail::sum_scaled(sums + j0, strip.row(r) + j0, n, strip.inv_sum[r]);
-    }
-  }
+  fold_probabilities(strip, rows, sums, [](float* o, const float* p, int64_t n, float scale) {
+    detail::sum_scaled(o, p, n, scale);
+  });
 }
 
 /// Softmax probabilities of `rows` query rows (row-major rows × d, pre-scaled by 1/sqrt(d))

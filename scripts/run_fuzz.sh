@@ -41,6 +41,8 @@ for t in "${targets[@]}"; do
     echo "run_fuzz: $t found a failure (input in $dir/findings/)" >&2
     exit 1
   fi
-  runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo '?')
+  # The final stats line; in -fork mode the last "#N:" progress line carries the count.
+  runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' ||
+         grep -oE '^#[0-9]+' "$log" | tail -n 1 | tr -d '#' || echo '?')
   echo "run_fuzz: $t clean, $runs inputs"
 done

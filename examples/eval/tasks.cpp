@@ -117,8 +117,8 @@ RetrievalTask make_passkey_task(const llama::Tokenizer& tok, int64_t context_tok
                                 uint32_t seed) {
   std::mt19937 rng(seed);
   const int key = std::uniform_int_distribution<int>(10000, 99999)(rng);
-  // Measured on SmolLM2-135M at 2 K tokens (docs/evaluation.md): the needle as its own paragraph and a
-  // question that restates where the key is are what lift the full cache from 0.3 to >= 0.9.
+  // Measured on SmolLM2-135M at 2 K tokens (docs/evaluation.md): the needle as its own paragraph
+  // and a question that restates where the key is are what lift the full cache from 0.3 to >= 0.9.
   const std::string needle = "\n\nThe pass key is " + std::to_string(key) + ". Remember it. " +
                              std::to_string(key) + " is the pass key.\n\n";
   RetrievalTask task;

@@ -183,7 +183,6 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   using Front::shape_;
 
  public:
-
   /// Validates the shape and the policy's knobs (as the CPU cache does; head_dim must also be
   /// 64 or 128), then creates a context on the current CUDA device.
   explicit KVCache(const ModelShape& shape, Policy policy = Policy{})

@@ -123,10 +123,10 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   void compress() {
     this->check_compress();
     if constexpr (kEvicts) {
-      static_assert(kSource != ScoreSource::kKeyValue ||
-                        detail::has_token_score<Selection, float>::value,
-                    "eviction Policy with ScoreSource::kKeyValue lacks static "
-                    "token_score(const T* key, const T* value, int head_dim)");
+      static_assert(
+          kSource != ScoreSource::kKeyValue || detail::has_token_score<Selection, float>::value,
+          "eviction Policy with ScoreSource::kKeyValue lacks static "
+          "token_score(const T* key, const T* value, int head_dim)");
       evict();
     } else if constexpr (kLazyLayers) {
       trim_lazy_layers();
@@ -317,7 +317,7 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   void observe_probabilities(int layer, const ActivationView& q, Positions positions);
   void trim_lazy_layers();
 
-  std::vector<Store> heads_;  // layer-major: [layer][kv_head]
+  std::vector<Store> heads_;                                        // layer-major: [layer][kv_head]
   std::vector<LayerObservation> observations_;                      // LazyLayerDrop only
   std::vector<std::shared_ptr<const detail::LowRankBasis>> bases_;  // low-rank policies only
 };

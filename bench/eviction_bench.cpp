@@ -69,7 +69,7 @@ void BM_ObserveScoring(benchmark::State& state) {
   const int64_t chunk_begin = std::max(kSinks, context / 2 - kQueryChunk / 2);
   const kvpack::ScoreWindow window =
       chunk_window
-          ? kvpack::ScoreWindow::chunk(kSinks, chunk_begin, chunk_begin + kQueryChunk - 1, context)
+          ? kvpack::ScoreWindow::chunk(kSinks, chunk_begin, chunk_begin + kQueryChunk, context)
           : kvpack::ScoreWindow::all();
   cache.policy().window = window;
   const auto q_view = kvpack::ActivationView::nhd(q.data(), kQueryChunk, kQHeads, kHeadDim);
@@ -214,7 +214,7 @@ void BM_RepeatPassLayer(benchmark::State& state) {
   kvpack::KVCache<kvpack::ReconstructionEvict> cache(model_shape());
   layer.forward(cache, x_context, context_positions, false);
   // One chunk covers the context: sinks + the whole context + the repeat tokens.
-  cache.policy().window = kvpack::ScoreWindow::chunk(kSinks, kSinks, context - 1, context);
+  cache.policy().window = kvpack::ScoreWindow::chunk(kSinks, kSinks, context, context);
   double observe_s = 0, repeat_s = 0, prefill_s = 0;
   for (auto _ : state) {
     // Prefill of the same context on a fresh cache (the cost the issue compares with).

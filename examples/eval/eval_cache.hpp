@@ -27,7 +27,7 @@ struct PolicySpec {
   /// Eviction rows: keep = R_store / ratio per context, R_store measured (see kvpack-eval --help).
   bool keep_from_ratio = false;
   int xkv_group = 4;  ///< CrossLayerSVD layers per group
-  int64_t cskv_window = 32;
+  int64_t cskv_residual = 32;
   /// ChannelShrink projections for each layer, calibrated per ratio (set by the runner).
   std::shared_ptr<const ChannelProjections> projections;
   /// KVzip head-level scores from a sample (set by the runner for kvzip-head).

@@ -123,7 +123,7 @@ std::vector<PolicyEntry> make_registry() {
   add({"cskv", "CSKV: calibrated per-layer channel projections, ranks for --ratio", RowKnob::kRatio,
        BudgetScope::kPerHead, calibrated, true, stage([](const PolicySpec& s) {
          if (!s.projections) throw std::runtime_error(s.name + " needs calibrated projections");
-         return ChannelShrink(s.projections, s.cskv_window);
+         return ChannelShrink(s.projections, s.cskv_residual);
        })});
   return r;
 }

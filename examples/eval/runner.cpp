@@ -58,7 +58,7 @@ void Runner::repeat_pass(EvalCache& cache, const std::vector<int32_t>& ids, int6
     }
     std::vector<int32_t> input = tok_.encode(instruction, true);
     input.insert(input.end(), ids.begin() + begin, ids.begin() + end);
-    cache.set_window(ScoreWindow::chunk(context_begin, begin, end - 1, n));
+    cache.set_window(ScoreWindow::chunk(context_begin, begin, end, n));
     cache.set_observe(true);
     model_.forward(cache.attention(), input, n, llama::Logits::kNone);
     cache.set_observe(false);

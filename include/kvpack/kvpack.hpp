@@ -2,6 +2,8 @@
 /// \brief Umbrella header: the container, the CPU backend and every policy.
 #pragma once
 
+#include "backend/cpu/kivi_rows.hpp"
+#include "backend/cpu/low_rank.hpp"
 #include "budget.hpp"
 #include "cache.hpp"
 #include "config.hpp"

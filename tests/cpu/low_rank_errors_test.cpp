@@ -163,7 +163,7 @@ TEST_CASE("ChannelShrink: projections of another shape or inconsistent ones are 
     REQUIRE_THROWS_WITH(Cache(other, ChannelShrink(good)),
                         Contains("ChannelShrink: projections shape = 4x2x32, expected"));
   }
-  REQUIRE_THROWS_WITH(Cache(kLowRankShape, ChannelShrink(good, -1)), Contains("window = -1"));
+  REQUIRE_THROWS_WITH(Cache(kLowRankShape, ChannelShrink(good, -1)), Contains("residual = -1"));
   REQUIRE_THROWS_WITH(Cache(kLowRankShape, ChannelShrink()), Contains("projections = null"));
 
   ChannelProjections hand = projections_for(kLowRankShape, 8, 12);

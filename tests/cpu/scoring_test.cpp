@@ -151,8 +151,8 @@ TEST_CASE("ReconstructionEvict: chunk-local softmax windows", "[scoring][kvzip]"
   kvpack::KVCache<ReconstructionEvict> cache(kShape, ReconstructionEvict(budget));
   kvpack_test::fill_layer(cache, 0, sc.context + sc.repeat, 50);
   kvpack_test::fill_layer(cache, 1, sc.context + sc.repeat, 51);
-  const ScoreWindow windows[] = {ScoreWindow::chunk(4, 4, 99, 200),
-                                 ScoreWindow::chunk(4, 100, 199, 200)};
+  const ScoreWindow windows[] = {ScoreWindow::chunk(4, 4, 100, 200),
+                                 ScoreWindow::chunk(4, 100, 200, 200)};
   for (const auto& w : windows) {
     cache.policy().window = w;
     cache.observe(0, sc.qv(), sc.qpos);
@@ -465,9 +465,10 @@ TEST_CASE(
     std::vector<int32_t> positions(c.keys);
     for (int64_t t = 0; t < c.keys; ++t) positions[t] = static_cast<int32_t>(3 + 2 * t);
     const int32_t last = positions.back();
-    const ScoreWindow windows[] = {
-        ScoreWindow::all(), ScoreWindow::chunk(10, last / 3, last / 2, last - 40),
-        ScoreWindow::chunk(0, last / 4, last, INT64_MAX), ScoreWindow::chunk(8, 1000000, 0, last)};
+    const ScoreWindow windows[] = {ScoreWindow::all(),
+                                   ScoreWindow::chunk(10, last / 3, last / 2 + 1, last - 40),
+                                   ScoreWindow::chunk(0, last / 4, last + 1, INT64_MAX),
+                                   ScoreWindow::chunk(8, 1000000, 1, last)};
     // Scaled queries so some rows are peaked (max probability near 1), others flat.
     const auto q = kvpack_test::random_values(static_cast<std::size_t>(c.rows) * c.d, seed++, 0.6f);
     const auto k_values =

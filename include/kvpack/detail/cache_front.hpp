@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -68,6 +69,11 @@ class CacheFront {
     shape_.validate();
     policy_.validate(shape_);
     layers_.resize(shape_.layers);
+  }
+
+  /// Largest magnitude append() accepts: what storage_type holds (fp16: 65504).
+  static constexpr float storage_limit() {
+    return std::is_same_v<storage_type, Half> ? 65504.0f : std::numeric_limits<float>::max();
   }
 
   /// append(): layer, both views, equal token counts, positions after the layer's last.

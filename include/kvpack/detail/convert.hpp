@@ -6,7 +6,9 @@
 #include "internal.hpp"  // first, before anything defines the macro it checks
 // clang-format on
 
+#include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "../half.hpp"
 
@@ -51,6 +53,20 @@ inline void store_row(const float* src, Half* dst, int64_t n) {
   }
 #endif
   for (; i < n; ++i) dst[i] = to_half(src[i]);
+}
+
+/// Appends n rows of keys and values (fp32, n × head_dim each, row-major) to `k` and `v` in
+/// their element type T, and their positions: what every CPU head store does on append.
+template <class T>
+inline void append_rows(std::vector<T>& k, std::vector<T>& v, std::vector<int32_t>& positions,
+                        const float* k_rows, const float* v_rows, const int64_t* pos, int64_t n,
+                        int head_dim) {
+  const std::size_t old = k.size();
+  k.resize(old + n * head_dim);
+  v.resize(old + n * head_dim);
+  store_row(k_rows, k.data() + old, n * head_dim);
+  store_row(v_rows, v.data() + old, n * head_dim);
+  for (int64_t t = 0; t < n; ++t) positions.push_back(static_cast<int32_t>(pos[t]));
 }
 
 }  // namespace detail

@@ -33,6 +33,7 @@
 
 #include "../config.hpp"
 #include "../error.hpp"
+#include "matrix.hpp"
 
 namespace kvpack {
 
@@ -61,9 +62,6 @@ struct SvdFactors {
   Eigen::MatrixXf V;
   SvdRoute route = SvdRoute::kAuto;  ///< the route that ran (never kAuto)
 };
-
-/// Row-major fp32 matrix: how the caches hold token × channel data.
-using RowMajorMatrixXf = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 namespace detail {
 

@@ -1,10 +1,11 @@
 /// \file policy/channel_shrink.hpp
 /// \brief ChannelShrink (CSKV, arXiv 2409.10593): per-layer low-rank channel projections of
-/// pre-RoPE keys and of values, calibrated offline, with an exact window of recent tokens.
+/// pre-RoPE keys and of values, calibrated offline, with an exact residual of recent tokens.
 #pragma once
 
 #include <Eigen/Core>
 #include <Eigen/Eigenvalues>
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -13,6 +14,7 @@
 #include "../config.hpp"
 #include "../detail/checked_file.hpp"
 #include "../error.hpp"
+#include "../linalg/matrix.hpp"
 #include "policy_base.hpp"
 
 namespace kvpack {
@@ -124,22 +126,48 @@ struct ChannelProjections {
   }
 };
 
-/// \brief CSKV's bi-branch cache: the newest `window` tokens exact, older ones as latents
+/// \brief CSKV's bi-branch cache: the newest `residual` tokens exact (CSKV's "window"; the same
+/// idea as KIVI's fp16 residual, hence one name), older ones as latents
 /// z = K_pre P_k (r_k per token, fp16) and z_v = V P_v; keys are rebuilt as z P_kᵀ and
-/// re-rotated tile by tile inside attention. Knobs (paper): window 32; keys compressed harder
-/// than values (choose r_k < r_v at calibration).
-struct ChannelShrink : PolicyBase {
-  static constexpr StorageFormat storage_format = StorageFormat::kLowRankFactors;
-  int64_t window = 32;
+/// re-rotated tile by tile inside attention. Knobs (paper): window (residual) 32; keys compressed
+/// harder than values (choose r_k < r_v at calibration).
+struct ChannelShrink : LowRankPolicy {
+  static constexpr const char* name = "ChannelShrink";
+  int64_t residual = 32;
   std::shared_ptr<const ChannelProjections> projections;
 
   ChannelShrink() = default;
-  explicit ChannelShrink(std::shared_ptr<const ChannelProjections> p, int64_t w = 32)
-      : window(w), projections(std::move(p)) {}
+  explicit ChannelShrink(std::shared_ptr<const ChannelProjections> p, int64_t r = 32)
+      : residual(r), projections(std::move(p)) {}
+
+  /// Low-rank hook (LowRankPolicy): per layer and side, one job over the tokens older than the
+  /// exact residual (tokens factored by an earlier compress() stay factored even if `residual`
+  /// grew since), at the calibrated ranks.
+  std::vector<LowRankJob> plan(const ModelShape& shape, const std::vector<LowRankLayer>& held,
+                               double /*basis_bytes*/, const char* /*where*/) const {
+    std::vector<LowRankJob> jobs;
+    for (int l = 0; l < shape.layers; ++l) {
+      const int64_t tokens = std::max(held[l].tokens - residual, held[l].factored);
+      if (tokens <= 0) continue;
+      jobs.push_back({l, l + 1, true, projections->rank_k[l], tokens});
+      jobs.push_back({l, l + 1, false, projections->rank_v[l], tokens});
+    }
+    return jobs;
+  }
+
+  /// Low-rank hook: latents A = X P (shared by the layer's heads), Bt = P (a head's factor B is
+  /// P[its channels]ᵀ).
+  void factor(const LowRankJob& job, const RowMajorMatrixXf& x, RowMajorMatrixXf& a,
+              Eigen::MatrixXf& bt) const {
+    const Eigen::Map<const RowMajorMatrixXf> p(
+        (job.keys ? projections->pk : projections->pv)[job.l0].data(), x.cols(), job.rank);
+    a = x * p;
+    bt = p;
+  }
 
   void validate(const ModelShape& shape) const {
     constexpr const char* where = "ChannelShrink";
-    detail::require(window >= 0, where, "window", window, ">= 0");
+    detail::require(residual >= 0, where, "residual", residual, ">= 0");
     detail::require(projections != nullptr, where, "projections", "null",
                     "calibrated projections (ChannelProjections::calibrate or ::load)");
     detail::require(

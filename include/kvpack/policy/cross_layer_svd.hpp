@@ -6,8 +6,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
+#include <tuple>
 #include <utility>
+#include <vector>
 
+#include "../error.hpp"
 #include "../linalg/truncated_svd.hpp"
 #include "policy_base.hpp"
 
@@ -32,8 +36,8 @@ namespace kvpack {
 ///    held, see ranks_for_ratio) with r_k : r_v = 1 : 1.5 as in the paper, clamped to
 ///    [1, min(tokens, columns)].
 /// Negative ranks, or one rank set without the other, are refused.
-struct CrossLayerSVD : PolicyBase {
-  static constexpr StorageFormat storage_format = StorageFormat::kLowRankFactors;
+struct CrossLayerSVD : LowRankPolicy {
+  static constexpr const char* name = "CrossLayerSVD";
   int group_layers = 4;
   int rank_k = 0;
   int rank_v = 0;
@@ -62,6 +66,54 @@ struct CrossLayerSVD : PolicyBase {
     const double dense = 2.0 * 2.0 * lh * head_dim * t;
     const double total = (dense / ratio - 4.0 * lh * t) / (basis_bytes * t + 4.0 * lh * head_dim);
     return {static_cast<int>(std::lround(0.4 * total)), static_cast<int>(std::lround(0.6 * total))};
+  }
+
+  /// Low-rank hook (LowRankPolicy): per group and side, one job over every held token. Throws
+  /// kvpack::error when a fixed rank exceeds min(tokens, columns) of a group.
+  std::vector<LowRankJob> plan(const ModelShape& shape, const std::vector<LowRankLayer>& held,
+                               double basis_bytes, const char* where) const {
+    std::vector<LowRankJob> jobs;
+    for (int l0 = 0; l0 < shape.layers; l0 += group_layers) {
+      const int l1 = std::min(shape.layers, l0 + group_layers);
+      const int64_t tokens = held[l0].tokens;
+      if (tokens == 0) continue;
+      const int64_t cols = static_cast<int64_t>(l1 - l0) * shape.kv_heads * shape.head_dim;
+      const int64_t cap = std::min(tokens, cols);
+      int rk = rank_k, rv = rank_v;
+      if (rk > 0) {
+        for (const auto& [knob, rank] :
+             {std::pair<const char*, int>{"rank_k", rk}, {"rank_v", rv}}) {
+          if (rank > cap) {
+            throw error(detail::concat(
+                where, ": CrossLayerSVD ", knob, " = ", rank, ", expected at most min(tokens, ",
+                "columns) = ", cap, " for layers [", l0, ", ", l1, "), which hold ", tokens,
+                " tokens x ", cols, " columns (compress once at least ", rank,
+                " tokens are held, or derive the ranks from target_ratio)"));
+          }
+        }
+      } else {
+        std::tie(rk, rv) = ranks_for_ratio(tokens, l1 - l0, shape.kv_heads, shape.head_dim,
+                                           target_ratio, basis_bytes);
+        rk = static_cast<int>(std::clamp<int64_t>(rk, 1, cap));
+        rv = static_cast<int>(std::clamp<int64_t>(rv, 1, cap));
+      }
+      jobs.push_back({l0, l1, true, rk, tokens});
+      jobs.push_back({l0, l1, false, rv, tokens});
+    }
+    return jobs;
+  }
+
+  /// Low-rank hook: X ≈ U Σ Vᵀ; A = U is shared by the group, Bt = V Σ (a head's factor B is
+  /// Σ V[its columns]ᵀ).
+  void factor(const LowRankJob& job, const RowMajorMatrixXf& x, RowMajorMatrixXf& a,
+              Eigen::MatrixXf& bt) const {
+    SvdOptions options;
+    options.route = svd_route;
+    options.rank = job.rank;
+    SvdFactors f =
+        truncated_svd(Eigen::Map<const RowMajorMatrixXf>(x.data(), x.rows(), x.cols()), options);
+    a = f.U;
+    bt = f.V * f.S.asDiagonal();
   }
 
   /// Layers of the smallest group (the last one when group_layers does not divide `layers`).

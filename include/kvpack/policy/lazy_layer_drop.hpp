@@ -17,30 +17,31 @@ namespace kvpack {
 /// \brief SimLayerKV's lazy-layer test and trim.
 ///
 /// Knobs (paper): threshold 0.9 for Llama-3 (0.65 Llama-2, 0.8 Mistral, 0.85 Qwen);
-/// initial_tokens 4, recent_tokens 1024. The threshold is model-specific: measure the mass
-/// distribution of your model (KVCache::observed_mass) before choosing it.
+/// sink_tokens 4 (the paper's "initial tokens"), recent_tokens 1024. The threshold is
+/// model-specific: measure the mass distribution of your model (KVCache::observed_mass) before
+/// choosing it.
 struct LazyLayerDrop : PolicyBase {
   static constexpr bool needs_observe = true;
   static constexpr ScoreSource score_source = ScoreSource::kLayerMass;
   double threshold = 0.9;
-  int64_t initial_tokens = 4;
+  int64_t sink_tokens = 4;
   int64_t recent_tokens = 1024;
 
   LazyLayerDrop() = default;
-  LazyLayerDrop(double threshold_, int64_t initial, int64_t recent)
-      : threshold(threshold_), initial_tokens(initial), recent_tokens(recent) {}
+  LazyLayerDrop(double threshold_, int64_t sinks, int64_t recent)
+      : threshold(threshold_), sink_tokens(sinks), recent_tokens(recent) {}
 
   void validate(const ModelShape&) const {
     detail::require(threshold >= 0.0 && threshold <= 1.0, "LazyLayerDrop", "threshold", threshold,
                     "a value in [0, 1]");
-    detail::require(initial_tokens >= 0, "LazyLayerDrop", "initial_tokens", initial_tokens, ">= 0");
+    detail::require(sink_tokens >= 0, "LazyLayerDrop", "sink_tokens", sink_tokens, ">= 0");
     detail::require(recent_tokens >= 1, "LazyLayerDrop", "recent_tokens", recent_tokens, ">= 1");
   }
 
   /// Whether a key at `pos` is in the kept set for a query at `query_pos` of a sequence whose
   /// first position is `first`.
   KVPACK_HOST_DEVICE bool in_kept_set(int64_t pos, int64_t first, int64_t query_pos) const {
-    return pos < first + initial_tokens || pos > query_pos - recent_tokens;
+    return pos < first + sink_tokens || pos > query_pos - recent_tokens;
   }
 };
 

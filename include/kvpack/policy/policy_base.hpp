@@ -86,6 +86,38 @@ struct QueryScoredEviction : EvictionPolicy {
   ScoreWindow window{};
 };
 
+/// One factoring job of a low-rank policy: the first `tokens` held tokens of layers [l0, l1),
+/// keys (pre-RoPE) or values, stacked side by side into X [tokens, (l1 - l0) · kv_heads ·
+/// head_dim] (column block (layer - l0) · kv_heads + head) and factored at `rank`.
+struct LowRankJob {
+  int l0 = 0, l1 = 0;
+  bool keys = true;
+  int rank = 0;
+  int64_t tokens = 0;
+};
+
+/// What a low-rank policy's plan sees of one layer: tokens held (every head of a layer holds the
+/// same ones under a low-rank policy) and how many of them an earlier compress() factored.
+struct LowRankLayer {
+  int64_t tokens = 0;
+  int64_t factored = 0;
+};
+
+/// \brief Base of low-rank policies (StorageFormat::kLowRankFactors). A derived policy provides
+/// two hooks; the container gathers X, checks that the stacked heads hold the same tokens, runs
+/// the jobs (in parallel, all before anything held changes) and stores the factors:
+///  - `std::vector<LowRankJob> plan(const ModelShape&, const std::vector<LowRankLayer>&,
+///     double basis_bytes, const char* where) const`: the jobs of one compress(), keys and
+///     values of the same layers as adjacent pairs; `basis_bytes` is the cost of one basis
+///     value (fp16: 2, quantized by Compose<…, Quantize>: Quantize::bytes_per_value()); throws
+///     kvpack::error (prefixed by `where`) for a rank the held tokens cannot carry.
+///  - `void factor(const LowRankJob&, const RowMatrixXf& x, RowMatrixXf& a, Eigen::MatrixXf& bt)
+///     const`: X [tokens, cols] ≈ A [tokens, rank] · Btᵀ with Bt [cols, rank]; A becomes the
+///     token basis shared by the job's heads, rows [c, c + head_dim) of Bt one head's factor.
+struct LowRankPolicy : PolicyBase {
+  static constexpr StorageFormat storage_format = StorageFormat::kLowRankFactors;
+};
+
 namespace detail {
 
 template <class P, class = void>

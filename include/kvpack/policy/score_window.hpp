@@ -9,9 +9,10 @@
 
 namespace kvpack {
 
-/// \brief Keys by position: sinks (pos < sink_end), a chunk [begin, end], and a tail
-/// (pos >= tail_begin). KVzip scores each repeated chunk with a chunk-local softmax over
-/// sinks + the chunk + the repeat tokens; the default window is every key.
+/// \brief Keys by position: sinks (pos < sink_end), a chunk [begin, end) and a tail
+/// (pos >= tail_begin); every range is half-open, as everywhere in kvpack. KVzip scores each
+/// repeated chunk with a chunk-local softmax over sinks + the chunk + the repeat tokens; the
+/// default window is every key.
 struct ScoreWindow {
   int64_t sink_end = 0;
   int64_t begin = std::numeric_limits<int64_t>::min();
@@ -20,12 +21,12 @@ struct ScoreWindow {
 
   /// Every key (the default).
   static ScoreWindow all() { return ScoreWindow{}; }
-  /// Sinks [.., sink_end), the chunk [begin, end] and everything from tail_begin on.
+  /// Sinks [.., sink_end), the chunk [begin, end) and everything from tail_begin on.
   static ScoreWindow chunk(int64_t sink_end, int64_t begin, int64_t end, int64_t tail_begin) {
     return ScoreWindow{sink_end, begin, end, tail_begin};
   }
   KVPACK_HOST_DEVICE bool contains(int64_t pos) const {
-    return pos < sink_end || (pos >= begin && pos <= end) || pos >= tail_begin;
+    return pos < sink_end || (pos >= begin && pos < end) || pos >= tail_begin;
   }
 };
 

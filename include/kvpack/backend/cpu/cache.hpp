@@ -15,24 +15,21 @@
 #include "../../cache.hpp"
 #include "../../config.hpp"
 #include "../../detail/cache_front.hpp"
-#include "../../detail/head_store.hpp"
-#include "../../detail/low_rank_head_store.hpp"
-#include "../../detail/quantized_head_store.hpp"
 #include "../../detail/select.hpp"
 #include "../../detail/validate.hpp"
 #include "../../error.hpp"
-#include "../../policy/channel_shrink.hpp"
 #include "../../policy/compose.hpp"
-#include "../../policy/cross_layer_svd.hpp"
 #include "../../policy/head_level_evict.hpp"
 #include "../../policy/lazy_layer_drop.hpp"
 #include "../../policy/policy_base.hpp"
+#include "../../rope.hpp"
 #include "../../shape.hpp"
 #include "../../span.hpp"
 #include "../../view.hpp"
 #include "attention.hpp"
-#include "quantized_attention.hpp"
+#include "head_store.hpp"
 #include "scoring.hpp"
+#include "store_for.hpp"
 
 namespace kvpack {
 
@@ -58,13 +55,11 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   static constexpr bool kPositionScores = kSource == ScoreSource::kPosition;
   static constexpr bool kSumScores = detail::sums_query_scores<Selection>();
   static constexpr bool kQuantized = Stages::quantized;
-  static constexpr bool kCrossLayer = std::is_same_v<Selection, CrossLayerSVD>;
-  static constexpr bool kChannelShrink = std::is_same_v<Selection, ChannelShrink>;
   static constexpr bool kLowRank = Selection::storage_format == StorageFormat::kLowRankFactors;
   static constexpr bool kQuantizedRows = kQuantized && !kLowRank;
-  using Store = std::conditional_t<
-      kLowRank, detail::LowRankHeadStore,
-      std::conditional_t<kQuantized, detail::QuantizedHeadStore, detail::HeadStore<storage_type>>>;
+  // Dense rows (head_store.hpp), KIVI blocks (kivi_rows.hpp) or low-rank factors (low_rank.hpp).
+  using Store =
+      typename detail::CpuStore<Selection::storage_format, kQuantized, storage_type>::type;
   using Front = detail::CacheFront<Policy>;
   using Front::layers_;
   using Front::observed_;
@@ -94,8 +89,8 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   void append(int layer, const ActivationView& k, const ActivationView& v, Positions positions) {
     constexpr const char* where = "KVCache::append";
     this->check_append(where, layer, k, v, positions);
-    detail::check_values(where, "k", k, storage_limit());
-    detail::check_values(where, "v", v, storage_limit());
+    detail::check_values(where, "k", k, this->storage_limit());
+    detail::check_values(where, "v", v, this->storage_limit());
 
     const int d = shape_.head_dim;
     const int64_t n = k.tokens();
@@ -166,7 +161,6 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
       for (int h = 0; h < shape_.kv_heads; ++h) store(l, h).drop_back(drop[l], shape_.head_dim);
     }
     this->commit_truncate(last_position, drop);
-    if constexpr (kLowRank) collect_bases();
   }
 
   /// Mean attention mass that observed queries put on the initial + recent tokens of `layer`
@@ -252,14 +246,14 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
     return result;
   }
 
-  /// Every byte held: K/V rows, positions, and the per-head / per-layer bookkeeping.
+  /// Every byte held: K/V rows (or blocks, or factors and each shared basis once), positions,
+  /// and the per-head / per-layer bookkeeping.
   std::size_t bytes() const {
     std::size_t total = heads_.size() * sizeof(Store) +
                         layers_.size() * sizeof(detail::LayerState) +
                         observations_.size() * sizeof(LayerObservation);
     for (const auto& head : heads_) total += head.bytes();
-    for (const auto& basis : bases_) total += basis->bytes() + sizeof(detail::LowRankBasis);
-    return total;
+    return total + Store::shared_bytes(heads_);
   }
 
   /// Tokens held by one (layer, kv-head).
@@ -272,7 +266,6 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   void clear() {
     for (auto& head : heads_) head.clear();
     for (auto& o : observations_) o = LayerObservation{};
-    bases_.clear();
     this->clear_front();
   }
 
@@ -283,10 +276,6 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
     int64_t rows = 0;
     int lazy = -1;  // -1 undecided, 0 no, 1 yes
   };
-
-  static constexpr float storage_limit() {
-    return std::is_same_v<storage_type, Half> ? 65504.0f : std::numeric_limits<float>::max();
-  }
 
   Store& store(int layer, int head) {
     return heads_[static_cast<std::size_t>(layer) * shape_.kv_heads + head];
@@ -309,17 +298,20 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
                          int64_t t0, int64_t tn, std::vector<float>& rows,
                          std::vector<int64_t>& visible) const;
   void evict();
-  void quantize();
-  void factorize();
-  /// bases_ = every token basis some head still points to, once (bytes() counts them).
-  void collect_bases();
+  void quantize();   // kivi_rows.hpp
+  void factorize();  // low_rank.hpp
+  /// One attend() work item over low-rank heads [h0, h0 + heads): query block [t0, t0 + tn),
+  /// keys [begin, end); state_of(h) is head h's partial softmax state. low_rank.hpp.
+  template <class StateOf>
+  void attend_low_rank_item(int layer, const ActivationView& q, Positions positions, int h0,
+                            int heads, int64_t t0, int64_t tn, int64_t begin, int64_t end,
+                            const StateOf& state_of, std::vector<float>& scratch) const;
   std::vector<float> pre_rope_rows(int layer, int head, int64_t tokens, bool keys) const;
   void observe_probabilities(int layer, const ActivationView& q, Positions positions);
   void trim_lazy_layers();
 
-  std::vector<Store> heads_;                                        // layer-major: [layer][kv_head]
-  std::vector<LayerObservation> observations_;                      // LazyLayerDrop only
-  std::vector<std::shared_ptr<const detail::LowRankBasis>> bases_;  // low-rank policies only
+  std::vector<Store> heads_;                    // layer-major: [layer][kv_head]
+  std::vector<LayerObservation> observations_;  // LazyLayerDrop only
 };
 
 }  // namespace kvpack

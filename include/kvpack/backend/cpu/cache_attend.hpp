@@ -1,6 +1,7 @@
 /// \file backend/cpu/cache_attend.hpp
 /// \brief Out-of-line members of KVCache<Policy, backend::Cpu>: decode and prefill attention over
-/// what a layer holds (rows, KIVI blocks or low-rank factors).
+/// what a layer holds: work items, key splits and their merge (the low-rank item is in
+/// cache_attend_low_rank.hpp).
 #pragma once
 
 #include <algorithm>
@@ -8,7 +9,6 @@
 #include <vector>
 
 #include "cache.hpp"
-#include "low_rank_attention.hpp"
 
 namespace kvpack {
 
@@ -57,15 +57,7 @@ void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const Activation
       return partial[(static_cast<int64_t>(h) * blocks + block) * splits + split];
     };
     if constexpr (kLowRank) {
-      std::vector<std::vector<float>> qrows(item_heads);
-      std::vector<std::vector<int64_t>> visible(item_heads);
-      std::vector<cpu::LowRankQuery> query(item_heads);
-      for (int i = 0; i < item_heads; ++i) {
-        gather_query_rows(layer, q, positions, h0 + i, t0, tn, qrows[i], visible[i]);
-        state(h0 + i).reset(rows, d);
-        query[i] = {&store(layer, h0 + i), qrows[i].data(), visible[i].data(), &state(h0 + i)};
-      }
-      cpu::attend_low_rank_heads(query.data(), item_heads, d, rows, begin, end, scratch);
+      attend_low_rank_item(layer, q, positions, h0, item_heads, t0, tn, begin, end, state, scratch);
     } else {
       std::vector<float> qrows;
       std::vector<int64_t> visible;

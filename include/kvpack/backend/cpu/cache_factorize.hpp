@@ -1,17 +1,17 @@
 /// \file backend/cpu/cache_factorize.hpp
-/// \brief Out-of-line members of KVCache<Policy, backend::Cpu>: low-rank factoring (xKV's SVD of
-/// stacked layers, CSKV's projections) into shared bases and per-head factors.
+/// \brief Out-of-line members of KVCache<Policy, backend::Cpu>: runs a low-rank policy's jobs
+/// (its plan() and factor() hooks) and stores shared bases and per-head factors.
 #pragma once
 
 #include <algorithm>
 #include <exception>
 #include <memory>
-#include <tuple>
 #include <utility>
 #include <vector>
 
-#include "../../linalg/truncated_svd.hpp"
+#include "../../linalg/matrix.hpp"
 #include "cache.hpp"
+#include "low_rank_head_store.hpp"
 
 namespace kvpack {
 
@@ -33,120 +33,65 @@ std::vector<float> KVCache<Policy, backend::Cpu>::pre_rope_rows(int layer, int h
 
 template <class Policy>
 void KVCache<Policy, backend::Cpu>::factorize() {
-  using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   constexpr const char* where = "KVCache::compress";
   const int d = shape_.head_dim, heads = shape_.kv_heads;
-  // One job per (layers [l0, l1), side): its stacked pre-RoPE matrix becomes a shared basis and
-  // one factor per (layer, head). Every job runs before anything held changes, so a refused rank,
-  // heads holding different tokens or a failure inside the SVD leave the cache as it was.
+  // The policy plans jobs (layers, side, rank, tokens) and factors each one's stacked pre-RoPE
+  // matrix into a shared basis and one factor per (layer, head). Every job runs before anything
+  // held changes, so a refused rank, heads holding different tokens or a failure inside the
+  // factoring leave the cache as it was.
   struct Job {
-    int l0, l1;
-    bool keys;
-    int rank;
-    int64_t tokens;
+    LowRankJob plan;
     std::vector<detail::LowRankFactor> factors;  // (layer − l0) · heads + head
   };
-  std::vector<Job> jobs;
-  auto require_same_tokens = [&](int l0, int l1, const char* what) {
-    const auto& ref = store(l0, 0).positions;
-    for (int l = l0; l < l1; ++l) {
-      for (int h = 0; h < heads; ++h) {
-        if (store(l, h).positions != ref) {
-          throw error(detail::concat(where, ": ", what, " needs every head",
-                                     l1 - l0 > 1 ? " and layer" : "",
-                                     " it factors together to hold the same tokens; layer ", l,
-                                     " head ", h, " differs from layer ", l0, " head 0"));
-        }
-      }
-    }
-  };
+  std::vector<LowRankLayer> held(shape_.layers);
+  for (int l = 0; l < shape_.layers; ++l) held[l] = {store(l, 0).size(), store(l, 0).factored};
   // Compose<…, Quantize>: the bases are quantized, and ranks derived from a target ratio pay
   // for basis values at the quantized cost (the quantizer's share of the budget is fixed).
   const Quantize* quant = Stages::quant_knobs(policy_);
   const int basis_bits = quant ? quant->bits : 0;
   const int basis_group = quant ? quant->group : 32;
-  if constexpr (kCrossLayer) {
-    const CrossLayerSVD& p = selection();
-    for (int l0 = 0; l0 < shape_.layers; l0 += p.group_layers) {
-      const int l1 = std::min(shape_.layers, l0 + p.group_layers);
-      require_same_tokens(l0, l1, "CrossLayerSVD");
-      const int64_t tokens = store(l0, 0).size();
-      if (tokens == 0) continue;
-      const int64_t cols = static_cast<int64_t>(l1 - l0) * heads * d;
-      const int64_t cap = std::min(tokens, cols);
-      int rk = p.rank_k, rv = p.rank_v;
-      if (rk > 0) {
-        for (const auto& [name, rank] :
-             {std::pair<const char*, int>{"rank_k", rk}, {"rank_v", rv}}) {
-          if (rank > cap) {
-            throw error(detail::concat(
-                where, ": CrossLayerSVD ", name, " = ", rank, ", expected at most min(tokens, ",
-                "columns) = ", cap, " for layers [", l0, ", ", l1, "), which hold ", tokens,
-                " tokens x ", cols, " columns (compress once at least ", rank,
-                " tokens are held, or derive the ranks from target_ratio)"));
-          }
+  std::vector<Job> jobs;
+  for (const LowRankJob& plan :
+       selection().plan(shape_, held, quant ? quant->bytes_per_value() : 2.0, where)) {
+    const auto& ref = store(plan.l0, 0).positions;
+    for (int l = plan.l0; l < plan.l1; ++l) {
+      for (int h = 0; h < heads; ++h) {
+        if (store(l, h).positions != ref) {
+          throw error(detail::concat(where, ": ", Selection::name, " needs every head",
+                                     plan.l1 - plan.l0 > 1 ? " and layer" : "",
+                                     " it factors together to hold the same tokens; layer ", l,
+                                     " head ", h, " differs from layer ", plan.l0, " head 0"));
         }
-      } else {
-        std::tie(rk, rv) = CrossLayerSVD::ranks_for_ratio(tokens, l1 - l0, heads, d, p.target_ratio,
-                                                          quant ? quant->bytes_per_value() : 2.0);
-        rk = static_cast<int>(std::clamp<int64_t>(rk, 1, cap));
-        rv = static_cast<int>(std::clamp<int64_t>(rv, 1, cap));
       }
-      jobs.push_back({l0, l1, true, rk, tokens, {}});
-      jobs.push_back({l0, l1, false, rv, tokens, {}});
     }
-  } else {
-    const ChannelShrink& p = selection();
-    for (int l = 0; l < shape_.layers; ++l) {
-      // Tokens factored by an earlier compress() stay factored even if `window` grew since.
-      const int64_t tokens = std::max(store(l, 0).size() - p.window, store(l, 0).factored);
-      if (tokens <= 0) continue;
-      require_same_tokens(l, l + 1, "ChannelShrink");
-      jobs.push_back({l, l + 1, true, p.projections->rank_k[l], tokens, {}});
-      jobs.push_back({l, l + 1, false, p.projections->rank_v[l], tokens, {}});
-    }
+    jobs.push_back({plan, {}});
   }
 
-  auto run = [&](Job& job) {
+  auto run = [&](Job& job_state) {
+    const LowRankJob& job = job_state.plan;
     const int64_t cols = static_cast<int64_t>(job.l1 - job.l0) * heads * d;
-    RowMat x(job.tokens, cols);
+    RowMajorMatrixXf x(job.tokens, cols);
     for (int l = job.l0; l < job.l1; ++l) {
       for (int h = 0; h < heads; ++h) {
         const auto rows = pre_rope_rows(l, h, job.tokens, job.keys);
         x.middleCols((static_cast<int64_t>(l - job.l0) * heads + h) * d, d) =
-            Eigen::Map<const RowMat>(rows.data(), job.tokens, d);
+            Eigen::Map<const RowMajorMatrixXf>(rows.data(), job.tokens, d);
       }
     }
-    auto basis = std::make_shared<detail::LowRankBasis>();
-    // Holds A (tokens × rank) and, from `bt` (cols × rank, rows are channels), B of each
+    RowMajorMatrixXf a;
+    Eigen::MatrixXf bt;
+    selection().factor(job, x, a, bt);
+    // Holds A (tokens × rank) and, from Bt (cols × rank, rows are channels), B of each
     // (layer, head): rank × d. Columns of A beyond the storage range are scaled down by a power
     // of two and the matching rows of B (fp32) up by it, so A·B is unchanged.
-    auto add_factors = [&](RowMat& a, const auto& bt) {
-      const Eigen::VectorXf scale = detail::fit_basis_range(a.data(), job.tokens, job.rank, where);
-      basis->assign(a.data(), job.tokens, job.rank, basis_bits, basis_group);
-      for (int64_t c0 = 0; c0 < cols; c0 += d) {
-        detail::LowRankFactor f{basis, std::vector<float>(static_cast<std::size_t>(job.rank) * d)};
-        Eigen::Map<RowMat>(f.b.data(), job.rank, d) =
-            (bt.middleRows(c0, d) * scale.asDiagonal()).transpose();
-        job.factors.push_back(std::move(f));
-      }
-    };
-    if constexpr (kCrossLayer) {
-      // X ≈ U Σ Vᵀ: A = U shared by the group, B of (layer, head) = Σ V[columns of that head]ᵀ.
-      SvdOptions options;
-      options.route = selection().svd_route;
-      options.rank = job.rank;
-      const SvdFactors f =
-          truncated_svd(Eigen::Map<const RowMajorMatrixXf>(x.data(), x.rows(), cols), options);
-      RowMat a = f.U;
-      add_factors(a, Eigen::MatrixXf(f.V * f.S.asDiagonal()));
-    } else {
-      // Latents Z = X P (tokens × rank) shared by the layer's heads, B of a head = P[its rows]ᵀ.
-      const ChannelProjections& proj = *selection().projections;
-      const Eigen::Map<const RowMat> projection((job.keys ? proj.pk : proj.pv)[job.l0].data(), cols,
-                                                job.rank);
-      RowMat latents = x * projection;
-      add_factors(latents, projection);
+    auto basis = std::make_shared<detail::LowRankBasis>();
+    const Eigen::VectorXf scale = detail::fit_basis_range(a.data(), job.tokens, job.rank, where);
+    basis->assign(a.data(), job.tokens, job.rank, basis_bits, basis_group);
+    for (int64_t c0 = 0; c0 < cols; c0 += d) {
+      detail::LowRankFactor f{basis, std::vector<float>(static_cast<std::size_t>(job.rank) * d)};
+      Eigen::Map<RowMajorMatrixXf>(f.b.data(), job.rank, d) =
+          (bt.middleRows(c0, d) * scale.asDiagonal()).transpose();
+      job_state.factors.push_back(std::move(f));
     }
   };
   // Jobs are independent: two threads factor two groups at once (the SVD's double-precision
@@ -172,28 +117,13 @@ void KVCache<Policy, backend::Cpu>::factorize() {
   for (std::size_t i = 0; i + 1 < jobs.size(); i += 2) {
     Job& k = jobs[i];
     Job& v = jobs[i + 1];
-    for (int l = k.l0; l < k.l1; ++l) {
+    for (int l = k.plan.l0; l < k.plan.l1; ++l) {
       for (int h = 0; h < heads; ++h) {
-        const std::size_t f = static_cast<std::size_t>(l - k.l0) * heads + h;
-        store(l, h).set_factors(std::move(k.factors[f]), std::move(v.factors[f]), k.tokens, d);
+        const std::size_t f = static_cast<std::size_t>(l - k.plan.l0) * heads + h;
+        store(l, h).set_factors(std::move(k.factors[f]), std::move(v.factors[f]), k.plan.tokens, d);
       }
     }
   }
-  collect_bases();
-}
-
-template <class Policy>
-void KVCache<Policy, backend::Cpu>::collect_bases() {
-  // Bases held: each shared basis once, whichever heads still point to it.
-  std::vector<std::shared_ptr<const detail::LowRankBasis>> bases;
-  for (const auto& head : heads_) {
-    for (const auto* side : {&head.key, &head.value}) {
-      if (side->basis && std::find(bases.begin(), bases.end(), side->basis) == bases.end()) {
-        bases.push_back(side->basis);
-      }
-    }
-  }
-  bases_ = std::move(bases);
 }
 
 }  // namespace kvpack

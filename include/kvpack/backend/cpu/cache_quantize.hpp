@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cache.hpp"
+#include "quantized_head_store.hpp"
 
 namespace kvpack {
 

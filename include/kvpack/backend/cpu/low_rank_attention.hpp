@@ -20,9 +20,9 @@
 
 #include "../../config.hpp"
 #include "../../detail/convert.hpp"
-#include "../../detail/low_rank_head_store.hpp"
 #include "../../detail/online_softmax.hpp"
 #include "attention.hpp"
+#include "low_rank_head_store.hpp"
 
 namespace kvpack {
 namespace cpu {

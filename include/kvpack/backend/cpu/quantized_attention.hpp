@@ -20,9 +20,9 @@
 #include <vector>
 // clang-format on
 
-#include "../../detail/quantized_head_store.hpp"
 #include "../../quant/quant_block.hpp"
 #include "attention.hpp"
+#include "quantized_head_store.hpp"
 
 namespace kvpack {
 namespace detail {

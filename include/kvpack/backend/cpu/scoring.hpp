@@ -55,7 +55,7 @@ inline std::vector<std::pair<int64_t, int64_t>> window_ranges(const int32_t* pos
     }
   };
   if (n == 0) return ranges;
-  const int64_t chunk_end = window.end == INT64_MAX ? n : index_of(window.end + 1);
+  const int64_t chunk_end = window.end == INT64_MAX ? n : index_of(window.end);
   add(0, index_of(window.sink_end));
   add(index_of(window.begin), chunk_end);
   add(window.tail_begin == INT64_MAX ? n : index_of(window.tail_begin), n);

@@ -1,12 +1,8 @@
-/// \file detail/low_rank_head_store.hpp
+/// \file backend/cpu/low_rank_head_store.hpp
 /// \brief CPU head store of the low-rank policies (CrossLayerSVD, ChannelShrink): the older
 /// tokens as rows of a shared basis A (tokens × r) times this head's factor B (r × head_dim),
 /// the newest tokens exact. Keys are factored pre-RoPE and rotated when a tile is read.
 #pragma once
-
-// clang-format off
-#include "internal.hpp"  // first, before anything defines the macro it checks
-// clang-format on
 
 #include <Eigen/Core>
 #include <algorithm>
@@ -16,12 +12,13 @@
 #include <memory>
 #include <vector>
 
-#include "../backend/cpu/quantize.hpp"
-#include "../error.hpp"
-#include "../half.hpp"
-#include "../quant/quant_block.hpp"
-#include "../rope.hpp"
-#include "convert.hpp"
+#include "../../config.hpp"
+#include "../../detail/convert.hpp"
+#include "../../error.hpp"
+#include "../../half.hpp"
+#include "../../quant/quant_block.hpp"
+#include "../../rope.hpp"
+#include "quantize.hpp"
 
 namespace kvpack {
 namespace detail {
@@ -240,6 +237,21 @@ struct LowRankHeadStore {
 
   int64_t size() const { return static_cast<int64_t>(positions.size()); }
 
+  /// Every token basis some head of `heads` points to, counted once with its bookkeeping
+  /// (bases are shared by the heads, and by the layers of an xKV group).
+  static std::size_t shared_bytes(const std::vector<LowRankHeadStore>& heads) {
+    std::vector<const LowRankBasis*> seen;
+    std::size_t total = 0;
+    for (const auto& head : heads) {
+      for (const LowRankBasis* basis : {head.key.basis.get(), head.value.basis.get()}) {
+        if (basis == nullptr || std::find(seen.begin(), seen.end(), basis) != seen.end()) continue;
+        seen.push_back(basis);
+        total += basis->bytes() + sizeof(LowRankBasis);
+      }
+    }
+    return total;
+  }
+
   /// The head's own bytes: factors B, the exact tail and positions (bases: see LowRankBasis).
   std::size_t bytes() const {
     return key.bytes() + value.bytes() + (tail_k.size() + tail_v.size()) * sizeof(Half) +
@@ -248,12 +260,7 @@ struct LowRankHeadStore {
 
   void append(const float* k_rows, const float* v_rows, const int64_t* pos, int64_t n,
               int head_dim) {
-    const std::size_t old = tail_k.size();
-    tail_k.resize(old + n * head_dim);
-    tail_v.resize(old + n * head_dim);
-    store_row(k_rows, tail_k.data() + old, n * head_dim);
-    store_row(v_rows, tail_v.data() + old, n * head_dim);
-    for (int64_t t = 0; t < n; ++t) positions.push_back(static_cast<int32_t>(pos[t]));
+    append_rows(tail_k, tail_v, positions, k_rows, v_rows, pos, n, head_dim);
   }
 
   /// Tile loader: A[t0:t0+n] · B (one small GEMM per tile), RoPE for keys, then the tail.

@@ -1,17 +1,15 @@
-/// \file detail/head_store.hpp
+/// \file backend/cpu/head_store.hpp
 /// \brief Ragged storage of one (layer, kv-head): its kept K/V rows and their positions.
 #pragma once
-
-// clang-format off
-#include "internal.hpp"  // first, before anything defines the macro it checks
-// clang-format on
 
 #include <cstddef>
 #include <cstdint>
 #include <vector>
 
-#include "../backend/cpu/attention.hpp"
-#include "convert.hpp"
+#include "../../config.hpp"
+#include "../../detail/convert.hpp"
+#include "attention.hpp"
+#include "store_for.hpp"
 
 namespace kvpack {
 namespace detail {
@@ -32,17 +30,13 @@ struct HeadStore {
 
   int64_t size() const { return static_cast<int64_t>(positions.size()); }
 
+  /// Bytes held once for several heads (none for rows): see LowRankHeadStore::shared_bytes.
+  static std::size_t shared_bytes(const std::vector<HeadStore>&) { return 0; }
+
   /// Appends n fp32 rows of keys and values (n × head_dim each) at `pos`.
   void append(const float* k_rows, const float* v_rows, const int64_t* pos, int64_t n,
               int head_dim) {
-    const std::size_t old = k.size();
-    k.resize(old + n * head_dim);
-    v.resize(old + n * head_dim);
-    for (int64_t t = 0; t < n; ++t) {
-      store_row(k_rows + t * head_dim, k.data() + old + t * head_dim, head_dim);
-      store_row(v_rows + t * head_dim, v.data() + old + t * head_dim, head_dim);
-      positions.push_back(static_cast<int32_t>(pos[t]));
-    }
+    append_rows(k, v, positions, k_rows, v_rows, pos, n, head_dim);
     if (!scores.empty()) scores.resize(positions.size(), kUnscored);
   }
 
@@ -103,6 +97,12 @@ struct HeadStore {
     std::vector<int32_t>().swap(positions);
     std::vector<float>().swap(scores);
   }
+};
+
+/// Dense rows (no Quantize stage).
+template <class T>
+struct CpuStore<StorageFormat::kRows, false, T> {
+  using type = HeadStore<T>;
 };
 
 }  // namespace detail

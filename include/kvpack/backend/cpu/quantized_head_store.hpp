@@ -1,21 +1,18 @@
-/// \file detail/quantized_head_store.hpp
+/// \file backend/cpu/quantized_head_store.hpp
 /// \brief CPU head store of the Quantize policy: KIVI blocks for old tokens, an fp16 tail for
 /// the newest ones. Same interface as HeadStore, so the container and eviction reuse it.
 #pragma once
-
-// clang-format off
-#include "internal.hpp"  // first, before anything defines the macro it checks
-// clang-format on
 
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#include "../backend/cpu/quantize.hpp"
-#include "../half.hpp"
-#include "../quant/quant_block.hpp"
-#include "convert.hpp"
+#include "../../config.hpp"
+#include "../../detail/convert.hpp"
+#include "../../half.hpp"
+#include "../../quant/quant_block.hpp"
+#include "quantize.hpp"
 
 namespace kvpack {
 namespace detail {
@@ -36,6 +33,9 @@ struct QuantizedHeadStore {
   std::size_t block_bytes() const { return 4 + static_cast<std::size_t>(group) * bits / 8; }
   int64_t size() const { return static_cast<int64_t>(positions.size()); }
 
+  /// Bytes held once for several heads (none for KIVI rows).
+  static std::size_t shared_bytes(const std::vector<QuantizedHeadStore>&) { return 0; }
+
   std::size_t bytes() const {
     return key_blocks.size() + value_blocks.size() + (tail_k.size() + tail_v.size()) * 2 +
            positions.size() * sizeof(int32_t) + scores.size() * sizeof(float);
@@ -43,12 +43,7 @@ struct QuantizedHeadStore {
 
   void append(const float* k_rows, const float* v_rows, const int64_t* pos, int64_t n,
               int head_dim) {
-    const std::size_t old = tail_k.size();
-    tail_k.resize(old + n * head_dim);
-    tail_v.resize(old + n * head_dim);
-    store_row(k_rows, tail_k.data() + old, n * head_dim);
-    store_row(v_rows, tail_v.data() + old, n * head_dim);
-    for (int64_t t = 0; t < n; ++t) positions.push_back(static_cast<int32_t>(pos[t]));
+    append_rows(tail_k, tail_v, positions, k_rows, v_rows, pos, n, head_dim);
     if (!scores.empty()) scores.resize(positions.size(), kUnscored);
   }
 

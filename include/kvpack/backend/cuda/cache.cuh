@@ -1,0 +1,382 @@
+/// \file backend/cuda/cache.cuh
+/// \brief KVCache<Policy, backend::Cuda>: the class (public API and state); its out-of-line
+/// members are in cache_append.cuh, cache_attend.cuh and cache_evict.cuh.
+#pragma once
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../../budget.hpp"
+// Eigen (pulled in by the CPU backend) declares defaulted members __host__ __device__, which
+// nvcc reports as warning 20012; the annotation is harmless, so it is silenced for these headers.
+#pragma nv_diagnostic push
+#pragma nv_diag_suppress 20012
+#include "../../cache.hpp"
+#pragma nv_diagnostic pop
+#include "../../config.hpp"
+#include "../../detail/cache_front.hpp"
+#include "../../detail/select.hpp"
+#include "../../detail/validate.hpp"
+#include "../../error.hpp"
+#include "../../policy/identity.hpp"
+#include "../../policy/l2_norm_evict.hpp"
+#include "../../policy/policy_base.hpp"
+#include "../../shape.hpp"
+#include "../../span.hpp"
+#include "../../view.hpp"
+#include "context.hpp"
+#include "device_storage.cuh"
+#include "kernel_logic.hpp"
+#include "kernels/append.cuh"
+#include "kernels/attention.cuh"
+#include "kernels/compact.cuh"
+#include "kernels/score.cuh"
+#include "kernels/select.cuh"
+
+namespace kvpack {
+
+/// \brief CUDA implementation of KVCache (see the file comment for the design).
+/// \tparam Policy BasicIdentity<Half|float> or a score-based eviction policy (L2NormEvict).
+///
+/// The cache runs on a caller-owned cuda::CudaContext (device + stream), or on one it creates
+/// on the current device. Move-only. Calls on one cache are serialised (a mutex guards the
+/// workspace), so const calls may come from several threads.
+template <class Policy>
+class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
+  static_assert(cuda::supports_policy_v<Policy>,
+                "no CUDA implementation of this Policy: backend::Cuda implements BasicIdentity "
+                "and eviction policies scored per token from K/V (L2NormEvict: an "
+                "EvictionPolicy with a KVPACK_HOST_DEVICE static token_score); use backend::Cpu "
+                "for the others (query-scored eviction, LazyLayerDrop, Quantize, Compose)");
+
+ public:
+  using backend_type = backend::Cuda;
+  using typename detail::CacheFront<Policy>::storage_type;
+
+ private:
+  using Front = detail::CacheFront<Policy>;
+  using Front::layers_;
+  using Front::observed_;
+  using Front::policy_;
+  using Front::shape_;
+
+ public:
+  /// Validates the shape and the policy's knobs (as the CPU cache does; head_dim must also be
+  /// 64 or 128), then creates a context on the current CUDA device.
+  explicit KVCache(const ModelShape& shape, Policy policy = Policy{})
+      : Front(shape, std::move(policy)) {
+    validate_construction();
+    int device = 0;
+    cuda::check_cuda(cudaGetDevice(&device), "KVCache (CUDA): cudaGetDevice");
+    owned_context_ = std::make_unique<cuda::CudaContext>(device);
+    context_ = owned_context_.get();
+    allocate_bookkeeping();
+  }
+
+  /// As above, on a caller-owned context that must outlive the cache.
+  KVCache(const ModelShape& shape, Policy policy, cuda::CudaContext& context)
+      : Front(shape, std::move(policy)), context_(&context) {
+    validate_construction();
+    allocate_bookkeeping();
+  }
+
+  KVCache(KVCache&&) noexcept = default;
+  KVCache& operator=(KVCache&&) noexcept = default;
+  KVCache(const KVCache&) = delete;
+  KVCache& operator=(const KVCache&) = delete;
+
+  cuda::CudaContext& context() const { return *context_; }
+
+  /// Appends a block of tokens to `layer`: k and v are tokens × kv_heads × head_dim (post-RoPE
+  /// keys) in `space`, positions (host) strictly increasing and after the layer's last one.
+  void append(int layer, const ActivationView& k, const ActivationView& v, Positions positions,
+              MemorySpace space = MemorySpace::kHost) {
+    constexpr const char* where = "KVCache::append";
+    this->check_append(where, layer, k, v, positions);
+    cuda::DeviceGuard guard(context_->device());
+    std::lock_guard<std::mutex> lock(scratch_->mutex);
+    check_space(where, "k", k.data(), space);
+    check_space(where, "v", v.data(), space);
+    check_values(where, "k", k, this->storage_limit(), space);
+    check_values(where, "v", v, this->storage_limit(), space);
+    append_unchecked(layer, k, v, positions, space);
+  }
+
+  /// Hands queries (tokens × q_heads × head_dim, post-RoPE) to policies that score with them.
+  void observe(int layer, const ActivationView& q, Positions positions,
+               MemorySpace space = MemorySpace::kHost) {
+    constexpr const char* where = "KVCache::observe";
+    cuda::DeviceGuard guard(context_->device());
+    std::lock_guard<std::mutex> lock(scratch_->mutex);
+    check_query(where, layer, q, positions, space);
+    observed_ = true;
+  }
+
+  /// Applies the policy to everything held (see the CPU cache: repeated calls hold the budget).
+  void compress() {
+    this->check_compress();
+    if constexpr (is_eviction_policy_v<Policy>) {
+      cuda::DeviceGuard guard(context_->device());
+      std::lock_guard<std::mutex> lock(scratch_->mutex);
+      evict();
+    }
+  }
+
+  /// Removes every token at a position > `last_position` from all layers (e.g. the repeat
+  /// prompt of a scoring pass). Only tokens no compress() has evicted from can be rolled back.
+  /// The rows' device memory stays reserved for the next appends (see reserved_bytes()).
+  void truncate(int64_t last_position) {
+    constexpr const char* where = "KVCache::truncate";
+    cuda::DeviceGuard guard(context_->device());
+    std::lock_guard<std::mutex> lock(scratch_->mutex);
+    // Rows after last_position, per head: counted on a download of the positions of the layers
+    // concerned (a head may hold a subset of the layer's positions after eviction).
+    std::vector<std::vector<int32_t>> held(heads_.size());
+    const cudaStream_t stream = context_->stream();
+    for (int l = 0; l < shape_.layers; ++l) {
+      if (layers_[l].last_position <= last_position) continue;
+      for (int h = 0; h < shape_.kv_heads; ++h) {
+        const DeviceHead& head = store(l, h);
+        auto& p = held[static_cast<std::size_t>(l) * shape_.kv_heads + h];
+        p.resize(static_cast<std::size_t>(head.size));
+        if (head.size == 0) continue;
+        cuda::check_cuda(
+            cudaMemcpyAsync(p.data(), head.positions.data(), p.size() * sizeof(int32_t),
+                            cudaMemcpyDeviceToHost, stream),
+            "KVCache::truncate: download of the positions");
+      }
+    }
+    context_->synchronize(where);
+    const std::vector<int64_t> drop = this->plan_truncate(where, last_position, [&](int l, int h) {
+      const auto& p = held[static_cast<std::size_t>(l) * shape_.kv_heads + h];
+      return static_cast<int64_t>(p.end() - std::upper_bound(p.begin(), p.end(), last_position));
+    });
+    for (int l = 0; l < shape_.layers; ++l) {
+      if (!this->truncates(l, last_position, drop)) continue;
+      for (int h = 0; h < shape_.kv_heads; ++h) {
+        DeviceHead& head = store(l, h);
+        head.size -= drop[l];
+        if (head.size == 0) head.first_position = -1;
+      }
+    }
+    this->commit_truncate(last_position, drop);
+  }
+
+  /// LazyLayerDrop's statistic on the CPU cache; no CUDA policy observes queries, so NaN.
+  double observed_mass(int layer) const {
+    detail::check_layer("KVCache::observed_mass", shape_, layer);
+    return std::nan("");
+  }
+
+  /// Whether compress() marked `layer` lazy (LazyLayerDrop only): always false here.
+  bool is_lazy(int layer) const {
+    detail::check_layer("KVCache::is_lazy", shape_, layer);
+    return false;
+  }
+
+  /// Attention of q (tokens × q_heads × head_dim, post-RoPE) over what `layer` holds: causal by
+  /// position, GQA, scaled by 1/sqrt(head_dim), softmax in fp32. q and out live in `space`.
+  void attend(int layer, const ActivationView& q, Positions positions, const OutputView& out,
+              MemorySpace space = MemorySpace::kHost) const {
+    constexpr const char* where = "KVCache::attend";
+    cuda::DeviceGuard guard(context_->device());
+    std::lock_guard<std::mutex> lock(scratch_->mutex);
+    check_query(where, layer, q, positions, space);
+    this->check_output(where, q, out);
+    this->check_visible(where, layer, positions, [&](int h) {
+      const auto& head = store(layer, h);
+      return std::pair<int64_t, int64_t>(head.size, head.first_position);
+    });
+    check_space(where, "out", out.data(), space);
+    attend_unchecked(layer, q, positions, out, space);
+  }
+
+  /// Dense fp32 K/V and positions of `layer`, one entry per kv head (the slow path; host).
+  DenseLayer materialize(int layer) const {
+    detail::check_layer("KVCache::materialize", shape_, layer);
+    cuda::DeviceGuard guard(context_->device());
+    std::lock_guard<std::mutex> lock(scratch_->mutex);
+    const int d = shape_.head_dim;
+    DenseLayer result;
+    result.heads.resize(shape_.kv_heads);
+    std::vector<std::vector<storage_type>> k(shape_.kv_heads), v(shape_.kv_heads);
+    std::vector<std::vector<int32_t>> positions(shape_.kv_heads);
+    const cudaStream_t stream = context_->stream();
+    for (int h = 0; h < shape_.kv_heads; ++h) {
+      const auto& head = store(layer, h);
+      const std::size_t n = static_cast<std::size_t>(head.size);
+      k[h].resize(n * d);
+      v[h].resize(n * d);
+      positions[h].resize(n);
+      if (n == 0) continue;
+      cuda::check_cuda(cudaMemcpyAsync(k[h].data(), head.k.data(), n * d * sizeof(storage_type),
+                                       cudaMemcpyDeviceToHost, stream),
+                       "KVCache::materialize: copy of K");
+      cuda::check_cuda(cudaMemcpyAsync(v[h].data(), head.v.data(), n * d * sizeof(storage_type),
+                                       cudaMemcpyDeviceToHost, stream),
+                       "KVCache::materialize: copy of V");
+      cuda::check_cuda(cudaMemcpyAsync(positions[h].data(), head.positions.data(),
+                                       n * sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
+                       "KVCache::materialize: copy of positions");
+    }
+    context_->synchronize("KVCache::materialize");
+    for (int h = 0; h < shape_.kv_heads; ++h) {
+      DenseHead& dst = result.heads[h];
+      dst.k.resize(k[h].size());
+      dst.v.resize(v[h].size());
+      const int64_t n = static_cast<int64_t>(positions[h].size());
+      for (int64_t t = 0; t < n; ++t) {
+        detail::load_row(k[h].data() + t * d, dst.k.data() + t * d, d);
+        detail::load_row(v[h].data() + t * d, dst.v.data() + t * d, d);
+      }
+      dst.positions.assign(positions[h].begin(), positions[h].end());
+    }
+    return result;
+  }
+
+  /// Every byte held, counted as the CPU cache counts it: K/V rows and one position per held
+  /// token, plus the per-head and per-layer bookkeeping (at the CPU's sizes).
+  std::size_t bytes() const {
+    std::size_t total = heads_.size() * sizeof(detail::HeadStore<storage_type>) +
+                        layers_.size() * sizeof(detail::LayerState);
+    for (const auto& head : heads_) total += static_cast<std::size_t>(head.size) * row_bytes();
+    return total;
+  }
+
+  /// Device memory the storage occupies including growth slack (>= bytes() minus bookkeeping;
+  /// equal to the held rows after compress() evicted from a head).
+  std::size_t reserved_bytes() const {
+    std::size_t total = 0;
+    for (const auto& head : heads_) {
+      total += head.k.bytes() + head.v.bytes() + head.positions.bytes();
+    }
+    return total;
+  }
+
+  /// Device scratch currently allocated for append / attend / compress (reused across calls,
+  /// not part of bytes(); released by clear()).
+  std::size_t workspace_bytes() const {
+    return scratch_->device.bytes() + scratch_->invalid_index.bytes();
+  }
+
+  /// Tokens held by one (layer, kv-head).
+  int64_t tokens(int layer, int head) const {
+    this->check_head("KVCache::tokens", layer, head);
+    return store(layer, head).size;
+  }
+
+  /// Drops every token and frees the device memory (storage and workspace); shape and policy
+  /// stay.
+  void clear() {
+    cuda::DeviceGuard guard(context_->device());
+    std::lock_guard<std::mutex> lock(scratch_->mutex);
+    context_->synchronize("KVCache::clear");
+    for (auto& head : heads_) head = cuda::DeviceHead<storage_type>{};
+    scratch_->device.release();
+    scratch_->invalid_index.release();
+    this->clear_front();
+  }
+
+ private:
+  using DeviceHead = cuda::DeviceHead<storage_type>;
+
+  /// Reusable scratch: one device allocation carved per call, a host staging area for the one
+  /// packed upload per call, and the mutex that serialises calls on this cache.
+  struct Scratch {
+    std::mutex mutex;
+    cuda::DeviceBuffer<unsigned char> device;
+    cuda::DeviceBuffer<unsigned long long> invalid_index;
+    std::vector<unsigned char> host;
+  };
+
+  std::size_t row_bytes() const {
+    return 2 * static_cast<std::size_t>(shape_.head_dim) * sizeof(storage_type) + sizeof(int32_t);
+  }
+
+  /// What the CUDA kernels add to the front end's checks (shape and knobs are validated there).
+  void validate_construction() {
+    detail::require(cuda::supported_head_dim(shape_.head_dim), "KVCache (CUDA)", "head_dim",
+                    shape_.head_dim, "64 or 128 (the head dims the CUDA kernels are compiled for)");
+    detail::require(shape_.kv_heads <= 65535, "KVCache (CUDA)", "kv_heads", shape_.kv_heads,
+                    "<= 65535 (one grid row per kv head)");
+  }
+
+  void allocate_bookkeeping() {
+    heads_.resize(static_cast<std::size_t>(shape_.layers) * shape_.kv_heads);
+    scratch_ = std::make_unique<Scratch>();
+  }
+
+  DeviceHead& store(int layer, int head) {
+    return heads_[static_cast<std::size_t>(layer) * shape_.kv_heads + head];
+  }
+  const DeviceHead& store(int layer, int head) const {
+    return heads_[static_cast<std::size_t>(layer) * shape_.kv_heads + head];
+  }
+
+  /// Device workspace of at least `bytes` (grown geometrically; nothing may still be reading
+  /// the old one: every public call ends with a stream synchronisation).
+  unsigned char* workspace(std::size_t bytes) const {
+    if (scratch_->device.size() < bytes) {
+      scratch_->device.release();
+      scratch_->device = cuda::DeviceBuffer<unsigned char>(
+          std::max(bytes, scratch_->device.size() * 2), context_->device());
+    }
+    return scratch_->device.data();
+  }
+
+  /// Host staging area of `bytes`, zero-initialised.
+  unsigned char* staging(std::size_t bytes) const {
+    scratch_->host.assign(bytes, 0);
+    return scratch_->host.data();
+  }
+
+  /// One host-to-device copy of the staging area to the start of the workspace.
+  void upload_staging(unsigned char* device_base, std::size_t bytes, const char* where) const {
+    if (bytes == 0) return;
+    cuda::check_cuda(cudaMemcpyAsync(device_base, scratch_->host.data(), bytes,
+                                     cudaMemcpyHostToDevice, context_->stream()),
+                     detail::concat(where, ": upload").c_str());
+  }
+
+  /// The pointer of view `name` must lie in `space` (host memory that the CPU can read, or
+  /// memory of this context's device).
+  void check_space(const char* where, const char* name, const void* data, MemorySpace space) const;
+  /// detail::check_values for a view in `space`: on the host directly; on the device by a
+  /// kernel that finds the element the host check would report first, with the same message.
+  void check_values(const char* where, const char* name, const ActivationView& x, float limit,
+                    MemorySpace space) const;
+
+  void check_query(const char* where, int layer, const ActivationView& q, Positions positions,
+                   MemorySpace space) const {
+    this->check_query_shape(where, layer, q, positions);
+    check_space(where, "q", q.data(), space);
+    check_values(where, "q", q, std::numeric_limits<float>::max(), space);
+  }
+
+  void append_unchecked(int layer, const ActivationView& k, const ActivationView& v,
+                        Positions positions, MemorySpace space);
+  void attend_unchecked(int layer, const ActivationView& q, Positions positions,
+                        const OutputView& out, MemorySpace space) const;
+  // A member template, so that explicit instantiation of a non-eviction cache does not
+  // instantiate it.
+  template <class P = Policy>
+  void evict();
+
+  std::unique_ptr<cuda::CudaContext> owned_context_;  // set when the cache made its own context
+  cuda::CudaContext* context_ = nullptr;
+  std::vector<DeviceHead> heads_;  // layer-major: [layer][kv_head]
+  std::unique_ptr<Scratch> scratch_;
+};
+
+}  // namespace kvpack

@@ -1,0 +1,114 @@
+/// \file backend/cuda/cache_attend.cuh
+/// \brief Out-of-line member of KVCache<Policy, backend::Cuda>: decode and prefill attention.
+#pragma once
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cache.cuh"
+
+namespace kvpack {
+
+template <class Policy>
+void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const ActivationView& q,
+                                                      Positions positions, const OutputView& out,
+                                                      MemorySpace space) const {
+  constexpr const char* where = "KVCache::attend";
+  using T = storage_type;
+  const int d = shape_.head_dim;
+  const int kv_heads = shape_.kv_heads;
+  const int q_heads = shape_.q_heads;
+  const int group = shape_.group_size();
+  const int64_t tokens = q.tokens();
+  const int64_t rows = tokens * q_heads;
+  const cudaStream_t stream = context_->stream();
+  const bool host = space == MemorySpace::kHost;
+
+  int64_t longest = 0;
+  for (int h = 0; h < kv_heads; ++h) longest = std::max(longest, store(layer, h).size);
+  const int64_t row_blocks = (tokens * group + cuda::kAttentionRows - 1) / cuda::kAttentionRows;
+  const int64_t splits =
+      cuda::attention_splits(row_blocks * kv_heads, longest, context_->sm_count());
+
+  // Workspace: uploaded [q positions | head table | q targets | q rows (host input)], then
+  // [q fp32 | partial acc | partial max | partial sum | out (host output)].
+  cuda::WorkspaceLayout layout;
+  const std::size_t at_positions = layout.add<int32_t>(tokens);
+  const std::size_t at_heads = layout.add<cuda::AttentionHead<T>>(kv_heads);
+  const std::size_t at_q_targets = layout.add<float*>(q_heads);
+  const std::size_t q_bytes = host ? rows * d * cuda::dtype_bytes(q.dtype()) : 0;
+  const std::size_t at_q_rows = layout.add<unsigned char>(q_bytes);
+  const std::size_t upload_bytes = layout.bytes();
+  const std::size_t at_q = layout.add<float>(rows * d);
+  const std::size_t at_acc = layout.add<float>(splits * rows * d);
+  const std::size_t at_max = layout.add<float>(splits * rows);
+  const std::size_t at_sum = layout.add<float>(splits * rows);
+  const std::size_t at_out = layout.add<float>(host ? rows * d : 0);
+  unsigned char* ws = workspace(layout.bytes());
+  unsigned char* stage = staging(upload_bytes);
+
+  auto* stage_positions = reinterpret_cast<int32_t*>(stage + at_positions);
+  for (int64_t t = 0; t < tokens; ++t) stage_positions[t] = static_cast<int32_t>(positions[t]);
+  auto* head_table = reinterpret_cast<cuda::AttentionHead<T>*>(stage + at_heads);
+  for (int h = 0; h < kv_heads; ++h) {
+    const DeviceHead& head = store(layer, h);
+    head_table[h] = {head.k.data(), head.v.data(), head.positions.data(), head.size};
+  }
+  auto* q_fp32 = reinterpret_cast<float*>(ws + at_q);
+  auto* q_targets = reinterpret_cast<float**>(stage + at_q_targets);
+  for (int h = 0; h < q_heads; ++h) q_targets[h] = q_fp32 + static_cast<int64_t>(h) * d;
+  const ActivationView q_device = host ? cuda::pack_view(q, stage + at_q_rows, ws + at_q_rows) : q;
+  upload_staging(ws, upload_bytes, where);
+
+  cuda::launch_convert_rows(q_device, reinterpret_cast<float* const*>(ws + at_q_targets),
+                            static_cast<int64_t>(q_heads) * d, stream);
+  cuda::AttentionParams params{};
+  params.q = q_fp32;
+  params.q_positions = reinterpret_cast<const int32_t*>(ws + at_positions);
+  params.tokens = tokens;
+  params.q_heads = q_heads;
+  params.group = group;
+  params.scale = 1.0f / std::sqrt(static_cast<float>(d));
+  params.splits = splits;
+  params.partial_acc = reinterpret_cast<float*>(ws + at_acc);
+  params.partial_max = reinterpret_cast<float*>(ws + at_max);
+  params.partial_sum = reinterpret_cast<float*>(ws + at_sum);
+  // OutputView exposes rows, not strides: recover the element strides from row addresses.
+  float* out_device = host ? reinterpret_cast<float*>(ws + at_out) : out.data();
+  const int64_t out_token_stride =
+      host ? static_cast<int64_t>(q_heads) * d : out.row(1, 0) - out.row(0, 0);
+  const int64_t out_head_stride = host ? d : out.row(0, 1) - out.row(0, 0);
+  const auto* heads = reinterpret_cast<const cuda::AttentionHead<T>*>(ws + at_heads);
+  cuda::dispatch_head_dim(d, [&](auto head_dim) {
+    cuda::launch_attention<T, decltype(head_dim)::value>(heads, kv_heads, params, out_device,
+                                                         out_token_stride, out_head_stride, stream);
+  });
+
+  if (!host) {
+    context_->synchronize(where);
+    return;
+  }
+  std::vector<float> result(static_cast<std::size_t>(rows) * d);
+  cuda::check_cuda(cudaMemcpyAsync(result.data(), out_device, result.size() * sizeof(float),
+                                   cudaMemcpyDeviceToHost, stream),
+                   "KVCache::attend: download of the output");
+  context_->synchronize(where);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int h = 0; h < q_heads; ++h) {
+      std::memcpy(out.row(t, h), result.data() + (t * q_heads + h) * d, d * sizeof(float));
+    }
+  }
+}
+
+}  // namespace kvpack

@@ -1,0 +1,193 @@
+/// \file backend/cuda/cache_evict.cuh
+/// \brief Out-of-line member of KVCache<Policy, backend::Cuda>: eviction (scores, selection on
+/// the device or global threshold on the host, compaction).
+#pragma once
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cache.cuh"
+
+namespace kvpack {
+
+template <class Policy>
+template <class P>
+void KVCache<Policy, backend::Cuda>::evict() {
+  constexpr const char* where = "KVCache::compress";
+  using T = storage_type;
+  const int d = shape_.head_dim;
+  const int device = context_->device();
+  const cudaStream_t stream = context_->stream();
+  const Budget& budget = policy_.budget;
+  struct Target {
+    int layer, head;
+    int64_t offset;  // of its tokens in the concatenated score / flag / index arrays
+  };
+  std::vector<Target> targets;
+  int64_t total = 0, longest = 0;
+  for (int l = policy_.skip_layers; l < shape_.layers; ++l) {
+    const detail::LayerState& state = layers_[l];
+    if (state.appended == 0 || state.appended < policy_.min_tokens) continue;
+    for (int h = 0; h < shape_.kv_heads; ++h) {
+      targets.push_back({l, h, total});
+      total += store(l, h).size;
+      longest = std::max(longest, store(l, h).size);
+    }
+  }
+  const int64_t n_targets = static_cast<int64_t>(targets.size());
+  if (n_targets == 0) return;
+
+  cuda::WorkspaceLayout layout;
+  const std::size_t at_score_jobs = layout.add<cuda::ScoreJob<T>>(n_targets);
+  const std::size_t at_select_jobs = layout.add<cuda::SelectJob>(n_targets);
+  const std::size_t upload_bytes = layout.bytes();
+  const std::size_t at_scores = layout.add<float>(total);
+  const std::size_t at_flags = layout.add<uint8_t>(total);
+  const std::size_t at_kept_index = layout.add<int32_t>(total);
+  const std::size_t at_results = layout.add<cuda::SelectResult>(n_targets);
+  const std::size_t at_compact_jobs = layout.add<cuda::CompactJob<T>>(n_targets);
+  unsigned char* ws = workspace(layout.bytes());
+  unsigned char* stage = staging(upload_bytes);
+  auto* scores = reinterpret_cast<float*>(ws + at_scores);
+  auto* kept_index = reinterpret_cast<int32_t*>(ws + at_kept_index);
+
+  auto* score_jobs = reinterpret_cast<cuda::ScoreJob<T>*>(stage + at_score_jobs);
+  auto* select_jobs = reinterpret_cast<cuda::SelectJob*>(stage + at_select_jobs);
+  for (int64_t i = 0; i < n_targets; ++i) {
+    const DeviceHead& head = store(targets[i].layer, targets[i].head);
+    const detail::LayerState& state = layers_[targets[i].layer];
+    score_jobs[i] = {head.k.data(), head.v.data(), head.size, targets[i].offset};
+    select_jobs[i] = {scores + targets[i].offset,
+                      head.positions.data(),
+                      head.size,
+                      budget.target(state.appended),
+                      state.first_position + budget.sink_tokens,
+                      state.last_position - budget.recent_tokens,
+                      targets[i].offset};
+  }
+  upload_staging(ws, upload_bytes, where);
+  cuda::launch_score_tokens<Policy, T>(
+      reinterpret_cast<const cuda::ScoreJob<T>*>(ws + at_score_jobs), n_targets, longest, d, scores,
+      stream);
+
+  std::vector<int64_t> kept(n_targets), first_position(n_targets);
+  if (budget.scope == BudgetScope::kPerHead) {
+    auto* results = reinterpret_cast<cuda::SelectResult*>(ws + at_results);
+    cuda::launch_select_top_k(reinterpret_cast<const cuda::SelectJob*>(ws + at_select_jobs),
+                              n_targets, reinterpret_cast<uint8_t*>(ws + at_flags), results,
+                              kept_index, stream);
+    std::vector<cuda::SelectResult> host_results(n_targets);
+    cuda::check_cuda(
+        cudaMemcpyAsync(host_results.data(), results, n_targets * sizeof(cuda::SelectResult),
+                        cudaMemcpyDeviceToHost, stream),
+        "KVCache::compress: download of the selection");
+    context_->synchronize(where);
+    for (int64_t i = 0; i < n_targets; ++i) {
+      kept[i] = host_results[i].kept;
+      first_position[i] = host_results[i].first_position;
+    }
+  } else {
+    // Global threshold: one ordering over every (layer, head, token), done by the CPU's
+    // select_global on downloaded scores and positions, so the ragged budgets match exactly.
+    std::vector<float> host_scores(total);
+    std::vector<int32_t> host_positions(total);
+    if (total > 0) {
+      cuda::check_cuda(cudaMemcpyAsync(host_scores.data(), scores, total * sizeof(float),
+                                       cudaMemcpyDeviceToHost, stream),
+                       "KVCache::compress: download of the scores");
+    }
+    for (int64_t i = 0; i < n_targets; ++i) {
+      const DeviceHead& head = store(targets[i].layer, targets[i].head);
+      if (head.size == 0) continue;
+      cuda::check_cuda(
+          cudaMemcpyAsync(host_positions.data() + targets[i].offset, head.positions.data(),
+                          head.size * sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
+          "KVCache::compress: download of the positions");
+    }
+    context_->synchronize(where);
+    std::vector<detail::SelectionHead> selection(n_targets);
+    for (int64_t i = 0; i < n_targets; ++i) {
+      const cuda::SelectJob& job = select_jobs[i];
+      selection[i] = {host_scores.data() + targets[i].offset,
+                      host_positions.data() + targets[i].offset,
+                      job.size,
+                      job.target,
+                      job.protect_below,
+                      job.protect_above};
+    }
+    const std::vector<std::vector<int64_t>> kept_lists = detail::select_global(selection);
+    std::vector<int32_t> host_index(total);
+    for (int64_t i = 0; i < n_targets; ++i) {
+      const std::vector<int64_t>& list = kept_lists[i];
+      kept[i] = static_cast<int64_t>(list.size());
+      first_position[i] = list.empty() ? -1 : host_positions[targets[i].offset + list[0]];
+      for (std::size_t j = 0; j < list.size(); ++j) {
+        host_index[targets[i].offset + j] = static_cast<int32_t>(list[j]);
+      }
+    }
+    if (total > 0) {
+      cuda::check_cuda(cudaMemcpyAsync(kept_index, host_index.data(), total * sizeof(int32_t),
+                                       cudaMemcpyHostToDevice, stream),
+                       "KVCache::compress: upload of the kept indices");
+    }
+  }
+
+  // Compaction into exact-size buffers for every head that lost tokens (as the CPU, heads that
+  // keep everything are left alone). Allocations come first: an allocation failure changes
+  // nothing.
+  struct Compacted {
+    int64_t target;
+    DeviceHead buffers;
+  };
+  std::vector<Compacted> compacted;
+  std::vector<cuda::CompactJob<T>> jobs;
+  int64_t most_kept = 0;
+  for (int64_t i = 0; i < n_targets; ++i) {
+    const DeviceHead& head = store(targets[i].layer, targets[i].head);
+    if (kept[i] >= head.size) continue;
+    Compacted c{i, DeviceHead{}};
+    const std::size_t rows = static_cast<std::size_t>(kept[i]);
+    c.buffers.k = cuda::DeviceBuffer<T>(rows * d, device);
+    c.buffers.v = cuda::DeviceBuffer<T>(rows * d, device);
+    c.buffers.positions = cuda::DeviceBuffer<int32_t>(rows, device);
+    c.buffers.size = kept[i];
+    c.buffers.first_position = first_position[i];
+    if (kept[i] > 0) {
+      jobs.push_back({head.k.data(), head.v.data(), head.positions.data(),
+                      kept_index + targets[i].offset, kept[i], c.buffers.k.data(),
+                      c.buffers.v.data(), c.buffers.positions.data()});
+      most_kept = std::max(most_kept, kept[i]);
+    }
+    compacted.push_back(std::move(c));
+  }
+  if (compacted.empty()) {
+    context_->synchronize(where);
+    return;
+  }
+  if (!jobs.empty()) {
+    auto* device_jobs = reinterpret_cast<cuda::CompactJob<T>*>(ws + at_compact_jobs);
+    cuda::check_cuda(cudaMemcpyAsync(device_jobs, jobs.data(), jobs.size() * sizeof(jobs[0]),
+                                     cudaMemcpyHostToDevice, stream),
+                     "KVCache::compress: upload of the compaction jobs");
+    cuda::launch_gather_rows(device_jobs, static_cast<int64_t>(jobs.size()), most_kept, d, stream);
+  }
+  context_->synchronize(where);
+
+  // Commit: the old buffers are freed here, so evicted rows return to the device.
+  for (Compacted& c : compacted) {
+    store(targets[c.target].layer, targets[c.target].head) = std::move(c.buffers);
+  }
+}
+
+}  // namespace kvpack

@@ -1,0 +1,128 @@
+/// \file backend/cuda/device_storage.cuh
+/// \brief Device storage of the CUDA cache: per-head buffers, the workspace layout, the policies
+/// the backend implements, and packing of host views for upload.
+#pragma once
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../../budget.hpp"
+#include "../../config.hpp"
+#include "../../detail/cache_front.hpp"
+#include "../../detail/select.hpp"
+#include "../../detail/validate.hpp"
+#include "../../error.hpp"
+#include "../../policy/compose.hpp"
+#include "../../policy/identity.hpp"
+#include "../../policy/l2_norm_evict.hpp"
+#include "../../policy/policy_base.hpp"
+#include "../../shape.hpp"
+#include "../../span.hpp"
+#include "../../view.hpp"
+#include "context.hpp"
+#include "kernel_logic.hpp"
+#include "kernels/append.cuh"
+#include "kernels/attention.cuh"
+#include "kernels/compact.cuh"
+#include "kernels/score.cuh"
+#include "kernels/select.cuh"
+
+namespace kvpack {
+
+namespace cuda {
+
+/// Device storage of one (layer, kv-head): `capacity` rows allocated, `size` held.
+template <class T>
+struct DeviceHead {
+  DeviceBuffer<T> k, v;             ///< capacity x head_dim, row-major
+  DeviceBuffer<int32_t> positions;  ///< capacity, ascending over [0, size)
+  int64_t size = 0;
+  int64_t first_position = -1;  ///< positions[0] when size > 0 (kept on the host for checks)
+
+  int64_t capacity() const { return static_cast<int64_t>(positions.size()); }
+};
+
+/// Offsets of sub-arrays carved from one workspace allocation (256-byte aligned).
+class WorkspaceLayout {
+ public:
+  template <class T>
+  std::size_t add(std::size_t count) {
+    offset_ = (offset_ + 255) / 256 * 256;
+    const std::size_t at = offset_;
+    offset_ += count * sizeof(T);
+    return at;
+  }
+  std::size_t bytes() const { return offset_; }
+
+ private:
+  std::size_t offset_ = 0;
+};
+
+/// True for policies that keep every row as appended (BasicIdentity): no score, row storage,
+/// nothing quantized (SFINAE-friendly: false for types without the traits).
+template <class P, class = void>
+struct is_keep_all_policy : std::false_type {};
+template <class P>
+struct is_keep_all_policy<P, std::void_t<typename P::storage_type>>
+    : std::bool_constant<P::score_source == ScoreSource::kNone &&
+                         P::storage_format == StorageFormat::kRows &&
+                         !detail::PolicyStages<P>::quantized> {};
+
+/// True for eviction policies scored per token from K/V alone (static token_score), as opposed
+/// to policies that score with observed queries.
+template <class P, class = void>
+struct is_token_score_policy : std::false_type {};
+template <class P>
+struct is_token_score_policy<P, std::void_t<typename P::storage_type>>
+    : std::bool_constant<is_eviction_policy_v<P> &&
+                         detail::has_token_score<P, typename P::storage_type>::value &&
+                         P::score_source == ScoreSource::kKeyValue> {};
+
+/// Policies the CUDA cache implements: BasicIdentity and eviction policies scored per token
+/// from K/V (L2NormEvict); token_score must be a KVPACK_HOST_DEVICE function.
+template <class P>
+inline constexpr bool supports_policy_v =
+    is_keep_all_policy<P>::value || is_token_score_policy<P>::value;
+
+/// Bytes of one element of `dtype`.
+inline std::size_t dtype_bytes(DType dtype) { return dtype == DType::kF32 ? 4 : 2; }
+
+/// Copies the rows of a host view into `dst`, packed token-major (t, h, i) in its own dtype,
+/// and returns the matching view of `device_data` (where `dst` will be uploaded).
+inline ActivationView pack_view(const ActivationView& x, unsigned char* dst,
+                                const void* device_data) {
+  const std::size_t es = dtype_bytes(x.dtype());
+  const auto* src = static_cast<const unsigned char*>(x.data());
+  const std::size_t row_bytes = static_cast<std::size_t>(x.head_dim()) * es;
+  for (int64_t t = 0; t < x.tokens(); ++t) {
+    for (int64_t h = 0; h < x.heads(); ++h) {
+      const int64_t offset = t * x.token_stride() + h * x.head_stride();
+      std::memcpy(dst + static_cast<std::size_t>(t * x.heads() + h) * row_bytes,
+                  src + offset * static_cast<int64_t>(es), row_bytes);
+    }
+  }
+  const int64_t heads = x.heads(), d = x.head_dim();
+  switch (x.dtype()) {
+    case DType::kF32:
+      return ActivationView::nhd(static_cast<const float*>(device_data), x.tokens(), heads, d);
+    case DType::kF16:
+      return ActivationView::nhd(static_cast<const Half*>(device_data), x.tokens(), heads, d);
+    default:
+      return ActivationView::nhd(static_cast<const BFloat16*>(device_data), x.tokens(), heads, d);
+  }
+}
+
+}  // namespace cuda
+
+}  // namespace kvpack

@@ -3,6 +3,7 @@
 // observe, compress, attend, truncate, materialize, a knob change). Findings: a crash or a
 // sanitizer report, an exception other than kvpack::error, a refused call that changed what the
 // cache holds, or a non-finite attention output from finite inputs.
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -178,6 +179,39 @@ kvpack::Budget budget(Bytes& in) {
   return b;
 }
 
+/// Projections with orthonormal columns (unit vectors of fuzzed channels' block), or, rarely,
+/// of a wrong size (validate() must refuse them). Cheap: no calibration per input.
+std::shared_ptr<const kvpack::ChannelProjections> projections(const kvpack::ModelShape& shape,
+                                                              Bytes& in) {
+  auto p = std::make_shared<kvpack::ChannelProjections>();
+  p->layers = shape.layers;
+  p->kv_heads = shape.kv_heads;
+  p->head_dim = shape.head_dim;
+  const int c = std::max(1, p->channels());
+  for (int l = 0; l < shape.layers; ++l) {
+    for (bool keys : {true, false}) {
+      const int rank = in.range(1, 16);
+      const int offset = in.range(0, 255);
+      std::vector<float> m(static_cast<std::size_t>(c) * rank, 0.0f);
+      for (int j = 0; j < rank && j < c; ++j)
+        m[static_cast<std::size_t>((j + offset) % c) * rank + j] = 1.0f;
+      if (in.u8() < 8) m.pop_back();  // a hand-built projection of the wrong size
+      (keys ? p->rank_k : p->rank_v).push_back(rank);
+      (keys ? p->pk : p->pv).push_back(std::move(m));
+    }
+  }
+  return p;
+}
+
+/// Head scores in [0, 1] (sometimes of the wrong shape).
+std::shared_ptr<const kvpack::HeadScores> head_scores(const kvpack::ModelShape& shape, Bytes& in) {
+  auto h = std::make_shared<kvpack::HeadScores>();
+  h->layers = shape.layers;
+  h->kv_heads = shape.kv_heads + (in.u8() < 8 ? 1 : 0);
+  for (int i = 0; i < h->layers * h->kv_heads; ++i) h->score.push_back(in.u8() / 255.0f);
+  return h;
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -192,7 +226,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const int bits[] = {2, 4, 8, 3};
   const int groups[] = {16, 32, 64, 10};
   const kvpack::Quantize quant(bits[in.u8() % 4], groups[in.u8() % 4], 16 * in.range(0, 3));
-  switch (in.u8() % 9) {
+  switch (in.u8() % 13) {
     case 0:
       drive(shape, kvpack::Identity{}, in);
       break;
@@ -220,6 +254,18 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       drive(shape, P(kvpack::ReconstructionEvict(budget(in)), quant), in);
       break;
     }
+    case 9:
+      drive(shape, kvpack::StreamingLLM(budget(in)), in);
+      break;
+    case 10:
+      drive(shape, kvpack::SnapKV(budget(in), in.range(0, 16), 2 * in.range(0, 4) + 1), in);
+      break;
+    case 11:
+      drive(shape, kvpack::ChannelShrink(projections(shape, in), in.range(0, 40)), in);
+      break;
+    case 12:
+      drive(shape, kvpack::HeadLevelEvict(head_scores(shape, in), budget(in)), in);
+      break;
     default: {
       using P = kvpack::Compose<kvpack::CrossLayerSVD, kvpack::Quantize>;
       drive(shape,

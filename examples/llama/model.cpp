@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <kvpack/error.hpp>
+#include <kvpack/rope.hpp>
 #include <stdexcept>
+#include <string>
 
 #include "dequant.hpp"
 
@@ -131,6 +134,33 @@ LlamaConfig LlamaConfig::from_gguf(const GgufFile& file) {
   if (!(c.rope_theta > 1.0) || !std::isfinite(c.rope_theta)) {
     throw GgufError("llama.rope.freq_base " + std::to_string(c.rope_theta) + " is not > 1");
   }
+  // Frequency scaling as llama.cpp writes it (linear, yarn). Llama 3.1's scaling comes as a
+  // rope_freqs tensor of per-frequency factors, which this example does not read.
+  c.rope = RopeConfig{RopeStyle::kInterleaved, c.rope_theta};
+  if (file.has("llama.rope.scaling.type")) {
+    const std::string& type = file.get_string("llama.rope.scaling.type");
+    if (type == "linear" || type == "yarn") {
+      c.rope.scaling = type == "linear" ? RopeScaling::kLinear : RopeScaling::kYarn;
+      c.rope.factor = file.get_float("llama.rope.scaling.factor");
+      if (file.has("llama.rope.scaling.original_context_length")) {
+        c.rope.original_context = file.get_int("llama.rope.scaling.original_context_length");
+      }
+      if (file.has("llama.rope.scaling.attn_factor")) {
+        c.rope.attention_factor = file.get_float("llama.rope.scaling.attn_factor");
+      }
+    } else if (type != "none") {
+      throw GgufError("llama.rope.scaling.type '" + type +
+                      "' is not supported (none, linear, yarn)");
+    }
+  }
+  if (file.find_tensor("rope_freqs.weight") != nullptr) {
+    throw GgufError("rope_freqs.weight (llama3-style frequency factors) is not supported");
+  }
+  try {
+    c.rope.validate(c.head_dim);
+  } catch (const kvpack::error& e) {
+    throw GgufError(std::string("rope scaling metadata: ") + e.what());
+  }
   c.rms_eps = static_cast<float>(file.get_float("llama.attention.layer_norm_rms_epsilon"));
   if (!(c.rms_eps > 0.0f) || !std::isfinite(c.rms_eps)) {
     throw GgufError("llama.attention.layer_norm_rms_epsilon is not a positive number");
@@ -153,7 +183,7 @@ ModelShape LlamaConfig::shape() const {
   s.q_heads = q_heads;
   s.kv_heads = kv_heads;
   s.head_dim = head_dim;
-  s.rope = RopeConfig{RopeStyle::kInterleaved, rope_theta};
+  s.rope = rope;
   return s;
 }
 
@@ -188,10 +218,9 @@ LlamaModel LlamaModel::from_gguf(const GgufFile& file) {
     load_rows(file, p + "ffn_up.weight", c.ffn, c.hidden, w.gate_up, c.ffn);
     w.ffn_down = load_matrix(file, p + "ffn_down.weight", c.hidden, c.ffn);
   }
-  m.inv_freq_.resize(c.head_dim / 2);
-  for (int i = 0; i < c.head_dim / 2; ++i) {
-    m.inv_freq_[i] = std::pow(c.rope_theta, -2.0 * i / c.head_dim);
-  }
+  const kvpack::Rope rope(c.rope, c.head_dim);  // the frequencies the cache un-rotates with
+  m.inv_freq_ = rope.inv_freq();
+  m.rope_scale_ = rope.attention_factor();
   return m;
 }
 
@@ -254,8 +283,8 @@ void LlamaModel::forward_chunk(AttentionCache& cache, const int32_t* tokens, int
   for (int64_t t = 0; t < n; ++t) {
     for (int i = 0; i < half; ++i) {
       const double angle = static_cast<double>(positions[t]) * inv_freq_[i];
-      cos_table[t * half + i] = static_cast<float>(std::cos(angle));
-      sin_table[t * half + i] = static_cast<float>(std::sin(angle));
+      cos_table[t * half + i] = static_cast<float>(rope_scale_ * std::cos(angle));
+      sin_table[t * half + i] = static_cast<float>(rope_scale_ * std::sin(angle));
     }
   }
   // Rotates pairs (x[2i], x[2i+1]) of every head of a token row by pos · theta^(-2i/d).

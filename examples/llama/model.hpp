@@ -27,6 +27,7 @@ struct LlamaConfig {
   int vocab = 0;
   int64_t context_length = 0;
   double rope_theta = 10000.0;
+  RopeConfig rope{};  ///< theta and frequency scaling from the GGUF metadata
   float rms_eps = 1e-5f;
 
   /// Reads and checks llama.*; throws GgufError naming the key that is missing or inconsistent.
@@ -96,7 +97,8 @@ class LlamaModel {
   RowMatrix output_;      // vocab × hidden, empty when tied
   Eigen::VectorXf output_norm_;
   std::vector<LlamaLayerWeights> layers_;
-  std::vector<double> inv_freq_;  // theta^(-2i/d), i < head_dim / 2
+  std::vector<double> inv_freq_;  // kvpack::Rope's frequencies (theta^(-2i/d) unscaled)
+  double rope_scale_ = 1.0;       // YaRN's attention factor, 1 otherwise
   int64_t chunk_size_ = 256;
 };
 

@@ -1,9 +1,10 @@
 /// \file span.hpp
-/// \brief A minimal contiguous read-only view (C++17 has no std::span).
+/// \brief A minimal contiguous read-only view (C++17 has no std::span) and Positions.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace kvpack {
@@ -32,6 +33,37 @@ class Span {
   std::size_t size_ = 0;
 };
 
-using Positions = Span<const int64_t>;
+/// \brief Token positions, read in place from the caller's array: int64 or int32 elements
+/// (engines keep either), contiguous. Converting constructors from pointer + count and from
+/// std::vector; any other element type is a compile error naming the accepted ones.
+class Positions {
+ public:
+  constexpr Positions() = default;
+  template <class T>
+  Positions(const T* data, std::size_t size) : data_(data), size_(size), wide_(sizeof(T) == 8) {
+    static_assert(
+        std::is_integral_v<T> && std::is_signed_v<T> && (sizeof(T) == 4 || sizeof(T) == 8),
+        "kvpack::Positions holds int32_t or int64_t positions");
+  }
+  template <class T, class A>
+  Positions(const std::vector<T, A>& v) : Positions(v.data(), v.size()) {}  // NOLINT: implicit
+  Positions(Span<const int64_t> s) : Positions(s.data(), s.size()) {}       // NOLINT: implicit
+
+  /// Position i as int64 (whatever the element type).
+  constexpr int64_t operator[](std::size_t i) const {
+    return wide_ ? static_cast<const int64_t*>(data_)[i]
+                 : static_cast<int64_t>(static_cast<const int32_t*>(data_)[i]);
+  }
+  constexpr std::size_t size() const { return size_; }
+  constexpr bool empty() const { return size_ == 0; }
+  /// The caller's array and whether its elements are int64 (else int32).
+  constexpr const void* data() const { return data_; }
+  constexpr bool is_int64() const { return wide_; }
+
+ private:
+  const void* data_ = nullptr;
+  std::size_t size_ = 0;
+  bool wide_ = true;
+};
 
 }  // namespace kvpack

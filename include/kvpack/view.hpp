@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "config.hpp"
 #include "detail/convert.hpp"
@@ -31,20 +32,47 @@ inline const char* dtype_name(DType t) {
 }
 
 namespace detail {
+
 template <class T>
-constexpr DType dtype_of();
+inline constexpr bool kUnsupportedElement = false;
+
+/// The DType of an element type: float, kvpack::Half, kvpack::BFloat16, uint16_t (fp16 bits, as
+/// engines hold fp16 in 16-bit integers) and, where the compiler has it, _Float16. Any other
+/// type fails to compile here (not at link time).
+template <class T>
+struct DTypeOf {
+  static_assert(kUnsupportedElement<T>,
+                "kvpack views hold float, kvpack::Half, kvpack::BFloat16, uint16_t (fp16 bits) or "
+                "_Float16 elements; for bf16 bits in uint16_t pass DType::kBF16 explicitly");
+};
 template <>
-constexpr DType dtype_of<float>() {
-  return DType::kF32;
-}
+struct DTypeOf<float> {
+  static constexpr DType value = DType::kF32;
+};
 template <>
-constexpr DType dtype_of<Half>() {
-  return DType::kF16;
-}
+struct DTypeOf<Half> {
+  static constexpr DType value = DType::kF16;
+};
 template <>
-constexpr DType dtype_of<BFloat16>() {
-  return DType::kBF16;
+struct DTypeOf<BFloat16> {
+  static constexpr DType value = DType::kBF16;
+};
+template <>
+struct DTypeOf<uint16_t> {
+  static constexpr DType value = DType::kF16;
+};
+#if defined(__FLT16_MANT_DIG__) && !defined(__CUDACC__)
+template <>
+struct DTypeOf<_Float16> {
+  static constexpr DType value = DType::kF16;
+};
+#endif
+
+template <class T>
+constexpr DType dtype_of() {
+  return DTypeOf<std::remove_cv_t<T>>::value;
 }
+
 }  // namespace detail
 
 /// \brief Read-only view of activations (keys, values or queries) in fp32, fp16 or bf16.
@@ -57,6 +85,17 @@ class ActivationView {
                  int64_t token_stride, int64_t head_stride)
       : data_(data),
         dtype_(detail::dtype_of<T>()),
+        tokens_(tokens),
+        heads_(heads),
+        head_dim_(head_dim),
+        token_stride_(token_stride),
+        head_stride_(head_stride) {}
+
+  /// A raw buffer of `dtype` elements (e.g. bf16 bits held in uint16_t); strides as above.
+  ActivationView(const void* data, DType dtype, int64_t tokens, int64_t heads, int64_t head_dim,
+                 int64_t token_stride, int64_t head_stride)
+      : data_(data),
+        dtype_(dtype),
         tokens_(tokens),
         heads_(heads),
         head_dim_(head_dim),
@@ -118,34 +157,57 @@ class ActivationView {
   int64_t tokens_ = 0, heads_ = 0, head_dim_ = 0, token_stride_ = 0, head_stride_ = 0;
 };
 
-/// \brief Writable fp32 view for attention outputs; same layout rules as ActivationView.
+/// \brief Writable view for attention outputs, fp32 or fp16 (kvpack::Half, uint16_t bits,
+/// _Float16); same layout rules as ActivationView. The CPU backend writes either; the CUDA
+/// backend writes fp32 (an fp16 view is refused there with a kvpack::error).
 class OutputView {
  public:
   OutputView() = default;
-  OutputView(float* data, int64_t tokens, int64_t heads, int64_t head_dim, int64_t token_stride,
+  template <class T>
+  OutputView(T* data, int64_t tokens, int64_t heads, int64_t head_dim, int64_t token_stride,
              int64_t head_stride)
       : data_(data),
+        dtype_(detail::dtype_of<T>()),
         tokens_(tokens),
         heads_(heads),
         head_dim_(head_dim),
         token_stride_(token_stride),
-        head_stride_(head_stride) {}
+        head_stride_(head_stride) {
+    static_assert(detail::dtype_of<T>() != DType::kBF16, "attention output is fp32 or fp16");
+  }
 
-  static OutputView nhd(float* data, int64_t tokens, int64_t heads, int64_t head_dim) {
+  template <class T>
+  static OutputView nhd(T* data, int64_t tokens, int64_t heads, int64_t head_dim) {
     return OutputView(data, tokens, heads, head_dim, heads * head_dim, head_dim);
   }
-  static OutputView hnd(float* data, int64_t tokens, int64_t heads, int64_t head_dim) {
+  template <class T>
+  static OutputView hnd(T* data, int64_t tokens, int64_t heads, int64_t head_dim) {
     return OutputView(data, tokens, heads, head_dim, head_dim, tokens * head_dim);
   }
 
-  float* row(int64_t t, int64_t h) const { return data_ + t * token_stride_ + h * head_stride_; }
-  float* data() const { return data_; }
+  /// Row (t, h) of an fp32 view (dtype() == DType::kF32).
+  float* row(int64_t t, int64_t h) const {
+    return static_cast<float*>(data_) + t * token_stride_ + h * head_stride_;
+  }
+  /// Writes head_dim fp32 values into row (t, h), converted to the view's element type.
+  void store(int64_t t, int64_t h, const float* src) const {
+    const int64_t offset = t * token_stride_ + h * head_stride_;
+    if (dtype_ == DType::kF32) {
+      float* dst = static_cast<float*>(data_) + offset;
+      for (int64_t i = 0; i < head_dim_; ++i) dst[i] = src[i];
+    } else {
+      detail::store_row(src, static_cast<Half*>(data_) + offset, head_dim_);
+    }
+  }
+  void* data() const { return data_; }
+  DType dtype() const { return dtype_; }
   int64_t tokens() const { return tokens_; }
   int64_t heads() const { return heads_; }
   int64_t head_dim() const { return head_dim_; }
 
  private:
-  float* data_ = nullptr;
+  void* data_ = nullptr;
+  DType dtype_ = DType::kF32;
   int64_t tokens_ = 0, heads_ = 0, head_dim_ = 0, token_stride_ = 0, head_stride_ = 0;
 };
 

@@ -62,7 +62,7 @@ TEST_CASE("errors: bad model shapes", "[errors]") {
   REQUIRE_THROWS_WITH(Cache(ModelShape{2, 9, 3, 63, {}}), Contains("head_dim = 63"));
   REQUIRE_THROWS_WITH(Cache(ModelShape{2, 9, 0, 64, {}}), Contains("kv_heads = 0"));
   REQUIRE_THROWS_WITH(Cache(ModelShape{2, 9, 3, 64, {kvpack::RopeStyle::kHalfSplit, -1.0}}),
-                      Contains("rope.theta"));
+                      Contains("theta = -1"));
 }
 
 TEST_CASE("errors: bad policy knobs", "[errors]") {

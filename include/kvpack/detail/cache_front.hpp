@@ -116,7 +116,9 @@ class CacheFront {
   /// `held(h)` gives the head's token count and its first held position.
   template <class Held>
   void check_visible(const char* where, int layer, Positions positions, Held&& held) const {
-    const int64_t min_query = *std::min_element(positions.begin(), positions.end());
+    int64_t min_query = positions[0];
+    for (std::size_t t = 1; t < positions.size(); ++t)
+      min_query = std::min(min_query, positions[t]);
     for (int h = 0; h < shape_.kv_heads; ++h) {
       const auto [size, first] = held(h);
       if (size == 0 || first > min_query) {
@@ -196,3 +198,13 @@ class CacheFront {
 
 }  // namespace detail
 }  // namespace kvpack
+
+/// Declares `Front` and the front end's members a backend's KVCache uses unqualified (names of a
+/// dependent base need a using-declaration; Eigen's EIGEN_DENSE_PUBLIC_INTERFACE idiom). Use in
+/// a private section of the backend's class.
+#define KVPACK_CACHE_FRONT_MEMBERS(Policy)            \
+  using Front = ::kvpack::detail::CacheFront<Policy>; \
+  using Front::layers_;                               \
+  using Front::observed_;                             \
+  using Front::policy_;                               \
+  using Front::shape_

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../half.hpp"
+#include "../span.hpp"
 
 #if defined(__F16C__) && defined(__AVX__) && !defined(__CUDA_ARCH__)
 #include <immintrin.h>
@@ -56,10 +57,10 @@ inline void store_row(const float* src, Half* dst, int64_t n) {
 }
 
 /// Appends n rows of keys and values (fp32, n × head_dim each, row-major) to `k` and `v` in
-/// their element type T, and their positions: what every CPU head store does on append.
+/// their element type T, and their first n positions: what every CPU head store does on append.
 template <class T>
 inline void append_rows(std::vector<T>& k, std::vector<T>& v, std::vector<int32_t>& positions,
-                        const float* k_rows, const float* v_rows, const int64_t* pos, int64_t n,
+                        const float* k_rows, const float* v_rows, Positions pos, int64_t n,
                         int head_dim) {
   const std::size_t old = k.size();
   k.resize(old + n * head_dim);

@@ -60,11 +60,7 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   // Dense rows (head_store.hpp), KIVI blocks (kivi_rows.hpp) or low-rank factors (low_rank.hpp).
   using Store =
       typename detail::CpuStore<Selection::storage_format, kQuantized, storage_type>::type;
-  using Front = detail::CacheFront<Policy>;
-  using Front::layers_;
-  using Front::observed_;
-  using Front::policy_;
-  using Front::shape_;
+  KVPACK_CACHE_FRONT_MEMBERS(Policy);
 
  public:
   /// Validates the shape and the policy's knobs; throws kvpack::error on a bad value.
@@ -100,7 +96,7 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
         k.load(t, h, k_rows.data() + t * d);
         v.load(t, h, v_rows.data() + t * d);
       }
-      store(layer, h).append(k_rows.data(), v_rows.data(), positions.data(), n, d);
+      store(layer, h).append(k_rows.data(), v_rows.data(), positions, n, d);
     }
     this->record_append(layer, positions, n);
   }

@@ -81,11 +81,12 @@ void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const Activation
                                 other.sum[r], other.acc.data() + r * d, d);
         }
       }
+      std::vector<float> row(d);
       for (int r = 0; r < rows; ++r) {
         const int64_t t = block * block_tokens + r / g;
-        float* dst = out.row(t, static_cast<int64_t>(h) * g + r % g);
         const float inv = 1.0f / acc.sum[r];
-        for (int i = 0; i < d; ++i) dst[i] = acc.acc[r * d + i] * inv;
+        for (int i = 0; i < d; ++i) row[i] = acc.acc[r * d + i] * inv;
+        out.store(t, static_cast<int64_t>(h) * g + r % g, row.data());
       }
     }
   }

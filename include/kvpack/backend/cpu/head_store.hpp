@@ -34,8 +34,7 @@ struct HeadStore {
   static std::size_t shared_bytes(const std::vector<HeadStore>&) { return 0; }
 
   /// Appends n fp32 rows of keys and values (n × head_dim each) at `pos`.
-  void append(const float* k_rows, const float* v_rows, const int64_t* pos, int64_t n,
-              int head_dim) {
+  void append(const float* k_rows, const float* v_rows, Positions pos, int64_t n, int head_dim) {
     append_rows(k, v, positions, k_rows, v_rows, pos, n, head_dim);
     if (!scores.empty()) scores.resize(positions.size(), kUnscored);
   }

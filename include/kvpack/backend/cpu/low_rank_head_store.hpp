@@ -34,12 +34,15 @@ class RopeRun {
   static constexpr int64_t kAnchor = 256;
 
   explicit RopeRun(const Rope& rope)
-      : style_(rope.config().style), d_(rope.head_dim()), inv_freq_(rope.head_dim() / 2) {
-    const int half = d_ / 2;
+      : style_(rope.config().style),
+        d_(rope.head_dim()),
+        rd_(rope.rotary_dim()),
+        scale_(rope.attention_factor()),
+        inv_freq_(rope.inv_freq()) {
+    const int half = rd_ / 2;
     step_cos_.resize(half);
     step_sin_.resize(half);
     for (int i = 0; i < half; ++i) {
-      inv_freq_[i] = std::pow(rope.config().theta, -2.0 * i / d_);  // as Rope computes it
       step_cos_[i] = std::cos(inv_freq_[i]);
       step_sin_[i] = std::sin(inv_freq_[i]);
     }
@@ -48,27 +51,29 @@ class RopeRun {
   int head_dim() const { return d_; }
 
   /// Rotates (inverse = false) or un-rotates rows x[t·d .. t·d + d) for t in [0, n), row t at
-  /// position pos[t], in double like Rope::rotate.
+  /// position pos[t], in double like Rope::rotate (channels from rotary_dim on pass through).
   void apply(float* x, const int32_t* pos, int64_t n, bool inverse) const {
-    const int half = d_ / 2;
+    const int half = rd_ / 2;
     const double sign = inverse ? -1.0 : 1.0;
+    const double scale = inverse ? 1.0 / scale_ : scale_;
     for_each_angle(pos, n, [&](int64_t t, const double* c, const double* s) {
       float* row = x + t * d_;
-      if (style_ == RopeStyle::kInterleaved) {
-        for (int i = 0; i < half; ++i) rotate_pair(row[2 * i], row[2 * i + 1], c[i], sign * s[i]);
-      } else {
-        for (int i = 0; i < half; ++i) rotate_pair(row[i], row[i + half], c[i], sign * s[i]);
+      for (int i = 0; i < half; ++i) {
+        int a, b;
+        rope_pair(style_, i, rd_, a, b);
+        rotate_pair(row[a], row[b], scale * c[i], scale * sign * s[i]);
       }
     });
   }
 
-  /// fp32 cos and sin of every pair at positions pos[0, n): c[t·(d/2) + i], s[t·(d/2) + i].
+  /// fp32 cos and sin (times the attention factor) of every pair at positions pos[0, n):
+  /// c[t·(rotary_dim/2) + i], s[t·(rotary_dim/2) + i].
   void angles(const int32_t* pos, int64_t n, float* c, float* s) const {
-    const int half = d_ / 2;
+    const int half = rd_ / 2;
     for_each_angle(pos, n, [&](int64_t t, const double* cd, const double* sd) {
       for (int i = 0; i < half; ++i) {
-        c[t * half + i] = static_cast<float>(cd[i]);
-        s[t * half + i] = static_cast<float>(sd[i]);
+        c[t * half + i] = static_cast<float>(scale_ * cd[i]);
+        s[t * half + i] = static_cast<float>(scale_ * sd[i]);
       }
     });
   }
@@ -76,7 +81,7 @@ class RopeRun {
   /// Rotates n rows of d values (row t at x + t·stride) by angles() of their positions, in fp32:
   /// within ~2 ulp of apply(), for the attention tiles where keys come from an fp16 basis anyway.
   void rotate(float* x, int64_t n, int64_t stride, const float* c, const float* s) const {
-    const int half = d_ / 2;
+    const int half = rd_ / 2;
     for (int64_t t = 0; t < n; ++t) {
       float* row = x + t * stride;
       const float* ct = c + t * half;
@@ -100,10 +105,10 @@ class RopeRun {
   }
 
  private:
-  /// Calls f(t, cos, sin) with the d/2 angles of position pos[t], for t in [0, n).
+  /// Calls f(t, cos, sin) with the rotary_dim/2 angles of position pos[t], for t in [0, n).
   template <class F>
   void for_each_angle(const int32_t* pos, int64_t n, F&& f) const {
-    const int half = d_ / 2;
+    const int half = rd_ / 2;
     std::vector<double> c(half), s(half);
     for (int64_t t = 0; t < n; ++t) {
       if (t % kAnchor == 0 || pos[t] != pos[t - 1] + 1) {
@@ -124,7 +129,8 @@ class RopeRun {
   }
 
   RopeStyle style_;
-  int d_;
+  int d_, rd_;
+  double scale_;  // YaRN's attention factor (1 otherwise)
   std::vector<double> inv_freq_, step_cos_, step_sin_;
 };
 
@@ -258,8 +264,7 @@ struct LowRankHeadStore {
            positions.size() * sizeof(int32_t);
   }
 
-  void append(const float* k_rows, const float* v_rows, const int64_t* pos, int64_t n,
-              int head_dim) {
+  void append(const float* k_rows, const float* v_rows, Positions pos, int64_t n, int head_dim) {
     append_rows(tail_k, tail_v, positions, k_rows, v_rows, pos, n, head_dim);
   }
 

@@ -41,8 +41,7 @@ struct QuantizedHeadStore {
            positions.size() * sizeof(int32_t) + scores.size() * sizeof(float);
   }
 
-  void append(const float* k_rows, const float* v_rows, const int64_t* pos, int64_t n,
-              int head_dim) {
+  void append(const float* k_rows, const float* v_rows, Positions pos, int64_t n, int head_dim) {
     append_rows(tail_k, tail_v, positions, k_rows, v_rows, pos, n, head_dim);
     if (!scores.empty()) scores.resize(positions.size(), kUnscored);
   }

@@ -65,11 +65,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   using typename detail::CacheFront<Policy>::storage_type;
 
  private:
-  using Front = detail::CacheFront<Policy>;
-  using Front::layers_;
-  using Front::observed_;
-  using Front::policy_;
-  using Front::shape_;
+  KVPACK_CACHE_FRONT_MEMBERS(Policy);
 
  public:
   /// Validates the shape and the policy's knobs (as the CPU cache does; head_dim must also be
@@ -198,6 +194,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
       const auto& head = store(layer, h);
       return std::pair<int64_t, int64_t>(head.size, head.first_position);
     });
+    detail::require(out.dtype() == DType::kF32, where, "out dtype", dtype_name(out.dtype()),
+                    "f32 (the CUDA backend writes fp32 outputs)");
     check_space(where, "out", out.data(), space);
     attend_unchecked(layer, q, positions, out, space);
   }

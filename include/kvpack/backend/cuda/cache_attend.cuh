@@ -85,7 +85,8 @@ void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const Activatio
   params.partial_max = reinterpret_cast<float*>(ws + at_max);
   params.partial_sum = reinterpret_cast<float*>(ws + at_sum);
   // OutputView exposes rows, not strides: recover the element strides from row addresses.
-  float* out_device = host ? reinterpret_cast<float*>(ws + at_out) : out.data();
+  float* out_device =
+      host ? reinterpret_cast<float*>(ws + at_out) : static_cast<float*>(out.data());
   const int64_t out_token_stride =
       host ? static_cast<int64_t>(q_heads) * d : out.row(1, 0) - out.row(0, 0);
   const int64_t out_head_stride = host ? d : out.row(0, 1) - out.row(0, 0);

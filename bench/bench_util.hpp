@@ -6,12 +6,12 @@
 /// Every rate the benchmarks report is compared with a baseline measured by this process on this
 /// machine (never with a number from a data sheet): `fraction_of_copy` divides by the memcpy
 /// rate (bytes read + written per second), `fraction_of_read` by the read-only sum rate. Both
-/// baselines use omp_get_max_threads() threads, the team kvpack's OpenMP loops run with.
+/// baselines run on kvpack::default_executor(), the pool kvpack's parallel loops run on, with all
+/// of its threads (KVPACK_NUM_THREADS sets their number).
 ///
-/// On a machine shared with other jobs, libgomp's default spin-waiting turns every parallel
-/// region into a wait for a scheduler time slice (decode attend at 4 K tokens: 3.1 ms with the
-/// default policy, 0.66 ms with OMP_WAIT_POLICY=passive, at load 7 on 2 cores); run with
-/// OMP_WAIT_POLICY=passive there, check `uptime`, and say which was used.
+/// The pool's idle threads block rather than spin, so a machine shared with other jobs costs
+/// time slices only while work runs (libgomp's default spin-waiting used to turn every parallel
+/// region into a wait for a time slice there); still check `uptime` and say what else ran.
 #pragma once
 
 #include <benchmark/benchmark.h>
@@ -29,10 +29,6 @@
 #include <random>
 #include <utility>
 #include <vector>
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 #include <kvpack/kvpack.hpp>
 
@@ -56,12 +52,13 @@ inline kvpack::ModelShape model_shape(int layers = 1) {
   return shape;
 }
 
-inline int max_threads() {
-#if defined(_OPENMP)
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
+/// Threads of kvpack's default executor (what its parallel loops use).
+inline int max_threads() { return kvpack::default_executor().concurrency(); }
+
+/// Runs body(t) for t in [0, threads) on kvpack's default executor.
+template <class Body>
+void on_threads(int threads, Body body) {
+  kvpack::default_executor().parallel_for(threads, kvpack::TaskRef(body));
 }
 
 /// Seconds on a monotonic clock, for benchmarks that time one call with UseManualTime().
@@ -137,10 +134,12 @@ class Buffer {
     // Non-constant content, touched by the threads that will use it.
     const std::size_t words = bytes / sizeof(uint64_t);
     uint64_t* w = reinterpret_cast<uint64_t*>(data_.get());
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static)
-#endif
-    for (std::size_t i = 0; i < words; ++i) w[i] = i * 0x9E3779B97F4A7C15ull;
+    const int threads = max_threads();
+    on_threads(threads, [&](int64_t t) {
+      for (std::size_t i = words * t / threads; i < words * (t + 1) / threads; ++i) {
+        w[i] = i * 0x9E3779B97F4A7C15ull;
+      }
+    });
   }
   unsigned char* data() const { return data_.get(); }
   const uint64_t* words() const { return reinterpret_cast<const uint64_t*>(data_.get()); }
@@ -163,16 +162,10 @@ inline std::pair<std::size_t, std::size_t> thread_range(std::size_t bytes, int t
 /// memcpy of the whole buffer, split across `threads` threads.
 inline void parallel_copy(unsigned char* dst, const unsigned char* src, std::size_t bytes,
                           int threads) {
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(threads)
-  {
-    const auto [begin, end] = thread_range(bytes, omp_get_thread_num(), omp_get_num_threads());
+  on_threads(threads, [&](int64_t t) {
+    const auto [begin, end] = thread_range(bytes, static_cast<int>(t), threads);
     std::memcpy(dst + begin, src + begin, end - begin);
-  }
-#else
-  (void)threads;
-  std::memcpy(dst, src, bytes);
-#endif
+  });
 }
 
 /// Sum of 64-bit words (vectorises without -ffast-math: integer addition is associative).
@@ -192,17 +185,12 @@ inline uint64_t sum_words(const uint64_t* w, std::size_t n) {
 /// Read-only pass over the whole buffer, split across `threads` threads.
 inline uint64_t parallel_sum(const Buffer& buffer, int threads) {
   uint64_t total = 0;
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(threads) reduction(+ : total)
-  {
-    const auto [begin, end] =
-        thread_range(buffer.bytes(), omp_get_thread_num(), omp_get_num_threads());
-    total += sum_words(buffer.words() + begin / 8, (end - begin) / 8);
-  }
-#else
-  (void)threads;
-  total = sum_words(buffer.words(), buffer.bytes() / 8);
-#endif
+  std::vector<uint64_t> partial(threads, 0);
+  on_threads(threads, [&](int64_t t) {
+    const auto [begin, end] = thread_range(buffer.bytes(), static_cast<int>(t), threads);
+    partial[t] = sum_words(buffer.words() + begin / 8, (end - begin) / 8);
+  });
+  for (uint64_t p : partial) total += p;
   return total;
 }
 
@@ -238,7 +226,7 @@ inline double baseline_bytes_per_second(Baseline kind, int threads) {
 }
 
 /// Adds `fraction_of_copy` or `fraction_of_read`: bytes/s of the benchmark divided by the
-/// baseline at omp_get_max_threads() threads.
+/// baseline at max_threads() threads.
 inline void add_fraction(benchmark::State& state, Baseline kind, double bytes_per_iteration) {
   const double baseline = baseline_bytes_per_second(kind, max_threads());
   state.counters[kind == Baseline::kCopy ? "fraction_of_copy" : "fraction_of_read"] =

@@ -9,6 +9,7 @@
 #include "config.hpp"
 #include "error.hpp"
 #include "half.hpp"
+#include "isa.hpp"
 #include "policy/channel_shrink.hpp"
 #include "policy/compose.hpp"
 #include "policy/cross_layer_svd.hpp"

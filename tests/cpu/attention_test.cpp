@@ -41,29 +41,40 @@ double attention_error(const ModelShape& shape, int64_t n, int64_t queries, bool
 
 }  // namespace
 
-TEST_CASE("attend: matches a double-precision reference (fp32 storage)", "[attention]") {
+TEST_CASE("attend: matches a double-precision reference (fp32 storage), each instruction set",
+          "[attention][isa]") {
   // GQA groups of 1, 3 and 8; head_dim 32, 64 and 128.
   const ModelShape shapes[] = {
       {1, 4, 4, 64, {}}, {1, 9, 3, 64, {}}, {1, 16, 2, 128, {}}, {1, 6, 3, 32, {}}};
-  for (const auto& shape : shapes) {
-    for (int64_t n : {int64_t{1}, int64_t{37}, int64_t{300}, int64_t{5000}}) {
-      for (int64_t queries : {int64_t{1}, int64_t{40}}) {
-        if (queries > n) continue;
-        for (bool heads_first : {false, true}) {
-          INFO("q_heads " << shape.q_heads << " kv_heads " << shape.kv_heads << " d "
-                          << shape.head_dim << " n " << n << " queries " << queries
-                          << (heads_first ? " HND" : " NHD"));
-          REQUIRE(attention_error<kvpack::IdentityF32>(shape, n, queries, heads_first, 42) < 1e-5);
+  for (const kvpack::Isa isa : kvpack_test::supported_isas()) {
+    kvpack_test::IsaScope scope(isa);
+    INFO("instruction set " << kvpack::isa_name(isa));
+    for (const auto& shape : shapes) {
+      for (int64_t n : {int64_t{1}, int64_t{37}, int64_t{300}, int64_t{5000}}) {
+        for (int64_t queries : {int64_t{1}, int64_t{40}}) {
+          if (queries > n) continue;
+          for (bool heads_first : {false, true}) {
+            INFO("q_heads " << shape.q_heads << " kv_heads " << shape.kv_heads << " d "
+                            << shape.head_dim << " n " << n << " queries " << queries
+                            << (heads_first ? " HND" : " NHD"));
+            REQUIRE(attention_error<kvpack::IdentityF32>(shape, n, queries, heads_first, 42) <
+                    1e-5);
+          }
         }
       }
     }
   }
 }
 
-TEST_CASE("attend: fp16 storage matches the reference over the stored values", "[attention]") {
+TEST_CASE("attend: fp16 storage matches the reference over the stored values, each instruction set",
+          "[attention][isa]") {
   const ModelShape shape{1, 9, 3, 64, {}};
-  REQUIRE(attention_error<kvpack::Identity>(shape, 4100, 1, false, 3) < 1e-5);
-  REQUIRE(attention_error<kvpack::Identity>(shape, 700, 64, true, 4) < 1e-5);
+  for (const kvpack::Isa isa : kvpack_test::supported_isas()) {
+    kvpack_test::IsaScope scope(isa);
+    INFO("instruction set " << kvpack::isa_name(isa));
+    REQUIRE(attention_error<kvpack::Identity>(shape, 4100, 1, false, 3) < 1e-5);
+    REQUIRE(attention_error<kvpack::Identity>(shape, 700, 64, true, 4) < 1e-5);
+  }
 }
 
 TEST_CASE("attend: fp16 and bf16 query views give the fp32 answer of their values", "[attention]") {

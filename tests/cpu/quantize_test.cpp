@@ -194,15 +194,19 @@ void check_cpu_quantizers(int d, uint32_t seed) {
 
 TEST_CASE("Quantize: the CPU block quantizers equal the scalar reference bit for bit",
           "[quantize]") {
-  uint32_t seed = 500;
-  for (int d : {64, 128, 20}) {
-    check_cpu_quantizers<2, 16>(d, seed += 10);
-    check_cpu_quantizers<2, 32>(d, seed += 10);
-    check_cpu_quantizers<4, 32>(d, seed += 10);
-    check_cpu_quantizers<4, 64>(d, seed += 10);
-    check_cpu_quantizers<8, 32>(d, seed += 10);
-    check_cpu_quantizers<8, 128>(d, seed += 10);
-    check_cpu_quantizers<4, 16>(d, seed += 10);
+  for (const kvpack::Isa isa : kvpack_test::supported_isas()) {
+    kvpack_test::IsaScope scope(isa);
+    INFO("instruction set " << kvpack::isa_name(isa));
+    uint32_t seed = 500;
+    for (int d : {64, 128, 20}) {
+      check_cpu_quantizers<2, 16>(d, seed += 10);
+      check_cpu_quantizers<2, 32>(d, seed += 10);
+      check_cpu_quantizers<4, 32>(d, seed += 10);
+      check_cpu_quantizers<4, 64>(d, seed += 10);
+      check_cpu_quantizers<8, 32>(d, seed += 10);
+      check_cpu_quantizers<8, 128>(d, seed += 10);
+      check_cpu_quantizers<4, 16>(d, seed += 10);
+    }
   }
 }
 

@@ -10,6 +10,25 @@
 
 namespace kvpack_test {
 
+/// The instruction sets this CPU can run, scalar first: tests run their kernels under each.
+inline std::vector<kvpack::Isa> supported_isas() {
+  std::vector<kvpack::Isa> isas{kvpack::Isa::kScalar};
+  if (kvpack::cpu_isa_supported() >= kvpack::Isa::kAvx2) isas.push_back(kvpack::Isa::kAvx2);
+  return isas;
+}
+
+/// Sets the CPU kernels' instruction set for a scope and restores the previous one.
+class IsaScope {
+ public:
+  explicit IsaScope(kvpack::Isa isa) : previous_(kvpack::set_cpu_isa(isa)) {}
+  ~IsaScope() { kvpack::set_cpu_isa(previous_); }
+  IsaScope(const IsaScope&) = delete;
+  IsaScope& operator=(const IsaScope&) = delete;
+
+ private:
+  kvpack::Isa previous_;
+};
+
 /// Gaussian values with a fixed seed; `scale` sets the spread.
 inline std::vector<float> random_values(std::size_t n, uint32_t seed, float scale = 1.0f) {
   std::mt19937 rng(seed);

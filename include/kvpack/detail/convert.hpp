@@ -1,5 +1,5 @@
 /// \file detail/convert.hpp
-/// \brief Row conversions between fp32 and the 16-bit storage types (F16C when available).
+/// \brief Row conversions between fp32 and the 16-bit storage types (F16C when cpu_isa() has it).
 #pragma once
 
 // clang-format off
@@ -11,15 +11,34 @@
 #include <vector>
 
 #include "../half.hpp"
+#include "../isa.hpp"
 #include "../span.hpp"
-
-#if defined(__F16C__) && defined(__AVX__) && !defined(__CUDA_ARCH__)
-#include <immintrin.h>
-#define KVPACK_CPU_F16C 1
-#endif
 
 namespace kvpack {
 namespace detail {
+
+#if defined(KVPACK_X86_DISPATCH)
+/// fp16 → fp32 for [0, 8 · floor(n / 8)); returns that bound.
+KVPACK_TARGET_AVX2 inline int64_t f16c_load_row(const Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+  return i;
+}
+
+/// fp32 → fp16 (round to nearest even, as to_half()) for [0, 8 · floor(n / 8)); returns that
+/// bound.
+KVPACK_TARGET_AVX2 inline int64_t f16c_store_row(const float* src, Half* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), 0);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+  return i;
+}
+#endif
 
 inline void load_row(const float* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
@@ -27,11 +46,8 @@ inline void load_row(const float* src, float* dst, int64_t n) {
 
 inline void load_row(const Half* src, float* dst, int64_t n) {
   int64_t i = 0;
-#if defined(KVPACK_CPU_F16C)
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
-  }
+#if defined(KVPACK_X86_DISPATCH)
+  if (cpu_isa() == Isa::kAvx2) i = f16c_load_row(src, dst, n);
 #endif
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
@@ -46,12 +62,8 @@ inline void store_row(const float* src, float* dst, int64_t n) {
 
 inline void store_row(const float* src, Half* dst, int64_t n) {
   int64_t i = 0;
-#if defined(KVPACK_CPU_F16C)
-  // Immediate 0 = round to nearest even, identical to to_half().
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), 0);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
-  }
+#if defined(KVPACK_X86_DISPATCH)
+  if (cpu_isa() == Isa::kAvx2) i = f16c_store_row(src, dst, n);
 #endif
   for (; i < n; ++i) dst[i] = to_half(src[i]);
 }

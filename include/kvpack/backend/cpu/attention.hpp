@@ -6,7 +6,8 @@
 /// AVX2 kernels that convert fp16 rows inside the dot products and the value accumulation (the
 /// decode step is bound by memory bandwidth, so K and V are read once and never written back);
 /// many rows (prefill chunks) convert a tile to fp32 once and use Eigen GEMMs. Softmax uses a
-/// vectorised exp (Cephes polynomial, ≤ 2 ulp) when AVX2 is available.
+/// vectorised exp (Cephes polynomial, ≤ 2 ulp) on AVX2. The AVX2 kernels carry target
+/// attributes and are chosen at run time (isa.hpp), whatever the consumer's flags.
 #pragma once
 
 #include <Eigen/Core>
@@ -20,11 +21,7 @@
 #include "../../detail/convert.hpp"
 #include "../../detail/online_softmax.hpp"
 #include "../../half.hpp"
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__CUDA_ARCH__)
-#include <immintrin.h>
-#define KVPACK_CPU_AVX2 1
-#endif
+#include "../../isa.hpp"
 
 namespace kvpack {
 namespace cpu {
@@ -81,15 +78,15 @@ struct PartialState {
 
 namespace detail {
 
-#if defined(KVPACK_CPU_AVX2)
-inline __m256 avx2_load(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 avx2_load(const Half* p) {
+#if defined(KVPACK_X86_DISPATCH)
+KVPACK_TARGET_AVX2 inline __m256 avx2_load(const float* p) { return _mm256_loadu_ps(p); }
+KVPACK_TARGET_AVX2 inline __m256 avx2_load(const Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
 /// exp of 8 lanes (Cephes expf: range reduction by ln 2, degree-5 polynomial); relative error
 /// ≤ 2 ulp on [-87.3, 88.3]; inputs below clamp to exp(-87.3) ≈ 1.2e-38.
-inline __m256 avx2_exp(__m256 x) {
+KVPACK_TARGET_AVX2 inline __m256 avx2_exp(__m256 x) {
   x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365447504f));
   const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -109,20 +106,20 @@ inline __m256 avx2_exp(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-inline float avx2_sum(__m256 a) {
+KVPACK_TARGET_AVX2 inline float avx2_sum(__m256 a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-inline float avx2_max(__m256 a) {
+KVPACK_TARGET_AVX2 inline float avx2_max(__m256 a) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
 /// Stores the horizontal sums of a and b to dst[0] and dst[1].
-inline void avx2_store_sums(float* dst, __m256 a, __m256 b) {
+KVPACK_TARGET_AVX2 inline void avx2_store_sums(float* dst, __m256 a, __m256 b) {
   const __m256 h = _mm256_hadd_ps(a, b);  // a01 a23 b01 b23 | a45 a67 b45 b67
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
   s = _mm_hadd_ps(s, s);  // a b a b
@@ -133,7 +130,8 @@ inline void avx2_store_sums(float* dst, __m256 a, __m256 b) {
 /// d % 8 == 0): s[r * s_stride + i] = q_r · k_i. Each query load serves K keys, each key load R
 /// rows; R · K ≤ 9 accumulators plus K keys and one query stay within the 16 ymm registers.
 template <int R, int K, class T>
-void avx2_score_keys(const float* q, int d, const T* k, float* s, int64_t s_stride) {
+KVPACK_TARGET_AVX2 void avx2_score_keys(const float* q, int d, const T* k, float* s,
+                                        int64_t s_stride) {
   __m256 a[R][K];
   for (int r = 0; r < R; ++r) {
     for (int i = 0; i < K; ++i) a[r][i] = _mm256_setzero_ps();
@@ -155,7 +153,7 @@ void avx2_score_keys(const float* q, int d, const T* k, float* s, int64_t s_stri
 
 /// Prefetches `count` elements from p into L1.
 template <class T>
-void avx2_prefetch(const T* p, int64_t count) {
+KVPACK_TARGET_AVX2 void avx2_prefetch(const T* p, int64_t count) {
   const char* bytes = reinterpret_cast<const char*>(p);
   for (int64_t o = 0; o < count * static_cast<int64_t>(sizeof(T)); o += 64) {
     _mm_prefetch(bytes + o, _MM_HINT_T0);
@@ -166,8 +164,8 @@ void avx2_prefetch(const T* p, int64_t count) {
 /// rows of the same keys, or null) are prefetched as the keys go by, so the value pass that
 /// follows does not wait for memory.
 template <int R, class T>
-void avx2_tile_scores(const float* q, int d, const T* k, int64_t n, float* s, int64_t s_stride,
-                      const T* next) {
+KVPACK_TARGET_AVX2 void avx2_tile_scores(const float* q, int d, const T* k, int64_t n, float* s,
+                                         int64_t s_stride, const T* next) {
   int64_t i = 0;
   for (; i + 3 <= n; i += 3) {
     if (next != nullptr) avx2_prefetch(next + i * d, 3 * d);
@@ -181,8 +179,9 @@ void avx2_tile_scores(const float* q, int d, const T* k, int64_t n, float* s, in
 /// accumulators stay in registers for the whole tile (R · C + C + 1 ≤ 16 ymm: no spill, whose
 /// store-to-load round trip would serialise the loop).
 template <int R, int C, class T>
-void avx2_tile_values_chunk(const float* p, int64_t p_stride, const T* v, int64_t n, int d, int j0,
-                            float* acc, const T* next, int64_t next_rows) {
+KVPACK_TARGET_AVX2 void avx2_tile_values_chunk(const float* p, int64_t p_stride, const T* v,
+                                               int64_t n, int d, int j0, float* acc, const T* next,
+                                               int64_t next_rows) {
   __m256 a[R][C];
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < C; ++c) a[r][c] = _mm256_loadu_ps(acc + r * d + j0 + 8 * c);
@@ -204,8 +203,8 @@ void avx2_tile_values_chunk(const float* p, int64_t p_stride, const T* v, int64_
 
 /// Value accumulation of R rows over keys [0, n) in channel chunks of 24, then 16 or 8.
 template <int R, class T>
-void avx2_tile_values(const float* p, int64_t p_stride, const T* v, int64_t n, int d, float* acc,
-                      const T* next, int64_t next_rows) {
+KVPACK_TARGET_AVX2 void avx2_tile_values(const float* p, int64_t p_stride, const T* v, int64_t n,
+                                         int d, float* acc, const T* next, int64_t next_rows) {
   // The first chunk also prefetches `next_rows` rows of `next` (the keys of the next tile).
   int j0 = 0;
   for (; j0 + 24 <= d; j0 += 24) {
@@ -218,28 +217,24 @@ void avx2_tile_values(const float* p, int64_t p_stride, const T* v, int64_t n, i
     avx2_tile_values_chunk<R, 1>(p, p_stride, v, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
   }
 }
-#endif  // KVPACK_CPU_AVX2
 
-/// Max of x[0, n), n >= 1.
-inline float row_max(const float* x, int64_t n) {
+/// row_max on AVX2 (n >= 1).
+KVPACK_TARGET_AVX2 inline float avx2_row_max(const float* x, int64_t n) {
   float m = x[0];
   int64_t i = 0;
-#if defined(KVPACK_CPU_AVX2)
   if (n >= 8) {
     __m256 mv = _mm256_loadu_ps(x);
     for (i = 8; i + 8 <= n; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + i));
     m = avx2_max(mv);
   }
-#endif
   for (; i < n; ++i) m = std::max(m, x[i]);
   return m;
 }
 
-/// x[i] = exp(x[i] − shift) for i in [0, n); returns the sum of the results.
-inline float exp_shifted(float* x, int64_t n, float shift) {
+/// exp_shifted on AVX2: every lane, the tail included, comes from the same polynomial.
+KVPACK_TARGET_AVX2 inline float avx2_exp_shifted(float* x, int64_t n, float shift) {
   int64_t i = 0;
   float sum = 0.0f;
-#if defined(KVPACK_CPU_AVX2)
   const __m256 sv = _mm256_set1_ps(shift);
   __m256 acc = _mm256_setzero_ps();
   for (; i + 8 <= n; i += 8) {
@@ -247,17 +242,34 @@ inline float exp_shifted(float* x, int64_t n, float shift) {
     _mm256_storeu_ps(x + i, e);
     acc = _mm256_add_ps(acc, e);
   }
-  if (i < n) {  // tail through a padded copy, so every lane comes from the same polynomial
+  if (i < n) {  // tail through a padded copy
     alignas(32) float tail[8] = {};
     std::copy(x + i, x + n, tail);
     _mm256_store_ps(tail, avx2_exp(_mm256_sub_ps(_mm256_load_ps(tail), sv)));
     std::copy(tail, tail + (n - i), x + i);
     for (int64_t j = 0; j < n - i; ++j) sum += tail[j];
-    i = n;
   }
-  sum += avx2_sum(acc);
+  return sum + avx2_sum(acc);
+}
+#endif  // KVPACK_X86_DISPATCH
+
+/// Max of x[0, n), n >= 1.
+inline float row_max(const float* x, int64_t n) {
+#if defined(KVPACK_X86_DISPATCH)
+  if (cpu_isa() == Isa::kAvx2) return avx2_row_max(x, n);
 #endif
-  for (; i < n; ++i) {
+  float m = x[0];
+  for (int64_t i = 1; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+/// x[i] = exp(x[i] − shift) for i in [0, n); returns the sum of the results.
+inline float exp_shifted(float* x, int64_t n, float shift) {
+#if defined(KVPACK_X86_DISPATCH)
+  if (cpu_isa() == Isa::kAvx2) return avx2_exp_shifted(x, n, shift);
+#endif
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
     x[i] = std::exp(x[i] - shift);
     sum += x[i];
   }
@@ -284,13 +296,14 @@ inline void softmax_tile_row(float* sr, int64_t vis, int64_t tn, float& max, flo
   }
 }
 
-#if defined(KVPACK_CPU_AVX2)
+#if defined(KVPACK_X86_DISPATCH)
 /// Decode path of cpu::attend_rows: rows < kGemmRows, d % 8 == 0. Rows go in groups of up to
 /// three (a GQA group of 3 in one pass); K and V are converted inside the kernels.
 template <class T>
-void avx2_attend_rows(const cpu::DenseRows<T>& head, int d, const float* q, int rows,
-                      const int64_t* visible, int64_t begin, int64_t end, cpu::PartialState& state,
-                      std::vector<float>& scratch) {
+KVPACK_TARGET_AVX2 void avx2_attend_rows(const cpu::DenseRows<T>& head, int d, const float* q,
+                                         int rows, const int64_t* visible, int64_t begin,
+                                         int64_t end, cpu::PartialState& state,
+                                         std::vector<float>& scratch) {
   constexpr int64_t stride = cpu::kAttentionTile;
   scratch.resize(static_cast<std::size_t>(rows) * stride);
   float* s = scratch.data();
@@ -331,7 +344,7 @@ void avx2_attend_rows(const cpu::DenseRows<T>& head, int d, const float* q, int 
     }
   }
 }
-#endif  // KVPACK_CPU_AVX2
+#endif  // KVPACK_X86_DISPATCH
 
 }  // namespace detail
 
@@ -341,7 +354,7 @@ namespace cpu {
 /// [begin, end) of `head`. Row r sees only keys with index < visible[r] (causal by position).
 /// Accumulates into `state` (online softmax), so splits can be merged afterwards.
 /// `Rows` provides load_keys / load_values (see DenseRows); dense fp16/fp32 rows take the AVX2
-/// decode kernels, which read the stored rows directly.
+/// decode kernels when cpu_isa() is Isa::kAvx2; they read the stored rows directly.
 template <class Rows>
 void attend_rows(const Rows& head, int d, const float* q, int rows, const int64_t* visible,
                  int64_t begin, int64_t end, PartialState& state, std::vector<float>& scratch) {
@@ -353,11 +366,11 @@ void attend_rows(const Rows& head, int d, const float* q, int rows, const int64_
   end = std::min(end, row_visible_max);
   if (begin >= end) return;
 
-#if defined(KVPACK_CPU_AVX2)
+#if defined(KVPACK_X86_DISPATCH)
   if constexpr (is_dense_rows<Rows>::value) {
     using T = typename is_dense_rows<Rows>::element_type;
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, Half>) {
-      if (rows < kGemmRows && d % 8 == 0) {
+      if (rows < kGemmRows && d % 8 == 0 && cpu_isa() == Isa::kAvx2) {
         detail::avx2_attend_rows(head, d, q, rows, visible, begin, end, state, scratch);
         return;
       }

@@ -18,6 +18,7 @@
 #include "../../detail/select.hpp"
 #include "../../detail/validate.hpp"
 #include "../../error.hpp"
+#include "../../executor.hpp"
 #include "../../policy/compose.hpp"
 #include "../../policy/head_level_evict.hpp"
 #include "../../policy/lazy_layer_drop.hpp"
@@ -34,7 +35,9 @@
 namespace kvpack {
 
 /// \brief CPU implementation of KVCache. Not thread-safe for concurrent mutation; attend() may
-/// run concurrently with other const calls. Uses OpenMP over heads and key splits when enabled.
+/// run concurrently with other const calls. Its parallel loops (heads, key splits, scoring
+/// blocks, factorization jobs) run on its Executor (executor.hpp; default_executor() unless
+/// set_executor() gave another).
 template <class Policy>
 class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
  public:
@@ -243,7 +246,7 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   }
 
   /// Every byte held: K/V rows (or blocks, or factors and each shared basis once), positions,
-  /// and the per-head / per-layer bookkeeping.
+  /// and the per-head / per-layer bookkeeping. Compression ratios come from it.
   std::size_t bytes() const {
     std::size_t total = heads_.size() * sizeof(Store) +
                         layers_.size() * sizeof(detail::LayerState) +
@@ -252,11 +255,37 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
     return total + Store::shared_bytes(heads_);
   }
 
+  /// \brief The heap the stored data occupies: bytes() with each buffer's allocated capacity
+  /// instead of its size, so >= bytes(). Appends grow buffers geometrically (amortised O(1)), so
+  /// after decode appends reserved_bytes() may exceed bytes() by up to the rows appended since
+  /// the last compress(), which (like evictions and truncate) reallocates at exact size;
+  /// shrink_to_fit() releases the slack. Not counted by either: the policy object (e.g.
+  /// projections, head scores), the shared RoPE table of low-rank caches, and the executor.
+  std::size_t reserved_bytes() const {
+    std::size_t total = heads_.capacity() * sizeof(Store) +
+                        layers_.capacity() * sizeof(detail::LayerState) +
+                        observations_.capacity() * sizeof(LayerObservation);
+    for (const auto& head : heads_) total += head.reserved_bytes();
+    return total + Store::shared_reserved_bytes(heads_);
+  }
+
+  /// Releases the growth slack of every buffer: reserved_bytes() becomes bytes(). Contents, and
+  /// everything attend() returns, stay bit-identical.
+  void shrink_to_fit() {
+    for (auto& head : heads_) head.shrink_to_fit();
+  }
+
   /// Tokens held by one (layer, kv-head).
   int64_t tokens(int layer, int head) const {
     this->check_head("KVCache::tokens", layer, head);
     return store(layer, head).size();
   }
+
+  /// Runs this cache's parallel loops on `executor` (not owned: it must outlive the cache's
+  /// calls), or on default_executor() when null. Copies of the cache share it.
+  void set_executor(Executor* executor) { executor_ = executor; }
+  /// The executor this cache's parallel loops run on.
+  Executor& executor() const { return executor_ != nullptr ? *executor_ : default_executor(); }
 
   /// Drops every token and frees the memory; the shape and policy stay.
   void clear() {
@@ -308,6 +337,7 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
 
   std::vector<Store> heads_;                    // layer-major: [layer][kv_head]
   std::vector<LayerObservation> observations_;  // LazyLayerDrop only
+  Executor* executor_ = nullptr;                // null: default_executor()
 };
 
 }  // namespace kvpack

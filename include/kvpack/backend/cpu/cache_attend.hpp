@@ -38,10 +38,7 @@ void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const Activation
   std::vector<cpu::PartialState> partial(static_cast<std::size_t>(shape_.kv_heads) * blocks *
                                          splits);
 
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic)
-#endif
-  for (int64_t item = 0; item < items; ++item) {
+  detail::parallel_for(executor(), items, [&](int64_t item) {
     const int h0 = static_cast<int>(item / (blocks * splits)) * item_heads;
     const int64_t block = (item / splits) % blocks;
     const int64_t split = item % splits;
@@ -66,7 +63,7 @@ void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const Activation
       cpu::attend_rows(store(layer, h0).rows(d), d, qrows.data(), rows, visible.data(), begin, end,
                        state(h0), scratch);
     }
-  }
+  });
 
   // Merge the key splits of each (head, block) and normalise.
   for (int h = 0; h < shape_.kv_heads; ++h) {

@@ -57,10 +57,7 @@ void KVCache<Policy, backend::Cpu>::evict() {
   }
   std::vector<std::vector<float>> scores(n_targets);
   std::vector<detail::SelectionHead> selection(n_targets);
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic)
-#endif
-  for (int64_t i = 0; i < n_targets; ++i) {
+  detail::parallel_for(executor(), n_targets, [&](int64_t i) {
     const auto& head = store(targets[i].layer, targets[i].head);
     const detail::LayerState& state = layers_[targets[i].layer];
     scores[i].resize(head.size());
@@ -106,7 +103,7 @@ void KVCache<Policy, backend::Cpu>::evict() {
                                : budget.target(state.appended - unscored) + unscored,
                     state.first_position + budget.sink_tokens,
                     state.last_position - budget.recent_tokens};
-  }
+  });
   std::vector<std::vector<int64_t>> kept;
   if (budget.scope == BudgetScope::kGlobal && !kHeadLevel) {
     kept = detail::select_global(selection);
@@ -114,13 +111,10 @@ void KVCache<Policy, backend::Cpu>::evict() {
     kept.resize(n_targets);
     for (int64_t i = 0; i < n_targets; ++i) kept[i] = detail::select_top_k(selection[i]);
   }
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic)
-#endif
-  for (int64_t i = 0; i < n_targets; ++i) {
+  detail::parallel_for(executor(), n_targets, [&](int64_t i) {
     auto& head = store(targets[i].layer, targets[i].head);
     if (static_cast<int64_t>(kept[i].size()) < head.size()) head.keep(kept[i], d);
-  }
+  });
 }
 
 }  // namespace kvpack

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <algorithm>
-#include <exception>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -95,23 +94,10 @@ void KVCache<Policy, backend::Cpu>::factorize() {
     }
   };
   // Jobs are independent: two threads factor two groups at once (the SVD's double-precision
-  // Gram matrix and tridiagonalisation are single-threaded; Eigen's GEMMs see the parallel
-  // region and stay on their thread). Exceptions cannot leave an OpenMP region: keep the first.
-  std::vector<std::exception_ptr> failures(jobs.size());
-  const int64_t n_jobs = static_cast<int64_t>(jobs.size());
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic) if (n_jobs > 1)
-#endif
-  for (int64_t i = 0; i < n_jobs; ++i) {
-    try {
-      run(jobs[i]);
-    } catch (...) {
-      failures[i] = std::current_exception();
-    }
-  }
-  for (const auto& failure : failures) {
-    if (failure) std::rethrow_exception(failure);
-  }
+  // Gram matrix and tridiagonalisation are single-threaded; a single job runs on the calling
+  // thread, where Eigen's GEMMs may use OpenMP). The first failure is rethrown after all jobs.
+  detail::parallel_for(executor(), static_cast<int64_t>(jobs.size()),
+                       [&](int64_t i) { run(jobs[i]); });
 
   // Commit: jobs come in (keys, values) pairs of the same layers and tokens.
   for (std::size_t i = 0; i + 1 < jobs.size(); i += 2) {

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <mutex>
 #include <vector>
 
 #include "cache.hpp"
@@ -25,11 +27,8 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
 
   // The window's keys of each head, fp32 and packed once for all blocks.
   std::vector<cpu::PackedKeys> keys(heads);
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic)
-#endif
-  for (int h = 0; h < heads; ++h) {
-    auto& head = store(layer, h);
+  detail::parallel_for(executor(), heads, [&](int64_t h) {
+    auto& head = store(layer, static_cast<int>(h));
     if constexpr (kQueryScores) {
       head.scores.resize(head.positions.size(), head.kUnscored);
       keys[h].pack(head.rows(d), d,
@@ -38,7 +37,7 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
       keys[h].pack(head.rows(d), d,
                    cpu::window_ranges(head.positions.data(), head.size(), ScoreWindow::all()));
     }
-  }
+  });
 
   std::vector<double> item_mass(kLazyLayers ? items : 0, 0.0);
   // Sums are not exact like maxima: each work item keeps its own partial sums, merged below in
@@ -55,20 +54,19 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
       }
     }
   };
-#if defined(_OPENMP)
-#pragma omp parallel
-#endif
-  {
+  // One task per thread of the executor, taking work items in turn: a thread's scratch and its
+  // maxima serve all its items.
+  const int64_t workers = std::min<int64_t>(executor().concurrency(), items);
+  std::atomic<int64_t> next_item{0};
+  std::mutex merge;
+  detail::parallel_for(executor(), workers, [&](int64_t) {
     // Per thread: the max probability of each window key over this thread's blocks (a max is
     // exact, so merging the threads in any order gives the same scores).
     std::vector<std::vector<float>> best(kQueryScores && !kSumScores ? heads : 0);
     cpu::ScoreStrip strip;
     std::vector<float> qrows;
     std::vector<int64_t> visible;
-#if defined(_OPENMP)
-#pragma omp for schedule(dynamic) nowait
-#endif
-    for (int64_t item = 0; item < items; ++item) {
+    for (int64_t item; (item = next_item.fetch_add(1, std::memory_order_relaxed)) < items;) {
       const int h = static_cast<int>(item / blocks);
       const int64_t t0 = (item % blocks) * block_tokens;
       const int64_t tn = std::min(block_tokens, tokens - t0);
@@ -98,15 +96,13 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
       }
     }
     if constexpr (kQueryScores && !kSumScores) {
-#if defined(_OPENMP)
-#pragma omp critical(kvpack_observe_merge)
-#endif
+      std::lock_guard<std::mutex> lock(merge);
       for (int h = 0; h < heads; ++h) {
         if (best[h].empty()) continue;
         merge_into_scores(h, best[h].data(), [](float s, float b) { return std::max(s, b); });
       }
     }
-  }
+  });
   if constexpr (kSumScores) {
     for (int64_t item = 0; item < items; ++item) {
       merge_into_scores(static_cast<int>(item / blocks), item_sums[item].data(),

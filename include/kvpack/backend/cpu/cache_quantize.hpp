@@ -25,22 +25,16 @@ void KVCache<Policy, backend::Cpu>::quantize() {
     const int64_t groups = counts[i] / heads_[i].group;
     first_item[i + 1] = first_item[i] + (groups + kGroupsPerItem - 1) / kGroupsPerItem;
   }
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic)
-#endif
-  for (int64_t item = 0; item < first_item[heads]; ++item) {
+  detail::parallel_for(executor(), first_item[heads], [&](int64_t item) {
     const int64_t i =
         std::upper_bound(first_item.begin(), first_item.end(), item) - first_item.begin() - 1;
     const int64_t g0 = (item - first_item[i]) * kGroupsPerItem;
     const int64_t groups = counts[i] / heads_[i].group;
     heads_[i].quantize_groups(g0, std::min(groups, g0 + kGroupsPerItem), d);
-  }
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic)
-#endif
-  for (int64_t i = 0; i < heads; ++i) {
+  });
+  detail::parallel_for(executor(), heads, [&](int64_t i) {
     if (counts[i] > 0) heads_[i].commit_quantized(counts[i], d);
-  }
+  });
 }
 
 }  // namespace kvpack

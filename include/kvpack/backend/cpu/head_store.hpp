@@ -8,6 +8,7 @@
 
 #include "../../config.hpp"
 #include "../../detail/convert.hpp"
+#include "../../detail/vector_bytes.hpp"
 #include "attention.hpp"
 #include "store_for.hpp"
 
@@ -32,6 +33,7 @@ struct HeadStore {
 
   /// Bytes held once for several heads (none for rows): see LowRankHeadStore::shared_bytes.
   static std::size_t shared_bytes(const std::vector<HeadStore>&) { return 0; }
+  static std::size_t shared_reserved_bytes(const std::vector<HeadStore>&) { return 0; }
 
   /// Appends n fp32 rows of keys and values (n × head_dim each) at `pos`.
   void append(const float* k_rows, const float* v_rows, Positions pos, int64_t n, int head_dim) {
@@ -45,10 +47,11 @@ struct HeadStore {
   }
 
   /// Bytes held: K and V rows, one position per token, and scores when a policy keeps them.
-  std::size_t bytes() const {
-    return (k.size() + v.size()) * sizeof(T) + positions.size() * sizeof(int32_t) +
-           scores.size() * sizeof(float);
-  }
+  std::size_t bytes() const { return held_bytes(k, v, positions, scores); }
+  /// Heap allocated for them, growth slack included.
+  std::size_t reserved_bytes() const { return allocated_bytes(k, v, positions, scores); }
+  /// Releases the growth slack.
+  void shrink_to_fit() { shrink_all(k, v, positions, scores); }
 
   /// Keeps rows `kept` (ascending indices) and releases the memory of the others: the new
   /// buffers are allocated at exact size, so bytes() and the allocator agree.
@@ -84,10 +87,7 @@ struct HeadStore {
     v.resize(n * head_dim);
     positions.resize(n);
     if (scores.size() > n) scores.resize(n);
-    k.shrink_to_fit();
-    v.shrink_to_fit();
-    positions.shrink_to_fit();
-    scores.shrink_to_fit();
+    shrink_to_fit();
   }
 
   void clear() {

@@ -14,6 +14,7 @@
 
 #include "../../config.hpp"
 #include "../../detail/convert.hpp"
+#include "../../detail/vector_bytes.hpp"
 #include "../../error.hpp"
 #include "../../half.hpp"
 #include "../../quant/quant_block.hpp"
@@ -151,7 +152,8 @@ struct LowRankBasis {
   std::vector<Half> rows;       ///< rows [quantized_rows(), tokens), row-major × rank
 
   int64_t quantized_rows() const { return bits == 0 ? 0 : tokens / group * group; }
-  std::size_t bytes() const { return blocks.size() + rows.size() * sizeof(Half); }
+  std::size_t bytes() const { return held_bytes(blocks, rows); }
+  std::size_t reserved_bytes() const { return allocated_bytes(blocks, rows); }
 
   /// Holds `a` (n × r, row-major fp32): fp16 when bits_ is 0, else quantized as above.
   void assign(const float* a, int64_t n, int r, int bits_, int group_) {
@@ -228,7 +230,8 @@ inline Eigen::VectorXf fit_basis_range(float* a, int64_t n, int r, const char* w
 struct LowRankFactor {
   std::shared_ptr<const LowRankBasis> basis;
   std::vector<float> b;  ///< rank × head_dim, row-major
-  std::size_t bytes() const { return b.size() * sizeof(float); }
+  std::size_t bytes() const { return held_bytes(b); }
+  std::size_t reserved_bytes() const { return allocated_bytes(b); }
 };
 
 /// Tokens [0, factored) come from the factors, [factored, size) from the fp16 tail.
@@ -246,23 +249,24 @@ struct LowRankHeadStore {
   /// Every token basis some head of `heads` points to, counted once with its bookkeeping
   /// (bases are shared by the heads, and by the layers of an xKV group).
   static std::size_t shared_bytes(const std::vector<LowRankHeadStore>& heads) {
-    std::vector<const LowRankBasis*> seen;
-    std::size_t total = 0;
-    for (const auto& head : heads) {
-      for (const LowRankBasis* basis : {head.key.basis.get(), head.value.basis.get()}) {
-        if (basis == nullptr || std::find(seen.begin(), seen.end(), basis) != seen.end()) continue;
-        seen.push_back(basis);
-        total += basis->bytes() + sizeof(LowRankBasis);
-      }
-    }
-    return total;
+    return sum_bases(heads, [](const LowRankBasis& b) { return b.bytes(); });
+  }
+  /// shared_bytes with each basis's allocated heap.
+  static std::size_t shared_reserved_bytes(const std::vector<LowRankHeadStore>& heads) {
+    return sum_bases(heads, [](const LowRankBasis& b) { return b.reserved_bytes(); });
   }
 
   /// The head's own bytes: factors B, the exact tail and positions (bases: see LowRankBasis).
   std::size_t bytes() const {
-    return key.bytes() + value.bytes() + (tail_k.size() + tail_v.size()) * sizeof(Half) +
-           positions.size() * sizeof(int32_t);
+    return key.bytes() + value.bytes() + held_bytes(tail_k, tail_v, positions);
   }
+  /// Heap allocated for them, growth slack included.
+  std::size_t reserved_bytes() const {
+    return key.reserved_bytes() + value.reserved_bytes() +
+           allocated_bytes(tail_k, tail_v, positions, scores);
+  }
+  /// Releases the growth slack of the tail (factors are allocated at their size).
+  void shrink_to_fit() { shrink_all(tail_k, tail_v, positions, scores); }
 
   void append(const float* k_rows, const float* v_rows, Positions pos, int64_t n, int head_dim) {
     append_rows(tail_k, tail_v, positions, k_rows, v_rows, pos, n, head_dim);
@@ -388,6 +392,22 @@ struct LowRankHeadStore {
     std::vector<Half>().swap(tail_v);
     std::vector<int32_t>().swap(positions);
     std::vector<float>().swap(scores);
+  }
+
+ private:
+  /// Σ bytes_of(basis) over the distinct bases the heads point to, each with its bookkeeping.
+  template <class BytesOf>
+  static std::size_t sum_bases(const std::vector<LowRankHeadStore>& heads, BytesOf bytes_of) {
+    std::vector<const LowRankBasis*> seen;
+    std::size_t total = 0;
+    for (const auto& head : heads) {
+      for (const LowRankBasis* basis : {head.key.basis.get(), head.value.basis.get()}) {
+        if (basis == nullptr || std::find(seen.begin(), seen.end(), basis) != seen.end()) continue;
+        seen.push_back(basis);
+        total += bytes_of(*basis) + sizeof(LowRankBasis);
+      }
+    }
+    return total;
   }
 };
 

@@ -27,7 +27,7 @@
 namespace kvpack {
 namespace detail {
 
-#if defined(KVPACK_CPU_AVX2)
+#if defined(KVPACK_X86_DISPATCH)
 
 /// Codes of a block are decoded in chunks of kChunk = 32 elements (16 when G = 16), two
 /// vectors of 8 per pass, in "slot order": the lanes of one 8-byte load widened to 32 bits
@@ -40,22 +40,25 @@ constexpr int code_chunk() {
   return G % 32 == 0 ? 32 : 16;
 }
 
+/// 8 bytes widened to 8 lanes of 32 bits.
+KVPACK_TARGET_AVX2 inline __m256i avx2_widen8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
 /// Pass `pass` of the chunk of codes starting at element `first` (see code_chunk).
 template <int Bits, int Chunk>
-inline void avx2_decode_pass(const uint8_t* codes, int first, int pass, __m256& x0, __m256& x1) {
-  auto widen = [](const uint8_t* p) {  // 8 bytes → 8 lanes of 32 bits
-    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  };
+KVPACK_TARGET_AVX2 inline void avx2_decode_pass(const uint8_t* codes, int first, int pass,
+                                                __m256& x0, __m256& x1) {
   if constexpr (Bits == 8) {
     const uint8_t* c = codes + first + 16 * pass;
-    x0 = _mm256_cvtepi32_ps(widen(c));
-    x1 = _mm256_cvtepi32_ps(widen(c + 8));
+    x0 = _mm256_cvtepi32_ps(avx2_widen8(c));
+    x1 = _mm256_cvtepi32_ps(avx2_widen8(c + 8));
   } else if constexpr (Bits == 4) {
-    const __m256i w = widen(codes + (first + 16 * pass) / 2);
+    const __m256i w = avx2_widen8(codes + (first + 16 * pass) / 2);
     x0 = _mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(0x0F)));
     x1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 4));
   } else if constexpr (Chunk == 32) {
-    const __m256i w = _mm256_srli_epi32(widen(codes + first / 4), 4 * pass);
+    const __m256i w = _mm256_srli_epi32(avx2_widen8(codes + first / 4), 4 * pass);
     const __m256i mask = _mm256_set1_epi32(0x03);
     x0 = _mm256_cvtepi32_ps(_mm256_and_si256(w, mask));
     x1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 2), mask));
@@ -77,7 +80,7 @@ inline void avx2_decode_pass(const uint8_t* codes, int first, int pass, __m256& 
 /// out[0, Chunk) in element order from the pass results v[0, Chunk / 8) (v[2p], v[2p + 1] from
 /// pass p; see code_chunk).
 template <int Bits, int Chunk>
-inline void avx2_natural_order(const __m256* v, float* out) {
+KVPACK_TARGET_AVX2 inline void avx2_natural_order(const __m256* v, float* out) {
   if constexpr (Bits == 8 || (Bits == 2 && Chunk == 16)) {
     for (int i = 0; i < Chunk / 8; ++i) _mm256_storeu_ps(out + 8 * i, v[i]);
   } else if constexpr (Bits == 4) {
@@ -102,8 +105,8 @@ inline void avx2_natural_order(const __m256* v, float* out) {
 /// Scales and mins of 8 blocks (a block starts with its fp16 scale and min: one 32-bit word)
 /// at blocks[0], blocks[step], ..., the first `count` of them (the rest read as 0).
 template <class Block>
-inline void avx2_scales_and_mins(const Block* blocks, int64_t step, int count, __m256& scale,
-                                 __m256& min) {
+KVPACK_TARGET_AVX2 inline void avx2_scales_and_mins(const Block* blocks, int64_t step, int count,
+                                                    __m256& scale, __m256& min) {
   uint32_t w[8];
   for (int j = 0; j < 8; ++j) {
     w[j] = 0;
@@ -125,8 +128,9 @@ inline void avx2_scales_and_mins(const Block* blocks, int64_t step, int count, _
 /// Scores of R ≤ 3 query rows (q, row stride d) against the G tokens of key group `kb` (d
 /// blocks, one per channel): s[r · s_stride + i] for i < G. qs: scratch of R · d floats.
 template <int R, int Bits, int G>
-void avx2_quantized_group_scores(const QuantBlock<Bits, G>* kb, int d, const float* q, float* s,
-                                 int64_t s_stride, float* qs) {
+KVPACK_TARGET_AVX2 void avx2_quantized_group_scores(const QuantBlock<Bits, G>* kb, int d,
+                                                    const float* q, float* s, int64_t s_stride,
+                                                    float* qs) {
   // 16 tokens per pass: 2R accumulators + 2 code vectors + 1 broadcast stay in registers.
   constexpr int kChunk = code_chunk<Bits, G>();
   // qs[r · d + c] = q_rc · scale_c; bias_r = Σ_c q_rc · min_c, 8 channels at a time.
@@ -171,8 +175,8 @@ void avx2_quantized_group_scores(const QuantBlock<Bits, G>* kb, int d, const flo
 /// (d / G blocks per token); p[r · p_stride + t] for t in [n, n rounded up to 8) are zeroed.
 /// ps: scratch of R · (d / G) · (n + 8) floats.
 template <int R, int Bits, int G>
-void avx2_quantized_values(const QuantBlock<Bits, G>* vb, int d, float* p, int64_t p_stride,
-                           int64_t n, float* acc, float* ps) {
+KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* vb, int d, float* p,
+                                              int64_t p_stride, int64_t n, float* acc, float* ps) {
   constexpr int kChunk = code_chunk<Bits, G>();  // 16 channels per pass, as the key kernel
   const int groups = d / G;
   const int64_t n8 = (n + 7) / 8 * 8;
@@ -234,9 +238,10 @@ void avx2_quantized_values(const QuantBlock<Bits, G>* vb, int d, float* p, int64
 /// Decode attention of `rows` rows over quantized tokens [begin, end) (end ≤ store.quantized),
 /// rows in groups of up to three (one GQA group per pass), tiles of whole key groups.
 template <int Bits, int G>
-void avx2_quantized_attend(const QuantizedHeadStore& store, int d, const float* q, int rows,
-                           const int64_t* visible, int64_t begin, int64_t end,
-                           cpu::PartialState& state, std::vector<float>& scratch) {
+KVPACK_TARGET_AVX2 void avx2_quantized_attend(const QuantizedHeadStore& store, int d,
+                                              const float* q, int rows, const int64_t* visible,
+                                              int64_t begin, int64_t end, cpu::PartialState& state,
+                                              std::vector<float>& scratch) {
   using Block = QuantBlock<Bits, G>;
   const auto* kb = reinterpret_cast<const Block*>(store.key_blocks.data());
   const auto* vb = reinterpret_cast<const Block*>(store.value_blocks.data());
@@ -288,7 +293,7 @@ void avx2_quantized_attend(const QuantizedHeadStore& store, int d, const float* 
   }
 }
 
-#endif  // KVPACK_CPU_AVX2
+#endif  // KVPACK_X86_DISPATCH
 
 }  // namespace detail
 
@@ -300,13 +305,14 @@ namespace cpu {
 inline void attend_rows(const detail::QuantizedHeadStore::Rows& head, int d, const float* q,
                         int rows, const int64_t* visible, int64_t begin, int64_t end,
                         PartialState& state, std::vector<float>& scratch) {
-#if defined(KVPACK_CPU_AVX2)
+#if defined(KVPACK_X86_DISPATCH)
   const detail::QuantizedHeadStore& store = *head.store;
   int64_t row_visible_max = 0;
   for (int r = 0; r < rows; ++r) row_visible_max = std::max(row_visible_max, visible[r]);
   end = std::min(end, row_visible_max);
   // Value groups must not exceed the per-(row, group) min sums of the kernel (d / G ≤ 16).
-  if (rows < kGemmRows && d % 16 == 0 && d / store.group <= 16 && begin < end) {
+  if (cpu_isa() == Isa::kAvx2 && rows < kGemmRows && d % 16 == 0 && d / store.group <= 16 &&
+      begin < end) {
     const int64_t split = std::clamp(store.quantized, begin, end);
     if (begin < split) {
       dispatch_quant(store.bits, store.group, [&](auto b, auto g) {

@@ -10,6 +10,7 @@
 
 #include "../../config.hpp"
 #include "../../detail/convert.hpp"
+#include "../../detail/vector_bytes.hpp"
 #include "../../half.hpp"
 #include "../../quant/quant_block.hpp"
 #include "quantize.hpp"
@@ -35,11 +36,18 @@ struct QuantizedHeadStore {
 
   /// Bytes held once for several heads (none for KIVI rows).
   static std::size_t shared_bytes(const std::vector<QuantizedHeadStore>&) { return 0; }
+  static std::size_t shared_reserved_bytes(const std::vector<QuantizedHeadStore>&) { return 0; }
 
+  /// Bytes held: blocks, the fp16 tail, positions and scores.
   std::size_t bytes() const {
-    return key_blocks.size() + value_blocks.size() + (tail_k.size() + tail_v.size()) * 2 +
-           positions.size() * sizeof(int32_t) + scores.size() * sizeof(float);
+    return held_bytes(key_blocks, value_blocks, tail_k, tail_v, positions, scores);
   }
+  /// Heap allocated for them, growth slack included.
+  std::size_t reserved_bytes() const {
+    return allocated_bytes(key_blocks, value_blocks, tail_k, tail_v, positions, scores);
+  }
+  /// Releases the growth slack.
+  void shrink_to_fit() { shrink_all(key_blocks, value_blocks, tail_k, tail_v, positions, scores); }
 
   void append(const float* k_rows, const float* v_rows, Positions pos, int64_t n, int head_dim) {
     append_rows(tail_k, tail_v, positions, k_rows, v_rows, pos, n, head_dim);

@@ -141,13 +141,13 @@ struct ScoreStrip {
 
 namespace detail {
 
-#if defined(KVPACK_CPU_AVX2)
+#if defined(KVPACK_X86_DISPATCH)
 /// Scores of R query rows (q, row stride d) against one panel: s[r · lds + i] = q_r · key_i.
 /// 2R accumulators + 2 keys + 1 broadcast ≤ 15 ymm for R ≤ 6. D > 0 fixes head_dim at compile
 /// time (the query offsets become immediates, which frees the registers that held them).
 template <int R, int D>
-inline void avx2_panel_scores(const float* q, int head_dim, const float* panel, float* s,
-                              int64_t lds) {
+KVPACK_TARGET_AVX2 inline void avx2_panel_scores(const float* q, int head_dim, const float* panel,
+                                                 float* s, int64_t lds) {
   const int d = D > 0 ? D : head_dim;
   __m256 a[R][2];
   for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
@@ -165,7 +165,52 @@ inline void avx2_panel_scores(const float* q, int head_dim, const float* panel, 
     _mm256_storeu_ps(s + r * lds + 8, a[r][1]);
   }
 }
-#endif
+
+/// max_scaled on AVX2 for [0, 8 · floor(n / 8)); returns that bound.
+KVPACK_TARGET_AVX2 inline int64_t avx2_max_scaled(float* best, const float* x, int64_t n,
+                                                  float scale) {
+  int64_t i = 0;
+  const __m256 sv = _mm256_set1_ps(scale);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(x + i), sv);
+    _mm256_storeu_ps(best + i, _mm256_max_ps(_mm256_loadu_ps(best + i), p));
+  }
+  return i;
+}
+
+/// sum_scaled on AVX2 for [0, 8 · floor(n / 8)); returns that bound.
+KVPACK_TARGET_AVX2 inline int64_t avx2_sum_scaled(float* best, const float* x, int64_t n,
+                                                  float scale) {
+  int64_t i = 0;
+  const __m256 sv = _mm256_set1_ps(scale);
+  const __m256 zero = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 b = _mm256_max_ps(_mm256_loadu_ps(best + i), zero);
+    _mm256_storeu_ps(best + i, _mm256_fmadd_ps(_mm256_loadu_ps(x + i), sv, b));
+  }
+  return i;
+}
+
+/// group_scores on AVX2 for `rows` ≤ 6; D > 0 fixes head_dim (see avx2_panel_scores).
+template <int D>
+KVPACK_TARGET_AVX2 inline void avx2_group_scores(const float* q, int d, int rows,
+                                                 const float* panel, float* sp, int64_t lds) {
+  switch (rows) {
+    case 6:
+      return avx2_panel_scores<6, D>(q, d, panel, sp, lds);
+    case 5:
+      return avx2_panel_scores<5, D>(q, d, panel, sp, lds);
+    case 4:
+      return avx2_panel_scores<4, D>(q, d, panel, sp, lds);
+    case 3:
+      return avx2_panel_scores<3, D>(q, d, panel, sp, lds);
+    case 2:
+      return avx2_panel_scores<2, D>(q, d, panel, sp, lds);
+    default:
+      return avx2_panel_scores<1, D>(q, d, panel, sp, lds);
+  }
+}
+#endif  // KVPACK_X86_DISPATCH
 
 /// Scores of up to 6 rows against panel p of `keys` into s (row stride lds).
 inline void group_scores(const cpu::PackedKeys& keys, const float* q, int rows, int64_t p, float* s,
@@ -173,32 +218,13 @@ inline void group_scores(const cpu::PackedKeys& keys, const float* q, int rows, 
   const int d = keys.head_dim();
   float* sp = s + p * cpu::kScorePanel;
   const float* panel = keys.panel(p);
-#if defined(KVPACK_CPU_AVX2)
-  auto kernel = [&](auto head_dim) {
-    constexpr int D = decltype(head_dim)::value;
-    switch (rows) {
-      case 6:
-        return avx2_panel_scores<6, D>(q, d, panel, sp, lds);
-      case 5:
-        return avx2_panel_scores<5, D>(q, d, panel, sp, lds);
-      case 4:
-        return avx2_panel_scores<4, D>(q, d, panel, sp, lds);
-      case 3:
-        return avx2_panel_scores<3, D>(q, d, panel, sp, lds);
-      case 2:
-        return avx2_panel_scores<2, D>(q, d, panel, sp, lds);
-      default:
-        return avx2_panel_scores<1, D>(q, d, panel, sp, lds);
-    }
-  };
-  if (d == 64) {
-    kernel(std::integral_constant<int, 64>{});
-  } else if (d == 128) {
-    kernel(std::integral_constant<int, 128>{});
-  } else {
-    kernel(std::integral_constant<int, 0>{});
+#if defined(KVPACK_X86_DISPATCH)
+  if (cpu_isa() == Isa::kAvx2) {  // head_dim 64 and 128 get kernels with the dimension fixed
+    if (d == 64) return avx2_group_scores<64>(q, d, rows, panel, sp, lds);
+    if (d == 128) return avx2_group_scores<128>(q, d, rows, panel, sp, lds);
+    return avx2_group_scores<0>(q, d, rows, panel, sp, lds);
   }
-#else
+#endif
   for (int r = 0; r < rows; ++r) {
     float x[cpu::kScorePanel] = {};
     for (int c = 0; c < d; ++c) {
@@ -207,18 +233,13 @@ inline void group_scores(const cpu::PackedKeys& keys, const float* q, int rows, 
     }
     for (int i = 0; i < cpu::kScorePanel; ++i) sp[r * lds + i] = x[i];
   }
-#endif
 }
 
 /// best[i] = max(best[i], x[i] · scale) for i in [0, n).
 inline void max_scaled(float* best, const float* x, int64_t n, float scale) {
   int64_t i = 0;
-#if defined(KVPACK_CPU_AVX2)
-  const __m256 sv = _mm256_set1_ps(scale);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(x + i), sv);
-    _mm256_storeu_ps(best + i, _mm256_max_ps(_mm256_loadu_ps(best + i), p));
-  }
+#if defined(KVPACK_X86_DISPATCH)
+  if (cpu_isa() == Isa::kAvx2) i = avx2_max_scaled(best, x, n, scale);
 #endif
   for (; i < n; ++i) best[i] = std::max(best[i], x[i] * scale);
 }
@@ -227,13 +248,8 @@ inline void max_scaled(float* best, const float* x, int64_t n, float scale) {
 /// value marks a key no row has seen yet (it starts the sum at 0).
 inline void sum_scaled(float* best, const float* x, int64_t n, float scale) {
   int64_t i = 0;
-#if defined(KVPACK_CPU_AVX2)
-  const __m256 sv = _mm256_set1_ps(scale);
-  const __m256 zero = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) {
-    const __m256 b = _mm256_max_ps(_mm256_loadu_ps(best + i), zero);
-    _mm256_storeu_ps(best + i, _mm256_fmadd_ps(_mm256_loadu_ps(x + i), sv, b));
-  }
+#if defined(KVPACK_X86_DISPATCH)
+  if (cpu_isa() == Isa::kAvx2) i = avx2_sum_scaled(best, x, n, scale);
 #endif
   for (; i < n; ++i) best[i] = std::fma(x[i], scale, std::max(best[i], 0.0f));
 }

@@ -1,0 +1,34 @@
+/// \file detail/vector_bytes.hpp
+/// \brief Bytes of std::vectors: what they hold (size) and what they have allocated (capacity).
+/// bytes() and reserved_bytes() of every CPU store are these two over the same members.
+#pragma once
+
+// clang-format off
+#include "internal.hpp"  // first, before anything defines the macro it checks
+// clang-format on
+
+#include <cstddef>
+
+namespace kvpack {
+namespace detail {
+
+/// Σ size() · sizeof(element) over the vectors.
+template <class... Vectors>
+std::size_t held_bytes(const Vectors&... v) {
+  return (std::size_t{0} + ... + (v.size() * sizeof(typename Vectors::value_type)));
+}
+
+/// Σ capacity() · sizeof(element) over the vectors: the heap they occupy.
+template <class... Vectors>
+std::size_t allocated_bytes(const Vectors&... v) {
+  return (std::size_t{0} + ... + (v.capacity() * sizeof(typename Vectors::value_type)));
+}
+
+/// Releases the growth slack of every vector (capacity becomes size).
+template <class... Vectors>
+void shrink_all(Vectors&... v) {
+  (v.shrink_to_fit(), ...);
+}
+
+}  // namespace detail
+}  // namespace kvpack

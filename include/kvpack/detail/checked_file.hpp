@@ -15,6 +15,7 @@
 #include <fstream>
 #include <iterator>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../error.hpp"
@@ -37,7 +38,22 @@ class CheckedFileWriter {
     bytes_.insert(bytes_.end(), b, b + n);
   }
   void put_u32(uint32_t v) { put(&v, 4); }
+  void put_u64(uint64_t v) { put(&v, 8); }
+  void put_i64(int64_t v) { put(&v, 8); }
+  void put_f64(double v) { put(&v, 8); }
   void put_floats(const std::vector<float>& v) { put(v.data(), v.size() * sizeof(float)); }
+  /// u32 length, then the characters.
+  void put_string(const std::string& s) {
+    put_u32(static_cast<uint32_t>(s.size()));
+    put(s.data(), s.size());
+  }
+  /// u64 element count, then the elements' bytes (trivially copyable T).
+  template <class T>
+  void put_vector(const std::vector<T>& v) {
+    static_assert(std::is_trivially_copyable_v<T>, "put_vector writes raw element bytes");
+    put_u64(v.size());
+    put(v.data(), v.size() * sizeof(T));
+  }
   /// Appends the checksum and writes everything to `path`; `who` names the caller in errors.
   void write(const std::string& path, const std::string& who) {
     const uint64_t sum = fnv1a(bytes_.data(), bytes_.size());
@@ -83,6 +99,45 @@ class CheckedFileReader {
     at_ += 4;
     return v;
   }
+  uint64_t get_u64() {
+    uint64_t v;
+    get(&v, 8, "a 64-bit field");
+    return v;
+  }
+  int64_t get_i64() {
+    int64_t v;
+    get(&v, 8, "a 64-bit field");
+    return v;
+  }
+  double get_f64() {
+    double v;
+    get(&v, 8, "a 64-bit field");
+    return v;
+  }
+  /// A put_string field of at most `max_size` characters.
+  std::string get_string(std::size_t max_size, const std::string& what) {
+    const uint32_t n = get_u32();
+    if (n > max_size)
+      throw error(concat(where_, ": ", what, " of ", n, " bytes, expected <= ", max_size));
+    std::string s(n, '\0');
+    get(s.data(), n, what);
+    return s;
+  }
+  /// A put_vector field of at most `max_count` elements (the count the caller expects: a larger
+  /// one is refused before anything is allocated).
+  template <class T>
+  std::vector<T> get_vector(std::size_t max_count, const std::string& what) {
+    static_assert(std::is_trivially_copyable_v<T>, "get_vector reads raw element bytes");
+    const uint64_t n = get_u64();
+    if (n > max_count || n > (end_ - at_) / sizeof(T)) {
+      throw error(concat(where_, ": ", what, " holds ", n, " elements, expected at most ",
+                         max_count, n > max_count ? "" : " (file truncated)"));
+    }
+    std::vector<T> v(static_cast<std::size_t>(n));
+    get(v.data(), v.size() * sizeof(T), what);
+    return v;
+  }
+
   /// The version field, which must equal `expected`.
   void expect_version(uint32_t expected) {
     const uint32_t version = get_u32();
@@ -111,6 +166,13 @@ class CheckedFileReader {
   }
 
  private:
+  void get(void* dst, std::size_t n, const std::string& what) {
+    if (n > end_ - at_) throw error(where_ + ": " + what + " truncated");
+    if (n == 0) return;  // dst may be an empty vector's null data()
+    std::memcpy(dst, bytes_.data() + at_, n);
+    at_ += n;
+  }
+
   std::string where_;
   std::vector<uint8_t> bytes_;
   std::size_t at_ = 0, end_ = 0;

@@ -90,6 +90,7 @@ struct HeadScores {
 /// is refused. No observe() on the input: the scores come from a sample, so compress() costs
 /// nothing but the copy of what is kept.
 struct HeadLevelEvict : EvictionPolicy {
+  static constexpr const char* name = "HeadLevelEvict";
   static constexpr ScoreSource score_source = ScoreSource::kHeadScores;
   std::shared_ptr<const HeadScores> scores;
 

@@ -12,6 +12,7 @@ template <class Storage = Half>
 struct BasicIdentity : PolicyBase {
   static_assert(std::is_same_v<Storage, Half> || std::is_same_v<Storage, float>,
                 "BasicIdentity stores Half or float rows");
+  static constexpr const char* name = "Identity";
   using storage_type = Storage;
 };
 

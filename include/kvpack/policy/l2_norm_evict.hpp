@@ -16,6 +16,7 @@ namespace kvpack {
 /// Knobs (paper defaults): budget (keep ratio 0.5, per head), layers 0–1 left whole. Sinks and a
 /// recent window can be protected through the budget.
 struct L2NormEvict : EvictionPolicy {
+  static constexpr const char* name = "L2NormEvict";
   L2NormEvict() { skip_layers = 2; }
   explicit L2NormEvict(Budget b, int skip = 2) {
     budget = b;

@@ -21,6 +21,7 @@ namespace kvpack {
 /// model-specific: measure the mass distribution of your model (KVCache::observed_mass) before
 /// choosing it.
 struct LazyLayerDrop : PolicyBase {
+  static constexpr const char* name = "LazyLayerDrop";
   static constexpr bool needs_observe = true;
   static constexpr ScoreSource score_source = ScoreSource::kLayerMass;
   double threshold = 0.9;

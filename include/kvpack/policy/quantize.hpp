@@ -19,6 +19,7 @@ namespace kvpack {
 /// compress() again during decoding to quantize what has aged out of the window.
 /// Knobs (paper): bits 2 (also 4, 8); group 32; residual 128 (32 in the paper's examples).
 struct Quantize : PolicyBase {
+  static constexpr const char* name = "Quantize";
   int bits = 4;
   int group = 32;
   int64_t residual = 128;

@@ -23,6 +23,7 @@ namespace kvpack {
 /// tokens appended after scoring) are never evicted and do not count against the budget, which
 /// applies to the scored tokens (Budget: "over a growing sequence").
 struct ReconstructionEvict : QueryScoredEviction {
+  static constexpr const char* name = "ReconstructionEvict";
   ReconstructionEvict() {
     budget = Budget::ratio(0.3, BudgetScope::kGlobal);
     budget.sink_tokens = 4;

@@ -22,6 +22,7 @@ namespace kvpack {
 /// best tokens up to the budget, plus the observation window itself (budget.recent_tokens).
 /// Knobs (paper): window 32, pooling kernel 7 (max), top-k per head; no sinks.
 struct SnapKV : QueryScoredEviction {
+  static constexpr const char* name = "SnapKV";
   static constexpr QueryReduction query_reduction = QueryReduction::kSum;
   int64_t observation_window = 32;  ///< prompt queries observed; their tokens are always kept
   int pool_kernel = 7;              ///< odd width of the max pooling over held tokens (1: none)

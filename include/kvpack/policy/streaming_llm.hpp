@@ -18,6 +18,7 @@ namespace kvpack {
 /// a token's score is minus its distance to the newest position, so the budget keeps the
 /// newest; distances are exact in fp32 up to 2^24 tokens back.
 struct StreamingLLM : EvictionPolicy {
+  static constexpr const char* name = "StreamingLLM";
   static constexpr ScoreSource score_source = ScoreSource::kPosition;
 
   StreamingLLM() { budget.sink_tokens = 4; }

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -280,6 +281,20 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
     this->check_head("KVCache::tokens", layer, head);
     return store(layer, head).size();
   }
+
+  /// \brief Writes the whole state (every held value, positions, scores, per-layer sequence state,
+  /// LazyLayerDrop statistics, low-rank bases and factors) to `path`: one versioned, checksummed
+  /// file (layout: backend/cpu/cache_io.hpp). Throws kvpack::error when the file cannot be
+  /// written.
+  void save(const std::string& path) const;
+  /// \brief Replaces this cache's state with the one saved at `path` by a cache of the same
+  /// policy type (name, storage format, element type, KIVI bits and group) and shape (RoPE
+  /// included); afterwards bytes(), materialize() and attend() are bit-identical to the saved
+  /// cache's and later calls behave as they would have there. The policy's knobs stay this
+  /// cache's. Throws kvpack::error, changing nothing, for a file that cannot be read, is
+  /// truncated or corrupted (checksum), foreign (magic), of another version, shape or policy,
+  /// or whose contents are inconsistent (sizes, positions, non-finite values).
+  void load(const std::string& path);
 
   /// Runs this cache's parallel loops on `executor` (not owned: it must outlive the cache's
   /// calls), or on default_executor() when null. Copies of the cache share it.

@@ -6,4 +6,5 @@
 
 #include "cache_attend.hpp"
 #include "cache_evict.hpp"
+#include "cache_io.hpp"
 #include "cache_observe.hpp"

@@ -6,6 +6,7 @@
 
 #include "quantized_attention.hpp"
 #include "quantized_head_store.hpp"
+#include "quantized_store_io.hpp"
 #include "store_for.hpp"
 
 namespace kvpack {

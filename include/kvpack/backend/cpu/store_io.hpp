@@ -8,6 +8,10 @@
 /// elements, see CheckedFileWriter::put_vector) in the order of the write_store overload.
 #pragma once
 
+// clang-format off
+#include "../../config.hpp"  // first: detail/ headers check the macro it defines
+// clang-format on
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -85,31 +89,47 @@ inline void check_blocks(const std::vector<uint8_t>& blocks, std::size_t block_b
   }
 }
 
+/// What every store ends with: K and V rows (dense rows, or the exact fp16 tail of the other
+/// formats), positions and scores.
+template <class T>
+void write_rows(CheckedFileWriter& w, const std::vector<T>& k, const std::vector<T>& v,
+                const std::vector<int32_t>& positions, const std::vector<float>& scores) {
+  w.put_vector(k);
+  w.put_vector(v);
+  w.put_vector(positions);
+  w.put_vector(scores);
+}
+
+/// Reads what write_rows wrote for `n` tokens of which `rows_tokens` are rows, and checks it.
+template <class T>
+void read_rows(CheckedFileReader& r, std::vector<T>& k, std::vector<T>& v,
+               std::vector<int32_t>& positions, std::vector<float>& scores, uint64_t rows_tokens,
+               uint64_t n, const StoreLimits& lim) {
+  const std::size_t rows = static_cast<std::size_t>(rows_tokens) * lim.head_dim;
+  k = r.get_vector<T>(rows, "k rows");
+  v = r.get_vector<T>(rows, "v rows");
+  positions = r.get_vector<int32_t>(n, "positions");
+  scores = r.get_vector<float>(n, "scores");
+  require_size(k.size(), rows, lim, "k rows");
+  require_size(v.size(), rows, lim, "v rows");
+  require_size(positions.size(), n, lim, "positions");
+  require_finite(k, lim, "k rows");
+  require_finite(v, lim, "v rows");
+  check_positions_scores(positions, scores, lim);
+}
+
 // --- Dense rows ---------------------------------------------------------------------------------
 
 template <class T>
 void write_store(CheckedFileWriter& w, const HeadStore<T>& s) {
   w.put_u64(static_cast<uint64_t>(s.size()));
-  w.put_vector(s.k);
-  w.put_vector(s.v);
-  w.put_vector(s.positions);
-  w.put_vector(s.scores);
+  write_rows(w, s.k, s.v, s.positions, s.scores);
 }
 
 template <class T>
 void read_store(CheckedFileReader& r, HeadStore<T>& s, const StoreLimits& lim) {
   const uint64_t n = r.get_u64();
-  const std::size_t rows = static_cast<std::size_t>(n) * lim.head_dim;
-  s.k = r.get_vector<T>(rows, "k rows");
-  s.v = r.get_vector<T>(rows, "v rows");
-  s.positions = r.get_vector<int32_t>(n, "positions");
-  s.scores = r.get_vector<float>(n, "scores");
-  require_size(s.k.size(), rows, lim, "k rows");
-  require_size(s.v.size(), rows, lim, "v rows");
-  require_size(s.positions.size(), n, lim, "positions");
-  require_finite(s.k, lim, "k rows");
-  require_finite(s.v, lim, "v rows");
-  check_positions_scores(s.positions, s.scores, lim);
+  read_rows(r, s.k, s.v, s.positions, s.scores, n, n, lim);
 }
 
 // --- Formats without shared state (rows, KIVI) -------------------------------------------------

@@ -78,9 +78,11 @@ void KVCache<Policy, backend::Cpu>::save(const std::string& path) const {
   w.put_u32(static_cast<uint32_t>(detail::DTypeOf<storage_type>::value));
   w.put_u32(kQuantized ? static_cast<uint32_t>(Stages::quant_knobs(policy_)->bits) : 0);
   w.put_u32(kQuantized ? static_cast<uint32_t>(Stages::quant_knobs(policy_)->group) : 0);
-  for (int v : {shape_.layers, shape_.q_heads, shape_.kv_heads, shape_.head_dim}) {
-    w.put_u32(static_cast<uint32_t>(v));
-  }
+  // (Not a range-for over a braced list: nvcc 13's front end rejects one here.)
+  w.put_u32(static_cast<uint32_t>(shape_.layers));
+  w.put_u32(static_cast<uint32_t>(shape_.q_heads));
+  w.put_u32(static_cast<uint32_t>(shape_.kv_heads));
+  w.put_u32(static_cast<uint32_t>(shape_.head_dim));
   for (double f : detail::rope_fields(shape_.rope)) w.put_f64(f);
   w.put_u32(observed_ ? 1 : 0);
   for (const auto& l : layers_) {
@@ -142,8 +144,9 @@ void KVCache<Policy, backend::Cpu>::load(const std::string& path) {
                                  ") is not a valid sequence"));
     }
   }
-  std::vector<LayerObservation> observations(r.get_u64());
-  expect("LazyLayerDrop statistics", observations.size(), observations_.size());
+  const uint64_t observation_count = r.get_u64();  // checked before anything is allocated
+  expect("LazyLayerDrop statistics", observation_count, uint64_t{observations_.size()});
+  std::vector<LayerObservation> observations(observations_.size());
   for (auto& o : observations) {
     o.mass = r.get_f64();
     o.rows = r.get_i64();

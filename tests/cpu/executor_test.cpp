@@ -114,7 +114,7 @@ TEST_CASE("executor: KVPACK_NUM_THREADS sets the default pool's size when it is 
 }
 
 TEST_CASE(
-    "executor: a cache runs its loops on the executor it is given; results do not depend "
+    "executor: a cache runs its loops on the executor it is given, results do not depend "
     "on it",
     "[executor][threads]") {
   const kvpack::ModelShape shape{2, 8, 2, 64, {}};

@@ -23,14 +23,13 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <kvpack/kvpack.hpp>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <random>
 #include <utility>
 #include <vector>
-
-#include <kvpack/kvpack.hpp>
 
 namespace kvpack_bench {
 

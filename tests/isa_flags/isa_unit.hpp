@@ -23,8 +23,7 @@ inline std::vector<float> decode_attend() {
   for (int64_t t = 0; t < n; ++t) positions[t] = t;
   kvpack::KVCache<kvpack::Identity> cache(shape);
   cache.append(0, kvpack::ActivationView::nhd(k.data(), n, shape.kv_heads, shape.head_dim),
-               kvpack::ActivationView::nhd(v.data(), n, shape.kv_heads, shape.head_dim),
-               positions);
+               kvpack::ActivationView::nhd(v.data(), n, shape.kv_heads, shape.head_dim), positions);
   cache.attend(0, kvpack::ActivationView::nhd(q.data(), 1, shape.q_heads, shape.head_dim),
                std::vector<int64_t>{n - 1},
                kvpack::OutputView::nhd(out.data(), 1, shape.q_heads, shape.head_dim));

@@ -66,6 +66,7 @@ void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const Activation
   });
 
   // Merge the key splits of each (head, block) and normalise.
+  std::vector<float> row(d);
   for (int h = 0; h < shape_.kv_heads; ++h) {
     for (int64_t block = 0; block < blocks; ++block) {
       const int64_t first = (static_cast<int64_t>(h) * blocks + block) * splits;
@@ -78,7 +79,6 @@ void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const Activation
                                 other.sum[r], other.acc.data() + r * d, d);
         }
       }
-      std::vector<float> row(d);
       for (int r = 0; r < rows; ++r) {
         const int64_t t = block * block_tokens + r / g;
         const float inv = 1.0f / acc.sum[r];

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -208,4 +209,44 @@ TEST_CASE("save/load: refused files name the problem and change nothing", "[save
   CHECK(Snapshot<Cache>(target) == Snapshot<Cache>(source));
   std::remove(path.c_str());
   std::remove(bad.c_str());
+}
+
+TEST_CASE("save/load: a file written from the documented layout alone loads", "[save_load]") {
+  // tests/fuzz/make_seeds.py writes this KIVI cache in Python from the layout in cache_io.hpp
+  // and the store formats (first byte: the fuzz target's steering byte): layer 0 holds 40 tokens,
+  // 32 in blocks of scale 2^-4 and minimum -1, 8 in an fp16 tail in [0.125, 0.25); layer 1 none.
+  auto bytes =
+      read_bytes(std::string(KVPACK_TEST_SOURCE_DIR) + "/fuzz/corpus/checked_file/kivi_cache");
+  REQUIRE(bytes.size() > 1);
+  bytes.erase(bytes.begin());
+  const std::string path = temp_path("documented");
+  write_bytes(path, bytes);
+  kvpack::KVCache<kvpack::Quantize> cache({2, 4, 2, 32, {}}, kvpack::Quantize(4, 32, 32));
+  cache.load(path);
+  std::remove(path.c_str());
+  CHECK(cache.tokens(0, 0) == 40);
+  CHECK(cache.tokens(0, 1) == 40);
+  CHECK(cache.tokens(1, 0) == 0);
+  CHECK(cache.appended(0) == 40);
+  const auto held = cache.materialize(0);
+  for (const auto& h : held.heads) {
+    CHECK(h.positions == kvpack_test::iota_positions(40));
+    for (int64_t t = 0; t < 40; ++t) {
+      for (int i = 0; i < 32; ++i) {
+        const float k = h.k[t * 32 + i], v = h.v[t * 32 + i];
+        if (t < 32) {  // min + code * scale: 16 levels from -1 in steps of 1/16
+          CHECK(k >= -1.0f);
+          CHECK(k <= -1.0f + 15.0f / 16.0f);
+          CHECK(std::fmod(k + 1.0f, 1.0f / 16.0f) == 0.0f);
+          CHECK(v >= -1.0f);
+          CHECK(v <= -1.0f + 15.0f / 16.0f);
+        } else {
+          CHECK(k >= 0.125f);
+          CHECK(k < 0.25f);
+          CHECK(v >= 0.125f);
+          CHECK(v < 0.25f);
+        }
+      }
+    }
+  }
 }

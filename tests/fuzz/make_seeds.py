@@ -93,13 +93,56 @@ def projections():
     return checked(b"KVPKPROJ", body)
 
 
+def vec(fmt, values):
+    """A put_vector field: u64 element count, then the elements."""
+    return struct.pack("<Q", len(values)) + struct.pack("<%d%s" % (len(values), fmt), *values)
+
+
+def kivi_cache(tokens=40, quantized=32):
+    """A saved KVCache<Quantize(4, 32, 32)> of shape {2 layers, 4 q heads, 2 kv heads, d 32},
+    written from the layout documented in include/kvpack/backend/cpu/cache_io.hpp and the store
+    formats (store_io.hpp, quantized_store_io.hpp): layer 0 holds `tokens` tokens, the first
+    `quantized` in KIVI blocks (fp16 scale 2^-4, minimum -1, random 4-bit codes), layer 1 none."""
+    rng = random.Random(5)
+    layers, q_heads, kv_heads, d, bits, group = 2, 4, 2, 32, 4, 32
+    name = b"Quantize"
+    body = struct.pack("<I", 1) + struct.pack("<I", len(name)) + name
+    body += struct.pack("<IIII", 0, 1, bits, group)  # kRows, DType::kF16, KIVI bits and group
+    body += struct.pack("<IIII", layers, q_heads, kv_heads, d)
+    # RopeConfig: style, theta, scaling, factor, original_context, low / high freq factor,
+    # beta_fast, beta_slow, attention_factor, rotary_dim (defaults).
+    body += struct.pack("<11d", 0, 10000.0, 0, 1.0, 8192, 1.0, 4.0, 32.0, 1.0, 0.0, 0)
+    body += struct.pack("<I", 0)  # observed
+    body += struct.pack("<qqq", tokens, 0, tokens - 1) + struct.pack("<qqq", 0, -1, -1)
+    body += struct.pack("<Q", 0)  # no LazyLayerDrop statistics
+    block = lambda: struct.pack("<HH", 0x2C00, 0xBC00) + bytes(rng.randrange(256) for _ in range(16))
+    half = lambda: 0x3000 + rng.randrange(0x400)  # fp16 in [0.125, 0.25)
+    for layer in range(layers):
+        n, q = (tokens, quantized) if layer == 0 else (0, 0)
+        for _ in range(kv_heads):
+            body += struct.pack("<QQ", n, q)
+            key_blocks = b"".join(block() for _ in range(q // group * d))
+            value_blocks = b"".join(block() for _ in range(q * (d // group)))
+            body += struct.pack("<Q", len(key_blocks)) + key_blocks
+            body += struct.pack("<Q", len(value_blocks)) + value_blocks
+            body += vec("H", [half() for _ in range((n - q) * d)])  # fp16 tail K
+            body += vec("H", [half() for _ in range((n - q) * d)])  # fp16 tail V
+            body += vec("i", list(range(n)))  # positions
+            body += vec("f", [])  # no scores
+    return checked(b"KVPKCACH", body)
+
+
 def main():
     out("gguf", "tiny_llama", gguf_file())
-    # checked_file: steering byte (bit 0: projections; 1: prepend magic; 2: append checksum).
+    # checked_file: steering byte (bit 0: projections; 1: prepend magic; 2: append checksum;
+    # 3: a saved KV cache).
     out("checked_file", "head_scores", b"\x00" + head_scores())
     out("checked_file", "projections", b"\x01" + projections())
     out("checked_file", "head_scores_body", b"\x06" + head_scores()[8:-8])
     out("checked_file", "projections_body", b"\x07" + projections()[8:-8])
+    # bit 3: a saved cache (bit 4 clear: the KIVI cache this file was written for).
+    out("checked_file", "kivi_cache", b"\x08" + kivi_cache())
+    out("checked_file", "kivi_cache_body", b"\x0e" + kivi_cache()[8:-8])
     out("tasks", "plain.jsonl",
         b'{"context": "The pass key is 51234.", "question": "What is the pass key?", '
         b'"answer": "51234", "answer_prefix": "The pass key is"}\n')

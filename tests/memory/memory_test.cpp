@@ -1,13 +1,16 @@
 // Memory accounting against the allocator: this program replaces the global operator new/delete
 // with ones that count live heap bytes, then checks that a cache's reserved_bytes() equals the
 // heap it occupies, exactly, after prefill, decode appends, compress(), truncate(),
-// shrink_to_fit() and clear(); and that shrink_to_fit() makes reserved_bytes() equal bytes().
+// shrink_to_fit() and clear(); that shrink_to_fit() leaves only the page pool's bookkeeping
+// above bytes(); and that a batch's pages are the pool's count.
 // Its own executable: a counting operator new would hide ASan's allocation checks in the unit
 // tests. Exits non-zero on any mismatch.
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <kvpack/kvpack.hpp>
+#include <memory>
 #include <new>
 #include <random>
 #include <string>
@@ -35,8 +38,36 @@ void counted_free(void* p) {
   std::free(block);
 }
 
+// Over-aligned blocks (the page pool's 64-byte pages): the size sits one alignment in front.
+void* counted_aligned_alloc(std::size_t n, std::align_val_t al) {
+  const std::size_t a = std::max(static_cast<std::size_t>(al), kHeader);
+  void* p = std::aligned_alloc(a, (n + 2 * a - 1) / a * a);
+  if (p == nullptr) throw std::bad_alloc();
+  *static_cast<std::size_t*>(p) = n;
+  g_live += static_cast<long long>(n);
+  return static_cast<char*>(p) + a;
+}
+
+void counted_aligned_free(void* p, std::align_val_t al) {
+  if (p == nullptr) return;
+  const std::size_t a = std::max(static_cast<std::size_t>(al), kHeader);
+  char* block = static_cast<char*>(p) - a;
+  g_live -= static_cast<long long>(*reinterpret_cast<std::size_t*>(block));
+  std::free(block);
+}
+
 }  // namespace
 
+void* operator new(std::size_t n, std::align_val_t a) { return counted_aligned_alloc(n, a); }
+void* operator new[](std::size_t n, std::align_val_t a) { return counted_aligned_alloc(n, a); }
+void operator delete(void* p, std::align_val_t a) noexcept { counted_aligned_free(p, a); }
+void operator delete[](void* p, std::align_val_t a) noexcept { counted_aligned_free(p, a); }
+void operator delete(void* p, std::size_t, std::align_val_t a) noexcept {
+  counted_aligned_free(p, a);
+}
+void operator delete[](void* p, std::size_t, std::align_val_t a) noexcept {
+  counted_aligned_free(p, a);
+}
 void* operator new(std::size_t n) { return counted_alloc(n); }
 void* operator new[](std::size_t n) { return counted_alloc(n); }
 void operator delete(void* p) noexcept { counted_free(p); }
@@ -69,11 +100,20 @@ void check_policy(const char* name, const Policy& policy, bool observe) {
   const auto q = random_values(700 * shape.q_heads * d, 3);
   std::vector<int64_t> pos;
   pos.reserve(700);
+  // A dense rows cache makes its page pool with make_shared: the pool object and its shared_ptr
+  // control block are the one allocation reserved_bytes() leaves out (it counts the pool's pages
+  // and bookkeeping). Measured here, in this program, rather than assumed.
+  long long pool_object = 0;
+  if (kvpack::KVCache<Policy>::paged) {
+    const long long before = g_live.load();
+    auto probe = std::make_shared<kvpack::PagePool>(64, 1);
+    pool_object = g_live.load() - before;
+  }
   const long long base = g_live.load();  // from here on, only the cache allocates and keeps
   {
     kvpack::KVCache<Policy> cache(shape, policy);
     auto check = [&](const char* step) {
-      const long long heap = g_live.load() - base;
+      const long long heap = g_live.load() - base - pool_object;
       const std::size_t reserved = cache.reserved_bytes(), bytes = cache.bytes();
       expect(heap == static_cast<long long>(reserved) && reserved >= bytes,
              std::string(name) + " after " + step + ": heap " + std::to_string(heap) +
@@ -110,8 +150,13 @@ void check_policy(const char* name, const Policy& policy, bool observe) {
     check("100 decode appends");
     cache.shrink_to_fit();
     check("shrink_to_fit");
-    expect(cache.reserved_bytes() == cache.bytes(),
-           std::string(name) + ": shrink_to_fit leaves reserved_bytes == bytes");
+    // What stays above bytes(): the private pool's bookkeeping (its free pages were freed).
+    const auto& pool = cache.page_pool();
+    const std::size_t pool_books = pool ? pool->reserved_bytes() - pool->bytes_in_use() : 0;
+    expect(
+        cache.reserved_bytes() == cache.bytes() + pool_books && (!pool || pool->free_pages() == 0),
+        std::string(name) + ": shrink_to_fit leaves reserved_bytes == bytes + pool bookkeeping (" +
+            std::to_string(pool_books) + ")");
     cache.truncate(679);
     check("truncate");
     cache.compress();
@@ -124,6 +169,72 @@ void check_policy(const char* name, const Policy& policy, bool observe) {
                         std::to_string(left) + " left)");
 }
 
+// Sequences of one batch: the heap is the batch's reserved_bytes() (plus the pool object), and
+// the pages the sequences hold are what the pool has handed out, through adds, compress(),
+// decode appends, a fork and a remove.
+void check_batch() {
+  const kvpack::ModelShape shape{2, 6, 2, 64, {}};
+  const int d = shape.head_dim, heads = shape.kv_heads;
+  const auto k = random_values(400 * heads * d, 4), v = random_values(400 * heads * d, 5);
+  long long pool_object = 0;
+  {
+    const long long before = g_live.load();
+    auto probe = std::make_shared<kvpack::PagePool>(64, 1);
+    pool_object = g_live.load() - before;
+  }
+  std::vector<int64_t> pos;
+  pos.reserve(400);
+  const long long base = g_live.load();
+  {
+    kvpack::KVCacheBatch<kvpack::L2NormEvict> batch(
+        shape, kvpack::L2NormEvict(kvpack::Budget::ratio(0.5), 0));
+    auto check = [&](const char* step) {
+      const long long heap = g_live.load() - base - pool_object;
+      std::size_t pages = 0;
+      for (int64_t id : batch.ids()) {
+        const auto& s = batch.sequence(id);
+        for (int l = 0; l < shape.layers; ++l) {
+          for (int h = 0; h < heads; ++h) pages += (s.tokens(l, h) + 15) / 16;
+        }
+      }
+      const auto& pool = *batch.page_pool();
+      expect(heap == static_cast<long long>(batch.reserved_bytes()) && pages == pool.pages_in_use(),
+             std::string("batch after ") + step + ": heap " + std::to_string(heap) +
+                 ", reserved_bytes " + std::to_string(batch.reserved_bytes()) + ", pages held " +
+                 std::to_string(pages) + ", pool in use " + std::to_string(pool.pages_in_use()));
+    };
+    check("construction");
+    for (int64_t id = 0; id < 3; ++id) {
+      auto& s = batch.add(id);
+      const int64_t n = 100 + 100 * id;
+      pos.resize(n);
+      for (int64_t t = 0; t < n; ++t) pos[t] = t;
+      for (int l = 0; l < shape.layers; ++l) {
+        s.append(l, kvpack::ActivationView::nhd(k.data(), n, heads, d),
+                 kvpack::ActivationView::nhd(v.data(), n, heads, d), pos);
+      }
+    }
+    check("3 sequences");
+    batch.sequence(1).compress();
+    check("compress of one");
+    batch.fork(2, 5);
+    check("fork");
+    batch.remove(0);
+    check("remove");
+    for (int64_t t = 300; t < 340; ++t) {
+      for (int l = 0; l < shape.layers; ++l) {
+        batch.sequence(5).append(l,
+                                 kvpack::ActivationView::nhd(k.data() + t * heads * d, 1, heads, d),
+                                 kvpack::ActivationView::nhd(v.data() + t * heads * d, 1, heads, d),
+                                 kvpack::Positions(&t, 1));
+      }
+    }
+    check("40 decode appends");
+  }
+  const long long left = g_live.load() - base;
+  expect(left == 0, "batch: destruction returns every byte (" + std::to_string(left) + " left)");
+}
+
 }  // namespace
 
 int main() {
@@ -133,6 +244,7 @@ int main() {
   check_policy("L2NormEvict", kvpack::L2NormEvict(kvpack::Budget::ratio(0.5), 0), false);
   check_policy("ReconstructionEvict", kvpack::ReconstructionEvict{}, true);
   check_policy("Quantize", kvpack::Quantize(4, 32, 64), false);
+  check_batch();
   std::printf("%s\n",
               g_failures == 0 ? "memory accounting: all exact" : "memory accounting: FAILED");
   return g_failures == 0 ? 0 : 1;

@@ -33,7 +33,9 @@ constexpr int kGemmRows = 16;
 
 /// \brief One head's dense stored keys/values (row-major size × d, element type T) and ascending
 /// positions. Attention and scoring read rows through load_keys / load_values, so other row
-/// formats (quantized, low-rank) can provide the same two calls.
+/// formats (quantized, low-rank) can provide the same two calls. Dense row sources (this one and
+/// PagedRows) also give direct access for the decode kernels: key(t), value(t), stride (elements
+/// from one token's row to the next) and run(t) (tokens stored contiguously from t on).
 template <class T>
 struct DenseRows {
   const T* k;
@@ -41,6 +43,11 @@ struct DenseRows {
   const int32_t* positions;
   int64_t size;
   int d;
+
+  const T* key(int64_t t) const { return k + t * d; }
+  const T* value(int64_t t) const { return v + t * d; }
+  int64_t stride() const { return d; }
+  int64_t run(int64_t t) const { return size - t; }
 
   /// Keys [t0, t0 + n) as fp32 into dst (n × d).
   void load_keys(int64_t t0, int64_t n, float* dst) const {
@@ -56,11 +63,56 @@ struct DenseRows {
 template <class T>
 using HeadRows = DenseRows<T>;
 
-/// Whether a row source is DenseRows (whose stored rows the AVX2 kernels read directly).
+/// \brief One head's dense keys/values in pages of 2^page_shift tokens (docs/page_formats.md):
+/// token t is row (t mod page_tokens) of page t / page_tokens; rows of a page are `row_stride`
+/// elements apart (head_dim for kvpack's own pages and HND pages, kv_heads × head_dim for NHD
+/// pages), keys from k_pages[i], values from v_pages[i]. Positions ascending, size tokens.
+template <class T>
+struct PagedRows {
+  const T* const* k_pages;
+  const T* const* v_pages;
+  int page_shift;
+  int64_t row_stride;
+  const int32_t* positions;
+  int64_t size;
+  int d;
+
+  int64_t page_tokens() const { return int64_t{1} << page_shift; }
+  int64_t offset(int64_t t) const { return (t & (page_tokens() - 1)) * row_stride; }
+  const T* key(int64_t t) const { return k_pages[t >> page_shift] + offset(t); }
+  const T* value(int64_t t) const { return v_pages[t >> page_shift] + offset(t); }
+  int64_t stride() const { return row_stride; }
+  int64_t run(int64_t t) const { return page_tokens() - (t & (page_tokens() - 1)); }
+
+  void load_keys(int64_t t0, int64_t n, float* dst) const { load(t0, n, dst, k_pages); }
+  void load_values(int64_t t0, int64_t n, float* dst) const { load(t0, n, dst, v_pages); }
+
+ private:
+  void load(int64_t t0, int64_t n, float* dst, const T* const* pages) const {
+    for (int64_t t = t0; t < t0 + n;) {
+      const int64_t m = std::min(run(t), t0 + n - t);
+      const T* src = pages[t >> page_shift] + offset(t);
+      if (row_stride == d) {
+        detail::load_row(src, dst, m * d);
+      } else {
+        for (int64_t i = 0; i < m; ++i) detail::load_row(src + i * row_stride, dst + i * d, d);
+      }
+      dst += m * d;
+      t += m;
+    }
+  }
+};
+
+/// Whether a row source stores dense fp16/fp32 rows the decode kernels read directly
+/// (DenseRows, PagedRows).
 template <class Rows>
 struct is_dense_rows : std::false_type {};
 template <class T>
 struct is_dense_rows<DenseRows<T>> : std::true_type {
+  using element_type = T;
+};
+template <class T>
+struct is_dense_rows<PagedRows<T>> : std::true_type {
   using element_type = T;
 };
 
@@ -126,11 +178,13 @@ KVPACK_TARGET_AVX2 inline void avx2_store_sums(float* dst, __m256 a, __m256 b) {
   _mm_storel_pi(reinterpret_cast<__m64*>(dst), s);
 }
 
-/// Scores of R query rows (q, row stride d) against K consecutive keys k (row stride d,
+/// Scores of R query rows (q, row stride d) against K consecutive keys k (row stride ld,
 /// d % 8 == 0): s[r * s_stride + i] = q_r · k_i. Each query load serves K keys, each key load R
 /// rows; R · K ≤ 9 accumulators plus K keys and one query stay within the 16 ymm registers.
+/// Every score is reduced in the same order (avx2_store_sums), whether its key is paired or
+/// not, so a score does not depend on how the keys are grouped (tiles, pages, splits).
 template <int R, int K, class T>
-KVPACK_TARGET_AVX2 void avx2_score_keys(const float* q, int d, const T* k, float* s,
+KVPACK_TARGET_AVX2 void avx2_score_keys(const float* q, int d, const T* k, int64_t ld, float* s,
                                         int64_t s_stride) {
   __m256 a[R][K];
   for (int r = 0; r < R; ++r) {
@@ -138,7 +192,7 @@ KVPACK_TARGET_AVX2 void avx2_score_keys(const float* q, int d, const T* k, float
   }
   for (int j = 0; j < d; j += 8) {
     __m256 x[K];
-    for (int i = 0; i < K; ++i) x[i] = avx2_load(k + i * d + j);
+    for (int i = 0; i < K; ++i) x[i] = avx2_load(k + i * ld + j);
     for (int r = 0; r < R; ++r) {
       const __m256 qv = _mm256_loadu_ps(q + r * d + j);
       for (int i = 0; i < K; ++i) a[r][i] = _mm256_fmadd_ps(qv, x[i], a[r][i]);
@@ -147,7 +201,11 @@ KVPACK_TARGET_AVX2 void avx2_score_keys(const float* q, int d, const T* k, float
   for (int r = 0; r < R; ++r) {
     int i = 0;
     for (; i + 2 <= K; i += 2) avx2_store_sums(s + r * s_stride + i, a[r][i], a[r][i + 1]);
-    if (i < K) s[r * s_stride + i] = avx2_sum(a[r][i]);
+    if (i < K) {
+      float pair[2];
+      avx2_store_sums(pair, a[r][i], a[r][i]);
+      s[r * s_stride + i] = pair[0];
+    }
   }
 }
 
@@ -160,19 +218,26 @@ KVPACK_TARGET_AVX2 void avx2_prefetch(const T* p, int64_t count) {
   }
 }
 
+/// Prefetches `rows` rows of d elements, ld apart, from p.
+template <class T>
+KVPACK_TARGET_AVX2 void avx2_prefetch_rows(const T* p, int64_t rows, int64_t ld, int d) {
+  if (ld == d) return avx2_prefetch(p, rows * d);
+  for (int64_t i = 0; i < rows; ++i) avx2_prefetch(p + i * ld, d);
+}
+
 /// Scores of R query rows against keys k[0, n), three keys at a time. Rows of `next` (the value
 /// rows of the same keys, or null) are prefetched as the keys go by, so the value pass that
 /// follows does not wait for memory.
 template <int R, class T>
-KVPACK_TARGET_AVX2 void avx2_tile_scores(const float* q, int d, const T* k, int64_t n, float* s,
-                                         int64_t s_stride, const T* next) {
+KVPACK_TARGET_AVX2 void avx2_tile_scores(const float* q, int d, const T* k, int64_t ld, int64_t n,
+                                         float* s, int64_t s_stride, const T* next) {
   int64_t i = 0;
   for (; i + 3 <= n; i += 3) {
-    if (next != nullptr) avx2_prefetch(next + i * d, 3 * d);
-    avx2_score_keys<R, 3>(q, d, k + i * d, s + i, s_stride);
+    if (next != nullptr) avx2_prefetch_rows(next + i * ld, 3, ld, d);
+    avx2_score_keys<R, 3>(q, d, k + i * ld, ld, s + i, s_stride);
   }
-  if (n - i == 2) avx2_score_keys<R, 2>(q, d, k + i * d, s + i, s_stride);
-  if (n - i == 1) avx2_score_keys<R, 1>(q, d, k + i * d, s + i, s_stride);
+  if (n - i == 2) avx2_score_keys<R, 2>(q, d, k + i * ld, ld, s + i, s_stride);
+  if (n - i == 1) avx2_score_keys<R, 1>(q, d, k + i * ld, ld, s + i, s_stride);
 }
 
 /// acc[r][j0, j0 + 8C) += Σ_i p[r * p_stride + i] · v_i[j0, j0 + 8C) over keys [0, n). The R · C
@@ -180,15 +245,15 @@ KVPACK_TARGET_AVX2 void avx2_tile_scores(const float* q, int d, const T* k, int6
 /// store-to-load round trip would serialise the loop).
 template <int R, int C, class T>
 KVPACK_TARGET_AVX2 void avx2_tile_values_chunk(const float* p, int64_t p_stride, const T* v,
-                                               int64_t n, int d, int j0, float* acc, const T* next,
-                                               int64_t next_rows) {
+                                               int64_t ld, int64_t n, int d, int j0, float* acc,
+                                               const T* next, int64_t next_rows) {
   __m256 a[R][C];
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < C; ++c) a[r][c] = _mm256_loadu_ps(acc + r * d + j0 + 8 * c);
   }
   for (int64_t i = 0; i < n; ++i) {
-    if (i < next_rows) avx2_prefetch(next + i * d, d);
-    const T* vi = v + i * d + j0;
+    if (i < next_rows) avx2_prefetch(next + i * ld, d);
+    const T* vi = v + i * ld + j0;
     __m256 x[C];
     for (int c = 0; c < C; ++c) x[c] = avx2_load(vi + 8 * c);
     for (int r = 0; r < R; ++r) {
@@ -203,18 +268,19 @@ KVPACK_TARGET_AVX2 void avx2_tile_values_chunk(const float* p, int64_t p_stride,
 
 /// Value accumulation of R rows over keys [0, n) in channel chunks of 24, then 16 or 8.
 template <int R, class T>
-KVPACK_TARGET_AVX2 void avx2_tile_values(const float* p, int64_t p_stride, const T* v, int64_t n,
-                                         int d, float* acc, const T* next, int64_t next_rows) {
+KVPACK_TARGET_AVX2 void avx2_tile_values(const float* p, int64_t p_stride, const T* v, int64_t ld,
+                                         int64_t n, int d, float* acc, const T* next,
+                                         int64_t next_rows) {
   // The first chunk also prefetches `next_rows` rows of `next` (the keys of the next tile).
   int j0 = 0;
   for (; j0 + 24 <= d; j0 += 24) {
-    avx2_tile_values_chunk<R, 3>(p, p_stride, v, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
+    avx2_tile_values_chunk<R, 3>(p, p_stride, v, ld, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
   }
   if (d - j0 == 16) {
-    avx2_tile_values_chunk<R, 2>(p, p_stride, v, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
+    avx2_tile_values_chunk<R, 2>(p, p_stride, v, ld, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
   }
   if (d - j0 == 8) {
-    avx2_tile_values_chunk<R, 1>(p, p_stride, v, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
+    avx2_tile_values_chunk<R, 1>(p, p_stride, v, ld, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
   }
 }
 
@@ -297,13 +363,43 @@ inline void softmax_tile_row(float* sr, int64_t vis, int64_t tn, float& max, flo
 }
 
 #if defined(KVPACK_X86_DISPATCH)
-/// Decode path of cpu::attend_rows: rows < kGemmRows, d % 8 == 0. Rows go in groups of up to
-/// three (a GQA group of 3 in one pass); K and V are converted inside the kernels.
-template <class T>
-KVPACK_TARGET_AVX2 void avx2_attend_rows(const cpu::DenseRows<T>& head, int d, const float* q,
-                                         int rows, const int64_t* visible, int64_t begin,
-                                         int64_t end, cpu::PartialState& state,
-                                         std::vector<float>& scratch) {
+/// Scores of R rows against keys [t0, t0 + n) of a dense row source, run by run (a run is
+/// contiguous: a page, or the whole store), prefetching the same keys' values when asked.
+template <int R, class Rows>
+KVPACK_TARGET_AVX2 void avx2_rows_scores(const Rows& head, int d, const float* q, int64_t t0,
+                                         int64_t n, float* s, int64_t s_stride, bool prefetch) {
+  for (int64_t t = t0; t < t0 + n;) {
+    const int64_t m = std::min(head.run(t), t0 + n - t);
+    avx2_tile_scores<R>(q, d, head.key(t), head.stride(), m, s + (t - t0), s_stride,
+                        prefetch ? head.value(t) : nullptr);
+    t += m;
+  }
+}
+
+/// Value accumulation of R rows over keys [t0, t0 + n), run by run; the last run prefetches up
+/// to `next_rows` keys from token next_t on (the next tile), as far as they are contiguous.
+template <int R, class Rows>
+KVPACK_TARGET_AVX2 void avx2_rows_values(const Rows& head, int d, const float* p, int64_t p_stride,
+                                         int64_t t0, int64_t n, float* acc, int64_t next_t,
+                                         int64_t next_rows) {
+  for (int64_t t = t0; t < t0 + n;) {
+    const int64_t m = std::min(head.run(t), t0 + n - t);
+    const int64_t ahead =
+        t + m == t0 + n && next_rows > 0 ? std::min(next_rows, head.run(next_t)) : 0;
+    avx2_tile_values<R>(p + (t - t0), p_stride, head.value(t), head.stride(), m, d, acc,
+                        ahead > 0 ? head.key(next_t) : nullptr, ahead);
+    t += m;
+  }
+}
+
+/// Decode path of cpu::attend_rows: rows < kGemmRows, d % 8 == 0, a dense row source
+/// (DenseRows or PagedRows). Rows go in groups of up to three (a GQA group of 3 in one pass); K
+/// and V are converted inside the kernels. Scores and value sums do not depend on how the keys
+/// are split into runs (pages), so paged and contiguous rows give bit-identical results.
+template <class Rows>
+KVPACK_TARGET_AVX2 void avx2_attend_rows(const Rows& head, int d, const float* q, int rows,
+                                         const int64_t* visible, int64_t begin, int64_t end,
+                                         cpu::PartialState& state, std::vector<float>& scratch) {
   constexpr int64_t stride = cpu::kAttentionTile;
   scratch.resize(static_cast<std::size_t>(rows) * stride);
   float* s = scratch.data();
@@ -317,16 +413,14 @@ KVPACK_TARGET_AVX2 void avx2_attend_rows(const cpu::DenseRows<T>& head, int d, c
       if (n == 0) continue;
       const float* qg = q + static_cast<std::size_t>(r0) * d;
       float* sg = s + r0 * stride;
-      const T* kt = head.k + t0 * d;
-      const T* vt = head.v + t0 * d;
       // Keys of the next tile, prefetched by the last group's value pass.
       const int64_t next_rows = r0 + nr == rows ? std::min(stride, end - t0 - tn) : 0;
       if (nr == 3) {
-        avx2_tile_scores<3>(qg, d, kt, n, sg, stride, r0 == 0 ? vt : nullptr);
+        avx2_rows_scores<3>(head, d, qg, t0, n, sg, stride, r0 == 0);
       } else if (nr == 2) {
-        avx2_tile_scores<2>(qg, d, kt, n, sg, stride, r0 == 0 ? vt : nullptr);
+        avx2_rows_scores<2>(head, d, qg, t0, n, sg, stride, r0 == 0);
       } else {
-        avx2_tile_scores<1>(qg, d, kt, n, sg, stride, r0 == 0 ? vt : nullptr);
+        avx2_rows_scores<1>(head, d, qg, t0, n, sg, stride, r0 == 0);
       }
       for (int r = r0; r < r0 + nr; ++r) {
         const int64_t vis = std::clamp<int64_t>(visible[r] - t0, 0, tn);
@@ -335,11 +429,11 @@ KVPACK_TARGET_AVX2 void avx2_attend_rows(const cpu::DenseRows<T>& head, int d, c
       }
       float* ag = state.acc.data() + static_cast<std::size_t>(r0) * d;
       if (nr == 3) {
-        avx2_tile_values<3>(sg, stride, vt, n, d, ag, kt + tn * d, next_rows);
+        avx2_rows_values<3>(head, d, sg, stride, t0, n, ag, t0 + tn, next_rows);
       } else if (nr == 2) {
-        avx2_tile_values<2>(sg, stride, vt, n, d, ag, kt + tn * d, next_rows);
+        avx2_rows_values<2>(head, d, sg, stride, t0, n, ag, t0 + tn, next_rows);
       } else {
-        avx2_tile_values<1>(sg, stride, vt, n, d, ag, kt + tn * d, next_rows);
+        avx2_rows_values<1>(head, d, sg, stride, t0, n, ag, t0 + tn, next_rows);
       }
     }
   }

@@ -20,6 +20,7 @@
 #include "../../detail/validate.hpp"
 #include "../../error.hpp"
 #include "../../executor.hpp"
+#include "../../page_pool.hpp"
 #include "../../policy/compose.hpp"
 #include "../../policy/head_level_evict.hpp"
 #include "../../policy/lazy_layer_drop.hpp"
@@ -61,16 +62,48 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   static constexpr bool kQuantized = Stages::quantized;
   static constexpr bool kLowRank = Selection::storage_format == StorageFormat::kLowRankFactors;
   static constexpr bool kQuantizedRows = kQuantized && !kLowRank;
+  // Dense rows in pages of a PagePool (head_store.hpp).
+  static constexpr bool kDenseRows = !kQuantized && !kLowRank;
   // Dense rows (head_store.hpp), KIVI blocks (kivi_rows.hpp) or low-rank factors (low_rank.hpp).
   using Store =
       typename detail::CpuStore<Selection::storage_format, kQuantized, storage_type>::type;
   KVPACK_CACHE_FRONT_MEMBERS(Policy);
 
  public:
-  /// Validates the shape and the policy's knobs; throws kvpack::error on a bad value.
-  explicit KVCache(const ModelShape& shape, Policy policy = Policy{})
+  /// Whether this policy's rows live in pages of a PagePool (dense rows: Identity and the
+  /// eviction policies); KIVI blocks and low-rank factors are per-head vectors.
+  static constexpr bool paged = kDenseRows;
+
+  /// Validates the shape, the policy's knobs and the page options (dense rows formats); throws
+  /// kvpack::error on a bad value. `pages.pool` shares one page pool between caches (e.g. the
+  /// sequences of an engine's batch); without one the cache makes a private pool.
+  explicit KVCache(const ModelShape& shape, Policy policy = Policy{}, PageOptions pages = {})
       : Front(shape, std::move(policy)) {
     heads_.resize(static_cast<std::size_t>(shape_.layers) * shape_.kv_heads);
+    if constexpr (kDenseRows) {
+      constexpr const char* where = "KVCache";
+      const int pt = pages.page_tokens;
+      detail::require(pt >= 1 && pt <= 4096 && (pt & (pt - 1)) == 0, where, "page_tokens", pt,
+                      "a power of two in [1, 4096]");
+      const std::size_t need = detail::dense_page_bytes<storage_type>(pt, shape_.head_dim);
+      if (pages.pool) {
+        detail::require(
+            pages.pool->page_bytes() >= need, where, "pool page_bytes", pages.pool->page_bytes(),
+            detail::concat(">= ", need, " (2 x page_tokens ", pt, " x head_dim ", shape_.head_dim,
+                           " x ", sizeof(storage_type), " bytes, rounded up to 64)"));
+        pool_ = std::move(pages.pool);
+      } else {
+        pool_ = std::make_shared<PagePool>(need, 1);
+        private_pool_ = true;
+      }
+      int shift = 0;
+      while ((1 << shift) < pt) ++shift;
+      for (auto& head : heads_) {
+        head.pool = pool_;
+        head.page_shift = shift;
+        head.head_dim = shape_.head_dim;
+      }
+    }
     if constexpr (kQuantizedRows) {
       for (auto& head : heads_) {
         head.bits = Stages::quant_knobs(policy_)->bits;
@@ -94,6 +127,16 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
 
     const int d = shape_.head_dim;
     const int64_t n = k.tokens();
+    if constexpr (kDenseRows) {
+      // Pages for every head first: a pool that runs out refuses the whole append.
+      try {
+        for (int h = 0; h < shape_.kv_heads; ++h)
+          store(layer, h).reserve(store(layer, h).size() + n);
+      } catch (...) {
+        for (int h = 0; h < shape_.kv_heads; ++h) store(layer, h).release_reserve();
+        throw;
+      }
+    }
     std::vector<float> k_rows(n * d), v_rows(n * d);
     for (int h = 0; h < shape_.kv_heads; ++h) {
       for (int64_t t = 0; t < n; ++t) {
@@ -218,14 +261,10 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   /// tokens × q_heads × head_dim into `out`.
   void attend(int layer, const ActivationView& q, Positions positions,
               const OutputView& out) const {
-    constexpr const char* where = "KVCache::attend";
-    check_query(where, layer, q, positions);
-    this->check_output(where, q, out);
-    this->check_visible(where, layer, positions, [&](int h) {
-      const auto& head = store(layer, h);
-      return std::pair<int64_t, int64_t>(head.size(), head.size() ? head.positions[0] : -1);
-    });
-    attend_unchecked(layer, q, positions, out);
+    AttendPlan plan = checked_plan("KVCache::attend", layer, q, positions, out);
+    detail::parallel_for(executor(), plan.items,
+                         [&](int64_t item) { run_attend_item(plan, layer, q, positions, item); });
+    finish_attend(plan, out);
   }
 
   /// Dense fp32 K/V and positions of `layer`, one entry per kv head (the slow path).
@@ -267,6 +306,8 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
                         layers_.capacity() * sizeof(detail::LayerState) +
                         observations_.capacity() * sizeof(LayerObservation);
     for (const auto& head : heads_) total += head.reserved_bytes();
+    // A private page pool is the cache's too: its free pages and its bookkeeping.
+    if (private_pool_) total += pool_->reserved_bytes() - pool_->bytes_in_use();
     return total + Store::shared_reserved_bytes(heads_);
   }
 
@@ -274,6 +315,30 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   /// everything attend() returns, stay bit-identical.
   void shrink_to_fit() {
     for (auto& head : heads_) head.shrink_to_fit();
+    if (private_pool_) pool_->release_unused();
+  }
+
+  /// The page pool of a dense rows cache (null for KIVI and low-rank formats). Copies of a cache
+  /// share it.
+  const std::shared_ptr<PagePool>& page_pool() const { return pool_; }
+
+  /// \brief Read-only view of the pages of one (layer, kv head) of a dense rows cache
+  /// (docs/page_formats.md): token t is row t mod page_tokens of page page_ids[t / page_tokens]
+  /// of page_pool(), keys first, then values at byte offset page_tokens × head_dim ×
+  /// sizeof(storage_type). Valid until the next call that changes the cache.
+  struct HeadPages {
+    int page_tokens;
+    int head_dim;
+    int64_t tokens;
+    const int32_t* page_ids;   ///< [ceil(tokens / page_tokens)]
+    const int32_t* positions;  ///< [tokens], ascending
+  };
+  HeadPages pages(int layer, int head) const {
+    static_assert(kDenseRows, "pages(): only dense rows caches are paged (not KIVI or low-rank)");
+    this->check_head("KVCache::pages", layer, head);
+    const Store& s = store(layer, head);
+    return {static_cast<int>(s.page_tokens()), shape_.head_dim, s.size(), s.page_ids.data(),
+            s.positions.data()};
   }
 
   /// Tokens held by one (layer, kv-head).
@@ -330,8 +395,30 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
     detail::check_values(where, "q", q, std::numeric_limits<float>::max());
   }
 
-  void attend_unchecked(int layer, const ActivationView& q, Positions positions,
-                        const OutputView& out) const;
+  // attend() in three steps, so that KVCacheBatch runs the work items of many sequences in one
+  // parallel loop with exactly the per-sequence arithmetic.
+  struct AttendPlan {
+    int64_t tokens = 0, block_tokens = 1, blocks = 0, splits = 1, items = 0;
+    int item_heads = 1;
+    std::vector<cpu::PartialState> partial;  // [kv head][block][split]
+  };
+  AttendPlan plan_attend(int layer, int64_t tokens) const;
+  void run_attend_item(AttendPlan& plan, int layer, const ActivationView& q, Positions positions,
+                       int64_t item) const;
+  void finish_attend(AttendPlan& plan, const OutputView& out) const;
+  /// Checks of attend(), then the plan (KVCacheBatch).
+  AttendPlan checked_plan(const char* where, int layer, const ActivationView& q,
+                          Positions positions, const OutputView& out) const {
+    check_query(where, layer, q, positions);
+    this->check_output(where, q, out);
+    this->check_visible(where, layer, positions, [&](int h) {
+      const auto& head = store(layer, h);
+      return std::pair<int64_t, int64_t>(head.size(), head.size() ? head.positions[0] : -1);
+    });
+    return plan_attend(layer, q.tokens());
+  }
+  template <class P, class B>
+  friend class KVCacheBatch;
   const Selection& selection() const { return Stages::select_knobs(policy_); }
 
   void gather_query_rows(int layer, const ActivationView& q, Positions positions, int head,
@@ -351,6 +438,8 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   void trim_lazy_layers();
 
   std::vector<Store> heads_;                    // layer-major: [layer][kv_head]
+  std::shared_ptr<PagePool> pool_;              // dense rows only
+  bool private_pool_ = false;                   // made by this cache (not shared by the caller)
   std::vector<LayerObservation> observations_;  // LazyLayerDrop only
   Executor* executor_ = nullptr;                // null: default_executor()
 };

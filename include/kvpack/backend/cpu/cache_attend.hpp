@@ -13,74 +13,85 @@
 namespace kvpack {
 
 template <class Policy>
-void KVCache<Policy, backend::Cpu>::attend_unchecked(int layer, const ActivationView& q,
-                                                     Positions positions,
-                                                     const OutputView& out) const {
-  const int d = shape_.head_dim;
+typename KVCache<Policy, backend::Cpu>::AttendPlan KVCache<Policy, backend::Cpu>::plan_attend(
+    int layer, int64_t tokens) const {
   const int g = shape_.group_size();
-  const int64_t tokens = q.tokens();
+  AttendPlan plan;
+  plan.tokens = tokens;
   // Work items: (kv head, block of query tokens, split of the keys). Query blocks bound the
   // rows a tile is reused by; key splits give decode (few rows) parallelism over long caches.
-  const int64_t block_tokens = std::max<int64_t>(1, 64 / g);
-  const int64_t blocks = (tokens + block_tokens - 1) / block_tokens;
+  plan.block_tokens = std::max<int64_t>(1, 64 / g);
+  plan.blocks = (tokens + plan.block_tokens - 1) / plan.block_tokens;
   int64_t longest = 0;
   for (int h = 0; h < shape_.kv_heads; ++h) longest = std::max(longest, store(layer, h).size());
   // Low-rank heads of a layer share their token basis: one work item covers every kv head of a
   // (query block, key split), so a basis tile is converted and multiplied once for all heads.
   // Factored keys cost a rank-r rebuild per token: shorter key splits.
-  const int item_heads = kLowRank ? shape_.kv_heads : 1;
-  const int64_t head_groups = shape_.kv_heads / item_heads;
+  plan.item_heads = kLowRank ? shape_.kv_heads : 1;
+  const int64_t head_groups = shape_.kv_heads / plan.item_heads;
   const int64_t split_tokens = kLowRank ? 512 : 2048;
-  const int64_t splits =
-      blocks * head_groups >= 4 ? 1 : std::clamp<int64_t>(longest / split_tokens, 1, 8);
-  const int64_t items = head_groups * blocks * splits;
+  plan.splits =
+      plan.blocks * head_groups >= 4 ? 1 : std::clamp<int64_t>(longest / split_tokens, 1, 8);
+  plan.items = head_groups * plan.blocks * plan.splits;
   // Partial states per (kv head, block, split), whichever heads an item covers.
-  std::vector<cpu::PartialState> partial(static_cast<std::size_t>(shape_.kv_heads) * blocks *
-                                         splits);
+  plan.partial.resize(static_cast<std::size_t>(shape_.kv_heads) * plan.blocks * plan.splits);
+  return plan;
+}
 
-  detail::parallel_for(executor(), items, [&](int64_t item) {
-    const int h0 = static_cast<int>(item / (blocks * splits)) * item_heads;
-    const int64_t block = (item / splits) % blocks;
-    const int64_t split = item % splits;
-    const int64_t t0 = block * block_tokens;
-    const int64_t tn = std::min(block_tokens, tokens - t0);
-    const int rows = static_cast<int>(tn * g);
-    int64_t size = 0;  // the longest head of the item (a layer's heads hold the same tokens)
-    for (int i = 0; i < item_heads; ++i) size = std::max(size, store(layer, h0 + i).size());
-    const int64_t span = (size + splits - 1) / splits;
-    const int64_t begin = split * span, end = std::min(size, (split + 1) * span);
-    std::vector<float> scratch;
-    auto state = [&](int h) -> cpu::PartialState& {
-      return partial[(static_cast<int64_t>(h) * blocks + block) * splits + split];
-    };
-    if constexpr (kLowRank) {
-      attend_low_rank_item(layer, q, positions, h0, item_heads, t0, tn, begin, end, state, scratch);
-    } else {
-      std::vector<float> qrows;
-      std::vector<int64_t> visible;
-      gather_query_rows(layer, q, positions, h0, t0, tn, qrows, visible);
-      state(h0).reset(rows, d);
-      cpu::attend_rows(store(layer, h0).rows(d), d, qrows.data(), rows, visible.data(), begin, end,
-                       state(h0), scratch);
-    }
-  });
+template <class Policy>
+void KVCache<Policy, backend::Cpu>::run_attend_item(AttendPlan& plan, int layer,
+                                                    const ActivationView& q, Positions positions,
+                                                    int64_t item) const {
+  const int d = shape_.head_dim;
+  const int g = shape_.group_size();
+  const int64_t blocks = plan.blocks, splits = plan.splits;
+  const int h0 = static_cast<int>(item / (blocks * splits)) * plan.item_heads;
+  const int64_t block = (item / splits) % blocks;
+  const int64_t split = item % splits;
+  const int64_t t0 = block * plan.block_tokens;
+  const int64_t tn = std::min(plan.block_tokens, plan.tokens - t0);
+  const int rows = static_cast<int>(tn * g);
+  int64_t size = 0;  // the longest head of the item (a layer's heads hold the same tokens)
+  for (int i = 0; i < plan.item_heads; ++i) size = std::max(size, store(layer, h0 + i).size());
+  const int64_t span = (size + splits - 1) / splits;
+  const int64_t begin = split * span, end = std::min(size, (split + 1) * span);
+  std::vector<float> scratch;
+  auto state = [&](int h) -> cpu::PartialState& {
+    return plan.partial[(static_cast<int64_t>(h) * blocks + block) * splits + split];
+  };
+  if constexpr (kLowRank) {
+    attend_low_rank_item(layer, q, positions, h0, plan.item_heads, t0, tn, begin, end, state,
+                         scratch);
+  } else {
+    std::vector<float> qrows;
+    std::vector<int64_t> visible;
+    gather_query_rows(layer, q, positions, h0, t0, tn, qrows, visible);
+    state(h0).reset(rows, d);
+    cpu::attend_rows(store(layer, h0).rows(d), d, qrows.data(), rows, visible.data(), begin, end,
+                     state(h0), scratch);
+  }
+}
 
+template <class Policy>
+void KVCache<Policy, backend::Cpu>::finish_attend(AttendPlan& plan, const OutputView& out) const {
   // Merge the key splits of each (head, block) and normalise.
+  const int d = shape_.head_dim;
+  const int g = shape_.group_size();
   std::vector<float> row(d);
   for (int h = 0; h < shape_.kv_heads; ++h) {
-    for (int64_t block = 0; block < blocks; ++block) {
-      const int64_t first = (static_cast<int64_t>(h) * blocks + block) * splits;
-      cpu::PartialState& acc = partial[first];
+    for (int64_t block = 0; block < plan.blocks; ++block) {
+      const int64_t first = (static_cast<int64_t>(h) * plan.blocks + block) * plan.splits;
+      cpu::PartialState& acc = plan.partial[first];
       const int rows = static_cast<int>(acc.max.size());
-      for (int64_t s = 1; s < splits; ++s) {
-        const cpu::PartialState& other = partial[first + s];
+      for (int64_t s = 1; s < plan.splits; ++s) {
+        const cpu::PartialState& other = plan.partial[first + s];
         for (int r = 0; r < rows; ++r) {
           detail::softmax_merge(acc.max[r], acc.sum[r], acc.acc.data() + r * d, other.max[r],
                                 other.sum[r], other.acc.data() + r * d, d);
         }
       }
       for (int r = 0; r < rows; ++r) {
-        const int64_t t = block * block_tokens + r / g;
+        const int64_t t = block * plan.block_tokens + r / g;
         const float inv = 1.0f / acc.sum[r];
         for (int i = 0; i < d; ++i) row[i] = acc.acc[r * d + i] * inv;
         out.store(t, static_cast<int64_t>(h) * g + r % g, row.data());

@@ -120,16 +120,24 @@ void read_rows(CheckedFileReader& r, std::vector<T>& k, std::vector<T>& v,
 
 // --- Dense rows ---------------------------------------------------------------------------------
 
+// Pages are written as rows (token-major, no page padding): the file does not depend on the
+// page size, and a cache with another page size loads it.
 template <class T>
 void write_store(CheckedFileWriter& w, const HeadStore<T>& s) {
   w.put_u64(static_cast<uint64_t>(s.size()));
-  write_rows(w, s.k, s.v, s.positions, s.scores);
+  std::vector<T> k, v;
+  s.gather_rows(k, v);
+  write_rows(w, k, v, s.positions, s.scores);
 }
 
 template <class T>
 void read_store(CheckedFileReader& r, HeadStore<T>& s, const StoreLimits& lim) {
   const uint64_t n = r.get_u64();
-  read_rows(r, s.k, s.v, s.positions, s.scores, n, n, lim);
+  std::vector<T> k, v;
+  std::vector<int32_t> positions;
+  std::vector<float> scores;
+  read_rows(r, k, v, positions, scores, n, n, lim);
+  s.assign_rows(k, v, std::move(positions), std::move(scores));
 }
 
 // --- Formats without shared state (rows, KIVI) -------------------------------------------------

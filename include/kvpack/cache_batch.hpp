@@ -1,0 +1,35 @@
+/// \file cache_batch.hpp
+/// \brief KVCacheBatch<Policy, Backend>: many sequences (by id) in one page pool, attended in one
+/// call. This header declares it and brings in the CPU implementation.
+#pragma once
+
+#include <cstdint>
+
+#include "backend/tags.hpp"
+#include "cache.hpp"
+#include "span.hpp"
+#include "view.hpp"
+
+namespace kvpack {
+
+/// \brief Query rows of one sequence in a batched attend (decode: one token; chunked prefill:
+/// several). q: tokens × q_heads × head_dim (post-RoPE); out: the same shape; positions: one per
+/// query token.
+struct BatchQuery {
+  int64_t sequence = 0;
+  ActivationView q;
+  Positions positions;
+  OutputView out;
+};
+
+/// \brief The sequences of an engine's batch, each a KVCache<Policy, Backend>, sharing one
+/// PagePool: add / fork / remove by id, and one attend() over a batch of (sequence, query rows).
+template <class Policy, class Backend = backend::Cpu>
+class KVCacheBatch {
+  static_assert(detail::dependent_false<Policy, Backend>,
+                "no KVCacheBatch implementation for this Backend: use backend::Cpu");
+};
+
+}  // namespace kvpack
+
+#include "backend/cpu/cache_batch.hpp"

@@ -1,0 +1,237 @@
+/// \file page_pool.hpp
+/// \brief PagePool: fixed-size pages of KV memory shared by the sequences of an engine, either
+/// allocated by kvpack (grown a chunk at a time) or carved from memory the caller provides.
+/// Page layouts are in docs/page_formats.md.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <vector>
+
+#include "config.hpp"
+#include "error.hpp"
+
+namespace kvpack {
+
+/// \brief A pool of fixed-size pages (vLLM's block pool, FlashInfer's paged KV memory).
+///
+/// Pages are numbered 0, 1, ... (the id an engine's page table holds) and 64-byte aligned.
+/// allocate() and release() are O(1) and thread-safe (one mutex): sequences of one pool may be
+/// filled from different threads. A released page goes back to the pool and is the next one
+/// handed out (LIFO, so recently touched memory is reused first).
+///
+/// Owned mode (`PagePool(page_bytes, pages_per_chunk, max_pages)`): memory comes from operator
+/// new, `pages_per_chunk` pages at a time; release_unused() returns chunks whose pages are all
+/// free. Caller mode (`PagePool(memory, bytes, page_bytes)`): the pages are the caller's region,
+/// which must outlive the pool; nothing is allocated for pages and nothing is freed.
+class PagePool {
+ public:
+  /// Alignment of every page (a cache line; also what AVX-512 loads prefer).
+  static constexpr std::size_t kAlignment = 64;
+
+  /// A page handed out: its id and its first byte.
+  struct Page {
+    int32_t id;
+    std::byte* data;
+  };
+
+  /// Owned pool. Throws kvpack::error when page_bytes is 0 or not a multiple of 64, or
+  /// pages_per_chunk is 0. max_pages 0: no limit.
+  explicit PagePool(std::size_t page_bytes, std::size_t pages_per_chunk = 64,
+                    std::size_t max_pages = 0)
+      : page_bytes_(page_bytes), pages_per_chunk_(pages_per_chunk), max_pages_(max_pages) {
+    check_page_bytes(page_bytes);
+    detail::require(pages_per_chunk > 0, "PagePool", "pages_per_chunk", pages_per_chunk, "> 0");
+  }
+
+  /// Pool over caller memory [memory, memory + bytes): floor(bytes / page_bytes) pages. Throws
+  /// kvpack::error when memory is null or not 64-byte aligned, page_bytes is not a positive
+  /// multiple of 64, or the region holds no page.
+  PagePool(void* memory, std::size_t bytes, std::size_t page_bytes)
+      : page_bytes_(page_bytes), caller_memory_(true) {
+    check_page_bytes(page_bytes);
+    detail::require(memory != nullptr && reinterpret_cast<std::uintptr_t>(memory) % kAlignment == 0,
+                    "PagePool", "memory", memory, "a non-null, 64-byte aligned region");
+    detail::require(bytes / page_bytes > 0 && bytes / page_bytes <= kMaxPages, "PagePool", "bytes",
+                    bytes, detail::concat("room for 1 to ", kMaxPages, " pages of ", page_bytes));
+    pages_per_chunk_ = max_pages_ = bytes / page_bytes;
+    chunks_.push_back(static_cast<std::byte*>(memory));
+    chunk_live_.push_back(0);
+    used_.assign(max_pages_, 0);
+    free_.reserve(max_pages_);
+    for (std::size_t i = max_pages_; i-- > 0;) free_.push_back(static_cast<int32_t>(i));
+  }
+
+  PagePool(const PagePool&) = delete;
+  PagePool& operator=(const PagePool&) = delete;
+
+  ~PagePool() {
+    if (caller_memory_) return;
+    for (std::byte* c : chunks_) ::operator delete(c, std::align_val_t(kAlignment));
+  }
+
+  /// Hands out a free page (contents unspecified). Throws kvpack::error when the pool is at
+  /// max_pages (owned) or its region is used up (caller memory); the pool is unchanged then.
+  Page allocate() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (free_.empty()) grow();
+    const int32_t id = free_.back();
+    free_.pop_back();
+    ++chunk_live_[id / pages_per_chunk_];
+    used_[id] = 1;
+    ++in_use_;
+    return {id, address(id)};
+  }
+
+  /// Returns page `id` to the pool. Throws kvpack::error for an id the pool did not hand out
+  /// (or already got back).
+  void release(int32_t id) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    detail::require(id >= 0 && static_cast<std::size_t>(id) < used_.size() && used_[id] == 1,
+                    "PagePool::release", "page", id, "a page this pool handed out");
+    const std::size_t chunk = static_cast<std::size_t>(id) / pages_per_chunk_;
+    free_.push_back(id);  // capacity for every page was reserved when its chunk came
+    used_[id] = 0;
+    --chunk_live_[chunk];
+    --in_use_;
+  }
+
+  /// First byte of page `id` (a page handed out by allocate()).
+  std::byte* data(int32_t id) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return address(id);
+  }
+
+  /// Frees the chunks of an owned pool whose pages are all free; returns the bytes freed.
+  std::size_t release_unused() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (caller_memory_) return 0;
+    std::size_t freed = 0;
+    for (std::size_t c = 0; c < chunks_.size(); ++c) {
+      if (chunks_[c] == nullptr || chunk_live_[c] != 0) continue;
+      ::operator delete(chunks_[c], std::align_val_t(kAlignment));
+      chunks_[c] = nullptr;
+      freed += pages_per_chunk_ * page_bytes_;
+    }
+    if (freed == 0) return 0;
+    while (!chunks_.empty() && chunks_.back() == nullptr) {
+      chunks_.pop_back();
+      chunk_live_.pop_back();
+    }
+    chunks_.shrink_to_fit();
+    chunk_live_.shrink_to_fit();
+    used_.resize(chunks_.size() * pages_per_chunk_);
+    used_.shrink_to_fit();
+    // The free list keeps room for every page of the table, so that release() never allocates.
+    std::vector<int32_t> kept;
+    kept.reserve(used_.size());
+    for (int32_t id : free_) {
+      if (static_cast<std::size_t>(id) < used_.size() &&
+          chunks_[id / pages_per_chunk_] != nullptr) {
+        kept.push_back(id);
+      }
+    }
+    free_.swap(kept);
+    return freed;
+  }
+
+  std::size_t page_bytes() const { return page_bytes_; }
+  /// Whether the pages live in caller memory.
+  bool caller_memory() const { return caller_memory_; }
+  /// Pages handed out and not released.
+  std::size_t pages_in_use() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return in_use_;
+  }
+  /// Pages the pool can hand out without allocating (owned) or at all (caller memory).
+  std::size_t free_pages() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return free_.size();
+  }
+  /// pages_in_use() × page_bytes().
+  std::size_t bytes_in_use() const { return pages_in_use() * page_bytes_; }
+  /// The page memory the pool manages (owned chunks, or the caller's region in whole pages) plus
+  /// its own bookkeeping (chunk table, free list): what it occupies, exactly.
+  std::size_t reserved_bytes() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::size_t pages = 0;
+    for (std::byte* c : chunks_) pages += c != nullptr ? pages_per_chunk_ : 0;
+    return pages * page_bytes_ + chunks_.capacity() * sizeof(std::byte*) +
+           chunk_live_.capacity() * sizeof(std::size_t) + free_.capacity() * sizeof(int32_t) +
+           used_.capacity();
+  }
+
+ private:
+  static constexpr std::size_t kMaxPages = std::size_t{1} << 31;
+
+  static void check_page_bytes(std::size_t page_bytes) {
+    detail::require(page_bytes > 0 && page_bytes % kAlignment == 0, "PagePool", "page_bytes",
+                    page_bytes, "a positive multiple of 64");
+  }
+
+  std::byte* address(int32_t id) const {
+    const std::size_t i = static_cast<std::size_t>(id);
+    return chunks_[i / pages_per_chunk_] + (i % pages_per_chunk_) * page_bytes_;
+  }
+
+  // Adds one chunk (owned pools): into the first freed slot of the chunk table, else at its end.
+  void grow() {
+    const std::size_t total = (chunks_.size() + 1) * pages_per_chunk_;
+    if (caller_memory_ || (max_pages_ != 0 && in_use_ + pages_per_chunk_ > max_pages_) ||
+        total > kMaxPages) {
+      throw error(detail::concat("PagePool::allocate: all ", in_use_, " pages of ", page_bytes_,
+                                 " bytes are in use",
+                                 caller_memory_ ? " (caller memory)" : " (max_pages)",
+                                 ", expected a free page: release pages or give the pool more"));
+    }
+    std::size_t slot = 0;
+    while (slot < chunks_.size() && chunks_[slot] != nullptr) ++slot;
+    // Reserve first so that nothing below throws once the chunk is allocated.
+    if (slot == chunks_.size()) {
+      chunks_.reserve(slot + 1);
+      chunk_live_.reserve(slot + 1);
+    }
+    // Room for every page of the pool in the free list, so that release() never allocates.
+    free_.reserve(std::max(total, free_.size() + pages_per_chunk_));
+    used_.reserve(total);
+    auto* chunk = static_cast<std::byte*>(
+        ::operator new(pages_per_chunk_* page_bytes_, std::align_val_t(kAlignment)));
+    if (slot == chunks_.size()) {
+      chunks_.push_back(chunk);
+      chunk_live_.push_back(0);
+      used_.resize(chunks_.size() * pages_per_chunk_, 0);
+    } else {
+      chunks_[slot] = chunk;
+    }
+    for (std::size_t i = pages_per_chunk_; i-- > 0;) {
+      free_.push_back(static_cast<int32_t>(slot * pages_per_chunk_ + i));
+    }
+  }
+
+  std::size_t page_bytes_ = 0, pages_per_chunk_ = 0, max_pages_ = 0;
+  bool caller_memory_ = false;
+  std::vector<std::byte*> chunks_;       // null: a freed chunk slot
+  std::vector<std::size_t> chunk_live_;  // pages in use per chunk
+  std::vector<int32_t> free_;            // LIFO
+  std::vector<uint8_t> used_;            // per page: handed out
+  std::size_t in_use_ = 0;
+  mutable std::mutex mutex_;
+};
+
+/// \brief How a cache stores dense rows (Identity and the eviction policies) in pages: each
+/// (layer, kv head) has its own page list, so heads of different lengths (non-uniform budgets)
+/// hold only the pages they fill. KIVI blocks and low-rank factors are not paged yet.
+struct PageOptions {
+  /// Tokens per page: a power of two in [1, 4096] (vLLM's default block size is 16).
+  int page_tokens = 16;
+  /// The pool the pages come from, shared with other caches (sequences); its page_bytes must be
+  /// at least 2 × page_tokens × head_dim × sizeof(element), rounded up to 64. Null: the cache
+  /// makes a private pool that allocates one page at a time and frees them on shrink_to_fit().
+  std::shared_ptr<PagePool> pool;
+};
+
+}  // namespace kvpack

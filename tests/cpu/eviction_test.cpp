@@ -130,6 +130,7 @@ TEST_CASE("L2NormEvict: global scope applies one threshold across layers and hea
   const std::size_t bytes_before = cache.bytes();
   cache.compress();
   int64_t kept = 0;
+  std::size_t freed = 0;
   std::set<int64_t> counts;
   for (int l = 0; l < kShape.layers; ++l) {
     const auto layer = cache.materialize(l);
@@ -137,13 +138,14 @@ TEST_CASE("L2NormEvict: global scope applies one threshold across layers and hea
       REQUIRE(kept_positions(layer.heads[h]) == expected[l * 3 + h]);
       kept += cache.tokens(l, h);
       counts.insert(cache.tokens(l, h));
+      freed +=
+          kvpack_test::paged_head_bytes(400) - kvpack_test::paged_head_bytes(cache.tokens(l, h));
     }
   }
   REQUIRE(kept == total_keep + emptied);
   REQUIRE(counts.size() > 3);  // budgets really differ per head
-  // bytes() is what the kept rows hold plus the fixed bookkeeping, nothing else.
-  const std::size_t per_token = 2 * 64 * sizeof(kvpack::Half) + sizeof(int32_t);
-  REQUIRE(bytes_before - cache.bytes() == static_cast<std::size_t>(4 * 3 * 400 - kept) * per_token);
+  // bytes() is what the kept rows' pages hold plus the fixed bookkeeping, nothing else.
+  REQUIRE(bytes_before - cache.bytes() == freed);
 }
 
 TEST_CASE("L2NormEvict: keep 0.25 of 4096 tokens frees memory (bytes <= 0.30 dense)",
@@ -156,7 +158,7 @@ TEST_CASE("L2NormEvict: keep 0.25 of 4096 tokens frees memory (bytes <= 0.30 den
   cache.compress();
   INFO("bytes " << cache.bytes() << " dense " << dense);
   REQUIRE(cache.bytes() <= 0.30 * dense);
-  REQUIRE(cache.bytes() > 0.25 * dense);  // the kept quarter plus positions: nothing hidden
+  REQUIRE(cache.bytes() > 0.25 * dense);  // the kept quarter, positions, pages: nothing hidden
   REQUIRE(cache.dense_bytes() == dense);  // dense size is of the appended sequence
 }
 
@@ -166,8 +168,8 @@ TEST_CASE("Identity: bytes() is the dense size of what it stores", "[memory]") {
   const std::size_t empty = cache.bytes();
   for (int l = 0; l < 3; ++l) kvpack_test::fill_layer(cache, l, 333, l);
   cache.compress();
-  const std::size_t per_token = 2 * 64 * 2 + 4;  // fp16 K and V rows + an int32 position
-  REQUIRE(cache.bytes() - empty == 3u * 3 * 333 * per_token);
+  // fp16 K and V rows in whole pages, the page table, an int32 position per token.
+  REQUIRE(cache.bytes() - empty == 3u * 3 * kvpack_test::paged_head_bytes(333));
   REQUIRE(cache.dense_bytes() == 3u * 3 * 333 * 64 * 2 * 2);
   cache.clear();
   REQUIRE(cache.bytes() == empty);

@@ -38,6 +38,17 @@ inline std::vector<float> random_values(std::size_t n, uint32_t seed, float scal
   return x;
 }
 
+/// bytes() of what one (layer, kv head) of a dense rows cache holds (docs/page_formats.md): whole
+/// pages of page_tokens fp16 K and V rows (rounded up to 64 bytes), the page table (an int32 id
+/// and two addresses per page) and an int32 position per token.
+inline std::size_t paged_head_bytes(int64_t tokens, int head_dim = 64, int page_tokens = 16,
+                                    std::size_t element_bytes = 2) {
+  const std::size_t pages = static_cast<std::size_t>((tokens + page_tokens - 1) / page_tokens);
+  const std::size_t page = (2 * page_tokens * head_dim * element_bytes + 63) / 64 * 64;
+  return pages * (page + sizeof(int32_t) + 2 * sizeof(void*)) +
+         static_cast<std::size_t>(tokens) * sizeof(int32_t);
+}
+
 inline std::vector<int64_t> iota_positions(int64_t n, int64_t first = 0) {
   std::vector<int64_t> p(n);
   std::iota(p.begin(), p.end(), first);

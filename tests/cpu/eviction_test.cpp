@@ -148,6 +148,29 @@ TEST_CASE("L2NormEvict: global scope applies one threshold across layers and hea
   REQUIRE(bytes_before - cache.bytes() == freed);
 }
 
+TEST_CASE("L2NormEvict: the paper's layer skip is a default that fits any model", "[eviction]") {
+  // Layers [0, min(2, layers - 1)) stay whole: 1- and 2-layer models compress their last layer
+  // instead of refusing a knob nobody set; an explicit skip is taken as given.
+  for (int layers : {1, 2, 3, 4}) {
+    INFO("layers " << layers);
+    const ModelShape shape{layers, 9, 3, 64, {}};
+    kvpack::KVCache<L2NormEvict> cache(shape, L2NormEvict(Budget::ratio(0.25)));
+    for (int l = 0; l < layers; ++l) kvpack_test::fill_layer(cache, l, 100, 50 + l);
+    cache.compress();
+    const int first = std::min(2, layers - 1);
+    for (int l = 0; l < layers; ++l) CHECK(cache.tokens(l, 1) == (l < first ? 100 : 25));
+  }
+  kvpack::KVCache<L2NormEvict> explicit_skip(ModelShape{4, 9, 3, 64, {}},
+                                             L2NormEvict(Budget::ratio(0.25), 3));
+  for (int l = 0; l < 4; ++l) kvpack_test::fill_layer(explicit_skip, l, 100, 60 + l);
+  explicit_skip.compress();
+  CHECK(explicit_skip.tokens(2, 0) == 100);
+  CHECK(explicit_skip.tokens(3, 0) == 25);
+  CHECK_THROWS_WITH((kvpack::KVCache<L2NormEvict>(ModelShape{1, 9, 3, 64, {}},
+                                                  L2NormEvict(Budget::ratio(0.25), 2))),
+                    Catch::Contains("skip_layers = 2"));
+}
+
 TEST_CASE("L2NormEvict: keep 0.25 of 4096 tokens frees memory (bytes <= 0.30 dense)",
           "[eviction][memory]") {
   const ModelShape shape{2, 9, 3, 64, {}};

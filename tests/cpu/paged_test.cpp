@@ -123,7 +123,7 @@ TEST_CASE("pages: attend is bit-identical for every page size, and pages follow 
 }
 
 TEST_CASE(
-    "pages: eviction and truncate return whole pages; a cache in caller memory refuses "
+    "pages: eviction and truncate return whole pages, and a cache in caller memory refuses "
     "an append it cannot hold and stays as it was",
     "[pages][errors]") {
   kvpack::PageOptions options;
@@ -216,7 +216,7 @@ TEST_CASE("pages: an attention written only from docs/page_formats.md matches at
   }
 }
 
-TEST_CASE("batch: add, fork, remove; pages are shared and reused", "[pages][batch]") {
+TEST_CASE("batch: add, fork, remove, with pages shared and reused", "[pages][batch]") {
   kvpack::KVCacheBatch<kvpack::Identity> batch(kShape);
   auto& a = batch.add(7);
   fill_layer(a, 0, 500, 31);

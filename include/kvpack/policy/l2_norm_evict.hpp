@@ -13,12 +13,16 @@ namespace kvpack {
 
 /// \brief Per (layer, kv-head), keeps the tokens whose post-RoPE key has the lowest L2 norm.
 ///
-/// Knobs (paper defaults): budget (keep ratio 0.5, per head), layers 0–1 left whole. Sinks and a
+/// Knobs (paper defaults): budget (keep ratio 0.5, per head), layers 0–1 left whole (the paper
+/// finds no norm–attention correlation there). The default skip is kPaperSkip: 2 layers, capped
+/// at layers − 1 so a model of 1 or 2 layers is still compressed (its last layer) instead of
+/// refused; an explicit skip is taken as given (and refused past the model's layers). Sinks and a
 /// recent window can be protected through the budget.
 struct L2NormEvict : EvictionPolicy {
   static constexpr const char* name = "L2NormEvict";
-  L2NormEvict() { skip_layers = 2; }
-  explicit L2NormEvict(Budget b, int skip = 2) {
+  static constexpr int kPaperSkipLayers = 2;
+  L2NormEvict() { skip_layers = kPaperSkip; }
+  explicit L2NormEvict(Budget b, int skip = kPaperSkip) {
     budget = b;
     skip_layers = skip;
   }

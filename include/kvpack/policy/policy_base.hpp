@@ -59,13 +59,21 @@ struct PolicyBase {
 struct EvictionPolicy : PolicyBase {
   static constexpr ScoreSource score_source = ScoreSource::kKeyValue;
   Budget budget{};
-  int skip_layers = 0;     ///< layers [0, skip_layers) are never compressed
+  /// Marks a policy's paper-default layer skip (kPaperSkipLayers): resolved per model by
+  /// detail::first_layer(), so that a default never refuses a small model.
+  static constexpr int kPaperSkip = -1;
+  int skip_layers = 0;     ///< layers [0, skip_layers) are never compressed (kPaperSkip: see above)
   int64_t min_tokens = 0;  ///< layers with fewer appended tokens are not compressed
+
+  /// The paper's layer skip of a policy whose skip_layers is kPaperSkip (see first_layer()).
+  static constexpr int kPaperSkipLayers = 0;
 
   void validate(const ModelShape& shape) const {
     budget.validate("EvictionPolicy");
-    detail::require(skip_layers >= 0 && skip_layers <= shape.layers, "EvictionPolicy",
-                    "skip_layers", skip_layers, detail::concat("in [0, ", shape.layers, "]"));
+    detail::require(
+        skip_layers == kPaperSkip || (skip_layers >= 0 && skip_layers <= shape.layers),
+        "EvictionPolicy", "skip_layers", skip_layers,
+        detail::concat("in [0, ", shape.layers, "] (this model's layers), or ", "kPaperSkip"));
     detail::require(min_tokens >= 0, "EvictionPolicy", "min_tokens", min_tokens, ">= 0");
   }
 
@@ -73,6 +81,16 @@ struct EvictionPolicy : PolicyBase {
   /// pooling over neighbouring tokens). Tokens not scored yet hold a value below every score.
   void finalize_scores(float* /*scores*/, int64_t /*n*/) const {}
 };
+
+namespace detail {
+/// The first layer compress() touches: skip_layers, or for kPaperSkip the policy's paper value
+/// (P::kPaperSkipLayers) capped at layers − 1, so at least one layer is compressed.
+template <class P>
+int first_layer(const P& policy, int layers) {
+  if (policy.skip_layers != EvictionPolicy::kPaperSkip) return policy.skip_layers;
+  return P::kPaperSkipLayers < layers - 1 ? P::kPaperSkipLayers : layers - 1;
+}
+}  // namespace detail
 
 /// \brief Base of eviction policies scored by the queries handed to observe(): the container
 /// keeps one float per held token, reduced over every observed query and the query heads of the

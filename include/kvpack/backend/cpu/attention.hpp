@@ -34,8 +34,7 @@ constexpr int kGemmRows = 16;
 /// \brief One head's dense stored keys/values (row-major size × d, element type T) and ascending
 /// positions. Attention and scoring read rows through load_keys / load_values, so other row
 /// formats (quantized, low-rank) can provide the same two calls. Dense row sources (this one and
-/// PagedRows) also give direct access for the decode kernels: key(t), value(t), stride (elements
-/// from one token's row to the next) and run(t) (tokens stored contiguously from t on).
+/// PagedRows) also give the decode kernels each token's key(t) and value(t) row.
 template <class T>
 struct DenseRows {
   const T* k;
@@ -46,8 +45,6 @@ struct DenseRows {
 
   const T* key(int64_t t) const { return k + t * d; }
   const T* value(int64_t t) const { return v + t * d; }
-  int64_t stride() const { return d; }
-  int64_t run(int64_t t) const { return size - t; }
 
   /// Keys [t0, t0 + n) as fp32 into dst (n × d).
   void load_keys(int64_t t0, int64_t n, float* dst) const {
@@ -81,7 +78,6 @@ struct PagedRows {
   int64_t offset(int64_t t) const { return (t & (page_tokens() - 1)) * row_stride; }
   const T* key(int64_t t) const { return k_pages[t >> page_shift] + offset(t); }
   const T* value(int64_t t) const { return v_pages[t >> page_shift] + offset(t); }
-  int64_t stride() const { return row_stride; }
   int64_t run(int64_t t) const { return page_tokens() - (t & (page_tokens() - 1)); }
 
   void load_keys(int64_t t0, int64_t n, float* dst) const { load(t0, n, dst, k_pages); }
@@ -178,13 +174,12 @@ KVPACK_TARGET_AVX2 inline void avx2_store_sums(float* dst, __m256 a, __m256 b) {
   _mm_storel_pi(reinterpret_cast<__m64*>(dst), s);
 }
 
-/// Scores of R query rows (q, row stride d) against K consecutive keys k (row stride ld,
-/// d % 8 == 0): s[r * s_stride + i] = q_r · k_i. Each query load serves K keys, each key load R
-/// rows; R · K ≤ 9 accumulators plus K keys and one query stay within the 16 ymm registers.
-/// Every score is reduced in the same order (avx2_store_sums), whether its key is paired or
-/// not, so a score does not depend on how the keys are grouped (tiles, pages, splits).
+/// Scores of R query rows (q, row stride d) against the K key rows k[0..K) (d % 8 == 0):
+/// s[r * s_stride + i] = q_r · k_i. Each query load serves K keys, each key load R rows; R · K ≤ 9
+/// accumulators plus K keys and one query stay within the 16 ymm registers. Rows are addressed
+/// one by one (a tile's row pointers), so a group may span pages.
 template <int R, int K, class T>
-KVPACK_TARGET_AVX2 void avx2_score_keys(const float* q, int d, const T* k, int64_t ld, float* s,
+KVPACK_TARGET_AVX2 void avx2_score_keys(const float* q, int d, const T* const* k, float* s,
                                         int64_t s_stride) {
   __m256 a[R][K];
   for (int r = 0; r < R; ++r) {
@@ -192,7 +187,7 @@ KVPACK_TARGET_AVX2 void avx2_score_keys(const float* q, int d, const T* k, int64
   }
   for (int j = 0; j < d; j += 8) {
     __m256 x[K];
-    for (int i = 0; i < K; ++i) x[i] = avx2_load(k + i * ld + j);
+    for (int i = 0; i < K; ++i) x[i] = avx2_load(k[i] + j);
     for (int r = 0; r < R; ++r) {
       const __m256 qv = _mm256_loadu_ps(q + r * d + j);
       for (int i = 0; i < K; ++i) a[r][i] = _mm256_fmadd_ps(qv, x[i], a[r][i]);
@@ -201,11 +196,7 @@ KVPACK_TARGET_AVX2 void avx2_score_keys(const float* q, int d, const T* k, int64
   for (int r = 0; r < R; ++r) {
     int i = 0;
     for (; i + 2 <= K; i += 2) avx2_store_sums(s + r * s_stride + i, a[r][i], a[r][i + 1]);
-    if (i < K) {
-      float pair[2];
-      avx2_store_sums(pair, a[r][i], a[r][i]);
-      s[r * s_stride + i] = pair[0];
-    }
+    if (i < K) s[r * s_stride + i] = avx2_sum(a[r][i]);
   }
 }
 
@@ -218,42 +209,38 @@ KVPACK_TARGET_AVX2 void avx2_prefetch(const T* p, int64_t count) {
   }
 }
 
-/// Prefetches `rows` rows of d elements, ld apart, from p.
-template <class T>
-KVPACK_TARGET_AVX2 void avx2_prefetch_rows(const T* p, int64_t rows, int64_t ld, int d) {
-  if (ld == d) return avx2_prefetch(p, rows * d);
-  for (int64_t i = 0; i < rows; ++i) avx2_prefetch(p + i * ld, d);
-}
-
-/// Scores of R query rows against keys k[0, n), three keys at a time. Rows of `next` (the value
-/// rows of the same keys, or null) are prefetched as the keys go by, so the value pass that
-/// follows does not wait for memory.
+/// Scores of R query rows against key rows k[0, n), three keys at a time. The value rows v of the
+/// same keys are prefetched as the keys go by (v null: not), so the value pass that follows does
+/// not wait for memory.
 template <int R, class T>
-KVPACK_TARGET_AVX2 void avx2_tile_scores(const float* q, int d, const T* k, int64_t ld, int64_t n,
-                                         float* s, int64_t s_stride, const T* next) {
+KVPACK_TARGET_AVX2 void avx2_tile_scores(const float* q, int d, const T* const* k, int64_t n,
+                                         float* s, int64_t s_stride, const T* const* v) {
   int64_t i = 0;
   for (; i + 3 <= n; i += 3) {
-    if (next != nullptr) avx2_prefetch_rows(next + i * ld, 3, ld, d);
-    avx2_score_keys<R, 3>(q, d, k + i * ld, ld, s + i, s_stride);
+    if (v != nullptr) {
+      for (int j = 0; j < 3; ++j) avx2_prefetch(v[i + j], d);
+    }
+    avx2_score_keys<R, 3>(q, d, k + i, s + i, s_stride);
   }
-  if (n - i == 2) avx2_score_keys<R, 2>(q, d, k + i * ld, ld, s + i, s_stride);
-  if (n - i == 1) avx2_score_keys<R, 1>(q, d, k + i * ld, ld, s + i, s_stride);
+  if (n - i == 2) avx2_score_keys<R, 2>(q, d, k + i, s + i, s_stride);
+  if (n - i == 1) avx2_score_keys<R, 1>(q, d, k + i, s + i, s_stride);
 }
 
-/// acc[r][j0, j0 + 8C) += Σ_i p[r * p_stride + i] · v_i[j0, j0 + 8C) over keys [0, n). The R · C
-/// accumulators stay in registers for the whole tile (R · C + C + 1 ≤ 16 ymm: no spill, whose
-/// store-to-load round trip would serialise the loop).
+/// acc[r][j0, j0 + 8C) += Σ_i p[r * p_stride + i] · v_i[j0, j0 + 8C) over value rows v[0, n). The
+/// R · C accumulators stay in registers for the whole tile (R · C + C + 1 ≤ 16 ymm: no spill,
+/// whose store-to-load round trip would serialise the loop). Row i also prefetches key row
+/// next[i] while i < next_rows (the next tile).
 template <int R, int C, class T>
-KVPACK_TARGET_AVX2 void avx2_tile_values_chunk(const float* p, int64_t p_stride, const T* v,
-                                               int64_t ld, int64_t n, int d, int j0, float* acc,
-                                               const T* next, int64_t next_rows) {
+KVPACK_TARGET_AVX2 void avx2_tile_values_chunk(const float* p, int64_t p_stride, const T* const* v,
+                                               int64_t n, int d, int j0, float* acc,
+                                               const T* const* next, int64_t next_rows) {
   __m256 a[R][C];
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < C; ++c) a[r][c] = _mm256_loadu_ps(acc + r * d + j0 + 8 * c);
   }
   for (int64_t i = 0; i < n; ++i) {
-    if (i < next_rows) avx2_prefetch(next + i * ld, d);
-    const T* vi = v + i * ld + j0;
+    if (i < next_rows) avx2_prefetch(next[i], d);
+    const T* vi = v[i] + j0;
     __m256 x[C];
     for (int c = 0; c < C; ++c) x[c] = avx2_load(vi + 8 * c);
     for (int r = 0; r < R; ++r) {
@@ -266,21 +253,21 @@ KVPACK_TARGET_AVX2 void avx2_tile_values_chunk(const float* p, int64_t p_stride,
   }
 }
 
-/// Value accumulation of R rows over keys [0, n) in channel chunks of 24, then 16 or 8.
+/// Value accumulation of R rows over value rows v[0, n) in channel chunks of 24, then 16 or 8.
 template <int R, class T>
-KVPACK_TARGET_AVX2 void avx2_tile_values(const float* p, int64_t p_stride, const T* v, int64_t ld,
-                                         int64_t n, int d, float* acc, const T* next,
+KVPACK_TARGET_AVX2 void avx2_tile_values(const float* p, int64_t p_stride, const T* const* v,
+                                         int64_t n, int d, float* acc, const T* const* next,
                                          int64_t next_rows) {
-  // The first chunk also prefetches `next_rows` rows of `next` (the keys of the next tile).
+  // The first chunk also prefetches `next_rows` key rows of the next tile.
   int j0 = 0;
   for (; j0 + 24 <= d; j0 += 24) {
-    avx2_tile_values_chunk<R, 3>(p, p_stride, v, ld, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
+    avx2_tile_values_chunk<R, 3>(p, p_stride, v, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
   }
   if (d - j0 == 16) {
-    avx2_tile_values_chunk<R, 2>(p, p_stride, v, ld, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
+    avx2_tile_values_chunk<R, 2>(p, p_stride, v, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
   }
   if (d - j0 == 8) {
-    avx2_tile_values_chunk<R, 1>(p, p_stride, v, ld, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
+    avx2_tile_values_chunk<R, 1>(p, p_stride, v, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
   }
 }
 
@@ -363,48 +350,33 @@ inline void softmax_tile_row(float* sr, int64_t vis, int64_t tn, float& max, flo
 }
 
 #if defined(KVPACK_X86_DISPATCH)
-/// Scores of R rows against keys [t0, t0 + n) of a dense row source, run by run (a run is
-/// contiguous: a page, or the whole store), prefetching the same keys' values when asked.
-template <int R, class Rows>
-KVPACK_TARGET_AVX2 void avx2_rows_scores(const Rows& head, int d, const float* q, int64_t t0,
-                                         int64_t n, float* s, int64_t s_stride, bool prefetch) {
-  for (int64_t t = t0; t < t0 + n;) {
-    const int64_t m = std::min(head.run(t), t0 + n - t);
-    avx2_tile_scores<R>(q, d, head.key(t), head.stride(), m, s + (t - t0), s_stride,
-                        prefetch ? head.value(t) : nullptr);
-    t += m;
-  }
-}
-
-/// Value accumulation of R rows over keys [t0, t0 + n), run by run; the last run prefetches up
-/// to `next_rows` keys from token next_t on (the next tile), as far as they are contiguous.
-template <int R, class Rows>
-KVPACK_TARGET_AVX2 void avx2_rows_values(const Rows& head, int d, const float* p, int64_t p_stride,
-                                         int64_t t0, int64_t n, float* acc, int64_t next_t,
-                                         int64_t next_rows) {
-  for (int64_t t = t0; t < t0 + n;) {
-    const int64_t m = std::min(head.run(t), t0 + n - t);
-    const int64_t ahead =
-        t + m == t0 + n && next_rows > 0 ? std::min(next_rows, head.run(next_t)) : 0;
-    avx2_tile_values<R>(p + (t - t0), p_stride, head.value(t), head.stride(), m, d, acc,
-                        ahead > 0 ? head.key(next_t) : nullptr, ahead);
-    t += m;
-  }
-}
-
 /// Decode path of cpu::attend_rows: rows < kGemmRows, d % 8 == 0, a dense row source
 /// (DenseRows or PagedRows). Rows go in groups of up to three (a GQA group of 3 in one pass); K
-/// and V are converted inside the kernels. Scores and value sums do not depend on how the keys
-/// are split into runs (pages), so paged and contiguous rows give bit-identical results.
+/// and V are converted inside the kernels. Rows are addressed one by one, so tiles and key groups
+/// are the same whatever the page size: paged and contiguous rows give bit-identical results.
 template <class Rows>
 KVPACK_TARGET_AVX2 void avx2_attend_rows(const Rows& head, int d, const float* q, int rows,
                                          const int64_t* visible, int64_t begin, int64_t end,
                                          cpu::PartialState& state, std::vector<float>& scratch) {
+  using T = typename cpu::is_dense_rows<Rows>::element_type;
   constexpr int64_t stride = cpu::kAttentionTile;
   scratch.resize(static_cast<std::size_t>(rows) * stride);
   float* s = scratch.data();
+  // Row pointers of this tile's keys and values and of the next tile's keys: the page table
+  // walked once per tile, not once per row and channel chunk.
+  const T* kp[stride];
+  const T* vp[stride];
+  const T* next_kp[stride];
+  const auto fill = [&](const T** dst, int64_t t0, int64_t n, bool keys) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = keys ? head.key(t0 + i) : head.value(t0 + i);
+  };
+  fill(next_kp, begin, std::min(stride, end - begin), true);
   for (int64_t t0 = begin; t0 < end; t0 += stride) {
     const int64_t tn = std::min(stride, end - t0);
+    std::copy(next_kp, next_kp + tn, kp);
+    fill(vp, t0, tn, false);
+    const int64_t next_n = std::min(stride, end - t0 - tn);
+    fill(next_kp, t0 + tn, next_n, true);
     for (int r0 = 0; r0 < rows; r0 += 3) {
       const int nr = std::min(3, rows - r0);
       int64_t n = 0;  // keys of this tile that some row of the group sees
@@ -414,13 +386,14 @@ KVPACK_TARGET_AVX2 void avx2_attend_rows(const Rows& head, int d, const float* q
       const float* qg = q + static_cast<std::size_t>(r0) * d;
       float* sg = s + r0 * stride;
       // Keys of the next tile, prefetched by the last group's value pass.
-      const int64_t next_rows = r0 + nr == rows ? std::min(stride, end - t0 - tn) : 0;
+      const int64_t next_rows = r0 + nr == rows ? next_n : 0;
+      const T* const* prefetch = r0 == 0 ? vp : nullptr;
       if (nr == 3) {
-        avx2_rows_scores<3>(head, d, qg, t0, n, sg, stride, r0 == 0);
+        avx2_tile_scores<3>(qg, d, kp, n, sg, stride, prefetch);
       } else if (nr == 2) {
-        avx2_rows_scores<2>(head, d, qg, t0, n, sg, stride, r0 == 0);
+        avx2_tile_scores<2>(qg, d, kp, n, sg, stride, prefetch);
       } else {
-        avx2_rows_scores<1>(head, d, qg, t0, n, sg, stride, r0 == 0);
+        avx2_tile_scores<1>(qg, d, kp, n, sg, stride, prefetch);
       }
       for (int r = r0; r < r0 + nr; ++r) {
         const int64_t vis = std::clamp<int64_t>(visible[r] - t0, 0, tn);
@@ -429,11 +402,11 @@ KVPACK_TARGET_AVX2 void avx2_attend_rows(const Rows& head, int d, const float* q
       }
       float* ag = state.acc.data() + static_cast<std::size_t>(r0) * d;
       if (nr == 3) {
-        avx2_rows_values<3>(head, d, sg, stride, t0, n, ag, t0 + tn, next_rows);
+        avx2_tile_values<3>(sg, stride, vp, n, d, ag, next_kp, next_rows);
       } else if (nr == 2) {
-        avx2_rows_values<2>(head, d, sg, stride, t0, n, ag, t0 + tn, next_rows);
+        avx2_tile_values<2>(sg, stride, vp, n, d, ag, next_kp, next_rows);
       } else {
-        avx2_rows_values<1>(head, d, sg, stride, t0, n, ag, t0 + tn, next_rows);
+        avx2_tile_values<1>(sg, stride, vp, n, d, ag, next_kp, next_rows);
       }
     }
   }

@@ -42,7 +42,7 @@ void KVCache<Policy, backend::Cpu>::evict() {
     int layer, head;
   };
   std::vector<Target> targets;
-  for (int l = knobs.skip_layers; l < shape_.layers; ++l) {
+  for (int l = detail::first_layer(knobs, shape_.layers); l < shape_.layers; ++l) {
     const detail::LayerState& state = layers_[l];
     if (state.appended == 0 || state.appended < knobs.min_tokens) continue;
     for (int h = 0; h < shape_.kv_heads; ++h) targets.push_back({l, h});

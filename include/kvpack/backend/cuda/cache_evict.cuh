@@ -36,7 +36,7 @@ void KVCache<Policy, backend::Cuda>::evict() {
   };
   std::vector<Target> targets;
   int64_t total = 0, longest = 0;
-  for (int l = policy_.skip_layers; l < shape_.layers; ++l) {
+  for (int l = detail::first_layer(policy_, shape_.layers); l < shape_.layers; ++l) {
     const detail::LayerState& state = layers_[l];
     if (state.appended == 0 || state.appended < policy_.min_tokens) continue;
     for (int h = 0; h < shape_.kv_heads; ++h) {

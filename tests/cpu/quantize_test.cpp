@@ -268,7 +268,9 @@ TEST_CASE(
   };
   // 5000 tokens: decode splits the keys in two at token 2500, inside a group (partial groups).
   const int64_t n = 5000;
-  for (const Shape& sh : {Shape{9, 3, 64}, Shape{4, 4, 64}, Shape{6, 2, 128}}) {
+  // GQA groups of 3, 1 (MHA), 4 (one pass of four rows) and 5 (passes of 3 + 2).
+  for (const Shape& sh :
+       {Shape{9, 3, 64}, Shape{4, 4, 64}, Shape{6, 2, 128}, Shape{8, 2, 64}, Shape{10, 2, 64}}) {
     const ModelShape shape{1, sh.q_heads, sh.kv_heads, sh.d, {}};
     for (int bits : {2, 4, 8}) {
       for (int group : {16, 32, 64}) {

@@ -125,14 +125,35 @@ KVPACK_TARGET_AVX2 inline void avx2_scales_and_mins(const Block* blocks, int64_t
   min = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
 }
 
-/// Scores of R ≤ 3 query rows (q, row stride d) against the G tokens of key group `kb` (d
-/// blocks, one per channel): s[r · s_stride + i] for i < G. qs: scratch of R · d floats.
+/// Query rows decoded together: a whole GQA group of up to four (Llama-3's 32 / 8) reads each
+/// code once. Larger groups split evenly (8 → 4 + 4, 9 → 3 + 3 + 3).
+constexpr int kQuantGroupRows = 4;
+
+/// Rows of each pass when `rows` rows are split evenly into passes of ≤ kQuantGroupRows.
+inline int quantized_pass_rows(int rows) {
+  const int passes = (rows + kQuantGroupRows - 1) / kQuantGroupRows;
+  return (rows + passes - 1) / passes;
+}
+
+/// Independent accumulator chains: an FMA's result feeds the next FMA of its accumulator 4
+/// cycles later and two FMAs issue a cycle, so one or two rows (2R accumulators) leave the units
+/// idle; they split the reduction into two interleaved chains. Three rows with two chains (12
+/// accumulators) spill registers and measured 20 % slower on Zen 3, so from three rows on: one.
+template <int R>
+constexpr int fma_chains() {
+  return R >= 3 ? 1 : 2;
+}
+
+/// Scores of R ≤ kQuantGroupRows query rows (q, row stride d) against the G tokens of key group
+/// `kb` (d blocks, one per channel): s[r · s_stride + i] for i < G. qs: scratch of R · d floats.
+/// d must be a multiple of 16. Not inlined: inlined into avx2_quantized_pass it measured 12 %
+/// slower (register allocation of the larger function, Zen 3).
 template <int R, int Bits, int G>
-KVPACK_TARGET_AVX2 void avx2_quantized_group_scores(const QuantBlock<Bits, G>* kb, int d,
-                                                    const float* q, float* s, int64_t s_stride,
-                                                    float* qs) {
-  // 16 tokens per pass: 2R accumulators + 2 code vectors + 1 broadcast stay in registers.
+KVPACK_TARGET_AVX2 __attribute__((noinline)) void avx2_quantized_group_scores(
+    const QuantBlock<Bits, G>* kb, int d, const float* q, float* s, int64_t s_stride, float* qs) {
+  // 16 tokens per pass; channels alternate between the chains.
   constexpr int kChunk = code_chunk<Bits, G>();
+  constexpr int kChains = fma_chains<R>();
   // qs[r · d + c] = q_rc · scale_c; bias_r = Σ_c q_rc · min_c, 8 channels at a time.
   __m256 b[R];
   for (int r = 0; r < R; ++r) b[r] = _mm256_setzero_ps();
@@ -150,20 +171,28 @@ KVPACK_TARGET_AVX2 void avx2_quantized_group_scores(const QuantBlock<Bits, G>* k
   for (int k = 0; k < G / kChunk; ++k) {
     __m256 v[R][kChunk / 8];
     for (int pass = 0; pass < kChunk / 16; ++pass) {
-      __m256 a[R][2];
-      for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_set1_ps(bias[r]);
-      for (int c = 0; c < d; ++c) {
-        __m256 x0, x1;
-        avx2_decode_pass<Bits, kChunk>(kb[c].codes, kChunk * k, pass, x0, x1);
-        for (int r = 0; r < R; ++r) {
-          const __m256 b = _mm256_broadcast_ss(qs + r * d + c);
-          a[r][0] = _mm256_fmadd_ps(b, x0, a[r][0]);
-          a[r][1] = _mm256_fmadd_ps(b, x1, a[r][1]);
+      __m256 a[kChains][R][2];
+      for (int h = 0; h < kChains; ++h)
+        for (int r = 0; r < R; ++r) a[h][r][0] = a[h][r][1] = _mm256_setzero_ps();
+      for (int c = 0; c < d; c += kChains) {
+        for (int h = 0; h < kChains; ++h) {
+          __m256 x0, x1;
+          avx2_decode_pass<Bits, kChunk>(kb[c + h].codes, kChunk * k, pass, x0, x1);
+          for (int r = 0; r < R; ++r) {
+            const __m256 b = _mm256_broadcast_ss(qs + r * d + c + h);
+            a[h][r][0] = _mm256_fmadd_ps(b, x0, a[h][r][0]);
+            a[h][r][1] = _mm256_fmadd_ps(b, x1, a[h][r][1]);
+          }
         }
       }
       for (int r = 0; r < R; ++r) {
-        v[r][2 * pass] = a[r][0];
-        v[r][2 * pass + 1] = a[r][1];
+        const __m256 bias_r = _mm256_set1_ps(bias[r]);
+        v[r][2 * pass] = _mm256_add_ps(a[0][r][0], bias_r);
+        v[r][2 * pass + 1] = _mm256_add_ps(a[0][r][1], bias_r);
+        for (int h = 1; h < kChains; ++h) {
+          v[r][2 * pass] = _mm256_add_ps(v[r][2 * pass], a[h][r][0]);
+          v[r][2 * pass + 1] = _mm256_add_ps(v[r][2 * pass + 1], a[h][r][1]);
+        }
       }
     }
     for (int r = 0; r < R; ++r)
@@ -178,6 +207,7 @@ template <int R, int Bits, int G>
 KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* vb, int d, float* p,
                                               int64_t p_stride, int64_t n, float* acc, float* ps) {
   constexpr int kChunk = code_chunk<Bits, G>();  // 16 channels per pass, as the key kernel
+  constexpr int kChains = fma_chains<R>();
   const int groups = d / G;
   const int64_t n8 = (n + 7) / 8 * 8;
   for (int r = 0; r < R; ++r) std::fill(p + r * p_stride + n, p + r * p_stride + n8, 0.0f);
@@ -204,20 +234,31 @@ KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* vb, int
       const int c0 = g * G + kChunk * k;
       __m256 v[R][kChunk / 8];
       for (int pass = 0; pass < kChunk / 16; ++pass) {
-        __m256 a[R][2];
-        for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
-        for (int64_t t = 0; t < n; ++t) {
-          __m256 x0, x1;
-          avx2_decode_pass<Bits, kChunk>(vb[t * groups + g].codes, kChunk * k, pass, x0, x1);
-          for (int r = 0; r < R; ++r) {
-            const __m256 b = _mm256_broadcast_ss(ps + (r * groups + g) * n8 + t);
-            a[r][0] = _mm256_fmadd_ps(b, x0, a[r][0]);
-            a[r][1] = _mm256_fmadd_ps(b, x1, a[r][1]);
+        // Tokens alternate between the chains (fma_chains); an odd last token goes to chain 0.
+        __m256 a[kChains][R][2];
+        for (int h = 0; h < kChains; ++h)
+          for (int r = 0; r < R; ++r) a[h][r][0] = a[h][r][1] = _mm256_setzero_ps();
+        const int64_t paired = n / kChains * kChains;
+        for (int64_t t = 0; t < n; t += kChains) {
+          const int chains = t < paired ? kChains : 1;
+          for (int h = 0; h < chains; ++h) {
+            __m256 x0, x1;
+            avx2_decode_pass<Bits, kChunk>(vb[(t + h) * groups + g].codes, kChunk * k, pass, x0,
+                                           x1);
+            for (int r = 0; r < R; ++r) {
+              const __m256 b = _mm256_broadcast_ss(ps + (r * groups + g) * n8 + t + h);
+              a[h][r][0] = _mm256_fmadd_ps(b, x0, a[h][r][0]);
+              a[h][r][1] = _mm256_fmadd_ps(b, x1, a[h][r][1]);
+            }
           }
         }
         for (int r = 0; r < R; ++r) {
-          v[r][2 * pass] = a[r][0];
-          v[r][2 * pass + 1] = a[r][1];
+          v[r][2 * pass] = a[0][r][0];
+          v[r][2 * pass + 1] = a[0][r][1];
+          for (int h = 1; h < kChains; ++h) {
+            v[r][2 * pass] = _mm256_add_ps(v[r][2 * pass], a[h][r][0]);
+            v[r][2 * pass + 1] = _mm256_add_ps(v[r][2 * pass + 1], a[h][r][1]);
+          }
         }
       }
       // Back to channel order, then acc += Σ_t p_t (scale_t · code_t + min_t).
@@ -235,59 +276,72 @@ KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* vb, int
   }
 }
 
+/// One pass of R rows (q, state rows r0 .. r0 + R − 1) over tokens [a, a + n) of the tile of
+/// whole key groups starting at t0 (a − t0 < G); row r sees vis[r − r0] of those tokens.
+/// Scratch: s (R × stride scores), qs (R × d), ps (R × (n + 8) × (d / G)).
+template <int R, int Bits, int G>
+KVPACK_TARGET_AVX2 void avx2_quantized_pass(const QuantBlock<Bits, G>* kb,
+                                            const QuantBlock<Bits, G>* vb, int d, const float* q,
+                                            const int64_t* vis, int64_t t0, int64_t a, int64_t n,
+                                            float* max, float* sum, float* acc, float* s,
+                                            int64_t stride, float* qs, float* ps) {
+  // Scores of the whole groups covering [a, a + n); s[r · stride + (t − t0)].
+  for (int64_t g0 = t0; g0 < a + n; g0 += G)
+    avx2_quantized_group_scores<R, Bits, G>(kb + (g0 / G) * d, d, q, s + (g0 - t0), stride, qs);
+  float* sa = s + (a - t0);
+  for (int r = 0; r < R; ++r)
+    softmax_tile_row(sa + r * stride, vis[r], n, max[r], sum[r], acc + r * d, d);
+  avx2_quantized_values<R, Bits, G>(vb + a * (d / G), d, sa, stride, n, acc, ps);
+}
+
 /// Decode attention of `rows` rows over quantized tokens [begin, end) (end ≤ store.quantized),
-/// rows in groups of up to three (one GQA group per pass), tiles of whole key groups.
+/// rows in passes of up to kQuantGroupRows (one GQA group per pass), tiles of whole key groups.
 template <int Bits, int G>
 KVPACK_TARGET_AVX2 void avx2_quantized_attend(const QuantizedHeadStore& store, int d,
                                               const float* q, int rows, const int64_t* visible,
                                               int64_t begin, int64_t end, cpu::PartialState& state,
                                               std::vector<float>& scratch) {
   using Block = QuantBlock<Bits, G>;
+  constexpr int kRows = kQuantGroupRows;
   const auto* kb = reinterpret_cast<const Block*>(store.key_blocks.data());
   const auto* vb = reinterpret_cast<const Block*>(store.value_blocks.data());
   constexpr int64_t kTile = G >= 128 ? G : 128 / G * G;  // whole groups, ~128 tokens
   constexpr int64_t stride = kTile + 8;  // room for the values kernel's zero padding
-  // Scratch: scores 3 × tile, scaled queries 3 × d, scaled probabilities 3 × (tile + 8) × (d / G).
-  scratch.resize(static_cast<std::size_t>(3) * stride + 3 * d + 3 * (kTile + 8) * (d / G));
+  // Scratch per pass row: scores (tile), scaled query (d), scaled probabilities ((tile + 8) ×
+  // (d / G)).
+  scratch.resize(static_cast<std::size_t>(kRows) * (stride + d + (kTile + 8) * (d / G)));
   float* s = scratch.data();
-  float* qs = s + 3 * stride;
-  float* ps = qs + 3 * d;
+  float* qs = s + kRows * stride;
+  float* ps = qs + kRows * d;
+  const int pass_rows = quantized_pass_rows(rows);
   for (int64_t t0 = begin / G * G; t0 < end; t0 += kTile) {
     const int64_t a = std::max(begin, t0);  // first token of this tile in the range
     const int64_t tn = std::min(t0 + kTile, end) - a;
-    for (int r0 = 0; r0 < rows; r0 += 3) {
-      const int nr = std::min(3, rows - r0);
-      int64_t n = 0;  // tokens from a that some row of the group sees
-      for (int r = r0; r < r0 + nr; ++r)
-        n = std::max(n, std::clamp<int64_t>(visible[r] - a, 0, tn));
+    for (int r0 = 0; r0 < rows; r0 += pass_rows) {
+      const int nr = std::min(pass_rows, rows - r0);
+      int64_t vis[kRows];
+      int64_t n = 0;  // tokens from a that some row of the pass sees
+      for (int r = 0; r < nr; ++r) {
+        vis[r] = std::clamp<int64_t>(visible[r0 + r] - a, 0, tn);
+        n = std::max(n, vis[r]);
+      }
       if (n == 0) continue;
-      const float* qg = q + static_cast<std::size_t>(r0) * d;
-      // Scores of the whole groups covering [a, a + n); s[r · stride + (t − t0)].
-      for (int64_t g0 = t0; g0 < a + n; g0 += G) {
-        const Block* group = kb + (g0 / G) * d;
-        float* sg = s + (g0 - t0);
-        if (nr == 3) {
-          avx2_quantized_group_scores<3, Bits, G>(group, d, qg, sg, stride, qs);
-        } else if (nr == 2) {
-          avx2_quantized_group_scores<2, Bits, G>(group, d, qg, sg, stride, qs);
-        } else {
-          avx2_quantized_group_scores<1, Bits, G>(group, d, qg, sg, stride, qs);
-        }
-      }
-      float* sa = s + (a - t0);
-      for (int r = r0; r < r0 + nr; ++r) {
-        const int64_t vis = std::clamp<int64_t>(visible[r] - a, 0, tn);
-        softmax_tile_row(sa + (r - r0) * stride, vis, n, state.max[r], state.sum[r],
-                         state.acc.data() + static_cast<std::size_t>(r) * d, d);
-      }
-      float* ag = state.acc.data() + static_cast<std::size_t>(r0) * d;
-      const Block* vt = vb + a * (d / G);
-      if (nr == 3) {
-        avx2_quantized_values<3, Bits, G>(vt, d, sa, stride, n, ag, ps);
+      const float* qp = q + static_cast<std::size_t>(r0) * d;
+      float* acc = state.acc.data() + static_cast<std::size_t>(r0) * d;
+      float* mx = state.max.data() + r0;
+      float* sm = state.sum.data() + r0;
+      if (nr == 4) {
+        avx2_quantized_pass<4, Bits, G>(kb, vb, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
+                                        ps);
+      } else if (nr == 3) {
+        avx2_quantized_pass<3, Bits, G>(kb, vb, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
+                                        ps);
       } else if (nr == 2) {
-        avx2_quantized_values<2, Bits, G>(vt, d, sa, stride, n, ag, ps);
+        avx2_quantized_pass<2, Bits, G>(kb, vb, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
+                                        ps);
       } else {
-        avx2_quantized_values<1, Bits, G>(vt, d, sa, stride, n, ag, ps);
+        avx2_quantized_pass<1, Bits, G>(kb, vb, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
+                                        ps);
       }
     }
   }

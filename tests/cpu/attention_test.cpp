@@ -43,9 +43,13 @@ double attention_error(const ModelShape& shape, int64_t n, int64_t queries, bool
 
 TEST_CASE("attend: matches a double-precision reference (fp32 storage), each instruction set",
           "[attention][isa]") {
-  // GQA groups of 1, 3 and 8; head_dim 32, 64 and 128.
-  const ModelShape shapes[] = {
-      {1, 4, 4, 64, {}}, {1, 9, 3, 64, {}}, {1, 16, 2, 128, {}}, {1, 6, 3, 32, {}}};
+  // GQA groups of 1, 3, 8 (two passes of four rows), 2 and 4 (one pass of four rows; head_dim 40
+  // ends in an 8-channel value chunk); head_dim 32, 40, 64 and 128.
+  const ModelShape shapes[] = {{1, 4, 4, 64, {}},
+                               {1, 9, 3, 64, {}},
+                               {1, 16, 2, 128, {}},
+                               {1, 6, 3, 32, {}},
+                               {1, 8, 2, 40, {}}};
   for (const kvpack::Isa isa : kvpack_test::supported_isas()) {
     kvpack_test::IsaScope scope(isa);
     INFO("instruction set " << kvpack::isa_name(isa));

@@ -32,6 +32,17 @@ constexpr int64_t kAttentionTile = 128;
 /// Row counts at or above this use GEMMs for the score and value products.
 constexpr int kGemmRows = 16;
 
+/// Query rows the decode kernels take in one pass: a whole GQA group of up to four (Llama-3's
+/// 32 / 8) converts or decodes each key and value once. More rows split evenly (8 → 4 + 4,
+/// 9 → 3 + 3 + 3).
+constexpr int kDecodePassRows = 4;
+
+/// Rows of each pass when `rows` rows are split evenly into passes of ≤ kDecodePassRows.
+inline int decode_pass_rows(int rows) {
+  const int passes = (rows + kDecodePassRows - 1) / kDecodePassRows;
+  return (rows + passes - 1) / passes;
+}
+
 /// \brief Partial attention state of `rows` query rows: running max, denominator, accumulator.
 struct PartialState {
   std::vector<float> max, sum, acc;  // rows, rows, rows × d
@@ -129,18 +140,19 @@ KVPACK_TARGET_AVX2 void avx2_prefetch(const T* p, int64_t count) {
   }
 }
 
-/// Scores of R query rows against key rows k[0, n), three keys at a time. The value rows v of the
-/// same keys are prefetched as the keys go by (v null: not), so the value pass that follows does
-/// not wait for memory.
+/// Scores of R query rows against key rows k[0, n), K = 3 keys at a time (2 for four rows: R · K
+/// accumulators + K keys + 1 query ≤ 16 ymm). The value rows v of the same keys are prefetched as
+/// the keys go by (v null: not), so the value pass that follows does not wait for memory.
 template <int R, class T>
 KVPACK_TARGET_AVX2 void avx2_tile_scores(const float* q, int d, const T* const* k, int64_t n,
                                          float* s, int64_t s_stride, const T* const* v) {
+  constexpr int K = R >= 4 ? 2 : 3;
   int64_t i = 0;
-  for (; i + 3 <= n; i += 3) {
+  for (; i + K <= n; i += K) {
     if (v != nullptr) {
-      for (int j = 0; j < 3; ++j) avx2_prefetch(v[i + j], d);
+      for (int j = 0; j < K; ++j) avx2_prefetch(v[i + j], d);
     }
-    avx2_score_keys<R, 3>(q, d, k + i, s + i, s_stride);
+    avx2_score_keys<R, K>(q, d, k + i, s + i, s_stride);
   }
   if (n - i == 2) avx2_score_keys<R, 2>(q, d, k + i, s + i, s_stride);
   if (n - i == 1) avx2_score_keys<R, 1>(q, d, k + i, s + i, s_stride);
@@ -173,15 +185,18 @@ KVPACK_TARGET_AVX2 void avx2_tile_values_chunk(const float* p, int64_t p_stride,
   }
 }
 
-/// Value accumulation of R rows over value rows v[0, n) in channel chunks of 24, then 16 or 8.
+/// Value accumulation of R rows over value rows v[0, n) in channel chunks of 24 (16 for four
+/// rows, see avx2_tile_values_chunk), then 16 or 8.
 template <int R, class T>
 KVPACK_TARGET_AVX2 void avx2_tile_values(const float* p, int64_t p_stride, const T* const* v,
                                          int64_t n, int d, float* acc, const T* const* next,
                                          int64_t next_rows) {
   // The first chunk also prefetches `next_rows` key rows of the next tile.
+  constexpr int kWide = R >= 4 ? 16 : 24;
   int j0 = 0;
-  for (; j0 + 24 <= d; j0 += 24) {
-    avx2_tile_values_chunk<R, 3>(p, p_stride, v, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
+  for (; j0 + kWide <= d; j0 += kWide) {
+    avx2_tile_values_chunk<R, kWide / 8>(p, p_stride, v, n, d, j0, acc, next,
+                                         j0 == 0 ? next_rows : 0);
   }
   if (d - j0 == 16) {
     avx2_tile_values_chunk<R, 2>(p, p_stride, v, n, d, j0, acc, next, j0 == 0 ? next_rows : 0);
@@ -270,9 +285,26 @@ inline void softmax_tile_row(float* sr, int64_t vis, int64_t tn, float& max, flo
 }
 
 #if defined(KVPACK_X86_DISPATCH)
+/// One pass of avx2_attend_rows: R rows (q, state rows r0 ..) over the n keys of a tile.
+template <int R, class T>
+KVPACK_TARGET_AVX2 void avx2_tile_pass(const float* q, int d, const T* const* kp,
+                                       const T* const* vp, int64_t n, float* s, int64_t stride,
+                                       const T* const* prefetch, const int64_t* visible, int64_t t0,
+                                       int64_t tn, cpu::PartialState& state, int r0, float* acc,
+                                       const T* const* next_kp, int64_t next_rows) {
+  avx2_tile_scores<R>(q, d, kp, n, s, stride, prefetch);
+  for (int r = 0; r < R; ++r) {
+    const int64_t vis = std::clamp<int64_t>(visible[r] - t0, 0, tn);
+    softmax_tile_row(s + r * stride, vis, n, state.max[r0 + r], state.sum[r0 + r], acc + r * d, d);
+  }
+  avx2_tile_values<R>(s, stride, vp, n, d, acc, next_kp, next_rows);
+}
+
 /// Decode path of cpu::attend_rows: rows < kGemmRows, d % 8 == 0, a dense row source
-/// (DenseRows or PagedRows). Rows go in groups of up to three (a GQA group of 3 in one pass); K
-/// and V are converted inside the kernels. Rows are addressed one by one, so tiles and key groups
+/// (DenseRows or PagedRows). Rows go in passes of up to four (a GQA group of 3 or 4 in one pass:
+/// each key and value row is converted once per group); K and V are converted inside the kernels.
+/// A row's arithmetic does not depend on the rows beside it, so passes of any size agree bit for
+/// bit. Rows are addressed one by one, so tiles and key groups
 /// are the same whatever the page size: paged and contiguous rows give bit-identical results.
 template <class Rows>
 KVPACK_TARGET_AVX2 void avx2_attend_rows(const Rows& head, int d, const float* q, int rows,
@@ -291,42 +323,37 @@ KVPACK_TARGET_AVX2 void avx2_attend_rows(const Rows& head, int d, const float* q
     for (int64_t i = 0; i < n; ++i) dst[i] = keys ? head.key(t0 + i) : head.value(t0 + i);
   };
   fill(next_kp, begin, std::min(stride, end - begin), true);
+  const int pass_rows = cpu::decode_pass_rows(rows);
   for (int64_t t0 = begin; t0 < end; t0 += stride) {
     const int64_t tn = std::min(stride, end - t0);
     std::copy(next_kp, next_kp + tn, kp);
     fill(vp, t0, tn, false);
     const int64_t next_n = std::min(stride, end - t0 - tn);
     fill(next_kp, t0 + tn, next_n, true);
-    for (int r0 = 0; r0 < rows; r0 += 3) {
-      const int nr = std::min(3, rows - r0);
-      int64_t n = 0;  // keys of this tile that some row of the group sees
+    for (int r0 = 0; r0 < rows; r0 += pass_rows) {
+      const int nr = std::min(pass_rows, rows - r0);
+      int64_t n = 0;  // keys of this tile that some row of the pass sees
       for (int r = r0; r < r0 + nr; ++r)
         n = std::max(n, std::clamp<int64_t>(visible[r] - t0, 0, tn));
       if (n == 0) continue;
       const float* qg = q + static_cast<std::size_t>(r0) * d;
       float* sg = s + r0 * stride;
-      // Keys of the next tile, prefetched by the last group's value pass.
+      // Keys of the next tile, prefetched by the last pass's value pass.
       const int64_t next_rows = r0 + nr == rows ? next_n : 0;
       const T* const* prefetch = r0 == 0 ? vp : nullptr;
-      if (nr == 3) {
-        avx2_tile_scores<3>(qg, d, kp, n, sg, stride, prefetch);
-      } else if (nr == 2) {
-        avx2_tile_scores<2>(qg, d, kp, n, sg, stride, prefetch);
-      } else {
-        avx2_tile_scores<1>(qg, d, kp, n, sg, stride, prefetch);
-      }
-      for (int r = r0; r < r0 + nr; ++r) {
-        const int64_t vis = std::clamp<int64_t>(visible[r] - t0, 0, tn);
-        softmax_tile_row(s + r * stride, vis, n, state.max[r], state.sum[r],
-                         state.acc.data() + static_cast<std::size_t>(r) * d, d);
-      }
       float* ag = state.acc.data() + static_cast<std::size_t>(r0) * d;
-      if (nr == 3) {
-        avx2_tile_values<3>(sg, stride, vp, n, d, ag, next_kp, next_rows);
+      if (nr == 4) {
+        avx2_tile_pass<4>(qg, d, kp, vp, n, sg, stride, prefetch, visible + r0, t0, tn, state, r0,
+                          ag, next_kp, next_rows);
+      } else if (nr == 3) {
+        avx2_tile_pass<3>(qg, d, kp, vp, n, sg, stride, prefetch, visible + r0, t0, tn, state, r0,
+                          ag, next_kp, next_rows);
       } else if (nr == 2) {
-        avx2_tile_values<2>(sg, stride, vp, n, d, ag, next_kp, next_rows);
+        avx2_tile_pass<2>(qg, d, kp, vp, n, sg, stride, prefetch, visible + r0, t0, tn, state, r0,
+                          ag, next_kp, next_rows);
       } else {
-        avx2_tile_values<1>(sg, stride, vp, n, d, ag, next_kp, next_rows);
+        avx2_tile_pass<1>(qg, d, kp, vp, n, sg, stride, prefetch, visible + r0, t0, tn, state, r0,
+                          ag, next_kp, next_rows);
       }
     }
   }

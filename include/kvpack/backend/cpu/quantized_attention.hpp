@@ -125,16 +125,6 @@ KVPACK_TARGET_AVX2 inline void avx2_scales_and_mins(const Block* blocks, int64_t
   min = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
 }
 
-/// Query rows decoded together: a whole GQA group of up to four (Llama-3's 32 / 8) reads each
-/// code once. Larger groups split evenly (8 → 4 + 4, 9 → 3 + 3 + 3).
-constexpr int kQuantGroupRows = 4;
-
-/// Rows of each pass when `rows` rows are split evenly into passes of ≤ kQuantGroupRows.
-inline int quantized_pass_rows(int rows) {
-  const int passes = (rows + kQuantGroupRows - 1) / kQuantGroupRows;
-  return (rows + passes - 1) / passes;
-}
-
 /// Independent accumulator chains: an FMA's result feeds the next FMA of its accumulator 4
 /// cycles later and two FMAs issue a cycle, so one or two rows (2R accumulators) leave the units
 /// idle; they split the reduction into two interleaved chains. Three rows with two chains (12
@@ -144,10 +134,10 @@ constexpr int fma_chains() {
   return R >= 3 ? 1 : 2;
 }
 
-/// Scores of R ≤ kQuantGroupRows query rows (q, row stride d) against the G tokens of key group
-/// `kb` (d blocks, one per channel): s[r · s_stride + i] for i < G. qs: scratch of R · d floats.
-/// d must be a multiple of 16. Not inlined: inlined into avx2_quantized_pass it measured 12 %
-/// slower (register allocation of the larger function, Zen 3).
+/// Scores of R ≤ cpu::kDecodePassRows query rows (q, row stride d) against the G tokens of key
+/// group `kb` (d blocks, one per channel): s[r · s_stride + i] for i < G. qs: scratch of R · d
+/// floats. d must be a multiple of 16. Not inlined: inlined into avx2_quantized_pass it measured 12
+/// % slower (register allocation of the larger function, Zen 3).
 template <int R, int Bits, int G>
 KVPACK_TARGET_AVX2 __attribute__((noinline)) void avx2_quantized_group_scores(
     const QuantBlock<Bits, G>* kb, int d, const float* q, float* s, int64_t s_stride, float* qs) {
@@ -295,14 +285,15 @@ KVPACK_TARGET_AVX2 void avx2_quantized_pass(const QuantBlock<Bits, G>* kb,
 }
 
 /// Decode attention of `rows` rows over quantized tokens [begin, end) (end ≤ store.quantized),
-/// rows in passes of up to kQuantGroupRows (one GQA group per pass), tiles of whole key groups.
+/// rows in passes of up to cpu::kDecodePassRows (one GQA group per pass), tiles of whole key
+/// groups.
 template <int Bits, int G>
 KVPACK_TARGET_AVX2 void avx2_quantized_attend(const QuantizedHeadStore& store, int d,
                                               const float* q, int rows, const int64_t* visible,
                                               int64_t begin, int64_t end, cpu::PartialState& state,
                                               std::vector<float>& scratch) {
   using Block = QuantBlock<Bits, G>;
-  constexpr int kRows = kQuantGroupRows;
+  constexpr int kRows = cpu::kDecodePassRows;
   const auto* kb = reinterpret_cast<const Block*>(store.key_blocks.data());
   const auto* vb = reinterpret_cast<const Block*>(store.value_blocks.data());
   constexpr int64_t kTile = G >= 128 ? G : 128 / G * G;  // whole groups, ~128 tokens
@@ -313,7 +304,7 @@ KVPACK_TARGET_AVX2 void avx2_quantized_attend(const QuantizedHeadStore& store, i
   float* s = scratch.data();
   float* qs = s + kRows * stride;
   float* ps = qs + kRows * d;
-  const int pass_rows = quantized_pass_rows(rows);
+  const int pass_rows = cpu::decode_pass_rows(rows);
   for (int64_t t0 = begin / G * G; t0 < end; t0 += kTile) {
     const int64_t a = std::max(begin, t0);  // first token of this tile in the range
     const int64_t tn = std::min(t0 + kTile, end) - a;

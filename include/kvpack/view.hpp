@@ -137,6 +137,12 @@ class ActivationView {
     }
   }
 
+  /// Row (t, h) in place when the view holds fp32 (no conversion needed), else null.
+  const float* f32_row(int64_t t, int64_t h) const {
+    if (dtype_ != DType::kF32) return nullptr;
+    return static_cast<const float*>(data_) + t * token_stride_ + h * head_stride_;
+  }
+
   /// True when every element is finite (NaN/Inf scan; one pass over the data).
   bool all_finite() const {
     float row[1024];

@@ -81,6 +81,36 @@ TEST_CASE("attend: fp16 storage matches the reference over the stored values, ea
   }
 }
 
+TEST_CASE("attend: a row's output does not depend on the rows decoded beside it",
+          "[attention][isa]") {
+  // Four query tokens of a GQA group of 3 are 12 rows: decoded in passes of four rows that mix
+  // tokens; one token alone is one pass of three. Both must give the same bits (fp16 and fp32).
+  const ModelShape shape{1, 9, 3, 64, {}};
+  kvpack::KVCache<kvpack::Identity> fp16(shape);
+  kvpack::KVCache<kvpack::IdentityF32> fp32(shape);
+  kvpack_test::fill_layer(fp16, 0, 1000, 81);
+  kvpack_test::fill_layer(fp32, 0, 1000, 81);
+  const auto q = kvpack_test::random_values(4 * 9 * 64, 82);
+  const std::vector<int64_t> pos{400, 650, 998, 999};
+  for (const kvpack::Isa isa : kvpack_test::supported_isas()) {
+    kvpack_test::IsaScope scope(isa);
+    INFO("instruction set " << kvpack::isa_name(isa));
+    const auto check = [&](const auto& cache) {
+      std::vector<float> together(q.size()), alone(q.size());
+      cache.attend(0, ActivationView::nhd(q.data(), 4, 9, 64), pos,
+                   OutputView::nhd(together.data(), 4, 9, 64));
+      for (int t = 0; t < 4; ++t) {
+        cache.attend(0, ActivationView::nhd(q.data() + t * 9 * 64, 1, 9, 64),
+                     std::vector<int64_t>{pos[t]},
+                     OutputView::nhd(alone.data() + t * 9 * 64, 1, 9, 64));
+      }
+      REQUIRE(together == alone);
+    };
+    check(fp16);
+    check(fp32);
+  }
+}
+
 TEST_CASE("attend: fp16 and bf16 query views give the fp32 answer of their values", "[attention]") {
   const ModelShape shape{1, 9, 3, 64, {}};
   kvpack::KVCache<kvpack::IdentityF32> cache(shape);

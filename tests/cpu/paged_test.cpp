@@ -383,3 +383,46 @@ TEST_CASE("attend_paged: caller-owned NHD and HND page tables match the containe
     }
   }
 }
+
+TEST_CASE("append: fp32 NHD, HND and one-token views go into the pages as their fp16 values",
+          "[pages][inputs]") {
+  // fp32 rows are converted from the caller's buffer in place (no staging copy): every layout,
+  // block size and page boundary must store exactly to_half(x).
+  const kvpack::ModelShape shape{1, 6, 3, 64, {}};
+  const int64_t n = 70;  // 4 full pages of 16 and a partial one
+  const auto k = random_values(n * 3 * 64, 71);
+  const auto v = random_values(n * 3 * 64, 72);
+  std::vector<float> k_hnd(k.size()), v_hnd(v.size());
+  for (int64_t t = 0; t < n; ++t) {
+    for (int h = 0; h < 3; ++h) {
+      for (int i = 0; i < 64; ++i) {
+        k_hnd[(h * n + t) * 64 + i] = k[(t * 3 + h) * 64 + i];
+        v_hnd[(h * n + t) * 64 + i] = v[(t * 3 + h) * 64 + i];
+      }
+    }
+  }
+  std::vector<int64_t> pos(n);
+  for (int64_t t = 0; t < n; ++t) pos[t] = 2 * t;
+  kvpack::KVCache<kvpack::Identity> nhd(shape), hnd(shape), single(shape);
+  nhd.append(0, ActivationView::nhd(k.data(), n, 3, 64), ActivationView::nhd(v.data(), n, 3, 64),
+             pos);
+  hnd.append(0, ActivationView::hnd(k_hnd.data(), n, 3, 64),
+             ActivationView::hnd(v_hnd.data(), n, 3, 64), pos);
+  for (int64_t t = 0; t < n; ++t) {
+    single.append(0, ActivationView::nhd(k.data() + t * 192, 1, 3, 64),
+                  ActivationView::nhd(v.data() + t * 192, 1, 3, 64), std::vector<int64_t>{pos[t]});
+  }
+  for (const auto* cache : {&nhd, &hnd, &single}) {
+    const auto layer = cache->materialize(0);
+    for (int h = 0; h < 3; ++h) {
+      REQUIRE(layer.heads[h].positions == pos);
+      for (int64_t t = 0; t < n; ++t) {
+        for (int i = 0; i < 64; ++i) {
+          const std::size_t src = (t * 3 + h) * 64 + i, dst = t * 64 + i;
+          REQUIRE(layer.heads[h].k[dst] == kvpack::to_float(kvpack::to_half(k[src])));
+          REQUIRE(layer.heads[h].v[dst] == kvpack::to_float(kvpack::to_half(v[src])));
+        }
+      }
+    }
+  }
+}

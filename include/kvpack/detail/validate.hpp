@@ -44,16 +44,23 @@ inline void check_view(const char* where, const char* name, const ActivationView
 /// Every element finite and, for 16-bit storage, inside the storage range.
 inline void check_values(const char* where, const char* name, const ActivationView& x,
                          float limit) {
-  std::vector<float> row(x.head_dim());
+  std::vector<float> buffer(x.head_dim());
+  const int64_t d = x.head_dim();
   for (int64_t t = 0; t < x.tokens(); ++t) {
     for (int64_t h = 0; h < x.heads(); ++h) {
-      x.load(t, h, row.data());
-      for (int64_t i = 0; i < x.head_dim(); ++i) {
-        if (!(std::fabs(row[i]) <= limit)) {  // false for NaN too
-          throw error(concat(where, ": ", name, "[token ", t, ", head ", h, ", channel ", i,
-                             "] = ", row[i], ", expected a finite value with |x| <= ", limit));
-        }
+      const float* row = x.f32_row(t, h);  // fp32 rows are read in place
+      if (row == nullptr) {
+        x.load(t, h, buffer.data());
+        row = buffer.data();
       }
+      // A branch-free pass (vectorised) finds whether the row is bad; only then where.
+      int ok = 1;
+      for (int64_t i = 0; i < d; ++i) ok &= std::fabs(row[i]) <= limit;  // false for NaN too
+      if (ok) continue;
+      int64_t i = 0;
+      while (std::fabs(row[i]) <= limit) ++i;
+      throw error(concat(where, ": ", name, "[token ", t, ", head ", h, ", channel ", i,
+                         "] = ", row[i], ", expected a finite value with |x| <= ", limit));
     }
   }
 }

@@ -124,10 +124,16 @@ KVPACK_TARGET_AVX2 void avx2_score_keys(const float* q, int d, const T* const* k
       for (int i = 0; i < K; ++i) a[r][i] = _mm256_fmadd_ps(qv, x[i], a[r][i]);
     }
   }
+  // Every key's horizontal sum in the same order (a lone key as half of a pair), so a score does
+  // not depend on how keys were grouped (K) or rows passed (R): bit-identical for any grouping.
   for (int r = 0; r < R; ++r) {
     int i = 0;
     for (; i + 2 <= K; i += 2) avx2_store_sums(s + r * s_stride + i, a[r][i], a[r][i + 1]);
-    if (i < K) s[r * s_stride + i] = avx2_sum(a[r][i]);
+    if (i < K) {
+      float pair[2];
+      avx2_store_sums(pair, a[r][i], a[r][i]);
+      s[r * s_stride + i] = pair[0];
+    }
   }
 }
 

@@ -29,6 +29,7 @@
 #include "../../shape.hpp"
 #include "../../span.hpp"
 #include "../../view.hpp"
+#include "append_heads.hpp"
 #include "attention.hpp"
 #include "head_store.hpp"
 #include "scoring.hpp"
@@ -125,27 +126,10 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
     detail::check_values(where, "k", k, this->storage_limit());
     detail::check_values(where, "v", v, this->storage_limit());
 
-    const int d = shape_.head_dim;
-    const int64_t n = k.tokens();
-    if constexpr (kDenseRows) {
-      // Pages for every head first: a pool that runs out refuses the whole append.
-      try {
-        for (int h = 0; h < shape_.kv_heads; ++h)
-          store(layer, h).reserve(store(layer, h).size() + n);
-      } catch (...) {
-        for (int h = 0; h < shape_.kv_heads; ++h) store(layer, h).release_reserve();
-        throw;
-      }
-    }
-    std::vector<float> k_rows(n * d), v_rows(n * d);
-    for (int h = 0; h < shape_.kv_heads; ++h) {
-      for (int64_t t = 0; t < n; ++t) {
-        k.load(t, h, k_rows.data() + t * d);
-        v.load(t, h, v_rows.data() + t * d);
-      }
-      store(layer, h).append(k_rows.data(), v_rows.data(), positions, n, d);
-    }
-    this->record_append(layer, positions, n);
+    detail::append_heads<kDenseRows>(
+        shape_.kv_heads, shape_.head_dim, k, v,
+        positions, [&](int h) -> auto& { return store(layer, h); });
+    this->record_append(layer, positions, k.tokens());
   }
 
   /// Hands queries (tokens × q_heads × head_dim, post-RoPE) to policies that score with them.

@@ -98,14 +98,30 @@ struct HeadStore {
   /// Appends n fp32 rows of keys and values (n × head_dim each) at `pos`. Throws kvpack::error
   /// (nothing appended) when the pool has no page left.
   void append(const float* k_rows, const float* v_rows, Positions pos, int64_t n, int d) {
+    append_strided(k_rows, d, v_rows, d, pos, n, d);
+  }
+
+  /// append() of rows k + t · k_stride, v + t · v_stride (t < n; strides in floats): an NHD
+  /// activation's rows of one head, converted straight into the pages without a staging copy.
+  void append_strided(const float* k, int64_t k_stride, const float* v, int64_t v_stride,
+                      Positions pos, int64_t n, int d) {
     const int64_t old = size();
     reserve_pages(old + n);  // the only step that can fail
     positions.reserve(old + n);
     for (int64_t t = 0; t < n; ++t) positions.push_back(static_cast<int32_t>(pos[t]));
+    const bool packed = k_stride == d && v_stride == d;
     for (int64_t t = old; t < old + n;) {
+      // Rows up to the end of t's page are contiguous in the page.
       const int64_t m = std::min(page_tokens() - (t & (page_tokens() - 1)), old + n - t);
-      store_row(k_rows + (t - old) * d, key_row(t), m * d);
-      store_row(v_rows + (t - old) * d, value_row(t), m * d);
+      if (packed) {
+        store_row(k + (t - old) * d, key_row(t), m * d);
+        store_row(v + (t - old) * d, value_row(t), m * d);
+      } else {
+        for (int64_t i = t; i < t + m; ++i) {
+          store_row(k + (i - old) * k_stride, key_row(i), d);
+          store_row(v + (i - old) * v_stride, value_row(i), d);
+        }
+      }
       t += m;
     }
     if (!scores.empty()) scores.resize(positions.size(), kUnscored);

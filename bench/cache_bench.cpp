@@ -32,22 +32,30 @@ kvpack::L2NormEvict bench_policy<kvpack::L2NormEvict>() {
 /// Bytes of the fp32 K and V that append() consumes for `tokens` tokens.
 double input_bytes(int64_t tokens) { return 2.0 * tokens * kKvHeads * kHeadDim * sizeof(float); }
 
-template <class Policy>
-void BM_Append(benchmark::State& state) {
-  using Cache = kvpack::KVCache<Policy>;
+/// Times fill_layer() of `tokens` tokens (state.range(0)) into a fresh make_cache() per
+/// iteration. bytes_per_second: fp32 K+V consumed. fraction_of_copy: (consumed + stored) against
+/// memcpy.
+template <class MakeCache>
+void time_append(benchmark::State& state, MakeCache&& make_cache) {
   const int64_t tokens = state.range(0);
   const KvData& data = kv_data(tokens);
   double stored = 0.0;
   for (auto _ : state) {
-    auto cache = std::make_unique<Cache>(model_shape(), bench_policy<Policy>());
+    auto cache = make_cache();
     const double t0 = now_seconds();
     fill_layer(*cache, 0, data, tokens);
     state.SetIterationTime(now_seconds() - t0);
     stored = static_cast<double>(cache->bytes());
   }
-  // bytes_per_second: fp32 K+V consumed. fraction_of_copy: (consumed + stored) against memcpy.
   add_bytes_per_second(state, input_bytes(tokens));
   add_fraction(state, Baseline::kCopy, input_bytes(tokens) + stored);
+}
+
+template <class Policy>
+void BM_Append(benchmark::State& state) {
+  time_append(state, [] {
+    return std::make_unique<kvpack::KVCache<Policy>>(model_shape(), bench_policy<Policy>());
+  });
 }
 BENCHMARK_TEMPLATE(BM_Append, kvpack::Identity)
     ->ArgName("tokens")
@@ -69,26 +77,16 @@ BENCHMARK_TEMPLATE(BM_Append, kvpack::IdentityF32)
 template <class Policy>
 void BM_AppendPooled(benchmark::State& state) {
   using Cache = kvpack::KVCache<Policy>;
-  const int64_t tokens = state.range(0);
-  const KvData& data = kv_data(tokens);
   kvpack::PageOptions pages;
   pages.pool = std::make_shared<kvpack::PagePool>(
       kvpack::detail::dense_page_bytes<typename Cache::storage_type>(pages.page_tokens, kHeadDim),
       256);
   {
     Cache warm(model_shape(), bench_policy<Policy>(), pages);
-    fill_layer(warm, 0, data, tokens);
+    fill_layer(warm, 0, kv_data(state.range(0)), state.range(0));
   }
-  double stored = 0.0;
-  for (auto _ : state) {
-    auto cache = std::make_unique<Cache>(model_shape(), bench_policy<Policy>(), pages);
-    const double t0 = now_seconds();
-    fill_layer(*cache, 0, data, tokens);
-    state.SetIterationTime(now_seconds() - t0);
-    stored = static_cast<double>(cache->bytes());
-  }
-  add_bytes_per_second(state, input_bytes(tokens));
-  add_fraction(state, Baseline::kCopy, input_bytes(tokens) + stored);
+  time_append(
+      state, [&] { return std::make_unique<Cache>(model_shape(), bench_policy<Policy>(), pages); });
 }
 BENCHMARK_TEMPLATE(BM_AppendPooled, kvpack::Identity)
     ->ArgName("tokens")

@@ -308,10 +308,10 @@ KVPACK_TARGET_AVX2 void avx2_tile_pass(const float* q, int d, const T* const* kp
 
 /// Decode path of cpu::attend_rows: rows < kGemmRows, d % 8 == 0, a dense row source
 /// (DenseRows or PagedRows). Rows go in passes of up to four (a GQA group of 3 or 4 in one pass:
-/// each key and value row is converted once per group); K and V are converted inside the kernels.
+/// each key and value row is converted once per pass); K and V are converted inside the kernels.
 /// A row's arithmetic does not depend on the rows beside it, so passes of any size agree bit for
-/// bit. Rows are addressed one by one, so tiles and key groups
-/// are the same whatever the page size: paged and contiguous rows give bit-identical results.
+/// bit. Rows are addressed one by one, so tiles and key groups are the same whatever the page
+/// size: paged and contiguous rows give bit-identical results.
 template <class Rows>
 KVPACK_TARGET_AVX2 void avx2_attend_rows(const Rows& head, int d, const float* q, int rows,
                                          const int64_t* visible, int64_t begin, int64_t end,

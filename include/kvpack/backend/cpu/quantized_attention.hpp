@@ -136,8 +136,8 @@ constexpr int fma_chains() {
 
 /// Scores of R ≤ cpu::kDecodePassRows query rows (q, row stride d) against the G tokens of key
 /// group `kb` (d blocks, one per channel): s[r · s_stride + i] for i < G. qs: scratch of R · d
-/// floats. d must be a multiple of 16. Not inlined: inlined into avx2_quantized_pass it measured 12
-/// % slower (register allocation of the larger function, Zen 3).
+/// floats. d must be a multiple of 16. Kept out of line: inlined into avx2_quantized_pass it
+/// measured 12 percent slower on Zen 3 (register allocation of the larger function).
 template <int R, int Bits, int G>
 KVPACK_TARGET_AVX2 __attribute__((noinline)) void avx2_quantized_group_scores(
     const QuantBlock<Bits, G>* kb, int d, const float* q, float* s, int64_t s_stride, float* qs) {

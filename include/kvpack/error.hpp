@@ -5,6 +5,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 namespace kvpack {
@@ -25,16 +26,31 @@ std::string concat(Parts&&... parts) {
   return os.str();
 }
 
-/// Throws kvpack::error("<where>: <argument> = <value>, expected <expected>").
-template <class Value>
-[[noreturn]] void throw_arg(const char* where, const char* argument, const Value& value,
-                            const std::string& expected) {
-  throw error(concat(where, ": ", argument, " = ", value, ", expected ", expected));
+/// A message part as text: itself, or what it returns when it is a callable (so a part that
+/// must be built, e.g. with concat, costs nothing unless the check fails).
+template <class Part>
+decltype(auto) message_part(const Part& part) {
+  if constexpr (std::is_invocable_v<const Part&>) {
+    return part();
+  } else {
+    return (part);
+  }
 }
 
-template <class Value>
-void require(bool ok, const char* where, const char* argument, const Value& value,
-             const std::string& expected) {
+/// Throws kvpack::error("<where>: <argument> = <value>, expected <expected>"); each part is a
+/// value or a callable returning one (see message_part).
+template <class Value, class Argument, class Expected>
+[[noreturn]] void throw_arg(const char* where, const Argument& argument, const Value& value,
+                            const Expected& expected) {
+  throw error(concat(where, ": ", message_part(argument), " = ", message_part(value), ", expected ",
+                     message_part(expected)));
+}
+
+/// throw_arg unless `ok`. Nothing is formatted or allocated when ok: the checks run on every
+/// append and attend, so a part built with concat is passed as a lambda there.
+template <class Value, class Argument, class Expected>
+void require(bool ok, const char* where, const Argument& argument, const Value& value,
+             const Expected& expected) {
   if (!ok) throw_arg(where, argument, value, expected);
 }
 

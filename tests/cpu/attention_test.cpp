@@ -55,6 +55,8 @@ TEST_CASE("attend: matches a double-precision reference (fp32 storage), each ins
     INFO("instruction set " << kvpack::isa_name(isa));
     for (const auto& shape : shapes) {
       for (int64_t n : {int64_t{1}, int64_t{37}, int64_t{300}, int64_t{5000}}) {
+        // head_dim 40 checks the 8-channel value tail of four-row passes: short sequences do.
+        if (shape.head_dim == 40 && n > 300) continue;
         for (int64_t queries : {int64_t{1}, int64_t{40}}) {
           if (queries > n) continue;
           for (bool heads_first : {false, true}) {

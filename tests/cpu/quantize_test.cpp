@@ -274,6 +274,9 @@ TEST_CASE(
     const ModelShape shape{1, sh.q_heads, sh.kv_heads, sh.d, {}};
     for (int bits : {2, 4, 8}) {
       for (int group : {16, 32, 64}) {
+        // Groups of four and five rows exercise the pass split, which does not depend on the
+        // KIVI group: one group size for them keeps the sanitizer run short.
+        if (sh.q_heads / sh.kv_heads >= 4 && group != 32) continue;
         for (int64_t residual : {int64_t{0}, int64_t{128}}) {
           kvpack::KVCache<Quantize> cache(shape, Quantize(bits, group, residual));
           kvpack_test::fill_layer(cache, 0, n, 40 + bits, 1000);

@@ -83,7 +83,7 @@ class CacheFront {
     check_view(where, "k", k, shape_.kv_heads, shape_.head_dim);
     check_view(where, "v", v, shape_.kv_heads, shape_.head_dim);
     require(v.tokens() == k.tokens(), where, "v.tokens", v.tokens(),
-            concat(k.tokens(), " (k.tokens)"));
+            [&] { return concat(k.tokens(), " (k.tokens)"); });
     check_append_positions(where, positions, k.tokens(), layers_[layer]);
   }
 
@@ -106,10 +106,12 @@ class CacheFront {
   /// attend(): the output view matches the queries.
   void check_output(const char* where, const ActivationView& q, const OutputView& out) const {
     require(out.data() != nullptr, where, "out", "null data", "a writable buffer");
-    require(out.tokens() == q.tokens() && out.heads() == shape_.q_heads &&
-                out.head_dim() == shape_.head_dim,
-            where, "out shape", concat(out.tokens(), "x", out.heads(), "x", out.head_dim()),
-            concat(q.tokens(), "x", shape_.q_heads, "x", shape_.head_dim));
+    require(
+        out.tokens() == q.tokens() && out.heads() == shape_.q_heads &&
+            out.head_dim() == shape_.head_dim,
+        where, "out shape",
+        [&] { return concat(out.tokens(), "x", out.heads(), "x", out.head_dim()); },
+        [&] { return concat(q.tokens(), "x", shape_.q_heads, "x", shape_.head_dim); });
   }
 
   /// attend(): every kv head of `layer` holds a key at or before the earliest query.
@@ -134,7 +136,7 @@ class CacheFront {
   void check_head(const char* where, int layer, int head) const {
     check_layer(where, shape_, layer);
     require(head >= 0 && head < shape_.kv_heads, where, "head", head,
-            concat("in [0, ", shape_.kv_heads, ")"));
+            [&] { return concat("in [0, ", shape_.kv_heads, ")"); });
   }
 
   /// compress(): observe() came first when the policy needs it; the knobs are still valid.

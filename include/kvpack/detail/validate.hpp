@@ -28,28 +28,32 @@ struct LayerState {
 
 inline void check_layer(const char* where, const ModelShape& shape, int layer) {
   require(layer >= 0 && layer < shape.layers, where, "layer", layer,
-          concat("in [0, ", shape.layers, ")"));
+          [&] { return concat("in [0, ", shape.layers, ")"); });
 }
 
 inline void check_view(const char* where, const char* name, const ActivationView& x, int64_t heads,
                        int64_t head_dim) {
   require(x.data() != nullptr || x.tokens() == 0, where, name, "null data", "a non-null pointer");
-  require(x.tokens() > 0, where, concat(name, ".tokens").c_str(), x.tokens(), ">= 1");
-  require(x.heads() == heads, where, concat(name, ".heads").c_str(), x.heads(),
-          concat(heads, " (the model's head count)"));
-  require(x.head_dim() == head_dim, where, concat(name, ".head_dim").c_str(), x.head_dim(),
-          concat(head_dim, " (the model's head_dim)"));
+  require(
+      x.tokens() > 0, where, [&] { return concat(name, ".tokens"); }, x.tokens(), ">= 1");
+  require(
+      x.heads() == heads, where, [&] { return concat(name, ".heads"); }, x.heads(),
+      [&] { return concat(heads, " (the model's head count)"); });
+  require(
+      x.head_dim() == head_dim, where, [&] { return concat(name, ".head_dim"); }, x.head_dim(),
+      [&] { return concat(head_dim, " (the model's head_dim)"); });
 }
 
 /// Every element finite and, for 16-bit storage, inside the storage range.
 inline void check_values(const char* where, const char* name, const ActivationView& x,
                          float limit) {
-  std::vector<float> buffer(x.head_dim());
+  std::vector<float> buffer;  // only for rows that need a conversion (no allocation for fp32)
   const int64_t d = x.head_dim();
   for (int64_t t = 0; t < x.tokens(); ++t) {
     for (int64_t h = 0; h < x.heads(); ++h) {
       const float* row = x.f32_row(t, h);  // fp32 rows are read in place
       if (row == nullptr) {
+        buffer.resize(static_cast<std::size_t>(d));
         x.load(t, h, buffer.data());
         row = buffer.data();
       }
@@ -70,7 +74,7 @@ inline void check_values(const char* where, const char* name, const ActivationVi
 inline void check_append_positions(const char* where, Positions positions, int64_t tokens,
                                    const LayerState& layer) {
   require(static_cast<int64_t>(positions.size()) == tokens, where, "positions.size()",
-          positions.size(), concat(tokens, " (one per token)"));
+          positions.size(), [&] { return concat(tokens, " (one per token)"); });
   int64_t previous = layer.last_position;
   for (std::size_t i = 0; i < positions.size(); ++i) {
     const int64_t p = positions[i];
@@ -88,7 +92,7 @@ inline void check_query_positions(const char* where, Positions positions, int64_
                                   const LayerState& layer) {
   require(layer.appended > 0, where, "layer", "empty", "a layer with appended tokens");
   require(static_cast<int64_t>(positions.size()) == tokens, where, "positions.size()",
-          positions.size(), concat(tokens, " (one per query token)"));
+          positions.size(), [&] { return concat(tokens, " (one per query token)"); });
   for (std::size_t i = 0; i < positions.size(); ++i) {
     const int64_t p = positions[i];
     if (p < layer.first_position || p > layer.last_position) {

@@ -24,6 +24,15 @@ std::size_t allocated_bytes(const Vectors&... v) {
   return (std::size_t{0} + ... + (v.capacity() * sizeof(typename Vectors::value_type)));
 }
 
+/// Makes room for `count` elements in each vector, growing capacity geometrically (at least
+/// doubling) as push_back would: reserve(count) alone allocates exactly, so calling it before
+/// every small append (one decode token) would copy the whole vector each time.
+template <class... Vectors>
+void reserve_geometric(std::size_t count, Vectors&... v) {
+  ((v.capacity() < count ? v.reserve(count > 2 * v.capacity() ? count : 2 * v.capacity()) : void()),
+   ...);
+}
+
 /// Releases the growth slack of every vector (capacity becomes size).
 template <class... Vectors>
 void shrink_all(Vectors&... v) {

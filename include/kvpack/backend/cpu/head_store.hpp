@@ -107,7 +107,7 @@ struct HeadStore {
                       Positions pos, int64_t n, int d) {
     const int64_t old = size();
     reserve_pages(old + n);  // the only step that can fail
-    positions.reserve(old + n);
+    reserve_geometric(static_cast<std::size_t>(old + n), positions);
     for (int64_t t = 0; t < n; ++t) positions.push_back(static_cast<int32_t>(pos[t]));
     const bool packed = k_stride == d && v_stride == d;
     for (int64_t t = old; t < old + n;) {
@@ -229,9 +229,8 @@ struct HeadStore {
     const int64_t want = pages_for(tokens);
     if (want <= static_cast<int64_t>(pages.size())) return;
     const std::size_t had = pages.size();
-    page_ids.reserve(want);
-    pages.reserve(want);
-    v_pages.reserve(want);
+    // Room first, so no push_back below throws after the pool handed out a page.
+    reserve_geometric(static_cast<std::size_t>(want), page_ids, pages, v_pages);
     try {
       while (static_cast<int64_t>(pages.size()) < want) {
         const PagePool::Page page = pool->allocate();

@@ -296,8 +296,9 @@ template <int R, class T>
 KVPACK_TARGET_AVX2 void avx2_tile_pass(const float* q, int d, const T* const* kp,
                                        const T* const* vp, int64_t n, float* s, int64_t stride,
                                        const T* const* prefetch, const int64_t* visible, int64_t t0,
-                                       int64_t tn, cpu::PartialState& state, int r0, float* acc,
+                                       int64_t tn, cpu::PartialState& state, int r0,
                                        const T* const* next_kp, int64_t next_rows) {
+  float* acc = state.acc.data() + static_cast<std::size_t>(r0) * d;
   avx2_tile_scores<R>(q, d, kp, n, s, stride, prefetch);
   for (int r = 0; r < R; ++r) {
     const int64_t vis = std::clamp<int64_t>(visible[r] - t0, 0, tn);
@@ -347,19 +348,18 @@ KVPACK_TARGET_AVX2 void avx2_attend_rows(const Rows& head, int d, const float* q
       // Keys of the next tile, prefetched by the last pass's value pass.
       const int64_t next_rows = r0 + nr == rows ? next_n : 0;
       const T* const* prefetch = r0 == 0 ? vp : nullptr;
-      float* ag = state.acc.data() + static_cast<std::size_t>(r0) * d;
       if (nr == 4) {
         avx2_tile_pass<4>(qg, d, kp, vp, n, sg, stride, prefetch, visible + r0, t0, tn, state, r0,
-                          ag, next_kp, next_rows);
+                          next_kp, next_rows);
       } else if (nr == 3) {
         avx2_tile_pass<3>(qg, d, kp, vp, n, sg, stride, prefetch, visible + r0, t0, tn, state, r0,
-                          ag, next_kp, next_rows);
+                          next_kp, next_rows);
       } else if (nr == 2) {
         avx2_tile_pass<2>(qg, d, kp, vp, n, sg, stride, prefetch, visible + r0, t0, tn, state, r0,
-                          ag, next_kp, next_rows);
+                          next_kp, next_rows);
       } else {
         avx2_tile_pass<1>(qg, d, kp, vp, n, sg, stride, prefetch, visible + r0, t0, tn, state, r0,
-                          ag, next_kp, next_rows);
+                          next_kp, next_rows);
       }
     }
   }

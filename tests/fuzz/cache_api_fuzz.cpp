@@ -114,14 +114,29 @@ void drive(const kvpack::ModelShape& shape, const Policy& policy, Bytes& in) {
         if (appended && n > 0) next[layer] = pos.back() + 1;
         break;
       }
-      case 2: {  // observe queries (scoring policies)
+      case 2: {  // observe queries (KVzip+: with query weights) or hidden states (KVzap)
         const int64_t n = in.range(1, 12);
-        const auto q = activations(in, static_cast<std::size_t>(n) * q_heads * d);
         std::vector<int64_t> pos(static_cast<std::size_t>(n));
         for (int64_t t = 0; t < n; ++t) pos[t] = next[safe_layer] - n + t;
-        attempt(cache, [&] {
-          cache.observe(layer, kvpack::ActivationView::nhd(q.data(), n, q_heads, d), pos);
-        });
+        if constexpr (Policy::score_source == kvpack::ScoreSource::kHiddenStates) {
+          const int hidden = policy.scorer ? policy.scorer->hidden : 1;
+          const auto x = activations(in, static_cast<std::size_t>(n) * hidden);
+          attempt(cache, [&] {
+            cache.observe_hidden(layer, kvpack::ActivationView::nhd(x.data(), n, 1, hidden), pos);
+          });
+        } else {
+          const auto q = activations(in, static_cast<std::size_t>(n) * q_heads * d);
+          std::vector<float> weights;
+          if (in.u8() < 100) {  // sometimes weights, sometimes bad ones
+            for (int64_t t = 0; t < n + (in.u8() < 10 ? 1 : 0); ++t) {
+              weights.push_back(in.u8() < 8 ? -1.0f : 0.25f + in.u8() / 64.0f);
+            }
+          }
+          attempt(cache, [&] {
+            cache.observe(layer, kvpack::ActivationView::nhd(q.data(), n, q_heads, d), pos,
+                          weights);
+          });
+        }
         break;
       }
       case 3:
@@ -203,6 +218,43 @@ std::shared_ptr<const kvpack::ChannelProjections> projections(const kvpack::Mode
   return p;
 }
 
+/// KVzip+'s output factors from a random W_o of a fuzzed scale (huge ones must be refused), or
+/// null when set_layer refused it.
+std::shared_ptr<const kvpack::OutputFactors> output_factors(const kvpack::ModelShape& shape,
+                                                            Bytes& in) {
+  const int hidden = in.range(1, 24);
+  const float scales[] = {0.1f, 1.0f, 1e3f, 1e37f};
+  const float scale = scales[in.u8() % 4];
+  try {
+    auto g = std::make_shared<kvpack::OutputFactors>(shape);
+    std::mt19937 rng(in.u32());
+    std::normal_distribution<float> dist(0.0f, scale);
+    std::vector<float> w(static_cast<std::size_t>(hidden) * std::max(0, shape.q_heads) *
+                         std::max(0, shape.head_dim));
+    for (int l = 0; l < shape.layers; ++l) {
+      for (auto& v : w) v = dist(rng);
+      g->set_layer(l, w.data(), hidden);
+    }
+    return g;
+  } catch (const kvpack::error&) {
+    return nullptr;
+  }
+}
+
+/// KVzap's scorer with fuzzed weights (sometimes of the wrong shape or non-finite).
+std::shared_ptr<const kvpack::HiddenScorer> hidden_scorer(const kvpack::ModelShape& shape,
+                                                          Bytes& in) {
+  auto s = std::make_shared<kvpack::HiddenScorer>(shape.layers + (in.u8() < 8 ? 1 : 0),
+                                                  std::max(1, shape.kv_heads), in.range(1, 32));
+  std::mt19937 rng(in.u32());
+  const float scales[] = {0.01f, 1.0f, 100.0f, 1e30f};
+  std::normal_distribution<float> dist(0.0f, scales[in.u8() % 4]);
+  for (auto& w : s->weight) w = dist(rng);
+  for (auto& b : s->bias) b = dist(rng);
+  if (in.u8() < 8 && !s->bias.empty()) s->bias[0] = std::nanf("");
+  return s;
+}
+
 /// Head scores in [0, 1] (sometimes of the wrong shape).
 std::shared_ptr<const kvpack::HeadScores> head_scores(const kvpack::ModelShape& shape, Bytes& in) {
   auto h = std::make_shared<kvpack::HeadScores>();
@@ -226,7 +278,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const int bits[] = {2, 4, 8, 3};
   const int groups[] = {16, 32, 64, 10};
   const kvpack::Quantize quant(bits[in.u8() % 4], groups[in.u8() % 4], 16 * in.range(0, 3));
-  switch (in.u8() % 13) {
+  switch (in.u8() % 15) {
     case 0:
       drive(shape, kvpack::Identity{}, in);
       break;
@@ -266,6 +318,18 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     case 12:
       drive(shape, kvpack::HeadLevelEvict(head_scores(shape, in), budget(in)), in);
       break;
+    case 13: {
+      const kvpack::Budget b = budget(in);
+      drive(shape, kvpack::ReconstructionEvict(b, output_factors(shape, in)), in);
+      break;
+    }
+    case 14: {
+      const kvpack::Budget b = budget(in);
+      kvpack::KVzap p(hidden_scorer(shape, in), b);
+      if (in.u8() < 80) p.threshold = in.range(-100, 100) / 4.0;
+      drive(shape, p, in);
+      break;
+    }
     default: {
       using P = kvpack::Compose<kvpack::CrossLayerSVD, kvpack::Quantize>;
       drive(shape,

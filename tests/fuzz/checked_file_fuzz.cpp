@@ -1,8 +1,9 @@
 // libFuzzer target: kvpack's checked-file readers (ChannelProjections "KVPKPROJ", HeadScores
-// "KVPKHEAD", a saved KVCache "KVPKCACH") on arbitrary bytes. The first byte steers: bit 3 picks
-// the cache reader (bit 4 then picks a KIVI cache or an xKV + KIVI cache), else bit 0 picks
-// between the other two; bit 1 prepends the right magic, bit 2 appends the right checksum (so
-// inputs reach the field parser, not only the checksum test). A file must be refused with
+// "KVPKHEAD", KVzap's HiddenScorer "KVPKZAPL", a saved KVCache "KVPKCACH") on arbitrary bytes.
+// The first byte steers: bit 3 picks the cache reader (bit 4 then picks a KIVI cache or an xKV +
+// KIVI cache), else bit 0 picks projections, else bit 5 the scorer, else head scores; bit 1
+// prepends the right magic, bit 2 appends the right checksum (so inputs reach the field parser,
+// not only the checksum test). A file must be refused with
 // kvpack::error, leaving the cache as it was, or load whole, valid and finite.
 #include <unistd.h>
 
@@ -78,9 +79,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0) return 0;
   const bool cache_file = data[0] & 8;
   const bool projections = !cache_file && (data[0] & 1);
+  const bool scorer = !cache_file && !projections && (data[0] & 32);
   std::vector<uint8_t> file;
   if (data[0] & 2) {
-    const char* magic = cache_file ? "KVPKCACH" : projections ? "KVPKPROJ" : "KVPKHEAD";
+    const char* magic = cache_file    ? "KVPKCACH"
+                        : projections ? "KVPKPROJ"
+                        : scorer      ? "KVPKZAPL"
+                                      : "KVPKHEAD";
     file.insert(file.end(), magic, magic + 8);
   }
   file.insert(file.end(), data + 1, data + size);
@@ -112,6 +117,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       // What load returns must pass the checks of the policy that uses it.
       const kvpack::ModelShape shape{p.layers, p.kv_heads, p.kv_heads, p.head_dim, {}};
       kvpack::ChannelShrink(std::make_shared<const kvpack::ChannelProjections>(p)).validate(shape);
+    } else if (scorer) {
+      const auto s = kvpack::HiddenScorer::load(path);
+      require_finite(s.weight);
+      require_finite(s.bias);
+      const kvpack::ModelShape shape{s.layers, s.kv_heads, s.kv_heads, 64, {}};
+      kvpack::KVzap(std::make_shared<const kvpack::HiddenScorer>(s), kvpack::Budget{})
+          .validate(shape);
     } else {
       const auto s = kvpack::HeadScores::load(path);
       require_finite(s.score);

@@ -143,7 +143,8 @@ class CacheFront {
   void check_compress() const {
     if constexpr (Policy::needs_observe) {
       require(observed_, "KVCache::compress", "observe()", "never called",
-              "observe() with queries before compress() for this policy");
+              "observe() (queries) or observe_hidden() (KVzap: hidden states) before "
+              "compress() for this policy");
     }
     policy_.validate(shape_);
   }

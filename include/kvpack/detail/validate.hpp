@@ -103,5 +103,18 @@ inline void check_query_positions(const char* where, Positions positions, int64_
   }
 }
 
+/// observe()'s query weights: one per query token, each
+/// finite and > 0.
+inline void check_query_weights(const char* where, Span<const float> weights, int64_t tokens) {
+  require(static_cast<int64_t>(weights.size()) == tokens, where, "query_weights.size()",
+          weights.size(), [&] { return concat(tokens, " (one per query token)"); });
+  for (std::size_t i = 0; i < weights.size(); ++i) {
+    if (!(std::isfinite(weights[i]) && weights[i] > 0.0f)) {
+      throw error(concat(where, ": query_weights[", i, "] = ", weights[i],
+                         ", expected a finite value > 0"));
+    }
+  }
+}
+
 }  // namespace detail
 }  // namespace kvpack

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "../budget.hpp"
@@ -15,6 +16,8 @@
 #include "score_window.hpp"
 
 namespace kvpack {
+
+struct OutputFactors;  // policy/output_factors.hpp
 
 /// Where a policy's selection stage gets its scores. The container runs the matching scoring
 /// pass and selection; it never names a concrete policy.
@@ -25,6 +28,7 @@ enum class ScoreSource {
   kObservedQueries,  ///< softmax attention of the queries handed to observe() (KVzip, SnapKV)
   kHeadScores,       ///< one score per (layer, kv head): heads kept whole or cut to protection
   kLayerMass,        ///< observed attention mass per layer (SimLayerKV's lazy layers)
+  kHiddenStates,     ///< a learned scorer of the hidden states handed to observe_hidden() (KVzap)
 };
 
 /// How the softmax probabilities that observed queries give a key become its score.
@@ -80,6 +84,10 @@ struct EvictionPolicy : PolicyBase {
   /// Hook run on one (layer, kv head)'s scores, in held order, before selection (e.g. SnapKV's
   /// pooling over neighbouring tokens). Tokens not scored yet hold a value below every score.
   void finalize_scores(float* /*scores*/, int64_t /*n*/) const {}
+  /// Hook: when not NaN, compress() keeps every token whose score is at least this (on the
+  /// scale the cache stores) instead of a budget's count; sinks and the recent window still
+  /// stay (KVzap's threshold). Default NaN: the budget decides.
+  float score_threshold() const { return std::numeric_limits<float>::quiet_NaN(); }
 };
 
 namespace detail {
@@ -102,6 +110,10 @@ struct QueryScoredEviction : EvictionPolicy {
   static constexpr QueryReduction query_reduction = QueryReduction::kMax;
   /// Keys that enter the softmax of the next observe() calls (default: every key).
   ScoreWindow window{};
+  /// Hook: per (layer, query head) factors of the output projection that weight each key's
+  /// probability by the norm of its value's contribution to the residual stream (KVzip+,
+  /// OutputFactors), or null for plain probabilities (the default).
+  const OutputFactors* value_weights() const { return nullptr; }
 };
 
 /// One factoring job of a low-rank policy: the first `tokens` held tokens of layers [l0, l1),

@@ -9,6 +9,10 @@
 /// so budgets are ragged; scores are query-agnostic, so one compression serves many questions.
 #pragma once
 
+#include <memory>
+#include <utility>
+
+#include "output_factors.hpp"
 #include "policy_base.hpp"
 #include "score_window.hpp"
 
@@ -22,13 +26,34 @@ namespace kvpack {
 /// or leave ScoreWindow::all(). Tokens no observed query has seen (e.g. a question or decode
 /// tokens appended after scoring) are never evicted and do not count against the budget, which
 /// applies to the scored tokens (Budget: "over a growing sequence").
+///
+/// KVzip+ (KVzap, arXiv 2601.07891, §3): with `output_factors` set, the probability that query
+/// head h of token t gives key j is multiplied by ‖W_o,h · v_j‖ (the norm of the value's
+/// contribution to the residual stream through head h's slice of the output projection) and by
+/// the token's weight handed to observe() (KVzap: 1 / ‖x_t‖, the norm of the layer's attention
+/// input, i.e. the RMS-normed hidden state) before the max. Scores then compare what a key adds
+/// to the residual stream rather than where attention parks; a key whose value is small scores
+/// low even when attention sinks on it. Plain KVzip (no factors) stays the default.
 struct ReconstructionEvict : QueryScoredEviction {
   static constexpr const char* name = "ReconstructionEvict";
+  std::shared_ptr<const OutputFactors> output_factors;  ///< KVzip+ when set (see above)
+
   ReconstructionEvict() {
     budget = Budget::ratio(0.3, BudgetScope::kGlobal);
     budget.sink_tokens = 4;
   }
   explicit ReconstructionEvict(Budget b) { budget = b; }
+  /// KVzip+ scoring with the model's output factors (OutputFactors::set_layer per layer).
+  ReconstructionEvict(Budget b, std::shared_ptr<const OutputFactors> factors)
+      : output_factors(std::move(factors)) {
+    budget = b;
+  }
+
+  void validate(const ModelShape& shape) const {
+    QueryScoredEviction::validate(shape);
+    if (output_factors) output_factors->validate(shape, "ReconstructionEvict");
+  }
+  const OutputFactors* value_weights() const { return output_factors.get(); }
 };
 
 }  // namespace kvpack

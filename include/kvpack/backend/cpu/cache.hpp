@@ -57,6 +57,9 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   static constexpr ScoreSource kSource = Selection::score_source;
   static constexpr bool kLazyLayers = kSource == ScoreSource::kLayerMass;
   static constexpr bool kQueryScores = kSource == ScoreSource::kObservedQueries;
+  static constexpr bool kHiddenScores = kSource == ScoreSource::kHiddenStates;
+  // Per-token scores kept in the stores, set by observe() or observe_hidden().
+  static constexpr bool kStoredScores = kQueryScores || kHiddenScores;
   static constexpr bool kHeadLevel = kSource == ScoreSource::kHeadScores;
   static constexpr bool kPositionScores = kSource == ScoreSource::kPosition;
   static constexpr bool kSumScores = detail::sums_query_scores<Selection>();
@@ -133,12 +136,33 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   }
 
   /// Hands queries (tokens × q_heads × head_dim, post-RoPE) to policies that score with them.
-  void observe(int layer, const ActivationView& q, Positions positions) {
+  /// `query_weights` ([tokens], optional; query-scored policies only) multiplies each query
+  /// token's probabilities before they are reduced: KVzip+ passes 1 / ‖x_t‖ of the layer's
+  /// attention input (ReconstructionEvict::output_factors). Throws kvpack::error, changing nothing,
+  /// for a bad layer, view or position, non-finite queries, or weights of the wrong count or not
+  /// finite and > 0.
+  void observe(int layer, const ActivationView& q, Positions positions,
+               Span<const float> query_weights = {}) {
     constexpr const char* where = "KVCache::observe";
     check_query(where, layer, q, positions);
-    if constexpr (kQueryScores || kLazyLayers) observe_probabilities(layer, q, positions);
+    if (!query_weights.empty()) {
+      detail::require(kQueryScores, where, "query_weights", "given",
+                      "none (only policies scored by observed queries weight them)");
+      detail::check_query_weights(where, query_weights, q.tokens());
+    }
+    if constexpr (kQueryScores || kLazyLayers) {
+      observe_probabilities(layer, q, positions, query_weights);
+    }
     observed_ = true;
   }
+
+  /// \brief Scores tokens from their hidden states (KVzap: ScoreSource::kHiddenStates). x is
+  /// tokens × 1 × hidden: one "head" whose head_dim is the scorer's hidden size, each token's
+  /// attention input (the RMS-normed hidden state); positions are those of tokens `layer` holds,
+  /// e.g. the block just appended (prefill chunk or decode token). A token a head no longer holds
+  /// is skipped there. Throws kvpack::error, changing nothing, for a bad layer, view, position
+  /// or non-finite value.
+  void observe_hidden(int layer, const ActivationView& x, Positions positions);
 
   /// Applies the policy to everything held. May be called again later (e.g. every N decode
   /// tokens); budgets are relative to the appended sequence, so repeated calls hold them.
@@ -205,34 +229,14 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   /// on SmolLM2 they put every head of layers 12-29 at ≥ 0.91 (8 layers ≥ 0.99). Call after a
   /// repeat pass over a sample, before compress(); save the result and reuse it with
   /// HeadLevelEvict.
-  HeadScores head_scores() const {
-    static_assert(kQueryScores, "head_scores() needs a policy scored by observe() queries");
-    constexpr const char* where = "KVCache::head_scores";
-    detail::require(observed_, where, "observe()", "never called",
-                    "a repeat pass handed to observe() first");
-    HeadScores out;
-    out.layers = shape_.layers;
-    out.kv_heads = shape_.kv_heads;
-    out.score.assign(heads_.size(), 0.0f);
-    for (int l = 0; l < shape_.layers; ++l) {
-      out.sample_tokens = std::max(out.sample_tokens, layers_[l].appended);
-      const int64_t first_unprotected = layers_[l].first_position + selection().budget.sink_tokens;
-      for (int h = 0; h < shape_.kv_heads; ++h) {
-        bool any = false;
-        const Store& head = store(l, h);
-        float& best = out.score[static_cast<std::size_t>(l) * shape_.kv_heads + h];
-        for (std::size_t t = 0; t < head.scores.size(); ++t) {
-          const float s = head.scores[t];
-          if (s == Store::kUnscored || head.positions[t] < first_unprotected) continue;
-          best = std::max(best, s);
-          any = true;
-        }
-        detail::require(any, where, "scored tokens of layer/head", detail::concat(l, "/", h),
-                        "at least one (observe() queries over the held tokens)");
-      }
-    }
-    return out;
-  }
+  HeadScores head_scores() const;
+
+  /// \brief The score of every token (layer, head) holds, in held order (ascending position):
+  /// what observe() gave it (KVzip: max probability; KVzip+: its weighted form; SnapKV: summed
+  /// probability, before pooling) or observe_hidden() (KVzap: exp of the predicted log-score),
+  /// NaN for a token not scored yet. What compress() ranks; a learned scorer's training targets.
+  /// Throws kvpack::error for a bad layer or head.
+  std::vector<float> token_scores(int layer, int head) const;
 
   /// Whether compress() marked `layer` lazy (LazyLayerDrop); false before the decision.
   bool is_lazy(int layer) const {
@@ -418,7 +422,8 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
                             int heads, int64_t t0, int64_t tn, int64_t begin, int64_t end,
                             const StateOf& state_of, std::vector<float>& scratch) const;
   std::vector<float> pre_rope_rows(int layer, int head, int64_t tokens, bool keys) const;
-  void observe_probabilities(int layer, const ActivationView& q, Positions positions);
+  void observe_probabilities(int layer, const ActivationView& q, Positions positions,
+                             Span<const float> query_weights);
   void trim_lazy_layers();
 
   std::vector<Store> heads_;                    // layer-major: [layer][kv_head]

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -55,6 +56,9 @@ void KVCache<Policy, backend::Cpu>::evict() {
     for (const Target& t : targets) ids.push_back(t.layer * shape_.kv_heads + t.head);
     whole = knobs.heads_kept(ids);
   }
+  // A score threshold (KVzap) replaces the budget's count; each head then keeps what passes it.
+  const float threshold = knobs.score_threshold();
+  const bool by_threshold = !std::isnan(threshold);
   std::vector<std::vector<float>> scores(n_targets);
   std::vector<detail::SelectionHead> selection(n_targets);
   detail::parallel_for(executor(), n_targets, [&](int64_t i) {
@@ -64,7 +68,7 @@ void KVCache<Policy, backend::Cpu>::evict() {
     int64_t unscored = 0;  // tokens the policy has no score for yet
     if constexpr (kHeadLevel) {
       // No token scores (resize() zeroed them): the head's target below decides.
-    } else if constexpr (kQueryScores) {
+    } else if constexpr (kStoredScores) {
       // Tokens no observed query saw (appended after scoring: the question, decode tokens) rank
       // above everything and are kept outside the budget, which applies to the scored tokens.
       // Counting them against it would squeeze the scored context out as decoding goes on.
@@ -103,9 +107,16 @@ void KVCache<Policy, backend::Cpu>::evict() {
                                : budget.target(state.appended - unscored) + unscored,
                     state.first_position + budget.sink_tokens,
                     state.last_position - budget.recent_tokens};
+    if (by_threshold) {  // keep the protected tokens and every other one at or above it
+      int64_t target = 0;
+      for (int64_t t = 0; t < head.size(); ++t) {
+        target += detail::is_protected(selection[i], t) || scores[i][t] >= threshold;
+      }
+      selection[i].target = target;
+    }
   });
   std::vector<std::vector<int64_t>> kept;
-  if (budget.scope == BudgetScope::kGlobal && !kHeadLevel) {
+  if (budget.scope == BudgetScope::kGlobal && !kHeadLevel && !by_threshold) {
     kept = detail::select_global(selection);
   } else {
     kept.resize(n_targets);

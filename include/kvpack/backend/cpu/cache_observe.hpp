@@ -5,16 +5,20 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <mutex>
 #include <vector>
 
+#include "../../policy/kvzap.hpp"
+#include "../../policy/output_factors.hpp"
 #include "cache.hpp"
 
 namespace kvpack {
 
 template <class Policy>
 void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const ActivationView& q,
-                                                          Positions positions) {
+                                                          Positions positions,
+                                                          Span<const float> query_weights) {
   const int d = shape_.head_dim;
   const int g = shape_.group_size();
   const int heads = shape_.kv_heads;
@@ -25,14 +29,22 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
   const int64_t blocks = (tokens + block_tokens - 1) / block_tokens;
   const int64_t items = heads * blocks;
 
-  // The window's keys of each head, fp32 and packed once for all blocks.
+  // The window's keys of each head, fp32 and packed once for all blocks; with output factors
+  // (KVzip+), each window key's value weight per query head of the group.
   std::vector<cpu::PackedKeys> keys(heads);
+  const OutputFactors* factors = nullptr;
+  if constexpr (kQueryScores) factors = selection().value_weights();
+  std::vector<std::vector<float>> value_weights(factors != nullptr ? heads : 0);
   detail::parallel_for(executor(), heads, [&](int64_t h) {
     auto& head = store(layer, static_cast<int>(h));
     if constexpr (kQueryScores) {
       head.scores.resize(head.positions.size(), head.kUnscored);
       keys[h].pack(head.rows(d), d,
                    cpu::window_ranges(head.positions.data(), head.size(), selection().window));
+      if (factors != nullptr) {
+        cpu::value_output_norms(head.rows(d), d, keys[h].ranges(), keys[h].size(),
+                                factors->head(layer, static_cast<int>(h) * g), g, value_weights[h]);
+      }
     } else {
       keys[h].pack(head.rows(d), d,
                    cpu::window_ranges(head.positions.data(), head.size(), ScoreWindow::all()));
@@ -73,6 +85,10 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
       const int rows = static_cast<int>(tn * g);
       gather_query_rows(layer, q, positions, h, t0, tn, qrows, visible);
       cpu::score_strip(keys[h], qrows.data(), rows, visible.data(), strip);
+      if (!query_weights.empty() || factors != nullptr) {
+        cpu::weight_strip(strip, rows, g, query_weights.empty() ? nullptr : &query_weights[t0],
+                          factors != nullptr ? value_weights[h].data() : nullptr, keys[h].size());
+      }
       if constexpr (kSumScores) {
         item_sums[item].assign(keys[h].size(), Store::kUnscored);
         cpu::sum_probabilities(strip, rows, item_sums[item].data());
@@ -117,6 +133,93 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
     for (double m : item_mass) o.mass += m;
     o.rows += tokens * shape_.q_heads;
   }
+}
+
+template <class Policy>
+void KVCache<Policy, backend::Cpu>::observe_hidden(int layer, const ActivationView& x,
+                                                   Positions positions) {
+  static_assert(kHiddenScores, "observe_hidden() needs a policy scored by hidden states (KVzap)");
+  constexpr const char* where = "KVCache::observe_hidden";
+  const HiddenScorer& scorer = selection().hidden_scorer();
+  detail::check_layer(where, shape_, layer);
+  detail::require(x.data() != nullptr && x.tokens() > 0, where, "x", "empty or null",
+                  "tokens x 1 x hidden states");
+  detail::require(
+      x.heads() == 1 && x.head_dim() == scorer.hidden, where, "x shape",
+      [&] { return detail::concat(x.tokens(), " x ", x.heads(), " x ", x.head_dim()); },
+      [&] {
+        return detail::concat(x.tokens(), " x 1 x ", scorer.hidden, " (the scorer's hidden size)");
+      });
+  detail::check_values(where, "x", x, std::numeric_limits<float>::max());
+  detail::check_query_positions(where, positions, x.tokens(), layers_[layer]);
+  // Every log-score first (a contiguous fp32 copy of x, then one GEMM), then the stores.
+  const int64_t n = x.tokens();
+  const int heads = shape_.kv_heads;
+  std::vector<float> rows(static_cast<std::size_t>(n) * scorer.hidden);
+  for (int64_t t = 0; t < n; ++t) x.load(t, 0, rows.data() + t * scorer.hidden);
+  std::vector<float> log_scores(static_cast<std::size_t>(n) * heads);
+  scorer.score(layer, rows.data(), n, scorer.hidden, log_scores.data());
+  for (std::size_t i = 0; i < log_scores.size(); ++i) {
+    if (std::isnan(log_scores[i])) {  // inf - inf inside the dot product of huge inputs
+      throw error(detail::concat(where, ": the scorer's log-score of token ", i / heads,
+                                 " (position ", positions[i / heads], "), kv head ", i % heads,
+                                 " is NaN; expected hidden states of a sane magnitude"));
+    }
+  }
+  for (int h = 0; h < heads; ++h) {
+    Store& head = store(layer, h);
+    head.scores.resize(head.positions.size(), Store::kUnscored);
+    for (int64_t t = 0; t < n; ++t) {
+      const auto it = std::lower_bound(head.positions.begin(), head.positions.end(), positions[t]);
+      if (it == head.positions.end() || *it != positions[t]) continue;  // evicted from this head
+      head.scores[it - head.positions.begin()] =
+          Selection::stored_score(log_scores[static_cast<std::size_t>(t) * heads + h]);
+    }
+  }
+  observed_ = true;
+}
+
+template <class Policy>
+HeadScores KVCache<Policy, backend::Cpu>::head_scores() const {
+  static_assert(kQueryScores, "head_scores() needs a policy scored by observe() queries");
+  constexpr const char* where = "KVCache::head_scores";
+  detail::require(observed_, where, "observe()", "never called",
+                  "a repeat pass handed to observe() first");
+  HeadScores out;
+  out.layers = shape_.layers;
+  out.kv_heads = shape_.kv_heads;
+  out.score.assign(heads_.size(), 0.0f);
+  for (int l = 0; l < shape_.layers; ++l) {
+    out.sample_tokens = std::max(out.sample_tokens, layers_[l].appended);
+    const int64_t first_unprotected = layers_[l].first_position + selection().budget.sink_tokens;
+    for (int h = 0; h < shape_.kv_heads; ++h) {
+      bool any = false;
+      const Store& head = store(l, h);
+      float& best = out.score[static_cast<std::size_t>(l) * shape_.kv_heads + h];
+      for (std::size_t t = 0; t < head.scores.size(); ++t) {
+        const float s = head.scores[t];
+        if (s == Store::kUnscored || head.positions[t] < first_unprotected) continue;
+        best = std::max(best, s);
+        any = true;
+      }
+      detail::require(any, where, "scored tokens of layer/head", detail::concat(l, "/", h),
+                      "at least one (observe() queries over the held tokens)");
+    }
+  }
+  return out;
+}
+
+template <class Policy>
+std::vector<float> KVCache<Policy, backend::Cpu>::token_scores(int layer, int head) const {
+  static_assert(kStoredScores,
+                "token_scores() needs a policy that scores tokens (observe() or observe_hidden())");
+  this->check_head("KVCache::token_scores", layer, head);
+  const Store& s = store(layer, head);
+  std::vector<float> out(static_cast<std::size_t>(s.size()), std::nanf(""));
+  for (std::size_t t = 0; t < s.scores.size() && t < out.size(); ++t) {
+    if (s.scores[t] != Store::kUnscored) out[t] = s.scores[t];
+  }
+  return out;
 }
 
 }  // namespace kvpack

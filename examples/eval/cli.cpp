@@ -64,6 +64,9 @@ const char* kHelp =
     "  --head-scores FILE   kvzip-head: load head scores from FILE, or score one sample (a\n"
     "                       passkey context of --context tokens, seed + 1000003, not one of\n"
     "                       the evaluated inputs) and write them there\n"
+    "  --kvzap-scorer FILE  kvzap: load the fitted scorer from FILE, or fit one (KVzip+ repeat\n"
+    "                       passes over license texts that are not evaluated: BSD, CC0-1.0,\n"
+    "                       GPL-1, MPL-1.1; LGPL-3 held out) and write it there\n"
     "Output and machine:\n"
     "  --json FILE          also write the results as JSON\n"
     "  --model PATH         GGUF model (default: $KVPACK_MODEL or the kvpack cache)\n"
@@ -222,6 +225,8 @@ Options parse_options(int argc, char** argv) {
       o.note = value(i);
     } else if (a == "--head-scores") {
       o.settings.head_scores_file = value(i);
+    } else if (a == "--kvzap-scorer") {
+      o.settings.kvzap_scorer_file = value(i);
     } else if (a == "--verbose") {
       o.settings.verbose = true;
     } else if (a == "--quiet") {
@@ -308,6 +313,7 @@ DriverNeeds driver_needs(const Options& o) {
     const DriverNeeds& row = resolve_policy(row_budget(p).name).entry->needs;
     needs.projections = needs.projections || row.projections;
     needs.head_scores = needs.head_scores || row.head_scores;
+    needs.hidden_scorer = needs.hidden_scorer || row.hidden_scorer;
   }
   return needs;
 }

@@ -1,6 +1,7 @@
 #include "eval_cache.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <sstream>
 #include <stdexcept>
@@ -31,6 +32,16 @@ void EvalCache::copy_prefix_from(const EvalCache& source, int64_t end_position) 
     }
     positions.assign(pos.begin(), pos.begin() + n);
     if (n > 0) append_rows(l, k.data(), v.data(), positions.data(), n);
+    // Captured attention inputs: row t is position t (a prefill from position 0).
+    const std::vector<float>& x = source.captured_hidden(l);
+    if (n > 0 && !x.empty() && pos.front() == 0 &&
+        pos.back() + 1 == static_cast<int64_t>(pos.size())) {
+      const int hidden = static_cast<int>(x.size() / pos.size());
+      const auto t0 = std::chrono::steady_clock::now();
+      observe_hidden_rows(l, x.data(), positions.data(), n, hidden);
+      hidden_score_seconds_ +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
   }
 }
 

@@ -32,6 +32,10 @@ struct PolicySpec {
   std::shared_ptr<const ChannelProjections> projections;
   /// KVzip head-level scores from a sample (set by the runner for kvzip-head).
   std::shared_ptr<const HeadScores> head_scores;
+  /// KVzip+: the model's output-projection factors (set by the runner for kvzip-plus rows).
+  std::shared_ptr<const OutputFactors> output_factors;
+  /// KVzap: the fitted hidden-state scorer (set by the runner for kvzap rows).
+  std::shared_ptr<const HiddenScorer> kvzap_scorer;
 
   /// A short label for tables: e.g. "kvzip keep=0.25", "lazy+quant4".
   std::string label() const;
@@ -75,10 +79,25 @@ class EvalCache {
   /// Sets the keep ratio and scope of the eviction stage (a cache observed once, compressed at
   /// several budgets); throws for policies without one.
   virtual void set_budget(double keep, BudgetScope scope) = 0;
+  /// Keeps every attention input the forward pass hands this cache (x per layer, positions 0..
+  /// in order): a prefill captured once feeds the hidden-state scorers of the rows copied from it.
+  virtual void set_capture_hidden(bool on) = 0;
+  /// What set_capture_hidden(true) kept of `layer`: tokens × hidden, row-major (empty if none).
+  virtual const std::vector<float>& captured_hidden(int layer) const = 0;
+  /// KVCache::token_scores of a policy that scores tokens (throws for others).
+  virtual std::vector<float> token_scores(int layer, int head) const = 0;
+  /// Seconds this cache spent scoring hidden states copied in by copy_prefix_from (KVzap).
+  double hidden_score_seconds() const { return hidden_score_seconds_; }
 
  protected:
   virtual void append_rows(int layer, const float* k, const float* v, const int64_t* positions,
                            int64_t n) = 0;
+  /// Scores copied-in tokens from their captured attention inputs (KVzap; a no-op otherwise).
+  virtual void observe_hidden_rows(int layer, const float* x, const int64_t* positions, int64_t n,
+                                   int hidden) = 0;
+
+ private:
+  double hidden_score_seconds_ = 0;
 };
 
 /// The cache of a row: its policy's registry entry (policy_registry.hpp) builds it.

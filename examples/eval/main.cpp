@@ -32,10 +32,12 @@ int main(int argc, char** argv) {
     const auto file = kvpack::llama::GgufFile::open(o.model);
     const auto tokenizer = kvpack::llama::Tokenizer::from_gguf(file);
     const auto model = kvpack::llama::LlamaModel::from_gguf(file);
-    kvpack::eval::Runner runner(model, tokenizer, o.settings);
-
     // What the rows' policies need from the driver besides their own rows.
     const kvpack::eval::DriverNeeds needs = kvpack::eval::driver_needs(o);
+    kvpack::eval::Settings settings = o.settings;
+    settings.capture_hidden = needs.hidden_scorer;  // kvzap rows score the captured prefill
+    kvpack::eval::Runner runner(model, tokenizer, settings);
+    if (needs.hidden_scorer) runner.set_kvzap_documents(kvpack::eval::kvzap_documents());
     const bool calibrate = needs.projections, head_level = needs.head_scores;
     std::vector<int32_t> text;
     if (o.settings.run_text || calibrate) {

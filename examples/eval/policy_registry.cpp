@@ -82,20 +82,42 @@ std::vector<PolicyEntry> make_registry() {
        RowKnob::kKeep, BudgetScope::kPerHead, snap, true, stage([](const PolicySpec& s) {
          return SnapKV(eviction_budget(s, BudgetScope::kPerHead), 32, 7);
        })});
+  // A scored eviction's two rows: NAME (one global threshold) and NAME-uniform (the same keep
+  // ratio in every head); select(spec, scope) makes the policy.
+  auto add_scopes = [&](const std::string& name, const std::string& help, const DriverNeeds& needs,
+                        auto select) {
+    for (BudgetScope scope : {BudgetScope::kGlobal, BudgetScope::kPerHead}) {
+      const bool global = scope == BudgetScope::kGlobal;
+      add({global ? name : name + "-uniform",
+           global ? help + ", one global threshold" : help + ", the same keep ratio in every head",
+           RowKnob::kKeep, scope, needs, true,
+           stage([select, scope](const PolicySpec& s) { return select(s, scope); })});
+    }
+  };
   DriverNeeds repeat;
   repeat.repeat_pass = true;
   repeat.shared_scores = "kvzip";
-  for (const auto& [name, scope] :
-       {std::pair<const char*, BudgetScope>{"kvzip", BudgetScope::kGlobal},
-        {"kvzip-uniform", BudgetScope::kPerHead}}) {
-    add({name,
-         scope == BudgetScope::kGlobal
-             ? "KVzip: scores from a context-reconstruction pass, one global threshold"
-             : "KVzip scores, the same keep ratio in every head",
-         RowKnob::kKeep, scope, repeat, true, stage([scope = scope](const PolicySpec& s) {
-           return ReconstructionEvict(eviction_budget(s, scope));
-         })});
-  }
+  add_scopes("kvzip", "KVzip: scores from a context-reconstruction pass", repeat,
+             [](const PolicySpec& s, BudgetScope scope) {
+               return ReconstructionEvict(eviction_budget(s, scope));
+             });
+  DriverNeeds repeat_plus = repeat;
+  repeat_plus.shared_scores = "kvzip-plus";
+  repeat_plus.output_factors = true;
+  add_scopes("kvzip-plus", "KVzip+: KVzip scores weighted by |W_o v| / |x| (KVzap paper)",
+             repeat_plus, [](const PolicySpec& s, BudgetScope scope) {
+               if (!s.output_factors) throw std::runtime_error(s.name + " needs output factors");
+               return ReconstructionEvict(eviction_budget(s, scope), s.output_factors);
+             });
+  DriverNeeds scorer;
+  scorer.hidden_scorer = true;
+  add_scopes("kvzap",
+             "KVzap: a linear scorer of hidden states fitted to KVzip+ (--kvzap-scorer), no "
+             "repeat pass",
+             scorer, [](const PolicySpec& s, BudgetScope scope) {
+               if (!s.kvzap_scorer) throw std::runtime_error(s.name + " needs a fitted scorer");
+               return KVzap(s.kvzap_scorer, eviction_budget(s, scope));
+             });
   DriverNeeds heads;
   heads.head_scores = true;
   add({"kvzip-head",

@@ -27,10 +27,12 @@ struct DriverNeeds {
   /// Entries with the same key score alike (their rows differ only in the budget): one repeat
   /// pass per context serves them all.
   std::string shared_scores;
-  int64_t last_queries = 0;   ///< observe the queries of the last N context tokens
-  bool projections = false;   ///< ChannelShrink projections calibrated on held-out text
-  bool head_scores = false;   ///< KVzip head scores from one sample
-  bool layer_groups = false;  ///< rows also swept over --xkv-group
+  int64_t last_queries = 0;     ///< observe the queries of the last N context tokens
+  bool projections = false;     ///< ChannelShrink projections calibrated on held-out text
+  bool head_scores = false;     ///< KVzip head scores from one sample
+  bool output_factors = false;  ///< KVzip+: output-projection factors (query weights: 1 / ‖x‖)
+  bool hidden_scorer = false;   ///< KVzap: a fitted scorer, and the prefill's attention inputs
+  bool layer_groups = false;    ///< rows also swept over --xkv-group
 };
 
 /// Builds a row's cache; `quant` is the KIVI stage of a NAME+quant row (null otherwise).

@@ -103,14 +103,16 @@ std::shared_ptr<const ChannelProjections> Runner::projections(double ratio, doub
 }
 
 std::shared_ptr<const HeadScores> Runner::head_scores() {
-  if (head_scores_) return head_scores_;
-  const std::string& file = settings_.head_scores_file;
-  if (!file.empty() && std::ifstream(file).good()) {
-    head_scores_ = std::make_shared<const HeadScores>(HeadScores::load(file));
-    return head_scores_;
+  if (!head_scores_) {
+    head_scores_ =
+        load_or_make<HeadScores>(settings_.head_scores_file, [&] { return score_heads(); });
   }
+  return head_scores_;
+}
+
+HeadScores Runner::score_heads() {
   if (head_sample_.empty()) throw std::runtime_error("kvzip-head: no head sample");
-  std::vector<int32_t> ids = tok_.encode(system_header(), true);
+  std::vector<int32_t> ids = system_tokens();
   const int64_t context_begin = static_cast<int64_t>(ids.size());
   const auto context = tok_.encode(head_sample_);
   ids.insert(ids.end(), context.begin(), context.end());
@@ -122,16 +124,17 @@ std::shared_ptr<const HeadScores> Runner::head_scores() {
   auto cache = make_cache(spec, model_.config().shape());
   cache->copy_prefix_from(*full, static_cast<int64_t>(ids.size()));
   repeat_pass(*cache, ids, context_begin);
-  head_scores_ = std::make_shared<const HeadScores>(cache->head_scores());
-  if (!file.empty()) head_scores_->save(file);
-  return head_scores_;
+  return cache->head_scores();
 }
 
+std::vector<int32_t> Runner::system_tokens() const { return tok_.encode(system_header(), true); }
+
 std::unique_ptr<EvalCache> Runner::prefill_full(const std::vector<int32_t>& ids,
-                                                PolicyResult& stats) {
+                                                PolicyResult& stats, bool capture_hidden) {
   PolicySpec spec;
   spec.name = "full";
   auto cache = make_cache(spec, model_.config().shape());
+  cache->set_capture_hidden(capture_hidden || settings_.capture_hidden);
   const double t0 = now_seconds();
   model_.forward(cache->attention(), ids, 0, llama::Logits::kNone);
   stats.prefill_seconds += now_seconds() - t0;
@@ -166,6 +169,8 @@ std::unique_ptr<EvalCache> Runner::derive(const PolicySpec& spec_in, const EvalC
         spec.ratio, policy.quantized ? Quantize(spec.bits, spec.group).bytes_per_value() : 2.0);
   }
   if (needs.head_scores && !spec.head_scores) spec.head_scores = head_scores();
+  if (needs.output_factors && !spec.output_factors) spec.output_factors = output_factors();
+  if (needs.hidden_scorer && !spec.kvzap_scorer) spec.kvzap_scorer = kvzap_scorer();
   const int64_t n = static_cast<int64_t>(ids.size());
   if (spec.keep_from_ratio) spec.keep = keep_for_ratio(spec, full, n);
   std::unique_ptr<EvalCache> cache;
@@ -197,7 +202,8 @@ std::unique_ptr<EvalCache> Runner::derive(const PolicySpec& spec_in, const EvalC
     fresh->set_observe(false);
     cache = std::move(fresh);
   } else {
-    fresh->copy_prefix_from(full, n);
+    fresh->copy_prefix_from(full, n);  // KVzap: scores the tokens from the captured prefill
+    stats.score_seconds += fresh->hidden_score_seconds();
     cache = std::move(fresh);
   }
   const double t2 = now_seconds();
@@ -313,7 +319,7 @@ void Runner::run_retrieval(const std::vector<PolicySpec>& specs,
     while (j < tasks.size() && tasks[j].context == tasks[i].context) ++j;
     const double done = static_cast<double>(i) / tasks.size();
     progress("retrieval: prefill", done);
-    std::vector<int32_t> ids = tok_.encode(system_header(), true);
+    std::vector<int32_t> ids = system_tokens();
     const int64_t context_begin = static_cast<int64_t>(ids.size());
     const auto context = tok_.encode(tasks[i].context);
     ids.insert(ids.end(), context.begin(), context.end());

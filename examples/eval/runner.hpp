@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <fstream>
 #include <functional>
 #include <memory>
 #include <string>
@@ -27,6 +28,10 @@ struct Settings {
   bool verbose = false;  ///< print every retrieval answer on stderr
   /// kvzip-head: head scores file to load, or to write after scoring the sample.
   std::string head_scores_file;
+  /// kvzap: scorer file to load, or to write after calibrating one (calibrate_kvzap).
+  std::string kvzap_scorer_file;
+  /// Keep the full prefill's attention inputs (kvzap rows score their copy of it with them).
+  bool capture_hidden = false;
 };
 
 /// One row of the result table.
@@ -106,6 +111,22 @@ class Runner {
   /// repeat pass over the head sample (then written to that file when one is named).
   std::shared_ptr<const HeadScores> head_scores();
 
+  /// KVzip+'s output-projection factors of the model (built once from its attn_output weights).
+  std::shared_ptr<const OutputFactors> output_factors();
+  /// Documents KVzap's scorer is fitted on (none of them an evaluated input); the last one is
+  /// held out to choose the ridge λ and report R².
+  void set_kvzap_documents(std::vector<std::string> documents) {
+    kvzap_documents_ = std::move(documents);
+  }
+  /// KVzap's scorer: loaded from Settings::kvzap_scorer_file when it exists, else fitted by
+  /// calibrate_kvzap() (then written to that file when one is named).
+  std::shared_ptr<const HiddenScorer> kvzap_scorer();
+  /// Fits KVzap's linear scorer: each document (system prompt + up to --context tokens) is
+  /// prefilled with its attention inputs captured and scored by a KVzip+ repeat pass; per layer,
+  /// ridge regression from x to log KVzip+ score per kv head (tokens after the system prompt),
+  /// λ chosen on the last document. Prints R² per layer to stderr.
+  HiddenScorer calibrate_kvzap();
+
   /// Agreement, KL and perplexity of every row against row 0 (the full cache) on
   /// text[0, context + continuation).
   void run_text(const std::vector<PolicySpec>& specs, const std::vector<int32_t>& text_tokens,
@@ -123,7 +144,21 @@ class Runner {
       std::vector<std::pair<std::string, std::pair<std::unique_ptr<EvalCache>, double>>>;
 
   /// Prefills ids[0, n) into a full (fp16) cache; timing goes to `stats`.
-  std::unique_ptr<EvalCache> prefill_full(const std::vector<int32_t>& ids, PolicyResult& stats);
+  std::unique_ptr<EvalCache> prefill_full(const std::vector<int32_t>& ids, PolicyResult& stats,
+                                          bool capture_hidden = false);
+  /// The system prompt's tokens (with BOS): every context starts with them.
+  std::vector<int32_t> system_tokens() const;
+  /// One repeat pass over the head sample: KVzip head scores (head_scores()).
+  HeadScores score_heads();
+  /// T::load(file) when `file` names an existing file; else make(), saved to `file` if named.
+  template <class T, class Make>
+  static std::shared_ptr<const T> load_or_make(const std::string& file, Make&& make) {
+    if (!file.empty() && std::ifstream(file).good())
+      return std::make_shared<const T>(T::load(file));
+    auto made = std::make_shared<const T>(make());
+    if (!file.empty()) made->save(file);
+    return made;
+  }
   /// The row's compressed cache for context `ids`, built from the full cache's prefill.
   /// `context_begin`: first position of the compressible text (after the system prompt).
   std::unique_ptr<EvalCache> derive(const PolicySpec& spec, const EvalCache& full,
@@ -139,6 +174,9 @@ class Runner {
   std::vector<int32_t> calibration_;
   std::string head_sample_;
   std::shared_ptr<const HeadScores> head_scores_;
+  std::shared_ptr<const OutputFactors> output_factors_;
+  std::shared_ptr<const HiddenScorer> kvzap_scorer_;
+  std::vector<std::string> kvzap_documents_;
   /// Keyed by (bytes ratio, bytes per latent value).
   std::vector<std::pair<std::pair<double, double>, std::shared_ptr<const ChannelProjections>>>
       projections_;

@@ -191,4 +191,15 @@ std::string default_text() {
   return text;
 }
 
+std::vector<std::string> kvzap_documents() {
+  std::vector<std::string> docs;
+  for (const char* f : {"BSD", "CC0-1.0", "GPL-1", "MPL-1.1", "LGPL-3"}) {
+    try {
+      docs.push_back(read_file(std::string("/usr/share/common-licenses/") + f));
+    } catch (const std::exception&) {
+    }
+  }
+  return docs;
+}
+
 }  // namespace kvpack::eval

@@ -33,16 +33,45 @@ class SwitchableAdapter : public llama::AttentionCache {
                    Positions(positions, static_cast<size_t>(n)),
                    OutputView::nhd(out, n, s.q_heads, s.head_dim));
   }
-  void observe(int layer, const float* q, const int64_t* positions, int64_t n) override {
+  void observe(int layer, const float* q, const int64_t* positions, int64_t n,
+               const float* query_weights) override {
     if (!observe_) return;
     const ModelShape& s = cache_->shape();
+    // KVzip+ weighs each query token by 1 / ‖x_t‖; plain probabilities for every other policy.
+    Span<const float> weights;
+    if constexpr (Selection::score_source == ScoreSource::kObservedQueries) {
+      if (selection().value_weights() != nullptr) weights = {query_weights, std::size_t(n)};
+    }
     cache_->observe(layer, ActivationView::nhd(q, n, s.q_heads, s.head_dim),
-                    Positions(positions, static_cast<size_t>(n)));
+                    Positions(positions, static_cast<size_t>(n)), weights);
+  }
+  void observe_hidden(int layer, const float* x, const int64_t* positions, int64_t n,
+                      int hidden) override {
+    if (capture_) {
+      if (captured_.size() <= static_cast<std::size_t>(layer)) captured_.resize(layer + 1);
+      captured_[layer].insert(captured_[layer].end(), x, x + n * hidden);
+    }
+    if constexpr (Selection::score_source == ScoreSource::kHiddenStates) {
+      cache_->observe_hidden(layer, ActivationView::nhd(x, n, 1, hidden),
+                             Positions(positions, static_cast<size_t>(n)));
+    }
+  }
+  void set_capture(bool on) { capture_ = on; }
+  const std::vector<float>& captured(int layer) const {
+    static const std::vector<float> none;
+    return static_cast<std::size_t>(layer) < captured_.size() ? captured_[layer] : none;
   }
 
  private:
+  using Selection = typename detail::PolicyStages<typename Cache::policy_type>::selection;
+  const Selection& selection() const {
+    return detail::PolicyStages<typename Cache::policy_type>::select_knobs(cache_->policy());
+  }
+
   Cache* cache_;
   bool observe_ = false;
+  bool capture_ = false;
+  std::vector<std::vector<float>> captured_;  // per layer: tokens × hidden
 };
 
 template <class Policy>
@@ -91,6 +120,17 @@ class TypedEvalCache : public EvalCache {
       throw std::runtime_error("head_scores: only a cache scored by observed queries has them");
     }
   }
+  void set_capture_hidden(bool on) override { adapter_.set_capture(on); }
+  const std::vector<float>& captured_hidden(int layer) const override {
+    return adapter_.captured(layer);
+  }
+  std::vector<float> token_scores(int layer, int head) const override {
+    if constexpr (kStoredScores) {
+      return cache_.token_scores(layer, head);
+    } else {
+      throw std::runtime_error("token_scores: this policy does not score tokens");
+    }
+  }
   std::vector<bool> lazy_layers() const override {
     std::vector<bool> lazy;
     if constexpr (kLayerMass) {
@@ -102,11 +142,19 @@ class TypedEvalCache : public EvalCache {
  private:
   using Selection = typename detail::PolicyStages<Policy>::selection;
   static constexpr bool kLayerMass = Selection::score_source == ScoreSource::kLayerMass;
+  static constexpr bool kStoredScores = Selection::score_source == ScoreSource::kObservedQueries ||
+                                        Selection::score_source == ScoreSource::kHiddenStates;
   Selection& selection() { return detail::PolicyStages<Policy>::select_knobs(cache_.policy()); }
 
   void append_rows(int layer, const float* k, const float* v, const int64_t* positions,
                    int64_t n) override {
     adapter_.append(layer, k, v, positions, n);
+  }
+  void observe_hidden_rows(int layer, const float* x, const int64_t* positions, int64_t n,
+                           int hidden) override {
+    if constexpr (Selection::score_source == ScoreSource::kHiddenStates) {
+      adapter_.observe_hidden(layer, x, positions, n, hidden);
+    }
   }
 
   KVCache<Policy> cache_;

@@ -21,9 +21,15 @@ class AttentionCache {
   /// Causal attention of the chunk's queries over everything held (this chunk included).
   virtual void attend(int layer, const float* q, const int64_t* positions, int64_t n,
                       float* out) = 0;
-  /// Hands the chunk's queries to scoring policies; a no-op unless overridden.
+  /// Hands the chunk's queries to scoring policies; a no-op unless overridden. query_weights
+  /// [n]: 1 / ‖x_t‖ of each token's attention input (KVzip+ weighs its probabilities by them).
   virtual void observe(int /*layer*/, const float* /*q*/, const int64_t* /*positions*/,
-                       int64_t /*n*/) {}
+                       int64_t /*n*/, const float* /*query_weights*/) {}
+  /// Hands the chunk's attention inputs x (n × hidden, the RMS-normed hidden states the Q/K/V
+  /// projections read) to hidden-state scorers (KVzap), right after append(); a no-op unless
+  /// overridden.
+  virtual void observe_hidden(int /*layer*/, const float* /*x*/, const int64_t* /*positions*/,
+                              int64_t /*n*/, int /*hidden*/) {}
 };
 
 /// \brief Adapts a kvpack::KVCache<Policy, Backend> (held by reference) to AttentionCache.
@@ -51,7 +57,8 @@ class KvCacheAdapter : public AttentionCache {
                   OutputView::nhd(out, n, s.q_heads, s.head_dim));
   }
 
-  void observe(int layer, const float* q, const int64_t* positions, int64_t n) override {
+  void observe(int layer, const float* q, const int64_t* positions, int64_t n,
+               const float* /*query_weights*/) override {
     if (!observe_queries_) return;
     const ModelShape& s = cache_.shape();
     cache_.observe(layer, ActivationView::nhd(q, n, s.q_heads, s.head_dim),

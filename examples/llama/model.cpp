@@ -304,10 +304,12 @@ void LlamaModel::forward_chunk(AttentionCache& cache, const int32_t* tokens, int
   RowMatrix x(n, c.hidden);
   for (int64_t t = 0; t < n; ++t) x.row(t) = token_embd_.row(tokens[t]);
 
+  std::vector<float> inv_norm(n);  // 1 / ‖attention input‖ per token (KVzip+'s query weights)
   RowMatrix h, qkv, q(n, q_dim), k(n, kv_dim), v(n, kv_dim), attn(n, q_dim), proj, gate_up, act;
   for (int l = 0; l < c.layers; ++l) {
     const LlamaLayerWeights& w = layers_[l];
     rms_norm(x, w.attn_norm, c.rms_eps, h);
+    for (int64_t t = 0; t < n; ++t) inv_norm[t] = 1.0f / h.row(t).norm();
     linear(h, w.qkv, qkv);
     for (int64_t t = 0; t < n; ++t) {
       q.row(t) = qkv.row(t).segment(0, q_dim);
@@ -317,8 +319,9 @@ void LlamaModel::forward_chunk(AttentionCache& cache, const int32_t* tokens, int
       rope(k.row(t).data(), c.kv_heads, t);
     }
     cache.append(l, k.data(), v.data(), positions.data(), n);
+    cache.observe_hidden(l, h.data(), positions.data(), n, c.hidden);
     cache.attend(l, q.data(), positions.data(), n, attn.data());
-    cache.observe(l, q.data(), positions.data(), n);
+    cache.observe(l, q.data(), positions.data(), n, inv_norm.data());
     linear(attn, w.attn_output, proj);
     x += proj;
 

@@ -61,6 +61,8 @@ class LlamaModel {
   static LlamaModel from_gguf(const GgufFile& file);
 
   const LlamaConfig& config() const { return config_; }
+  /// The fp32 weights of block `layer` (e.g. attn_output for KVzip+'s OutputFactors).
+  const LlamaLayerWeights& layer_weights(int layer) const { return layers_.at(layer); }
 
   /// Runs `n` tokens at positions start_pos, start_pos + 1, ... through the model, in chunks of
   /// at most chunk_size() tokens; each layer appends its K/V to `cache` and attends through it.

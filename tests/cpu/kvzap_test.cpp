@@ -380,6 +380,13 @@ TEST_CASE("KVzap: bad hidden states, scorers and files are refused and change no
   other.score = {0.5f};
   other.save(path);
   REQUIRE_THROWS_WITH(kvpack::HiddenScorer::load(path), Contains("not a kvpack scorer file"));
+  {  // a header claiming 4096 layers x 4096 kv heads x 65536 inputs over no data (fuzz finding:
+     // it used to allocate the claimed size before reading)
+    kvpack::detail::CheckedFileWriter huge("KVPKZAPL");
+    for (uint32_t v : {1u, 4096u, 4096u, 65536u}) huge.put_u32(v);
+    huge.write(path, "test");
+  }
+  REQUIRE_THROWS_WITH(kvpack::HiddenScorer::load(path), Contains("weights truncated"));
   std::remove(path.c_str());
 }
 

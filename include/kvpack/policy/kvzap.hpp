@@ -115,9 +115,13 @@ struct HiddenScorer {
       throw error(detail::concat(in.where(), ": implausible shape in header (", layers,
                                  " layers x ", kv_heads, " kv heads x ", hidden, " hidden)"));
     }
-    HiddenScorer s(layers, kv_heads, hidden);
-    s.weight = in.get_floats(s.weight.size(), "weights");
-    s.bias = in.get_floats(s.bias.size(), "biases");
+    // Sizes from the header are checked against the bytes left before anything is allocated.
+    HiddenScorer s;
+    s.layers = layers;
+    s.kv_heads = kv_heads;
+    s.hidden = hidden;
+    s.weight = in.get_floats(static_cast<std::size_t>(layers) * hidden * kv_heads, "weights");
+    s.bias = in.get_floats(static_cast<std::size_t>(layers) * kv_heads, "biases");
     s.held_out_r2 = in.get_vector<float>(static_cast<std::size_t>(layers), "held-out R2");
     s.ridge = in.get_f64();
     in.finish();

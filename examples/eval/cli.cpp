@@ -65,8 +65,10 @@ const char* kHelp =
     "                       passkey context of --context tokens, seed + 1000003, not one of\n"
     "                       the evaluated inputs) and write them there\n"
     "  --kvzap-scorer FILE  kvzap: load the fitted scorer from FILE, or fit one (KVzip+ repeat\n"
-    "                       passes over license texts that are not evaluated: BSD, CC0-1.0,\n"
-    "                       GPL-1, MPL-1.1; LGPL-3 held out) and write it there\n"
+    "                       passes over the license texts but GPL-3, the text run's, in\n"
+    "                       --context chunks; LGPL-3 held out) and write it there\n"
+    "  --kvzap-target NAME  what a fitted scorer predicts: kvzip-plus (the paper's, default)\n"
+    "                       or kvzip\n"
     "Output and machine:\n"
     "  --json FILE          also write the results as JSON\n"
     "  --model PATH         GGUF model (default: $KVPACK_MODEL or the kvpack cache)\n"
@@ -227,6 +229,12 @@ Options parse_options(int argc, char** argv) {
       o.settings.head_scores_file = value(i);
     } else if (a == "--kvzap-scorer") {
       o.settings.kvzap_scorer_file = value(i);
+    } else if (a == "--kvzap-target") {
+      o.settings.kvzap_target = value(i);
+      if (o.settings.kvzap_target != "kvzip" && o.settings.kvzap_target != "kvzip-plus") {
+        throw std::runtime_error("--kvzap-target: expected kvzip or kvzip-plus, got '" +
+                                 o.settings.kvzap_target + "'");
+      }
     } else if (a == "--verbose") {
       o.settings.verbose = true;
     } else if (a == "--quiet") {

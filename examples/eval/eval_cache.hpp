@@ -55,6 +55,8 @@ class EvalCache {
   virtual llama::AttentionCache& attention() = 0;
   /// Whether the forward pass hands its queries to observe() (off during plain prefill).
   virtual void set_observe(bool on) = 0;
+  /// Whether observe() gets 1 / ‖x_t‖ query weights (default: exactly for KVzip+ rows).
+  virtual void set_query_weights(bool on) = 0;
   /// Softmax window of the next observe() calls (ReconstructionEvict only; ignored otherwise).
   virtual void set_window(const ScoreWindow& window) = 0;
   virtual void compress() = 0;

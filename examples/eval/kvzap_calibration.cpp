@@ -37,20 +37,32 @@ HiddenScorer Runner::calibrate_kvzap() {
   const ModelShape shape = c.shape();
   // Per layer: rows of x (hidden) and of log KVzip+ score (one per kv head), documents in order.
   std::vector<std::vector<float>> xs(c.layers), ys(c.layers);
-  int64_t held_out = 0;
+  // Each document in chunks of at most --context tokens (the length the rows are scored at).
+  struct Chunk {
+    std::size_t doc;
+    std::vector<int32_t> tokens;
+  };
+  std::vector<Chunk> chunks;
   for (std::size_t doc = 0; doc < kvzap_documents_.size(); ++doc) {
+    const auto text = tok_.encode(kvzap_documents_[doc]);
+    for (std::size_t at = 0; at < text.size(); at += static_cast<std::size_t>(settings_.context)) {
+      const std::size_t end =
+          std::min(text.size(), at + static_cast<std::size_t>(settings_.context));
+      if (end - at >= 64) chunks.push_back({doc, {text.begin() + at, text.begin() + end}});
+    }
+  }
+  int64_t held_out = 0;  // rows of the last document's chunks
+  for (std::size_t i = 0; i < chunks.size(); ++i) {
     std::vector<int32_t> ids = system_tokens();
     const int64_t begin = static_cast<int64_t>(ids.size());
-    auto text = tok_.encode(kvzap_documents_[doc]);
-    text.resize(std::min<std::size_t>(text.size(), static_cast<std::size_t>(settings_.context)));
-    ids.insert(ids.end(), text.begin(), text.end());
+    ids.insert(ids.end(), chunks[i].tokens.begin(), chunks[i].tokens.end());
     const int64_t n = static_cast<int64_t>(ids.size());
     PolicyResult untimed;
     const auto full = prefill_full(ids, untimed, true);
     PolicySpec spec;
-    spec.name = "kvzip-plus";
+    spec.name = settings_.kvzap_target;
     spec.sinks = begin;
-    spec.output_factors = output_factors();
+    if (spec.name == "kvzip-plus") spec.output_factors = output_factors();
     auto scored = make_cache(spec, shape);
     scored->copy_prefix_from(*full, n);
     repeat_pass(*scored, ids, begin);
@@ -66,9 +78,9 @@ HiddenScorer Runner::calibrate_kvzap() {
         }
       }
     }
-    if (doc + 1 == kvzap_documents_.size()) held_out = n - begin;
-    std::fprintf(stderr, "kvzap calibration: document %zu/%zu scored (%lld tokens)\n", doc + 1,
-                 kvzap_documents_.size(), static_cast<long long>(n - begin));
+    if (chunks[i].doc + 1 == kvzap_documents_.size()) held_out += n - begin;
+    std::fprintf(stderr, "kvzap calibration: chunk %zu/%zu scored (%lld tokens)\n", i + 1,
+                 chunks.size(), static_cast<long long>(n - begin));
   }
   HiddenScorer scorer(c.layers, shape.kv_heads, c.hidden);
   scorer.held_out_r2.assign(c.layers, 0.0f);

@@ -109,6 +109,26 @@ std::vector<PolicyEntry> make_registry() {
                if (!s.output_factors) throw std::runtime_error(s.name + " needs output factors");
                return ReconstructionEvict(eviction_budget(s, scope), s.output_factors);
              });
+  // KVzip+ taken apart: only the value norms |W_o v|, or only the query weights 1 / |x|.
+  for (const bool value_norms : {true, false}) {
+    DriverNeeds part = value_norms ? repeat_plus : repeat;
+    part.shared_scores = value_norms ? "kvzip-vnorm" : "kvzip-qnorm";
+    const auto make = stage([value_norms](const PolicySpec& s) {
+      if (value_norms && !s.output_factors) throw std::runtime_error(s.name + " needs factors");
+      return value_norms
+                 ? ReconstructionEvict(eviction_budget(s, BudgetScope::kGlobal), s.output_factors)
+                 : ReconstructionEvict(eviction_budget(s, BudgetScope::kGlobal));
+    });
+    add({part.shared_scores,
+         value_norms ? "KVzip+ without its query weights: probabilities times |W_o v| only"
+                     : "KVzip+ without its value norms: probabilities times 1 / |x| only",
+         RowKnob::kKeep, BudgetScope::kGlobal, part, true,
+         [make, value_norms](const PolicySpec& s, const ModelShape& shape, const Quantize* q) {
+           auto cache = make(s, shape, q);
+           cache->set_query_weights(!value_norms);
+           return cache;
+         }});
+  }
   DriverNeeds scorer;
   scorer.hidden_scorer = true;
   add_scopes("kvzap",

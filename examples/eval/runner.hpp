@@ -30,6 +30,8 @@ struct Settings {
   std::string head_scores_file;
   /// kvzap: scorer file to load, or to write after calibrating one (calibrate_kvzap).
   std::string kvzap_scorer_file;
+  /// kvzap: the scores the scorer is fitted to: "kvzip-plus" (the paper's) or "kvzip".
+  std::string kvzap_target = "kvzip-plus";
   /// Keep the full prefill's attention inputs (kvzap rows score their copy of it with them).
   bool capture_hidden = false;
 };

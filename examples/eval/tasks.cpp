@@ -193,7 +193,8 @@ std::string default_text() {
 
 std::vector<std::string> kvzap_documents() {
   std::vector<std::string> docs;
-  for (const char* f : {"BSD", "CC0-1.0", "GPL-1", "MPL-1.1", "LGPL-3"}) {
+  for (const char* f : {"Apache-2.0", "Artistic", "BSD", "CC0-1.0", "GFDL-1.2", "GFDL-1.3", "GPL-1",
+                        "GPL-2", "LGPL-2", "LGPL-2.1", "MPL-1.1", "MPL-2.0", "LGPL-3"}) {
     try {
       docs.push_back(read_file(std::string("/usr/share/common-licenses/") + f));
     } catch (const std::exception&) {

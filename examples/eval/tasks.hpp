@@ -46,8 +46,8 @@ std::vector<RetrievalTask> make_kv_tasks(const llama::Tokenizer& tokenizer, int6
 /// (natural English prose, present on every Debian machine). Throws when none is readable.
 std::string default_text();
 
-/// KVzap's calibration documents: license texts default_text() does not contain (GPL-1, LGPL-3,
-/// MPL-1.1, CC0-1.0, BSD from /usr/share/common-licenses, LGPL-3 last: the held-out one).
+/// KVzap's calibration documents: every license text in /usr/share/common-licenses but GPL-3,
+/// whose start is the text run's scored window (LGPL-3 last: the held-out one).
 std::vector<std::string> kvzap_documents();
 
 std::string read_file(const std::string& path);

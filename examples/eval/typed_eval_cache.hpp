@@ -19,6 +19,10 @@ class SwitchableAdapter : public llama::AttentionCache {
   explicit SwitchableAdapter(Cache& cache) : cache_(&cache) {}
   void rebind(Cache& cache) { cache_ = &cache; }
   void set_observe(bool on) { observe_ = on; }
+  /// Query weights 1 / ‖x_t‖ to observe(): on, off, or (-1) exactly when the policy has output
+  /// factors (KVzip+). The ablation rows set them apart.
+  void set_query_weights(int mode) { query_weights_ = mode; }
+  int query_weights() const { return query_weights_; }
 
   void append(int layer, const float* k, const float* v, const int64_t* positions,
               int64_t n) override {
@@ -40,7 +44,9 @@ class SwitchableAdapter : public llama::AttentionCache {
     // KVzip+ weighs each query token by 1 / ‖x_t‖; plain probabilities for every other policy.
     Span<const float> weights;
     if constexpr (Selection::score_source == ScoreSource::kObservedQueries) {
-      if (selection().value_weights() != nullptr) weights = {query_weights, std::size_t(n)};
+      const bool on =
+          query_weights_ < 0 ? selection().value_weights() != nullptr : query_weights_ == 1;
+      if (on) weights = {query_weights, std::size_t(n)};
     }
     cache_->observe(layer, ActivationView::nhd(q, n, s.q_heads, s.head_dim),
                     Positions(positions, static_cast<size_t>(n)), weights);
@@ -71,6 +77,7 @@ class SwitchableAdapter : public llama::AttentionCache {
   Cache* cache_;
   bool observe_ = false;
   bool capture_ = false;
+  int query_weights_ = -1;
   std::vector<std::vector<float>> captured_;  // per layer: tokens × hidden
 };
 
@@ -79,10 +86,13 @@ class TypedEvalCache : public EvalCache {
  public:
   TypedEvalCache(const ModelShape& shape, const Policy& policy)
       : cache_(shape, policy), adapter_(cache_) {}
-  TypedEvalCache(const TypedEvalCache& other) : cache_(other.cache_), adapter_(cache_) {}
+  TypedEvalCache(const TypedEvalCache& other) : cache_(other.cache_), adapter_(cache_) {
+    adapter_.set_query_weights(other.adapter_.query_weights());
+  }
 
   llama::AttentionCache& attention() override { return adapter_; }
   void set_observe(bool on) override { adapter_.set_observe(on); }
+  void set_query_weights(bool on) override { adapter_.set_query_weights(on ? 1 : 0); }
   void set_window(const ScoreWindow& window) override {
     if constexpr (std::is_base_of_v<QueryScoredEviction, Selection>) selection().window = window;
   }

@@ -41,8 +41,9 @@ const char* kHelp =
     "  --group N            quantization group size (default 32)\n"
     "  --residual N         newest tokens kept in fp16 by quant (default 128)\n"
     "  --threshold LIST     LazyLayerDrop thresholds (default 0.9, from the mass measured on\n"
-    "                       SmolLM2, docs/evaluation.md)\n"
-    "  --lazy-recent LIST   LazyLayerDrop recent windows in tokens (default 1024)\n"
+    "                       SmolLM2, docs/evaluation.md); kvzap-threshold: log-scores\n"
+    "  --lazy-recent LIST   recent windows in tokens of LazyLayerDrop and kvzap-threshold\n"
+    "                       (default 1024)\n"
     "  --sinks N            protected first tokens (default: the system prompt, or 4)\n"
     "  --xkv-group LIST     CrossLayerSVD layers per group (default 4)\n"
     "  --cskv-residual N    ChannelShrink exact residual (default 32); its projections are\n"
@@ -171,7 +172,7 @@ Options parse_options(int argc, char** argv) {
       }
     } else if (a == "--threshold") {
       o.thresholds.clear();
-      for (const auto& t : split(value(i))) o.thresholds.push_back(parse_double(a, t, 0.0, 1.0));
+      for (const auto& t : split(value(i))) o.thresholds.push_back(parse_double(a, t, -87.0, 88.0));
     } else if (a == "--ratio") {
       o.ratios.clear();
       o.ratios_given = true;

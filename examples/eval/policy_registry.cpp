@@ -138,6 +138,15 @@ std::vector<PolicyEntry> make_registry() {
                if (!s.kvzap_scorer) throw std::runtime_error(s.name + " needs a fitted scorer");
                return KVzap(s.kvzap_scorer, eviction_budget(s, scope));
              });
+  add({"kvzap-threshold",
+       "KVzap by threshold: evict every token whose log-score is below --threshold, outside the "
+       "sinks and a recent window of --lazy-recent tokens (kvpress's ThresholdPress)",
+       RowKnob::kThreshold, BudgetScope::kPerHead, scorer, true, stage([](const PolicySpec& s) {
+         if (!s.kvzap_scorer) throw std::runtime_error(s.name + " needs a fitted scorer");
+         Budget protection = eviction_budget(s, BudgetScope::kPerHead);
+         protection.recent_tokens = s.lazy_recent;
+         return KVzap::with_threshold(s.kvzap_scorer, s.threshold, protection);
+       })});
   DriverNeeds heads;
   heads.head_scores = true;
   add({"kvzip-head",

@@ -22,7 +22,7 @@ namespace kvpack {
 
 /// \brief KVzap's linear scorer: per layer, s = x · W + b, one log-score per kv head for a
 /// token whose attention input (the RMS-normed hidden state the layer's Q/K/V projections read)
-/// is x [hidden]. Fitted to log KVzip+ scores by ridge regression (kvpack-eval --calibrate).
+/// is x [hidden]. Fitted to log KVzip+ scores by ridge regression (kvpack-eval --kvzap-scorer).
 ///
 /// File format (little-endian): "KVPKZAPL", u32 version (1), u32 layers, u32 kv_heads, u32
 /// hidden, f32 weight (layers × hidden × kv_heads), f32 bias (layers × kv_heads), u64 count and
@@ -63,16 +63,14 @@ struct HiddenScorer {
     s.rowwise() += b;
   }
 
-  /// Made for `shape`'s layers and kv heads and for `hidden_size` inputs (0: any), every weight
-  /// and bias finite.
-  void validate(const ModelShape& shape, const char* where, int hidden_size = 0) const {
+  /// Made for `shape`'s layers and kv heads, hidden > 0, every weight and bias finite (the
+  /// hidden size is the engine's: observe_hidden() checks its inputs against it).
+  void validate(const ModelShape& shape, const char* where) const {
     detail::require(
         layers == shape.layers && kv_heads == shape.kv_heads, where, "scorer layers x kv_heads",
         [&] { return detail::concat(layers, " x ", kv_heads); },
         [&] { return detail::concat(shape.layers, " x ", shape.kv_heads, " (the model's)"); });
-    detail::require(hidden > 0 && (hidden_size == 0 || hidden == hidden_size), where,
-                    "scorer hidden", hidden,
-                    [&] { return hidden_size ? detail::concat(hidden_size) : std::string("> 0"); });
+    detail::require(hidden > 0, where, "scorer hidden", hidden, "> 0");
     detail::require(
         weight.size() == static_cast<std::size_t>(layers) * hidden * kv_heads &&
             bias.size() == static_cast<std::size_t>(layers) * kv_heads,
@@ -177,7 +175,7 @@ struct KVzap : EvictionPolicy {
   void validate(const ModelShape& shape) const {
     EvictionPolicy::validate(shape);
     detail::require(scorer != nullptr, "KVzap", "scorer", "null",
-                    "a fitted scorer (HiddenScorer::load, kvpack-eval --calibrate)");
+                    "a fitted scorer (HiddenScorer::load, kvpack-eval --kvzap-scorer)");
     scorer->validate(shape, "KVzap");
     detail::require(std::isnan(threshold) || (threshold >= -87.0 && threshold <= 88.0), "KVzap",
                     "threshold", threshold, "a log-score in [-87, 88], or NaN (use the budget)");

@@ -152,13 +152,20 @@ void KVCache<Policy, backend::Cpu>::observe_hidden(int layer, const ActivationVi
       });
   detail::check_values(where, "x", x, std::numeric_limits<float>::max());
   detail::check_query_positions(where, positions, x.tokens(), layers_[layer]);
-  // Every log-score first (a contiguous fp32 copy of x, then one GEMM), then the stores.
+  // Every log-score first (one GEMM over x: read in place when it is fp32, else converted),
+  // then the stores.
   const int64_t n = x.tokens();
   const int heads = shape_.kv_heads;
-  std::vector<float> rows(static_cast<std::size_t>(n) * scorer.hidden);
-  for (int64_t t = 0; t < n; ++t) x.load(t, 0, rows.data() + t * scorer.hidden);
+  const float* rows = x.f32_row(0, 0);
+  int64_t stride = n > 1 && rows != nullptr ? x.f32_row(1, 0) - rows : scorer.hidden;
+  std::vector<float> converted;
+  if (rows == nullptr) {
+    converted.resize(static_cast<std::size_t>(n) * scorer.hidden);
+    for (int64_t t = 0; t < n; ++t) x.load(t, 0, converted.data() + t * scorer.hidden);
+    rows = converted.data();
+  }
   std::vector<float> log_scores(static_cast<std::size_t>(n) * heads);
-  scorer.score(layer, rows.data(), n, scorer.hidden, log_scores.data());
+  scorer.score(layer, rows, n, stride, log_scores.data());
   for (std::size_t i = 0; i < log_scores.size(); ++i) {
     if (std::isnan(log_scores[i])) {  // inf - inf inside the dot product of huge inputs
       throw error(detail::concat(where, ": the scorer's log-score of token ", i / heads,

@@ -9,11 +9,12 @@ namespace kvpack::eval {
 namespace {
 
 /// The eviction budget of a row: its keep ratio, the entry's scope, and its protected sinks
-/// (the system prompt, set by the runner; 4 when built without one).
+/// (the system prompt, set by the runner; 4 when built without one). No recent window: a row
+/// compresses a context once, before any question, as in the papers' context-compression
+/// tables (the library's default window protects decode tokens, which these rows do not evict).
 Budget eviction_budget(const PolicySpec& spec, BudgetScope scope) {
-  Budget b = Budget::ratio(spec.keep, scope);
-  b.sink_tokens = spec.sinks >= 0 ? spec.sinks : 4;
-  return b;
+  return Budget::ratio(spec.keep, scope)
+      .with_protection(spec.sinks >= 0 ? spec.sinks : Budget::kDefaultSinkTokens, 0);
 }
 
 /// A factory for the selection stage `select(spec)`: alone, or composed with the row's KIVI.

@@ -23,6 +23,12 @@ enum class BudgetScope {
 /// when protection alone exceeds it, protection wins. A head that holds tokens always keeps at
 /// least one, even when a global threshold or a head-level choice would take them all.
 ///
+/// Protection is on by default: kDefaultSinkTokens (4, the attention sinks of StreamingLLM, Xiao
+/// et al. 2023) and kDefaultRecentTokens (32, SnapKV's observation window, Li et al. 2024), so a
+/// compress() during decoding never evicts position 0 or the tokens just generated. Both hold on
+/// any model (they are token counts, not layers). `with_protection(0, 0)` selects on scores
+/// alone, as the papers' context-compression tables do.
+///
 /// Over a growing sequence: policies that score from K/V (L2NormEvict) score every token at
 /// each compress(), so the budget covers the whole sequence and decode tokens compete with the
 /// context. Policies that score from observed queries (ReconstructionEvict) apply the budget to
@@ -31,11 +37,14 @@ enum class BudgetScope {
 /// squeeze the scored context out as decoding goes on; the price is that such a cache grows by
 /// the unscored tokens.
 struct Budget {
+  static constexpr int64_t kDefaultSinkTokens = 4;
+  static constexpr int64_t kDefaultRecentTokens = 32;
+
   double keep_ratio = 0.5;  ///< fraction of appended tokens kept, in (0, 1]
   int64_t keep_tokens = 0;  ///< when > 0: a fixed token count per (layer, head); overrides ratio
   BudgetScope scope = BudgetScope::kPerHead;
-  int64_t sink_tokens = 0;    ///< first tokens of the sequence always kept
-  int64_t recent_tokens = 0;  ///< last tokens held always kept
+  int64_t sink_tokens = kDefaultSinkTokens;      ///< first tokens of the sequence always kept
+  int64_t recent_tokens = kDefaultRecentTokens;  ///< last tokens held always kept
 
   static Budget ratio(double keep, BudgetScope scope = BudgetScope::kPerHead) {
     Budget b;
@@ -47,6 +56,14 @@ struct Budget {
     Budget b;
     b.keep_tokens = keep;
     b.scope = scope;
+    return b;
+  }
+
+  /// This budget with `sinks` first and `recent` last tokens protected (0, 0: none).
+  Budget with_protection(int64_t sinks, int64_t recent) const {
+    Budget b = *this;
+    b.sink_tokens = sinks;
+    b.recent_tokens = recent;
     return b;
   }
 

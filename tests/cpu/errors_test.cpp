@@ -169,7 +169,8 @@ TEST_CASE("errors: accessors", "[errors]") {
 
 TEST_CASE("errors: a query before every kept key of a head is refused", "[errors]") {
   const ModelShape shape{1, 3, 3, 64, {}};
-  kvpack::KVCache<L2NormEvict> cache(shape, L2NormEvict(Budget::tokens(1), 0));
+  kvpack::KVCache<L2NormEvict> cache(shape,
+                                     L2NormEvict(Budget::tokens(1).with_protection(0, 0), 0));
   kvpack_test::fill_layer(cache, 0, 50, 4);
   cache.compress();  // each head keeps one token, likely not position 0
   int64_t first = 0;

@@ -38,7 +38,8 @@ const ModelShape kShape{4, 9, 3, 64, {}};
 
 TEST_CASE("L2NormEvict: per head keeps exactly the lowest-norm keys", "[eviction]") {
   for (double keep : {0.1, 0.25, 0.5, 1.0}) {
-    kvpack::KVCache<L2NormEvict> cache(kShape, L2NormEvict(Budget::ratio(keep), /*skip=*/1));
+    kvpack::KVCache<L2NormEvict> cache(
+        kShape, L2NormEvict(Budget::ratio(keep).with_protection(0, 0), /*skip=*/1));
     for (int l = 0; l < kShape.layers; ++l) kvpack_test::fill_layer(cache, l, 1000, 100 + l, 256);
     std::vector<kvpack::DenseLayer> before;
     for (int l = 0; l < kShape.layers; ++l) before.push_back(cache.materialize(l));
@@ -91,8 +92,8 @@ TEST_CASE("L2NormEvict: sinks and the recent window are always kept", "[eviction
 }
 
 TEST_CASE("L2NormEvict: global scope applies one threshold across layers and heads", "[eviction]") {
-  kvpack::KVCache<L2NormEvict> cache(kShape,
-                                     L2NormEvict(Budget::ratio(0.3, BudgetScope::kGlobal), 0));
+  kvpack::KVCache<L2NormEvict> cache(
+      kShape, L2NormEvict(Budget::ratio(0.3, BudgetScope::kGlobal).with_protection(0, 0), 0));
   // Different scales per layer so the global threshold gives clearly ragged budgets.
   for (int l = 0; l < kShape.layers; ++l) {
     const int64_t n = 400;
@@ -150,22 +151,23 @@ TEST_CASE("L2NormEvict: global scope applies one threshold across layers and hea
 
 TEST_CASE("L2NormEvict: the paper's layer skip is a default that fits any model", "[eviction]") {
   // Layers [0, min(2, layers - 1)) stay whole: 1- and 2-layer models compress their last layer
-  // instead of refusing a knob nobody set; an explicit skip is taken as given.
+  // instead of refusing a knob nobody set; an explicit skip is taken as given. 200 tokens: the
+  // budget (50) exceeds the default protection (4 sinks + 32 recent).
   for (int layers : {1, 2, 3, 4}) {
     INFO("layers " << layers);
     const ModelShape shape{layers, 9, 3, 64, {}};
     kvpack::KVCache<L2NormEvict> cache(shape, L2NormEvict(Budget::ratio(0.25)));
-    for (int l = 0; l < layers; ++l) kvpack_test::fill_layer(cache, l, 100, 50 + l);
+    for (int l = 0; l < layers; ++l) kvpack_test::fill_layer(cache, l, 200, 50 + l);
     cache.compress();
     const int first = std::min(2, layers - 1);
-    for (int l = 0; l < layers; ++l) CHECK(cache.tokens(l, 1) == (l < first ? 100 : 25));
+    for (int l = 0; l < layers; ++l) CHECK(cache.tokens(l, 1) == (l < first ? 200 : 50));
   }
   kvpack::KVCache<L2NormEvict> explicit_skip(ModelShape{4, 9, 3, 64, {}},
                                              L2NormEvict(Budget::ratio(0.25), 3));
-  for (int l = 0; l < 4; ++l) kvpack_test::fill_layer(explicit_skip, l, 100, 60 + l);
+  for (int l = 0; l < 4; ++l) kvpack_test::fill_layer(explicit_skip, l, 200, 60 + l);
   explicit_skip.compress();
-  CHECK(explicit_skip.tokens(2, 0) == 100);
-  CHECK(explicit_skip.tokens(3, 0) == 25);
+  CHECK(explicit_skip.tokens(2, 0) == 200);
+  CHECK(explicit_skip.tokens(3, 0) == 50);
   CHECK_THROWS_WITH((kvpack::KVCache<L2NormEvict>(ModelShape{1, 9, 3, 64, {}},
                                                   L2NormEvict(Budget::ratio(0.25), 2))),
                     Catch::Contains("skip_layers = 2"));

@@ -28,8 +28,7 @@ std::set<int64_t> kept_positions(const kvpack::DenseHead& head) {
 TEST_CASE("StreamingLLM keeps the sinks and the newest tokens up to the budget", "[baselines]") {
   for (auto scope : {BudgetScope::kPerHead, BudgetScope::kGlobal}) {
     for (double keep : {0.1, 0.25, 0.5}) {
-      Budget budget = Budget::ratio(keep, scope);
-      budget.sink_tokens = 4;
+      Budget budget = Budget::ratio(keep, scope).with_protection(4, 0);
       kvpack::KVCache<kvpack::StreamingLLM> cache(kShape, kvpack::StreamingLLM(budget));
       for (int l = 0; l < 2; ++l) kvpack_test::fill_layer(cache, l, 300, 10 + l, 64);
       cache.compress();
@@ -45,8 +44,7 @@ TEST_CASE("StreamingLLM keeps the sinks and the newest tokens up to the budget",
     }
   }
   SECTION("decoding: the window slides, the sinks stay") {
-    Budget budget = Budget::tokens(64);
-    budget.sink_tokens = 4;
+    Budget budget = Budget::tokens(64).with_protection(4, 0);
     kvpack::KVCache<kvpack::StreamingLLM> cache(kShape, kvpack::StreamingLLM(budget));
     for (int l = 0; l < 2; ++l) kvpack_test::fill_layer(cache, l, 100, 30 + l);
     cache.compress();
@@ -111,8 +109,8 @@ std::set<int64_t> snapkv_brute_force(const kvpack::DenseHead& head, const std::v
 TEST_CASE("SnapKV keeps the observation window and the best pooled scores", "[baselines]") {
   const int64_t n = 400, window = 32;
   for (int kernel : {1, 7}) {
-    kvpack::KVCache<kvpack::SnapKV> cache(kShape,
-                                          kvpack::SnapKV(Budget::ratio(0.3), window, kernel));
+    kvpack::KVCache<kvpack::SnapKV> cache(
+        kShape, kvpack::SnapKV(Budget::ratio(0.3).with_protection(0, 0), window, kernel));
     for (int l = 0; l < 2; ++l) kvpack_test::fill_layer(cache, l, n, 40 + l, 100);
     const auto q = random_values(window * kShape.q_heads * 64, 50, 3.0f);
     const auto qpos = kvpack_test::iota_positions(window, n - window);

@@ -67,7 +67,8 @@ TEST_CASE("KVzip+: scores are max over queries and the GQA group of p * weight *
   const int64_t context = 80, repeat = 24;
   const int d = kShape.head_dim, g = kShape.group_size();
   kvpack::KVCache<ReconstructionEvict> cache(
-      kShape, ReconstructionEvict(Budget::ratio(0.25, BudgetScope::kGlobal), factors_of(w)));
+      kShape, ReconstructionEvict(Budget::ratio(0.25, BudgetScope::kGlobal).with_protection(0, 0),
+                                  factors_of(w)));
   for (int l = 0; l < 2; ++l) kvpack_test::fill_layer(cache, l, context + repeat, 10 + 5 * l);
   const auto q = kvpack_test::random_values(repeat * kShape.q_heads * d, 3, 2.0f);
   const auto qpos = kvpack_test::iota_positions(repeat, context);

@@ -83,7 +83,8 @@ TEST_CASE("Global and head-level budgets leave every head at least one token", "
   SECTION("ReconstructionEvict, global threshold, no sinks") {
     for (double keep : {0.02, 0.1, 0.3}) {
       kvpack::KVCache<kvpack::ReconstructionEvict> cache(
-          shape, kvpack::ReconstructionEvict(Budget::ratio(keep, BudgetScope::kGlobal)));
+          shape, kvpack::ReconstructionEvict(
+                     Budget::ratio(keep, BudgetScope::kGlobal).with_protection(0, 0)));
       append(cache);
       const auto q = random_values(16 * 4 * 64, 9, 3.0f);
       cache.observe(0, ActivationView::nhd(q.data(), 16, 4, 64),
@@ -101,7 +102,7 @@ TEST_CASE("Global and head-level budgets leave every head at least one token", "
     scores->score = {0.1f, 0.9f};
     for (auto scope : {BudgetScope::kGlobal, BudgetScope::kPerHead}) {
       kvpack::KVCache<kvpack::HeadLevelEvict> cache(
-          shape, kvpack::HeadLevelEvict(scores, Budget::ratio(0.5, scope)));
+          shape, kvpack::HeadLevelEvict(scores, Budget::ratio(0.5, scope).with_protection(0, 0)));
       append(cache);
       cache.compress();
       REQUIRE(cache.tokens(0, 0) == 1);  // the dropped head keeps its best token: the first
@@ -139,8 +140,7 @@ void decode(Cache& cache, Check&& check) {
 
 TEST_CASE("KVzip budgets over a growing sequence keep the scored context", "[reliability]") {
   for (auto scope : {BudgetScope::kGlobal, BudgetScope::kPerHead}) {
-    Budget budget = Budget::ratio(0.3, scope);
-    budget.sink_tokens = 4;
+    Budget budget = Budget::ratio(0.3, scope).with_protection(4, 0);
     kvpack::KVCache<kvpack::ReconstructionEvict> cache(kDecodeShape,
                                                        kvpack::ReconstructionEvict(budget));
     for (int l = 0; l < 2; ++l) append_random(cache, l, 0, kContext, 40 + l);
@@ -231,6 +231,66 @@ TEST_CASE("Head-level and lazy-layer budgets over a growing sequence", "[reliabi
         }
       }
     });
+  }
+}
+
+TEST_CASE("Eviction budgets protect 4 sinks and the 32 newest tokens unless told otherwise",
+          "[reliability]") {
+  // Whether one head holds every position in [first, end).
+  const auto holds = [](const auto& cache, int l, int h, int64_t first, int64_t end) {
+    const auto held = cache.materialize(l);
+    const auto& p = held.heads[h].positions;
+    for (int64_t x = first; x < end; ++x) {
+      if (std::find(p.begin(), p.end(), x) == p.end()) return false;
+    }
+    return true;
+  };
+  REQUIRE(Budget::ratio(0.25).sink_tokens == Budget::kDefaultSinkTokens);
+  REQUIRE(Budget::tokens(8).recent_tokens == Budget::kDefaultRecentTokens);
+  SECTION("L2NormEvict: decode keys compete with the context, the newest 32 stay") {
+    kvpack::KVCache<kvpack::L2NormEvict> cache(kDecodeShape,
+                                               kvpack::L2NormEvict(Budget::ratio(0.25), 0));
+    for (int l = 0; l < 2; ++l) append_random(cache, l, 0, kContext, 60 + l);
+    cache.compress();
+    decode(cache, [&](int64_t step) {
+      const int64_t end = kContext + step + 1;
+      for (int l = 0; l < 2; ++l) {
+        for (int h = 0; h < 2; ++h) {
+          REQUIRE(holds(cache, l, h, 0, 4));
+          REQUIRE(holds(cache, l, h, end - 32, end));
+        }
+      }
+    });
+  }
+  SECTION("ReconstructionEvict: sinks and the last 32 scored tokens") {
+    kvpack::KVCache<kvpack::ReconstructionEvict> cache(
+        kDecodeShape, kvpack::ReconstructionEvict(Budget::ratio(0.25, BudgetScope::kGlobal)));
+    for (int l = 0; l < 2; ++l) append_random(cache, l, 0, kContext, 60 + l);
+    repeat_pass(cache, kContext, 64, 91);
+    cache.compress();
+    for (int l = 0; l < 2; ++l) {
+      for (int h = 0; h < 2; ++h) {
+        REQUIRE(holds(cache, l, h, 0, 4));
+        REQUIRE(holds(cache, l, h, kContext - 32, kContext));
+      }
+    }
+  }
+  SECTION("HeadLevelEvict: a dropped head keeps its sinks and recent window") {
+    auto scores = std::make_shared<kvpack::HeadScores>();
+    scores->layers = 2;
+    scores->kv_heads = 2;
+    scores->score = {0.1f, 0.9f, 0.8f, 0.2f};
+    kvpack::KVCache<kvpack::HeadLevelEvict> cache(
+        kDecodeShape, kvpack::HeadLevelEvict(scores, Budget::ratio(0.5, BudgetScope::kGlobal)));
+    for (int l = 0; l < 2; ++l) append_random(cache, l, 0, kContext, 60 + l);
+    cache.compress();
+    REQUIRE(cache.tokens(0, 0) == 4 + 32);
+    REQUIRE(holds(cache, 0, 0, 0, 4));
+    REQUIRE(holds(cache, 0, 0, kContext - 32, kContext));
+  }
+  SECTION("with_protection(0, 0) selects on scores alone") {
+    const auto b = Budget::ratio(0.25).with_protection(0, 0);
+    REQUIRE((b.sink_tokens == 0 && b.recent_tokens == 0 && b.keep_ratio == 0.25));
   }
 }
 

@@ -101,8 +101,7 @@ TEST_CASE(
     "[scoring][kvzip]") {
   for (auto scope : {BudgetScope::kPerHead, BudgetScope::kGlobal}) {
     RepeatScenario sc;
-    Budget budget = Budget::ratio(0.3, scope);
-    budget.sink_tokens = 4;
+    Budget budget = Budget::ratio(0.3, scope).with_protection(4, 0);
     kvpack::KVCache<ReconstructionEvict> cache(kShape, ReconstructionEvict(budget));
     kvpack_test::fill_layer(cache, 1, sc.context + sc.repeat, 30);  // context + repeat prompt
     kvpack_test::fill_layer(cache, 0, sc.context + sc.repeat, 40);
@@ -146,8 +145,7 @@ TEST_CASE(
 
 TEST_CASE("ReconstructionEvict: chunk-local softmax windows", "[scoring][kvzip]") {
   RepeatScenario sc;
-  Budget budget = Budget::ratio(0.5);
-  budget.sink_tokens = 4;
+  Budget budget = Budget::ratio(0.5).with_protection(4, 0);
   kvpack::KVCache<ReconstructionEvict> cache(kShape, ReconstructionEvict(budget));
   kvpack_test::fill_layer(cache, 0, sc.context + sc.repeat, 50);
   kvpack_test::fill_layer(cache, 1, sc.context + sc.repeat, 51);
@@ -332,7 +330,10 @@ TEST_CASE("KVzip head level: bad scores and budgets are refused", "[scoring][hea
 }
 
 TEST_CASE("ReconstructionEvict: bad calls are refused and change nothing", "[scoring][errors]") {
-  kvpack::KVCache<ReconstructionEvict> cache(kShape);
+  // No protection: with the default 4 + 32 protected tokens the budget (30 of 100) would keep
+  // the same set in every head, and the rollback below would be allowed.
+  kvpack::KVCache<ReconstructionEvict> cache(
+      kShape, ReconstructionEvict(Budget::ratio(0.3, BudgetScope::kGlobal).with_protection(0, 0)));
   kvpack_test::fill_layer(cache, 0, 100, 1);
   const std::size_t bytes = cache.bytes();
   REQUIRE_THROWS_WITH(cache.compress(), Contains("observe()"));

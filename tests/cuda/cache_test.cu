@@ -342,9 +342,9 @@ TEST_CASE("CUDA L2NormEvict global budget: ragged kept sets equal the CPU's", "[
     require_same_attention_everywhere(cpu, gpu, seed++);
     // Without protection a head may lose everything: the CPU and CUDA caches agree on that too.
     KVCache<L2NormEvict, backend::Cpu> cpu0(
-        s, L2NormEvict(Budget::tokens(3, BudgetScope::kGlobal), 0));
+        s, L2NormEvict(Budget::tokens(3, BudgetScope::kGlobal).with_protection(0, 0), 0));
     KVCache<L2NormEvict, backend::Cuda> gpu0(
-        s, L2NormEvict(Budget::tokens(3, BudgetScope::kGlobal), 0));
+        s, L2NormEvict(Budget::tokens(3, BudgetScope::kGlobal).with_protection(0, 0), 0));
     feed_sequence(s, 40, 0, true, cpu0, gpu0);
     cpu0.compress();
     gpu0.compress();
@@ -491,9 +491,9 @@ TEST_CASE("CUDA errors: every bad call throws the CPU's message and changes noth
 
   // Heads that lost their first tokens refuse earlier queries with the CPU's message.
   KVCache<L2NormEvict, backend::Cpu> cpu1(ModelShape{1, 3, 3, 64, {}},
-                                          L2NormEvict(Budget::tokens(1), 0));
+                                          L2NormEvict(Budget::tokens(1).with_protection(0, 0), 0));
   KVCache<L2NormEvict, backend::Cuda> gpu1(ModelShape{1, 3, 3, 64, {}},
-                                           L2NormEvict(Budget::tokens(1), 0));
+                                           L2NormEvict(Budget::tokens(1).with_protection(0, 0), 0));
   feed(cpu1.shape(), 0, 0, 50, 0, true, cpu1, gpu1);
   cpu1.compress();
   gpu1.compress();

@@ -94,10 +94,7 @@ struct HeadLevelEvict : EvictionPolicy {
   static constexpr ScoreSource score_source = ScoreSource::kHeadScores;
   std::shared_ptr<const HeadScores> scores;
 
-  HeadLevelEvict() {
-    budget = Budget::ratio(0.5, BudgetScope::kGlobal);
-    budget.sink_tokens = 4;
-  }
+  HeadLevelEvict() { budget = Budget::ratio(0.5, BudgetScope::kGlobal); }
   HeadLevelEvict(std::shared_ptr<const HeadScores> s, Budget b) : scores(std::move(s)) {
     budget = b;
   }

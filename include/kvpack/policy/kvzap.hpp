@@ -160,8 +160,7 @@ struct KVzap : EvictionPolicy {
 
   KVzap() {
     budget = Budget::ratio(0.5, BudgetScope::kGlobal);
-    budget.sink_tokens = 4;
-    budget.recent_tokens = 128;
+    budget.recent_tokens = 128;  // kvpress's KVzap window; sinks: the Budget default (4)
   }
   KVzap(std::shared_ptr<const HiddenScorer> s, Budget b) : scorer(std::move(s)) { budget = b; }
   /// Threshold eviction (the budget's keep ratio is then unused; its sinks and window are not).

@@ -16,8 +16,8 @@ namespace kvpack {
 /// Knobs (paper defaults): budget (keep ratio 0.5, per head), layers 0–1 left whole (the paper
 /// finds no norm–attention correlation there). The default skip is kPaperSkip: 2 layers, capped
 /// at layers − 1 so a model of 1 or 2 layers is still compressed (its last layer) instead of
-/// refused; an explicit skip is taken as given (and refused past the model's layers). Sinks and a
-/// recent window can be protected through the budget.
+/// refused; an explicit skip is taken as given (and refused past the model's layers). The
+/// budget protects 4 sinks and the 32 most recent tokens unless told otherwise (Budget).
 struct L2NormEvict : EvictionPolicy {
   static constexpr const char* name = "L2NormEvict";
   static constexpr int kPaperSkipLayers = 2;

@@ -20,12 +20,13 @@ namespace kvpack {
 
 /// \brief KVzip scoring + budgeted eviction.
 ///
-/// Knobs (paper defaults): budget keep 0.3, global scope, sinks protected (`budget.sink_tokens`,
-/// the system prompt; 4 by default). `window` is the softmax window of the next observe() calls:
-/// set it per repeated chunk (ScoreWindow::chunk) for the chunk-local softmax of the reference,
-/// or leave ScoreWindow::all(). Tokens no observed query has seen (e.g. a question or decode
-/// tokens appended after scoring) are never evicted and do not count against the budget, which
-/// applies to the scored tokens (Budget: "over a growing sequence").
+/// Knobs (paper defaults): budget keep 0.3, global scope; protected as every Budget by default
+/// (4 sinks, the 32 most recent tokens; set the sinks to the system prompt's length). `window` is
+/// the softmax window of the next observe() calls: set it per repeated chunk (ScoreWindow::chunk)
+/// for the chunk-local softmax of the reference, or leave ScoreWindow::all(). Tokens no observed
+/// query has seen (e.g. a question or decode tokens appended after scoring) are never evicted and
+/// do not count against the budget, which applies to the scored tokens (Budget: "over a growing
+/// sequence").
 ///
 /// KVzip+ (KVzap, arXiv 2601.07891, §3): with `output_factors` set, the probability that query
 /// head h of token t gives key j is multiplied by ‖W_o,h · v_j‖ (the norm of the value's
@@ -38,10 +39,7 @@ struct ReconstructionEvict : QueryScoredEviction {
   static constexpr const char* name = "ReconstructionEvict";
   std::shared_ptr<const OutputFactors> output_factors;  ///< KVzip+ when set (see above)
 
-  ReconstructionEvict() {
-    budget = Budget::ratio(0.3, BudgetScope::kGlobal);
-    budget.sink_tokens = 4;
-  }
+  ReconstructionEvict() { budget = Budget::ratio(0.3, BudgetScope::kGlobal); }
   explicit ReconstructionEvict(Budget b) { budget = b; }
   /// KVzip+ scoring with the model's output factors (OutputFactors::set_layer per layer).
   ReconstructionEvict(Budget b, std::shared_ptr<const OutputFactors> factors)

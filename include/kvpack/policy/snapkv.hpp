@@ -20,7 +20,8 @@ namespace kvpack {
 /// (softmax over every key the query sees), then max-pooled over `pool_kernel` neighbouring
 /// held tokens so that kept tokens come with their context. Each (layer, kv head) keeps its
 /// best tokens up to the budget, plus the observation window itself (budget.recent_tokens).
-/// Knobs (paper): window 32, pooling kernel 7 (max), top-k per head; no sinks.
+/// Knobs (paper): window 32, pooling kernel 7 (max), top-k per head. The paper protects no
+/// sinks; the Budget default keeps 4 (`budget.sink_tokens = 0` for the paper's choice).
 struct SnapKV : QueryScoredEviction {
   static constexpr const char* name = "SnapKV";
   static constexpr QueryReduction query_reduction = QueryReduction::kSum;

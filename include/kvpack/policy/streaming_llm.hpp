@@ -21,7 +21,7 @@ struct StreamingLLM : EvictionPolicy {
   static constexpr const char* name = "StreamingLLM";
   static constexpr ScoreSource score_source = ScoreSource::kPosition;
 
-  StreamingLLM() { budget.sink_tokens = 4; }
+  StreamingLLM() = default;  // 4 sinks: the Budget default
   explicit StreamingLLM(Budget b) { budget = b; }
 
   /// Score of a token at `position` in a sequence whose newest position is `last`.

@@ -14,6 +14,7 @@
 
 #include "config.hpp"
 #include "error.hpp"
+#include "half.hpp"
 
 namespace kvpack {
 
@@ -224,7 +225,8 @@ class PagePool {
 
 /// \brief How a cache stores dense rows (Identity and the eviction policies) in pages: each
 /// (layer, kv head) has its own page list, so heads of different lengths (non-uniform budgets)
-/// hold only the pages they fill. KIVI blocks and low-rank factors are not paged yet.
+/// hold only the pages they fill. KIVI blocks are paged too (pages of max(page_tokens, group)
+/// tokens); low-rank factors are not paged yet.
 struct PageOptions {
   /// Tokens per page: a power of two in [1, 4096] (vLLM's default block size is 16).
   int page_tokens = 16;
@@ -232,6 +234,35 @@ struct PageOptions {
   /// at least 2 × page_tokens × head_dim × sizeof(element), rounded up to 64. Null: the cache
   /// makes a private pool that allocates one page at a time and frees them on shrink_to_fit().
   std::shared_ptr<PagePool> pool;
+};
+
+/// \brief Read-only view of the pages of one (layer, kv head) of a dense rows cache
+/// (KVCache::pages; docs/page_formats.md, "dense rows"): token t is row t mod page_tokens of page
+/// page_ids[t / page_tokens] of the cache's page_pool(), keys first, then values at byte offset
+/// page_tokens × head_dim × sizeof(element). Valid until the next call that changes the cache.
+struct DenseHeadPages {
+  int page_tokens;
+  int head_dim;
+  int64_t tokens;
+  const int32_t* page_ids;   ///< [ceil(tokens / page_tokens)]
+  const int32_t* positions;  ///< [tokens], ascending
+};
+
+/// \brief Read-only view of one (layer, kv head) of a KIVI cache (KVCache::kivi_pages;
+/// docs/page_formats.md, "KIVI blocks"): tokens [0, quantized) as blocks in pages
+/// page_ids[t / page_tokens] of the cache's page_pool(), tokens [quantized, tokens) as fp16
+/// residual rows. Valid until the next call that changes the cache.
+struct KiviHeadPages {
+  int page_tokens;  ///< tokens per KIVI page: max(PageOptions::page_tokens, group)
+  int head_dim;
+  int bits;   ///< 2, 4 or 8
+  int group;  ///< tokens per key block, channels per value block
+  int64_t tokens;
+  int64_t quantized;         ///< tokens held in blocks: a multiple of group
+  const int32_t* page_ids;   ///< [ceil(quantized / page_tokens)]
+  const Half* residual_k;    ///< [tokens − quantized][head_dim]
+  const Half* residual_v;    ///< [tokens − quantized][head_dim]
+  const int32_t* positions;  ///< [tokens], ascending
 };
 
 }  // namespace kvpack

@@ -228,8 +228,12 @@ TEST_CASE("Quantize: the cache holds exactly the scalar reference's codes, and t
       REQUIRE(cache.materialize(1).heads[h].k == before1.heads[h].k);
     }
     const std::size_t block = 4 + 32 * bits / 8;
-    const std::size_t per_head0 = (quantized / 32) * 64 * block + quantized * 2 * block +
-                                  (1000 - quantized) * 64 * 2 * 2 + 1000 * 4;
+    // One KIVI page per group of 32 (page_tokens 16 < group): its key and value blocks (a
+    // multiple of 64 bytes: no padding) and its page-table entry (an int32 id and an address).
+    const std::size_t page_table = sizeof(int32_t) + sizeof(void*);
+    const std::size_t per_head0 = (quantized / 32) * (64 * block + page_table) +
+                                  quantized * 2 * block + (1000 - quantized) * 64 * 2 * 2 +
+                                  1000 * 4;
     const std::size_t per_head1 = 100 * (64 * 2 * 2 + 4);
     kvpack::KVCache<Quantize> empty(kShape, Quantize(bits));
     REQUIRE(cache.bytes() - empty.bytes() == 3 * (per_head0 + per_head1));
@@ -315,8 +319,10 @@ TEST_CASE("Quantize: compress during decoding quantizes what leaves the window",
                  ActivationView::nhd(k.data() + t * 192, 1, 3, 64), std::vector<int64_t>{100 + t});
   }
   cache.compress();  // 140 tokens: 140 - 64 = 76 -> 64 quantized
-  // Per head: 8 more fp16 tail rows, one more 4-bit group of 32 tokens, 40 more positions.
-  const std::size_t per_head = 8 * 64 * 2 * 2 + (64 + 32 * 2) * 20 + 40 * 4;
+  // Per head: 8 more fp16 tail rows, one more 4-bit group of 32 tokens (one more page and its
+  // page-table entry), 40 more positions.
+  const std::size_t per_head =
+      8 * 64 * 2 * 2 + (64 + 32 * 2) * 20 + sizeof(int32_t) + sizeof(void*) + 40 * 4;
   REQUIRE(cache.bytes() - b1 == 3 * per_head);
   REQUIRE(cache.tokens(0, 0) == 140);
 }
@@ -340,8 +346,9 @@ TEST_CASE("Compose<L2NormEvict, Quantize>: keeps L2's tokens, stores them quanti
               evict_only.materialize(l).heads[h].positions);
     }
   }
-  // 500 kept per head: 448 quantized (14 groups), 52 fp16.
-  const std::size_t per_head = 14 * 64 * 12 + 448 * 2 * 12 + 52 * 64 * 4 + 500 * 4;
+  // 500 kept per head: 448 quantized (14 groups, 14 pages and page-table entries), 52 fp16.
+  const std::size_t per_head = 14 * (64 * 12 + sizeof(int32_t) + sizeof(void*)) + 448 * 2 * 12 +
+                               52 * 64 * 4 + 500 * 4;
   kvpack::KVCache<Both> empty(kShape,
                               Both(Evict(kvpack::Budget::ratio(0.25), 0), Quantize(2, 32, 32)));
   REQUIRE(both.bytes() - empty.bytes() == 6 * per_head);

@@ -74,9 +74,25 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   KVPACK_CACHE_FRONT_MEMBERS(Policy);
 
  public:
-  /// Whether this policy's rows live in pages of a PagePool (dense rows: Identity and the
-  /// eviction policies); KIVI blocks and low-rank factors are per-head vectors.
-  static constexpr bool paged = kDenseRows;
+  /// Whether this policy's storage lives in pages of a PagePool: dense rows (Identity and the
+  /// eviction policies) and KIVI blocks (Quantize, compositions with it; their fp16 residual
+  /// tail is per-head vectors); low-rank factors are per-head vectors.
+  static constexpr bool paged = kDenseRows || kQuantizedRows;
+
+  /// Bytes of one page of this cache's format for `page_tokens`: dense rows 2 × page_tokens ×
+  /// head_dim elements; KIVI the blocks of max(page_tokens, group) tokens (docs/page_formats.md);
+  /// rounded up to 64. 0 for unpaged formats.
+  static std::size_t page_bytes(const ModelShape& shape, const Policy& policy, int page_tokens) {
+    if constexpr (kDenseRows) {
+      return detail::dense_page_bytes<storage_type>(page_tokens, shape.head_dim);
+    } else if constexpr (kQuantizedRows) {
+      const auto* q = Stages::quant_knobs(policy);
+      return detail::kivi_page_bytes(detail::kivi_page_tokens(page_tokens, q->group),
+                                     shape.head_dim, q->bits, q->group);
+    } else {
+      return 0;
+    }
+  }
 
   /// Validates the shape, the policy's knobs and the page options (dense rows formats); throws
   /// kvpack::error on a bad value. `pages.pool` shares one page pool between caches (e.g. the
@@ -84,35 +100,30 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   explicit KVCache(const ModelShape& shape, Policy policy = Policy{}, PageOptions pages = {})
       : Front(shape, std::move(policy)) {
     heads_.resize(static_cast<std::size_t>(shape_.layers) * shape_.kv_heads);
-    if constexpr (kDenseRows) {
-      constexpr const char* where = "KVCache";
-      const int pt = pages.page_tokens;
-      detail::require(pt >= 1 && pt <= 4096 && (pt & (pt - 1)) == 0, where, "page_tokens", pt,
-                      "a power of two in [1, 4096]");
-      const std::size_t need = detail::dense_page_bytes<storage_type>(pt, shape_.head_dim);
-      if (pages.pool) {
-        detail::require(
-            pages.pool->page_bytes() >= need, where, "pool page_bytes", pages.pool->page_bytes(),
-            detail::concat(">= ", need, " (2 x page_tokens ", pt, " x head_dim ", shape_.head_dim,
-                           " x ", sizeof(storage_type), " bytes, rounded up to 64)"));
-        pool_ = std::move(pages.pool);
-      } else {
-        pool_ = std::make_shared<PagePool>(need, 1);
-        private_pool_ = true;
-      }
-      int shift = 0;
-      while ((1 << shift) < pt) ++shift;
-      for (auto& head : heads_) {
-        head.pool = pool_;
-        head.page_shift = shift;
-        head.head_dim = shape_.head_dim;
-      }
-    }
     if constexpr (kQuantizedRows) {
       for (auto& head : heads_) {
         head.bits = Stages::quant_knobs(policy_)->bits;
         head.group = Stages::quant_knobs(policy_)->group;
       }
+    }
+    if constexpr (paged) {
+      constexpr const char* where = "KVCache";
+      page_tokens_ = pages.page_tokens;
+      detail::require(
+          page_tokens_ >= 1 && page_tokens_ <= 4096 && (page_tokens_ & (page_tokens_ - 1)) == 0,
+          where, "page_tokens", page_tokens_, "a power of two in [1, 4096]");
+      const std::size_t need = page_bytes(shape_, policy_, page_tokens_);
+      if (pages.pool) {
+        detail::require(
+            pages.pool->page_bytes() >= need, where, "pool page_bytes", pages.pool->page_bytes(),
+            detail::concat(">= ", need, " (one page of this format: page_tokens ", page_tokens_,
+                           ", head_dim ", shape_.head_dim, "; docs/page_formats.md)"));
+        pool_ = std::move(pages.pool);
+      } else {
+        pool_ = std::make_shared<PagePool>(need, 1);
+        private_pool_ = true;
+      }
+      for (auto& head : heads_) head.set_pages(pool_, page_tokens_, shape_.head_dim);
     }
     if constexpr (kLowRank) {
       auto rope = std::make_shared<const Rope>(shape_.rope, shape_.head_dim);
@@ -306,27 +317,27 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
     if (private_pool_) pool_->release_unused();
   }
 
-  /// The page pool of a dense rows cache (null for KIVI and low-rank formats). Copies of a cache
-  /// share it.
+  /// The page pool of a paged cache (null for low-rank formats). Copies of a cache share it.
   const std::shared_ptr<PagePool>& page_pool() const { return pool_; }
 
-  /// \brief Read-only view of the pages of one (layer, kv head) of a dense rows cache
-  /// (docs/page_formats.md): token t is row t mod page_tokens of page page_ids[t / page_tokens]
-  /// of page_pool(), keys first, then values at byte offset page_tokens × head_dim ×
-  /// sizeof(storage_type). Valid until the next call that changes the cache.
-  struct HeadPages {
-    int page_tokens;
-    int head_dim;
-    int64_t tokens;
-    const int32_t* page_ids;   ///< [ceil(tokens / page_tokens)]
-    const int32_t* positions;  ///< [tokens], ascending
-  };
+  /// Read-only view of the pages of one (layer, kv head) of a dense rows cache (DenseHeadPages).
+  using HeadPages = DenseHeadPages;
   HeadPages pages(int layer, int head) const {
-    static_assert(kDenseRows, "pages(): only dense rows caches are paged (not KIVI or low-rank)");
+    static_assert(kDenseRows, "pages(): dense rows caches only (KIVI caches: kivi_pages())");
     this->check_head("KVCache::pages", layer, head);
     const Store& s = store(layer, head);
     return {static_cast<int>(s.page_tokens()), shape_.head_dim, s.size(), s.page_ids.data(),
             s.positions.data()};
+  }
+  /// Read-only view of the KIVI pages and residual of one (layer, kv head) (KiviHeadPages).
+  KiviHeadPages kivi_pages(int layer, int head) const {
+    static_assert(kQuantizedRows,
+                  "kivi_pages(): KIVI caches only (Quantize, Compose<.., Quantize>)");
+    this->check_head("KVCache::kivi_pages", layer, head);
+    const Store& s = store(layer, head);
+    return {
+        s.page_tokens, shape_.head_dim,    s.bits,          s.group,         s.size(),
+        s.quantized,   s.pages.ids.data(), s.tail_k.data(), s.tail_v.data(), s.positions.data()};
   }
 
   /// Tokens held by one (layer, kv-head).
@@ -427,7 +438,8 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   void trim_lazy_layers();
 
   std::vector<Store> heads_;                    // layer-major: [layer][kv_head]
-  std::shared_ptr<PagePool> pool_;              // dense rows only
+  std::shared_ptr<PagePool> pool_;              // paged formats only
+  int page_tokens_ = 0;                         // PageOptions::page_tokens of a paged format
   bool private_pool_ = false;                   // made by this cache (not shared by the caller)
   std::vector<LayerObservation> observations_;  // LazyLayerDrop only
   Executor* executor_ = nullptr;                // null: default_executor()

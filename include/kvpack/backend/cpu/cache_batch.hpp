@@ -31,7 +31,7 @@ class KVCacheBatch<Policy, backend::Cpu> {
   /// Validates as KVCache does. Without `pages.pool` the batch makes its pool (pages allocated
   /// 64 at a time); with one, the pool may be in caller memory and shared further.
   explicit KVCacheBatch(const ModelShape& shape, Policy policy = Policy{}, PageOptions pages = {})
-      : prototype_(shape, policy, make_pages(shape, pages)), pages_(pages) {
+      : prototype_(shape, policy, make_pages(shape, policy, pages)), pages_(pages) {
     pages_.pool = prototype_.page_pool();
   }
 
@@ -150,15 +150,14 @@ class KVCacheBatch<Policy, backend::Cpu> {
     std::unique_ptr<cache_type> cache;
   };
 
-  static PageOptions make_pages(const ModelShape& shape, PageOptions pages) {
+  static PageOptions make_pages(const ModelShape& shape, const Policy& policy, PageOptions pages) {
     if (!pages.pool && cache_type::paged && pages.page_tokens > 0) {
       // A batch pool grows 64 pages at a time (one allocation per 64 pages, not per page).
       // A bad page_tokens is left for KVCache to refuse with its message.
       shape.validate();
-      pages.pool =
-          std::make_shared<PagePool>(detail::dense_page_bytes<typename cache_type::storage_type>(
-                                         std::min(pages.page_tokens, 4096), shape.head_dim),
-                                     64);
+      policy.validate(shape);
+      pages.pool = std::make_shared<PagePool>(
+          cache_type::page_bytes(shape, policy, std::min(pages.page_tokens, 4096)), 64);
     }
     return pages;
   }

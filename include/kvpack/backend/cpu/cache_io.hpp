@@ -169,11 +169,7 @@ void KVCache<Policy, backend::Cpu>::load(const std::string& path) {
       heads[i].group = group;
     }
     if constexpr (kLowRank) heads[i].rope = heads_[i].rope;
-    if constexpr (kDenseRows) {
-      heads[i].pool = heads_[i].pool;
-      heads[i].page_shift = heads_[i].page_shift;
-      heads[i].head_dim = heads_[i].head_dim;
-    }
+    if constexpr (paged) heads[i].set_pages(pool_, page_tokens_, shape_.head_dim);
   }
   const auto shared = read_shared(r, heads, limits);
   for (int l = 0; l < shape_.layers; ++l) {

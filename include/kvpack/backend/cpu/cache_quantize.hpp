@@ -21,9 +21,18 @@ void KVCache<Policy, backend::Cpu>::quantize() {
   std::vector<int64_t> counts(heads), first_item(heads + 1, 0);
   for (int64_t i = 0; i < heads; ++i) {
     counts[i] = heads_[i].quantizable(residual);
-    if (counts[i] > 0) heads_[i].reserve_blocks(counts[i], d);
     const int64_t groups = counts[i] / heads_[i].group;
     first_item[i + 1] = first_item[i] + (groups + kGroupsPerItem - 1) / kGroupsPerItem;
+  }
+  // Pages for every head before any block is written: when the pool runs out, the pages taken
+  // go back and the error propagates with the cache as it was.
+  for (int64_t i = 0; i < heads; ++i) {
+    try {
+      if (counts[i] > 0) heads_[i].reserve_blocks(counts[i], d);
+    } catch (...) {
+      for (int64_t j = 0; j < i; ++j) heads_[j].release_reserve();
+      throw;
+    }
   }
   detail::parallel_for(executor(), first_item[heads], [&](int64_t item) {
     const int64_t i =

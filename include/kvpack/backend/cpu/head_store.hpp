@@ -79,6 +79,14 @@ struct HeadStore {
   }
   ~HeadStore() { release_pages(0); }
 
+  /// Pages of `page_tokens` rows (a power of two) from `page_pool`, set before the first append.
+  void set_pages(std::shared_ptr<PagePool> page_pool, int page_tokens, int d) {
+    pool = std::move(page_pool);
+    page_shift = 0;
+    while ((1 << page_shift) < page_tokens) ++page_shift;
+    head_dim = d;
+  }
+
   int64_t size() const { return static_cast<int64_t>(positions.size()); }
   int64_t page_tokens() const { return int64_t{1} << page_shift; }
   /// Elements from a page's first key to its first value.

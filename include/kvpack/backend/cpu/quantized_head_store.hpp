@@ -1,8 +1,10 @@
 /// \file backend/cpu/quantized_head_store.hpp
-/// \brief CPU head store of the Quantize policy: KIVI blocks for old tokens, an fp16 tail for
-/// the newest ones. Same interface as HeadStore, so the container and eviction reuse it.
+/// \brief CPU head store of the Quantize policy: KIVI blocks for old tokens in pages of a
+/// PagePool, an fp16 tail for the newest ones. Same interface as HeadStore, so the container and
+/// eviction reuse it.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -12,42 +14,85 @@
 #include "../../detail/convert.hpp"
 #include "../../detail/vector_bytes.hpp"
 #include "../../half.hpp"
+#include "../../page_pool.hpp"
 #include "../../quant/quant_block.hpp"
+#include "page_list.hpp"
 #include "quantize.hpp"
 
 namespace kvpack {
 namespace detail {
 
+/// Bytes of one KIVI page of `page_tokens` tokens (a multiple of `group`): the key blocks of its
+/// page_tokens / group token groups (head_dim blocks each, one per channel), then the value
+/// blocks of its tokens (head_dim / group blocks each); rounded up to the pool's 64-byte
+/// alignment (docs/page_formats.md, "KIVI pages").
+constexpr std::size_t kivi_page_bytes(int page_tokens, int head_dim, int bits, int group) {
+  const std::size_t block = 4 + static_cast<std::size_t>(group) * bits / 8;
+  const std::size_t raw = 2 * static_cast<std::size_t>(page_tokens / group) * head_dim * block;
+  return (raw + PagePool::kAlignment - 1) / PagePool::kAlignment * PagePool::kAlignment;
+}
+
+/// Tokens of a KIVI page for the cache's page_tokens: whole groups, so a page never splits one.
+constexpr int kivi_page_tokens(int page_tokens, int group) {
+  return page_tokens > group ? page_tokens : group;
+}
+
 /// Tokens [0, quantized) live in blocks, tokens [quantized, size) in the fp16 tail.
-/// Key blocks: one per channel per group of `group` tokens, ordered [token group][channel].
-/// Value blocks: one per group of `group` channels per token, ordered [token][channel group].
+/// Blocks sit in pages of `page_tokens` tokens (see kivi_page_bytes): key blocks one per channel
+/// per group of `group` tokens, ordered [group][channel]; value blocks one per group of `group`
+/// channels per token, ordered [token][channel group]. The tail (at most residual + group
+/// tokens) is per-head vectors.
 struct QuantizedHeadStore {
   int bits = 4;
   int group = 32;
-  std::vector<uint8_t> key_blocks, value_blocks;
+  int page_tokens = 32;  ///< a multiple of group (kivi_page_tokens)
+  int head_dim = 0;
+  PageList pages;  ///< the pool is set by the cache before the first quantize
   std::vector<Half> tail_k, tail_v;
   std::vector<int32_t> positions;
   std::vector<float> scores;
   int64_t quantized = 0;
   static constexpr float kUnscored = -1.0f;
 
+  /// Pages from `pool` for the cache's page_tokens (kivi_page_tokens); bits and group set first.
+  void set_pages(std::shared_ptr<PagePool> pool, int cache_page_tokens, int d) {
+    pages.pool = std::move(pool);
+    page_tokens = kivi_page_tokens(cache_page_tokens, group);
+    head_dim = d;
+  }
+
   std::size_t block_bytes() const { return 4 + static_cast<std::size_t>(group) * bits / 8; }
   int64_t size() const { return static_cast<int64_t>(positions.size()); }
+  int64_t groups_per_page() const { return page_tokens / group; }
+
+  /// Key blocks of quantized token group g: head_dim blocks, one per channel.
+  const uint8_t* key_group(int64_t g) const {
+    return page(g / groups_per_page()) + (g % groups_per_page()) * head_dim * block_bytes();
+  }
+  /// Value blocks of quantized token t: head_dim / group blocks, one per channel group.
+  const uint8_t* value_token(int64_t t) const {
+    const int64_t in_page = t % page_tokens;
+    return page(t / page_tokens) +
+           (groups_per_page() * head_dim + in_page * (head_dim / group)) * block_bytes();
+  }
 
   /// Bytes held once for several heads (none for KIVI rows).
   static std::size_t shared_bytes(const std::vector<QuantizedHeadStore>&) { return 0; }
   static std::size_t shared_reserved_bytes(const std::vector<QuantizedHeadStore>&) { return 0; }
 
-  /// Bytes held: blocks, the fp16 tail, positions and scores.
+  /// Bytes held: whole pages and the page table, the fp16 tail, positions and scores.
   std::size_t bytes() const {
-    return held_bytes(key_blocks, value_blocks, tail_k, tail_v, positions, scores);
+    return pages.bytes() + held_bytes(tail_k, tail_v, positions, scores);
   }
   /// Heap allocated for them, growth slack included.
   std::size_t reserved_bytes() const {
-    return allocated_bytes(key_blocks, value_blocks, tail_k, tail_v, positions, scores);
+    return pages.reserved_bytes() + allocated_bytes(tail_k, tail_v, positions, scores);
   }
   /// Releases the growth slack.
-  void shrink_to_fit() { shrink_all(key_blocks, value_blocks, tail_k, tail_v, positions, scores); }
+  void shrink_to_fit() {
+    pages.shrink_to_fit();
+    shrink_all(tail_k, tail_v, positions, scores);
+  }
 
   void append(const float* k_rows, const float* v_rows, Positions pos, int64_t n, int head_dim) {
     append_rows(tail_k, tail_v, positions, k_rows, v_rows, pos, n, head_dim);
@@ -74,16 +119,19 @@ struct QuantizedHeadStore {
         dispatch_quant(s.bits, s.group, [&](auto b, auto g) {
           constexpr int B = decltype(b)::value, G = decltype(g)::value;
           using Block = QuantBlock<B, G>;
-          const auto* kb = reinterpret_cast<const Block*>(s.key_blocks.data());
-          const auto* vb = reinterpret_cast<const Block*>(s.value_blocks.data());
           if (keys) {
-            dequantize_channel_rows_ref(kb, d, begin, qend, out);
+            for (int64_t t = begin; t < qend;) {  // group by group: pages hold whole groups
+              const int64_t g = t / G, stop = std::min(qend, (g + 1) * G);
+              const auto* kb = reinterpret_cast<const Block*>(s.key_group(g));
+              dequantize_channel_rows_ref(kb, d, t - g * G, stop - g * G, out + (t - begin) * d);
+              t = stop;
+            }
             return;
           }
           for (int64_t t = begin; t < qend; ++t) {
             float* row = out + (t - begin) * d;
-            for (int c = 0; c < d / G; ++c)
-              dequantize_block_ref(vb[t * (d / G) + c], row + c * G, 1);
+            const auto* vb = reinterpret_cast<const Block*>(s.value_token(t));
+            for (int c = 0; c < d / G; ++c) dequantize_block_ref(vb[c], row + c * G, 1);
           }
         });
       }
@@ -114,12 +162,11 @@ struct QuantizedHeadStore {
     const int64_t tail = size() - quantized;
     return tail > residual ? (tail - residual) / group * group : 0;
   }
-  /// Appends (zeroed) blocks for `count` more tokens.
-  void reserve_blocks(int64_t count, int head_dim) {
-    const std::size_t bb = block_bytes();
-    key_blocks.resize(key_blocks.size() + (count / group) * head_dim * bb);
-    value_blocks.resize(value_blocks.size() + count * (head_dim / group) * bb);
-  }
+  /// Takes the pages `count` more quantized tokens need. Throws kvpack::error, having taken
+  /// none, when the pool has no page left.
+  void reserve_blocks(int64_t count, int) { pages.resize(pages_for(quantized + count)); }
+  /// Returns the pages past the quantized tokens (after a reserve_blocks() not carried out).
+  void release_reserve() { pages.release_from(pages_for(quantized)); }
   /// Quantizes tail groups [g0, g1) (group g holds tail tokens [g · group, (g + 1) · group))
   /// into the reserved blocks. The group's fp16 rows are widened into a small fp32 buffer (no
   /// copy of the whole tail), then quantized by the CPU kernels (bit for bit the reference).
@@ -128,14 +175,14 @@ struct QuantizedHeadStore {
     dispatch_quant(bits, group, [&](auto b, auto g) {
       constexpr int B = decltype(b)::value, G = decltype(g)::value;
       using Block = QuantBlock<B, G>;
-      auto* kb = reinterpret_cast<Block*>(key_blocks.data()) + (quantized / G) * d;
-      auto* vb = reinterpret_cast<Block*>(value_blocks.data()) + quantized * (d / G);
       std::vector<float> k(static_cast<std::size_t>(G) * d), v(static_cast<std::size_t>(G) * d);
       for (int64_t grp = g0; grp < g1; ++grp) {
+        const int64_t first = quantized + grp * G;  // the group's first token
         load_row(tail_k.data() + grp * G * d, k.data(), G * d);
         load_row(tail_v.data() + grp * G * d, v.data(), G * d);
-        cpu::quantize_key_group<B, G>(k.data(), d, kb + grp * d);
-        cpu::quantize_value_rows<B, G>(v.data(), G, d, vb + grp * G * (d / G));
+        // A group's value blocks are contiguous: its tokens share a page.
+        cpu::quantize_key_group<B, G>(k.data(), d, mutable_blocks<Block>(key_group(first / G)));
+        cpu::quantize_value_rows<B, G>(v.data(), G, d, mutable_blocks<Block>(value_token(first)));
       }
     });
   }
@@ -187,13 +234,10 @@ struct QuantizedHeadStore {
   /// drop_back_split: a cut inside a group is the caller's to refuse). What stays is untouched.
   void drop_back(int64_t count, int head_dim) {
     const int64_t kept = size() - count;
-    const std::size_t bb = block_bytes();
     if (kept < quantized) {
       quantized = kept / group * group;
-      key_blocks.resize(static_cast<std::size_t>(quantized / group) * head_dim * bb);
-      value_blocks.resize(static_cast<std::size_t>(quantized) * (head_dim / group) * bb);
-      key_blocks.shrink_to_fit();
-      value_blocks.shrink_to_fit();
+      pages.release_from(pages_for(quantized));
+      pages.shrink_to_fit();
     }
     const std::size_t n = static_cast<std::size_t>(kept - quantized) * head_dim;
     tail_k.resize(n);
@@ -205,13 +249,55 @@ struct QuantizedHeadStore {
   }
 
   void clear() {
-    std::vector<uint8_t>().swap(key_blocks);
-    std::vector<uint8_t>().swap(value_blocks);
+    pages.release_from(0);
+    pages.shrink_to_fit();
     std::vector<Half>().swap(tail_k);
     std::vector<Half>().swap(tail_v);
     std::vector<int32_t>().swap(positions);
     std::vector<float>().swap(scores);
     quantized = 0;
+  }
+
+  /// The blocks of `quantized` tokens (quantized a multiple of group) from the file order of
+  /// write_store: key blocks [group][channel], then value blocks [token][channel group]. Throws
+  /// kvpack::error, nothing changed, when the pool has no page left.
+  void assign_blocks(int64_t tokens, const std::vector<uint8_t>& key_blocks,
+                     const std::vector<uint8_t>& value_blocks) {
+    PageList fresh;
+    fresh.pool = pages.pool;
+    fresh.resize(pages_for(tokens));
+    pages = std::move(fresh);
+    quantized = tokens;
+    const std::size_t kg = static_cast<std::size_t>(head_dim) * block_bytes();
+    const std::size_t vt = static_cast<std::size_t>(head_dim / group) * block_bytes();
+    for (int64_t g = 0; g < tokens / group; ++g) {
+      std::memcpy(mutable_blocks<uint8_t>(key_group(g)), key_blocks.data() + g * kg, kg);
+    }
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::memcpy(mutable_blocks<uint8_t>(value_token(t)), value_blocks.data() + t * vt, vt);
+    }
+  }
+  /// The blocks in the file order of assign_blocks.
+  void gather_blocks(std::vector<uint8_t>& key_blocks, std::vector<uint8_t>& value_blocks) const {
+    const std::size_t kg = static_cast<std::size_t>(head_dim) * block_bytes();
+    const std::size_t vt = static_cast<std::size_t>(head_dim / group) * block_bytes();
+    key_blocks.resize(static_cast<std::size_t>(quantized / group) * kg);
+    value_blocks.resize(static_cast<std::size_t>(quantized) * vt);
+    for (int64_t g = 0; g < quantized / group; ++g) {
+      std::memcpy(key_blocks.data() + g * kg, key_group(g), kg);
+    }
+    for (int64_t t = 0; t < quantized; ++t) {
+      std::memcpy(value_blocks.data() + t * vt, value_token(t), vt);
+    }
+  }
+
+ private:
+  const uint8_t* page(int64_t i) const { return reinterpret_cast<const uint8_t*>(pages.data[i]); }
+  int64_t pages_for(int64_t tokens) const { return (tokens + page_tokens - 1) / page_tokens; }
+  /// Blocks of a page this store holds (the const accessors above give their address).
+  template <class Block>
+  Block* mutable_blocks(const uint8_t* p) {
+    return reinterpret_cast<Block*>(const_cast<uint8_t*>(p));
   }
 };
 

@@ -15,8 +15,10 @@ namespace detail {
 inline void write_store(CheckedFileWriter& w, const QuantizedHeadStore& s) {
   w.put_u64(static_cast<uint64_t>(s.size()));
   w.put_u64(static_cast<uint64_t>(s.quantized));
-  w.put_vector(s.key_blocks);
-  w.put_vector(s.value_blocks);
+  std::vector<uint8_t> key_blocks, value_blocks;  // file order: not the page order
+  s.gather_blocks(key_blocks, value_blocks);
+  w.put_vector(key_blocks);
+  w.put_vector(value_blocks);
   write_rows(w, s.tail_k, s.tail_v, s.positions, s.scores);
 }
 
@@ -31,14 +33,14 @@ inline void read_store(CheckedFileReader& r, QuantizedHeadStore& s, const StoreL
   const std::size_t bb = s.block_bytes();
   const std::size_t key_bytes = static_cast<std::size_t>(quantized / s.group) * d * bb;
   const std::size_t value_bytes = static_cast<std::size_t>(quantized) * (d / s.group) * bb;
-  s.quantized = static_cast<int64_t>(quantized);
-  s.key_blocks = r.get_vector<uint8_t>(key_bytes, "key blocks");
-  s.value_blocks = r.get_vector<uint8_t>(value_bytes, "value blocks");
-  require_size(s.key_blocks.size(), key_bytes, lim, "key blocks (bytes)");
-  require_size(s.value_blocks.size(), value_bytes, lim, "value blocks (bytes)");
-  check_blocks(s.key_blocks, bb, lim, "key");
-  check_blocks(s.value_blocks, bb, lim, "value");
+  const auto key_blocks = r.get_vector<uint8_t>(key_bytes, "key blocks");
+  const auto value_blocks = r.get_vector<uint8_t>(value_bytes, "value blocks");
+  require_size(key_blocks.size(), key_bytes, lim, "key blocks (bytes)");
+  require_size(value_blocks.size(), value_bytes, lim, "value blocks (bytes)");
+  check_blocks(key_blocks, bb, lim, "key");
+  check_blocks(value_blocks, bb, lim, "value");
   read_rows(r, s.tail_k, s.tail_v, s.positions, s.scores, n - quantized, n, lim);
+  s.assign_blocks(static_cast<int64_t>(quantized), key_blocks, value_blocks);
 }
 
 }  // namespace detail

@@ -75,6 +75,23 @@ TEST_CASE("page pool: allocate, release, reuse, limits", "[pages]") {
     CHECK(pool.free_pages() == 0);
     CHECK(pool.allocate().data != nullptr);  // grows again after release_unused
   }
+  SECTION("owned chunks double from one page up to pages_per_chunk, contiguous inside") {
+    PagePool pool(64, 8);
+    std::vector<PagePool::Page> pages;
+    const auto held = [&] { return pool.pages_in_use() + pool.free_pages(); };
+    for (std::size_t n : {1, 3, 7, 15, 23, 31}) {  // chunks 1, 2, 4, 8, 8, 8
+      while (pages.size() < n) pages.push_back(pool.allocate());
+      CHECK(held() == n);
+    }
+    for (std::size_t i = 16; i < 23; ++i) CHECK(pages[i].data == pages[15].data + (i - 15) * 64);
+    for (std::size_t i = 15; i < 23; ++i) pool.release(pages[i].id);  // the first chunk of 8
+    pool.release(pages[23].id);  // one page of the next chunk: that chunk stays
+    CHECK(pool.release_unused() == 8 * 64);
+    CHECK(held() == 23);
+    for (std::size_t i = 15; i < 23; ++i) pages[i] = pool.allocate();  // the freed slot again
+    CHECK(held() == 31);
+    for (std::size_t i = 15; i < 23; ++i) CHECK(pool.data(pages[i].id) == pages[i].data);
+  }
   SECTION("caller memory") {
     alignas(64) static unsigned char memory[5 * 128 + 17];
     PagePool pool(memory, sizeof(memory), 128);

@@ -120,7 +120,7 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
                            ", head_dim ", shape_.head_dim, "; docs/page_formats.md)"));
         pool_ = std::move(pages.pool);
       } else {
-        pool_ = std::make_shared<PagePool>(need, 1);
+        pool_ = std::make_shared<PagePool>(need, 64);  // chunks double up to 64 pages
         private_pool_ = true;
       }
       for (auto& head : heads_) head.set_pages(pool_, page_tokens_, shape_.head_dim);

@@ -80,7 +80,7 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   static constexpr bool paged = kDenseRows || kQuantizedRows;
 
   /// Bytes of one page of this cache's format for `page_tokens`: dense rows 2 × page_tokens ×
-  /// head_dim elements; KIVI the blocks of max(page_tokens, group) tokens (docs/page_formats.md);
+  /// head_dim elements; KIVI the blocks of max(page_tokens, group) tokens (page_formats.md);
   /// rounded up to 64. 0 for unpaged formats.
   static std::size_t page_bytes(const ModelShape& shape, const Policy& policy, int page_tokens) {
     if constexpr (kDenseRows) {

@@ -102,15 +102,15 @@ KVPACK_TARGET_AVX2 inline void avx2_natural_order(const __m256* v, float* out) {
   }
 }
 
-/// Scales and mins of 8 blocks (a block starts with its fp16 scale and min: one 32-bit word):
-/// block(0), ..., block(7), the first `count` of them (the rest read as 0).
-template <class BlockAt>
-KVPACK_TARGET_AVX2 inline void avx2_scales_and_mins(BlockAt&& block, int count, __m256& scale,
-                                                    __m256& min) {
+/// Scales and mins of 8 blocks (a block starts with its fp16 scale and min: one 32-bit word)
+/// at blocks[0], blocks[step], ..., the first `count` of them (the rest read as 0).
+template <class Block>
+KVPACK_TARGET_AVX2 inline void avx2_scales_and_mins(const Block* blocks, int64_t step, int count,
+                                                    __m256& scale, __m256& min) {
   uint32_t w[8];
   for (int j = 0; j < 8; ++j) {
     w[j] = 0;
-    if (j < count) std::memcpy(&w[j], block(j), sizeof(uint32_t));
+    if (j < count) std::memcpy(&w[j], blocks + j * step, sizeof(uint32_t));
   }
   const __m256i words =
       _mm256_setr_epi32(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]),
@@ -149,7 +149,7 @@ KVPACK_TARGET_AVX2 __attribute__((noinline)) void avx2_quantized_group_scores(
   for (int r = 0; r < R; ++r) b[r] = _mm256_setzero_ps();
   for (int c = 0; c < d; c += 8) {
     __m256 scale, min;
-    avx2_scales_and_mins([&](int j) { return kb + c + j; }, 8, scale, min);
+    avx2_scales_and_mins(kb + c, 1, 8, scale, min);
     for (int r = 0; r < R; ++r) {
       const __m256 qv = _mm256_loadu_ps(q + r * d + c);
       _mm256_storeu_ps(qs + r * d + c, _mm256_mul_ps(qv, scale));
@@ -190,11 +190,11 @@ KVPACK_TARGET_AVX2 __attribute__((noinline)) void avx2_quantized_group_scores(
   }
 }
 
-/// acc[r · d + c] += Σ_t p[r · p_stride + t] · v̂_t[c] over tokens t < n, vb[t] the d / G
-/// value blocks of token t (tokens of a tile may lie in two pages); p[r · p_stride + t] for t in
-/// [n, n rounded up to 8) are zeroed. ps: scratch of R · (d / G) · (n + 8) floats.
+/// acc[r · d + c] += Σ_t p[r · p_stride + t] · v̂_t[c] over tokens t < n of value blocks vb
+/// (d / G blocks per token); p[r · p_stride + t] for t in [n, n rounded up to 8) are zeroed.
+/// ps: scratch of R · (d / G) · (n + 8) floats.
 template <int R, int Bits, int G>
-KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* const* vb, int d, float* p,
+KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* vb, int d, float* p,
                                               int64_t p_stride, int64_t n, float* acc, float* ps) {
   constexpr int kChunk = code_chunk<Bits, G>();  // 16 channels per pass, as the key kernel
   constexpr int kChains = fma_chains<R>();
@@ -209,7 +209,7 @@ KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* const* 
     for (int r = 0; r < R; ++r) m[r] = _mm256_setzero_ps();
     for (int64_t t0 = 0; t0 < n8; t0 += 8) {
       __m256 scale, min;
-      avx2_scales_and_mins([&](int j) { return vb[t0 + j] + g; },
+      avx2_scales_and_mins(vb + t0 * groups + g, groups,
                            static_cast<int>(std::min<int64_t>(8, n - t0)), scale, min);
       for (int r = 0; r < R; ++r) {
         const __m256 pv = _mm256_loadu_ps(p + r * p_stride + t0);
@@ -233,7 +233,8 @@ KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* const* 
           const int chains = t < paired ? kChains : 1;
           for (int h = 0; h < chains; ++h) {
             __m256 x0, x1;
-            avx2_decode_pass<Bits, kChunk>(vb[t + h][g].codes, kChunk * k, pass, x0, x1);
+            avx2_decode_pass<Bits, kChunk>(vb[(t + h) * groups + g].codes, kChunk * k, pass, x0,
+                                           x1);
             for (int r = 0; r < R; ++r) {
               const __m256 b = _mm256_broadcast_ss(ps + (r * groups + g) * n8 + t + h);
               a[h][r][0] = _mm256_fmadd_ps(b, x0, a[h][r][0]);
@@ -267,15 +268,15 @@ KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* const* 
 
 /// One pass of R rows (q, state rows r0 .. r0 + R − 1) over tokens [a, a + n) of the tile of
 /// whole key groups starting at t0 (a − t0 < G); row r sees vis[r − r0] of those tokens.
-/// kb[i]: the key blocks of the tile's group i; vb[t]: the value blocks of token a + t.
-/// Scratch: s (R × stride scores), qs (R × d), ps (R × (n + 8) × (d / G)).
+/// kb[i]: the key blocks of the tile's group i; vb: the value blocks of tokens a, a + 1, ...
+/// (d / G each, contiguous). Scratch: s (R × stride scores), qs (R × d), ps (R × (n + 8) ×
+/// (d / G)).
 template <int R, int Bits, int G>
 KVPACK_TARGET_AVX2 void avx2_quantized_pass(const QuantBlock<Bits, G>* const* kb,
-                                            const QuantBlock<Bits, G>* const* vb, int d,
-                                            const float* q, const int64_t* vis, int64_t t0,
-                                            int64_t a, int64_t n, float* max, float* sum,
-                                            float* acc, float* s, int64_t stride, float* qs,
-                                            float* ps) {
+                                            const QuantBlock<Bits, G>* vb, int d, const float* q,
+                                            const int64_t* vis, int64_t t0, int64_t a, int64_t n,
+                                            float* max, float* sum, float* acc, float* s,
+                                            int64_t stride, float* qs, float* ps) {
   // Scores of the whole groups covering [a, a + n); s[r · stride + (t − t0)].
   for (int64_t g0 = t0; g0 < a + n; g0 += G)
     avx2_quantized_group_scores<R, Bits, G>(kb[(g0 - t0) / G], d, q, s + (g0 - t0), stride, qs);
@@ -296,25 +297,38 @@ KVPACK_TARGET_AVX2 void avx2_quantized_attend(const QuantizedHeadStore& store, i
   using Block = QuantBlock<Bits, G>;
   constexpr int kRows = cpu::kDecodePassRows;
   constexpr int64_t kTile = G >= 128 ? G : 128 / G * G;  // whole groups, ~128 tokens
-  // Block addresses of the tile (the page table walked once per tile, as the dense kernels'
-  // row pointers): key blocks per group, value blocks per token.
-  const Block* kb[kTile / G];
-  const Block* vb[kTile];
   constexpr int64_t stride = kTile + 8;  // room for the values kernel's zero padding
   // Scratch per pass row: scores (tile), scaled query (d), scaled probabilities ((tile + 8) ×
-  // (d / G)).
-  scratch.resize(static_cast<std::size_t>(kRows) * (stride + d + (kTile + 8) * (d / G)));
+  // (d / G)); then room for the value blocks of a tile that spans pages.
+  const std::size_t rows_scratch =
+      static_cast<std::size_t>(kRows) * (stride + d + (kTile + 8) * (d / G));
+  const std::size_t run_bytes = static_cast<std::size_t>(kTile) * (d / G) * sizeof(Block);
+  scratch.resize(rows_scratch + (run_bytes + sizeof(float) - 1) / sizeof(float));
   float* s = scratch.data();
   float* qs = s + kRows * stride;
   float* ps = qs + kRows * d;
+  auto* run = reinterpret_cast<Block*>(scratch.data() + rows_scratch);
+  // Key blocks of each group of the tile: the page table walked once per tile.
+  const Block* kb[kTile / G];
   const int pass_rows = cpu::decode_pass_rows(rows);
   for (int64_t t0 = begin / G * G; t0 < end; t0 += kTile) {
     const int64_t a = std::max(begin, t0);  // first token of this tile in the range
     const int64_t tn = std::min(t0 + kTile, end) - a;
     for (int64_t g = 0; g * G < a + tn - t0; ++g)
       kb[g] = reinterpret_cast<const Block*>(store.key_group(t0 / G + g));
-    for (int64_t t = 0; t < tn; ++t)
-      vb[t] = reinterpret_cast<const Block*>(store.value_token(a + t));
+    // Value blocks of tokens [a, a + tn): in place when one page holds them, else copied page
+    // run by page run into one run (a few KB, then read from L1: the kernel stays the
+    // contiguous one, and its results the same).
+    const Block* vb = reinterpret_cast<const Block*>(store.value_token(a));
+    if (a / store.page_tokens != (a + tn - 1) / store.page_tokens) {
+      for (int64_t t = a; t < a + tn;) {
+        const int64_t stop = std::min(a + tn, (t / store.page_tokens + 1) * store.page_tokens);
+        std::memcpy(run + (t - a) * (d / G), store.value_token(t),
+                    static_cast<std::size_t>(stop - t) * (d / G) * sizeof(Block));
+        t = stop;
+      }
+      vb = run;
+    }
     for (int r0 = 0; r0 < rows; r0 += pass_rows) {
       const int nr = std::min(pass_rows, rows - r0);
       int64_t vis[kRows];

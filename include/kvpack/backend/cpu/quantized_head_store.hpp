@@ -25,7 +25,7 @@ namespace detail {
 /// Bytes of one KIVI page of `page_tokens` tokens (a multiple of `group`): the key blocks of its
 /// page_tokens / group token groups (head_dim blocks each, one per channel), then the value
 /// blocks of its tokens (head_dim / group blocks each); rounded up to the pool's 64-byte
-/// alignment (docs/page_formats.md, "KIVI pages").
+/// alignment (docs/page_formats.md, "KIVI blocks").
 constexpr std::size_t kivi_page_bytes(int page_tokens, int head_dim, int bits, int group) {
   const std::size_t block = 4 + static_cast<std::size_t>(group) * bits / 8;
   const std::size_t raw = 2 * static_cast<std::size_t>(page_tokens / group) * head_dim * block;

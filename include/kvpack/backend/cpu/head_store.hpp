@@ -14,18 +14,11 @@
 #include "../../detail/vector_bytes.hpp"
 #include "../../page_pool.hpp"
 #include "attention.hpp"
+#include "page_sizes.hpp"
 #include "store_for.hpp"
 
 namespace kvpack {
 namespace detail {
-
-/// Bytes of one page of dense rows: keys then values, page_tokens × head_dim elements of T each,
-/// rounded up to the pool's 64-byte alignment (docs/page_formats.md, "dense rows").
-template <class T>
-constexpr std::size_t dense_page_bytes(int page_tokens, int head_dim) {
-  const std::size_t raw = 2 * static_cast<std::size_t>(page_tokens) * head_dim * sizeof(T);
-  return (raw + PagePool::kAlignment - 1) / PagePool::kAlignment * PagePool::kAlignment;
-}
 
 /// Rows are stored token-major in pages of 2^page_shift tokens (element type T): page i holds
 /// tokens [i · page_tokens, (i + 1) · page_tokens), its keys (page_tokens × head_dim) then its

@@ -9,6 +9,7 @@
 #include <memory>
 #include <vector>
 
+#include "../../config.hpp"
 #include "../../detail/vector_bytes.hpp"
 #include "../../page_pool.hpp"
 

@@ -17,25 +17,11 @@
 #include "../../page_pool.hpp"
 #include "../../quant/quant_block.hpp"
 #include "page_list.hpp"
+#include "page_sizes.hpp"
 #include "quantize.hpp"
 
 namespace kvpack {
 namespace detail {
-
-/// Bytes of one KIVI page of `page_tokens` tokens (a multiple of `group`): the key blocks of its
-/// page_tokens / group token groups (head_dim blocks each, one per channel), then the value
-/// blocks of its tokens (head_dim / group blocks each); rounded up to the pool's 64-byte
-/// alignment (docs/page_formats.md, "KIVI blocks").
-constexpr std::size_t kivi_page_bytes(int page_tokens, int head_dim, int bits, int group) {
-  const std::size_t block = 4 + static_cast<std::size_t>(group) * bits / 8;
-  const std::size_t raw = 2 * static_cast<std::size_t>(page_tokens / group) * head_dim * block;
-  return (raw + PagePool::kAlignment - 1) / PagePool::kAlignment * PagePool::kAlignment;
-}
-
-/// Tokens of a KIVI page for the cache's page_tokens: whole groups, so a page never splits one.
-constexpr int kivi_page_tokens(int page_tokens, int group) {
-  return page_tokens > group ? page_tokens : group;
-}
 
 /// Tokens [0, quantized) live in blocks, tokens [quantized, size) in the fp16 tail.
 /// Blocks sit in pages of `page_tokens` tokens (see kivi_page_bytes): key blocks one per channel

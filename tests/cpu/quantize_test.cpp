@@ -347,8 +347,8 @@ TEST_CASE("Compose<L2NormEvict, Quantize>: keeps L2's tokens, stores them quanti
     }
   }
   // 500 kept per head: 448 quantized (14 groups, 14 pages and page-table entries), 52 fp16.
-  const std::size_t per_head = 14 * (64 * 12 + sizeof(int32_t) + sizeof(void*)) + 448 * 2 * 12 +
-                               52 * 64 * 4 + 500 * 4;
+  const std::size_t per_head =
+      14 * (64 * 12 + sizeof(int32_t) + sizeof(void*)) + 448 * 2 * 12 + 52 * 64 * 4 + 500 * 4;
   kvpack::KVCache<Both> empty(kShape,
                               Both(Evict(kvpack::Budget::ratio(0.25), 0), Quantize(2, 32, 32)));
   REQUIRE(both.bytes() - empty.bytes() == 6 * per_head);

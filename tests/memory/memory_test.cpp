@@ -2,9 +2,9 @@
 // with ones that count live heap bytes, then checks that a cache's reserved_bytes() equals the
 // heap it occupies, exactly, after prefill, decode appends, compress(), truncate(),
 // shrink_to_fit() and clear(); that shrink_to_fit() leaves only the page pool's bookkeeping and
-// the free pages of its partly used chunks above bytes(); and that a batch's pages are the pool's count.
-// Its own executable: a counting operator new would hide ASan's allocation checks in the unit
-// tests. Exits non-zero on any mismatch.
+// the free pages of its partly used chunks above bytes(); and that a batch's pages are the pool's
+// count. Its own executable: a counting operator new would hide ASan's allocation checks in the
+// unit tests. Exits non-zero on any mismatch.
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
@@ -156,7 +156,8 @@ void check_policy(const char* name, const Policy& policy, bool observe) {
     const std::size_t pool_books = pool ? pool->reserved_bytes() - pool->bytes_in_use() : 0;
     expect(cache.reserved_bytes() == cache.bytes() + pool_books &&
                (!pool || pool->release_unused() == 0),
-           std::string(name) + ": shrink_to_fit leaves reserved_bytes == bytes + pool bookkeeping (" +
+           std::string(name) +
+               ": shrink_to_fit leaves reserved_bytes == bytes + pool bookkeeping (" +
                std::to_string(pool_books) + ")");
     cache.truncate(679);
     check("truncate");

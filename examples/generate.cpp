@@ -2,6 +2,7 @@
 // cache, printing timings. Also measures prefill speed on a synthetic prompt (--bench-prefill).
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <kvpack/kvpack.hpp>
@@ -97,6 +98,12 @@ void bench_prefill(const Options& o, const LlamaModel& model, const Tokenizer& t
 }  // namespace
 
 int main(int argc, char** argv) {
+#if defined(KVPACK_TOOLS_UNOPTIMIZED)
+  std::fprintf(
+      stderr,
+      "kvpack-generate: built with KVPACK_TOOLS_OPTIMIZE=OFF (-O0, a compile check): slow, "
+      "timings mean nothing; rebuild with -DKVPACK_TOOLS_OPTIMIZE=ON\n");
+#endif
   Options o;
   try {
     for (int i = 1; i < argc; ++i) {

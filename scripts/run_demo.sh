@@ -11,7 +11,8 @@ if [ -f scripts/fetch_model.sh ]; then
   bash scripts/fetch_model.sh
 fi
 # Only what the demo runs: the full test build is run_tests.sh's job.
-KVPACK_BUILD_TARGETS=kvpack-eval bash scripts/build.sh
+# ON: a tree CI configured (compile check only) is rebuilt optimized.
+KVPACK_BUILD_TARGETS=kvpack-eval bash scripts/build.sh -DKVPACK_TOOLS_OPTIMIZE=ON
 
 build_dir=${KVPACK_BUILD_DIR:-build}
 eval_bin=$build_dir/examples/eval/kvpack-eval

@@ -102,7 +102,10 @@ class EvalCache {
   double hidden_score_seconds_ = 0;
 };
 
-/// The cache of a row: its policy's registry entry (policy_registry.hpp) builds it.
-std::unique_ptr<EvalCache> make_cache(const PolicySpec& spec, const ModelShape& shape);
+/// The cache of a row: its policy's registry entry (policy_registry.hpp) builds it, as a new
+/// sequence of `home`'s KVCacheBatch when `home` holds the same policy type, else in a batch of
+/// its own.
+std::unique_ptr<EvalCache> make_cache(const PolicySpec& spec, const ModelShape& shape,
+                                      const EvalCache* home = nullptr);
 
 }  // namespace kvpack::eval

@@ -21,6 +21,11 @@
 #include "tokenizer.hpp"
 
 int main(int argc, char** argv) {
+#if defined(KVPACK_TOOLS_UNOPTIMIZED)
+  std::fprintf(stderr,
+               "kvpack-eval: built with KVPACK_TOOLS_OPTIMIZE=OFF (-O0, a compile check): slow, "
+               "timings mean nothing; rebuild with -DKVPACK_TOOLS_OPTIMIZE=ON\n");
+#endif
   try {
     const kvpack::eval::Options o = kvpack::eval::parse_options(argc, argv);
     if (o.threads > 0) {

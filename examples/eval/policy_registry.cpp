@@ -20,20 +20,20 @@ Budget eviction_budget(const PolicySpec& spec, BudgetScope scope) {
 /// A factory for the selection stage `select(spec)`: alone, or composed with the row's KIVI.
 template <class Select>
 CacheFactory stage(Select select) {
-  return [select](const PolicySpec& spec, const ModelShape& shape, const Quantize* quant) {
+  return [select](const PolicySpec& spec, const ModelShape& shape, const Quantize* quant,
+                  const EvalCache* home) {
     const auto first = select(spec);
-    if (quant == nullptr) return make_typed_cache(shape, first);
+    if (quant == nullptr) return make_typed_cache(shape, first, home);
     using P = Compose<std::decay_t<decltype(first)>, Quantize>;
-    return make_typed_cache(shape, P(first, *quant));
+    return make_typed_cache(shape, P(first, *quant), home);
   };
 }
 
 std::vector<PolicyEntry> make_registry() {
   std::vector<PolicyEntry> r;
   auto add = [&](PolicyEntry e) { r.push_back(std::move(e)); };
-  const auto full = [](const PolicySpec&, const ModelShape& shape, const Quantize*) {
-    return make_typed_cache(shape, Identity{});
-  };
+  const auto full = [](const PolicySpec&, const ModelShape& shape, const Quantize*,
+                       const EvalCache* home) { return make_typed_cache(shape, Identity{}, home); };
   add({"full",
        "the uncompressed fp16 cache (the reference every row is compared with)",
        RowKnob::kNone,
@@ -47,8 +47,8 @@ std::vector<PolicyEntry> make_registry() {
        BudgetScope::kPerHead,
        {},
        false,
-       [](const PolicySpec&, const ModelShape& shape, const Quantize*) {
-         return make_typed_cache(shape, IdentityF32{});
+       [](const PolicySpec&, const ModelShape& shape, const Quantize*, const EvalCache* home) {
+         return make_typed_cache(shape, IdentityF32{}, home);
        }});
   add({"quant",
        "KIVI 2/4/8-bit (--bits, --group, --residual)",
@@ -56,9 +56,8 @@ std::vector<PolicyEntry> make_registry() {
        BudgetScope::kPerHead,
        {},
        false,
-       [](const PolicySpec&, const ModelShape& shape, const Quantize* quant) {
-         return make_typed_cache(shape, *quant);
-       }});
+       [](const PolicySpec&, const ModelShape& shape, const Quantize* quant,
+          const EvalCache* home) { return make_typed_cache(shape, *quant, home); }});
   add({"l2",
        "L2-norm eviction, per head, layers 0-1 whole",
        RowKnob::kKeep,
@@ -124,8 +123,9 @@ std::vector<PolicyEntry> make_registry() {
          value_norms ? "KVzip+ without its query weights: probabilities times |W_o v| only"
                      : "KVzip+ without its value norms: probabilities times 1 / |x| only",
          RowKnob::kKeep, BudgetScope::kGlobal, part, true,
-         [make, value_norms](const PolicySpec& s, const ModelShape& shape, const Quantize* q) {
-           auto cache = make(s, shape, q);
+         [make, value_norms](const PolicySpec& s, const ModelShape& shape, const Quantize* q,
+                             const EvalCache* home) {
+           auto cache = make(s, shape, q, home);
            cache->set_query_weights(!value_norms);
            return cache;
          }});
@@ -251,10 +251,11 @@ std::string PolicySpec::label() const {
   return os.str();
 }
 
-std::unique_ptr<EvalCache> make_cache(const PolicySpec& spec, const ModelShape& shape) {
+std::unique_ptr<EvalCache> make_cache(const PolicySpec& spec, const ModelShape& shape,
+                                      const EvalCache* home) {
   const ResolvedPolicy r = resolve_policy(spec.name);
   const Quantize quant(spec.bits, spec.group, spec.residual);
-  return r.entry->make(spec, shape, r.quantized ? &quant : nullptr);
+  return r.entry->make(spec, shape, r.quantized ? &quant : nullptr, home);
 }
 
 }  // namespace kvpack::eval

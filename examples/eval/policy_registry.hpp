@@ -35,9 +35,11 @@ struct DriverNeeds {
   bool layer_groups = false;    ///< rows also swept over --xkv-group
 };
 
-/// Builds a row's cache; `quant` is the KIVI stage of a NAME+quant row (null otherwise).
-using CacheFactory = std::function<std::unique_ptr<EvalCache>(const PolicySpec&, const ModelShape&,
-                                                              const Quantize* quant)>;
+/// Builds a row's cache; `quant` is the KIVI stage of a NAME+quant row (null otherwise); `home`:
+/// a cache whose batch the new one joins as a sequence when it has the same policy type (null:
+/// a new batch).
+using CacheFactory = std::function<std::unique_ptr<EvalCache>(
+    const PolicySpec&, const ModelShape&, const Quantize* quant, const EvalCache* home)>;
 
 struct PolicyEntry {
   std::string name;  ///< as written on the command line

@@ -127,13 +127,24 @@ HeadScores Runner::score_heads() {
   return cache->head_scores();
 }
 
+const EvalCache& Runner::home(const PolicySpec& spec) {
+  const std::string key = spec.label();
+  auto it =
+      std::find_if(homes_.begin(), homes_.end(), [&](const auto& e) { return e.first == key; });
+  if (it == homes_.end()) {
+    homes_.emplace_back(key, make_cache(spec, model_.config().shape()));
+    it = homes_.end() - 1;
+  }
+  return *it->second;
+}
+
 std::vector<int32_t> Runner::system_tokens() const { return tok_.encode(system_header(), true); }
 
 std::unique_ptr<EvalCache> Runner::prefill_full(const std::vector<int32_t>& ids,
                                                 PolicyResult& stats, bool capture_hidden) {
   PolicySpec spec;
   spec.name = "full";
-  auto cache = make_cache(spec, model_.config().shape());
+  auto cache = make_cache(spec, model_.config().shape(), &home(spec));
   cache->set_capture_hidden(capture_hidden || settings_.capture_hidden);
   const double t0 = now_seconds();
   model_.forward(cache->attention(), ids, 0, llama::Logits::kNone);
@@ -143,13 +154,13 @@ std::unique_ptr<EvalCache> Runner::prefill_full(const std::vector<int32_t>& ids,
   return cache;
 }
 
-double Runner::keep_for_ratio(const PolicySpec& spec, const EvalCache& full, int64_t n) const {
+double Runner::keep_for_ratio(const PolicySpec& spec, const EvalCache& full, int64_t n) {
   // Bytes-budget split: the storage stage alone (fp16 rows, or KIVI of every token for
   // "+quant") reaches R_store on this context; eviction supplies the rest, keep = R_store / R.
   // Exact for the kept rows; the fp16 residual of KIVI makes the composed ratio a little lower.
   PolicySpec store = spec;
   store.name = resolve_policy(spec.name).quantized ? "quant" : "full";
-  auto cache = make_cache(store, model_.config().shape());
+  auto cache = make_cache(store, model_.config().shape(), &home(store));
   cache->copy_prefix_from(full, n);
   cache->compress();
   const double r_store = static_cast<double>(cache->dense_bytes()) / cache->bytes();
@@ -174,7 +185,7 @@ std::unique_ptr<EvalCache> Runner::derive(const PolicySpec& spec_in, const EvalC
   const int64_t n = static_cast<int64_t>(ids.size());
   if (spec.keep_from_ratio) spec.keep = keep_for_ratio(spec, full, n);
   std::unique_ptr<EvalCache> cache;
-  auto fresh = make_cache(spec, model_.config().shape());
+  auto fresh = make_cache(spec, model_.config().shape(), &home(spec));
   if (needs.repeat_pass) {
     // One repeat pass per context and cache type: the scores do not depend on the budget, so
     // rows at other keep ratios or scopes reuse them.

@@ -148,6 +148,10 @@ class Runner {
   /// Prefills ids[0, n) into a full (fp16) cache; timing goes to `stats`.
   std::unique_ptr<EvalCache> prefill_full(const std::vector<int32_t>& ids, PolicyResult& stats,
                                           bool capture_hidden = false);
+  /// The empty first sequence of the KVCacheBatch that every cache of `spec`'s row joins
+  /// (contexts as sequences, questions as forks, removed when answered), made on first use:
+  /// the row's caches share one page pool as an engine's requests do.
+  const EvalCache& home(const PolicySpec& spec);
   /// The system prompt's tokens (with BOS): every context starts with them.
   std::vector<int32_t> system_tokens() const;
   /// One repeat pass over the head sample: KVzip head scores (head_scores()).
@@ -167,7 +171,7 @@ class Runner {
                                     const std::vector<int32_t>& ids, int64_t context_begin,
                                     Observed& observed, PolicyResult& stats);
   /// Keep ratio that brings an eviction row to its target bytes ratio `spec.ratio` on `full`.
-  double keep_for_ratio(const PolicySpec& spec, const EvalCache& full, int64_t n) const;
+  double keep_for_ratio(const PolicySpec& spec, const EvalCache& full, int64_t n);
   void repeat_pass(EvalCache& cache, const std::vector<int32_t>& ids, int64_t context_begin);
 
   const llama::LlamaModel& model_;
@@ -179,6 +183,8 @@ class Runner {
   std::shared_ptr<const OutputFactors> output_factors_;
   std::shared_ptr<const HiddenScorer> kvzap_scorer_;
   std::vector<std::string> kvzap_documents_;
+  /// home() per row label.
+  std::vector<std::pair<std::string, std::unique_ptr<EvalCache>>> homes_;
   /// Keyed by (bytes ratio, bytes per latent value).
   std::vector<std::pair<std::pair<double, double>, std::shared_ptr<const ChannelProjections>>>
       projections_;

@@ -81,14 +81,34 @@ class SwitchableAdapter : public llama::AttentionCache {
   std::vector<std::vector<float>> captured_;  // per layer: tokens × hidden
 };
 
+/// One sequence of a KVCacheBatch<Policy>. A new cache starts a batch (its own page pool); a
+/// sibling (another context of the same row) and a clone (a question's fork of its context) are
+/// sequences of the same batch, so a row's caches share one pool as an engine's requests do.
+/// Destroying the cache removes its sequence.
 template <class Policy>
 class TypedEvalCache : public EvalCache {
  public:
   TypedEvalCache(const ModelShape& shape, const Policy& policy)
-      : cache_(shape, policy), adapter_(cache_) {}
-  TypedEvalCache(const TypedEvalCache& other) : cache_(other.cache_), adapter_(cache_) {
+      : batch_(std::make_shared<Batch>(shape, policy)),
+        id_(batch_->next_id++),
+        cache_(&batch_->sequences.add(id_)),
+        adapter_(*cache_) {}
+  /// A new empty sequence of `home`'s batch with `policy`'s knobs.
+  TypedEvalCache(const TypedEvalCache& home, const Policy& policy)
+      : batch_(home.batch_),
+        id_(batch_->next_id++),
+        cache_(&batch_->sequences.add(id_, policy)),
+        adapter_(*cache_) {}
+  /// A fork of `other` (bit-identical contents, its own pages of the same pool).
+  TypedEvalCache(const TypedEvalCache& other)
+      : batch_(other.batch_),
+        id_(batch_->next_id++),
+        cache_(&batch_->sequences.fork(other.id_, id_)),
+        adapter_(*cache_) {
     adapter_.set_query_weights(other.adapter_.query_weights());
   }
+  TypedEvalCache& operator=(const TypedEvalCache&) = delete;
+  ~TypedEvalCache() override { batch_->sequences.remove(id_); }
 
   llama::AttentionCache& attention() override { return adapter_; }
   void set_observe(bool on) override { adapter_.set_observe(on); }
@@ -96,22 +116,22 @@ class TypedEvalCache : public EvalCache {
   void set_window(const ScoreWindow& window) override {
     if constexpr (std::is_base_of_v<QueryScoredEviction, Selection>) selection().window = window;
   }
-  void compress() override { cache_.compress(); }
-  void truncate(int64_t last_position) override { cache_.truncate(last_position); }
-  std::size_t bytes() const override { return cache_.bytes(); }
-  std::size_t dense_bytes() const override { return cache_.dense_bytes(); }
+  void compress() override { cache_->compress(); }
+  void truncate(int64_t last_position) override { cache_->truncate(last_position); }
+  std::size_t bytes() const override { return cache_->bytes(); }
+  std::size_t dense_bytes() const override { return cache_->dense_bytes(); }
   std::unique_ptr<EvalCache> clone() const override {
     return std::make_unique<TypedEvalCache>(*this);
   }
   std::vector<double> observed_mass() const override {
     std::vector<double> m;
     if constexpr (kLayerMass) {
-      for (int l = 0; l < cache_.shape().layers; ++l) m.push_back(cache_.observed_mass(l));
+      for (int l = 0; l < cache_->shape().layers; ++l) m.push_back(cache_->observed_mass(l));
     }
     return m;
   }
-  int layers() const override { return cache_.shape().layers; }
-  DenseLayer materialize(int layer) const override { return cache_.materialize(layer); }
+  int layers() const override { return cache_->shape().layers; }
+  DenseLayer materialize(int layer) const override { return cache_->materialize(layer); }
   void set_budget(double keep, BudgetScope scope) override {
     if constexpr (std::is_base_of_v<EvictionPolicy, Selection>) {
       Budget& b = selection().budget;
@@ -125,7 +145,7 @@ class TypedEvalCache : public EvalCache {
   }
   HeadScores head_scores() const override {
     if constexpr (std::is_base_of_v<QueryScoredEviction, Policy>) {
-      return cache_.head_scores();
+      return cache_->head_scores();
     } else {
       throw std::runtime_error("head_scores: only a cache scored by observed queries has them");
     }
@@ -136,7 +156,7 @@ class TypedEvalCache : public EvalCache {
   }
   std::vector<float> token_scores(int layer, int head) const override {
     if constexpr (kStoredScores) {
-      return cache_.token_scores(layer, head);
+      return cache_->token_scores(layer, head);
     } else {
       throw std::runtime_error("token_scores: this policy does not score tokens");
     }
@@ -144,7 +164,7 @@ class TypedEvalCache : public EvalCache {
   std::vector<bool> lazy_layers() const override {
     std::vector<bool> lazy;
     if constexpr (kLayerMass) {
-      for (int l = 0; l < cache_.shape().layers; ++l) lazy.push_back(cache_.is_lazy(l));
+      for (int l = 0; l < cache_->shape().layers; ++l) lazy.push_back(cache_->is_lazy(l));
     }
     return lazy;
   }
@@ -154,7 +174,7 @@ class TypedEvalCache : public EvalCache {
   static constexpr bool kLayerMass = Selection::score_source == ScoreSource::kLayerMass;
   static constexpr bool kStoredScores = Selection::score_source == ScoreSource::kObservedQueries ||
                                         Selection::score_source == ScoreSource::kHiddenStates;
-  Selection& selection() { return detail::PolicyStages<Policy>::select_knobs(cache_.policy()); }
+  Selection& selection() { return detail::PolicyStages<Policy>::select_knobs(cache_->policy()); }
 
   void append_rows(int layer, const float* k, const float* v, const int64_t* positions,
                    int64_t n) override {
@@ -167,13 +187,26 @@ class TypedEvalCache : public EvalCache {
     }
   }
 
-  KVCache<Policy> cache_;
+  struct Batch {
+    Batch(const ModelShape& shape, const Policy& policy) : sequences(shape, policy) {}
+    KVCacheBatch<Policy> sequences;
+    int64_t next_id = 0;
+  };
+  std::shared_ptr<Batch> batch_;
+  int64_t id_;
+  KVCache<Policy>* cache_;  // batch_->sequences.sequence(id_)
   SwitchableAdapter<KVCache<Policy>> adapter_;
 };
 
-/// The EvalCache of a KVCache<Policy> built from `policy`.
+/// The EvalCache of a KVCache<Policy> built from `policy`: a new sequence of `home`'s batch when
+/// `home` is a cache of the same policy type (its pages must fit home's pool), else the first
+/// sequence of a new batch.
 template <class Policy>
-std::unique_ptr<EvalCache> make_typed_cache(const ModelShape& shape, const Policy& policy) {
+std::unique_ptr<EvalCache> make_typed_cache(const ModelShape& shape, const Policy& policy,
+                                            const EvalCache* home) {
+  if (const auto* same = dynamic_cast<const TypedEvalCache<Policy>*>(home)) {
+    return std::make_unique<TypedEvalCache<Policy>>(*same, policy);
+  }
   return std::make_unique<TypedEvalCache<Policy>>(shape, policy);
 }
 

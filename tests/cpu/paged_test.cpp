@@ -264,6 +264,43 @@ TEST_CASE("batch: add, fork, remove, with pages shared and reused", "[pages][bat
   CHECK(batch.reserved_bytes() >= batch.bytes());
 }
 
+TEST_CASE("batch: a sequence with its own knobs equals a cache of that policy", "[pages][batch]") {
+  using kvpack::Budget;
+  using kvpack::L2NormEvict;
+  const L2NormEvict half(Budget::ratio(0.5).with_protection(0, 0), 0);
+  const L2NormEvict quarter(Budget::ratio(0.25).with_protection(0, 0), 0);
+  kvpack::KVCacheBatch<L2NormEvict> batch(kShape, half);
+  auto& a = batch.add(1);
+  auto& b = batch.add(2, quarter);  // a per-request budget
+  kvpack::KVCache<L2NormEvict> alone(kShape, quarter);
+  for (int l = 0; l < kShape.layers; ++l) {
+    for (auto* cache : {&a, &b}) fill_layer(*cache, l, 400, 70 + l);
+    fill_layer(alone, l, 400, 70 + l);
+  }
+  a.compress();
+  b.compress();
+  alone.compress();
+  CHECK(a.tokens(0, 0) == 200);
+  CHECK(b.tokens(0, 0) == 100);
+  CHECK(b.bytes() == alone.bytes());
+  for (int l = 0; l < kShape.layers; ++l) {
+    const auto got = b.materialize(l), want = alone.materialize(l);
+    for (int h = 0; h < kShape.kv_heads; ++h) {
+      CHECK(got.heads[h].positions == want.heads[h].positions);
+      CHECK(got.heads[h].k == want.heads[h].k);
+      CHECK(got.heads[h].v == want.heads[h].v);
+    }
+  }
+  CHECK_THROWS_WITH(batch.add(3, L2NormEvict(Budget::ratio(0.0))), Catch::Contains("keep_ratio"));
+  CHECK(batch.ids() == std::vector<int64_t>{1, 2});
+
+  // KIVI pages are sized by bits and group: a policy whose pages would not fit is refused.
+  kvpack::KVCacheBatch<kvpack::Quantize> kivi(kShape, kvpack::Quantize(2, 32, 32));
+  kivi.add(1, kvpack::Quantize(2, 32, 64));  // another residual: same pages
+  CHECK_THROWS_WITH(kivi.add(2, kvpack::Quantize(8, 32, 32)), Catch::Contains("page_bytes"));
+  CHECK(kivi.ids() == std::vector<int64_t>{1});
+}
+
 TEST_CASE("batch: one attend over mixed decode and prefill entries equals per-sequence calls",
           "[pages][batch]") {
   for (const auto isa : supported_isas()) {

@@ -36,11 +36,17 @@ class KVCacheBatch<Policy, backend::Cpu> {
   }
 
   /// Adds an empty sequence; throws kvpack::error if `id` is already held.
-  cache_type& add(int64_t id) {
+  cache_type& add(int64_t id) { return add(id, prototype_.policy()); }
+
+  /// Adds an empty sequence with its own policy knobs (e.g. a per-request budget). Throws
+  /// kvpack::error if `id` is already held, a knob is invalid, or the policy's pages would not
+  /// fit the batch's pool (KVCache::page_bytes larger than the pool's; e.g. other KIVI bits);
+  /// nothing is added then.
+  cache_type& add(int64_t id, Policy policy) {
     const auto at = find(id);
     detail::require(at == entries_.end() || at->id != id, "KVCacheBatch::add", "id", id,
                     "an id not in the batch");
-    auto cache = std::make_unique<cache_type>(prototype_.shape(), prototype_.policy(), pages_);
+    auto cache = std::make_unique<cache_type>(prototype_.shape(), std::move(policy), pages_);
     cache->set_executor(executor_);
     return *entries_.insert(at, Entry{id, std::move(cache)})->cache;
   }

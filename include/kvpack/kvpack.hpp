@@ -5,6 +5,7 @@
 #include "backend/cpu/kivi_rows.hpp"
 #include "backend/cpu/low_rank.hpp"
 #include "backend/cpu/paged_attention.hpp"
+#include "backend/cpu/paged_kivi_attention.hpp"
 #include "budget.hpp"
 #include "cache.hpp"
 #include "cache_batch.hpp"

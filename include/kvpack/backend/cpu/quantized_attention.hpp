@@ -289,10 +289,10 @@ KVPACK_TARGET_AVX2 void avx2_quantized_pass(const QuantBlock<Bits, G>* const* kb
 /// Decode attention of `rows` rows over quantized tokens [begin, end) (end ≤ store.quantized),
 /// rows in passes of up to cpu::kDecodePassRows (one GQA group per pass), tiles of whole key
 /// groups.
-template <int Bits, int G>
-KVPACK_TARGET_AVX2 void avx2_quantized_attend(const QuantizedHeadStore& store, int d,
-                                              const float* q, int rows, const int64_t* visible,
-                                              int64_t begin, int64_t end, cpu::PartialState& state,
+template <int Bits, int G, class Store>
+KVPACK_TARGET_AVX2 void avx2_quantized_attend(const Store& store, int d, const float* q, int rows,
+                                              const int64_t* visible, int64_t begin, int64_t end,
+                                              cpu::PartialState& state,
                                               std::vector<float>& scratch) {
   using Block = QuantBlock<Bits, G>;
   constexpr int kRows = cpu::kDecodePassRows;
@@ -365,14 +365,15 @@ KVPACK_TARGET_AVX2 void avx2_quantized_attend(const QuantizedHeadStore& store, i
 
 namespace cpu {
 
-/// attend_rows (see attention.hpp) over a Quantize head: few rows (decode) fold the
-/// dequantization into the dot products for the quantized tokens and read the fp16 tail
-/// directly; many rows (prefill chunks) dequantize tile by tile and use GEMMs.
-inline void attend_rows(const detail::QuantizedHeadStore::Rows& head, int d, const float* q,
-                        int rows, const int64_t* visible, int64_t begin, int64_t end,
-                        PartialState& state, std::vector<float>& scratch) {
+/// attend_rows (see attention.hpp) over a KIVI head (the cache's, or caller-owned pages): few
+/// rows (decode) fold the dequantization into the dot products for the quantized tokens and read
+/// the fp16 tail directly; many rows (prefill chunks) dequantize tile by tile and use GEMMs.
+template <class Store>
+void attend_rows(const detail::KiviRows<Store>& head, int d, const float* q, int rows,
+                 const int64_t* visible, int64_t begin, int64_t end, PartialState& state,
+                 std::vector<float>& scratch) {
 #if defined(KVPACK_X86_DISPATCH)
-  const detail::QuantizedHeadStore& store = *head.store;
+  const Store& store = *head.store;
   int64_t row_visible_max = 0;
   for (int r = 0; r < rows; ++r) row_visible_max = std::max(row_visible_max, visible[r]);
   end = std::min(end, row_visible_max);
@@ -389,8 +390,9 @@ inline void attend_rows(const detail::QuantizedHeadStore::Rows& head, int d, con
     if (split < end) {
       // The fp16 tail as dense rows, indices shifted to start at the first tail token.
       const int64_t first = store.quantized;
-      const DenseRows<Half> tail{store.tail_k.data(), store.tail_v.data(),
-                                 store.positions.data() + first, store.size() - first, d};
+      const DenseRows<Half> tail{store.tail_keys(), store.tail_values(),
+                                 head.positions != nullptr ? head.positions + first : nullptr,
+                                 head.size - first, d};
       std::vector<int64_t> tail_visible(rows);
       for (int r = 0; r < rows; ++r) tail_visible[r] = std::max<int64_t>(0, visible[r] - first);
       attend_rows(tail, d, q, rows, tail_visible.data(), split - first, end - first, state,
@@ -399,8 +401,7 @@ inline void attend_rows(const detail::QuantizedHeadStore::Rows& head, int d, con
     return;
   }
 #endif
-  attend_rows<detail::QuantizedHeadStore::Rows>(head, d, q, rows, visible, begin, end, state,
-                                                scratch);
+  attend_rows<detail::KiviRows<Store>>(head, d, q, rows, visible, begin, end, state, scratch);
 }
 
 }  // namespace cpu

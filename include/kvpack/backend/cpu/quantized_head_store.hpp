@@ -23,6 +23,52 @@
 namespace kvpack {
 namespace detail {
 
+/// Tile loader of a KIVI head: decodes blocks (whole groups at a time when aligned) and reads the
+/// fp16 residual. Store: QuantizedHeadStore, or a view of caller-owned pages (KiviPageView) -
+/// bits, group, quantized, key_group(g), value_token(t), tail_keys(), tail_values().
+template <class Store>
+struct KiviRows {
+  const Store* store;
+  const int32_t* positions;
+  int64_t size;
+  int head_dim;
+
+  void load_keys(int64_t begin, int64_t n, float* out) const { load(begin, n, out, true); }
+  void load_values(int64_t begin, int64_t n, float* out) const { load(begin, n, out, false); }
+
+ private:
+  void load(int64_t begin, int64_t n, float* out, bool keys) const {
+    const Store& s = *store;
+    const int d = head_dim;
+    const int64_t end = begin + n;
+    const int64_t qend = end < s.quantized ? end : s.quantized;
+    if (begin < qend) {
+      dispatch_quant(s.bits, s.group, [&](auto b, auto g) {
+        constexpr int B = decltype(b)::value, G = decltype(g)::value;
+        using Block = QuantBlock<B, G>;
+        if (keys) {
+          for (int64_t t = begin; t < qend;) {  // group by group: pages hold whole groups
+            const int64_t g = t / G, stop = std::min(qend, (g + 1) * G);
+            const auto* kb = reinterpret_cast<const Block*>(s.key_group(g));
+            dequantize_channel_rows_ref(kb, d, t - g * G, stop - g * G, out + (t - begin) * d);
+            t = stop;
+          }
+          return;
+        }
+        for (int64_t t = begin; t < qend; ++t) {
+          float* row = out + (t - begin) * d;
+          const auto* vb = reinterpret_cast<const Block*>(s.value_token(t));
+          for (int c = 0; c < d / G; ++c) dequantize_block_ref(vb[c], row + c * G, 1);
+        }
+      });
+    }
+    const Half* tail = keys ? s.tail_keys() : s.tail_values();
+    for (int64_t t = begin > s.quantized ? begin : s.quantized; t < end; ++t) {
+      load_row(tail + (t - s.quantized) * d, out + (t - begin) * d, d);
+    }
+  }
+};
+
 /// Tokens [0, quantized) live in blocks, tokens [quantized, size) in the fp16 tail.
 /// Blocks sit in pages of `page_tokens` tokens (see kivi_page_bytes): key blocks one per channel
 /// per group of `group` tokens, ordered [group][channel]; value blocks one per group of `group`
@@ -47,20 +93,22 @@ struct QuantizedHeadStore {
     head_dim = d;
   }
 
-  std::size_t block_bytes() const { return 4 + static_cast<std::size_t>(group) * bits / 8; }
+  std::size_t block_bytes() const { return kivi_block_bytes(bits, group); }
   int64_t size() const { return static_cast<int64_t>(positions.size()); }
-  int64_t groups_per_page() const { return page_tokens / group; }
 
   /// Key blocks of quantized token group g: head_dim blocks, one per channel.
   const uint8_t* key_group(int64_t g) const {
-    return page(g / groups_per_page()) + (g % groups_per_page()) * head_dim * block_bytes();
+    const PageOffset at = kivi_key_group_at(g, page_tokens, group, head_dim, bits);
+    return page(at.page) + at.offset;
   }
   /// Value blocks of quantized token t: head_dim / group blocks, one per channel group.
   const uint8_t* value_token(int64_t t) const {
-    const int64_t in_page = t % page_tokens;
-    return page(t / page_tokens) +
-           (groups_per_page() * head_dim + in_page * (head_dim / group)) * block_bytes();
+    const PageOffset at = kivi_value_token_at(t, page_tokens, group, head_dim, bits);
+    return page(at.page) + at.offset;
   }
+  /// The fp16 residual: [size() − quantized][head_dim] keys, then values.
+  const Half* tail_keys() const { return tail_k.data(); }
+  const Half* tail_values() const { return tail_v.data(); }
 
   /// Bytes held once for several heads (none for KIVI rows).
   static std::size_t shared_bytes(const std::vector<QuantizedHeadStore>&) { return 0; }
@@ -85,49 +133,7 @@ struct QuantizedHeadStore {
     if (!scores.empty()) scores.resize(positions.size(), kUnscored);
   }
 
-  /// Tile loader: decodes blocks (whole groups at a time when aligned) and reads the tail.
-  struct Rows {
-    const QuantizedHeadStore* store;
-    const int32_t* positions;
-    int64_t size;
-    int head_dim;
-
-    void load_keys(int64_t begin, int64_t n, float* out) const { load(begin, n, out, true); }
-    void load_values(int64_t begin, int64_t n, float* out) const { load(begin, n, out, false); }
-
-   private:
-    void load(int64_t begin, int64_t n, float* out, bool keys) const {
-      const QuantizedHeadStore& s = *store;
-      const int d = head_dim;
-      const int64_t end = begin + n;
-      const int64_t qend = end < s.quantized ? end : s.quantized;
-      if (begin < qend) {
-        dispatch_quant(s.bits, s.group, [&](auto b, auto g) {
-          constexpr int B = decltype(b)::value, G = decltype(g)::value;
-          using Block = QuantBlock<B, G>;
-          if (keys) {
-            for (int64_t t = begin; t < qend;) {  // group by group: pages hold whole groups
-              const int64_t g = t / G, stop = std::min(qend, (g + 1) * G);
-              const auto* kb = reinterpret_cast<const Block*>(s.key_group(g));
-              dequantize_channel_rows_ref(kb, d, t - g * G, stop - g * G, out + (t - begin) * d);
-              t = stop;
-            }
-            return;
-          }
-          for (int64_t t = begin; t < qend; ++t) {
-            float* row = out + (t - begin) * d;
-            const auto* vb = reinterpret_cast<const Block*>(s.value_token(t));
-            for (int c = 0; c < d / G; ++c) dequantize_block_ref(vb[c], row + c * G, 1);
-          }
-        });
-      }
-      const std::vector<Half>& tail = keys ? s.tail_k : s.tail_v;
-      for (int64_t t = begin > s.quantized ? begin : s.quantized; t < end; ++t) {
-        load_row(tail.data() + (t - s.quantized) * d, out + (t - begin) * d, d);
-      }
-    }
-  };
-
+  using Rows = KiviRows<QuantizedHeadStore>;
   Rows rows(int head_dim) const { return {this, positions.data(), size(), head_dim}; }
 
   /// Quantizes whole groups of the tail, leaving at least `residual` newest tokens in fp16.

@@ -32,7 +32,7 @@ namespace kvpack {
 /// position positions[i][t] (ascending int32) or, when `positions` is null, at position t.
 struct PagedKivi {
   const void* data = nullptr;  ///< the pages (any alignment)
-  std::size_t page_bytes = 0;  ///< stride of the pages: at least the format's (page_bytes())
+  std::size_t page_bytes = 0;  ///< stride of the pages: at least format_page_bytes()
   int64_t num_pages = 0;       ///< pages in data (bounds the ids)
   int bits = 4;                ///< 2, 4 or 8
   int group = 32;              ///< 16, 32, 64 or 128 (tokens per key block, channels per value)

@@ -3,7 +3,7 @@
 /// in one run, on the reference-model attention shape (9 query heads, 3 kv heads, head_dim 64).
 ///
 /// BM_IsaAttendDecode: decode attend (one query token) over 4 K and 32 K tokens held as fp16
-/// (Identity) or 4-bit KIVI (Quantize), with the kernels of `isa` (0 scalar, 1 AVX2);
+/// (Identity) or 4-bit KIVI (Quantize), with the kernels of `isa` (0 scalar, 1 AVX2, 2 AVX-512);
 /// bytes_per_second counts cache.bytes() (all read), fraction_of_read divides it by the read
 /// baseline. BM_IsaQuantize: compress() of a 32 K-token fp16 tail to 4 bits; bytes_per_second
 /// counts the fp16 K/V quantized.
@@ -68,11 +68,11 @@ void BM_IsaAttendDecode(benchmark::State& state) {
 }
 BENCHMARK_TEMPLATE(BM_IsaAttendDecode, kvpack::Identity)
     ->ArgNames({"isa", "tokens"})
-    ->ArgsProduct({{0, 1}, {4096, 32768}})
+    ->ArgsProduct({{0, 1, 2}, {4096, 32768}})
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK_TEMPLATE(BM_IsaAttendDecode, kvpack::Quantize)
     ->ArgNames({"isa", "tokens"})
-    ->ArgsProduct({{0, 1}, {4096, 32768}})
+    ->ArgsProduct({{0, 1, 2}, {4096, 32768}})
     ->Unit(benchmark::kMicrosecond);
 
 void BM_IsaQuantize(benchmark::State& state) {
@@ -97,6 +97,7 @@ BENCHMARK(BM_IsaQuantize)
     ->ArgNames({"isa"})
     ->Arg(0)
     ->Arg(1)
+    ->Arg(2)
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
 

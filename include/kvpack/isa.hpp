@@ -9,10 +9,11 @@
 /// consumer's flags, as Eigen decides its packet size at compile time.
 ///
 /// The choice is the best set the CPU and the OS support, lowered by the environment variable
-/// `KVPACK_ISA` (`scalar` or `avx2`) when it is set before the first kernel runs, or by
+/// `KVPACK_ISA` (`scalar`, `avx2` or `avx512`) when it is set before the first kernel runs, or by
 /// set_cpu_isa() (benchmarks and tests compare the paths in one process).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -29,6 +30,9 @@
 #define KVPACK_X86_DISPATCH 1
 /// Compiles a function for AVX2 + FMA + F16C, whatever the translation unit's flags.
 #define KVPACK_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+/// Compiles a function for AVX-512 F/BW/VL/DQ (with AVX2 + FMA + F16C), whatever the flags.
+#define KVPACK_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #endif
 
 namespace kvpack {
@@ -37,14 +41,20 @@ namespace kvpack {
 enum class Isa : int {
   kScalar = 0,  ///< portable C++ (compiled with the consumer's flags)
   kAvx2 = 1,    ///< AVX2 + FMA + F16C (x86-64: Intel Haswell / AMD Zen and later)
+  /// AVX-512 F + BW + VL + DQ on top of kAvx2 (Intel Skylake-SP / AMD Zen 4 and later). Kernels
+  /// without an AVX-512 version run their AVX2 one at this level.
+  kAvx512 = 2,
 };
 
-/// "scalar" or "avx2".
-inline const char* isa_name(Isa isa) { return isa == Isa::kAvx2 ? "avx2" : "scalar"; }
+/// "scalar", "avx2" or "avx512".
+inline const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "scalar";
+}
 
 namespace detail {
 
-/// The best Isa this CPU and OS support (CPUID and XGETBV: the OS must save the YMM state).
+/// The best Isa this CPU and OS support (CPUID and XGETBV: the OS must save the YMM state, and
+/// for AVX-512 the opmask and ZMM state too).
 inline Isa detect_cpu_isa() {
 #if defined(KVPACK_X86_DISPATCH)
   unsigned a = 0, b = 0, c = 0, d = 0;
@@ -56,7 +66,11 @@ inline Isa detect_cpu_isa() {
   __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
   if ((xcr0_lo & 0x6u) != 0x6u) return Isa::kScalar;  // XMM and YMM state enabled by the OS
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return Isa::kScalar;
-  if (b & (1u << 5)) return Isa::kAvx2;
+  if (!(b & (1u << 5))) return Isa::kScalar;
+  // AVX512F (bit 16), DQ (17), BW (30), VL (31); XCR0 bits 5-7: opmask, ZMM0-15 upper, ZMM16-31.
+  const unsigned avx512 = (1u << 16) | (1u << 17) | (1u << 30) | (1u << 31);
+  if ((b & avx512) == avx512 && (xcr0_lo & 0xE0u) == 0xE0u) return Isa::kAvx512;
+  return Isa::kAvx2;
 #endif
   return Isa::kScalar;
 }
@@ -67,9 +81,10 @@ inline Isa initial_cpu_isa() {
   const char* env = std::getenv("KVPACK_ISA");
   if (env == nullptr || *env == '\0') return best;
   if (std::strcmp(env, "scalar") == 0) return Isa::kScalar;
-  if (std::strcmp(env, "avx2") == 0) return best >= Isa::kAvx2 ? Isa::kAvx2 : best;
-  throw error(
-      concat("KVPACK_ISA: '", env, "' is not an instruction set kvpack knows ", "(scalar, avx2)"));
+  if (std::strcmp(env, "avx2") == 0) return std::min(best, Isa::kAvx2);
+  if (std::strcmp(env, "avx512") == 0) return std::min(best, Isa::kAvx512);
+  throw error(concat("KVPACK_ISA: '", env, "' is not an instruction set kvpack knows ",
+                     "(scalar, avx2, avx512)"));
 }
 
 /// The process-wide choice (one instance across translation units: an inline function's static).

@@ -13,7 +13,9 @@ namespace kvpack_test {
 /// The instruction sets this CPU can run, scalar first: tests run their kernels under each.
 inline std::vector<kvpack::Isa> supported_isas() {
   std::vector<kvpack::Isa> isas{kvpack::Isa::kScalar};
-  if (kvpack::cpu_isa_supported() >= kvpack::Isa::kAvx2) isas.push_back(kvpack::Isa::kAvx2);
+  for (const kvpack::Isa isa : {kvpack::Isa::kAvx2, kvpack::Isa::kAvx512}) {
+    if (kvpack::cpu_isa_supported() >= isa) isas.push_back(isa);
+  }
   return isas;
 }
 

@@ -47,7 +47,7 @@ inline void load_row(const float* src, float* dst, int64_t n) {
 inline void load_row(const Half* src, float* dst, int64_t n) {
   int64_t i = 0;
 #if defined(KVPACK_X86_DISPATCH)
-  if (cpu_isa() == Isa::kAvx2) i = f16c_load_row(src, dst, n);
+  if (cpu_isa() >= Isa::kAvx2) i = f16c_load_row(src, dst, n);
 #endif
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
@@ -63,7 +63,7 @@ inline void store_row(const float* src, float* dst, int64_t n) {
 inline void store_row(const float* src, Half* dst, int64_t n) {
   int64_t i = 0;
 #if defined(KVPACK_X86_DISPATCH)
-  if (cpu_isa() == Isa::kAvx2) i = f16c_store_row(src, dst, n);
+  if (cpu_isa() >= Isa::kAvx2) i = f16c_store_row(src, dst, n);
 #endif
   for (; i < n; ++i) dst[i] = to_half(src[i]);
 }

@@ -8,7 +8,7 @@
 /// the directed fp16 roundings through F16C, one division, one fma per code), so the results
 /// are identical; blocks whose min or max is a signed zero, where a reordered min/max could
 /// pick the other zero, go through the reference. The AVX2 code runs when cpu_isa() is
-/// Isa::kAvx2 (isa.hpp); otherwise every block goes through the reference.
+/// Isa::kAvx2 or above (isa.hpp); otherwise every block goes through the reference.
 #pragma once
 
 #include "../../config.hpp"
@@ -144,8 +144,8 @@ KVPACK_TARGET_AVX2 bool avx2_quantize_value_block(const float* x, QuantBlock<Bit
     lo = _mm256_min_ps(_mm256_loadu_ps(x + i), lo);
     hi = _mm256_max_ps(_mm256_loadu_ps(x + i), hi);
   }
-  const float lo_s = -avx2_max(_mm256_sub_ps(_mm256_setzero_ps(), lo));
-  const float hi_s = avx2_max(hi);
+  const float lo_s = -avx2::hmax(_mm256_sub_ps(_mm256_setzero_ps(), lo));
+  const float hi_s = avx2::hmax(hi);
   // A zero extreme may carry either sign depending on the order: use the reference.
   if (lo_s == 0.0f || hi_s == 0.0f) return false;
   const __m128i min_bits = avx2_half_directed<true>(_mm256_set1_ps(lo_s));
@@ -236,7 +236,7 @@ template <int Bits, int G>
 void quantize_key_group(const float* rows, int d, QuantBlock<Bits, G>* blocks) {
   int c0 = 0;
 #if defined(KVPACK_X86_DISPATCH)
-  if (cpu_isa() == Isa::kAvx2) c0 = detail::avx2_quantize_key_group<Bits, G>(rows, d, blocks);
+  if (cpu_isa() >= Isa::kAvx2) c0 = detail::avx2_quantize_key_group<Bits, G>(rows, d, blocks);
 #endif
   for (int c = c0; c < d; ++c) quantize_block_ref(rows + c, d, blocks[c]);
 }
@@ -249,7 +249,7 @@ void quantize_value_row(const float* row, int d, QuantBlock<Bits, G>* blocks) {
     const float* x = row + g * G;
 #if defined(KVPACK_X86_DISPATCH)
     if constexpr (G % 8 == 0) {
-      if (cpu_isa() == Isa::kAvx2 && detail::avx2_quantize_value_block(x, blocks[g])) continue;
+      if (cpu_isa() >= Isa::kAvx2 && detail::avx2_quantize_value_block(x, blocks[g])) continue;
     }
 #endif
     quantize_block_ref(x, 1, blocks[g]);
@@ -265,7 +265,7 @@ void quantize_value_rows(const float* rows, int64_t n, int d, QuantBlock<Bits, G
   int64_t t0 = 0;
 #if defined(KVPACK_X86_DISPATCH)
   if constexpr (G % 8 == 0) {
-    if (cpu_isa() == Isa::kAvx2) t0 = detail::avx2_quantize_value_rows<Bits, G>(rows, n, d, blocks);
+    if (cpu_isa() >= Isa::kAvx2) t0 = detail::avx2_quantize_value_rows<Bits, G>(rows, n, d, blocks);
   }
 #endif
   for (; t0 < n; ++t0) quantize_value_row<Bits, G>(rows + t0 * d, d, blocks + t0 * groups);

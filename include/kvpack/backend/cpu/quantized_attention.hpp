@@ -8,8 +8,8 @@
 /// 16 tokens by broadcast query elements, as a GEMM over (channel, token). Values are stored per
 /// token over groups of G channels, so Σ_t p_t · v̂_t = Σ_t (p_t · scale_t) · code_t +
 /// Σ_t p_t · min_t per channel group. The fp16 tail (the newest tokens) goes through the dense
-/// AVX2 kernels. Results equal the generic path (dequantize a tile, then attend) up to fp32
-/// rounding.
+/// decode kernels (attention.hpp). Results equal the generic path (dequantize a tile, then attend)
+/// up to fp32 rounding.
 #pragma once
 
 #include "../../config.hpp"
@@ -157,7 +157,7 @@ KVPACK_TARGET_AVX2 __attribute__((noinline)) void avx2_quantized_group_scores(
     }
   }
   float bias[R];
-  for (int r = 0; r < R; ++r) bias[r] = avx2_sum(b[r]);
+  for (int r = 0; r < R; ++r) bias[r] = avx2::hsum(b[r]);
   for (int k = 0; k < G / kChunk; ++k) {
     __m256 v[R][kChunk / 8];
     for (int pass = 0; pass < kChunk / 16; ++pass) {
@@ -217,7 +217,7 @@ KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* vb, int
         m[r] = _mm256_fmadd_ps(pv, min, m[r]);
       }
     }
-    for (int r = 0; r < R; ++r) min_sum[r][g] = avx2_sum(m[r]);
+    for (int r = 0; r < R; ++r) min_sum[r][g] = avx2::hsum(m[r]);
   }
   for (int g = 0; g < groups; ++g) {
     for (int k = 0; k < G / kChunk; ++k) {
@@ -378,7 +378,7 @@ void attend_rows(const detail::KiviRows<Store>& head, int d, const float* q, int
   for (int r = 0; r < rows; ++r) row_visible_max = std::max(row_visible_max, visible[r]);
   end = std::min(end, row_visible_max);
   // Value groups must not exceed the per-(row, group) min sums of the kernel (d / G ≤ 16).
-  if (cpu_isa() == Isa::kAvx2 && rows < kGemmRows && d % 16 == 0 && d / store.group <= 16 &&
+  if (cpu_isa() >= Isa::kAvx2 && rows < kGemmRows && d % 16 == 0 && d / store.group <= 16 &&
       begin < end) {
     const int64_t split = std::clamp(store.quantized, begin, end);
     if (begin < split) {

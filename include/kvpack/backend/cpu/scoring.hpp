@@ -219,7 +219,7 @@ inline void group_scores(const cpu::PackedKeys& keys, const float* q, int rows, 
   float* sp = s + p * cpu::kScorePanel;
   const float* panel = keys.panel(p);
 #if defined(KVPACK_X86_DISPATCH)
-  if (cpu_isa() == Isa::kAvx2) {  // head_dim 64 and 128 get kernels with the dimension fixed
+  if (cpu_isa() >= Isa::kAvx2) {  // head_dim 64 and 128 get kernels with the dimension fixed
     if (d == 64) return avx2_group_scores<64>(q, d, rows, panel, sp, lds);
     if (d == 128) return avx2_group_scores<128>(q, d, rows, panel, sp, lds);
     return avx2_group_scores<0>(q, d, rows, panel, sp, lds);
@@ -239,7 +239,7 @@ inline void group_scores(const cpu::PackedKeys& keys, const float* q, int rows, 
 inline void max_scaled(float* best, const float* x, int64_t n, float scale) {
   int64_t i = 0;
 #if defined(KVPACK_X86_DISPATCH)
-  if (cpu_isa() == Isa::kAvx2) i = avx2_max_scaled(best, x, n, scale);
+  if (cpu_isa() >= Isa::kAvx2) i = avx2_max_scaled(best, x, n, scale);
 #endif
   for (; i < n; ++i) best[i] = std::max(best[i], x[i] * scale);
 }
@@ -249,7 +249,7 @@ inline void max_scaled(float* best, const float* x, int64_t n, float scale) {
 inline void sum_scaled(float* best, const float* x, int64_t n, float scale) {
   int64_t i = 0;
 #if defined(KVPACK_X86_DISPATCH)
-  if (cpu_isa() == Isa::kAvx2) i = avx2_sum_scaled(best, x, n, scale);
+  if (cpu_isa() >= Isa::kAvx2) i = avx2_sum_scaled(best, x, n, scale);
 #endif
   for (; i < n; ++i) best[i] = std::fma(x[i], scale, std::max(best[i], 0.0f));
 }

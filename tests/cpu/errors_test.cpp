@@ -124,6 +124,50 @@ TEST_CASE("errors: append", "[errors]") {
       f, [&] { c.append(0, f.kv(big), f.kv(f.v), pos); }, "|x| <= 65504");
 }
 
+TEST_CASE("errors: a refused append hands back the pages it took, the check fused or not",
+          "[errors]") {
+  // When the pool has the pages free and the page tables room for them, the element check rides
+  // on the conversion, so a bad element in the last head's values is found after the other
+  // heads' rows were written into new pages; with no page free (pool chunks of one page) the
+  // elements are checked first, so the pool never grows for an append it refuses. Either way:
+  // the first bad element is reported, the cache and the pool are as before, and the next good
+  // append stores exactly what a cache that never saw the bad one stores.
+  using Cache = kvpack::KVCache<kvpack::Identity>;
+  const ModelShape shape{1, 6, 3, 64, {}};
+  const auto k = kvpack_test::random_values(40 * 3 * 64, 11);
+  const auto v = kvpack_test::random_values(40 * 3 * 64, 12);
+  const auto view = [](const std::vector<float>& x) {
+    return ActivationView::nhd(x.data(), 40, 3, 64);
+  };
+  for (std::size_t chunk : {std::size_t{64}, std::size_t{1}}) {
+    INFO("pool chunks of " << chunk << " pages");
+    kvpack::PageOptions pages;
+    pages.pool = std::make_shared<kvpack::PagePool>(Cache::page_bytes(shape, {}, 16), chunk);
+    Cache cache(shape, {}, pages), clean(shape, {}, pages);
+    for (Cache* c : {&cache, &clean}) {
+      kvpack_test::fill_layer(*c, 0, 100, 13);  // 7 pages a head, then room for 14 in the table
+      c->append(0, view(k), view(v), kvpack_test::iota_positions(40, 100));
+    }
+    const auto pos = kvpack_test::iota_positions(40, 140);  // 2 new pages a head
+    const auto before = snapshot(cache);
+    const std::size_t reserved = cache.reserved_bytes(), in_use = pages.pool->pages_in_use(),
+                      pool_bytes = pages.pool->reserved_bytes();
+    for (float bad : {NAN, 7e4f}) {
+      auto bad_v = v;
+      bad_v[39 * 192 + 2 * 64 + 5] = bad;  // token 39, head 2, channel 5: written last
+      REQUIRE_THROWS_WITH(cache.append(0, view(k), view(bad_v), pos),
+                          Contains("v[token 39, head 2, channel 5]"));
+      CHECK(snapshot(cache) == before);
+      CHECK(cache.reserved_bytes() == reserved);
+      CHECK(pages.pool->pages_in_use() == in_use);
+      CHECK(pages.pool->reserved_bytes() == pool_bytes);
+    }
+    cache.append(0, view(k), view(v), pos);
+    clean.append(0, view(k), view(v), pos);
+    CHECK(snapshot(cache) == snapshot(clean));
+  }
+}
+
 TEST_CASE("errors: attend and observe", "[errors]") {
   Fixture f;
   auto& c = f.cache;

@@ -87,6 +87,13 @@ class CacheFront {
     check_append_positions(where, positions, k.tokens(), layers_[layer]);
   }
 
+  /// append(): every element of k and v finite and inside the storage range (check_values).
+  void check_append_values(const char* where, const ActivationView& k,
+                           const ActivationView& v) const {
+    check_values(where, "k", k, storage_limit());
+    check_values(where, "v", v, storage_limit());
+  }
+
   /// Records an appended block of `n` tokens at `positions` in the layer's state.
   void record_append(int layer, Positions positions, int64_t n) {
     LayerState& state = layers_[layer];

@@ -6,6 +6,7 @@
 #include "internal.hpp"  // first, before anything defines the macro it checks
 // clang-format on
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -38,6 +39,23 @@ KVPACK_TARGET_AVX2 inline int64_t f16c_store_row(const float* src, Half* dst, in
   }
   return i;
 }
+
+/// f16c_store_row that also ANDs into `ok` whether every |src[i]| <= limit (false for NaN) over
+/// the same bound: the check and the conversion read the input once.
+KVPACK_TARGET_AVX2 inline int64_t f16c_store_row_checked(const float* src, Half* dst, int64_t n,
+                                                         float limit, bool& ok) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 bound = _mm256_set1_ps(limit);
+  __m256 good = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(src + i);
+    good = _mm256_and_ps(good, _mm256_cmp_ps(_mm256_and_ps(x, magnitude), bound, _CMP_LE_OQ));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(x, 0));
+  }
+  ok = ok && _mm256_movemask_ps(good) == 0xFF;
+  return i;
+}
 #endif
 
 inline void load_row(const float* src, float* dst, int64_t n) {
@@ -66,6 +84,32 @@ inline void store_row(const float* src, Half* dst, int64_t n) {
   if (cpu_isa() >= Isa::kAvx2) i = f16c_store_row(src, dst, n);
 #endif
   for (; i < n; ++i) dst[i] = to_half(src[i]);
+}
+
+/// store_row() that also tells whether every |src[i]| <= limit (false for NaN): the validation
+/// of an append fused with its conversion, so the input is read once. The elements are written
+/// whatever they are; a caller that gets false discards them.
+inline bool store_row_checked(const float* src, float* dst, int64_t n, float limit) {
+  int ok = 1;  // branch-free, so the loop vectorises
+  for (int64_t i = 0; i < n; ++i) {
+    ok &= std::fabs(src[i]) <= limit;
+    dst[i] = src[i];
+  }
+  return ok != 0;
+}
+
+inline bool store_row_checked(const float* src, Half* dst, int64_t n, float limit) {
+  int64_t i = 0;
+  bool ok = true;
+#if defined(KVPACK_X86_DISPATCH)
+  if (cpu_isa() >= Isa::kAvx2) i = f16c_store_row_checked(src, dst, n, limit, ok);
+#endif
+  int good = 1;
+  for (; i < n; ++i) {
+    good &= std::fabs(src[i]) <= limit;
+    dst[i] = to_half(src[i]);
+  }
+  return ok && good != 0;
 }
 
 /// Appends n rows of keys and values (fp32, n × head_dim each, row-major) to `k` and `v` in

@@ -137,12 +137,10 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   void append(int layer, const ActivationView& k, const ActivationView& v, Positions positions) {
     constexpr const char* where = "KVCache::append";
     this->check_append(where, layer, k, v, positions);
-    detail::check_values(where, "k", k, this->storage_limit());
-    detail::check_values(where, "v", v, this->storage_limit());
-
     detail::append_heads<kDenseRows>(
-        shape_.kv_heads, shape_.head_dim, k, v,
-        positions, [&](int h) -> auto& { return store(layer, h); });
+        shape_.kv_heads, shape_.head_dim, k, v, positions,
+        this->storage_limit(), [&](int h) -> auto& { return store(layer, h); },
+        [&] { this->check_append_values(where, k, v); });
     this->record_append(layer, positions, k.tokens());
   }
 

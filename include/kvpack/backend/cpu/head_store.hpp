@@ -3,9 +3,11 @@
 /// positions, and the page table.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -106,25 +108,52 @@ struct HeadStore {
   /// activation's rows of one head, converted straight into the pages without a staging copy.
   void append_strided(const float* k, int64_t k_stride, const float* v, int64_t v_stride,
                       Positions pos, int64_t n, int d) {
+    reserve_pages(size() + n);  // the only step that can fail
+    write_rows(k, k_stride, v, v_stride, n, d, std::numeric_limits<float>::infinity());
+    commit_rows(pos, n);
+  }
+
+  /// Pages reserve(size() + n) would take from the pool.
+  int64_t pages_to_reserve(int64_t n) const {
+    return std::max<int64_t>(0, pages_for(size() + n) - static_cast<int64_t>(pages.size()));
+  }
+  /// Whether the page table holds those pages without growing (reserved_bytes() unchanged).
+  bool page_table_has_room(int64_t n) const {
+    return pages_to_reserve(n) <= static_cast<int64_t>(page_ids.capacity() - page_ids.size()) &&
+           pages_to_reserve(n) <= static_cast<int64_t>(pages.capacity() - pages.size()) &&
+           pages_to_reserve(n) <= static_cast<int64_t>(v_pages.capacity() - v_pages.size());
+  }
+
+  /// Writes the rows of append_strided() after the held ones, into pages reserve() took, without
+  /// holding them (commit_rows() does). Returns false when an element is not finite or |x| >
+  /// `limit`: the check rides on the conversion, so the input is read once; what was written
+  /// past size() is then discarded (release_reserve()) and nothing held changed.
+  bool write_rows(const float* k, int64_t k_stride, const float* v, int64_t v_stride, int64_t n,
+                  int d, float limit) {
     const int64_t old = size();
-    reserve_pages(old + n);  // the only step that can fail
-    reserve_geometric(static_cast<std::size_t>(old + n), positions);
-    for (int64_t t = 0; t < n; ++t) positions.push_back(static_cast<int32_t>(pos[t]));
     const bool packed = k_stride == d && v_stride == d;
-    for (int64_t t = old; t < old + n;) {
+    bool ok = true;
+    for (int64_t t = old; t < old + n && ok;) {
       // Rows up to the end of t's page are contiguous in the page.
       const int64_t m = std::min(page_tokens() - (t & (page_tokens() - 1)), old + n - t);
       if (packed) {
-        store_row(k + (t - old) * d, key_row(t), m * d);
-        store_row(v + (t - old) * d, value_row(t), m * d);
+        const bool k_ok = store_row_checked(k + (t - old) * d, key_row(t), m * d, limit);
+        ok = store_row_checked(v + (t - old) * d, value_row(t), m * d, limit) && k_ok;
       } else {
         for (int64_t i = t; i < t + m; ++i) {
-          store_row(k + (i - old) * k_stride, key_row(i), d);
-          store_row(v + (i - old) * v_stride, value_row(i), d);
+          const bool k_ok = store_row_checked(k + (i - old) * k_stride, key_row(i), d, limit);
+          ok = store_row_checked(v + (i - old) * v_stride, value_row(i), d, limit) && k_ok && ok;
         }
       }
       t += m;
     }
+    return ok;
+  }
+
+  /// Holds the n rows write_rows() wrote, at positions pos[0, n).
+  void commit_rows(Positions pos, int64_t n) {
+    reserve_geometric(static_cast<std::size_t>(size() + n), positions);
+    for (int64_t t = 0; t < n; ++t) positions.push_back(static_cast<int32_t>(pos[t]));
     if (!scores.empty()) scores.resize(positions.size(), kUnscored);
   }
 

@@ -162,6 +162,14 @@ class PagePool {
     std::lock_guard<std::mutex> lock(mutex_);
     return free_.size();
   }
+  /// Pages allocate() can still hand out: the free ones (caller memory), or as many as the pool
+  /// may grow to (max_pages, else its page-table limit) less those in use (owned).
+  std::size_t available_pages() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (caller_memory_) return free_.size();
+    const std::size_t cap = max_pages_ != 0 ? std::min(max_pages_, kMaxPages) : kMaxPages;
+    return cap > in_use_ ? cap - in_use_ : 0;
+  }
   /// pages_in_use() × page_bytes().
   std::size_t bytes_in_use() const { return pages_in_use() * page_bytes_; }
   /// The page memory the pool manages (owned chunks, or the caller's region in whole pages) plus

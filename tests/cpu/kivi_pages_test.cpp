@@ -182,6 +182,48 @@ TEST_CASE("KIVI pages: a pool that runs out refuses compress() and changes nothi
       Catch::Contains("pool page_bytes"));
 }
 
+TEST_CASE(
+    "KIVI pages: Compose<Evict, Quantize> refuses compress() before evicting when the "
+    "pool would run out",
+    "[pages][quantize][errors]") {
+  // The eviction keeps 250 of 500 tokens a head; quantizing them (residual 64: 160 tokens) takes
+  // 5 KIVI pages of 32 tokens a head, 20 in all. A caller-memory pool of 19 pages refuses before
+  // anything is evicted (the cache answers as before); one of 20 pages is enough, and the result
+  // equals a private pool's.
+  using Evict = kvpack::Compose<kvpack::L2NormEvict, Quantize>;
+  const Evict policy(kvpack::L2NormEvict(kvpack::Budget::ratio(0.5).with_protection(4, 0), 0),
+                     Quantize(4, 32, 64));
+  const std::size_t page = kvpack::KVCache<Evict>::page_bytes(kShape, policy, 16);
+  std::vector<uint8_t> memory(25 * page);
+  void* aligned = memory.data() + (64 - reinterpret_cast<uintptr_t>(memory.data()) % 64) % 64;
+  kvpack::KVCache<Evict> reference(kShape, policy);
+  fill_layer(reference, 0, 500, 91);
+  fill_layer(reference, 1, 500, 92);
+  reference.compress();
+  for (std::size_t pages : {std::size_t{19}, std::size_t{20}}) {
+    INFO(pages << " pages");
+    auto pool = std::make_shared<PagePool>(aligned, pages * page, page);
+    kvpack::KVCache<Evict> cache(kShape, policy, page_tokens(16, pool));
+    fill_layer(cache, 0, 500, 91);
+    fill_layer(cache, 1, 500, 92);
+    const std::size_t bytes = cache.bytes();
+    const auto before = attend(cache, 1, 1, 499, 93);
+    if (pages == 19) {
+      CHECK_THROWS_WITH(cache.compress(), Catch::Contains("pages the pool can hand out = 19") &&
+                                              Catch::Contains(">= 20"));
+      CHECK(cache.bytes() == bytes);
+      CHECK(cache.tokens(1, 1) == 500);
+      CHECK(pool->pages_in_use() == 0);
+      CHECK(attend(cache, 1, 1, 499, 93) == before);
+    } else {
+      cache.compress();
+      CHECK(pool->pages_in_use() == 20);
+      CHECK(cache.bytes() == reference.bytes());
+      CHECK(attend(cache, 1, 1, 499, 93) == attend(reference, 1, 1, 499, 93));
+    }
+  }
+}
+
 TEST_CASE("attend_paged (KIVI): caller-owned pages of a batch match attend()",
           "[pages][quantize][batch]") {
   using Evict = kvpack::Compose<kvpack::L2NormEvict, Quantize>;

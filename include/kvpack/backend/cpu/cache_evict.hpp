@@ -122,6 +122,29 @@ void KVCache<Policy, backend::Cpu>::evict() {
     kept.resize(n_targets);
     for (int64_t i = 0; i < n_targets; ++i) kept[i] = detail::select_top_k(selection[i]);
   }
+  if constexpr (kQuantizedRows) {
+    // Compose<Evict, Quantize>: keep() hands back a head's pages, then quantize() takes pages for
+    // what it kept. Both must fit the pool before anything is evicted, so a pool that would run
+    // out refuses compress() with the cache as it was.
+    std::vector<int64_t> kept_tokens(heads_.size(), -1);
+    for (int64_t i = 0; i < n_targets; ++i) {
+      const auto& head = store(targets[i].layer, targets[i].head);
+      if (static_cast<int64_t>(kept[i].size()) < head.size()) {
+        kept_tokens[static_cast<std::size_t>(targets[i].layer) * shape_.kv_heads +
+                    targets[i].head] = static_cast<int64_t>(kept[i].size());
+      }
+    }
+    const int64_t residual = Stages::quant_knobs(policy_)->residual;
+    int64_t more = 0;
+    for (std::size_t j = 0; j < heads_.size(); ++j) {
+      more += heads_[j].pages_after(kept_tokens[j], residual) - heads_[j].pages.size();
+    }
+    const auto available = static_cast<int64_t>(pool_->available_pages());
+    detail::require(
+        more <= available, "KVCache::compress", "pages the pool can hand out", available, [&] {
+          return detail::concat(">= ", more, " (quantizing what the eviction keeps needs them)");
+        });
+  }
   detail::parallel_for(executor(), n_targets, [&](int64_t i) {
     auto& head = store(targets[i].layer, targets[i].head);
     if (static_cast<int64_t>(kept[i].size()) < head.size()) head.keep(kept[i], d);

@@ -154,6 +154,14 @@ struct QuantizedHeadStore {
     const int64_t tail = size() - quantized;
     return tail > residual ? (tail - residual) / group * group : 0;
   }
+  /// Pages the head holds after keep() of `kept` tokens (kept < 0: no keep()) and then
+  /// quantize(residual): keep() hands back every page and returns the kept rows to the tail.
+  int64_t pages_after(int64_t kept, int64_t residual) const {
+    const int64_t q = kept < 0          ? quantized + quantizable(residual)
+                      : kept > residual ? (kept - residual) / group * group
+                                        : 0;
+    return pages_for(q);
+  }
   /// Takes the pages `count` more quantized tokens need. Throws kvpack::error, having taken
   /// none, when the pool has no page left.
   void reserve_blocks(int64_t count, int) { pages.resize(pages_for(quantized + count)); }

@@ -54,12 +54,6 @@ std::vector<float> attend_under(Isa isa, const kvpack::ModelShape& shape, int64_
   return out;
 }
 
-double max_abs_difference(const std::vector<float>& a, const std::vector<float>& b) {
-  double worst = 0.0;
-  for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::abs(double{a[i]} - b[i]));
-  return worst;
-}
-
 }  // namespace
 
 TEST_CASE("isa: the choice never exceeds the CPU, set_cpu_isa returns the previous one", "[isa]") {
@@ -128,11 +122,11 @@ TEST_CASE("isa: dense and KIVI decode attention agree across instruction sets",
     if (kivi) quant0 = attend_under(isas.front(), shape, 1000, quantize, true);
     for (std::size_t i = 1; i < isas.size(); ++i) {
       INFO("instruction set " << kvpack::isa_name(isas[i]));
-      CHECK(max_abs_difference(
+      CHECK(kvpack_test::max_abs_difference(
                 dense0, attend_under(isas[i], shape, 1000, kvpack::Identity{}, false)) < 1e-5);
       if (kivi) {
-        CHECK(max_abs_difference(quant0, attend_under(isas[i], shape, 1000, quantize, true)) <
-              1e-5);
+        CHECK(kvpack_test::max_abs_difference(
+                  quant0, attend_under(isas[i], shape, 1000, quantize, true)) < 1e-5);
       }
     }
   }

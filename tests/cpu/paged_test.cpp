@@ -410,11 +410,7 @@ TEST_CASE("attend_paged: caller-owned NHD and HND page tables match the containe
       const auto qv = ActivationView::nhd(q.data(), rows, kShape.q_heads, d);
       const auto ov = OutputView::nhd(out.data(), rows, kShape.q_heads, d);
       kvpack::cpu::attend_paged(kv, qo.data(), qv, qpos, ov);
-      double worst = 0;
-      for (std::size_t i = 0; i < out.size(); ++i) {
-        worst = std::max(worst, static_cast<double>(std::abs(out[i] - expected[i])));
-      }
-      CHECK(worst < 1e-6);
+      CHECK(max_abs_difference(out, expected) < 1e-6);
 
       auto broken = kv;
       std::vector<int32_t> bad_indices = indices;

@@ -1,6 +1,7 @@
 // Shared helpers of the CPU tests: seeded random activations and slow, obviously-right references.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <kvpack/kvpack.hpp>
@@ -85,6 +86,13 @@ inline std::vector<double> reference_attention(const float* q, const std::vector
   }
   for (auto& o : out) o /= sum;
   return out;
+}
+
+/// Max over i of |a[i] − b[i]| (a and b of equal size), in double.
+inline double max_abs_difference(const std::vector<float>& a, const std::vector<float>& b) {
+  double worst = 0.0;
+  for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::abs(double{a[i]} - b[i]));
+  return worst;
 }
 
 /// Max over rows of ‖a − b‖ / ‖b‖ (relative error of each output row).

@@ -18,7 +18,8 @@
 /// fp16_us, fp32_us, and the quantized cache's bytes (cache.bytes(), all read) per second against
 /// the read baseline. cold:1 reads 64 MiB of unrelated data before each timed call, so K/V come
 /// from DRAM as in a 30-layer decode step; cold:0 repeats the call on caches that may stay in the
-/// 32 MiB L3.
+/// 32 MiB L3. int8q:1 sets Quantize::int8_query (keys scored from an int8 query: VNNI where the
+/// CPU has it) and also times the same cache with exact scores: x_exact = exact time / int8 time.
 ///
 /// Run with OMP_WAIT_POLICY=passive on a shared machine (see bench_util.hpp), e.g.
 /// --benchmark_filter='BM_Quant'.
@@ -107,14 +108,25 @@ void BM_QuantAttendDecode(benchmark::State& state) {
   const int bits = static_cast<int>(state.range(0));
   const bool cold = state.range(1) != 0;
   const kvpack::ModelShape shape = decode_shape(static_cast<int>(state.range(2)));
+  const bool int8 = state.range(3) != 0;
   constexpr int64_t kTokens = 32768;
-  kvpack::KVCache<kvpack::Quantize> quant(shape, kvpack::Quantize(bits, 32, kResidual));
+  kvpack::Quantize policy(bits, 32, kResidual);
+  policy.int8_query = int8;
+  kvpack::KVCache<kvpack::Quantize> quant(shape, policy);
   kvpack::KVCache<kvpack::Identity> fp16(shape);
   kvpack::KVCache<kvpack::IdentityF32> fp32(shape);
   fill_decode_cache(quant, shape, kTokens);
   fill_decode_cache(fp16, shape, kTokens);
   fill_decode_cache(fp32, shape, kTokens);
   quant.compress();
+  // The same K/V with exact key scores (int8q:1 only): same codes, exact scoring.
+  std::unique_ptr<kvpack::KVCache<kvpack::Quantize>> exact;
+  if (int8) {
+    exact = std::make_unique<kvpack::KVCache<kvpack::Quantize>>(
+        shape, kvpack::Quantize(bits, 32, kResidual));
+    fill_decode_cache(*exact, shape, kTokens);
+    exact->compress();
+  }
   std::vector<float> q(static_cast<std::size_t>(shape.q_heads) * shape.head_dim);
   std::mt19937 rng(7);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -123,13 +135,14 @@ void BM_QuantAttendDecode(benchmark::State& state) {
   std::vector<float> out(q.size());
   const auto q_view = kvpack::ActivationView::nhd(q.data(), 1, shape.q_heads, shape.head_dim);
   const auto out_view = kvpack::OutputView::nhd(out.data(), 1, shape.q_heads, shape.head_dim);
-  double quant_s = 0, fp16_s = 0, fp32_s = 0;
+  double quant_s = 0, fp16_s = 0, fp32_s = 0, exact_s = 0;
   for (auto _ : state) {
     const double t = time_attend(quant, q_view, position, out_view, cold);
     state.SetIterationTime(t);
     quant_s += t;
     fp16_s += time_attend(fp16, q_view, position, out_view, cold);
     fp32_s += time_attend(fp32, q_view, position, out_view, cold);
+    if (exact) exact_s += time_attend(*exact, q_view, position, out_view, cold);
   }
   const double bytes = static_cast<double>(quant.bytes());
   add_bytes_per_second(state, bytes);
@@ -139,12 +152,13 @@ void BM_QuantAttendDecode(benchmark::State& state) {
   state.counters["fp32_us"] = 1e6 * fp32_s / n;
   state.counters["x_fp16"] = fp16_s / quant_s;
   state.counters["x_fp32"] = fp32_s / quant_s;
+  if (exact) state.counters["x_exact"] = exact_s / quant_s;
   state.counters["ratio"] =
       static_cast<double>(quant.dense_bytes()) / static_cast<double>(quant.bytes());
 }
 BENCHMARK(BM_QuantAttendDecode)
-    ->ArgNames({"bits", "cold", "llama"})
-    ->ArgsProduct({{4, 2, 8}, {0, 1}, {0, 1}})
+    ->ArgNames({"bits", "cold", "llama", "int8q"})
+    ->ArgsProduct({{4, 2, 8}, {0, 1}, {0, 1}, {0, 1}})
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
 

@@ -33,6 +33,11 @@
 /// Compiles a function for AVX-512 F/BW/VL/DQ (with AVX2 + FMA + F16C), whatever the flags.
 #define KVPACK_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+/// KVPACK_TARGET_AVX512 plus VNNI (vpdpbusd) and VBMI (vpermb): the int8-query key kernel.
+#define KVPACK_TARGET_AVX512_VNNI                                             \
+  __attribute__((                                                             \
+      target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2," \
+             "fma,f16c")))
 #endif
 
 namespace kvpack {
@@ -73,6 +78,23 @@ inline Isa detect_cpu_isa() {
   return Isa::kAvx2;
 #endif
   return Isa::kScalar;
+}
+
+/// Whether the CPU has AVX-512 VNNI and VBMI (CPUID leaf 7: ECX bits 11 and 1), which the
+/// int8-query key kernel needs beyond Isa::kAvx512 (Intel Ice Lake / AMD Zen 4 and later).
+/// (CPUID traps to the hypervisor in a VM: asked once.)
+inline bool cpu_has_avx512_vnni_vbmi() {
+  static const bool has = [] {
+#if defined(KVPACK_X86_DISPATCH)
+    if (detect_cpu_isa() < Isa::kAvx512) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return (c & (1u << 11)) != 0 && (c & (1u << 1)) != 0;
+#else
+    return false;
+#endif
+  }();
+  return has;
 }
 
 /// The CPU's Isa lowered by KVPACK_ISA; throws kvpack::error for an unknown name.

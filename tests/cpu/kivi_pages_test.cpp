@@ -227,135 +227,142 @@ TEST_CASE(
 TEST_CASE("attend_paged (KIVI): caller-owned pages of a batch match attend()",
           "[pages][quantize][batch]") {
   using Evict = kvpack::Compose<kvpack::L2NormEvict, Quantize>;
-  const auto policy = [](double keep) {
-    return Evict(kvpack::L2NormEvict(kvpack::Budget::ratio(keep).with_protection(4, 0), 0),
-                 Quantize(4, 32, 32));
-  };
-  const int d = kShape.head_dim, kvh = kShape.kv_heads, layer = 1;
-  // Sequence 0 keeps everything (positions 0..699), 1 loses half (positions with gaps), 2 holds
-  // residual tokens only; 1 is asked with a 20-token chunk (the dequantizing path), the others
-  // with one decode row (the fused kernels).
-  const std::vector<int64_t> lengths{700, 300, 20}, rows{1, 20, 1};
-  for (const auto isa : supported_isas()) {
-    IsaScope scope(isa);
-    kvpack::KVCacheBatch<Evict> batch(kShape, policy(1.0));
-    for (int b = 0; b < 3; ++b) {
-      auto& s = batch.add(b, policy(b == 1 ? 0.5 : 1.0));
-      for (int l = 0; l < kShape.layers; ++l) fill_layer(s, l, lengths[b], 80 + 2 * b + l);
-      s.compress();
-    }
-    const auto evicted = batch.sequence(1).kivi_pages(layer, 0);
-    REQUIRE(evicted.tokens == 150);
-    REQUIRE(evicted.positions[149] != 149);  // gaps
-
-    // The caller's copy of every list's pages, stored in reverse order (ids are arbitrary).
-    const auto& pool = *batch.page_pool();
-    std::vector<const uint8_t*> sources;
-    std::vector<int32_t> indptr{0}, indices;
-    std::vector<int64_t> quantized, residual;
-    std::vector<const Half*> rk, rv;
-    std::vector<const int32_t*> positions;
-    for (int b = 0; b < 3; ++b) {
-      for (int h = 0; h < kvh; ++h) {
-        const auto p = batch.sequence(b).kivi_pages(layer, h);
-        for (int64_t j = 0; j * p.page_tokens < p.quantized; ++j) {
-          sources.push_back(reinterpret_cast<const uint8_t*>(pool.data(p.page_ids[j])));
-        }
-        indptr.push_back(static_cast<int32_t>(sources.size()));
-        quantized.push_back(p.quantized);
-        residual.push_back(p.tokens - p.quantized);
-        rk.push_back(p.residual_k);
-        rv.push_back(p.residual_v);
-        positions.push_back(p.positions);
-      }
-    }
-    const std::size_t page_bytes = pool.page_bytes();
-    std::vector<uint8_t> memory(sources.size() * page_bytes);
-    for (std::size_t j = 0; j < sources.size(); ++j) {
-      const std::size_t slot = sources.size() - 1 - j;
-      std::memcpy(memory.data() + slot * page_bytes, sources[j], page_bytes);
-      indices.push_back(static_cast<int32_t>(slot));
-    }
-    kvpack::PagedKivi kv;
-    kv.data = memory.data();
-    kv.page_bytes = page_bytes;
-    kv.num_pages = static_cast<int64_t>(sources.size());
-    kv.bits = 4;
-    kv.group = 32;
-    kv.page_tokens = batch.sequence(0).kivi_pages(layer, 0).page_tokens;
-    kv.kv_heads = kvh;
-    kv.head_dim = d;
-    kv.batch = 3;
-    kv.indptr = indptr.data();
-    kv.indices = indices.data();
-    kv.quantized = quantized.data();
-    kv.residual_tokens = residual.data();
-    kv.residual_k = rk.data();
-    kv.residual_v = rv.data();
-    kv.positions = positions.data();
-
-    std::vector<float> q, expected;
-    std::vector<int64_t> qpos;
-    std::vector<int32_t> qo{0};
-    for (int b = 0; b < 3; ++b) {
-      const auto part = random_values(rows[b] * kShape.q_heads * d, 90 + b);
-      q.insert(q.end(), part.begin(), part.end());
-      const auto want = attend(batch.sequence(b), layer, rows[b], lengths[b] - 1, 90 + b);
-      expected.insert(expected.end(), want.begin(), want.end());
-      const auto p = iota_positions(rows[b], lengths[b] - rows[b]);
-      qpos.insert(qpos.end(), p.begin(), p.end());
-      qo.push_back(qo.back() + static_cast<int32_t>(rows[b]));
-    }
-    const int64_t total = qo.back();
-    const auto qv = ActivationView::nhd(q.data(), total, kShape.q_heads, d);
-    std::vector<float> out(expected.size(), 0.0f);
-    const auto ov = OutputView::nhd(out.data(), total, kShape.q_heads, d);
-    kvpack::cpu::attend_paged(kv, qo.data(), qv, qpos, ov);
-    CHECK(max_abs_difference(out, expected) < 1e-5);
-
-    // Without positions key t sits at position t: right for sequence 0 alone.
-    kvpack::PagedKivi first = kv;
-    first.batch = 1;
-    first.positions = nullptr;
-    std::vector<int32_t> qo0{0, 1};
-    std::vector<float> out0(static_cast<std::size_t>(kShape.q_heads) * d);
-    kvpack::cpu::attend_paged(
-        first, qo0.data(), ActivationView::nhd(q.data(), 1, kShape.q_heads, d),
-        kvpack::Positions(qpos.data(), 1), OutputView::nhd(out0.data(), 1, kShape.q_heads, d));
-    CHECK(std::equal(out0.begin(), out0.end(), out.begin()));
-
-    // A bad table is refused and nothing is written.
-    std::fill(out.begin(), out.end(), 0.0f);
-    const auto refused = [&](kvpack::PagedKivi broken) {
-      return kvpack::cpu::attend_paged(broken, qo.data(), qv, qpos, ov);
+  // Exact key scores, then from an int8 query (Quantize::int8_query = PagedKivi::int8_query).
+  for (const bool int8 : {false, true}) {
+    const auto policy = [int8](double keep) {
+      Quantize quantize(4, 32, 32);
+      quantize.int8_query = int8;
+      return Evict(kvpack::L2NormEvict(kvpack::Budget::ratio(keep).with_protection(4, 0), 0),
+                   quantize);
     };
-    kvpack::PagedKivi broken = kv;
-    std::vector<int32_t> bad_indices = indices;
-    bad_indices[0] = static_cast<int32_t>(kv.num_pages);
-    broken.indices = bad_indices.data();
-    CHECK_THROWS_WITH(refused(broken), Catch::Contains("page id"));
-    broken = kv;
-    std::vector<int64_t> bad_quantized = quantized;
-    bad_quantized[0] += 1;
-    broken.quantized = bad_quantized.data();
-    CHECK_THROWS_WITH(refused(broken), Catch::Contains("quantized"));
-    bad_quantized[0] = quantized[0] + 10 * 32 * 32;  // more blocks than the list's pages hold
-    CHECK_THROWS_WITH(refused(broken), Catch::Contains("quantized"));
-    broken = kv;
-    broken.page_bytes = kv.format_page_bytes() - 64;
-    CHECK_THROWS_WITH(refused(broken), Catch::Contains("page_bytes"));
-    broken = kv;
-    broken.bits = 3;
-    CHECK_THROWS_WITH(refused(broken), Catch::Contains("bits/group = 3/32"));
-    broken = kv;
-    std::vector<const Half*> no_residual = rk;
-    no_residual[0] = nullptr;
-    broken.residual_k = no_residual.data();
-    CHECK_THROWS_WITH(refused(broken), Catch::Contains("residual"));
-    std::vector<int64_t> early = qpos;
-    early[0] = -1;
-    CHECK_THROWS_WITH(kvpack::cpu::attend_paged(kv, qo.data(), qv, early, ov),
-                      Catch::Contains("q position"));
-    CHECK(std::all_of(out.begin(), out.end(), [](float x) { return x == 0.0f; }));
+    const int d = kShape.head_dim, kvh = kShape.kv_heads, layer = 1;
+    // Sequence 0 keeps everything (positions 0..699), 1 loses half (positions with gaps), 2 holds
+    // residual tokens only; 1 is asked with a 20-token chunk (the dequantizing path), the others
+    // with one decode row (the fused kernels).
+    const std::vector<int64_t> lengths{700, 300, 20}, rows{1, 20, 1};
+    for (const auto isa : supported_isas()) {
+      INFO("int8_query " << int8 << ", instruction set " << kvpack::isa_name(isa));
+      IsaScope scope(isa);
+      kvpack::KVCacheBatch<Evict> batch(kShape, policy(1.0));
+      for (int b = 0; b < 3; ++b) {
+        auto& s = batch.add(b, policy(b == 1 ? 0.5 : 1.0));
+        for (int l = 0; l < kShape.layers; ++l) fill_layer(s, l, lengths[b], 80 + 2 * b + l);
+        s.compress();
+      }
+      const auto evicted = batch.sequence(1).kivi_pages(layer, 0);
+      REQUIRE(evicted.tokens == 150);
+      REQUIRE(evicted.positions[149] != 149);  // gaps
+
+      // The caller's copy of every list's pages, stored in reverse order (ids are arbitrary).
+      const auto& pool = *batch.page_pool();
+      std::vector<const uint8_t*> sources;
+      std::vector<int32_t> indptr{0}, indices;
+      std::vector<int64_t> quantized, residual;
+      std::vector<const Half*> rk, rv;
+      std::vector<const int32_t*> positions;
+      for (int b = 0; b < 3; ++b) {
+        for (int h = 0; h < kvh; ++h) {
+          const auto p = batch.sequence(b).kivi_pages(layer, h);
+          for (int64_t j = 0; j * p.page_tokens < p.quantized; ++j) {
+            sources.push_back(reinterpret_cast<const uint8_t*>(pool.data(p.page_ids[j])));
+          }
+          indptr.push_back(static_cast<int32_t>(sources.size()));
+          quantized.push_back(p.quantized);
+          residual.push_back(p.tokens - p.quantized);
+          rk.push_back(p.residual_k);
+          rv.push_back(p.residual_v);
+          positions.push_back(p.positions);
+        }
+      }
+      const std::size_t page_bytes = pool.page_bytes();
+      std::vector<uint8_t> memory(sources.size() * page_bytes);
+      for (std::size_t j = 0; j < sources.size(); ++j) {
+        const std::size_t slot = sources.size() - 1 - j;
+        std::memcpy(memory.data() + slot * page_bytes, sources[j], page_bytes);
+        indices.push_back(static_cast<int32_t>(slot));
+      }
+      kvpack::PagedKivi kv;
+      kv.data = memory.data();
+      kv.page_bytes = page_bytes;
+      kv.num_pages = static_cast<int64_t>(sources.size());
+      kv.bits = 4;
+      kv.group = 32;
+      kv.page_tokens = batch.sequence(0).kivi_pages(layer, 0).page_tokens;
+      kv.kv_heads = kvh;
+      kv.head_dim = d;
+      kv.batch = 3;
+      kv.indptr = indptr.data();
+      kv.indices = indices.data();
+      kv.quantized = quantized.data();
+      kv.residual_tokens = residual.data();
+      kv.residual_k = rk.data();
+      kv.residual_v = rv.data();
+      kv.positions = positions.data();
+      kv.int8_query = int8;
+
+      std::vector<float> q, expected;
+      std::vector<int64_t> qpos;
+      std::vector<int32_t> qo{0};
+      for (int b = 0; b < 3; ++b) {
+        const auto part = random_values(rows[b] * kShape.q_heads * d, 90 + b);
+        q.insert(q.end(), part.begin(), part.end());
+        const auto want = attend(batch.sequence(b), layer, rows[b], lengths[b] - 1, 90 + b);
+        expected.insert(expected.end(), want.begin(), want.end());
+        const auto p = iota_positions(rows[b], lengths[b] - rows[b]);
+        qpos.insert(qpos.end(), p.begin(), p.end());
+        qo.push_back(qo.back() + static_cast<int32_t>(rows[b]));
+      }
+      const int64_t total = qo.back();
+      const auto qv = ActivationView::nhd(q.data(), total, kShape.q_heads, d);
+      std::vector<float> out(expected.size(), 0.0f);
+      const auto ov = OutputView::nhd(out.data(), total, kShape.q_heads, d);
+      kvpack::cpu::attend_paged(kv, qo.data(), qv, qpos, ov);
+      CHECK(max_abs_difference(out, expected) < 1e-5);
+
+      // Without positions key t sits at position t: right for sequence 0 alone.
+      kvpack::PagedKivi first = kv;
+      first.batch = 1;
+      first.positions = nullptr;
+      std::vector<int32_t> qo0{0, 1};
+      std::vector<float> out0(static_cast<std::size_t>(kShape.q_heads) * d);
+      kvpack::cpu::attend_paged(
+          first, qo0.data(), ActivationView::nhd(q.data(), 1, kShape.q_heads, d),
+          kvpack::Positions(qpos.data(), 1), OutputView::nhd(out0.data(), 1, kShape.q_heads, d));
+      CHECK(std::equal(out0.begin(), out0.end(), out.begin()));
+
+      // A bad table is refused and nothing is written.
+      std::fill(out.begin(), out.end(), 0.0f);
+      const auto refused = [&](kvpack::PagedKivi broken) {
+        return kvpack::cpu::attend_paged(broken, qo.data(), qv, qpos, ov);
+      };
+      kvpack::PagedKivi broken = kv;
+      std::vector<int32_t> bad_indices = indices;
+      bad_indices[0] = static_cast<int32_t>(kv.num_pages);
+      broken.indices = bad_indices.data();
+      CHECK_THROWS_WITH(refused(broken), Catch::Contains("page id"));
+      broken = kv;
+      std::vector<int64_t> bad_quantized = quantized;
+      bad_quantized[0] += 1;
+      broken.quantized = bad_quantized.data();
+      CHECK_THROWS_WITH(refused(broken), Catch::Contains("quantized"));
+      bad_quantized[0] = quantized[0] + 10 * 32 * 32;  // more blocks than the list's pages hold
+      CHECK_THROWS_WITH(refused(broken), Catch::Contains("quantized"));
+      broken = kv;
+      broken.page_bytes = kv.format_page_bytes() - 64;
+      CHECK_THROWS_WITH(refused(broken), Catch::Contains("page_bytes"));
+      broken = kv;
+      broken.bits = 3;
+      CHECK_THROWS_WITH(refused(broken), Catch::Contains("bits/group = 3/32"));
+      broken = kv;
+      std::vector<const Half*> no_residual = rk;
+      no_residual[0] = nullptr;
+      broken.residual_k = no_residual.data();
+      CHECK_THROWS_WITH(refused(broken), Catch::Contains("residual"));
+      std::vector<int64_t> early = qpos;
+      early[0] = -1;
+      CHECK_THROWS_WITH(kvpack::cpu::attend_paged(kv, qo.data(), qv, early, ov),
+                        Catch::Contains("q position"));
+      CHECK(std::all_of(out.begin(), out.end(), [](float x) { return x == 0.0f; }));
+    }
   }
 }

@@ -18,11 +18,21 @@ namespace kvpack {
 /// and fewer than `residual + group` tokens are full precision after each compress(). Call
 /// compress() again during decoding to quantize what has aged out of the window.
 /// Knobs (paper): bits 2 (also 4, 8); group 32; residual 128 (32 in the paper's examples).
+/// int8_query (not in the paper; llama.cpp's CPU flash attention does the same for its quantized
+/// K) trades exact key scores for integer dot products: see its comment.
 struct Quantize : PolicyBase {
   static constexpr const char* name = "Quantize";
   int bits = 4;
   int group = 32;
   int64_t residual = 128;
+  /// Decode attention scores quantized keys from an int8 copy of the query, scaled per (query
+  /// row, key group): AVX-512 VNNI integer dot products with the codes where the CPU has VNNI and
+  /// VBMI (4 and 8 bits, group ≥ 32); elsewhere the scalar reference (quant/int8_query.hpp) gives
+  /// the same results, slower than exact scoring. Each score moves by at most α/2 · Σ codes
+  /// (α = max_c |q_c · scale_c| / 127): small beside the keys' own error at 2 and 4 bits, not at
+  /// 8. Values stay fp32. Applies to decode rows on AVX2 or better with head_dim % 16 == 0
+  /// (KVPACK_ISA=scalar and prefill chunks score exactly). Storage is unchanged.
+  bool int8_query = false;
 
   Quantize() = default;
   Quantize(int bits_, int group_ = 32, int64_t residual_ = 128)

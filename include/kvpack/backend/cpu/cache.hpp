@@ -104,6 +104,7 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
       for (auto& head : heads_) {
         head.bits = Stages::quant_knobs(policy_)->bits;
         head.group = Stages::quant_knobs(policy_)->group;
+        head.int8_query = Stages::quant_knobs(policy_)->int8_query;
       }
     }
     if constexpr (paged) {

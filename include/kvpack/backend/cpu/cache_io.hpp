@@ -167,6 +167,7 @@ void KVCache<Policy, backend::Cpu>::load(const std::string& path) {
     if constexpr (kQuantizedRows) {
       heads[i].bits = bits;
       heads[i].group = group;
+      heads[i].int8_query = heads_[i].int8_query;  // the policy's, not the file's
     }
     if constexpr (kLowRank) heads[i].rope = heads_[i].rope;
     if constexpr (paged) heads[i].set_pages(pool_, page_tokens_, shape_.head_dim);

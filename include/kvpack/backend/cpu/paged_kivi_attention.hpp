@@ -47,6 +47,7 @@ struct PagedKivi {
   const Half* const* residual_k = nullptr;    ///< [batch × kv_heads] (null where 0 tokens)
   const Half* const* residual_v = nullptr;    ///< [batch × kv_heads] (null where 0 tokens)
   const int32_t* const* positions = nullptr;  ///< [batch × kv_heads] or null (key t at t)
+  bool int8_query = false;  ///< decode rows score keys from an int8 query (Quantize::int8_query)
 
   /// Tokens of list i (sequence i / kv_heads, kv head i % kv_heads).
   int64_t tokens(int64_t i) const { return quantized[i] + residual_tokens[i]; }
@@ -61,6 +62,7 @@ namespace detail {
 /// One list of a PagedKivi as the KIVI kernels read a head (KiviRows' Store).
 struct KiviPageView {
   int bits, group, page_tokens, head_dim;
+  bool int8_query;
   int64_t quantized;
   const uint8_t* data;
   std::size_t page_bytes;
@@ -167,6 +169,7 @@ inline void attend_paged(const PagedKivi& kv, const int32_t* qo_indptr, const Ac
         detail::KiviPageView view;
         view.bits = kv.bits;
         view.group = kv.group;
+        view.int8_query = kv.int8_query;
         view.page_tokens = kv.page_tokens;
         view.head_dim = d;
         view.quantized = kv.quantized[i];

@@ -23,6 +23,7 @@
 #include "../../quant/quant_block.hpp"
 #include "attention.hpp"
 #include "quantized_head_store.hpp"
+#include "simd/int8_key_scores.hpp"
 
 namespace kvpack {
 namespace detail {
@@ -269,17 +270,25 @@ KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* vb, int
 /// One pass of R rows (q, state rows r0 .. r0 + R − 1) over tokens [a, a + n) of the tile of
 /// whole key groups starting at t0 (a − t0 < G); row r sees vis[r − r0] of those tokens.
 /// kb[i]: the key blocks of the tile's group i; vb: the value blocks of tokens a, a + 1, ...
-/// (d / G each, contiguous). Scratch: s (R × stride scores), qs (R × d), ps (R × (n + 8) ×
-/// (d / G)).
+/// (d / G each, contiguous). Keys are scored in fp32, or from an int8 query (`int8`:
+/// Quantize::int8_query) by the VNNI kernel (`vnni`) or the scalar reference. Scratch: s (R ×
+/// stride scores), qs ((R + 1) × d), ps (R × (n + 8) × (d / G)).
 template <int R, int Bits, int G>
 KVPACK_TARGET_AVX2 void avx2_quantized_pass(const QuantBlock<Bits, G>* const* kb,
                                             const QuantBlock<Bits, G>* vb, int d, const float* q,
                                             const int64_t* vis, int64_t t0, int64_t a, int64_t n,
                                             float* max, float* sum, float* acc, float* s,
-                                            int64_t stride, float* qs, float* ps) {
+                                            int64_t stride, float* qs, float* ps, bool int8,
+                                            bool vnni) {
   // Scores of the whole groups covering [a, a + n); s[r · stride + (t − t0)].
-  for (int64_t g0 = t0; g0 < a + n; g0 += G)
-    avx2_quantized_group_scores<R, Bits, G>(kb[(g0 - t0) / G], d, q, s + (g0 - t0), stride, qs);
+  for (int64_t g0 = t0; g0 < a + n; g0 += G) {
+    const QuantBlock<Bits, G>* group = kb[(g0 - t0) / G];
+    if (int8) {
+      int8_key_group_scores<R, Bits, G>(vnni, group, d, q, s + (g0 - t0), stride, qs);
+    } else {
+      avx2_quantized_group_scores<R, Bits, G>(group, d, q, s + (g0 - t0), stride, qs);
+    }
+  }
   float* sa = s + (a - t0);
   for (int r = 0; r < R; ++r)
     softmax_tile_row(sa + r * stride, vis[r], n, max[r], sum[r], acc + r * d, d);
@@ -299,18 +308,21 @@ KVPACK_TARGET_AVX2 void avx2_quantized_attend(const Store& store, int d, const f
   constexpr int64_t kTile = G >= 128 ? G : 128 / G * G;  // whole groups, ~128 tokens
   constexpr int64_t stride = kTile + 8;  // room for the values kernel's zero padding
   // Scratch per pass row: scores (tile), scaled query (d), scaled probabilities ((tile + 8) ×
-  // (d / G)); then room for the value blocks of a tile that spans pages.
+  // (d / G)); one more query row (the int8 key kernels' scales); then room for the value blocks
+  // of a tile that spans pages.
   const std::size_t rows_scratch =
-      static_cast<std::size_t>(kRows) * (stride + d + (kTile + 8) * (d / G));
+      static_cast<std::size_t>(kRows) * (stride + d + (kTile + 8) * (d / G)) + d;
   const std::size_t run_bytes = static_cast<std::size_t>(kTile) * (d / G) * sizeof(Block);
   scratch.resize(rows_scratch + (run_bytes + sizeof(float) - 1) / sizeof(float));
   float* s = scratch.data();
   float* qs = s + kRows * stride;
-  float* ps = qs + kRows * d;
+  float* ps = qs + (kRows + 1) * d;
   auto* run = reinterpret_cast<Block*>(scratch.data() + rows_scratch);
   // Key blocks of each group of the tile: the page table walked once per tile.
   const Block* kb[kTile / G];
   const int pass_rows = cpu::decode_pass_rows(rows);
+  const bool int8 = store.int8_query;
+  const bool vnni = int8 && cpu_isa() >= Isa::kAvx512 && cpu_has_avx512_vnni_vbmi();
   for (int64_t t0 = begin / G * G; t0 < end; t0 += kTile) {
     const int64_t a = std::max(begin, t0);  // first token of this tile in the range
     const int64_t tn = std::min(t0 + kTile, end) - a;
@@ -329,6 +341,20 @@ KVPACK_TARGET_AVX2 void avx2_quantized_attend(const Store& store, int d, const f
       }
       vb = run;
     }
+    // The next tile's key groups and value blocks, prefetched while this one is computed: the
+    // kernels then read from the cache rather than wait on memory at each group (the page
+    // table's scattered pages defeat the hardware prefetcher).
+    if (t0 + kTile < end) {
+      const int64_t next = t0 + kTile, stop = std::min(next + kTile, end);
+      for (int64_t g = next / G; g * G < stop; ++g) {
+        prefetch_l1(reinterpret_cast<const Block*>(store.key_group(g)), d);
+      }
+      for (int64_t t = next; t < stop;) {
+        const int64_t page_end = std::min(stop, (t / store.page_tokens + 1) * store.page_tokens);
+        prefetch_l1(reinterpret_cast<const Block*>(store.value_token(t)), (page_end - t) * (d / G));
+        t = page_end;
+      }
+    }
     for (int r0 = 0; r0 < rows; r0 += pass_rows) {
       const int nr = std::min(pass_rows, rows - r0);
       int64_t vis[kRows];
@@ -344,16 +370,16 @@ KVPACK_TARGET_AVX2 void avx2_quantized_attend(const Store& store, int d, const f
       float* sm = state.sum.data() + r0;
       if (nr == 4) {
         avx2_quantized_pass<4, Bits, G>(kb, vb, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
-                                        ps);
+                                        ps, int8, vnni);
       } else if (nr == 3) {
         avx2_quantized_pass<3, Bits, G>(kb, vb, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
-                                        ps);
+                                        ps, int8, vnni);
       } else if (nr == 2) {
         avx2_quantized_pass<2, Bits, G>(kb, vb, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
-                                        ps);
+                                        ps, int8, vnni);
       } else {
         avx2_quantized_pass<1, Bits, G>(kb, vb, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
-                                        ps);
+                                        ps, int8, vnni);
       }
     }
   }
@@ -368,6 +394,8 @@ namespace cpu {
 /// attend_rows (see attention.hpp) over a KIVI head (the cache's, or caller-owned pages): few
 /// rows (decode) fold the dequantization into the dot products for the quantized tokens and read
 /// the fp16 tail directly; many rows (prefill chunks) dequantize tile by tile and use GEMMs.
+/// The store's int8_query (Quantize::int8_query) applies to the folded path only (AVX2 or better,
+/// head_dim % 16 == 0, fewer than kGemmRows rows): the others score exactly.
 template <class Store>
 void attend_rows(const detail::KiviRows<Store>& head, int d, const float* q, int rows,
                  const int64_t* visible, int64_t begin, int64_t end, PartialState& state,

@@ -77,7 +77,8 @@ struct KiviRows {
 struct QuantizedHeadStore {
   int bits = 4;
   int group = 32;
-  int page_tokens = 32;  ///< a multiple of group (kivi_page_tokens)
+  bool int8_query = false;  ///< Quantize::int8_query: how decode attention scores the keys
+  int page_tokens = 32;     ///< a multiple of group (kivi_page_tokens)
   int head_dim = 0;
   PageList pages;  ///< the pool is set by the cache before the first quantize
   std::vector<Half> tail_k, tail_v;

@@ -81,12 +81,7 @@ std::vector<float> attend_kivi(const kvpack::ModelShape& shape, const Quantize& 
   kvpack::KVCache<Quantize> cache(shape, policy);
   kvpack_test::fill_layer(cache, 0, n, 31, 250);
   cache.compress();
-  const auto q = kvpack_test::random_values(shape.q_heads * shape.head_dim, 32, 2.0f);
-  std::vector<float> out(q.size());
-  cache.attend(0, kvpack::ActivationView::nhd(q.data(), 1, shape.q_heads, shape.head_dim),
-               std::vector<int64_t>{n - 1},
-               kvpack::OutputView::nhd(out.data(), 1, shape.q_heads, shape.head_dim));
-  return out;
+  return kvpack_test::attend_decode(cache, n, 32, 2.0f);
 }
 
 }  // namespace

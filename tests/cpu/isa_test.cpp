@@ -46,12 +46,7 @@ std::vector<float> attend_under(Isa isa, const kvpack::ModelShape& shape, int64_
   kvpack::KVCache<Policy> cache(shape, policy);
   kvpack_test::fill_layer(cache, 0, n, 71, 333);
   if (compress) cache.compress();
-  const auto q = kvpack_test::random_values(shape.q_heads * shape.head_dim, 72);
-  std::vector<float> out(q.size());
-  cache.attend(0, kvpack::ActivationView::nhd(q.data(), 1, shape.q_heads, shape.head_dim),
-               std::vector<int64_t>{n - 1},
-               kvpack::OutputView::nhd(out.data(), 1, shape.q_heads, shape.head_dim));
-  return out;
+  return kvpack_test::attend_decode(cache, n, 72);
 }
 
 }  // namespace

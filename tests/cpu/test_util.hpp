@@ -88,6 +88,20 @@ inline std::vector<double> reference_attention(const float* q, const std::vector
   return out;
 }
 
+/// Output of one seeded decode query (spread q_scale, all q_heads) at position n − 1 over layer 0
+/// of `cache`: q_heads × head_dim floats.
+template <class Cache>
+std::vector<float> attend_decode(const Cache& cache, int64_t n, uint32_t q_seed,
+                                 float q_scale = 1.0f) {
+  const auto& s = cache.shape();
+  const auto q = random_values(static_cast<std::size_t>(s.q_heads) * s.head_dim, q_seed, q_scale);
+  std::vector<float> out(q.size());
+  cache.attend(0, kvpack::ActivationView::nhd(q.data(), 1, s.q_heads, s.head_dim),
+               std::vector<int64_t>{n - 1},
+               kvpack::OutputView::nhd(out.data(), 1, s.q_heads, s.head_dim));
+  return out;
+}
+
 /// Max over i of |a[i] − b[i]| (a and b of equal size), in double.
 inline double max_abs_difference(const std::vector<float>& a, const std::vector<float>& b) {
   double worst = 0.0;

@@ -40,6 +40,7 @@ const char* kHelp =
     "  --bits LIST          quantization bits, 2/4/8 (default 4)\n"
     "  --group N            quantization group size (default 32)\n"
     "  --residual N         newest tokens kept in fp16 by quant (default 128)\n"
+    "  --int8-query         quant rows score keys from an int8 query (Quantize::int8_query)\n"
     "  --threshold LIST     LazyLayerDrop thresholds (default 0.9, from the mass measured on\n"
     "                       SmolLM2, docs/evaluation.md); kvzap-threshold: log-scores\n"
     "  --lazy-recent LIST   recent windows in tokens of LazyLayerDrop and kvzap-threshold\n"
@@ -188,6 +189,8 @@ Options parse_options(int argc, char** argv) {
       o.base.group = static_cast<int>(parse_int(a, value(i), 1, 4096));
     } else if (a == "--residual") {
       o.base.residual = parse_int(a, value(i), 0, 1 << 30);
+    } else if (a == "--int8-query") {
+      o.base.int8_query = true;
     } else if (a == "--lazy-recent") {
       o.lazy_recents.clear();
       for (const auto& r : split(value(i))) o.lazy_recents.push_back(parse_int(a, r, 1, 1 << 30));

@@ -20,6 +20,7 @@ struct PolicySpec {
   int bits = 4;
   int group = 32;
   int64_t residual = 128;
+  bool int8_query = false;  ///< Quantize::int8_query of quant rows (--int8-query)
   double threshold = 0.9;  ///< LazyLayerDrop; chosen from the measured mass (docs/evaluation.md)
   int64_t lazy_recent = 1024;
   int64_t sinks = -1;  ///< protected first tokens; -1: the policy's default

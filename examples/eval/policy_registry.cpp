@@ -229,7 +229,7 @@ std::string PolicySpec::label() const {
   const ResolvedPolicy r = resolve_policy(name);
   std::ostringstream os;
   os << name;
-  if (r.quantized) os << bits;
+  if (r.quantized) os << bits << (int8_query ? " int8q" : "");
   switch (r.entry->knob) {
     case RowKnob::kKeep:
       if (keep_from_ratio) {
@@ -254,7 +254,8 @@ std::string PolicySpec::label() const {
 std::unique_ptr<EvalCache> make_cache(const PolicySpec& spec, const ModelShape& shape,
                                       const EvalCache* home) {
   const ResolvedPolicy r = resolve_policy(spec.name);
-  const Quantize quant(spec.bits, spec.group, spec.residual);
+  Quantize quant(spec.bits, spec.group, spec.residual);
+  quant.int8_query = spec.int8_query;
   return r.entry->make(spec, shape, r.quantized ? &quant : nullptr, home);
 }
 

@@ -26,12 +26,13 @@ struct Quantize : PolicyBase {
   int group = 32;
   int64_t residual = 128;
   /// Decode attention scores quantized keys from an int8 copy of the query, scaled per (query
-  /// row, key group): AVX-512 VNNI integer dot products with the codes where the CPU has VNNI and
-  /// VBMI (4 and 8 bits, group ≥ 32); elsewhere the scalar reference (quant/int8_query.hpp) gives
-  /// the same results, slower than exact scoring. Each score moves by at most α/2 · Σ codes
-  /// (α = max_c |q_c · scale_c| / 127): small beside the keys' own error at 2 and 4 bits, not at
-  /// 8. Values stay fp32. Applies to decode rows on AVX2 or better with head_dim % 16 == 0
-  /// (KVPACK_ISA=scalar and prefill chunks score exactly). Storage is unchanged.
+  /// row, key group), with AVX-512 VNNI integer dot products on the codes. Bits 4 or 8 and group
+  /// ≥ 32 only (the formats with that kernel; others are refused). A CPU without VNNI + VBMI runs
+  /// the scalar reference (quant/int8_query.hpp) instead: same results, several times slower than
+  /// exact scoring. Each score moves by at most α/2 · Σ codes (α = max_c |q_c · scale_c| / 127):
+  /// small beside the keys' own error at 4 bits, not at 8. Values stay fp32. Applies to decode
+  /// rows on AVX2 or better with head_dim % 16 == 0 (KVPACK_ISA=scalar and prefill chunks score
+  /// exactly). Storage is unchanged.
   bool int8_query = false;
 
   Quantize() = default;
@@ -60,6 +61,9 @@ struct Quantize : PolicyBase {
                     detail::concat("a divisor of head_dim (", shape.head_dim, ")"));
     detail::require(residual >= 0 && residual % group == 0, where, "residual", residual,
                     detail::concat("a non-negative multiple of group (", group, ")"));
+    detail::require(
+        !int8_query || ((bits == 4 || bits == 8) && group >= 32), where, "int8_query", "true",
+        detail::concat("bits 4 or 8 and group >= 32 with it (bits ", bits, ", group ", group, ")"));
   }
 };
 

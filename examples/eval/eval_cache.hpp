@@ -21,7 +21,7 @@ struct PolicySpec {
   int group = 32;
   int64_t residual = 128;
   bool int8_query = false;  ///< Quantize::int8_query of quant rows (--int8-query)
-  double threshold = 0.9;  ///< LazyLayerDrop; chosen from the measured mass (docs/evaluation.md)
+  double threshold = 0.9;   ///< LazyLayerDrop; chosen from the measured mass (docs/evaluation.md)
   int64_t lazy_recent = 1024;
   int64_t sinks = -1;  ///< protected first tokens; -1: the policy's default
   double ratio = 4.0;  ///< target bytes ratio of the low-rank policies (xkv, cskv)

@@ -341,20 +341,6 @@ KVPACK_TARGET_AVX2 void avx2_quantized_attend(const Store& store, int d, const f
       }
       vb = run;
     }
-    // The next tile's key groups and value blocks, prefetched while this one is computed: the
-    // kernels then read from the cache rather than wait on memory at each group (the page
-    // table's scattered pages defeat the hardware prefetcher).
-    if (t0 + kTile < end) {
-      const int64_t next = t0 + kTile, stop = std::min(next + kTile, end);
-      for (int64_t g = next / G; g * G < stop; ++g) {
-        prefetch_l1(reinterpret_cast<const Block*>(store.key_group(g)), d);
-      }
-      for (int64_t t = next; t < stop;) {
-        const int64_t page_end = std::min(stop, (t / store.page_tokens + 1) * store.page_tokens);
-        prefetch_l1(reinterpret_cast<const Block*>(store.value_token(t)), (page_end - t) * (d / G));
-        t = page_end;
-      }
-    }
     for (int r0 = 0; r0 < rows; r0 += pass_rows) {
       const int nr = std::min(pass_rows, rows - r0);
       int64_t vis[kRows];

@@ -13,6 +13,7 @@
 #define KVPACK_DEVICE __device__ inline
 #else
 #define KVPACK_HOST_DEVICE inline
+#define KVPACK_DEVICE inline  // host builds of the kernels: the emulated grid
 #endif
 
 // KVPACK_HAS_CUDA only says whether the CUDA backend headers may be included; it never changes

@@ -27,10 +27,11 @@
 ///   a CUDA fault is reported by the call that caused it. Calls on one cache are serialised.
 #pragma once
 
-#if !defined(__CUDACC__)
+#if !defined(__CUDACC__) && !defined(KVPACK_CUDA_EMULATION)
 #error \
     "kvpack/backend/cuda.hpp needs nvcc: compile this translation unit as CUDA (.cu)." \
-    " Host-only code can include kvpack/backend/cuda/context.hpp."
+    " Host-only code can include kvpack/backend/cuda/context.hpp; host builds that define" \
+    " KVPACK_CUDA_EMULATION run the backend on the emulated grid (tests)."
 #endif
 
 #include "cuda/cache.cuh"

@@ -3,18 +3,22 @@
 /// that throw kvpack::error, and an RAII device buffer.
 ///
 /// Host API only: this header compiles with any C++17 compiler that sees the CUDA toolkit's
-/// include directory (cuda_runtime_api.h, cublas_v2.h, cusolverDn.h); it needs no nvcc.
+/// include directory (cuda_runtime_api.h, cublas_v2.h, cusolverDn.h); it needs no nvcc. In a
+/// host build with KVPACK_CUDA_EMULATION it runs on the emulated device (runtime.hpp) and has no
+/// cuBLAS / cuSOLVER handles: no kvpack code calls those libraries yet.
 #pragma once
 
+#if !defined(KVPACK_CUDA_EMULATION)
 #include <cublas_v2.h>
-#include <cuda_runtime_api.h>
 #include <cusolverDn.h>
+#endif
 
 #include <cstddef>
 #include <cstdint>
 #include <utility>
 
 #include "../../error.hpp"
+#include "runtime.hpp"
 
 namespace kvpack {
 
@@ -38,6 +42,7 @@ inline void check_launch(const char* kernel) {
   check_cuda(cudaGetLastError(), detail::concat("launch of ", kernel).c_str());
 }
 
+#if !defined(KVPACK_CUDA_EMULATION)
 /// Throws kvpack::error("<what>: cuBLAS error <name> (<description>)") unless success.
 inline void check_cublas(cublasStatus_t status, const char* what) {
   if (status != CUBLAS_STATUS_SUCCESS) {
@@ -88,6 +93,8 @@ inline void check_cusolver(cusolverStatus_t status, const char* what) {
   }
 }
 
+#endif
+
 /// \brief Makes `device` current for a scope and restores the previous device afterwards.
 class DeviceGuard {
  public:
@@ -135,8 +142,10 @@ class CudaContext {
     int previous = 0;
     const bool restore = cudaGetDevice(&previous) == cudaSuccess;
     cudaSetDevice(device_);
+#if !defined(KVPACK_CUDA_EMULATION)
     if (cusolver_ != nullptr) cusolverDnDestroy(cusolver_);
     if (cublas_ != nullptr) cublasDestroy(cublas_);
+#endif
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
     if (restore) cudaSetDevice(previous);
   }
@@ -149,6 +158,7 @@ class CudaContext {
   /// Streaming multiprocessors of the device (sizes the split-K attention grid).
   int sm_count() const { return sm_count_; }
 
+#if !defined(KVPACK_CUDA_EMULATION)
   /// cuBLAS handle bound to stream(); created on first call.
   cublasHandle_t cublas() {
     if (cublas_ == nullptr) {
@@ -177,6 +187,8 @@ class CudaContext {
     return cusolver_;
   }
 
+#endif
+
   /// Waits for everything enqueued on stream(); throws kvpack::error on an asynchronous fault.
   void synchronize(const char* what = "cudaStreamSynchronize") const {
     check_cuda(cudaStreamSynchronize(stream_), what);
@@ -186,8 +198,10 @@ class CudaContext {
   int device_ = 0;
   int sm_count_ = 1;
   cudaStream_t stream_ = nullptr;
+#if !defined(KVPACK_CUDA_EMULATION)
   cublasHandle_t cublas_ = nullptr;
   cusolverDnHandle_t cusolver_ = nullptr;
+#endif
 };
 
 /// \brief Owning, move-only device allocation of `size()` elements of T (cudaMalloc/cudaFree).

@@ -14,14 +14,16 @@ namespace cuda {
 /// Converts a strided block [tokens x heads x head_dim] of Tin into rows of Tout: row (t, h)
 /// goes to dst[h] + t * dst_row_stride. Grid: x strides over tokens * head_dim, y over heads.
 template <class Tin, class Tout>
-__global__ void convert_rows_kernel(const Tin* __restrict__ src, int64_t tokens, int heads,
-                                    int head_dim, int64_t token_stride, int64_t head_stride,
-                                    Tout* const* __restrict__ dst, int64_t dst_row_stride) {
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
+    convert_rows_kernel(const Tin* __restrict__ src, int64_t tokens, int heads, int head_dim,
+                        int64_t token_stride, int64_t head_stride, Tout* const* __restrict__ dst,
+                        int64_t dst_row_stride) {
   const int64_t count = tokens * head_dim;
-  for (int h = blockIdx.y; h < heads; h += gridDim.y) {
+  for (int h = exec::block_y(); h < heads; h += exec::grid_y()) {
     Tout* const out = dst[h];
-    for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count;
-         e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    for (int64_t e =
+             static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
+         e < count; e += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
       const int64_t t = e / head_dim;
       const int64_t i = e % head_dim;
       store_element(to_float(src[strided_offset(t, h, i, token_stride, head_stride)]),
@@ -32,11 +34,13 @@ __global__ void convert_rows_kernel(const Tin* __restrict__ src, int64_t tokens,
 
 /// Copies the block's positions to every head: dst[h][t] = positions[t].
 template <class Position>
-__global__ void scatter_positions_kernel(const Position* __restrict__ positions, int64_t tokens,
-                                         int heads, Position* const* __restrict__ dst) {
-  for (int h = blockIdx.y; h < heads; h += gridDim.y) {
-    for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < tokens;
-         t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
+    scatter_positions_kernel(const Position* __restrict__ positions, int64_t tokens, int heads,
+                             Position* const* __restrict__ dst) {
+  for (int h = exec::block_y(); h < heads; h += exec::grid_y()) {
+    for (int64_t t =
+             static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
+         t < tokens; t += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
       dst[h][t] = positions[t];
     }
   }
@@ -46,13 +50,14 @@ __global__ void scatter_positions_kernel(const Position* __restrict__ positions,
 /// value_in_range(x, limit) — the element detail::check_values reports first. `first` must hold
 /// ULLONG_MAX before the launch.
 template <class Tin>
-__global__ void find_first_invalid_kernel(const Tin* __restrict__ src, int64_t tokens, int heads,
-                                          int head_dim, int64_t token_stride, int64_t head_stride,
-                                          float limit, unsigned long long* first) {
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
+    find_first_invalid_kernel(const Tin* __restrict__ src, int64_t tokens, int heads, int head_dim,
+                              int64_t token_stride, int64_t head_stride, float limit,
+                              unsigned long long* first) {
   const int64_t count = tokens * heads * head_dim;
   unsigned long long found = ULLONG_MAX;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t e = static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
+       e < count; e += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
     const int64_t i = e % head_dim;
     const int64_t h = (e / head_dim) % heads;
     const int64_t t = e / (static_cast<int64_t>(head_dim) * heads);
@@ -61,7 +66,7 @@ __global__ void find_first_invalid_kernel(const Tin* __restrict__ src, int64_t t
       break;  // later elements of this thread have larger indices
     }
   }
-  if (found != ULLONG_MAX) atomicMin(first, found);
+  if (found != ULLONG_MAX) exec::atomic_min(first, found);
 }
 
 /// Enqueues convert_rows_kernel for the dtype of `src` (a view of device memory).
@@ -74,19 +79,22 @@ void launch_convert_rows(const ActivationView& src, Tout* const* dst, int64_t ds
   const int head_dim = static_cast<int>(src.head_dim());
   switch (src.dtype()) {
     case DType::kF32:
-      convert_rows_kernel<float, Tout><<<grid, kElementwiseThreads, 0, stream>>>(
-          static_cast<const float*>(src.data()), src.tokens(), heads, head_dim, src.token_stride(),
-          src.head_stride(), dst, dst_row_stride);
+      exec::launch<kElementwiseThreads>(
+          convert_rows_kernel<float, Tout>, grid, kElementwiseThreads, stream,
+          "convert_rows_kernel", static_cast<const float*>(src.data()), src.tokens(), heads,
+          head_dim, src.token_stride(), src.head_stride(), dst, dst_row_stride);
       break;
     case DType::kF16:
-      convert_rows_kernel<Half, Tout><<<grid, kElementwiseThreads, 0, stream>>>(
+      exec::launch<kElementwiseThreads>(
+          convert_rows_kernel<Half, Tout>, grid, kElementwiseThreads, stream, "convert_rows_kernel",
           static_cast<const Half*>(src.data()), src.tokens(), heads, head_dim, src.token_stride(),
           src.head_stride(), dst, dst_row_stride);
       break;
     case DType::kBF16:
-      convert_rows_kernel<BFloat16, Tout><<<grid, kElementwiseThreads, 0, stream>>>(
-          static_cast<const BFloat16*>(src.data()), src.tokens(), heads, head_dim,
-          src.token_stride(), src.head_stride(), dst, dst_row_stride);
+      exec::launch<kElementwiseThreads>(
+          convert_rows_kernel<BFloat16, Tout>, grid, kElementwiseThreads, stream,
+          "convert_rows_kernel", static_cast<const BFloat16*>(src.data()), src.tokens(), heads,
+          head_dim, src.token_stride(), src.head_stride(), dst, dst_row_stride);
       break;
   }
   check_launch("convert_rows_kernel");
@@ -96,8 +104,9 @@ void launch_convert_rows(const ActivationView& src, Tout* const* dst, int64_t ds
 inline void launch_scatter_positions(const int32_t* positions, int64_t tokens, int heads,
                                      int32_t* const* dst, cudaStream_t stream) {
   const dim3 grid(grid_blocks(tokens, kElementwiseThreads), grid_extent(heads));
-  scatter_positions_kernel<int32_t>
-      <<<grid, kElementwiseThreads, 0, stream>>>(positions, tokens, heads, dst);
+  exec::launch<kElementwiseThreads>(scatter_positions_kernel<int32_t>, grid, kElementwiseThreads,
+                                    stream, "scatter_positions_kernel", positions, tokens, heads,
+                                    dst);
   check_launch("scatter_positions_kernel");
 }
 
@@ -110,19 +119,22 @@ inline void launch_find_first_invalid(const ActivationView& src, float limit,
   const int head_dim = static_cast<int>(src.head_dim());
   switch (src.dtype()) {
     case DType::kF32:
-      find_first_invalid_kernel<float><<<grid, kElementwiseThreads, 0, stream>>>(
-          static_cast<const float*>(src.data()), src.tokens(), heads, head_dim, src.token_stride(),
-          src.head_stride(), limit, first);
+      exec::launch<kElementwiseThreads>(
+          find_first_invalid_kernel<float>, grid, kElementwiseThreads, stream,
+          "find_first_invalid_kernel", static_cast<const float*>(src.data()), src.tokens(), heads,
+          head_dim, src.token_stride(), src.head_stride(), limit, first);
       break;
     case DType::kF16:
-      find_first_invalid_kernel<Half><<<grid, kElementwiseThreads, 0, stream>>>(
-          static_cast<const Half*>(src.data()), src.tokens(), heads, head_dim, src.token_stride(),
-          src.head_stride(), limit, first);
+      exec::launch<kElementwiseThreads>(
+          find_first_invalid_kernel<Half>, grid, kElementwiseThreads, stream,
+          "find_first_invalid_kernel", static_cast<const Half*>(src.data()), src.tokens(), heads,
+          head_dim, src.token_stride(), src.head_stride(), limit, first);
       break;
     case DType::kBF16:
-      find_first_invalid_kernel<BFloat16><<<grid, kElementwiseThreads, 0, stream>>>(
-          static_cast<const BFloat16*>(src.data()), src.tokens(), heads, head_dim,
-          src.token_stride(), src.head_stride(), limit, first);
+      exec::launch<kElementwiseThreads>(
+          find_first_invalid_kernel<BFloat16>, grid, kElementwiseThreads, stream,
+          "find_first_invalid_kernel", static_cast<const BFloat16*>(src.data()), src.tokens(),
+          heads, head_dim, src.token_stride(), src.head_stride(), limit, first);
       break;
   }
   check_launch("find_first_invalid_kernel");

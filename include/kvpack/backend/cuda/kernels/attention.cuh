@@ -45,7 +45,7 @@ struct AttentionParams {
 /// Static shared memory: 2 * 32 * (D + 1) + 16 * D + 4 * 32 floats + 18 int64
 /// (41.6 KiB for D = 128, under the 48 KiB static limit).
 template <class T, int D>
-__global__ void __launch_bounds__(kAttentionThreads)
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kAttentionThreads)
     attention_kernel(const AttentionHead<T>* __restrict__ heads, AttentionParams p) {
   static_assert(D % 32 == 0, "head_dim must be a multiple of the warp size");
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
@@ -54,21 +54,21 @@ __global__ void __launch_bounds__(kAttentionThreads)
   constexpr int kLaneChannels = D / 32;
   constexpr int kRowVectors = D / kVec;
 
-  __shared__ float k_tile[kAttentionTile * kStride];
-  __shared__ float v_tile[kAttentionTile * kStride];
-  __shared__ float q_rows[kAttentionRows * D];
-  __shared__ float probabilities[kAttentionWarps * kAttentionTile];
-  __shared__ int64_t visible[kAttentionRows];
-  __shared__ int64_t key_range[2];
+  KVPACK_SHARED_ARRAY(float, k_tile, kAttentionTile* kStride);
+  KVPACK_SHARED_ARRAY(float, v_tile, kAttentionTile* kStride);
+  KVPACK_SHARED_ARRAY(float, q_rows, kAttentionRows* D);
+  KVPACK_SHARED_ARRAY(float, probabilities, kAttentionWarps* kAttentionTile);
+  KVPACK_SHARED_ARRAY(int64_t, visible, kAttentionRows);
+  KVPACK_SHARED_ARRAY(int64_t, key_range, 2);
 
-  const int tid = threadIdx.x;
+  const int tid = exec::thread_x();
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int h = blockIdx.y;
-  const int64_t split = blockIdx.z;
+  const int h = exec::block_y();
+  const int64_t split = exec::block_z();
   const AttentionHead<T> head = heads[h];
   const int64_t rows_total = p.tokens * p.group;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kAttentionRows;
+  const int64_t row0 = static_cast<int64_t>(exec::block_x()) * kAttentionRows;
 
   // Query rows, pre-scaled by 1/sqrt(d) as in the CPU path; rows past the end are zero.
   for (int e = tid; e < kAttentionRows * D; e += kAttentionThreads) {
@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
                        ? visible_keys(head.positions, head.size, p.q_positions[row / p.group])
                        : 0;
   }
-  __syncthreads();
+  exec::sync_block();
   if (tid == 0) {
     int64_t most_visible = 0;
     for (int r = 0; r < kAttentionRows; ++r) {
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
     key_range[0] = begin;
     key_range[1] = end < most_visible ? end : most_visible;
   }
-  __syncthreads();
+  exec::sync_block();
   const int64_t begin = key_range[0];
   const int64_t end = key_range[1];
 
@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
 
   for (int64_t t0 = begin; t0 < end; t0 += kAttentionTile) {
     const int tn = static_cast<int>(end - t0 < kAttentionTile ? end - t0 : kAttentionTile);
-    __syncthreads();  // every warp is done with the previous tile
+    exec::sync_block();  // every warp is done with the previous tile
     for (int idx = tid; idx < tn * kRowVectors; idx += kAttentionThreads) {
       const int r = idx / kRowVectors;
       const int c = idx % kRowVectors;
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
       load_vector16(head.k + offset, k_tile + r * kStride + c * kVec);
       load_vector16(head.v + offset, v_tile + r * kStride + c * kVec);
     }
-    __syncthreads();
+    exec::sync_block();
 
 #pragma unroll
     for (int rr = 0; rr < kAttentionRowsPerWarp; ++rr) {
@@ -153,14 +153,14 @@ __global__ void __launch_bounds__(kAttentionThreads)
 #pragma unroll
       for (int c = 0; c < kLaneChannels; ++c) acc[rr][c] *= rescale;
       probabilities[warp * kAttentionTile + lane] = prob;
-      __syncwarp();
+      exec::sync_warp();
       for (int j = 0; j < n_visible; ++j) {
         const float pj = probabilities[warp * kAttentionTile + j];
         const float* v = v_tile + j * kStride;
 #pragma unroll
         for (int c = 0; c < kLaneChannels; ++c) acc[rr][c] += pj * v[lane + 32 * c];
       }
-      __syncwarp();  // the next row overwrites this warp's probabilities
+      exec::sync_warp();  // the next row overwrites this warp's probabilities
     }
   }
 
@@ -186,14 +186,14 @@ __global__ void __launch_bounds__(kAttentionThreads)
 /// t * q_heads + q_head. Block: one row, D threads (one channel each); grid strides over rows.
 /// Every row has at least one visible key (the cache checks it), so the denominator is > 0.
 template <int D>
-__global__ void __launch_bounds__(D)
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(D)
     merge_splits_kernel(const float* __restrict__ partial_acc,
                         const float* __restrict__ partial_max,
                         const float* __restrict__ partial_sum, int64_t rows, int64_t splits,
                         int q_heads, float* __restrict__ out, int64_t out_token_stride,
                         int64_t out_head_stride) {
-  const int i = threadIdx.x;
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+  const int i = exec::thread_x();
+  for (int64_t row = exec::block_x(); row < rows; row += exec::grid_x()) {
     float m = partial_max[row];
     float l = partial_sum[row];
     float a = partial_acc[row * D + i];
@@ -217,12 +217,13 @@ void launch_attention(const AttentionHead<T>* heads, int kv_heads, const Attenti
   const int64_t row_blocks = (p.tokens * p.group + kAttentionRows - 1) / kAttentionRows;
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(p.splits));
-  attention_kernel<T, D><<<grid, kAttentionThreads, 0, stream>>>(heads, p);
+  exec::launch<kAttentionThreads>(attention_kernel<T, D>, grid, kAttentionThreads, stream,
+                                  "attention_kernel", heads, p);
   check_launch("attention_kernel");
   const int64_t rows = p.tokens * p.q_heads;
-  merge_splits_kernel<D><<<grid_blocks(rows, 1, 1 << 20), D, 0, stream>>>(
-      p.partial_acc, p.partial_max, p.partial_sum, rows, p.splits, p.q_heads, out, out_token_stride,
-      out_head_stride);
+  exec::launch<D>(merge_splits_kernel<D>, grid_blocks(rows, 1, 1 << 20), D, stream,
+                  "merge_splits_kernel", p.partial_acc, p.partial_max, p.partial_sum, rows,
+                  p.splits, p.q_heads, out, out_token_stride, out_head_stride);
   check_launch("merge_splits_kernel");
 }
 

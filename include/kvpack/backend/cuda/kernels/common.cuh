@@ -1,12 +1,7 @@
 /// \file backend/cuda/kernels/common.cuh
-/// \brief Launch-geometry helpers and warp primitives shared by the kvpack kernels (nvcc only).
+/// \brief Launch-geometry helpers and warp primitives shared by the kvpack kernels (nvcc, or the
+/// emulated grid of a host build with KVPACK_CUDA_EMULATION: see exec.cuh).
 #pragma once
-
-#if !defined(__CUDACC__)
-#error "kvpack/backend/cuda/kernels/*.cuh contain CUDA kernels and must be compiled by nvcc"
-#endif
-
-#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <cstring>
@@ -15,6 +10,7 @@
 #include "../../../half.hpp"
 #include "../context.hpp"
 #include "../kernel_logic.hpp"
+#include "exec.cuh"
 
 namespace kvpack {
 namespace cuda {
@@ -38,14 +34,14 @@ inline unsigned grid_extent(int64_t count, int64_t cap = 65535) {
 
 KVPACK_DEVICE float warp_max(float x) {
   for (int offset = 16; offset > 0; offset >>= 1) {
-    const float other = __shfl_xor_sync(0xFFFFFFFFu, x, offset);
+    const float other = exec::shfl_xor(x, offset);
     x = other > x ? other : x;
   }
   return x;
 }
 
 KVPACK_DEVICE float warp_sum(float x) {
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xFFFFFFFFu, x, offset);
+  for (int offset = 16; offset > 0; offset >>= 1) x += exec::shfl_xor(x, offset);
   return x;
 }
 

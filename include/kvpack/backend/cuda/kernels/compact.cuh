@@ -24,13 +24,14 @@ struct CompactJob {
 /// new_k[j] = k[kept_index[j]] (rows of head_dim), likewise v and positions. Grid: x strides
 /// over kept * head_dim elements (coalesced within rows), y over jobs.
 template <class T>
-__global__ void gather_rows_kernel(const CompactJob<T>* __restrict__ jobs, int64_t job_count,
-                                   int head_dim) {
-  for (int64_t j = blockIdx.y; j < job_count; j += gridDim.y) {
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
+    gather_rows_kernel(const CompactJob<T>* __restrict__ jobs, int64_t job_count, int head_dim) {
+  for (int64_t j = exec::block_y(); j < job_count; j += exec::grid_y()) {
     const CompactJob<T> job = jobs[j];
     const int64_t count = job.kept * head_dim;
-    for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count;
-         e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    for (int64_t e =
+             static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
+         e < count; e += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
       const int64_t row = e / head_dim;
       const int64_t i = e % head_dim;
       const int64_t src = job.kept_index[row];
@@ -48,7 +49,8 @@ void launch_gather_rows(const CompactJob<T>* jobs, int64_t job_count, int64_t lo
   if (job_count == 0 || longest == 0) return;
   const dim3 grid(grid_blocks(longest * head_dim, kElementwiseThreads, 4096),
                   grid_extent(job_count));
-  gather_rows_kernel<T><<<grid, kElementwiseThreads, 0, stream>>>(jobs, job_count, head_dim);
+  exec::launch<kElementwiseThreads>(gather_rows_kernel<T>, grid, kElementwiseThreads, stream,
+                                    "gather_rows_kernel", jobs, job_count, head_dim);
   check_launch("gather_rows_kernel");
 }
 

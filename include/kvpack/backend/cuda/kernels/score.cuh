@@ -20,12 +20,14 @@ struct ScoreJob {
 /// scores[job.offset + t] = Policy::token_score(k_t, v_t, head_dim): the CPU backend calls the
 /// same function on the same stored rows. Grid: x strides over tokens, y over jobs.
 template <class Policy, class T>
-__global__ void score_tokens_kernel(const ScoreJob<T>* __restrict__ jobs, int64_t job_count,
-                                    int head_dim, float* __restrict__ scores) {
-  for (int64_t j = blockIdx.y; j < job_count; j += gridDim.y) {
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
+    score_tokens_kernel(const ScoreJob<T>* __restrict__ jobs, int64_t job_count, int head_dim,
+                        float* __restrict__ scores) {
+  for (int64_t j = exec::block_y(); j < job_count; j += exec::grid_y()) {
     const ScoreJob<T> job = jobs[j];
-    for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < job.size;
-         t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    for (int64_t t =
+             static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
+         t < job.size; t += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
       scores[job.offset + t] =
           Policy::token_score(job.k + t * head_dim, job.v + t * head_dim, head_dim);
     }
@@ -37,8 +39,9 @@ template <class Policy, class T>
 void launch_score_tokens(const ScoreJob<T>* jobs, int64_t job_count, int64_t longest, int head_dim,
                          float* scores, cudaStream_t stream) {
   const dim3 grid(grid_blocks(longest, kElementwiseThreads, 1024), grid_extent(job_count));
-  score_tokens_kernel<Policy, T>
-      <<<grid, kElementwiseThreads, 0, stream>>>(jobs, job_count, head_dim, scores);
+  exec::launch<kElementwiseThreads>(score_tokens_kernel<Policy, T>, grid, kElementwiseThreads,
+                                    stream, "score_tokens_kernel", jobs, job_count, head_dim,
+                                    scores);
   check_launch("score_tokens_kernel");
 }
 

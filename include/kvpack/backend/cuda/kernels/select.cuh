@@ -10,8 +10,8 @@
 #pragma once
 
 #include <climits>
-#include <cub/block/block_scan.cuh>
 
+#include "block_scan.cuh"
 #include "common.cuh"
 
 namespace kvpack {
@@ -38,25 +38,28 @@ constexpr int kSelectThreads = 256;
 
 /// flags[offset + i] = 1 when token i of the job is kept. Block: kThreads threads, one job.
 template <int kThreads>
-__global__ void __launch_bounds__(kThreads)
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kThreads)
     select_top_k_kernel(const SelectJob* __restrict__ jobs, uint8_t* __restrict__ flags,
                         SelectResult* __restrict__ results) {
-  __shared__ uint32_t hist[kRadixBins];
-  __shared__ unsigned long long protected_count, first_kept, shared_prefix, shared_remaining;
-  const SelectJob job = jobs[blockIdx.x];
-  const int tid = threadIdx.x;
+  KVPACK_SHARED_ARRAY(uint32_t, hist, kRadixBins);
+  KVPACK_SHARED(unsigned long long, protected_count);
+  KVPACK_SHARED(unsigned long long, first_kept);
+  KVPACK_SHARED(unsigned long long, shared_prefix);
+  KVPACK_SHARED(unsigned long long, shared_remaining);
+  const SelectJob job = jobs[exec::block_x()];
+  const int tid = exec::thread_x();
   if (tid == 0) {
     protected_count = 0;
     first_kept = ULLONG_MAX;
   }
-  __syncthreads();
+  exec::sync_block();
 
   unsigned long long local = 0;
   for (int64_t i = tid; i < job.size; i += kThreads) {
     if (is_protected_position(job.positions[i], job.protect_below, job.protect_above)) ++local;
   }
-  if (local != 0) atomicAdd(&protected_count, local);
-  __syncthreads();
+  if (local != 0) exec::atomic_add(&protected_count, local);
+  exec::sync_block();
 
   const int64_t protected_tokens = static_cast<int64_t>(protected_count);
   const int64_t kept = kept_count(protected_tokens, job.size, job.target);
@@ -72,23 +75,23 @@ __global__ void __launch_bounds__(kThreads)
     uint64_t remaining = static_cast<uint64_t>(room);
     for (int pass = 0; pass < kRadixPasses; ++pass) {
       for (int b = tid; b < kRadixBins; b += kThreads) hist[b] = 0;
-      __syncthreads();
+      exec::sync_block();
       const uint64_t mask = radix_prefix_mask(pass);
       for (int64_t i = tid; i < job.size; i += kThreads) {
         if (is_protected_position(job.positions[i], job.protect_below, job.protect_above)) {
           continue;
         }
         const uint64_t key = selection_key(job.scores[i], i);
-        if ((key & mask) == prefix) atomicAdd(&hist[radix_digit(key, pass)], 1u);
+        if ((key & mask) == prefix) exec::atomic_add(&hist[radix_digit(key, pass)], 1u);
       }
-      __syncthreads();
+      exec::sync_block();
       if (tid == 0) {
         uint64_t rank = remaining;
         const int digit = select_digit(hist, rank);
         shared_prefix = prefix | (static_cast<uint64_t>(digit) << radix_shift(pass));
         shared_remaining = rank;
       }
-      __syncthreads();  // also: nobody rewrites hist before thread 0 has read it
+      exec::sync_block();  // also: nobody rewrites hist before thread 0 has read it
       prefix = shared_prefix;
       remaining = shared_remaining;
     }
@@ -102,11 +105,11 @@ __global__ void __launch_bounds__(kThreads)
     flags[job.offset + i] = keep ? 1 : 0;
     if (keep && static_cast<unsigned long long>(i) < first) first = i;
   }
-  if (first != ULLONG_MAX) atomicMin(&first_kept, first);
-  __syncthreads();
+  if (first != ULLONG_MAX) exec::atomic_min(&first_kept, first);
+  exec::sync_block();
   if (tid == 0) {
-    results[blockIdx.x].kept = kept;
-    results[blockIdx.x].first_position =
+    results[exec::block_x()].kept = kept;
+    results[exec::block_x()].first_position =
         first_kept == ULLONG_MAX ? -1 : static_cast<int64_t>(job.positions[first_kept]);
   }
 }
@@ -115,21 +118,20 @@ __global__ void __launch_bounds__(kThreads)
 /// of select_top_k_kernel. Block: kThreads threads, one job; chunks of kThreads tokens are
 /// scanned in order and offset by the running total.
 template <int kThreads>
-__global__ void __launch_bounds__(kThreads)
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kThreads)
     kept_indices_kernel(const SelectJob* __restrict__ jobs, const uint8_t* __restrict__ flags,
                         int32_t* __restrict__ kept_index) {
-  using Scan = cub::BlockScan<int, kThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  const SelectJob job = jobs[blockIdx.x];
+  KVPACK_SHARED(BlockScanStorage<kThreads>, scan_storage);
+  const SelectJob job = jobs[exec::block_x()];
   int64_t base = 0;
   for (int64_t chunk = 0; chunk < job.size; chunk += kThreads) {
-    const int64_t i = chunk + threadIdx.x;
+    const int64_t i = chunk + exec::thread_x();
     const int flag = i < job.size ? flags[job.offset + i] : 0;
     int offset = 0, total = 0;
-    Scan(scan_storage).ExclusiveSum(flag, offset, total);
+    block_exclusive_sum<kThreads>(flag, offset, total, scan_storage);
     if (flag != 0) kept_index[job.offset + base + offset] = static_cast<int32_t>(i);
     base += total;
-    __syncthreads();  // scan_storage is reused by the next chunk
+    exec::sync_block();  // scan_storage is reused by the next chunk
   }
 }
 
@@ -138,9 +140,11 @@ inline void launch_select_top_k(const SelectJob* jobs, int64_t job_count, uint8_
                                 SelectResult* results, int32_t* kept_index, cudaStream_t stream) {
   if (job_count == 0) return;
   const unsigned grid = static_cast<unsigned>(job_count);
-  select_top_k_kernel<kSelectThreads><<<grid, kSelectThreads, 0, stream>>>(jobs, flags, results);
+  exec::launch<kSelectThreads>(select_top_k_kernel<kSelectThreads>, grid, kSelectThreads, stream,
+                               "select_top_k_kernel", jobs, flags, results);
   check_launch("select_top_k_kernel");
-  kept_indices_kernel<kSelectThreads><<<grid, kSelectThreads, 0, stream>>>(jobs, flags, kept_index);
+  exec::launch<kSelectThreads>(kept_indices_kernel<kSelectThreads>, grid, kSelectThreads, stream,
+                               "kept_indices_kernel", jobs, flags, kept_index);
   check_launch("kept_indices_kernel");
 }
 

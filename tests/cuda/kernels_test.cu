@@ -1,7 +1,7 @@
 // The CUDA kernels launched directly, against the CPU functions they must reproduce: selection
 // (detail::select_top_k on many heads in one launch), attention with forced key splits (the CPU
 // cache's attend), conversion of every input dtype, and the first-invalid-element search.
-#include <cuda_runtime.h>
+#include <kvpack/backend/cuda/runtime.hpp>
 
 #include <algorithm>
 #include <catch2/catch.hpp>

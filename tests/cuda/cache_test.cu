@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "device_test_util.hpp"
+
 using Catch::Matchers::Contains;
 using kvpack::ActivationView;
 using kvpack::BFloat16;
@@ -30,19 +32,6 @@ using kvpack::OutputView;
 namespace backend = kvpack::backend;
 
 namespace {
-
-bool device_available() {
-  int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
-}
-
-#define KVPACK_SKIP_WITHOUT_DEVICE()           \
-  do {                                         \
-    if (!device_available()) {                 \
-      SUCCEED("no CUDA device: test skipped"); \
-      return;                                  \
-    }                                          \
-  } while (0)
 
 std::vector<float> gaussian(std::size_t n, uint32_t seed, float scale = 1.0f) {
   std::mt19937 rng(seed);

@@ -1,17 +1,18 @@
 // The CUDA kernels launched directly, against the CPU functions they must reproduce: selection
 // (detail::select_top_k on many heads in one launch), attention with forced key splits (the CPU
 // cache's attend), conversion of every input dtype, and the first-invalid-element search.
-#include <kvpack/backend/cuda/runtime.hpp>
-
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <climits>
 #include <cmath>
 #include <cstdint>
 #include <kvpack/backend/cuda.hpp>
+#include <kvpack/backend/cuda/runtime.hpp>
 #include <kvpack/kvpack.hpp>
 #include <random>
 #include <vector>
+
+#include "device_test_util.hpp"
 
 using kvpack::ActivationView;
 using kvpack::BFloat16;
@@ -19,44 +20,8 @@ using kvpack::Half;
 using kvpack::ModelShape;
 using kvpack::OutputView;
 namespace kc = kvpack::cuda;
-
-namespace {
-
-bool device_available() {
-  int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
-}
-
-#define KVPACK_SKIP_WITHOUT_DEVICE()           \
-  do {                                         \
-    if (!device_available()) {                 \
-      SUCCEED("no CUDA device: test skipped"); \
-      return;                                  \
-    }                                          \
-  } while (0)
-
-template <class T>
-kc::DeviceBuffer<T> upload(const std::vector<T>& host) {
-  kc::DeviceBuffer<T> buffer(host.size(), 0);
-  if (!host.empty()) {
-    kc::check_cuda(cudaMemcpy(buffer.data(), host.data(), buffer.bytes(), cudaMemcpyHostToDevice),
-                   "test upload");
-  }
-  return buffer;
-}
-
-template <class T>
-std::vector<T> download(const kc::DeviceBuffer<T>& buffer, std::size_t count) {
-  std::vector<T> host(count);
-  if (count > 0) {
-    kc::check_cuda(
-        cudaMemcpy(host.data(), buffer.data(), count * sizeof(T), cudaMemcpyDeviceToHost),
-        "test download");
-  }
-  return host;
-}
-
-}  // namespace
+using kvpack::test::download;
+using kvpack::test::upload;
 
 TEST_CASE("CUDA kernels: select_top_k + kept_indices equal detail::select_top_k", "[cuda]") {
   KVPACK_SKIP_WITHOUT_DEVICE();

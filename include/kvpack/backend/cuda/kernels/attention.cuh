@@ -19,12 +19,31 @@ namespace kvpack {
 namespace cuda {
 
 /// One kv head of the layer attended: stored rows and ascending positions (device).
+/// attention_kernel reads a head through two members, which another storage format provides in
+/// its own head type (KiviAttentionHead in kivi.cuh): `positions`, `size`, and load_tile.
 template <class T>
 struct AttentionHead {
-  const T* k;
-  const T* v;
-  const int32_t* positions;
+  const T* k;                ///< [size][head_dim]
+  const T* v;                ///< [size][head_dim]
+  const int32_t* positions;  ///< [size], ascending
   int64_t size;
+
+  /// Rows [t0, t0 + n) widened to fp32 into the tiles (row stride `stride` floats); the block's
+  /// `threads` threads stride over 16-byte vectors.
+  template <int D>
+  KVPACK_DEVICE void load_tile(int64_t t0, int n, float* k_tile, float* v_tile, int stride, int tid,
+                               int threads) const {
+    constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+    static_assert(D % kVec == 0, "rows are loaded in 16-byte vectors");
+    constexpr int kRowVectors = D / kVec;
+    for (int idx = tid; idx < n * kRowVectors; idx += threads) {
+      const int r = idx / kRowVectors;
+      const int c = idx % kRowVectors;
+      const int64_t offset = (t0 + r) * D + c * kVec;
+      load_vector16(k + offset, k_tile + r * stride + c * kVec);
+      load_vector16(v + offset, v_tile + r * stride + c * kVec);
+    }
+  }
 };
 
 /// Arguments of attention_kernel shared by all blocks.
@@ -44,15 +63,12 @@ struct AttentionParams {
 /// Grid: (ceil(tokens * group / kAttentionRows), kv_heads, splits); block: kAttentionThreads.
 /// Static shared memory: 2 * 32 * (D + 1) + 16 * D + 4 * 32 floats + 18 int64
 /// (41.6 KiB for D = 128, under the 48 KiB static limit).
-template <class T, int D>
+template <class Head, int D>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kAttentionThreads)
-    attention_kernel(const AttentionHead<T>* __restrict__ heads, AttentionParams p) {
+    attention_kernel(const Head* __restrict__ heads, AttentionParams p) {
   static_assert(D % 32 == 0, "head_dim must be a multiple of the warp size");
-  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
-  static_assert(D % kVec == 0, "rows are loaded in 16-byte vectors");
   constexpr int kStride = D + 1;  // odd row stride: lane j reading row j hits bank (j + i) % 32
   constexpr int kLaneChannels = D / 32;
-  constexpr int kRowVectors = D / kVec;
 
   KVPACK_SHARED_ARRAY(float, k_tile, kAttentionTile* kStride);
   KVPACK_SHARED_ARRAY(float, v_tile, kAttentionTile* kStride);
@@ -66,7 +82,7 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kAttentionThreads)
   const int warp = tid >> 5;
   const int h = exec::block_y();
   const int64_t split = exec::block_z();
-  const AttentionHead<T> head = heads[h];
+  const Head head = heads[h];
   const int64_t rows_total = p.tokens * p.group;
   const int64_t row0 = static_cast<int64_t>(exec::block_x()) * kAttentionRows;
 
@@ -119,13 +135,7 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kAttentionThreads)
   for (int64_t t0 = begin; t0 < end; t0 += kAttentionTile) {
     const int tn = static_cast<int>(end - t0 < kAttentionTile ? end - t0 : kAttentionTile);
     exec::sync_block();  // every warp is done with the previous tile
-    for (int idx = tid; idx < tn * kRowVectors; idx += kAttentionThreads) {
-      const int r = idx / kRowVectors;
-      const int c = idx % kRowVectors;
-      const int64_t offset = (t0 + r) * D + c * kVec;
-      load_vector16(head.k + offset, k_tile + r * kStride + c * kVec);
-      load_vector16(head.v + offset, v_tile + r * kStride + c * kVec);
-    }
+    head.template load_tile<D>(t0, tn, k_tile, v_tile, kStride, tid, kAttentionThreads);
     exec::sync_block();
 
 #pragma unroll
@@ -208,16 +218,17 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(D)
   }
 }
 
-/// Enqueues attention_kernel<T, D> and merge_splits_kernel<D>; `out` (device) receives
-/// tokens x q_heads x D with the given element strides.
-template <class T, int D>
-void launch_attention(const AttentionHead<T>* heads, int kv_heads, const AttentionParams& p,
-                      float* out, int64_t out_token_stride, int64_t out_head_stride,
-                      cudaStream_t stream) {
+/// Enqueues attention_kernel<Head, D> and merge_splits_kernel<D>; `out` (device) receives
+/// tokens x q_heads x D with the given element strides. Head: AttentionHead<T> (dense rows) or
+/// another format's head type with the same members (KiviAttentionHead).
+template <int D, class Head>
+void launch_attention_heads(const Head* heads, int kv_heads, const AttentionParams& p, float* out,
+                            int64_t out_token_stride, int64_t out_head_stride,
+                            cudaStream_t stream) {
   const int64_t row_blocks = (p.tokens * p.group + kAttentionRows - 1) / kAttentionRows;
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(p.splits));
-  exec::launch<kAttentionThreads>(attention_kernel<T, D>, grid, kAttentionThreads, stream,
+  exec::launch<kAttentionThreads>(attention_kernel<Head, D>, grid, kAttentionThreads, stream,
                                   "attention_kernel", heads, p);
   check_launch("attention_kernel");
   const int64_t rows = p.tokens * p.q_heads;
@@ -225,6 +236,14 @@ void launch_attention(const AttentionHead<T>* heads, int kv_heads, const Attenti
                   "merge_splits_kernel", p.partial_acc, p.partial_max, p.partial_sum, rows,
                   p.splits, p.q_heads, out, out_token_stride, out_head_stride);
   check_launch("merge_splits_kernel");
+}
+
+/// launch_attention_heads over dense rows of T.
+template <class T, int D>
+void launch_attention(const AttentionHead<T>* heads, int kv_heads, const AttentionParams& p,
+                      float* out, int64_t out_token_stride, int64_t out_head_stride,
+                      cudaStream_t stream) {
+  launch_attention_heads<D>(heads, kv_heads, p, out, out_token_stride, out_head_stride, stream);
 }
 
 }  // namespace cuda

@@ -1,0 +1,197 @@
+// The CUDA kernels on the reference model's real K/V, run on the emulated grid
+// (backend/cuda/emulation/): the same kernel source nvcc compiles, executed on the CPU. The CUDA
+// cache against the CPU cache through a prefill, an L2 eviction and decode steps; the KIVI
+// kernels on one layer's K/V and queries (tests/cuda/kivi_checks.hpp).
+#define KVPACK_CUDA_EMULATION 1
+
+#include <algorithm>
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <kvpack/backend/cuda.hpp>
+#include <kvpack/kvpack.hpp>
+#include <vector>
+
+#include "../cuda/kivi_checks.hpp"
+#include "attention_cache.hpp"
+#include "model.hpp"
+#include "model_fixture.hpp"
+#include "tokenizer.hpp"
+
+using kvpack::llama::AttentionCache;
+using kvpack::llama::KvCacheAdapter;
+using kvpack::llama::LlamaModel;
+using kvpack::llama::RowMatrix;
+using kvpack::llama::Tokenizer;
+
+namespace {
+
+/// Feeds the same K/V and queries, the CPU forward pass's, to two caches: the pass goes on with
+/// the first's attention, and each attend of the second is compared with it (normalised L2).
+class TeeCache : public AttentionCache {
+ public:
+  TeeCache(AttentionCache& first, AttentionCache& second, int64_t row)
+      : first_(first), second_(second), row_(row) {}
+  void append(int layer, const float* k, const float* v, const int64_t* positions,
+              int64_t n) override {
+    first_.append(layer, k, v, positions, n);
+    second_.append(layer, k, v, positions, n);
+  }
+  void attend(int layer, const float* q, const int64_t* positions, int64_t n, float* out) override {
+    first_.attend(layer, q, positions, n, out);
+    std::vector<float> other(static_cast<std::size_t>(n * row_));
+    second_.attend(layer, q, positions, n, other.data());
+    double num = 0, den = 0;
+    for (std::size_t i = 0; i < other.size(); ++i) {
+      num += (static_cast<double>(other[i]) - out[i]) * (static_cast<double>(other[i]) - out[i]);
+      den += static_cast<double>(out[i]) * out[i];
+    }
+    worst_ = std::max(worst_, std::sqrt(num / den));
+  }
+  void observe(int layer, const float* q, const int64_t* positions, int64_t n,
+               const float* weights) override {
+    first_.observe(layer, q, positions, n, weights);
+    second_.observe(layer, q, positions, n, weights);
+  }
+  double worst() const { return worst_; }
+
+ private:
+  AttentionCache& first_;
+  AttentionCache& second_;
+  int64_t row_;
+  double worst_ = 0;
+};
+
+/// The CUDA cache against the CPU cache on the model's K/V and queries: every attention output
+/// of the prefill and of decode steps after compress(), and the rows each holds after it.
+template <class Policy>
+void check_against_cpu(const LlamaModel& model, const std::vector<int32_t>& ids,
+                       const Policy& policy) {
+  namespace backend = kvpack::backend;
+  const kvpack::ModelShape shape = model.config().shape();
+  kvpack::KVCache<Policy, backend::Cpu> cpu_cache(shape, policy);
+  kvpack::KVCache<Policy, backend::Cuda> gpu_cache(shape, policy);
+  KvCacheAdapter<decltype(cpu_cache)> cpu(cpu_cache);
+  KvCacheAdapter<decltype(gpu_cache)> gpu(gpu_cache);
+  TeeCache both(cpu, gpu, static_cast<int64_t>(shape.q_heads) * shape.head_dim);
+  const RowMatrix logits = model.forward_all(both, ids, 0);
+  CHECK(both.worst() < 1e-5);
+
+  cpu_cache.compress();
+  gpu_cache.compress();
+  CHECK(gpu_cache.dense_bytes() == cpu_cache.dense_bytes());
+  for (int layer = 0; layer < shape.layers; ++layer) {
+    const auto x = cpu_cache.materialize(layer);
+    const auto y = gpu_cache.materialize(layer);
+    for (std::size_t h = 0; h < x.heads.size(); ++h) {
+      INFO("layer " << layer << " head " << h);
+      REQUIRE(x.heads[h].positions == y.heads[h].positions);  // the same kept set
+      REQUIRE(x.heads[h].k == y.heads[h].k);                  // the same stored fp16 rows
+      REQUIRE(x.heads[h].v == y.heads[h].v);
+    }
+  }
+  int64_t position = static_cast<int64_t>(ids.size());
+  Eigen::Index next;
+  logits.row(logits.rows() - 1).maxCoeff(&next);
+  for (int step = 0; step < 4; ++step, ++position) {
+    const std::vector<int32_t> token{static_cast<int32_t>(next)};
+    model.forward_last(both, token, position).maxCoeff(&next);
+  }
+  CHECK(both.worst() < 1e-5);
+}
+
+/// Forwards to another AttentionCache and keeps the queries one layer attends with.
+class QueryRecorder : public AttentionCache {
+ public:
+  QueryRecorder(AttentionCache& inner, int layer) : inner_(inner), layer_(layer) {}
+  void append(int layer, const float* k, const float* v, const int64_t* positions,
+              int64_t n) override {
+    inner_.append(layer, k, v, positions, n);
+  }
+  void attend(int layer, const float* q, const int64_t* positions, int64_t n, float* out) override {
+    if (layer == layer_) {
+      q_.insert(q_.end(), q, q + n * row_);
+      positions_.insert(positions_.end(), positions, positions + n);
+    }
+    inner_.attend(layer, q, positions, n, out);
+  }
+  void set_row(int64_t row) { row_ = row; }
+  const std::vector<float>& q() const { return q_; }
+  const std::vector<int64_t>& positions() const { return positions_; }
+
+ private:
+  AttentionCache& inner_;
+  int layer_;
+  int64_t row_ = 0;
+  std::vector<float> q_;
+  std::vector<int64_t> positions_;
+};
+
+}  // namespace
+
+TEST_CASE("model: the CUDA backend on the emulated grid matches the CPU on real K/V",
+          "[model][real-model][cuda]") {
+  const LlamaModel* model = kvpack::test::reference_model();
+  const Tokenizer* tok = kvpack::test::reference_tokenizer();
+  if (!model || !tok) return;
+  std::vector<int32_t> ids = tok->encode(kvpack::test::read_test_data("prose.txt"));
+  ids.resize(96);
+  // Both backends hold the same fp16 rows and attend in fp32 with different summation orders.
+  SECTION("Identity") { check_against_cpu(*model, ids, kvpack::Identity{}); }
+  SECTION("L2NormEvict, keep half, per head") {
+    kvpack::L2NormEvict policy(kvpack::Budget::ratio(0.5), 0);
+    check_against_cpu(*model, ids, policy);
+  }
+}
+
+TEST_CASE("model: the CUDA KIVI kernels on real K/V match the CPU quantizer and double attention",
+          "[model][real-model][cuda]") {
+  const LlamaModel* model = kvpack::test::reference_model();
+  const Tokenizer* tok = kvpack::test::reference_tokenizer();
+  if (!model || !tok) return;
+  std::vector<int32_t> ids = tok->encode(kvpack::test::read_test_data("prose.txt"));
+  ids.resize(160);
+  const kvpack::ModelShape shape = model->config().shape();
+  for (int layer : {2, 17}) {
+    // fp32 storage: the K/V the kernels see are the model's post-RoPE values themselves.
+    kvpack::KVCache<kvpack::IdentityF32> cache(shape);
+    KvCacheAdapter<decltype(cache)> adapter(cache);
+    QueryRecorder recorder(adapter, layer);
+    recorder.set_row(static_cast<int64_t>(shape.q_heads) * shape.head_dim);
+    model->forward_all(recorder, ids, 0);
+    const kvpack::DenseLayer held = cache.materialize(layer);
+    INFO("layer " << layer);
+
+    std::vector<float> rows = held.heads[0].k;
+    rows.resize(128 * shape.head_dim);  // whole groups of every size tested
+    kvpack::test::require_quantize_matches_cpu<4, 32, float>(rows, shape.head_dim);
+    kvpack::test::require_quantize_matches_cpu<2, 32, kvpack::Half>(rows, shape.head_dim);
+    kvpack::test::require_quantize_matches_cpu<8, 64, float>(rows, shape.head_dim);
+    rows.assign(held.heads[1].v.begin(), held.heads[1].v.begin() + 128 * shape.head_dim);
+    kvpack::test::require_quantize_matches_cpu<4, 32, float>(rows, shape.head_dim);
+    kvpack::test::require_quantize_matches_cpu<2, 16, kvpack::Half>(rows, shape.head_dim);
+
+    kvpack::test::KiviAttentionCase c;
+    c.q_heads = shape.q_heads;
+    c.kv_heads = shape.kv_heads;
+    c.head_dim = shape.head_dim;
+    c.size = static_cast<int64_t>(ids.size());
+    c.residual = 40;
+    for (const kvpack::DenseHead& h : held.heads) {
+      c.k.push_back(h.k);
+      c.v.push_back(h.v);
+    }
+    c.positions.assign(held.heads[0].positions.begin(), held.heads[0].positions.end());
+    // The last 8 queries (decode-like) and one early one that stops inside the blocks.
+    const int64_t row = static_cast<int64_t>(shape.q_heads) * shape.head_dim;
+    for (int64_t t : {int64_t{50}, c.size - 8, c.size - 7, c.size - 6, c.size - 5, c.size - 4,
+                      c.size - 3, c.size - 2, c.size - 1}) {
+      c.q.insert(c.q.end(), recorder.q().begin() + t * row, recorder.q().begin() + (t + 1) * row);
+      c.q_positions.push_back(static_cast<int32_t>(recorder.positions()[t]));
+    }
+    for (int64_t splits : {1, 4}) {
+      INFO("splits " << splits);
+      CHECK(kvpack::test::kivi_attention_error<4, 32>(c, splits) < 1e-5);
+      CHECK(kvpack::test::kivi_attention_error<2, 32>(c, splits) < 1e-5);
+    }
+  }
+}

@@ -28,6 +28,13 @@ bool have_device() {
   return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
 }
 
+/// Marks the benchmark skipped (and returns true) on a machine without a CUDA device.
+bool skipped_without_device(benchmark::State& state) {
+  if (have_device()) return false;
+  state.SkipWithError("no CUDA device");
+  return true;
+}
+
 /// Device-to-device copy rate of this process: 256 MiB, read + written, best of 10.
 double copy_bytes_per_second() {
   static const double rate = [] {
@@ -68,20 +75,12 @@ std::vector<Half> random_half(std::size_t n, uint32_t seed) {
   return x;
 }
 
-/// Sets fraction_of_copy from the mean iteration time Google Benchmark measured.
-void report_fraction(benchmark::State& state, double bytes_per_iteration, double seconds_total) {
-  if (state.iterations() == 0 || seconds_total <= 0) return;
-  const double rate = bytes_per_iteration * static_cast<double>(state.iterations()) / seconds_total;
-  state.counters["fraction_of_copy"] = rate / copy_bytes_per_second();
-}
-
-/// Runs `body` under events, sets bytes/s and fraction_of_copy.
+/// Runs `body` (work enqueued on the default stream) once per iteration between two CUDA events
+/// and reports the event time, bytes_per_second (`bytes` moved per iteration over that time) and
+/// fraction_of_copy (that rate over copy_bytes_per_second()).
 template <class Body>
 void measure(benchmark::State& state, double bytes, Body body) {
-  if (!have_device()) {
-    state.SkipWithError("no CUDA device");
-    return;
-  }
+  if (skipped_without_device(state)) return;
   copy_bytes_per_second();  // measured before, not inside, the timed loop
   cudaEvent_t start, stop;
   cudaEventCreate(&start);
@@ -101,19 +100,17 @@ void measure(benchmark::State& state, double bytes, Body body) {
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
-  state.counters["bytes_per_second"] =
-      benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
-  report_fraction(state, bytes, total);
+  if (state.iterations() == 0 || total <= 0) return;
+  const double rate = bytes * static_cast<double>(state.iterations()) / total;
+  state.counters["bytes_per_second"] = rate;
+  state.counters["fraction_of_copy"] = rate / copy_bytes_per_second();
 }
 
 // ---- baseline ---------------------------------------------------------------------------------
 
 void BM_cuda_device_copy(benchmark::State& state) {
   const std::size_t bytes = std::size_t{256} << 20;
-  if (!have_device()) {
-    state.SkipWithError("no CUDA device");
-    return;
-  }
+  if (skipped_without_device(state)) return;
   kc::DeviceBuffer<unsigned char> a(bytes, 0), b(bytes, 0);
   measure(state, 2.0 * bytes,
           [&] { cudaMemcpyAsync(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice, nullptr); });
@@ -171,10 +168,7 @@ int sm_count() {
 
 template <int D>
 void BM_cuda_dense_decode_attention(benchmark::State& state) {
-  if (!have_device()) {
-    state.SkipWithError("no CUDA device");
-    return;
-  }
+  if (skipped_without_device(state)) return;
   const int q_heads = static_cast<int>(state.range(0)), kv_heads = static_cast<int>(state.range(1));
   DecodeSetup setup(q_heads, kv_heads, D, sm_count());
   std::vector<kc::DeviceBuffer<Half>> k, v;
@@ -205,10 +199,7 @@ template <int D>
 void BM_cuda_kivi_decode_attention(benchmark::State& state) {
   constexpr int kBits = 4, kGroup = 32;
   using Block = kvpack::QuantBlock<kBits, kGroup>;
-  if (!have_device()) {
-    state.SkipWithError("no CUDA device");
-    return;
-  }
+  if (skipped_without_device(state)) return;
   const int q_heads = static_cast<int>(state.range(0)), kv_heads = static_cast<int>(state.range(1));
   const int64_t residual = 128, quantized = kTokens - residual;
   DecodeSetup setup(q_heads, kv_heads, D, sm_count());
@@ -252,10 +243,7 @@ void BM_cuda_kivi_quantize(benchmark::State& state) {
   constexpr int kBits = 4, kGroup = 32;
   using Block = kvpack::QuantBlock<kBits, kGroup>;
   const int d = static_cast<int>(state.range(0));
-  if (!have_device()) {
-    state.SkipWithError("no CUDA device");
-    return;
-  }
+  if (skipped_without_device(state)) return;
   auto rows = upload(random_half(kTokens * d, 3));
   kc::DeviceBuffer<Block> keys(kTokens / kGroup * d, 0), values(kTokens * (d / kGroup), 0);
   const double bytes = static_cast<double>(rows.bytes() + keys.bytes() + values.bytes());
@@ -269,15 +257,13 @@ BENCHMARK(BM_cuda_kivi_quantize)->Arg(64)->Arg(128)->UseManualTime()->Unit(bench
 /// L2NormEvict scores of 8 heads x kTokens fp16 keys: keys read + scores written.
 void BM_cuda_score_l2(benchmark::State& state) {
   const int d = 128, heads = 8;
-  if (!have_device()) {
-    state.SkipWithError("no CUDA device");
-    return;
-  }
+  if (skipped_without_device(state)) return;
   auto k = upload(random_half(heads * kTokens * d, 4));
   kc::DeviceBuffer<float> scores(heads * kTokens, 0);
   std::vector<kc::ScoreJob<Half>> jobs;
   for (int h = 0; h < heads; ++h) {
-    jobs.push_back({k.data() + h * kTokens * d, k.data() + h * kTokens * d, kTokens, h * kTokens});
+    jobs.push_back({k.data() + h * kTokens * d, k.data() + h * kTokens * d, nullptr, kTokens - 1,
+                    kTokens, h * kTokens});
   }
   auto d_jobs = upload(jobs);
   const double bytes = static_cast<double>(k.bytes() + scores.bytes());
@@ -292,10 +278,7 @@ BENCHMARK(BM_cuda_score_l2)->UseManualTime()->Unit(benchmark::kMicrosecond);
 /// and kept indices written.
 void BM_cuda_select_top_k(benchmark::State& state) {
   const int heads = 8;
-  if (!have_device()) {
-    state.SkipWithError("no CUDA device");
-    return;
-  }
+  if (skipped_without_device(state)) return;
   std::mt19937 rng(5);
   std::normal_distribution<float> gauss(0.0f, 1.0f);
   std::vector<float> hs(heads * kTokens);
@@ -327,10 +310,7 @@ BENCHMARK(BM_cuda_select_top_k)->UseManualTime()->Unit(benchmark::kMicrosecond);
 void BM_cuda_gather_rows(benchmark::State& state) {
   const int d = 128, heads = 8;
   const int64_t kept = kTokens / 2;
-  if (!have_device()) {
-    state.SkipWithError("no CUDA device");
-    return;
-  }
+  if (skipped_without_device(state)) return;
   auto k = upload(random_half(heads * kTokens * d, 6));
   auto v = upload(random_half(heads * kTokens * d, 7));
   std::vector<int32_t> hp(kTokens), hi(kept);

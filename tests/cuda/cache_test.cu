@@ -330,6 +330,40 @@ TEST_CASE("CUDA L2NormEvict per head: kept sets, bytes and attention equal the C
   }
 }
 
+TEST_CASE("CUDA StreamingLLM: sinks + recent window, per head and global, equal the CPU's",
+          "[cuda][eviction]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  std::vector<kvpack::StreamingLLM> policies{kvpack::StreamingLLM(Budget::tokens(64)),
+                                             kvpack::StreamingLLM(Budget::ratio(0.3))};
+  {
+    Budget b = Budget::ratio(0.4, BudgetScope::kGlobal);
+    b.sink_tokens = 2;
+    policies.emplace_back(b);
+  }
+  uint32_t seed = 70;
+  for (const ModelShape& s : kShapes) {
+    for (const kvpack::StreamingLLM& policy : policies) {
+      INFO("shape q_heads " << s.q_heads << " kv_heads " << s.kv_heads << "; keep_ratio "
+                            << policy.budget.keep_ratio << " keep_tokens "
+                            << policy.budget.keep_tokens);
+      KVCache<kvpack::StreamingLLM, backend::Cpu> cpu(s, policy);
+      KVCache<kvpack::StreamingLLM, backend::Cuda> gpu(s, policy);
+      feed_sequence(s, 200, 4, true, cpu, gpu);
+      cpu.compress();
+      gpu.compress();
+      require_same_state(cpu, gpu);
+      // Decoding goes on: the window slides, the sinks stay.
+      for (int l = 0; l < s.layers; ++l) {
+        for (int64_t t = 204; t < 230; ++t) feed(s, l, t, 1, 2, true, cpu, gpu);
+      }
+      cpu.compress();
+      gpu.compress();
+      require_same_state(cpu, gpu);
+      require_same_attention_everywhere(cpu, gpu, seed++);
+    }
+  }
+}
+
 TEST_CASE("CUDA L2NormEvict global budget: ragged kept sets equal the CPU's", "[cuda][eviction]") {
   KVPACK_SKIP_WITHOUT_DEVICE();
   uint32_t seed = 90;

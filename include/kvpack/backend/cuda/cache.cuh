@@ -32,6 +32,7 @@
 #include "../../policy/identity.hpp"
 #include "../../policy/l2_norm_evict.hpp"
 #include "../../policy/policy_base.hpp"
+#include "../../policy/streaming_llm.hpp"
 #include "../../shape.hpp"
 #include "../../span.hpp"
 #include "../../view.hpp"
@@ -47,7 +48,8 @@
 namespace kvpack {
 
 /// \brief CUDA implementation of KVCache (see the file comment for the design).
-/// \tparam Policy BasicIdentity<Half|float> or a score-based eviction policy (L2NormEvict).
+/// \tparam Policy BasicIdentity<Half|float> or an eviction policy scored from K/V or by
+/// position (L2NormEvict, StreamingLLM).
 ///
 /// The cache runs on a caller-owned cuda::CudaContext (device + stream), or on one it creates
 /// on the current device. Move-only. Calls on one cache are serialised (a mutex guards the
@@ -57,8 +59,9 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   static_assert(cuda::supports_policy_v<Policy>,
                 "no CUDA implementation of this Policy: backend::Cuda implements BasicIdentity "
                 "and eviction policies scored per token from K/V (L2NormEvict: an "
-                "EvictionPolicy with a KVPACK_HOST_DEVICE static token_score); use backend::Cpu "
-                "for the others (query-scored eviction, LazyLayerDrop, Quantize, Compose)");
+                "EvictionPolicy with a KVPACK_HOST_DEVICE static token_score) or by position "
+                "(StreamingLLM: position_score); use backend::Cpu for the others (query-scored "
+                "eviction, LazyLayerDrop, Quantize, Compose)");
 
  public:
   using backend_type = backend::Cuda;

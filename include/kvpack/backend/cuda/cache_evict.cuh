@@ -67,7 +67,8 @@ void KVCache<Policy, backend::Cuda>::evict() {
   for (int64_t i = 0; i < n_targets; ++i) {
     const DeviceHead& head = store(targets[i].layer, targets[i].head);
     const detail::LayerState& state = layers_[targets[i].layer];
-    score_jobs[i] = {head.k.data(), head.v.data(), head.size, targets[i].offset};
+    score_jobs[i] = {head.k.data(),       head.v.data(), head.positions.data(),
+                     state.last_position, head.size,     targets[i].offset};
     select_jobs[i] = {scores + targets[i].offset,
                       head.positions.data(),
                       head.size,

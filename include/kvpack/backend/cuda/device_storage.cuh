@@ -89,11 +89,18 @@ struct is_token_score_policy<P, std::void_t<typename P::storage_type>>
                          detail::has_token_score<P, typename P::storage_type>::value &&
                          P::score_source == ScoreSource::kKeyValue> {};
 
+/// Eviction policies scored by position alone (StreamingLLM): position_score(position, last).
+template <class P>
+struct is_position_score_policy
+    : std::bool_constant<is_eviction_policy_v<P> && P::score_source == ScoreSource::kPosition> {};
+
 /// Policies the CUDA cache implements: BasicIdentity and eviction policies scored per token
-/// from K/V (L2NormEvict); token_score must be a KVPACK_HOST_DEVICE function.
+/// from K/V (L2NormEvict) or by position (StreamingLLM); the scoring hook must be a
+/// KVPACK_HOST_DEVICE function.
 template <class P>
 inline constexpr bool supports_policy_v =
-    is_keep_all_policy<P>::value || is_token_score_policy<P>::value;
+    is_keep_all_policy<P>::value || is_token_score_policy<P>::value ||
+    is_position_score_policy<P>::value;
 
 /// Bytes of one element of `dtype`.
 inline std::size_t dtype_bytes(DType dtype) { return dtype == DType::kF32 ? 4 : 2; }

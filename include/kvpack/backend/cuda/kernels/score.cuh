@@ -1,6 +1,7 @@
 /// \file backend/cuda/kernels/score.cuh
-/// \brief Per-token eviction scores through the policy's KVPACK_HOST_DEVICE token_score hook
-/// (L2NormEvict: -||k||^2), for many (layer, head) segments in one launch.
+/// \brief Per-token eviction scores through the policy's KVPACK_HOST_DEVICE scoring hook -
+/// token_score(key, value, head_dim) (L2NormEvict: -||k||^2) or position_score(position, last)
+/// (StreamingLLM: -(last - position)) - for many (layer, head) segments in one launch.
 #pragma once
 
 #include "common.cuh"
@@ -8,17 +9,20 @@
 namespace kvpack {
 namespace cuda {
 
-/// One (layer, kv-head) to score: its stored rows and where its scores go.
+/// One (layer, kv-head) to score: its stored rows and positions, and where its scores go.
 template <class T>
 struct ScoreJob {
-  const T* k;
-  const T* v;
-  int64_t size;    ///< rows held
-  int64_t offset;  ///< first score of this head in the concatenated score array
+  const T* k;                ///< [size][head_dim]
+  const T* v;                ///< [size][head_dim]
+  const int32_t* positions;  ///< [size]
+  int64_t last_position;     ///< newest position appended to the layer
+  int64_t size;              ///< rows held
+  int64_t offset;            ///< first score of this head in the concatenated score array
 };
 
-/// scores[job.offset + t] = Policy::token_score(k_t, v_t, head_dim): the CPU backend calls the
-/// same function on the same stored rows. Grid: x strides over tokens, y over jobs.
+/// scores[job.offset + t] = Policy::token_score(k_t, v_t, head_dim), or for position-scored
+/// policies Policy::position_score(positions[t], last_position): the CPU backend calls the same
+/// function on the same stored rows. Grid: x strides over tokens, y over jobs.
 template <class Policy, class T>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
     score_tokens_kernel(const ScoreJob<T>* __restrict__ jobs, int64_t job_count, int head_dim,
@@ -28,8 +32,12 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
     for (int64_t t =
              static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
          t < job.size; t += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
-      scores[job.offset + t] =
-          Policy::token_score(job.k + t * head_dim, job.v + t * head_dim, head_dim);
+      if constexpr (Policy::score_source == ScoreSource::kPosition) {
+        scores[job.offset + t] = Policy::position_score(job.positions[t], job.last_position);
+      } else {
+        scores[job.offset + t] =
+            Policy::token_score(job.k + t * head_dim, job.v + t * head_dim, head_dim);
+      }
     }
   }
 }

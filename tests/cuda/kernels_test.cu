@@ -90,6 +90,79 @@ TEST_CASE("CUDA kernels: select_top_k + kept_indices equal detail::select_top_k"
   }
 }
 
+TEST_CASE("CUDA kernels: select_global equals detail::select_global", "[cuda]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  // Rounds: ties on few distinct scores, protection that exceeds the room, a room of 0 that
+  // empties unprotected heads (each keeps its best token), and room >= every candidate.
+  for (int round = 0; round < 4; ++round) {
+    std::mt19937 rng(40 + round);
+    const int64_t heads = round == 0 ? 90 : 40;
+    std::vector<std::vector<float>> scores(heads);
+    std::vector<std::vector<int32_t>> positions(heads);
+    std::vector<kvpack::detail::SelectionHead> cpu(heads);
+    std::vector<float> all_scores;
+    std::vector<int32_t> all_positions;
+    std::vector<int64_t> offsets(heads);
+    int64_t total = 0, longest = 0, target_sum = 0;
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t size = std::vector<int64_t>{0, 1, 5, 64, 300, 1000}[(h * 7 + round) % 6];
+      for (int64_t i = 0; i < size; ++i) {
+        positions[h].push_back(static_cast<int32_t>(3 * i + h % 3));
+        scores[h].push_back(round == 0 ? static_cast<float>(static_cast<int>(rng() % 5))
+                                       : std::normal_distribution<float>(0.0f, 3.0f)(rng));
+      }
+      const int64_t target = round == 2 ? 0 : (round == 3 ? size : size / 4);
+      const int64_t last = size ? positions[h].back() : 0;
+      const int64_t sinks = round == 2 ? (h % 2 ? 2 : 0) : 1 + h % 4;
+      const int64_t recent = round == 2 ? 0 : 3 * (h % 5);
+      cpu[h] = {nullptr, nullptr, size, target, sinks, last - recent};
+      offsets[h] = total;
+      total += size;
+      longest = std::max(longest, size);
+      target_sum += target;
+      all_scores.insert(all_scores.end(), scores[h].begin(), scores[h].end());
+      all_positions.insert(all_positions.end(), positions[h].begin(), positions[h].end());
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      cpu[h].scores = all_scores.data() + offsets[h];
+      cpu[h].positions = all_positions.data() + offsets[h];
+    }
+    const auto expected = kvpack::detail::select_global(cpu);
+    auto d_scores = upload(all_scores);
+    auto d_positions = upload(all_positions);
+    std::vector<kc::SelectJob> jobs(heads);
+    for (int64_t h = 0; h < heads; ++h) {
+      jobs[h] = {d_scores.data() + offsets[h],
+                 d_positions.data() + offsets[h],
+                 cpu[h].size,
+                 cpu[h].target,
+                 cpu[h].protect_below,
+                 cpu[h].protect_above,
+                 offsets[h]};
+    }
+    auto d_jobs = upload(jobs);
+    kc::DeviceBuffer<uint8_t> d_flags(total, 0);
+    kc::DeviceBuffer<int32_t> d_index(total, 0);
+    kc::DeviceBuffer<kc::SelectResult> d_results(heads, 0);
+    kc::DeviceBuffer<kc::GlobalSelectState> d_state(1, 0);
+    kc::check_cuda(cudaMemset(d_state.data(), 0, sizeof(kc::GlobalSelectState)), "memset");
+    kc::launch_select_global(d_jobs.data(), heads, total, longest, target_sum, d_flags.data(),
+                             d_results.data(), d_index.data(), d_state.data(), nullptr);
+    kc::check_cuda(cudaDeviceSynchronize(), "select_global kernels");
+    const auto results = download(d_results, heads);
+    const auto index = download(d_index, total);
+    for (int64_t h = 0; h < heads; ++h) {
+      INFO("round " << round << " head " << h << " size " << cpu[h].size);
+      REQUIRE(results[h].kept == static_cast<int64_t>(expected[h].size()));
+      REQUIRE(results[h].first_position ==
+              (expected[h].empty() ? -1 : positions[h][expected[h][0]]));
+      for (std::size_t j = 0; j < expected[h].size(); ++j) {
+        REQUIRE(index[offsets[h] + j] == expected[h][j]);
+      }
+    }
+  }
+}
+
 TEST_CASE("CUDA kernels: attention with forced key splits equals the CPU attend", "[cuda]") {
   KVPACK_SKIP_WITHOUT_DEVICE();
   const std::vector<ModelShape> shapes{

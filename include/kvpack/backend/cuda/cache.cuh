@@ -44,6 +44,7 @@
 #include "kernels/compact.cuh"
 #include "kernels/score.cuh"
 #include "kernels/select.cuh"
+#include "kernels/select_global.cuh"
 
 namespace kvpack {
 

@@ -1,6 +1,6 @@
 /// \file backend/cuda/cache_evict.cuh
-/// \brief Out-of-line member of KVCache<Policy, backend::Cuda>: eviction (scores, selection on
-/// the device or global threshold on the host, compaction).
+/// \brief Out-of-line member of KVCache<Policy, backend::Cuda>: eviction (scores, selection per
+/// head or by one global threshold, both on the device, compaction).
 #pragma once
 
 #include <algorithm>
@@ -57,6 +57,7 @@ void KVCache<Policy, backend::Cuda>::evict() {
   const std::size_t at_kept_index = layout.add<int32_t>(total);
   const std::size_t at_results = layout.add<cuda::SelectResult>(n_targets);
   const std::size_t at_compact_jobs = layout.add<cuda::CompactJob<T>>(n_targets);
+  const std::size_t at_global_state = layout.add<cuda::GlobalSelectState>(1);
   unsigned char* ws = workspace(layout.bytes());
   unsigned char* stage = staging(upload_bytes);
   auto* scores = reinterpret_cast<float*>(ws + at_scores);
@@ -83,65 +84,31 @@ void KVCache<Policy, backend::Cuda>::evict() {
       stream);
 
   std::vector<int64_t> kept(n_targets), first_position(n_targets);
+  auto* results = reinterpret_cast<cuda::SelectResult*>(ws + at_results);
+  const auto* device_select_jobs = reinterpret_cast<const cuda::SelectJob*>(ws + at_select_jobs);
+  auto* flags = reinterpret_cast<uint8_t*>(ws + at_flags);
   if (budget.scope == BudgetScope::kPerHead) {
-    auto* results = reinterpret_cast<cuda::SelectResult*>(ws + at_results);
-    cuda::launch_select_top_k(reinterpret_cast<const cuda::SelectJob*>(ws + at_select_jobs),
-                              n_targets, reinterpret_cast<uint8_t*>(ws + at_flags), results,
-                              kept_index, stream);
-    std::vector<cuda::SelectResult> host_results(n_targets);
-    cuda::check_cuda(
-        cudaMemcpyAsync(host_results.data(), results, n_targets * sizeof(cuda::SelectResult),
-                        cudaMemcpyDeviceToHost, stream),
-        "KVCache::compress: download of the selection");
-    context_->synchronize(where);
-    for (int64_t i = 0; i < n_targets; ++i) {
-      kept[i] = host_results[i].kept;
-      first_position[i] = host_results[i].first_position;
-    }
+    cuda::launch_select_top_k(device_select_jobs, n_targets, flags, results, kept_index, stream);
   } else {
-    // Global threshold: one ordering over every (layer, head, token), done by the CPU's
-    // select_global on downloaded scores and positions, so the ragged budgets match exactly.
-    std::vector<float> host_scores(total);
-    std::vector<int32_t> host_positions(total);
-    if (total > 0) {
-      cuda::check_cuda(cudaMemcpyAsync(host_scores.data(), scores, total * sizeof(float),
-                                       cudaMemcpyDeviceToHost, stream),
-                       "KVCache::compress: download of the scores");
-    }
-    for (int64_t i = 0; i < n_targets; ++i) {
-      const DeviceHead& head = store(targets[i].layer, targets[i].head);
-      if (head.size == 0) continue;
-      cuda::check_cuda(
-          cudaMemcpyAsync(host_positions.data() + targets[i].offset, head.positions.data(),
-                          head.size * sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
-          "KVCache::compress: download of the positions");
-    }
-    context_->synchronize(where);
-    std::vector<detail::SelectionHead> selection(n_targets);
-    for (int64_t i = 0; i < n_targets; ++i) {
-      const cuda::SelectJob& job = select_jobs[i];
-      selection[i] = {host_scores.data() + targets[i].offset,
-                      host_positions.data() + targets[i].offset,
-                      job.size,
-                      job.target,
-                      job.protect_below,
-                      job.protect_above};
-    }
-    const std::vector<std::vector<int64_t>> kept_lists = detail::select_global(selection);
-    std::vector<int32_t> host_index(total);
-    for (int64_t i = 0; i < n_targets; ++i) {
-      const std::vector<int64_t>& list = kept_lists[i];
-      kept[i] = static_cast<int64_t>(list.size());
-      first_position[i] = list.empty() ? -1 : host_positions[targets[i].offset + list[0]];
-      for (std::size_t j = 0; j < list.size(); ++j) {
-        host_index[targets[i].offset + j] = static_cast<int32_t>(list[j]);
-      }
-    }
-    if (total > 0) {
-      cuda::check_cuda(cudaMemcpyAsync(kept_index, host_index.data(), total * sizeof(int32_t),
-                                       cudaMemcpyHostToDevice, stream),
-                       "KVCache::compress: upload of the kept indices");
-    }
+    // One threshold over every (layer, head, token), selected on the device: only the per-head
+    // counts come back to the host.
+    auto* state = reinterpret_cast<cuda::GlobalSelectState*>(ws + at_global_state);
+    cuda::check_cuda(cudaMemsetAsync(state, 0, sizeof(cuda::GlobalSelectState), stream),
+                     "KVCache::compress: clearing the selection state");
+    int64_t target_sum = 0;
+    for (int64_t i = 0; i < n_targets; ++i) target_sum += select_jobs[i].target;
+    cuda::launch_select_global(device_select_jobs, n_targets, total, longest, target_sum, flags,
+                               results, kept_index, state, stream);
+  }
+  std::vector<cuda::SelectResult> host_results(n_targets);
+  cuda::check_cuda(
+      cudaMemcpyAsync(host_results.data(), results, n_targets * sizeof(cuda::SelectResult),
+                      cudaMemcpyDeviceToHost, stream),
+      "KVCache::compress: download of the selection");
+  context_->synchronize(where);
+  for (int64_t i = 0; i < n_targets; ++i) {
+    kept[i] = host_results[i].kept;
+    first_position[i] = host_results[i].first_position;
   }
 
   // Compaction into exact-size buffers for every head that lost tokens (as the CPU, heads that

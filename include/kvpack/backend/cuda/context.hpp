@@ -5,7 +5,7 @@
 /// Host API only: this header compiles with any C++17 compiler that sees the CUDA toolkit's
 /// include directory (cuda_runtime_api.h, cublas_v2.h, cusolverDn.h); it needs no nvcc. In a
 /// host build with KVPACK_CUDA_EMULATION it runs on the emulated device (runtime.hpp) and has no
-/// cuBLAS / cuSOLVER handles: no kvpack code calls those libraries yet.
+/// cuBLAS / cuSOLVER handles: linalg.hpp, their one user, calls Eigen there instead.
 #pragma once
 
 #if !defined(KVPACK_CUDA_EMULATION)

@@ -1,7 +1,8 @@
 // The CUDA kernels on the reference model's real K/V, run on the emulated grid
 // (backend/cuda/emulation/): the same kernel source nvcc compiles, executed on the CPU. The CUDA
 // cache against the CPU cache through a prefill, an L2 eviction and decode steps; the KIVI
-// kernels on one layer's K/V and queries (tests/cuda/kivi_checks.hpp).
+// kernels on one layer's K/V and queries (tests/cuda/kivi_checks.hpp); the low-rank
+// factorisation on an xKV group's stacked keys and values (tests/cuda/low_rank_checks.hpp).
 #define KVPACK_CUDA_EMULATION 1
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "../cuda/kivi_checks.hpp"
+#include "../cuda/low_rank_checks.hpp"
 #include "attention_cache.hpp"
 #include "model.hpp"
 #include "model_fixture.hpp"
@@ -193,5 +195,39 @@ TEST_CASE("model: the CUDA KIVI kernels on real K/V match the CPU quantizer and 
       CHECK(kvpack::test::kivi_attention_error<4, 32>(c, splits) < 1e-5);
       CHECK(kvpack::test::kivi_attention_error<2, 32>(c, splits) < 1e-5);
     }
+  }
+}
+
+TEST_CASE("model: the CUDA low-rank factorisation of an xKV group's real K/V is optimal",
+          "[model][real-model][cuda]") {
+  const LlamaModel* model = kvpack::test::reference_model();
+  const Tokenizer* tok = kvpack::test::reference_tokenizer();
+  if (!model || !tok) return;
+  std::vector<int32_t> ids = tok->encode(kvpack::test::read_test_data("prose.txt"));
+  ids.resize(160);
+  const kvpack::ModelShape shape = model->config().shape();
+  kvpack::KVCache<kvpack::IdentityF32> cache(shape);
+  KvCacheAdapter<decltype(cache)> adapter(cache);
+  model->forward_all(adapter, ids, 0);
+  // Layers 4-7 side by side, as CrossLayerSVD stacks a group: tokens x 4 * kv_heads * head_dim.
+  const int rows = static_cast<int>(ids.size()), d = shape.head_dim;
+  const int cols = 4 * shape.kv_heads * d;
+  for (bool keys : {true, false}) {
+    std::vector<float> x(static_cast<std::size_t>(rows) * cols);
+    for (int l = 0; l < 4; ++l) {
+      const kvpack::DenseLayer held = cache.materialize(4 + l);
+      for (int h = 0; h < shape.kv_heads; ++h) {
+        const std::vector<float>& rows_of = keys ? held.heads[h].k : held.heads[h].v;
+        for (int t = 0; t < rows; ++t) {
+          std::copy(
+              rows_of.begin() + static_cast<std::ptrdiff_t>(t) * d,
+              rows_of.begin() + static_cast<std::ptrdiff_t>(t + 1) * d,
+              x.begin() + static_cast<std::ptrdiff_t>(t) * cols + (l * shape.kv_heads + h) * d);
+        }
+      }
+    }
+    INFO((keys ? "keys" : "values"));
+    for (int rank : {16, 64})
+      kvpack::test::require_gram_factorize_optimal(x, rows, cols, rank, 1e-6);
   }
 }

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <kvpack/backend/cuda.hpp>
 #include <kvpack/backend/cuda/kernels/kivi.cuh>
+#include <kvpack/backend/cuda/low_rank.hpp>
 #include <kvpack/kvpack.hpp>
 #include <random>
 #include <vector>
@@ -77,10 +78,10 @@ std::vector<Half> random_half(std::size_t n, uint32_t seed) {
 
 /// Runs `body` (work enqueued on the default stream) once per iteration between two CUDA events
 /// and reports the event time, bytes_per_second (`bytes` moved per iteration over that time) and
-/// fraction_of_copy (that rate over copy_bytes_per_second()).
+/// fraction_of_copy (that rate over copy_bytes_per_second()). Returns the seconds measured.
 template <class Body>
-void measure(benchmark::State& state, double bytes, Body body) {
-  if (skipped_without_device(state)) return;
+double measure(benchmark::State& state, double bytes, Body body) {
+  if (skipped_without_device(state)) return 0;
   copy_bytes_per_second();  // measured before, not inside, the timed loop
   cudaEvent_t start, stop;
   cudaEventCreate(&start);
@@ -100,10 +101,11 @@ void measure(benchmark::State& state, double bytes, Body body) {
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
-  if (state.iterations() == 0 || total <= 0) return;
+  if (state.iterations() == 0 || total <= 0) return 0;
   const double rate = bytes * static_cast<double>(state.iterations()) / total;
   state.counters["bytes_per_second"] = rate;
   state.counters["fraction_of_copy"] = rate / copy_bytes_per_second();
+  return total;
 }
 
 // ---- baseline ---------------------------------------------------------------------------------
@@ -332,5 +334,38 @@ void BM_cuda_gather_rows(benchmark::State& state) {
   measure(state, bytes, [&] { kc::launch_gather_rows(d_jobs.data(), heads, kept, d, nullptr); });
 }
 BENCHMARK(BM_cuda_gather_rows)->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+// ---- xKV factorisation ------------------------------------------------------------------------
+
+/// gram_factorize of one xKV group: tokens x (4 layers * kv_heads * head_dim) fp32, rank r.
+/// Reports flops_per_second (2 tokens cols^2 for the Gram matrix + 2 tokens cols r for the
+/// factors; the eigen-decomposition's O(cols^3) is not counted) besides the bytes of X read.
+void BM_cuda_xkv_factorize(benchmark::State& state) {
+  if (skipped_without_device(state)) return;
+  const int rows = static_cast<int>(state.range(0)), cols = static_cast<int>(state.range(1));
+  const int rank = static_cast<int>(state.range(2));
+  kc::CudaContext context(0);
+  std::vector<float> hx(static_cast<std::size_t>(rows) * cols);
+  std::mt19937 rng(9);
+  std::normal_distribution<float> gauss(0.0f, 1.0f);
+  for (auto& e : hx) e = gauss(rng);
+  auto x = upload(hx);
+  kc::DeviceBuffer<float> basis(static_cast<std::size_t>(rank) * cols, 0),
+      factors(static_cast<std::size_t>(rows) * rank, 0);
+  std::vector<float> singular;
+  const double seconds = measure(state, 2.0 * x.bytes(), [&] {
+    kc::gram_factorize(context, x.data(), rows, cols, rank, basis.data(), factors.data(), singular);
+  });
+  if (seconds > 0) {
+    const double flops = 2.0 * rows * cols * (static_cast<double>(cols) + rank);
+    state.counters["flops_per_second"] = flops * static_cast<double>(state.iterations()) / seconds;
+  }
+}
+// SmolLM2-135M group: 4 x 3 x 64 = 768 columns; a Llama-3-8B group: 4 x 8 x 128 = 4096.
+BENCHMARK(BM_cuda_xkv_factorize)
+    ->Args({4096, 768, 128})
+    ->Args({8192, 4096, 512})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
 
 }  // namespace

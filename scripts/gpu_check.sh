@@ -82,8 +82,10 @@ for r in runs:
     rate = r.get("bytes_per_second", 0.0)
     frac = r.get("fraction_of_copy", 0.0)
     name = r["name"].replace("/manual_time", "")
+    flops = r.get("flops_per_second")
+    extra = f"  {flops / 1e12:6.2f} TFLOP/s" if flops else ""
     print(f"  {name:55s} {r['real_time']:10.1f} {r['time_unit']}  "
-          f"{rate / 1e9:8.1f} GB/s  {frac:5.2f} of copy")
+          f"{rate / 1e9:8.1f} GB/s  {frac:5.2f} of copy{extra}")
 EOF
 else
   echo "  benchmarks: no results (exit $bench_rc; see $build_dir/cuda_bench.txt)"

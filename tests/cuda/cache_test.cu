@@ -543,7 +543,7 @@ TEST_CASE("CUDA errors: every bad call throws the CPU's message and changes noth
   for (int64_t t = 0; t < 50; t += 7) require_same_attention(cpu1, gpu1, 0, {position_of(t)}, 3);
 }
 
-TEST_CASE("CUDA construction: shape and knob errors as on the CPU; head_dim 64/128 only",
+TEST_CASE("CUDA construction: shape and knob errors as on the CPU, head_dim 64 or 128 only",
           "[cuda][errors]") {
   KVPACK_SKIP_WITHOUT_DEVICE();
   using Gpu = KVCache<L2NormEvict, backend::Cuda>;

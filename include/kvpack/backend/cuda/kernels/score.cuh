@@ -4,6 +4,7 @@
 /// (StreamingLLM: -(last - position)) - for many (layer, head) segments in one launch.
 #pragma once
 
+#include "../../../policy/policy_base.hpp"
 #include "common.cuh"
 
 namespace kvpack {

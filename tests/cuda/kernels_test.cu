@@ -23,6 +23,23 @@ namespace kc = kvpack::cuda;
 using kvpack::test::download;
 using kvpack::test::upload;
 
+namespace {
+
+/// The device jobs of host selection heads whose scores and positions were uploaded
+/// concatenated (head h from offsets[h]).
+std::vector<kc::SelectJob> select_jobs(const std::vector<kvpack::detail::SelectionHead>& cpu,
+                                       const std::vector<int64_t>& offsets, const float* scores,
+                                       const int32_t* positions) {
+  std::vector<kc::SelectJob> jobs(cpu.size());
+  for (std::size_t h = 0; h < cpu.size(); ++h) {
+    jobs[h] = {scores + offsets[h],  positions + offsets[h], cpu[h].size, cpu[h].target,
+               cpu[h].protect_below, cpu[h].protect_above,   offsets[h]};
+  }
+  return jobs;
+}
+
+}  // namespace
+
 TEST_CASE("CUDA kernels: select_top_k + kept_indices equal detail::select_top_k", "[cuda]") {
   KVPACK_SKIP_WITHOUT_DEVICE();
   std::mt19937 rng(3);
@@ -62,17 +79,7 @@ TEST_CASE("CUDA kernels: select_top_k + kept_indices equal detail::select_top_k"
   }
   auto d_scores = upload(all_scores);
   auto d_positions = upload(all_positions);
-  std::vector<kc::SelectJob> jobs(heads);
-  for (int64_t h = 0; h < heads; ++h) {
-    jobs[h] = {d_scores.data() + offsets[h],
-               d_positions.data() + offsets[h],
-               cpu[h].size,
-               cpu[h].target,
-               cpu[h].protect_below,
-               cpu[h].protect_above,
-               offsets[h]};
-  }
-  auto d_jobs = upload(jobs);
+  auto d_jobs = upload(select_jobs(cpu, offsets, d_scores.data(), d_positions.data()));
   kc::DeviceBuffer<uint8_t> d_flags(total, 0);
   kc::DeviceBuffer<int32_t> d_index(total, 0);
   kc::DeviceBuffer<kc::SelectResult> d_results(heads, 0);
@@ -130,17 +137,7 @@ TEST_CASE("CUDA kernels: select_global equals detail::select_global", "[cuda]") 
     const auto expected = kvpack::detail::select_global(cpu);
     auto d_scores = upload(all_scores);
     auto d_positions = upload(all_positions);
-    std::vector<kc::SelectJob> jobs(heads);
-    for (int64_t h = 0; h < heads; ++h) {
-      jobs[h] = {d_scores.data() + offsets[h],
-                 d_positions.data() + offsets[h],
-                 cpu[h].size,
-                 cpu[h].target,
-                 cpu[h].protect_below,
-                 cpu[h].protect_above,
-                 offsets[h]};
-    }
-    auto d_jobs = upload(jobs);
+    auto d_jobs = upload(select_jobs(cpu, offsets, d_scores.data(), d_positions.data()));
     kc::DeviceBuffer<uint8_t> d_flags(total, 0);
     kc::DeviceBuffer<int32_t> d_index(total, 0);
     kc::DeviceBuffer<kc::SelectResult> d_results(heads, 0);

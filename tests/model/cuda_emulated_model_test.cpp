@@ -23,7 +23,6 @@ using kvpack::llama::AttentionCache;
 using kvpack::llama::KvCacheAdapter;
 using kvpack::llama::LlamaModel;
 using kvpack::llama::RowMatrix;
-using kvpack::llama::Tokenizer;
 
 namespace {
 
@@ -101,6 +100,14 @@ void check_against_cpu(const LlamaModel& model, const std::vector<int32_t>& ids,
   CHECK(both.worst() < 1e-5);
 }
 
+/// The first `n` tokens of the prose test text (the reference tokenizer must be present).
+std::vector<int32_t> prose_ids(std::size_t n) {
+  std::vector<int32_t> ids =
+      kvpack::test::reference_tokenizer()->encode(kvpack::test::read_test_data("prose.txt"));
+  ids.resize(n);
+  return ids;
+}
+
 /// Forwards to another AttentionCache and keeps the queries one layer attends with.
 class QueryRecorder : public AttentionCache {
  public:
@@ -133,10 +140,8 @@ class QueryRecorder : public AttentionCache {
 TEST_CASE("model: the CUDA backend on the emulated grid matches the CPU on real K/V",
           "[model][real-model][cuda]") {
   const LlamaModel* model = kvpack::test::reference_model();
-  const Tokenizer* tok = kvpack::test::reference_tokenizer();
-  if (!model || !tok) return;
-  std::vector<int32_t> ids = tok->encode(kvpack::test::read_test_data("prose.txt"));
-  ids.resize(96);
+  if (!model || !kvpack::test::reference_tokenizer()) return;
+  const std::vector<int32_t> ids = prose_ids(96);
   // Both backends hold the same fp16 rows and attend in fp32 with different summation orders.
   SECTION("Identity") { check_against_cpu(*model, ids, kvpack::Identity{}); }
   SECTION("L2NormEvict, keep half, per head") {
@@ -148,10 +153,8 @@ TEST_CASE("model: the CUDA backend on the emulated grid matches the CPU on real 
 TEST_CASE("model: the CUDA KIVI kernels on real K/V match the CPU quantizer and double attention",
           "[model][real-model][cuda]") {
   const LlamaModel* model = kvpack::test::reference_model();
-  const Tokenizer* tok = kvpack::test::reference_tokenizer();
-  if (!model || !tok) return;
-  std::vector<int32_t> ids = tok->encode(kvpack::test::read_test_data("prose.txt"));
-  ids.resize(160);
+  if (!model || !kvpack::test::reference_tokenizer()) return;
+  const std::vector<int32_t> ids = prose_ids(160);
   const kvpack::ModelShape shape = model->config().shape();
   for (int layer : {2, 17}) {
     // fp32 storage: the K/V the kernels see are the model's post-RoPE values themselves.
@@ -201,10 +204,8 @@ TEST_CASE("model: the CUDA KIVI kernels on real K/V match the CPU quantizer and 
 TEST_CASE("model: the CUDA low-rank factorisation of an xKV group's real K/V is optimal",
           "[model][real-model][cuda]") {
   const LlamaModel* model = kvpack::test::reference_model();
-  const Tokenizer* tok = kvpack::test::reference_tokenizer();
-  if (!model || !tok) return;
-  std::vector<int32_t> ids = tok->encode(kvpack::test::read_test_data("prose.txt"));
-  ids.resize(160);
+  if (!model || !kvpack::test::reference_tokenizer()) return;
+  const std::vector<int32_t> ids = prose_ids(160);
   const kvpack::ModelShape shape = model->config().shape();
   kvpack::KVCache<kvpack::IdentityF32> cache(shape);
   KvCacheAdapter<decltype(cache)> adapter(cache);

@@ -44,9 +44,9 @@ inline void gram_factorize(CudaContext& context, const float* x, int rows, int c
        cols, 0.0f, gram.data(), cols);
   symmetric_eigen(context, cols, gram.data(), cols, values.data());  // ascending; synchronises
   std::vector<float> eigenvalues(c);
-  check_cuda(cudaMemcpy(eigenvalues.data(), values.data(), c * sizeof(float),
-                        cudaMemcpyDeviceToHost),
-             "cuda::gram_factorize: download of the eigenvalues");
+  check_cuda(
+      cudaMemcpy(eigenvalues.data(), values.data(), c * sizeof(float), cudaMemcpyDeviceToHost),
+      "cuda::gram_factorize: download of the eigenvalues");
   // The leading eigenvectors are the last rows: copy them in descending order.
   for (int i = 0; i < rank; ++i) {
     check_cuda(cudaMemcpyAsync(basis + static_cast<std::size_t>(i) * c,
@@ -54,8 +54,8 @@ inline void gram_factorize(CudaContext& context, const float* x, int rows, int c
                                c * sizeof(float), cudaMemcpyDeviceToDevice, context.stream()),
                "cuda::gram_factorize: copy of the basis");
   }
-  gemm(context, /*transpose_a=*/false, /*transpose_b=*/true, rows, rank, cols, 1.0f, x, cols,
-       basis, cols, 0.0f, token_factors, rank);
+  gemm(context, /*transpose_a=*/false, /*transpose_b=*/true, rows, rank, cols, 1.0f, x, cols, basis,
+       cols, 0.0f, token_factors, rank);
   singular.resize(static_cast<std::size_t>(rank));
   for (int i = 0; i < rank; ++i) {
     singular[static_cast<std::size_t>(i)] =

@@ -135,6 +135,15 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kThreads)
   }
 }
 
+/// Enqueues kept_indices_kernel: one block per job, from the keep flags.
+inline void launch_kept_indices(const SelectJob* jobs, int64_t job_count, const uint8_t* flags,
+                                int32_t* kept_index, cudaStream_t stream) {
+  exec::launch<kSelectThreads>(kept_indices_kernel<kSelectThreads>,
+                               static_cast<unsigned>(job_count), kSelectThreads, stream,
+                               "kept_indices_kernel", jobs, flags, kept_index);
+  check_launch("kept_indices_kernel");
+}
+
 /// Enqueues the selection and the index kernels for `job_count` jobs.
 inline void launch_select_top_k(const SelectJob* jobs, int64_t job_count, uint8_t* flags,
                                 SelectResult* results, int32_t* kept_index, cudaStream_t stream) {
@@ -143,9 +152,7 @@ inline void launch_select_top_k(const SelectJob* jobs, int64_t job_count, uint8_
   exec::launch<kSelectThreads>(select_top_k_kernel<kSelectThreads>, grid, kSelectThreads, stream,
                                "select_top_k_kernel", jobs, flags, results);
   check_launch("select_top_k_kernel");
-  exec::launch<kSelectThreads>(kept_indices_kernel<kSelectThreads>, grid, kSelectThreads, stream,
-                               "kept_indices_kernel", jobs, flags, kept_index);
-  check_launch("kept_indices_kernel");
+  launch_kept_indices(jobs, job_count, flags, kept_index, stream);
 }
 
 }  // namespace cuda

@@ -209,9 +209,7 @@ inline void launch_select_global(const SelectJob* jobs, int64_t job_count, int64
   exec::launch<kSelectThreads>(global_results_kernel<kSelectThreads>, blocks, kSelectThreads,
                                stream, "global_results_kernel", jobs, flags, results);
   check_launch("global_results_kernel");
-  exec::launch<kSelectThreads>(kept_indices_kernel<kSelectThreads>, blocks, kSelectThreads, stream,
-                               "kept_indices_kernel", jobs, flags, kept_index);
-  check_launch("kept_indices_kernel");
+  launch_kept_indices(jobs, job_count, flags, kept_index, stream);
 }
 
 }  // namespace cuda

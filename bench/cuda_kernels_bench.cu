@@ -207,18 +207,21 @@ void BM_cuda_kivi_decode_attention(benchmark::State& state) {
   DecodeSetup setup(q_heads, kv_heads, D, sm_count());
   std::vector<kc::DeviceBuffer<Half>> rows, k_residual, v_residual;
   std::vector<kc::DeviceBuffer<Block>> k_blocks, v_blocks;
-  std::vector<kc::KiviAttentionHead<kBits, kGroup>> heads;
+  std::vector<kc::KiviAttentionHead> heads;
+  const kc::KiviFormat format = kc::KiviFormat::of(kBits, kGroup);
   for (int h = 0; h < kv_heads; ++h) {
     rows.push_back(upload(random_half(quantized * D, 7 * h)));
     k_blocks.emplace_back(static_cast<std::size_t>(quantized / kGroup * D), 0);
     v_blocks.emplace_back(static_cast<std::size_t>(quantized * (D / kGroup)), 0);
-    kc::launch_quantize_rows<kBits, kGroup, Half>(rows.back().data(), quantized / kGroup, D,
-                                                  k_blocks.back().data(), v_blocks.back().data(),
-                                                  nullptr);
+    kc::launch_quantize_rows<kBits, kGroup, Half>(rows.back().data(), rows.back().data(),
+                                                  quantized / kGroup, D, k_blocks.back().data(),
+                                                  v_blocks.back().data(), nullptr);
     k_residual.push_back(upload(random_half(residual * D, 7 * h + 1)));
     v_residual.push_back(upload(random_half(residual * D, 7 * h + 2)));
-    heads.push_back({k_blocks.back().data(), v_blocks.back().data(), k_residual.back().data(),
-                     v_residual.back().data(), setup.positions.data(), kTokens, quantized});
+    heads.push_back({reinterpret_cast<const uint8_t*>(k_blocks.back().data()),
+                     reinterpret_cast<const uint8_t*>(v_blocks.back().data()),
+                     k_residual.back().data(), v_residual.back().data(), setup.positions.data(),
+                     kTokens, quantized, format});
   }
   rows.clear();
   auto d_heads = upload(heads);
@@ -240,18 +243,21 @@ BENCHMARK_TEMPLATE(BM_cuda_kivi_decode_attention, 128)
 
 // ---- KIVI quantize, scoring, selection, compaction --------------------------------------------
 
-/// Quantizes kTokens fp16 rows of one head into 4-bit keys and values: bytes read + written.
+/// Quantizes kTokens fp16 K and V rows of one head into 4-bit key and value blocks: bytes read
+/// + written.
 void BM_cuda_kivi_quantize(benchmark::State& state) {
   constexpr int kBits = 4, kGroup = 32;
   using Block = kvpack::QuantBlock<kBits, kGroup>;
   const int d = static_cast<int>(state.range(0));
   if (skipped_without_device(state)) return;
-  auto rows = upload(random_half(kTokens * d, 3));
+  auto k_rows = upload(random_half(kTokens * d, 3));
+  auto v_rows = upload(random_half(kTokens * d, 4));
   kc::DeviceBuffer<Block> keys(kTokens / kGroup * d, 0), values(kTokens * (d / kGroup), 0);
-  const double bytes = static_cast<double>(rows.bytes() + keys.bytes() + values.bytes());
+  const double bytes =
+      static_cast<double>(k_rows.bytes() + v_rows.bytes() + keys.bytes() + values.bytes());
   measure(state, bytes, [&] {
-    kc::launch_quantize_rows<kBits, kGroup, Half>(rows.data(), kTokens / kGroup, d, keys.data(),
-                                                  values.data(), nullptr);
+    kc::launch_quantize_rows<kBits, kGroup, Half>(k_rows.data(), v_rows.data(), kTokens / kGroup,
+                                                  d, keys.data(), values.data(), nullptr);
   });
 }
 BENCHMARK(BM_cuda_kivi_quantize)->Arg(64)->Arg(128)->UseManualTime()->Unit(benchmark::kMicrosecond);

@@ -42,8 +42,8 @@ void require_quantize_matches_cpu(std::vector<float> rows, int head_dim) {
 
   auto d_rows = upload(input);
   cuda::DeviceBuffer<Block> d_keys(keys.size(), 0), d_values(values.size(), 0);
-  cuda::launch_quantize_rows<Bits, G, T>(d_rows.data(), groups, head_dim, d_keys.data(),
-                                         d_values.data(), nullptr);
+  cuda::launch_quantize_rows<Bits, G, T>(d_rows.data(), d_rows.data(), groups, head_dim,
+                                         d_keys.data(), d_values.data(), nullptr);
   cuda::check_cuda(cudaDeviceSynchronize(), "quantize kernels");
   const auto got_keys = download(d_keys, keys.size());
   const auto got_values = download(d_values, values.size());
@@ -76,7 +76,8 @@ double kivi_attention_error(const KiviAttentionCase& c, int64_t splits) {
   std::vector<cuda::DeviceBuffer<Block>> dkb, dvb;
   std::vector<cuda::DeviceBuffer<Half>> dkr, dvr;
   auto d_positions = upload(c.positions);
-  std::vector<cuda::KiviAttentionHead<Bits, G>> heads;
+  std::vector<cuda::KiviAttentionHead> heads;
+  const cuda::KiviFormat format = cuda::KiviFormat::of(Bits, G);
   for (int h = 0; h < c.kv_heads; ++h) {
     const std::vector<float>& k = c.k[h];
     const std::vector<float>& v = c.v[h];
@@ -108,8 +109,9 @@ double kivi_attention_error(const KiviAttentionCase& c, int64_t splits) {
     dvb.push_back(upload(vb));
     dkr.push_back(upload(kr));
     dvr.push_back(upload(vr));
-    heads.push_back({dkb.back().data(), dvb.back().data(), dkr.back().data(), dvr.back().data(),
-                     d_positions.data(), size, quantized});
+    heads.push_back({reinterpret_cast<const uint8_t*>(dkb.back().data()),
+                     reinterpret_cast<const uint8_t*>(dvb.back().data()), dkr.back().data(),
+                     dvr.back().data(), d_positions.data(), size, quantized, format});
   }
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   std::vector<double> expected(c.q.size());

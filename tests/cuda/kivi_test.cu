@@ -1,13 +1,17 @@
-// The KIVI kernels launched directly, on seeded random inputs: block quantization against the
-// CPU backend's quantizer (bit for bit; bits 2/4/8, groups 16-128, fp32 and fp16 inputs with
-// outliers and signed zeros), and attention over KIVI blocks plus an fp16 residual against
-// double-precision attention over the dequantized values, with forced key splits and GQA.
-// The same checks run on the reference model's K/V in tests/model/cuda_emulated_model_test.cpp.
+// KIVI on the CUDA backend, on seeded random inputs. The kernels launched directly: block
+// quantization against the CPU backend's quantizer (bit for bit; bits 2/4/8, groups 16-128, fp32
+// and fp16 inputs with outliers and signed zeros), and attention over KIVI blocks plus an fp16
+// residual against double-precision attention over the dequantized values, with forced key
+// splits and GQA. Then KVCache<Quantize, backend::Cuda> against KVCache<Quantize, backend::Cpu>:
+// held values bit for bit, bytes(), attention, truncate and errors.
+// The kernel checks also run on the reference model's K/V in
+// tests/model/cuda_emulated_model_test.cpp.
 #include <catch2/catch.hpp>
 #include <cstdint>
 #include <random>
 #include <vector>
 
+#include "cache_checks.hpp"
 #include "kivi_checks.hpp"
 
 using kvpack::Half;
@@ -86,6 +90,136 @@ TEST_CASE("CUDA KIVI: a head_dim that is not whole groups is refused", "[cuda]")
   kvpack::cuda::DeviceBuffer<float> rows(64 * 64, 0);
   kvpack::cuda::DeviceBuffer<kvpack::QuantBlock<4, 128>> keys(64, 0), values(64, 0);
   REQUIRE_THROWS_WITH((kvpack::cuda::launch_quantize_rows<4, 128, float>(
-                          rows.data(), 1, 64, keys.data(), values.data(), nullptr)),
+                          rows.data(), rows.data(), 1, 64, keys.data(), values.data(), nullptr)),
                       Catch::Contains("not a multiple of the KIVI group 128"));
+}
+
+namespace {
+
+using cache_checks::error_of;
+using cache_checks::feed;
+using cache_checks::position_of;
+using kvpack::KVCache;
+using kvpack::ModelShape;
+using kvpack::Quantize;
+namespace backend = kvpack::backend;
+
+/// What KVCache<Quantize, backend::Cuda> holds when layer l's heads have quantized[l] tokens in
+/// blocks: per head the key and value blocks of those tokens, fp16 K/V rows of the rest, one
+/// int32 position per token, and the bookkeeping at the CPU cache's per-head and per-layer sizes.
+template <class CudaCache>
+std::size_t kivi_held_bytes(const CudaCache& gpu, const std::vector<int64_t>& quantized) {
+  const ModelShape& s = gpu.shape();
+  const Quantize& p = gpu.policy();
+  std::size_t block = 0;
+  kvpack::dispatch_quant(p.bits, p.group, [&](auto b, auto g) {
+    block = sizeof(kvpack::QuantBlock<decltype(b)::value, decltype(g)::value>);
+  });
+  std::size_t total =
+      static_cast<std::size_t>(s.layers) * s.kv_heads * sizeof(kvpack::detail::QuantizedHeadStore) +
+      static_cast<std::size_t>(s.layers) * sizeof(kvpack::detail::LayerState);
+  for (int l = 0; l < s.layers; ++l) {
+    for (int h = 0; h < s.kv_heads; ++h) {
+      const std::size_t tokens = static_cast<std::size_t>(gpu.tokens(l, h));
+      const std::size_t q = static_cast<std::size_t>(quantized[l]);
+      total += (tokens - q) * 2 * s.head_dim * sizeof(Half) + tokens * sizeof(int32_t) +
+               q / p.group * s.head_dim * block + q * (s.head_dim / p.group) * block;
+    }
+  }
+  return total;
+}
+
+/// compress() on both caches; `quantized` follows KIVI's rule: every whole group older than the
+/// newest `residual` tokens becomes blocks.
+template <class CpuCache, class CudaCache>
+void compress_both(CpuCache& cpu, CudaCache& gpu, std::vector<int64_t>& quantized) {
+  cpu.compress();
+  gpu.compress();
+  const Quantize& p = gpu.policy();
+  for (std::size_t l = 0; l < quantized.size(); ++l) {
+    const int64_t tail = gpu.tokens(static_cast<int>(l), 0) - quantized[l];
+    if (tail > p.residual) quantized[l] += (tail - p.residual) / p.group * p.group;
+  }
+}
+
+}  // namespace
+
+TEST_CASE("CUDA Quantize cache: blocks, residual, bytes and attention equal the CPU's",
+          "[cuda][kivi]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  // One knob set per shape (kShapes: GQA groups 1, 3, 8, 8; head_dim 64, 128, 64, 128):
+  // every bit width, group 16 to 128, residual 0 to 128.
+  const Quantize knobs[] = {Quantize(4, 32, 128), Quantize(2, 16, 32), Quantize(8, 64, 0),
+                            Quantize(4, 128, 128)};
+  uint32_t seed = 200;
+  for (std::size_t i = 0; i < cache_checks::kShapes.size(); ++i) {
+    const ModelShape& s = cache_checks::kShapes[i];
+    const Quantize& policy = knobs[i];
+    INFO("q_heads " << s.q_heads << " kv_heads " << s.kv_heads << " d " << s.head_dim << "; bits "
+                    << policy.bits << " group " << policy.group << " residual " << policy.residual);
+    KVCache<Quantize, backend::Cpu> cpu(s, policy);
+    KVCache<Quantize, backend::Cuda> gpu(s, policy);
+    std::vector<int64_t> quantized(s.layers, 0);
+    cache_checks::feed_sequence(s, 260, 6, false, cpu, gpu);
+    cache_checks::require_same_state(cpu, gpu, kivi_held_bytes(gpu, quantized));
+    compress_both(cpu, gpu, quantized);
+    REQUIRE(quantized[0] > 0);
+    cache_checks::require_same_state(cpu, gpu, kivi_held_bytes(gpu, quantized));
+    cache_checks::require_same_attention_everywhere(cpu, gpu, seed++);
+    // Decoding goes on: the groups that leave the window are quantized by the next compress.
+    for (int l = 0; l < s.layers; ++l) {
+      for (int64_t t = 266; t < 336; ++t) feed(s, l, t, 1, 2, false, cpu, gpu);
+    }
+    cache_checks::require_same_attention_everywhere(cpu, gpu, seed++);
+    compress_both(cpu, gpu, quantized);
+    cache_checks::require_same_state(cpu, gpu, kivi_held_bytes(gpu, quantized));
+    cache_checks::require_same_attention_everywhere(cpu, gpu, seed++);
+  }
+}
+
+TEST_CASE("CUDA Quantize cache: truncate keeps whole groups, knob errors as on the CPU",
+          "[cuda][kivi][errors]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  const ModelShape s = cache_checks::kShapes[1];
+  const Quantize policy(4, 32, 32);
+  KVCache<Quantize, backend::Cpu> cpu(s, policy);
+  KVCache<Quantize, backend::Cuda> gpu(s, policy);
+  std::vector<int64_t> quantized(s.layers, 0);
+  for (int l = 0; l < s.layers; ++l) feed(s, l, 0, 200, l % 2, false, cpu, gpu);
+  compress_both(cpu, gpu, quantized);
+  REQUIRE(quantized[0] == 160);  // (200 - 32) / 32 whole groups; 40 fp16 rows
+
+  // Residual rows roll back; a cut inside a group is refused with the CPU's message and
+  // changes nothing; a cut at a group's end drops the groups after it.
+  cpu.truncate(position_of(179));
+  gpu.truncate(position_of(179));
+  cache_checks::require_same_state(cpu, gpu, kivi_held_bytes(gpu, quantized));
+  const std::string split = error_of([&] { gpu.truncate(position_of(150)); });
+  REQUIRE(split == error_of([&] { cpu.truncate(position_of(150)); }));
+  REQUIRE_THAT(split, Catch::Contains("would cut inside a quantized group"));
+  cache_checks::require_same_state(cpu, gpu, kivi_held_bytes(gpu, quantized));
+  cpu.truncate(position_of(127));
+  gpu.truncate(position_of(127));
+  for (auto& q : quantized) q = 128;
+  cache_checks::require_same_state(cpu, gpu, kivi_held_bytes(gpu, quantized));
+  cache_checks::require_same_attention_everywhere(cpu, gpu, 31);
+  // Appends after the rollback: the residual regrows and is quantized again.
+  for (int l = 0; l < s.layers; ++l) feed(s, l, 128, 100, 2, false, cpu, gpu);
+  compress_both(cpu, gpu, quantized);
+  cache_checks::require_same_state(cpu, gpu, kivi_held_bytes(gpu, quantized));
+  cache_checks::require_same_attention_everywhere(cpu, gpu, 32);
+  REQUIRE(gpu.reserved_bytes() > 0);
+  gpu.clear();
+  REQUIRE(gpu.reserved_bytes() == 0);
+
+  using Gpu = KVCache<Quantize, backend::Cuda>;
+  using Cpu = KVCache<Quantize, backend::Cpu>;
+  const ModelShape d64 = cache_checks::kShapes[0];
+  for (const Quantize& bad :
+       {Quantize(3), Quantize(4, 48), Quantize(4, 32, 40), Quantize(4, 32, -32)}) {
+    REQUIRE(error_of([&] { Gpu g(d64, bad); }) == error_of([&] { Cpu c(d64, bad); }));
+  }
+  const std::string too_wide = error_of([&] { Gpu g(d64, Quantize(4, 128)); });
+  REQUIRE(too_wide == error_of([&] { Cpu c(d64, Quantize(4, 128)); }));
+  REQUIRE_THAT(too_wide, Catch::Contains("a divisor of head_dim"));
 }

@@ -1,8 +1,9 @@
 // The CUDA kernels on the reference model's real K/V, run on the emulated grid
 // (backend/cuda/emulation/): the same kernel source nvcc compiles, executed on the CPU. The CUDA
-// cache against the CPU cache through a prefill, an L2 eviction and decode steps; the KIVI
-// kernels on one layer's K/V and queries (tests/cuda/kivi_checks.hpp); the low-rank
-// factorisation on an xKV group's stacked keys and values (tests/cuda/low_rank_checks.hpp).
+// cache against the CPU cache through a prefill, an L2 eviction or KIVI quantization, and
+// decode steps; the KIVI kernels on one layer's K/V and queries (tests/cuda/kivi_checks.hpp);
+// the low-rank factorisation on an xKV group's stacked keys and values
+// (tests/cuda/low_rank_checks.hpp).
 #define KVPACK_CUDA_EMULATION 1
 
 #include <algorithm>
@@ -147,6 +148,13 @@ TEST_CASE("model: the CUDA backend on the emulated grid matches the CPU on real 
   SECTION("L2NormEvict, keep half, per head") {
     kvpack::L2NormEvict policy(kvpack::Budget::ratio(0.5), 0);
     check_against_cpu(*model, ids, policy);
+  }
+  // KIVI blocks bit for bit the CPU's (materialize equal), then decode over blocks + residual.
+  SECTION("Quantize 4-bit, group 32, residual 32") {
+    check_against_cpu(*model, ids, kvpack::Quantize(4, 32, 32));
+  }
+  SECTION("Quantize 2-bit, group 16, residual 0") {
+    check_against_cpu(*model, ids, kvpack::Quantize(2, 16, 0));
   }
 }
 

@@ -39,3 +39,4 @@
 #include "cuda/cache_attend.cuh"
 #include "cuda/cache_checks.cuh"
 #include "cuda/cache_evict.cuh"
+#include "cuda/cache_quantize.cuh"

@@ -178,6 +178,21 @@ class CacheFront {
     return drop;
   }
 
+  /// truncate() of KIVI blocks: refuses a rollback that would leave `split` tokens of (layer,
+  /// head) inside a quantized group (a group's key blocks span all its tokens: cutting one would
+  /// re-quantize or widen it to fp16). positions: the head's `size` held positions, ascending.
+  void refuse_group_split(const char* where, int64_t last_position, int layer, int head,
+                          int64_t split, const int32_t* positions, int64_t size,
+                          int64_t drop) const {
+    if (split == 0) return;
+    const int64_t whole = size - drop - split;  // tokens in the groups that stay whole
+    throw error(concat(where, ": last_position = ", last_position,
+                       " would cut inside a quantized group of layer ", layer, " kv head ", head,
+                       " (", split, " of its tokens stay), expected the end of a group: ",
+                       whole > 0 ? concat("position ", positions[whole - 1]) : std::string("clear()"),
+                       ", or a position in the fp16 residual"));
+  }
+
   /// Whether layer l is touched by a truncate to last_position that drops drop[l] tokens.
   bool truncates(int layer, int64_t last_position, const std::vector<int64_t>& drop) const {
     return drop[layer] != 0 || layers_[layer].last_position > last_position;

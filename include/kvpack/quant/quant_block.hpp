@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -160,6 +161,23 @@ inline void dequantize_channel_rows_ref(const QuantBlock<Bits, Group>* blocks, i
       ++t;
     }
   }
+}
+
+namespace detail {
+using QuantBlock4x32 = QuantBlock<4, 32>;  // offsetof is a macro: no comma in its argument
+static_assert(offsetof(QuantBlock4x32, codes) == 4, "codes follow the fp16 scale and min");
+}  // namespace detail
+
+/// dequantize_ref of element i of a block given by its address and its runtime bit width (the
+/// group size only sets where the next block starts): the same bytes read the same way, for
+/// kernels that serve every (bits, group) with one instantiation.
+KVPACK_HOST_DEVICE float dequantize_packed(const uint8_t* block, int bits, int i) {
+  const Half scale{static_cast<uint16_t>(block[0] | (block[1] << 8))};
+  const Half min{static_cast<uint16_t>(block[2] | (block[3] << 8))};
+  const int bit = i * bits;
+  const uint32_t code = (static_cast<uint32_t>(block[4 + (bit >> 3)]) >> (bit & 7)) &
+                        ((1u << bits) - 1u);
+  return static_cast<float>(code) * to_float(scale) + to_float(min);
 }
 
 /// Turns runtime (bits, group) into compile-time constants for `f(bits_c, group_c)`; returns

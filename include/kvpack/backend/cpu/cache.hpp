@@ -205,16 +205,9 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
     const std::vector<int64_t> drop = this->plan_truncate(where, last_position, after);
     for (int l = 0; l < shape_.layers; ++l) {
       for (int h = 0; h < shape_.kv_heads && drop[l] > 0; ++h) {
-        const int64_t split = store(l, h).drop_back_split(drop[l]);
-        if (split == 0) continue;
         const auto& p = store(l, h).positions;
-        const int64_t whole = static_cast<int64_t>(p.size()) - drop[l] - split;  // whole groups
-        throw error(detail::concat(
-            where, ": last_position = ", last_position, " would cut inside a quantized group",
-            " of layer ", l, " kv head ", h, " (", split,
-            " of its tokens stay), expected the end of a group: ",
-            whole > 0 ? detail::concat("position ", p[whole - 1]) : std::string("clear()"),
-            ", or a position in the fp16 residual"));
+        this->refuse_group_split(where, last_position, l, h, store(l, h).drop_back_split(drop[l]),
+                                 p.data(), static_cast<int64_t>(p.size()), drop[l]);
       }
     }
     for (int l = 0; l < shape_.layers; ++l) {

@@ -32,16 +32,19 @@
 #include "../../policy/identity.hpp"
 #include "../../policy/l2_norm_evict.hpp"
 #include "../../policy/policy_base.hpp"
+#include "../../policy/quantize.hpp"
 #include "../../policy/streaming_llm.hpp"
 #include "../../shape.hpp"
 #include "../../span.hpp"
 #include "../../view.hpp"
+#include "../cpu/quantized_head_store.hpp"
 #include "context.hpp"
 #include "device_storage.cuh"
 #include "kernel_logic.hpp"
 #include "kernels/append.cuh"
 #include "kernels/attention.cuh"
 #include "kernels/compact.cuh"
+#include "kernels/kivi.cuh"
 #include "kernels/score.cuh"
 #include "kernels/select.cuh"
 #include "kernels/select_global.cuh"
@@ -49,8 +52,8 @@
 namespace kvpack {
 
 /// \brief CUDA implementation of KVCache (see the file comment for the design).
-/// \tparam Policy BasicIdentity<Half|float> or an eviction policy scored from K/V or by
-/// position (L2NormEvict, StreamingLLM).
+/// \tparam Policy BasicIdentity<Half|float>, Quantize (KIVI blocks + fp16 residual), or an
+/// eviction policy scored from K/V or by position (L2NormEvict, StreamingLLM).
 ///
 /// The cache runs on a caller-owned cuda::CudaContext (device + stream), or on one it creates
 /// on the current device. Move-only. Calls on one cache are serialised (a mutex guards the
@@ -58,11 +61,11 @@ namespace kvpack {
 template <class Policy>
 class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   static_assert(cuda::supports_policy_v<Policy>,
-                "no CUDA implementation of this Policy: backend::Cuda implements BasicIdentity "
-                "and eviction policies scored per token from K/V (L2NormEvict: an "
+                "no CUDA implementation of this Policy: backend::Cuda implements BasicIdentity, "
+                "Quantize and eviction policies scored per token from K/V (L2NormEvict: an "
                 "EvictionPolicy with a KVPACK_HOST_DEVICE static token_score) or by position "
                 "(StreamingLLM: position_score); use backend::Cpu for the others (query-scored "
-                "eviction, LazyLayerDrop, Quantize, Compose)");
+                "eviction, LazyLayerDrop, low-rank policies, Compose)");
 
  public:
   using backend_type = backend::Cuda;
@@ -123,19 +126,26 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     observed_ = true;
   }
 
-  /// Applies the policy to everything held (see the CPU cache: repeated calls hold the budget).
+  /// Applies the policy to everything held (see the CPU cache: repeated calls hold the budget;
+  /// Quantize turns the whole groups that left the residual window into KIVI blocks).
   void compress() {
     this->check_compress();
-    if constexpr (is_eviction_policy_v<Policy>) {
+    if constexpr (is_eviction_policy_v<Policy> || cuda::is_kivi_policy<Policy>::value) {
       cuda::DeviceGuard guard(context_->device());
       std::lock_guard<std::mutex> lock(scratch_->mutex);
-      evict();
+      if constexpr (is_eviction_policy_v<Policy>) {
+        evict();
+      } else {
+        quantize();
+      }
     }
   }
 
   /// Removes every token at a position > `last_position` from all layers (e.g. the repeat
-  /// prompt of a scoring pass). Only tokens no compress() has evicted from can be rolled back.
-  /// The rows' device memory stays reserved for the next appends (see reserved_bytes()).
+  /// prompt of a scoring pass). Only tokens no compress() has evicted from can be rolled back;
+  /// under Quantize only whole KIVI groups or residual rows (as on the CPU). The device memory
+  /// stays reserved for the next appends (see reserved_bytes()). Throws kvpack::error, nothing
+  /// changed, otherwise.
   void truncate(int64_t last_position) {
     constexpr const char* where = "KVCache::truncate";
     cuda::DeviceGuard guard(context_->device());
@@ -163,10 +173,20 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
       return static_cast<int64_t>(p.end() - std::upper_bound(p.begin(), p.end(), last_position));
     });
     for (int l = 0; l < shape_.layers; ++l) {
+      for (int h = 0; h < shape_.kv_heads && drop[l] > 0; ++h) {
+        const DeviceHead& head = store(l, h);
+        const int64_t kept = head.size - drop[l];
+        const int64_t split = kept < head.quantized ? kept % group_size() : 0;
+        const auto& p = held[static_cast<std::size_t>(l) * shape_.kv_heads + h];
+        this->refuse_group_split(where, last_position, l, h, split, p.data(), head.size, drop[l]);
+      }
+    }
+    for (int l = 0; l < shape_.layers; ++l) {
       if (!this->truncates(l, last_position, drop)) continue;
       for (int h = 0; h < shape_.kv_heads; ++h) {
         DeviceHead& head = store(l, h);
         head.size -= drop[l];
+        head.quantized = std::min(head.quantized, head.size);  // whole groups (checked above)
         if (head.size == 0) head.first_position = -1;
       }
     }
@@ -205,54 +225,70 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   }
 
   /// Dense fp32 K/V and positions of `layer`, one entry per kv head (the slow path; host).
+  /// KIVI blocks are decoded by dequantize_ref's rule, bit for bit the CPU cache's values.
   DenseLayer materialize(int layer) const {
-    detail::check_layer("KVCache::materialize", shape_, layer);
+    constexpr const char* where = "KVCache::materialize";
+    detail::check_layer(where, shape_, layer);
     cuda::DeviceGuard guard(context_->device());
     std::lock_guard<std::mutex> lock(scratch_->mutex);
     const int d = shape_.head_dim;
+    struct Download {
+      std::vector<storage_type> k, v;
+      std::vector<uint8_t> k_blocks, v_blocks;
+      std::vector<int32_t> positions;
+    };
+    std::vector<Download> got(shape_.kv_heads);
+    for (int h = 0; h < shape_.kv_heads; ++h) {
+      const DeviceHead& head = store(layer, h);
+      Download& g = got[h];
+      download(head.k.data(), head.rows() * d, g.k, where);
+      download(head.v.data(), head.rows() * d, g.v, where);
+      download(head.positions.data(), head.size, g.positions, where);
+      download(head.k_blocks.data(), kivi_key_block_bytes(head.quantized), g.k_blocks, where);
+      download(head.v_blocks.data(), kivi_value_block_bytes(head.quantized), g.v_blocks, where);
+    }
+    context_->synchronize(where);
     DenseLayer result;
     result.heads.resize(shape_.kv_heads);
-    std::vector<std::vector<storage_type>> k(shape_.kv_heads), v(shape_.kv_heads);
-    std::vector<std::vector<int32_t>> positions(shape_.kv_heads);
-    const cudaStream_t stream = context_->stream();
     for (int h = 0; h < shape_.kv_heads; ++h) {
-      const auto& head = store(layer, h);
-      const std::size_t n = static_cast<std::size_t>(head.size);
-      k[h].resize(n * d);
-      v[h].resize(n * d);
-      positions[h].resize(n);
-      if (n == 0) continue;
-      cuda::check_cuda(cudaMemcpyAsync(k[h].data(), head.k.data(), n * d * sizeof(storage_type),
-                                       cudaMemcpyDeviceToHost, stream),
-                       "KVCache::materialize: copy of K");
-      cuda::check_cuda(cudaMemcpyAsync(v[h].data(), head.v.data(), n * d * sizeof(storage_type),
-                                       cudaMemcpyDeviceToHost, stream),
-                       "KVCache::materialize: copy of V");
-      cuda::check_cuda(cudaMemcpyAsync(positions[h].data(), head.positions.data(),
-                                       n * sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
-                       "KVCache::materialize: copy of positions");
-    }
-    context_->synchronize("KVCache::materialize");
-    for (int h = 0; h < shape_.kv_heads; ++h) {
+      const Download& g = got[h];
+      const int64_t quantized = store(layer, h).quantized;
       DenseHead& dst = result.heads[h];
-      dst.k.resize(k[h].size());
-      dst.v.resize(v[h].size());
-      const int64_t n = static_cast<int64_t>(positions[h].size());
-      for (int64_t t = 0; t < n; ++t) {
-        detail::load_row(k[h].data() + t * d, dst.k.data() + t * d, d);
-        detail::load_row(v[h].data() + t * d, dst.v.data() + t * d, d);
+      dst.positions.assign(g.positions.begin(), g.positions.end());
+      dst.k.resize(g.positions.size() * d);
+      dst.v.resize(g.positions.size() * d);
+      if (quantized > 0) {
+        const cuda::KiviFormat f = kivi_format();
+        for (int64_t t = 0; t < quantized; ++t) {
+          for (int c = 0; c < d; ++c) {
+            dst.k[t * d + c] = dequantize_packed(
+                g.k_blocks.data() + ((t / f.group) * d + c) * f.block_bytes, f.bits,
+                static_cast<int>(t % f.group));
+            dst.v[t * d + c] = dequantize_packed(
+                g.v_blocks.data() + (t * (d / f.group) + c / f.group) * f.block_bytes, f.bits,
+                c % f.group);
+          }
+        }
       }
-      dst.positions.assign(positions[h].begin(), positions[h].end());
+      const int64_t rows = static_cast<int64_t>(g.k.size()) / d;
+      detail::load_row(g.k.data(), dst.k.data() + quantized * d, rows * d);
+      detail::load_row(g.v.data(), dst.v.data() + quantized * d, rows * d);
     }
     return result;
   }
 
-  /// Every byte held, counted as the CPU cache counts it: K/V rows and one position per held
-  /// token, plus the per-head and per-layer bookkeeping (at the CPU's sizes).
+  /// Every byte held, counted as the CPU cache counts it: K/V rows, KIVI blocks (exactly: the
+  /// CUDA cache has no pages yet, so no page rounding) and one position per held token, plus
+  /// the per-head and per-layer bookkeeping (at the CPU's sizes).
   std::size_t bytes() const {
-    std::size_t total = heads_.size() * sizeof(detail::HeadStore<storage_type>) +
+    std::size_t total = heads_.size() * sizeof(HostStore) +
                         layers_.size() * sizeof(detail::LayerState);
-    for (const auto& head : heads_) total += static_cast<std::size_t>(head.size) * row_bytes();
+    const std::size_t row = 2 * static_cast<std::size_t>(shape_.head_dim) * sizeof(storage_type);
+    for (const auto& head : heads_) {
+      total += static_cast<std::size_t>(head.rows()) * row +
+               static_cast<std::size_t>(head.size) * sizeof(int32_t) +
+               kivi_key_block_bytes(head.quantized) + kivi_value_block_bytes(head.quantized);
+    }
     return total;
   }
 
@@ -261,7 +297,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   std::size_t reserved_bytes() const {
     std::size_t total = 0;
     for (const auto& head : heads_) {
-      total += head.k.bytes() + head.v.bytes() + head.positions.bytes();
+      total += head.k.bytes() + head.v.bytes() + head.positions.bytes() + head.k_blocks.bytes() +
+               head.v_blocks.bytes();
     }
     return total;
   }
@@ -302,8 +339,44 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     std::vector<unsigned char> host;
   };
 
-  std::size_t row_bytes() const {
-    return 2 * static_cast<std::size_t>(shape_.head_dim) * sizeof(storage_type) + sizeof(int32_t);
+  /// The CPU cache's head store for this policy: bytes() counts its bookkeeping at that size.
+  using HostStore = std::conditional_t<cuda::is_kivi_policy<Policy>::value,
+                                       detail::QuantizedHeadStore, detail::HeadStore<storage_type>>;
+
+  /// Quantize's block format (bits 4, group 32 for policies that do not quantize: unused).
+  cuda::KiviFormat kivi_format() const {
+    if constexpr (cuda::is_kivi_policy<Policy>::value) {
+      return cuda::KiviFormat::of(policy_.bits, policy_.group);
+    } else {
+      return cuda::KiviFormat{};
+    }
+  }
+  /// Tokens per KIVI group (1 for policies that do not quantize: no group to split).
+  int group_size() const {
+    if constexpr (cuda::is_kivi_policy<Policy>::value) return policy_.group;
+    return 1;
+  }
+  /// Bytes of the key / value blocks of `quantized` tokens (a multiple of the group).
+  std::size_t kivi_key_block_bytes(int64_t quantized) const {
+    if (quantized == 0) return 0;
+    const cuda::KiviFormat f = kivi_format();
+    return static_cast<std::size_t>(quantized / f.group) * shape_.head_dim * f.block_bytes;
+  }
+  std::size_t kivi_value_block_bytes(int64_t quantized) const {
+    if (quantized == 0) return 0;
+    const cuda::KiviFormat f = kivi_format();
+    return static_cast<std::size_t>(quantized) * (shape_.head_dim / f.group) * f.block_bytes;
+  }
+
+  /// Enqueues a copy of `count` elements of device memory into `dst` (resized; the caller
+  /// synchronises before reading it).
+  template <class E>
+  void download(const E* src, int64_t count, std::vector<E>& dst, const char* where) const {
+    dst.resize(static_cast<std::size_t>(count));
+    if (count == 0) return;
+    cuda::check_cuda(cudaMemcpyAsync(dst.data(), src, dst.size() * sizeof(E),
+                                     cudaMemcpyDeviceToHost, context_->stream()),
+                     detail::concat(where, ": download").c_str());
   }
 
   /// What the CUDA kernels add to the front end's checks (shape and knobs are validated there).
@@ -370,10 +443,12 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
                         Positions positions, MemorySpace space);
   void attend_unchecked(int layer, const ActivationView& q, Positions positions,
                         const OutputView& out, MemorySpace space) const;
-  // A member template, so that explicit instantiation of a non-eviction cache does not
-  // instantiate it.
+  // Member templates, so that explicit instantiation of a cache whose policy does not evict
+  // (quantize) does not instantiate them.
   template <class P = Policy>
   void evict();
+  template <class P = Policy>
+  void quantize();
 
   std::unique_ptr<cuda::CudaContext> owned_context_;  // set when the cache made its own context
   cuda::CudaContext* context_ = nullptr;

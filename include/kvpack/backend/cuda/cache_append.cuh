@@ -48,7 +48,8 @@ void KVCache<Policy, backend::Cuda>::append_unchecked(int layer, const Activatio
   unsigned char* ws = workspace(layout.bytes());
   unsigned char* stage = staging(layout.bytes());
 
-  // Heads that must grow get new buffers now (nothing changes if an allocation fails).
+  // Heads that must grow get new buffers now (nothing changes if an allocation fails). Rows and
+  // positions grow apart: under KIVI the rows are only the fp16 residual.
   struct Grown {
     int head;
     DeviceHead buffers;
@@ -56,11 +57,13 @@ void KVCache<Policy, backend::Cuda>::append_unchecked(int layer, const Activatio
   std::vector<Grown> grown;
   for (int h = 0; h < heads; ++h) {
     const DeviceHead& head = store(layer, h);
-    if (head.size + n <= head.capacity()) continue;
+    const int64_t row_capacity = head.row_capacity(d);
+    if (head.size + n <= head.capacity() && head.rows() + n <= row_capacity) continue;
+    const int64_t rows = cuda::grown_capacity(head.rows() + n, row_capacity);
     const int64_t capacity = cuda::grown_capacity(head.size + n, head.capacity());
     Grown g{h, DeviceHead{}};
-    g.buffers.k = cuda::DeviceBuffer<T>(static_cast<std::size_t>(capacity) * d, device);
-    g.buffers.v = cuda::DeviceBuffer<T>(static_cast<std::size_t>(capacity) * d, device);
+    g.buffers.k = cuda::DeviceBuffer<T>(static_cast<std::size_t>(rows) * d, device);
+    g.buffers.v = cuda::DeviceBuffer<T>(static_cast<std::size_t>(rows) * d, device);
     g.buffers.positions = cuda::DeviceBuffer<int32_t>(static_cast<std::size_t>(capacity), device);
     grown.push_back(std::move(g));
   }
@@ -78,10 +81,10 @@ void KVCache<Policy, backend::Cuda>::append_unchecked(int layer, const Activatio
   auto* p_targets = reinterpret_cast<int32_t**>(stage + at_p_targets);
   for (int h = 0; h < heads; ++h) {
     DeviceHead& dst = destination(h);
-    const int64_t held = store(layer, h).size;
-    k_targets[h] = dst.k.data() + held * d;
-    v_targets[h] = dst.v.data() + held * d;
-    p_targets[h] = dst.positions.data() + held;
+    const DeviceHead& held = store(layer, h);
+    k_targets[h] = dst.k.data() + held.rows() * d;
+    v_targets[h] = dst.v.data() + held.rows() * d;
+    p_targets[h] = dst.positions.data() + held.size;
   }
   const ActivationView k_device = host ? cuda::pack_view(k, stage + at_k_rows, ws + at_k_rows) : k;
   const ActivationView v_device = host ? cuda::pack_view(v, stage + at_v_rows, ws + at_v_rows) : v;
@@ -90,16 +93,20 @@ void KVCache<Policy, backend::Cuda>::append_unchecked(int layer, const Activatio
   for (Grown& g : grown) {
     const DeviceHead& old = store(layer, g.head);
     if (old.size == 0) continue;
-    const std::size_t rows = static_cast<std::size_t>(old.size);
-    cuda::check_cuda(cudaMemcpyAsync(g.buffers.k.data(), old.k.data(), rows * d * sizeof(T),
-                                     cudaMemcpyDeviceToDevice, stream),
-                     "KVCache::append: copy of K on growth");
-    cuda::check_cuda(cudaMemcpyAsync(g.buffers.v.data(), old.v.data(), rows * d * sizeof(T),
-                                     cudaMemcpyDeviceToDevice, stream),
-                     "KVCache::append: copy of V on growth");
-    cuda::check_cuda(cudaMemcpyAsync(g.buffers.positions.data(), old.positions.data(),
-                                     rows * sizeof(int32_t), cudaMemcpyDeviceToDevice, stream),
-                     "KVCache::append: copy of positions on growth");
+    const std::size_t rows = static_cast<std::size_t>(old.rows());
+    if (rows > 0) {
+      cuda::check_cuda(cudaMemcpyAsync(g.buffers.k.data(), old.k.data(), rows * d * sizeof(T),
+                                       cudaMemcpyDeviceToDevice, stream),
+                       "KVCache::append: copy of K on growth");
+      cuda::check_cuda(cudaMemcpyAsync(g.buffers.v.data(), old.v.data(), rows * d * sizeof(T),
+                                       cudaMemcpyDeviceToDevice, stream),
+                       "KVCache::append: copy of V on growth");
+    }
+    cuda::check_cuda(
+        cudaMemcpyAsync(g.buffers.positions.data(), old.positions.data(),
+                        static_cast<std::size_t>(old.size) * sizeof(int32_t),
+                        cudaMemcpyDeviceToDevice, stream),
+        "KVCache::append: copy of positions on growth");
   }
   cuda::launch_convert_rows(k_device, reinterpret_cast<T* const*>(ws + at_k_targets), d, stream);
   cuda::launch_convert_rows(v_device, reinterpret_cast<T* const*>(ws + at_v_targets), d, stream);

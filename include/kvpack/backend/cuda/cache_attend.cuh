@@ -45,7 +45,9 @@ void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const Activatio
   // [q fp32 | partial acc | partial max | partial sum | out (host output)].
   cuda::WorkspaceLayout layout;
   const std::size_t at_positions = layout.add<int32_t>(tokens);
-  const std::size_t at_heads = layout.add<cuda::AttentionHead<T>>(kv_heads);
+  using Head = std::conditional_t<cuda::is_kivi_policy<Policy>::value, cuda::KiviAttentionHead,
+                                  cuda::AttentionHead<T>>;
+  const std::size_t at_heads = layout.add<Head>(kv_heads);
   const std::size_t at_q_targets = layout.add<float*>(q_heads);
   const std::size_t q_bytes = host ? rows * d * cuda::dtype_bytes(q.dtype()) : 0;
   const std::size_t at_q_rows = layout.add<unsigned char>(q_bytes);
@@ -60,10 +62,16 @@ void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const Activatio
 
   auto* stage_positions = reinterpret_cast<int32_t*>(stage + at_positions);
   for (int64_t t = 0; t < tokens; ++t) stage_positions[t] = static_cast<int32_t>(positions[t]);
-  auto* head_table = reinterpret_cast<cuda::AttentionHead<T>*>(stage + at_heads);
+  auto* head_table = reinterpret_cast<Head*>(stage + at_heads);
   for (int h = 0; h < kv_heads; ++h) {
     const DeviceHead& head = store(layer, h);
-    head_table[h] = {head.k.data(), head.v.data(), head.positions.data(), head.size};
+    if constexpr (cuda::is_kivi_policy<Policy>::value) {
+      head_table[h] = {head.k_blocks.data(), head.v_blocks.data(), head.k.data(),
+                       head.v.data(),        head.positions.data(), head.size,
+                       head.quantized,       kivi_format()};
+    } else {
+      head_table[h] = {head.k.data(), head.v.data(), head.positions.data(), head.size};
+    }
   }
   auto* q_fp32 = reinterpret_cast<float*>(ws + at_q);
   auto* q_targets = reinterpret_cast<float**>(stage + at_q_targets);
@@ -90,10 +98,10 @@ void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const Activatio
   const int64_t out_token_stride =
       host ? static_cast<int64_t>(q_heads) * d : out.row(1, 0) - out.row(0, 0);
   const int64_t out_head_stride = host ? d : out.row(0, 1) - out.row(0, 0);
-  const auto* heads = reinterpret_cast<const cuda::AttentionHead<T>*>(ws + at_heads);
+  const auto* heads = reinterpret_cast<const Head*>(ws + at_heads);
   cuda::dispatch_head_dim(d, [&](auto head_dim) {
-    cuda::launch_attention<T, decltype(head_dim)::value>(heads, kv_heads, params, out_device,
-                                                         out_token_stride, out_head_stride, stream);
+    cuda::launch_attention_heads<decltype(head_dim)::value>(
+        heads, kv_heads, params, out_device, out_token_stride, out_head_stride, stream);
   });
 
   if (!host) {

@@ -27,6 +27,7 @@
 #include "../../policy/identity.hpp"
 #include "../../policy/l2_norm_evict.hpp"
 #include "../../policy/policy_base.hpp"
+#include "../../policy/quantize.hpp"
 #include "../../shape.hpp"
 #include "../../span.hpp"
 #include "../../view.hpp"
@@ -42,15 +43,21 @@ namespace kvpack {
 
 namespace cuda {
 
-/// Device storage of one (layer, kv-head): `capacity` rows allocated, `size` held.
+/// Device storage of one (layer, kv-head). Tokens [0, quantized) are KIVI blocks (Quantize
+/// only; kernels/kivi.cuh layout), tokens [quantized, size) rows of T; positions cover all.
 template <class T>
 struct DeviceHead {
-  DeviceBuffer<T> k, v;             ///< capacity x head_dim, row-major
-  DeviceBuffer<int32_t> positions;  ///< capacity, ascending over [0, size)
+  DeviceBuffer<T> k, v;             ///< [row capacity][head_dim]: token quantized + r in row r
+  DeviceBuffer<int32_t> positions;  ///< [capacity], ascending over [0, size)
+  DeviceBuffer<uint8_t> k_blocks;   ///< KIVI key blocks [quantized / G][head_dim] (+ capacity)
+  DeviceBuffer<uint8_t> v_blocks;   ///< KIVI value blocks [quantized][head_dim / G] (+ capacity)
   int64_t size = 0;
+  int64_t quantized = 0;        ///< tokens held as blocks (a multiple of the KIVI group)
   int64_t first_position = -1;  ///< positions[0] when size > 0 (kept on the host for checks)
 
   int64_t capacity() const { return static_cast<int64_t>(positions.size()); }
+  int64_t rows() const { return size - quantized; }
+  int64_t row_capacity(int head_dim) const { return static_cast<int64_t>(k.size()) / head_dim; }
 };
 
 /// Offsets of sub-arrays carved from one workspace allocation (256-byte aligned).
@@ -94,12 +101,16 @@ template <class P>
 struct is_position_score_policy
     : std::bool_constant<is_eviction_policy_v<P> && P::score_source == ScoreSource::kPosition> {};
 
-/// Policies the CUDA cache implements: BasicIdentity and eviction policies scored per token
-/// from K/V (L2NormEvict) or by position (StreamingLLM); the scoring hook must be a
+/// KIVI quantization alone (Quantize): rows age out of the fp16 residual into blocks.
+template <class P>
+struct is_kivi_policy : std::is_same<P, Quantize> {};
+
+/// Policies the CUDA cache implements: BasicIdentity, Quantize, and eviction policies scored
+/// per token from K/V (L2NormEvict) or by position (StreamingLLM); the scoring hook must be a
 /// KVPACK_HOST_DEVICE function.
 template <class P>
 inline constexpr bool supports_policy_v =
-    is_keep_all_policy<P>::value || is_token_score_policy<P>::value ||
+    is_keep_all_policy<P>::value || is_kivi_policy<P>::value || is_token_score_policy<P>::value ||
     is_position_score_policy<P>::value;
 
 /// Bytes of one element of `dtype`.

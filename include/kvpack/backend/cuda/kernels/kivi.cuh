@@ -54,11 +54,13 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
   }
 }
 
-/// Enqueues quantize_keys_kernel (groups · G rows) and quantize_values_kernel (the same rows).
-/// Throws kvpack::error when head_dim is not a multiple of G or a launch fails.
+/// Enqueues quantize_keys_kernel over `groups` · G rows of `k_rows` and quantize_values_kernel
+/// over as many rows of `v_rows` (both [groups · G][head_dim]). Throws kvpack::error when head_dim
+/// is not a multiple of G or a launch fails.
 template <int Bits, int G, class T>
-void launch_quantize_rows(const T* rows, int64_t groups, int head_dim, QuantBlock<Bits, G>* keys,
-                          QuantBlock<Bits, G>* values, cudaStream_t stream) {
+void launch_quantize_rows(const T* k_rows, const T* v_rows, int64_t groups, int head_dim,
+                          QuantBlock<Bits, G>* keys, QuantBlock<Bits, G>* values,
+                          cudaStream_t stream) {
   if (head_dim % G != 0) {
     throw error(
         detail::concat("kvpack: head_dim ", head_dim, " is not a multiple of the KIVI group ", G));
@@ -66,40 +68,76 @@ void launch_quantize_rows(const T* rows, int64_t groups, int head_dim, QuantBloc
   if (groups <= 0) return;
   exec::launch<kElementwiseThreads>(
       quantize_keys_kernel<Bits, G, T>, grid_blocks(groups * head_dim, kElementwiseThreads),
-      kElementwiseThreads, stream, "quantize_keys_kernel", rows, groups, head_dim, keys);
+      kElementwiseThreads, stream, "quantize_keys_kernel", k_rows, groups, head_dim, keys);
   check_launch("quantize_keys_kernel");
   exec::launch<kElementwiseThreads>(quantize_values_kernel<Bits, G, T>,
                                     grid_blocks(groups * G * (head_dim / G), kElementwiseThreads),
-                                    kElementwiseThreads, stream, "quantize_values_kernel", rows,
+                                    kElementwiseThreads, stream, "quantize_values_kernel", v_rows,
                                     groups * G, head_dim, values);
   check_launch("quantize_values_kernel");
 }
 
-/// One kv head in the KIVI layout above, as attention_kernel reads it (device pointers).
-template <int Bits, int G>
+/// A KIVI block format chosen at run time (Quantize's bits and group): kernels that only read
+/// blocks (attention) take it as a parameter, so one instantiation serves every format.
+struct KiviFormat {
+  int bits = 4;
+  int group = 32;
+  int block_bytes = 20;  ///< sizeof(QuantBlock<bits, group>)
+
+  /// Throws kvpack::error for a pair QuantBlock does not implement (see dispatch_quant).
+  static KiviFormat of(int bits, int group) {
+    KiviFormat f{bits, group, 0};
+    if (!dispatch_quant(bits, group, [&](auto b, auto g) {
+          f.block_bytes = static_cast<int>(sizeof(QuantBlock<decltype(b)::value, decltype(g)::value>));
+        })) {
+      throw error(detail::concat("kvpack: no KIVI block format for bits ", bits, " and group ",
+                                 group, " (bits 2, 4 or 8; group 16, 32, 64 or 128)"));
+    }
+    return f;
+  }
+};
+
+/// launch_quantize_rows for a runtime format; the blocks are `format`'s QuantBlock, addressed as
+/// bytes ([groups][head_dim] key blocks, [groups · G][head_dim / G] value blocks).
+template <class T>
+void launch_quantize_rows(const KiviFormat& format, const T* k_rows, const T* v_rows,
+                          int64_t groups, int head_dim, uint8_t* keys, uint8_t* values,
+                          cudaStream_t stream) {
+  dispatch_quant(format.bits, format.group, [&](auto b, auto g) {
+    using Block = QuantBlock<decltype(b)::value, decltype(g)::value>;
+    launch_quantize_rows(k_rows, v_rows, groups, head_dim, reinterpret_cast<Block*>(keys),
+                         reinterpret_cast<Block*>(values), stream);
+  });
+}
+
+/// One kv head in the KIVI layout above, as attention_kernel reads it (device pointers). The
+/// block format is a runtime value: one attention instantiation per head_dim serves every
+/// (bits, group), at the cost of a shift and a mask per code.
 struct KiviAttentionHead {
-  using Block = QuantBlock<Bits, G>;
-  const Block* k_blocks;     ///< [quantized / G][head_dim]
-  const Block* v_blocks;     ///< [quantized][head_dim / G]
+  const uint8_t* k_blocks;   ///< [quantized / G][head_dim] blocks of format.block_bytes
+  const uint8_t* v_blocks;   ///< [quantized][head_dim / G] blocks
   const Half* k_residual;    ///< [size - quantized][head_dim]
   const Half* v_residual;    ///< [size - quantized][head_dim]
   const int32_t* positions;  ///< [size], ascending
   int64_t size;              ///< tokens held
   int64_t quantized;         ///< tokens in blocks (a multiple of G)
+  KiviFormat format;
 
   /// Rows [t0, t0 + n) as fp32 into the tiles (row stride `stride`), threads of the block
   /// striding over (row, channel): equal to dequantize_ref of each value.
   template <int D>
   KVPACK_DEVICE void load_tile(int64_t t0, int n, float* k_tile, float* v_tile, int stride, int tid,
                                int threads) const {
+    const int G = format.group, bytes = format.block_bytes;
     for (int idx = tid; idx < n * D; idx += threads) {
       const int r = idx / D;
       const int c = idx % D;
       const int64_t t = t0 + r;
       float k = 0.0f, v = 0.0f;
       if (t < quantized) {
-        k = dequantize_ref(k_blocks[(t / G) * D + c], static_cast<int>(t % G));
-        v = dequantize_ref(v_blocks[t * (D / G) + c / G], c % G);
+        k = dequantize_packed(k_blocks + ((t / G) * D + c) * bytes, format.bits,
+                              static_cast<int>(t % G));
+        v = dequantize_packed(v_blocks + (t * (D / G) + c / G) * bytes, format.bits, c % G);
       } else {
         k = to_float(k_residual[(t - quantized) * D + c]);
         v = to_float(v_residual[(t - quantized) * D + c]);

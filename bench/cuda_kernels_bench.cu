@@ -256,8 +256,8 @@ void BM_cuda_kivi_quantize(benchmark::State& state) {
   const double bytes =
       static_cast<double>(k_rows.bytes() + v_rows.bytes() + keys.bytes() + values.bytes());
   measure(state, bytes, [&] {
-    kc::launch_quantize_rows<kBits, kGroup, Half>(k_rows.data(), v_rows.data(), kTokens / kGroup,
-                                                  d, keys.data(), values.data(), nullptr);
+    kc::launch_quantize_rows<kBits, kGroup, Half>(k_rows.data(), v_rows.data(), kTokens / kGroup, d,
+                                                  keys.data(), values.data(), nullptr);
   });
 }
 BENCHMARK(BM_cuda_kivi_quantize)->Arg(64)->Arg(128)->UseManualTime()->Unit(benchmark::kMicrosecond);

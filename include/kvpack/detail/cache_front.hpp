@@ -186,11 +186,12 @@ class CacheFront {
                           int64_t drop) const {
     if (split == 0) return;
     const int64_t whole = size - drop - split;  // tokens in the groups that stay whole
-    throw error(concat(where, ": last_position = ", last_position,
-                       " would cut inside a quantized group of layer ", layer, " kv head ", head,
-                       " (", split, " of its tokens stay), expected the end of a group: ",
-                       whole > 0 ? concat("position ", positions[whole - 1]) : std::string("clear()"),
-                       ", or a position in the fp16 residual"));
+    throw error(
+        concat(where, ": last_position = ", last_position,
+               " would cut inside a quantized group of layer ", layer, " kv head ", head, " (",
+               split, " of its tokens stay), expected the end of a group: ",
+               whole > 0 ? concat("position ", positions[whole - 1]) : std::string("clear()"),
+               ", or a position in the fp16 residual"));
   }
 
   /// Whether layer l is touched by a truncate to last_position that drops drop[l] tokens.

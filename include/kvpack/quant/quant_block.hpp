@@ -175,8 +175,8 @@ KVPACK_HOST_DEVICE float dequantize_packed(const uint8_t* block, int bits, int i
   const Half scale{static_cast<uint16_t>(block[0] | (block[1] << 8))};
   const Half min{static_cast<uint16_t>(block[2] | (block[3] << 8))};
   const int bit = i * bits;
-  const uint32_t code = (static_cast<uint32_t>(block[4 + (bit >> 3)]) >> (bit & 7)) &
-                        ((1u << bits) - 1u);
+  const uint32_t code =
+      (static_cast<uint32_t>(block[4 + (bit >> 3)]) >> (bit & 7)) & ((1u << bits) - 1u);
   return static_cast<float>(code) * to_float(scale) + to_float(min);
 }
 

@@ -261,9 +261,9 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
         const cuda::KiviFormat f = kivi_format();
         for (int64_t t = 0; t < quantized; ++t) {
           for (int c = 0; c < d; ++c) {
-            dst.k[t * d + c] = dequantize_packed(
-                g.k_blocks.data() + ((t / f.group) * d + c) * f.block_bytes, f.bits,
-                static_cast<int>(t % f.group));
+            dst.k[t * d + c] =
+                dequantize_packed(g.k_blocks.data() + ((t / f.group) * d + c) * f.block_bytes,
+                                  f.bits, static_cast<int>(t % f.group));
             dst.v[t * d + c] = dequantize_packed(
                 g.v_blocks.data() + (t * (d / f.group) + c / f.group) * f.block_bytes, f.bits,
                 c % f.group);
@@ -281,8 +281,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// CUDA cache has no pages yet, so no page rounding) and one position per held token, plus
   /// the per-head and per-layer bookkeeping (at the CPU's sizes).
   std::size_t bytes() const {
-    std::size_t total = heads_.size() * sizeof(HostStore) +
-                        layers_.size() * sizeof(detail::LayerState);
+    std::size_t total =
+        heads_.size() * sizeof(HostStore) + layers_.size() * sizeof(detail::LayerState);
     const std::size_t row = 2 * static_cast<std::size_t>(shape_.head_dim) * sizeof(storage_type);
     for (const auto& head : heads_) {
       total += static_cast<std::size_t>(head.rows()) * row +

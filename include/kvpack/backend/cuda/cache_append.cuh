@@ -102,11 +102,10 @@ void KVCache<Policy, backend::Cuda>::append_unchecked(int layer, const Activatio
                                        cudaMemcpyDeviceToDevice, stream),
                        "KVCache::append: copy of V on growth");
     }
-    cuda::check_cuda(
-        cudaMemcpyAsync(g.buffers.positions.data(), old.positions.data(),
-                        static_cast<std::size_t>(old.size) * sizeof(int32_t),
-                        cudaMemcpyDeviceToDevice, stream),
-        "KVCache::append: copy of positions on growth");
+    cuda::check_cuda(cudaMemcpyAsync(g.buffers.positions.data(), old.positions.data(),
+                                     static_cast<std::size_t>(old.size) * sizeof(int32_t),
+                                     cudaMemcpyDeviceToDevice, stream),
+                     "KVCache::append: copy of positions on growth");
   }
   cuda::launch_convert_rows(k_device, reinterpret_cast<T* const*>(ws + at_k_targets), d, stream);
   cuda::launch_convert_rows(v_device, reinterpret_cast<T* const*>(ws + at_v_targets), d, stream);

@@ -66,7 +66,7 @@ void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const Activatio
   for (int h = 0; h < kv_heads; ++h) {
     const DeviceHead& head = store(layer, h);
     if constexpr (cuda::is_kivi_policy<Policy>::value) {
-      head_table[h] = {head.k_blocks.data(), head.v_blocks.data(), head.k.data(),
+      head_table[h] = {head.k_blocks.data(), head.v_blocks.data(),  head.k.data(),
                        head.v.data(),        head.positions.data(), head.size,
                        head.quantized,       kivi_format()};
     } else {

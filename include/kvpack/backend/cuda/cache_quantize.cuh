@@ -61,14 +61,14 @@ void KVCache<Policy, backend::Cuda>::quantize() {
     uint8_t* k_blocks = q.k_blocks.empty() ? head.k_blocks.data() : q.k_blocks.data();
     uint8_t* v_blocks = q.v_blocks.empty() ? head.v_blocks.data() : q.v_blocks.data();
     if (!q.k_blocks.empty() && head.quantized > 0) {
-      cuda::check_cuda(cudaMemcpyAsync(k_blocks, head.k_blocks.data(),
-                                       kivi_key_block_bytes(head.quantized),
-                                       cudaMemcpyDeviceToDevice, stream),
-                       "KVCache::compress: copy of the key blocks on growth");
-      cuda::check_cuda(cudaMemcpyAsync(v_blocks, head.v_blocks.data(),
-                                       kivi_value_block_bytes(head.quantized),
-                                       cudaMemcpyDeviceToDevice, stream),
-                       "KVCache::compress: copy of the value blocks on growth");
+      cuda::check_cuda(
+          cudaMemcpyAsync(k_blocks, head.k_blocks.data(), kivi_key_block_bytes(head.quantized),
+                          cudaMemcpyDeviceToDevice, stream),
+          "KVCache::compress: copy of the key blocks on growth");
+      cuda::check_cuda(
+          cudaMemcpyAsync(v_blocks, head.v_blocks.data(), kivi_value_block_bytes(head.quantized),
+                          cudaMemcpyDeviceToDevice, stream),
+          "KVCache::compress: copy of the value blocks on growth");
     }
     // Blocks past `quantized` are not held yet: writing them in place changes nothing visible
     // until the commit below.

@@ -88,7 +88,8 @@ struct KiviFormat {
   static KiviFormat of(int bits, int group) {
     KiviFormat f{bits, group, 0};
     if (!dispatch_quant(bits, group, [&](auto b, auto g) {
-          f.block_bytes = static_cast<int>(sizeof(QuantBlock<decltype(b)::value, decltype(g)::value>));
+          f.block_bytes =
+              static_cast<int>(sizeof(QuantBlock<decltype(b)::value, decltype(g)::value>));
         })) {
       throw error(detail::concat("kvpack: no KIVI block format for bits ", bits, " and group ",
                                  group, " (bits 2, 4 or 8; group 16, 32, 64 or 128)"));

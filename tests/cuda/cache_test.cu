@@ -12,6 +12,7 @@
 #include <kvpack/backend/cuda.hpp>
 #include <kvpack/backend/cuda/runtime.hpp>
 #include <kvpack/kvpack.hpp>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -155,6 +156,62 @@ TEST_CASE("CUDA StreamingLLM: sinks + recent window, per head and global, equal 
       require_same_attention_everywhere(cpu, gpu, seed++);
     }
   }
+}
+
+TEST_CASE("CUDA HeadLevelEvict: heads kept whole or to their protected tokens, as on the CPU",
+          "[cuda][eviction]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  uint32_t seed = 400;
+  for (const ModelShape& s : {kShapes[1], kShapes[3]}) {
+    auto scores = std::make_shared<kvpack::HeadScores>();
+    scores->layers = s.layers;
+    scores->kv_heads = s.kv_heads;
+    std::mt19937 rng(seed);
+    for (int i = 0; i < s.layers * s.kv_heads; ++i) {
+      scores->score.push_back(static_cast<float>(rng() % 1000) / 1000.0f);
+    }
+    scores->score[1] = scores->score[0];  // a tie: the lower (layer, head) wins on both
+    Budget global = Budget::ratio(0.5, BudgetScope::kGlobal);
+    global.sink_tokens = 4;
+    global.recent_tokens = 16;
+    Budget per_layer = Budget::ratio(0.34, BudgetScope::kPerHead);
+    per_layer.sink_tokens = 2;
+    per_layer.recent_tokens = 40;
+    for (const Budget& budget : {global, per_layer}) {
+      INFO("kv_heads " << s.kv_heads << " d " << s.head_dim << "; keep_ratio " << budget.keep_ratio
+                       << " global " << (budget.scope == BudgetScope::kGlobal));
+      const kvpack::HeadLevelEvict policy(scores, budget);
+      KVCache<kvpack::HeadLevelEvict, backend::Cpu> cpu(s, policy);
+      KVCache<kvpack::HeadLevelEvict, backend::Cuda> gpu(s, policy);
+      feed_sequence(s, 260, 6, false, cpu, gpu);
+      cpu.compress();
+      gpu.compress();
+      require_same_state(cpu, gpu);
+      require_same_attention_everywhere(cpu, gpu, seed++);
+      int whole = 0;  // heads that kept every token: some, not all
+      for (int l = 0; l < s.layers; ++l) {
+        for (int h = 0; h < s.kv_heads; ++h) whole += gpu.tokens(l, h) == 266;
+      }
+      REQUIRE(whole > 0);
+      REQUIRE(whole < s.layers * s.kv_heads);
+      // Decoding goes on; the next compress trims the new tokens of the heads not kept whole.
+      for (int l = 0; l < s.layers; ++l) {
+        for (int64_t t = 266; t < 300; ++t) feed(s, l, t, 1, 2, false, cpu, gpu);
+      }
+      cpu.compress();
+      gpu.compress();
+      require_same_state(cpu, gpu);
+      require_same_attention_everywhere(cpu, gpu, seed++);
+    }
+  }
+  // A token budget means nothing here: refused as on the CPU.
+  auto scores = std::make_shared<kvpack::HeadScores>();
+  scores->layers = kShapes[1].layers;
+  scores->kv_heads = kShapes[1].kv_heads;
+  scores->score.assign(scores->layers * scores->kv_heads, 0.5f);
+  const kvpack::HeadLevelEvict bad(scores, Budget::tokens(100));
+  REQUIRE(error_of([&] { KVCache<kvpack::HeadLevelEvict, backend::Cuda> g(kShapes[1], bad); }) ==
+          error_of([&] { KVCache<kvpack::HeadLevelEvict, backend::Cpu> c(kShapes[1], bad); }));
 }
 
 TEST_CASE("CUDA L2NormEvict global budget: ragged kept sets equal the CPU's", "[cuda][eviction]") {

@@ -29,6 +29,7 @@
 #include "../../detail/select.hpp"
 #include "../../detail/validate.hpp"
 #include "../../error.hpp"
+#include "../../policy/head_level_evict.hpp"
 #include "../../policy/identity.hpp"
 #include "../../policy/l2_norm_evict.hpp"
 #include "../../policy/policy_base.hpp"
@@ -52,8 +53,9 @@
 namespace kvpack {
 
 /// \brief CUDA implementation of KVCache (see the file comment for the design).
-/// \tparam Policy BasicIdentity<Half|float>, Quantize (KIVI blocks + fp16 residual), or an
-/// eviction policy scored from K/V or by position (L2NormEvict, StreamingLLM).
+/// \tparam Policy BasicIdentity<Half|float>, Quantize (KIVI blocks + fp16 residual), an
+/// eviction policy scored from K/V or by position (L2NormEvict, StreamingLLM), or
+/// HeadLevelEvict.
 ///
 /// The cache runs on a caller-owned cuda::CudaContext (device + stream), or on one it creates
 /// on the current device. Move-only. Calls on one cache are serialised (a mutex guards the
@@ -62,10 +64,10 @@ template <class Policy>
 class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   static_assert(cuda::supports_policy_v<Policy>,
                 "no CUDA implementation of this Policy: backend::Cuda implements BasicIdentity, "
-                "Quantize and eviction policies scored per token from K/V (L2NormEvict: an "
-                "EvictionPolicy with a KVPACK_HOST_DEVICE static token_score) or by position "
-                "(StreamingLLM: position_score); use backend::Cpu for the others (query-scored "
-                "eviction, LazyLayerDrop, low-rank policies, Compose)");
+                "Quantize, HeadLevelEvict and eviction policies scored per token from K/V "
+                "(L2NormEvict: an EvictionPolicy with a KVPACK_HOST_DEVICE static token_score) or "
+                "by position (StreamingLLM: position_score); use backend::Cpu for the others "
+                "(query-scored eviction, KVzap, LazyLayerDrop, low-rank policies, Compose)");
 
  public:
   using backend_type = backend::Cuda;

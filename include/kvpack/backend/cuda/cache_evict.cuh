@@ -47,6 +47,15 @@ void KVCache<Policy, backend::Cuda>::evict() {
   }
   const int64_t n_targets = static_cast<int64_t>(targets.size());
   if (n_targets == 0) return;
+  // HeadLevelEvict: a head keeps every token or only the protected ones (chosen on the host from
+  // the policy's head scores, as the CPU cache does).
+  constexpr bool kHeadLevel = cuda::is_head_level_policy<Policy>::value;
+  std::vector<char> whole;
+  if constexpr (kHeadLevel) {
+    std::vector<int> ids;
+    for (const Target& t : targets) ids.push_back(t.layer * shape_.kv_heads + t.head);
+    whole = policy_.heads_kept(ids);
+  }
 
   cuda::WorkspaceLayout layout;
   const std::size_t at_score_jobs = layout.add<cuda::ScoreJob<T>>(n_targets);
@@ -73,21 +82,28 @@ void KVCache<Policy, backend::Cuda>::evict() {
     select_jobs[i] = {scores + targets[i].offset,
                       head.positions.data(),
                       head.size,
-                      budget.target(state.appended),
+                      kHeadLevel ? (whole[i] ? head.size : 0) : budget.target(state.appended),
                       state.first_position + budget.sink_tokens,
                       state.last_position - budget.recent_tokens,
                       targets[i].offset};
   }
   upload_staging(ws, upload_bytes, where);
-  cuda::launch_score_tokens<Policy, T>(
-      reinterpret_cast<const cuda::ScoreJob<T>*>(ws + at_score_jobs), n_targets, longest, d, scores,
-      stream);
+  if constexpr (kHeadLevel) {
+    // Equal scores: a head's target alone decides (all or only the protected tokens).
+    cuda::check_cuda(
+        cudaMemsetAsync(scores, 0, static_cast<std::size_t>(total) * sizeof(float), stream),
+        "KVCache::compress: clearing the scores");
+  } else {
+    cuda::launch_score_tokens<Policy, T>(
+        reinterpret_cast<const cuda::ScoreJob<T>*>(ws + at_score_jobs), n_targets, longest, d,
+        scores, stream);
+  }
 
   std::vector<int64_t> kept(n_targets), first_position(n_targets);
   auto* results = reinterpret_cast<cuda::SelectResult*>(ws + at_results);
   const auto* device_select_jobs = reinterpret_cast<const cuda::SelectJob*>(ws + at_select_jobs);
   auto* flags = reinterpret_cast<uint8_t*>(ws + at_flags);
-  if (budget.scope == BudgetScope::kPerHead) {
+  if (budget.scope == BudgetScope::kPerHead || kHeadLevel) {
     cuda::launch_select_top_k(device_select_jobs, n_targets, flags, results, kept_index, stream);
   } else {
     // One threshold over every (layer, head, token), selected on the device: only the per-head

@@ -101,17 +101,23 @@ template <class P>
 struct is_position_score_policy
     : std::bool_constant<is_eviction_policy_v<P> && P::score_source == ScoreSource::kPosition> {};
 
+/// Eviction by head (HeadLevelEvict): a head keeps all its tokens or only the protected ones,
+/// decided on the host from HeadScores; no token is scored.
+template <class P>
+struct is_head_level_policy
+    : std::bool_constant<is_eviction_policy_v<P> && P::score_source == ScoreSource::kHeadScores> {};
+
 /// KIVI quantization alone (Quantize): rows age out of the fp16 residual into blocks.
 template <class P>
 struct is_kivi_policy : std::is_same<P, Quantize> {};
 
-/// Policies the CUDA cache implements: BasicIdentity, Quantize, and eviction policies scored
-/// per token from K/V (L2NormEvict) or by position (StreamingLLM); the scoring hook must be a
-/// KVPACK_HOST_DEVICE function.
+/// Policies the CUDA cache implements: BasicIdentity, Quantize, eviction policies scored per
+/// token from K/V (L2NormEvict) or by position (StreamingLLM) - the scoring hook must be a
+/// KVPACK_HOST_DEVICE function - and eviction by head (HeadLevelEvict).
 template <class P>
 inline constexpr bool supports_policy_v =
     is_keep_all_policy<P>::value || is_kivi_policy<P>::value || is_token_score_policy<P>::value ||
-    is_position_score_policy<P>::value;
+    is_position_score_policy<P>::value || is_head_level_policy<P>::value;
 
 /// Bytes of one element of `dtype`.
 inline std::size_t dtype_bytes(DType dtype) { return dtype == DType::kF32 ? 4 : 2; }

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "../cpu/test_util.hpp"
+
 namespace cache_checks {
 
 using kvpack::ActivationView;
@@ -20,13 +22,7 @@ using kvpack::Half;
 using kvpack::ModelShape;
 using kvpack::OutputView;
 
-inline std::vector<float> gaussian(std::size_t n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<float> x(n);
-  for (auto& v : x) v = dist(rng);
-  return x;
-}
+using kvpack_test::random_values;  // seeded Gaussian values
 
 /// Multiples of 1/8 in [-4, 4]: exact in fp16, bf16 and fp32, and their squares sum exactly in
 /// fp32, so L2 scores are bit-identical on both backends (with or without FMA contraction) and
@@ -76,8 +72,8 @@ inline void feed(const ModelShape& s, int layer, int64_t t0, int64_t n, int layo
     // Heads-first with padded rows: element (t, h, i) at h * hs + t * ts + i.
     const int64_t ts = d + 8, hs = n * ts + 16;
     std::vector<float> k(static_cast<std::size_t>(heads * hs), 0.0f), v(k.size(), 0.0f);
-    const auto kk = keys_on_grid ? grid_values(count, seed) : gaussian(count, seed);
-    const auto vv = gaussian(count, seed + 1);
+    const auto kk = keys_on_grid ? grid_values(count, seed) : random_values(count, seed);
+    const auto vv = random_values(count, seed + 1);
     for (int64_t t = 0; t < n; ++t) {
       for (int64_t h = 0; h < heads; ++h) {
         for (int64_t i = 0; i < d; ++i) {
@@ -92,8 +88,8 @@ inline void feed(const ModelShape& s, int layer, int64_t t0, int64_t n, int layo
      ...);
     return;
   }
-  const auto k = keys_on_grid ? grid_values(count, seed) : gaussian(count, seed);
-  const auto v = gaussian(count, seed + 1);
+  const auto k = keys_on_grid ? grid_values(count, seed) : random_values(count, seed);
+  const auto v = random_values(count, seed + 1);
   if (layout == 0) {
     (caches.append(layer, ActivationView::nhd(k.data(), n, heads, d),
                    ActivationView::nhd(v.data(), n, heads, d), pos),
@@ -194,7 +190,7 @@ inline bool require_same_attention(const CpuCache& cpu, const CudaCache& gpu, in
                                    const std::vector<int64_t>& qpos, uint32_t seed) {
   const ModelShape& s = cpu.shape();
   const int64_t n = static_cast<int64_t>(qpos.size());
-  const auto q = gaussian(static_cast<std::size_t>(n * s.q_heads * s.head_dim), seed);
+  const auto q = random_values(static_cast<std::size_t>(n * s.q_heads * s.head_dim), seed);
   const auto qv = ActivationView::nhd(q.data(), n, s.q_heads, s.head_dim);
   std::vector<float> a(q.size(), -7.0f), b(q.size(), 7.0f);
   const std::string ea = error_of(

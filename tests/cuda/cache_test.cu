@@ -275,7 +275,8 @@ TEST_CASE("CUDA errors: every bad call throws the CPU's message and changes noth
   KVCache<L2NormEvict, backend::Cpu> cpu(s, L2NormEvict(Budget::ratio(0.5), 0));
   KVCache<L2NormEvict, backend::Cuda> gpu(s, L2NormEvict(Budget::ratio(0.5), 0));
   feed(s, 0, 0, 100, 0, false, cpu, gpu);
-  const auto k = gaussian(8 * 3 * 64, 1), v = gaussian(8 * 3 * 64, 2), q = gaussian(8 * 9 * 64, 3);
+  const auto k = random_values(8 * 3 * 64, 1), v = random_values(8 * 3 * 64, 2),
+             q = random_values(8 * 9 * 64, 3);
   std::vector<float> out_cpu(8 * 9 * 64), out_gpu(8 * 9 * 64);
   const auto kv = [](const std::vector<float>& x, int64_t n = 8) {
     return ActivationView::nhd(x.data(), n, 3, 64);
@@ -425,8 +426,8 @@ TEST_CASE("CUDA device-memory views: same storage and attention as host views", 
   KVCache<L2NormEvict, backend::Cuda> host(s, L2NormEvict(budget, 0));
   KVCache<L2NormEvict, backend::Cuda> device(s, L2NormEvict(budget, 0));
   const auto k = convert<Half>(grid_values(n * s.kv_heads * d, 5));
-  const auto v = gaussian(n * s.kv_heads * d, 6);
-  const auto q = gaussian(4 * s.q_heads * d, 7);
+  const auto v = random_values(n * s.kv_heads * d, 6);
+  const auto q = random_values(4 * s.q_heads * d, 7);
   kvpack::cuda::CudaContext& ctx = device.context();
   kvpack::cuda::DeviceBuffer<Half> dk(k.size(), ctx.device());
   kvpack::cuda::DeviceBuffer<float> dv(v.size(), ctx.device()), dq(q.size(), ctx.device());

@@ -214,6 +214,83 @@ TEST_CASE("CUDA HeadLevelEvict: heads kept whole or to their protected tokens, a
           error_of([&] { KVCache<kvpack::HeadLevelEvict, backend::Cpu> c(kShapes[1], bad); }));
 }
 
+TEST_CASE("CUDA ReconstructionEvict (KVzip): observed scores and kept sets equal the CPU's",
+          "[cuda][eviction]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  Budget global = Budget::ratio(0.3, BudgetScope::kGlobal);
+  global.sink_tokens = 4;
+  global.recent_tokens = 16;
+  Budget per_head = Budget::ratio(0.4, BudgetScope::kPerHead);
+  per_head.sink_tokens = 2;
+  per_head.recent_tokens = 8;
+  uint32_t seed = 500;
+  for (const ModelShape& s : {kShapes[1], kShapes[2]}) {
+    for (const Budget& budget : {global, per_head}) {
+      INFO("q_heads " << s.q_heads << " kv_heads " << s.kv_heads << " d " << s.head_dim
+                      << "; global " << (budget.scope == BudgetScope::kGlobal));
+      const kvpack::ReconstructionEvict policy(budget);
+      KVCache<kvpack::ReconstructionEvict, backend::Cpu> cpu(s, policy);
+      KVCache<kvpack::ReconstructionEvict, backend::Cuda> gpu(s, policy);
+      feed_sequence(s, 200, 0, false, cpu, gpu);
+      // A repeat pass in two chunks: queries at tokens 150-164 over all keys, then queries at
+      // 170-184 over a chunk-local window (sinks, tokens 60-109, the tail from 175). Tokens
+      // 165-174 and 185-199 stay unscored.
+      for (int l = 0; l < s.layers; ++l) {
+        for (int chunk = 0; chunk < 2; ++chunk) {
+          const kvpack::ScoreWindow window =
+              chunk == 0 ? kvpack::ScoreWindow::all()
+                         : kvpack::ScoreWindow::chunk(position_of(4), position_of(60),
+                                                      position_of(110), position_of(175));
+          cpu.policy().window = window;
+          gpu.policy().window = window;
+          const auto q = random_values(15 * s.q_heads * s.head_dim, seed++, 1.5f);
+          const auto qv = ActivationView::nhd(q.data(), 15, s.q_heads, s.head_dim);
+          const auto qpos = positions_range(chunk == 0 ? 150 : 170, 15);
+          cpu.observe(l, qv, qpos);
+          gpu.observe(l, qv, qpos);
+        }
+        for (int h = 0; h < s.kv_heads; ++h) {
+          const auto a = cpu.token_scores(l, h);
+          const auto b = gpu.token_scores(l, h);
+          REQUIRE(a.size() == b.size());
+          int scored = 0;
+          for (std::size_t t = 0; t < a.size(); ++t) {
+            INFO("layer " << l << " head " << h << " token " << t);
+            REQUIRE(std::isnan(a[t]) == std::isnan(b[t]));
+            if (std::isnan(a[t])) continue;
+            REQUIRE(std::fabs(a[t] - b[t]) <= 1e-5f * a[t] + 1e-9f);
+            ++scored;
+          }
+          REQUIRE(scored == 175);
+        }
+      }
+      cpu.compress();
+      gpu.compress();
+      require_same_state(cpu, gpu);
+      require_same_attention_everywhere(cpu, gpu, seed++);
+      // Decode tokens no query has seen are kept outside the budget by the next compress.
+      for (int l = 0; l < s.layers; ++l) {
+        for (int64_t t = 200; t < 220; ++t) feed(s, l, t, 1, 2, false, cpu, gpu);
+      }
+      cpu.compress();
+      gpu.compress();
+      require_same_state(cpu, gpu);
+      for (int l = 0; l < s.layers; ++l) {
+        const auto held = gpu.materialize(l).heads[0].positions;
+        REQUIRE(held.back() == position_of(219));
+        REQUIRE(std::count_if(held.begin(), held.end(),
+                              [](int32_t p) { return p > position_of(199); }) == 20);
+      }
+    }
+  }
+  // KVzip+ (output factors) has no CUDA kernel: refused, not scored as plain KVzip.
+  const ModelShape s = kShapes[1];
+  const kvpack::ReconstructionEvict plus(Budget::ratio(0.3, BudgetScope::kGlobal),
+                                         std::make_shared<kvpack::OutputFactors>(s));
+  REQUIRE_THROWS_WITH((KVCache<kvpack::ReconstructionEvict, backend::Cuda>(s, plus)),
+                      Contains("output_factors = set"));
+}
+
 TEST_CASE("CUDA L2NormEvict global budget: ragged kept sets equal the CPU's", "[cuda][eviction]") {
   KVPACK_SKIP_WITHOUT_DEVICE();
   uint32_t seed = 90;

@@ -1,9 +1,9 @@
 // The CUDA kernels on the reference model's real K/V, run on the emulated grid
 // (backend/cuda/emulation/): the same kernel source nvcc compiles, executed on the CPU. The CUDA
-// cache against the CPU cache through a prefill, an L2 eviction or KIVI quantization, and
-// decode steps; the KIVI kernels on one layer's K/V and queries (tests/cuda/kivi_checks.hpp);
-// the low-rank factorisation on an xKV group's stacked keys and values
-// (tests/cuda/low_rank_checks.hpp).
+// cache against the CPU cache through a prefill, an L2 or KVzip eviction or KIVI quantization,
+// and decode steps; the KIVI kernels on one layer's K/V and queries
+// (tests/cuda/kivi_checks.hpp); the low-rank factorisation on an xKV group's stacked keys and
+// values (tests/cuda/low_rank_checks.hpp).
 #define KVPACK_CUDA_EMULATION 1
 
 #include <algorithm>
@@ -155,6 +155,11 @@ TEST_CASE("model: the CUDA backend on the emulated grid matches the CPU on real 
   }
   SECTION("Quantize 2-bit, group 16, residual 0") {
     check_against_cpu(*model, ids, kvpack::Quantize(2, 16, 0));
+  }
+  // KVzip scored by the prefill's own queries (observed on both), one global threshold.
+  SECTION("ReconstructionEvict, keep half, global") {
+    kvpack::ReconstructionEvict policy(kvpack::Budget::ratio(0.5, kvpack::BudgetScope::kGlobal));
+    check_against_cpu(*model, ids, policy);
   }
 }
 

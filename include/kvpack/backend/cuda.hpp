@@ -39,4 +39,5 @@
 #include "cuda/cache_attend.cuh"
 #include "cuda/cache_checks.cuh"
 #include "cuda/cache_evict.cuh"
+#include "cuda/cache_observe.cuh"
 #include "cuda/cache_quantize.cuh"

@@ -34,6 +34,7 @@
 #include "../../policy/l2_norm_evict.hpp"
 #include "../../policy/policy_base.hpp"
 #include "../../policy/quantize.hpp"
+#include "../../policy/reconstruction_evict.hpp"
 #include "../../policy/streaming_llm.hpp"
 #include "../../shape.hpp"
 #include "../../span.hpp"
@@ -46,6 +47,7 @@
 #include "kernels/attention.cuh"
 #include "kernels/compact.cuh"
 #include "kernels/kivi.cuh"
+#include "kernels/observe.cuh"
 #include "kernels/score.cuh"
 #include "kernels/select.cuh"
 #include "kernels/select_global.cuh"
@@ -54,8 +56,8 @@ namespace kvpack {
 
 /// \brief CUDA implementation of KVCache (see the file comment for the design).
 /// \tparam Policy BasicIdentity<Half|float>, Quantize (KIVI blocks + fp16 residual), an
-/// eviction policy scored from K/V or by position (L2NormEvict, StreamingLLM), or
-/// HeadLevelEvict.
+/// eviction policy scored from K/V or by position (L2NormEvict, StreamingLLM), by observed
+/// queries (ReconstructionEvict without KVzip+ factors), or HeadLevelEvict.
 ///
 /// The cache runs on a caller-owned cuda::CudaContext (device + stream), or on one it creates
 /// on the current device. Move-only. Calls on one cache are serialised (a mutex guards the
@@ -64,10 +66,10 @@ template <class Policy>
 class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   static_assert(cuda::supports_policy_v<Policy>,
                 "no CUDA implementation of this Policy: backend::Cuda implements BasicIdentity, "
-                "Quantize, HeadLevelEvict and eviction policies scored per token from K/V "
-                "(L2NormEvict: an EvictionPolicy with a KVPACK_HOST_DEVICE static token_score) or "
-                "by position (StreamingLLM: position_score); use backend::Cpu for the others "
-                "(query-scored eviction, KVzap, LazyLayerDrop, low-rank policies, Compose)");
+                "Quantize, HeadLevelEvict, ReconstructionEvict and eviction policies scored per "
+                "token from K/V (L2NormEvict: an EvictionPolicy with a KVPACK_HOST_DEVICE static "
+                "token_score) or by position (StreamingLLM: position_score); use backend::Cpu for "
+                "the others (SnapKV, KVzap, LazyLayerDrop, low-rank policies, Compose)");
 
  public:
   using backend_type = backend::Cuda;
@@ -75,6 +77,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
 
  private:
   KVPACK_CACHE_FRONT_MEMBERS(Policy);
+  /// The policy scores tokens by observed queries (one device score per held token).
+  static constexpr bool kQueryScores = cuda::is_query_max_policy<Policy>::value;
 
  public:
   /// Validates the shape and the policy's knobs (as the CPU cache does; head_dim must also be
@@ -118,14 +122,40 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     append_unchecked(layer, k, v, positions, space);
   }
 
-  /// Hands queries (tokens × q_heads × head_dim, post-RoPE) to policies that score with them.
+  /// Hands queries (tokens × q_heads × head_dim, post-RoPE) to policies that score with them:
+  /// ReconstructionEvict folds the softmax probability each held key of `layer` receives (inside
+  /// the policy's ScoreWindow, max over the rows and the GQA group) into the key's score.
+  /// Throws kvpack::error, nothing changed, for a bad layer, view or position, or non-finite
+  /// queries.
   void observe(int layer, const ActivationView& q, Positions positions,
                MemorySpace space = MemorySpace::kHost) {
     constexpr const char* where = "KVCache::observe";
     cuda::DeviceGuard guard(context_->device());
     std::lock_guard<std::mutex> lock(scratch_->mutex);
     check_query(where, layer, q, positions, space);
+    if constexpr (kQueryScores) {
+      check_no_value_weights(where);
+      observe_scores(layer, q, positions, space);
+    }
     observed_ = true;
+  }
+
+  /// The score of every token (layer, head) holds, in held order (ascending position): the max
+  /// probability observe() gave it, NaN for a token no observed query has seen (as the CPU
+  /// cache). ReconstructionEvict only. Throws kvpack::error for a bad layer or head.
+  template <class P = Policy, class = std::enable_if_t<cuda::is_query_max_policy<P>::value>>
+  std::vector<float> token_scores(int layer, int head) const {
+    constexpr const char* where = "KVCache::token_scores";
+    this->check_head(where, layer, head);
+    cuda::DeviceGuard guard(context_->device());
+    std::lock_guard<std::mutex> lock(scratch_->mutex);
+    std::vector<float> scores;
+    download(store(layer, head).scores.data(), store(layer, head).size, scores, where);
+    context_->synchronize(where);
+    for (float& x : scores) {
+      if (x == cuda::kUnscoredScore) x = std::numeric_limits<float>::quiet_NaN();
+    }
+    return scores;
   }
 
   /// Applies the policy to everything held (see the CPU cache: repeated calls hold the budget;
@@ -288,7 +318,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     const std::size_t row = 2 * static_cast<std::size_t>(shape_.head_dim) * sizeof(storage_type);
     for (const auto& head : heads_) {
       total += static_cast<std::size_t>(head.rows()) * row +
-               static_cast<std::size_t>(head.size) * sizeof(int32_t) +
+               static_cast<std::size_t>(head.size) * (sizeof(int32_t) + score_bytes()) +
                kivi_key_block_bytes(head.quantized) + kivi_value_block_bytes(head.quantized);
     }
     return total;
@@ -300,7 +330,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     std::size_t total = 0;
     for (const auto& head : heads_) {
       total += head.k.bytes() + head.v.bytes() + head.positions.bytes() + head.k_blocks.bytes() +
-               head.v_blocks.bytes();
+               head.v_blocks.bytes() + head.scores.bytes();
     }
     return total;
   }
@@ -353,6 +383,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
       return cuda::KiviFormat{};
     }
   }
+  /// Bytes of the per-token score query-scored policies keep (0 for the others).
+  static constexpr std::size_t score_bytes() { return kQueryScores ? sizeof(float) : 0; }
   /// Tokens per KIVI group (1 for policies that do not quantize: no group to split).
   int group_size() const {
     if constexpr (cuda::is_kivi_policy<Policy>::value) return policy_.group;
@@ -387,6 +419,15 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
                     shape_.head_dim, "64 or 128 (the head dims the CUDA kernels are compiled for)");
     detail::require(shape_.kv_heads <= 65535, "KVCache (CUDA)", "kv_heads", shape_.kv_heads,
                     "<= 65535 (one grid row per kv head)");
+    if constexpr (kQueryScores) check_no_value_weights("KVCache (CUDA)");
+  }
+
+  /// KVzip+ (output factors) has no CUDA kernel yet: refused rather than scored as plain KVzip.
+  void check_no_value_weights(const char* where) const {
+    if constexpr (kQueryScores) {
+      detail::require(policy_.value_weights() == nullptr, where, "output_factors", "set",
+                      "none on the CUDA backend (KVzip+ scoring runs on backend::Cpu)");
+    }
   }
 
   void allocate_bookkeeping() {
@@ -446,11 +487,13 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   void attend_unchecked(int layer, const ActivationView& q, Positions positions,
                         const OutputView& out, MemorySpace space) const;
   // Member templates, so that explicit instantiation of a cache whose policy does not evict
-  // (quantize) does not instantiate them.
+  // (quantize, score by queries) does not instantiate them.
   template <class P = Policy>
   void evict();
   template <class P = Policy>
   void quantize();
+  template <class P = Policy>
+  void observe_scores(int layer, const ActivationView& q, Positions positions, MemorySpace space);
 
   std::unique_ptr<cuda::CudaContext> owned_context_;  // set when the cache made its own context
   cuda::CudaContext* context_ = nullptr;

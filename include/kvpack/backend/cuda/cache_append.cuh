@@ -65,6 +65,9 @@ void KVCache<Policy, backend::Cuda>::append_unchecked(int layer, const Activatio
     g.buffers.k = cuda::DeviceBuffer<T>(static_cast<std::size_t>(rows) * d, device);
     g.buffers.v = cuda::DeviceBuffer<T>(static_cast<std::size_t>(rows) * d, device);
     g.buffers.positions = cuda::DeviceBuffer<int32_t>(static_cast<std::size_t>(capacity), device);
+    if constexpr (kQueryScores) {
+      g.buffers.scores = cuda::DeviceBuffer<float>(static_cast<std::size_t>(capacity), device);
+    }
     grown.push_back(std::move(g));
   }
   auto destination = [&](int h) -> DeviceHead& {
@@ -106,11 +109,23 @@ void KVCache<Policy, backend::Cuda>::append_unchecked(int layer, const Activatio
                                      static_cast<std::size_t>(old.size) * sizeof(int32_t),
                                      cudaMemcpyDeviceToDevice, stream),
                      "KVCache::append: copy of positions on growth");
+    if constexpr (kQueryScores) {
+      cuda::check_cuda(cudaMemcpyAsync(g.buffers.scores.data(), old.scores.data(),
+                                       static_cast<std::size_t>(old.size) * sizeof(float),
+                                       cudaMemcpyDeviceToDevice, stream),
+                       "KVCache::append: copy of scores on growth");
+    }
   }
   cuda::launch_convert_rows(k_device, reinterpret_cast<T* const*>(ws + at_k_targets), d, stream);
   cuda::launch_convert_rows(v_device, reinterpret_cast<T* const*>(ws + at_v_targets), d, stream);
   cuda::launch_scatter_positions(reinterpret_cast<const int32_t*>(ws + at_positions), n, heads,
                                  reinterpret_cast<int32_t* const*>(ws + at_p_targets), stream);
+  if constexpr (kQueryScores) {  // no observed query has seen the new tokens yet
+    for (int h = 0; h < heads; ++h) {
+      cuda::launch_fill(destination(h).scores.data() + store(layer, h).size, n,
+                        cuda::kUnscoredScore, stream);
+    }
+  }
   context_->synchronize(where);
 
   // Commit: nothing below can fail.
@@ -119,6 +134,7 @@ void KVCache<Policy, backend::Cuda>::append_unchecked(int layer, const Activatio
     head.k.swap(g.buffers.k);
     head.v.swap(g.buffers.v);
     head.positions.swap(g.buffers.positions);
+    head.scores.swap(g.buffers.scores);
   }
   for (int h = 0; h < heads; ++h) {
     DeviceHead& head = store(layer, h);

@@ -60,7 +60,9 @@ void KVCache<Policy, backend::Cuda>::evict() {
   cuda::WorkspaceLayout layout;
   const std::size_t at_score_jobs = layout.add<cuda::ScoreJob<T>>(n_targets);
   const std::size_t at_select_jobs = layout.add<cuda::SelectJob>(n_targets);
+  const std::size_t at_stored_jobs = layout.add<cuda::StoredScoreJob>(kQueryScores ? n_targets : 0);
   const std::size_t upload_bytes = layout.bytes();
+  const std::size_t at_unscored = layout.add<int>(kQueryScores ? n_targets : 0);
   const std::size_t at_scores = layout.add<float>(total);
   const std::size_t at_flags = layout.add<uint8_t>(total);
   const std::size_t at_kept_index = layout.add<int32_t>(total);
@@ -74,9 +76,11 @@ void KVCache<Policy, backend::Cuda>::evict() {
 
   auto* score_jobs = reinterpret_cast<cuda::ScoreJob<T>*>(stage + at_score_jobs);
   auto* select_jobs = reinterpret_cast<cuda::SelectJob*>(stage + at_select_jobs);
+  auto* stored_jobs = reinterpret_cast<cuda::StoredScoreJob*>(stage + at_stored_jobs);
   for (int64_t i = 0; i < n_targets; ++i) {
     const DeviceHead& head = store(targets[i].layer, targets[i].head);
     const detail::LayerState& state = layers_[targets[i].layer];
+    if constexpr (kQueryScores) stored_jobs[i] = {head.scores.data(), head.size, targets[i].offset};
     score_jobs[i] = {head.k.data(),       head.v.data(), head.positions.data(),
                      state.last_position, head.size,     targets[i].offset};
     select_jobs[i] = {scores + targets[i].offset,
@@ -93,6 +97,27 @@ void KVCache<Policy, backend::Cuda>::evict() {
     cuda::check_cuda(
         cudaMemsetAsync(scores, 0, static_cast<std::size_t>(total) * sizeof(float), stream),
         "KVCache::compress: clearing the scores");
+  } else if constexpr (kQueryScores) {
+    // The scores observe() left; tokens no observed query saw rank first and are kept outside
+    // the budget, which applies to the scored tokens (as on the CPU): their counts come back
+    // before the targets are set.
+    auto* unscored = reinterpret_cast<int*>(ws + at_unscored);
+    cuda::check_cuda(cudaMemsetAsync(unscored, 0, n_targets * sizeof(int), stream),
+                     "KVCache::compress: clearing the unscored counts");
+    cuda::launch_gather_stored_scores(
+        reinterpret_cast<const cuda::StoredScoreJob*>(ws + at_stored_jobs), n_targets, longest,
+        scores, unscored, stream);
+    std::vector<int> counts(n_targets);
+    download(unscored, n_targets, counts, where);
+    context_->synchronize(where);
+    for (int64_t i = 0; i < n_targets; ++i) {
+      const int64_t appended = layers_[targets[i].layer].appended;
+      select_jobs[i].target = budget.target(appended - counts[i]) + counts[i];
+    }
+    cuda::check_cuda(
+        cudaMemcpyAsync(ws + at_select_jobs, select_jobs, n_targets * sizeof(cuda::SelectJob),
+                        cudaMemcpyHostToDevice, stream),
+        "KVCache::compress: upload of the selection targets");
   } else {
     cuda::launch_score_tokens<Policy, T>(
         reinterpret_cast<const cuda::ScoreJob<T>*>(ws + at_score_jobs), n_targets, longest, d,
@@ -145,12 +170,14 @@ void KVCache<Policy, backend::Cuda>::evict() {
     c.buffers.k = cuda::DeviceBuffer<T>(rows * d, device);
     c.buffers.v = cuda::DeviceBuffer<T>(rows * d, device);
     c.buffers.positions = cuda::DeviceBuffer<int32_t>(rows, device);
+    if constexpr (kQueryScores) c.buffers.scores = cuda::DeviceBuffer<float>(rows, device);
     c.buffers.size = kept[i];
     c.buffers.first_position = first_position[i];
     if (kept[i] > 0) {
       jobs.push_back({head.k.data(), head.v.data(), head.positions.data(),
                       kept_index + targets[i].offset, kept[i], c.buffers.k.data(),
-                      c.buffers.v.data(), c.buffers.positions.data()});
+                      c.buffers.v.data(), c.buffers.positions.data(), head.scores.data(),
+                      c.buffers.scores.data()});
       most_kept = std::max(most_kept, kept[i]);
     }
     compacted.push_back(std::move(c));

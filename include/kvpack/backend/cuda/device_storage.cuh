@@ -51,6 +51,7 @@ struct DeviceHead {
   DeviceBuffer<int32_t> positions;  ///< [capacity], ascending over [0, size)
   DeviceBuffer<uint8_t> k_blocks;   ///< KIVI key blocks [quantized / G][head_dim] (+ capacity)
   DeviceBuffer<uint8_t> v_blocks;   ///< KIVI value blocks [quantized][head_dim / G] (+ capacity)
+  DeviceBuffer<float> scores;       ///< query-scored policies: [capacity], as positions
   int64_t size = 0;
   int64_t quantized = 0;        ///< tokens held as blocks (a multiple of the KIVI group)
   int64_t first_position = -1;  ///< positions[0] when size > 0 (kept on the host for checks)
@@ -107,17 +108,26 @@ template <class P>
 struct is_head_level_policy
     : std::bool_constant<is_eviction_policy_v<P> && P::score_source == ScoreSource::kHeadScores> {};
 
+/// Eviction scored by observed queries reduced by their maximum (ReconstructionEvict, KVzip):
+/// observe() keeps one score per held token on the device.
+template <class P>
+struct is_query_max_policy : std::bool_constant<is_eviction_policy_v<P> &&
+                                                P::score_source == ScoreSource::kObservedQueries &&
+                                                !detail::sums_query_scores<P>()> {};
+
 /// KIVI quantization alone (Quantize): rows age out of the fp16 residual into blocks.
 template <class P>
 struct is_kivi_policy : std::is_same<P, Quantize> {};
 
 /// Policies the CUDA cache implements: BasicIdentity, Quantize, eviction policies scored per
 /// token from K/V (L2NormEvict) or by position (StreamingLLM) - the scoring hook must be a
-/// KVPACK_HOST_DEVICE function - and eviction by head (HeadLevelEvict).
+/// KVPACK_HOST_DEVICE function - by the max probability of observed queries (ReconstructionEvict,
+/// without KVzip+ factors), and eviction by head (HeadLevelEvict).
 template <class P>
 inline constexpr bool supports_policy_v =
     is_keep_all_policy<P>::value || is_kivi_policy<P>::value || is_token_score_policy<P>::value ||
-    is_position_score_policy<P>::value || is_head_level_policy<P>::value;
+    is_position_score_policy<P>::value || is_head_level_policy<P>::value ||
+    is_query_max_policy<P>::value;
 
 /// Bytes of one element of `dtype`.
 inline std::size_t dtype_bytes(DType dtype) { return dtype == DType::kF32 ? 4 : 2; }

@@ -19,10 +19,12 @@ struct CompactJob {
   T* new_k;
   T* new_v;
   int32_t* new_positions;
+  const float* scores = nullptr;  ///< per-token scores kept across compress() calls, or null
+  float* new_scores = nullptr;
 };
 
-/// new_k[j] = k[kept_index[j]] (rows of head_dim), likewise v and positions. Grid: x strides
-/// over kept * head_dim elements (coalesced within rows), y over jobs.
+/// new_k[j] = k[kept_index[j]] (rows of head_dim), likewise v, positions and scores. Grid: x
+/// strides over kept * head_dim elements (coalesced within rows), y over jobs.
 template <class T>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
     gather_rows_kernel(const CompactJob<T>* __restrict__ jobs, int64_t job_count, int head_dim) {
@@ -37,7 +39,10 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
       const int64_t src = job.kept_index[row];
       job.new_k[e] = job.k[src * head_dim + i];
       job.new_v[e] = job.v[src * head_dim + i];
-      if (i == 0) job.new_positions[row] = job.positions[src];
+      if (i == 0) {
+        job.new_positions[row] = job.positions[src];
+        if (job.scores != nullptr) job.new_scores[row] = job.scores[src];
+      }
     }
   }
 }

@@ -1,0 +1,190 @@
+/// \file backend/cuda/kernels/observe.cuh
+/// \brief KVzip scoring (observe()): the softmax probability each held key receives from each
+/// observed query row, maximised over the rows and the query heads of its GQA group, inside a
+/// ScoreWindow (the chunk-local softmax of the reference).
+///
+/// Two passes per observe() call: the softmax statistics (max and sum of exp) of every (query
+/// token, query head) over its visible window keys, then one thread per key that recomputes its
+/// logits against every row and folds the largest probability into the head's scores. The logits
+/// are computed twice (the fused single-pass form, as a by-product of an attention kernel, is
+/// left for later); the arithmetic matches the CPU's in fp32 up to the summation order.
+/// Source: Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction"
+/// (arXiv 2505.23416).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "../../../policy/score_window.hpp"
+#include "common.cuh"
+
+namespace kvpack {
+namespace cuda {
+
+/// One (kv head) of the observed layer: its stored rows, positions and scores.
+template <class T>
+struct ObserveHead {
+  const T* k;                ///< [size][head_dim]
+  const int32_t* positions;  ///< [size], ascending
+  float* scores;             ///< [size]: kUnscoredScore until a row sees the key
+  int64_t size;
+};
+
+/// The score of a token no observed query has seen (as the CPU stores' kUnscored).
+constexpr float kUnscoredScore = -1.0f;
+
+/// What both passes read: fp32 queries [tokens][q_heads][head_dim], their positions, the window.
+struct ObserveParams {
+  const float* q;
+  const int32_t* q_positions;
+  int64_t tokens;
+  int q_heads;
+  int group;
+  float scale;  ///< 1 / sqrt(head_dim)
+  ScoreWindow window;
+  float* row_max;  ///< [tokens][q_heads]: softmax max over the row's visible window keys
+  float* row_sum;  ///< [tokens][q_heads]: sum of exp(logit − max); 0 when it sees none
+};
+
+template <int D, class T>
+KVPACK_DEVICE float observe_logit(const float* q, const T* k, float scale) {
+  float dot = 0.0f;
+  for (int c = 0; c < D; ++c) dot += q[c] * to_float(k[c]);
+  return dot * scale;
+}
+
+/// Pass 1: one warp per (query token, query head); lanes stride over the head's keys.
+/// Grid: x over tokens · q_heads rows (grid-stride), one warp per block.
+template <int D, class T>
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(32)
+    observe_stats_kernel(const ObserveHead<T>* __restrict__ heads, ObserveParams p) {
+  const int lane = static_cast<int>(exec::thread_x());
+  for (int64_t row = exec::block_x(); row < p.tokens * p.q_heads; row += exec::grid_x()) {
+    const int64_t t = row / p.q_heads;
+    const int qh = static_cast<int>(row % p.q_heads);
+    const ObserveHead<T> head = heads[qh / p.group];
+    const float* q = p.q + row * D;
+    const int64_t position = p.q_positions[t];
+    float m = -INFINITY, l = 0.0f;
+    for (int64_t i = lane; i < head.size; i += 32) {
+      const int64_t key_position = head.positions[i];
+      if (key_position > position || !p.window.contains(key_position)) continue;
+      const float s = observe_logit<D>(q, head.k + i * D, p.scale);
+      if (s > m) {
+        l = l * expf(m - s) + 1.0f;
+        m = s;
+      } else {
+        l += expf(s - m);
+      }
+    }
+    // Merge the lanes' (max, sum) pairs.
+    const float row_max = warp_max(m);
+    const float scaled = m == -INFINITY ? 0.0f : l * expf(m - row_max);
+    const float row_sum = warp_sum(scaled);
+    if (lane == 0) {
+      p.row_max[row] = row_max;
+      p.row_sum[row] = row_sum;
+    }
+  }
+}
+
+/// Pass 2: one thread per key of one kv head (grid y): the largest probability any row of the
+/// group gives it, folded into its score with max. Keys outside the window or seen by no row keep
+/// their score.
+template <int D, class T>
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
+    observe_max_kernel(const ObserveHead<T>* __restrict__ heads, ObserveParams p) {
+  const int h = static_cast<int>(exec::block_y());
+  const ObserveHead<T> head = heads[h];
+  for (int64_t i = static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
+       i < head.size; i += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
+    const int64_t key_position = head.positions[i];
+    if (!p.window.contains(key_position)) continue;
+    float best = kUnscoredScore;
+    for (int64_t t = 0; t < p.tokens; ++t) {
+      if (key_position > p.q_positions[t]) continue;
+      for (int j = 0; j < p.group; ++j) {
+        const int64_t row = t * p.q_heads + h * p.group + j;
+        const float s = observe_logit<D>(p.q + row * D, head.k + i * D, p.scale);
+        const float prob = expf(s - p.row_max[row]) / p.row_sum[row];
+        best = prob > best ? prob : best;
+      }
+    }
+    if (best != kUnscoredScore && best > head.scores[i]) head.scores[i] = best;
+  }
+}
+
+/// Enqueues both passes over `kv_heads` heads (device table); longest: the largest head size.
+template <int D, class T>
+void launch_observe(const ObserveHead<T>* heads, int kv_heads, int64_t longest,
+                    const ObserveParams& p, cudaStream_t stream) {
+  if (p.tokens == 0 || longest == 0) return;
+  exec::launch<32>(observe_stats_kernel<D, T>, grid_blocks(p.tokens * p.q_heads, 1, 65535), 32,
+                   stream, "observe_stats_kernel", heads, p);
+  check_launch("observe_stats_kernel");
+  const dim3 grid(grid_blocks(longest, kElementwiseThreads, 4096), static_cast<unsigned>(kv_heads));
+  exec::launch<kElementwiseThreads>(observe_max_kernel<D, T>, grid, kElementwiseThreads, stream,
+                                    "observe_max_kernel", heads, p);
+  check_launch("observe_max_kernel");
+}
+
+/// One (layer, kv head) whose stored scores enter a compress().
+struct StoredScoreJob {
+  const float* scores;  ///< [size]
+  int64_t size;
+  int64_t offset;  ///< first score of this head in the concatenated score array
+};
+
+/// out[offset + t] = the stored score of token t, or +inf for a token no observed query has seen
+/// (kept outside the budget, as on the CPU); unscored[j] (zeroed by the caller) counts those.
+/// Grid: x strides over tokens, y over jobs.
+template <class Job>
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
+    gather_stored_scores_kernel(const Job* __restrict__ jobs, int64_t job_count,
+                                float* __restrict__ out, int* __restrict__ unscored) {
+  for (int64_t j = exec::block_y(); j < job_count; j += exec::grid_y()) {
+    const Job job = jobs[j];
+    int count = 0;
+    for (int64_t t =
+             static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
+         t < job.size; t += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
+      const float score = job.scores[t];
+      const bool seen = score != kUnscoredScore;
+      out[job.offset + t] = seen ? score : INFINITY;
+      count += !seen;
+    }
+    if (count > 0) exec::atomic_add(unscored + j, count);
+  }
+}
+
+/// Enqueues gather_stored_scores_kernel over `job_count` jobs whose longest holds `longest`.
+inline void launch_gather_stored_scores(const StoredScoreJob* jobs, int64_t job_count,
+                                        int64_t longest, float* out, int* unscored,
+                                        cudaStream_t stream) {
+  const dim3 grid(grid_blocks(longest, kElementwiseThreads, 1024), grid_extent(job_count));
+  exec::launch<kElementwiseThreads>(gather_stored_scores_kernel<StoredScoreJob>, grid,
+                                    kElementwiseThreads, stream, "gather_stored_scores_kernel",
+                                    jobs, job_count, out, unscored);
+  check_launch("gather_stored_scores_kernel");
+}
+
+/// x[i] = value for i < n (the unscored marks of newly appended tokens).
+template <class T>
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
+    fill_kernel(T* __restrict__ x, int64_t n, T value) {
+  for (int64_t i = static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
+       i < n; i += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
+    x[i] = value;
+  }
+}
+
+template <class T>
+void launch_fill(T* x, int64_t n, T value, cudaStream_t stream) {
+  if (n <= 0) return;
+  exec::launch<kElementwiseThreads>(fill_kernel<T>, grid_blocks(n, kElementwiseThreads),
+                                    kElementwiseThreads, stream, "fill_kernel", x, n, value);
+  check_launch("fill_kernel");
+}
+
+}  // namespace cuda
+}  // namespace kvpack

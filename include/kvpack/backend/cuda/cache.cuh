@@ -20,10 +20,14 @@
 #include "../../budget.hpp"
 // Eigen (pulled in by the CPU backend) declares defaulted members __host__ __device__, which
 // nvcc reports as warning 20012; the annotation is harmless, so it is silenced for these headers.
+#if defined(__CUDACC__)
 #pragma nv_diagnostic push
 #pragma nv_diag_suppress 20012
+#endif
 #include "../../cache.hpp"
+#if defined(__CUDACC__)
 #pragma nv_diagnostic pop
+#endif
 #include "../../config.hpp"
 #include "../../detail/cache_front.hpp"
 #include "../../detail/select.hpp"

@@ -41,18 +41,16 @@ void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const Activatio
   const int64_t splits =
       cuda::attention_splits(row_blocks * kv_heads, longest, context_->sm_count());
 
-  // Workspace: uploaded [q positions | head table | q targets | q rows (host input)], then
-  // [q fp32 | partial acc | partial max | partial sum | out (host output)].
+  // Workspace: uploaded [queries (QueryUpload) | head table], then [q fp32 | partial acc |
+  // partial max | partial sum | out (host output)].
+  cuda::QueryUpload queries(q, q_heads, d, host);
   cuda::WorkspaceLayout layout;
-  const std::size_t at_positions = layout.add<int32_t>(tokens);
+  queries.add_upload(layout);
   using Head = std::conditional_t<cuda::is_kivi_policy<Policy>::value, cuda::KiviAttentionHead,
                                   cuda::AttentionHead<T>>;
   const std::size_t at_heads = layout.add<Head>(kv_heads);
-  const std::size_t at_q_targets = layout.add<float*>(q_heads);
-  const std::size_t q_bytes = host ? rows * d * cuda::dtype_bytes(q.dtype()) : 0;
-  const std::size_t at_q_rows = layout.add<unsigned char>(q_bytes);
   const std::size_t upload_bytes = layout.bytes();
-  const std::size_t at_q = layout.add<float>(rows * d);
+  queries.add_device(layout);
   const std::size_t at_acc = layout.add<float>(splits * rows * d);
   const std::size_t at_max = layout.add<float>(splits * rows);
   const std::size_t at_sum = layout.add<float>(splits * rows);
@@ -60,8 +58,7 @@ void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const Activatio
   unsigned char* ws = workspace(layout.bytes());
   unsigned char* stage = staging(upload_bytes);
 
-  auto* stage_positions = reinterpret_cast<int32_t*>(stage + at_positions);
-  for (int64_t t = 0; t < tokens; ++t) stage_positions[t] = static_cast<int32_t>(positions[t]);
+  queries.stage(positions, stage, ws);
   auto* head_table = reinterpret_cast<Head*>(stage + at_heads);
   for (int h = 0; h < kv_heads; ++h) {
     const DeviceHead& head = store(layer, h);
@@ -73,17 +70,12 @@ void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const Activatio
       head_table[h] = {head.k.data(), head.v.data(), head.positions.data(), head.size};
     }
   }
-  auto* q_fp32 = reinterpret_cast<float*>(ws + at_q);
-  auto* q_targets = reinterpret_cast<float**>(stage + at_q_targets);
-  for (int h = 0; h < q_heads; ++h) q_targets[h] = q_fp32 + static_cast<int64_t>(h) * d;
-  const ActivationView q_device = host ? cuda::pack_view(q, stage + at_q_rows, ws + at_q_rows) : q;
   upload_staging(ws, upload_bytes, where);
 
-  cuda::launch_convert_rows(q_device, reinterpret_cast<float* const*>(ws + at_q_targets),
-                            static_cast<int64_t>(q_heads) * d, stream);
+  queries.convert(ws, stream);
   cuda::AttentionParams params{};
-  params.q = q_fp32;
-  params.q_positions = reinterpret_cast<const int32_t*>(ws + at_positions);
+  params.q = queries.q(ws);
+  params.q_positions = queries.positions(ws);
   params.tokens = tokens;
   params.q_heads = q_heads;
   params.group = group;

@@ -157,6 +157,55 @@ inline ActivationView pack_view(const ActivationView& x, unsigned char* dst,
   }
 }
 
+/// The queries of an attend() or observe() call on the device: their positions (int32) and
+/// their rows as fp32 [tokens][q_heads][head_dim]. add_upload() places in the caller's workspace
+/// layout what is uploaded (positions, the conversion's per-head targets, packed host rows),
+/// add_device() the fp32 rows; stage() fills the staging area, convert() enqueues the conversion
+/// once the staging area is uploaded.
+class QueryUpload {
+ public:
+  QueryUpload(const ActivationView& q, int q_heads, int head_dim, bool host)
+      : q_(q), q_heads_(q_heads), head_dim_(head_dim), host_(host) {}
+
+  void add_upload(WorkspaceLayout& layout) {
+    const int64_t rows = q_.tokens() * q_heads_;
+    at_positions_ = layout.add<int32_t>(q_.tokens());
+    at_targets_ = layout.add<float*>(q_heads_);
+    at_rows_ = layout.add<unsigned char>(host_ ? rows * head_dim_ * dtype_bytes(q_.dtype()) : 0);
+  }
+  void add_device(WorkspaceLayout& layout) {
+    at_fp32_ = layout.add<float>(q_.tokens() * q_heads_ * head_dim_);
+  }
+
+  /// Fills positions, targets and (host input) the packed rows into `stage`, whose upload lands
+  /// at the workspace `ws`.
+  void stage(Positions positions, unsigned char* stage, unsigned char* ws) {
+    auto* p = reinterpret_cast<int32_t*>(stage + at_positions_);
+    for (int64_t t = 0; t < q_.tokens(); ++t) p[t] = static_cast<int32_t>(positions[t]);
+    auto* targets = reinterpret_cast<float**>(stage + at_targets_);
+    for (int h = 0; h < q_heads_; ++h) targets[h] = q(ws) + static_cast<int64_t>(h) * head_dim_;
+    device_view_ = host_ ? pack_view(q_, stage + at_rows_, ws + at_rows_) : q_;
+  }
+
+  /// Enqueues the conversion of the (uploaded) rows to fp32.
+  void convert(unsigned char* ws, cudaStream_t stream) const {
+    launch_convert_rows(device_view_, reinterpret_cast<float* const*>(ws + at_targets_),
+                        static_cast<int64_t>(q_heads_) * head_dim_, stream);
+  }
+
+  float* q(unsigned char* ws) const { return reinterpret_cast<float*>(ws + at_fp32_); }
+  const int32_t* positions(unsigned char* ws) const {
+    return reinterpret_cast<const int32_t*>(ws + at_positions_);
+  }
+
+ private:
+  ActivationView q_;
+  ActivationView device_view_ = q_;
+  int q_heads_, head_dim_;
+  bool host_;
+  std::size_t at_positions_ = 0, at_targets_ = 0, at_rows_ = 0, at_fp32_ = 0;
+};
+
 }  // namespace cuda
 
 }  // namespace kvpack

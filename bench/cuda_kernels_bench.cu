@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <kvpack/backend/cuda.hpp>
 #include <kvpack/backend/cuda/kernels/kivi.cuh>
+#include <kvpack/backend/cuda/kernels/observe.cuh>
 #include <kvpack/backend/cuda/low_rank.hpp>
 #include <kvpack/kvpack.hpp>
 #include <random>
@@ -281,6 +282,62 @@ void BM_cuda_score_l2(benchmark::State& state) {
   });
 }
 BENCHMARK(BM_cuda_score_l2)->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+/// KVzip observe(): a repeat-pass chunk of 32 query tokens scoring kTokens fp16 keys per kv head
+/// (both passes). Reports bytes_per_second over the keys read once (the floor a fused pass would
+/// reach) and flops_per_second over the 2 · D flops per (key, row) of each of the two passes
+/// (the queries sit at the end of the context, so every row sees nearly every key).
+template <int D>
+void BM_cuda_kvzip_observe(benchmark::State& state) {
+  if (skipped_without_device(state)) return;
+  const int q_heads = static_cast<int>(state.range(0)), kv_heads = static_cast<int>(state.range(1));
+  const int64_t tokens = 32;
+  std::vector<int32_t> hp(kTokens), hq(tokens);
+  for (int64_t t = 0; t < kTokens; ++t) hp[t] = static_cast<int32_t>(t);
+  for (int64_t t = 0; t < tokens; ++t) hq[t] = static_cast<int32_t>(kTokens - tokens + t);
+  auto positions = upload(hp);
+  auto q_positions = upload(hq);
+  std::vector<kc::DeviceBuffer<Half>> keys;
+  std::vector<kc::DeviceBuffer<float>> scores;
+  std::vector<kc::ObserveHead<Half>> heads;
+  for (int h = 0; h < kv_heads; ++h) {
+    keys.push_back(upload(random_half(kTokens * D, 20 + h)));
+    scores.push_back(upload(std::vector<float>(kTokens, kc::kUnscoredScore)));
+    heads.push_back({keys.back().data(), positions.data(), scores.back().data(), kTokens});
+  }
+  auto d_heads = upload(heads);
+  std::vector<float> hq_rows(tokens * q_heads * D);
+  std::mt19937 rng(21);
+  std::normal_distribution<float> gauss(0.0f, 1.0f);
+  for (auto& x : hq_rows) x = gauss(rng);
+  auto q = upload(hq_rows);
+  kc::DeviceBuffer<float> row_max(tokens * q_heads, 0), row_sum(tokens * q_heads, 0);
+  kc::ObserveParams p{};
+  p.q = q.data();
+  p.q_positions = q_positions.data();
+  p.tokens = tokens;
+  p.q_heads = q_heads;
+  p.group = q_heads / kv_heads;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  p.row_max = row_max.data();
+  p.row_sum = row_sum.data();
+  const double key_bytes = static_cast<double>(kv_heads) * kTokens * D * sizeof(Half);
+  const double seconds = measure(state, key_bytes, [&] {
+    kc::launch_observe<D, Half>(d_heads.data(), kv_heads, kTokens, p, nullptr);
+  });
+  if (seconds > 0) {
+    const double flops = 2.0 * 2.0 * D * static_cast<double>(kTokens) * tokens * q_heads;
+    state.counters["flops_per_second"] = flops * static_cast<double>(state.iterations()) / seconds;
+  }
+}
+BENCHMARK_TEMPLATE(BM_cuda_kvzip_observe, 64)
+    ->Args({9, 3})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_cuda_kvzip_observe, 128)
+    ->Args({32, 8})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
 
 /// Top-k selection (keep half) over 8 heads x kTokens scores: scores and positions read, flags
 /// and kept indices written.

@@ -39,5 +39,7 @@
 #include "cuda/cache_attend.cuh"
 #include "cuda/cache_checks.cuh"
 #include "cuda/cache_evict.cuh"
+#include "cuda/cache_materialize.cuh"
 #include "cuda/cache_observe.cuh"
 #include "cuda/cache_quantize.cuh"
+#include "cuda/cache_truncate.cuh"

@@ -182,52 +182,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// under Quantize only whole KIVI groups or residual rows (as on the CPU). The device memory
   /// stays reserved for the next appends (see reserved_bytes()). Throws kvpack::error, nothing
   /// changed, otherwise.
-  void truncate(int64_t last_position) {
-    constexpr const char* where = "KVCache::truncate";
-    cuda::DeviceGuard guard(context_->device());
-    std::lock_guard<std::mutex> lock(scratch_->mutex);
-    // Rows after last_position, per head: counted on a download of the positions of the layers
-    // concerned (a head may hold a subset of the layer's positions after eviction).
-    std::vector<std::vector<int32_t>> held(heads_.size());
-    const cudaStream_t stream = context_->stream();
-    for (int l = 0; l < shape_.layers; ++l) {
-      if (layers_[l].last_position <= last_position) continue;
-      for (int h = 0; h < shape_.kv_heads; ++h) {
-        const DeviceHead& head = store(l, h);
-        auto& p = held[static_cast<std::size_t>(l) * shape_.kv_heads + h];
-        p.resize(static_cast<std::size_t>(head.size));
-        if (head.size == 0) continue;
-        cuda::check_cuda(
-            cudaMemcpyAsync(p.data(), head.positions.data(), p.size() * sizeof(int32_t),
-                            cudaMemcpyDeviceToHost, stream),
-            "KVCache::truncate: download of the positions");
-      }
-    }
-    context_->synchronize(where);
-    const std::vector<int64_t> drop = this->plan_truncate(where, last_position, [&](int l, int h) {
-      const auto& p = held[static_cast<std::size_t>(l) * shape_.kv_heads + h];
-      return static_cast<int64_t>(p.end() - std::upper_bound(p.begin(), p.end(), last_position));
-    });
-    for (int l = 0; l < shape_.layers; ++l) {
-      for (int h = 0; h < shape_.kv_heads && drop[l] > 0; ++h) {
-        const DeviceHead& head = store(l, h);
-        const int64_t kept = head.size - drop[l];
-        const int64_t split = kept < head.quantized ? kept % group_size() : 0;
-        const auto& p = held[static_cast<std::size_t>(l) * shape_.kv_heads + h];
-        this->refuse_group_split(where, last_position, l, h, split, p.data(), head.size, drop[l]);
-      }
-    }
-    for (int l = 0; l < shape_.layers; ++l) {
-      if (!this->truncates(l, last_position, drop)) continue;
-      for (int h = 0; h < shape_.kv_heads; ++h) {
-        DeviceHead& head = store(l, h);
-        head.size -= drop[l];
-        head.quantized = std::min(head.quantized, head.size);  // whole groups (checked above)
-        if (head.size == 0) head.first_position = -1;
-      }
-    }
-    this->commit_truncate(last_position, drop);
-  }
+  void truncate(int64_t last_position);
 
   /// LazyLayerDrop's statistic on the CPU cache; no CUDA policy observes queries, so NaN.
   double observed_mass(int layer) const {
@@ -262,56 +217,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
 
   /// Dense fp32 K/V and positions of `layer`, one entry per kv head (the slow path; host).
   /// KIVI blocks are decoded by dequantize_ref's rule, bit for bit the CPU cache's values.
-  DenseLayer materialize(int layer) const {
-    constexpr const char* where = "KVCache::materialize";
-    detail::check_layer(where, shape_, layer);
-    cuda::DeviceGuard guard(context_->device());
-    std::lock_guard<std::mutex> lock(scratch_->mutex);
-    const int d = shape_.head_dim;
-    struct Download {
-      std::vector<storage_type> k, v;
-      std::vector<uint8_t> k_blocks, v_blocks;
-      std::vector<int32_t> positions;
-    };
-    std::vector<Download> got(shape_.kv_heads);
-    for (int h = 0; h < shape_.kv_heads; ++h) {
-      const DeviceHead& head = store(layer, h);
-      Download& g = got[h];
-      download(head.k.data(), head.rows() * d, g.k, where);
-      download(head.v.data(), head.rows() * d, g.v, where);
-      download(head.positions.data(), head.size, g.positions, where);
-      download(head.k_blocks.data(), kivi_key_block_bytes(head.quantized), g.k_blocks, where);
-      download(head.v_blocks.data(), kivi_value_block_bytes(head.quantized), g.v_blocks, where);
-    }
-    context_->synchronize(where);
-    DenseLayer result;
-    result.heads.resize(shape_.kv_heads);
-    for (int h = 0; h < shape_.kv_heads; ++h) {
-      const Download& g = got[h];
-      const int64_t quantized = store(layer, h).quantized;
-      DenseHead& dst = result.heads[h];
-      dst.positions.assign(g.positions.begin(), g.positions.end());
-      dst.k.resize(g.positions.size() * d);
-      dst.v.resize(g.positions.size() * d);
-      if (quantized > 0) {
-        const cuda::KiviFormat f = kivi_format();
-        for (int64_t t = 0; t < quantized; ++t) {
-          for (int c = 0; c < d; ++c) {
-            dst.k[t * d + c] =
-                dequantize_packed(g.k_blocks.data() + ((t / f.group) * d + c) * f.block_bytes,
-                                  f.bits, static_cast<int>(t % f.group));
-            dst.v[t * d + c] = dequantize_packed(
-                g.v_blocks.data() + (t * (d / f.group) + c / f.group) * f.block_bytes, f.bits,
-                c % f.group);
-          }
-        }
-      }
-      const int64_t rows = static_cast<int64_t>(g.k.size()) / d;
-      detail::load_row(g.k.data(), dst.k.data() + quantized * d, rows * d);
-      detail::load_row(g.v.data(), dst.v.data() + quantized * d, rows * d);
-    }
-    return result;
-  }
+  DenseLayer materialize(int layer) const;
 
   /// Every byte held, counted as the CPU cache counts it: K/V rows, KIVI blocks (exactly: the
   /// CUDA cache has no pages yet, so no page rounding) and one position per held token, plus

@@ -323,7 +323,7 @@ void BM_cuda_kvzip_observe(benchmark::State& state) {
   p.row_sum = row_sum.data();
   const double key_bytes = static_cast<double>(kv_heads) * kTokens * D * sizeof(Half);
   const double seconds = measure(state, key_bytes, [&] {
-    kc::launch_observe<D, Half>(d_heads.data(), kv_heads, kTokens, p, nullptr);
+    kc::launch_observe<D, Half, false>(d_heads.data(), kv_heads, kTokens, p, nullptr);
   });
   if (seconds > 0) {
     const double flops = 2.0 * 2.0 * D * static_cast<double>(kTokens) * tokens * q_heads;

@@ -36,7 +36,15 @@ enum class Reference {
   kKeyNorm,         ///< top-k of the L2 norm of the key, lowest kept (L2NormEvict)
   kRecency,         ///< sinks + the newest tokens (StreamingLLM)
   kMaxProbability,  ///< top-k of the max softmax probability over observed queries (KVzip)
+  kPooledSum,       ///< top-k of the summed probability, max-pooled over kPoolWidth (SnapKV)
 };
+
+/// SnapKV's pooling width in the table's case (the paper's 7).
+constexpr int kPoolWidth = 7;
+
+inline bool observes_queries(Reference r) {
+  return r == Reference::kMaxProbability || r == Reference::kPooledSum;
+}
 
 struct Case {
   std::string name;    ///< "policy/shape/budget", unique
@@ -106,7 +114,7 @@ inline std::vector<double> reference_scores(const Case& c, const Inputs& in, int
       score[t] = static_cast<double>(t);
     }
   }
-  if (c.reference == Reference::kMaxProbability) {
+  if (observes_queries(c.reference)) {
     for (int64_t r = 0; r < Inputs::kObserved; ++r) {
       for (int j = 0; j < g; ++j) {
         const float* q = in.q.data() + (r * s.q_heads + h * g + j) * d;
@@ -120,7 +128,19 @@ inline std::vector<double> reference_scores(const Case& c, const Inputs& in, int
           max = std::max(max, logits[t]);
         }
         for (auto& x : logits) sum += (x = std::exp(x - max));
-        for (int64_t t = 0; t < visible; ++t) score[t] = std::max(score[t], logits[t] / sum);
+        for (int64_t t = 0; t < visible; ++t) {
+          const double p = logits[t] / sum;
+          score[t] = c.reference == Reference::kPooledSum ? score[t] + p : std::max(score[t], p);
+        }
+      }
+    }
+  }
+  if (c.reference == Reference::kPooledSum) {
+    const std::vector<double> raw = score;
+    for (int64_t t = 0; t < c.tokens; ++t) {
+      for (int64_t u = std::max<int64_t>(0, t - kPoolWidth / 2);
+           u <= std::min<int64_t>(c.tokens - 1, t + kPoolWidth / 2); ++u) {
+        score[t] = std::max(score[t], raw[u]);
       }
     }
   }
@@ -168,7 +188,7 @@ Outcome run_case(const Case& c, Cache& cache) {
     cache.append(l, kvpack::ActivationView::nhd(in.k[l].data(), c.tokens, s.kv_heads, s.head_dim),
                  kvpack::ActivationView::nhd(in.v[l].data(), c.tokens, s.kv_heads, s.head_dim),
                  in.positions);
-    if (c.reference == Reference::kMaxProbability) {
+    if (observes_queries(c.reference)) {
       cache.observe(
           l, kvpack::ActivationView::nhd(in.q.data(), Inputs::kObserved, s.q_heads, s.head_dim),
           in.query_positions);
@@ -254,6 +274,10 @@ void for_each_case(Visit&& visit) {
     visit(Case{"kvzip/" + tag + "/keep0.3", "ReconstructionEvict", s, 200, 0.3, 4, 0,
                Reference::kMaxProbability, 0.97, 1e-4},
           kvpack::ReconstructionEvict(budget(0.3, 4, 0)));
+    // SnapKV: the observed queries are its observation window (kept as the recent tokens).
+    visit(Case{"snapkv/" + tag + "/keep0.3", "SnapKV", s, 200, 0.3, 4, Inputs::kObserved,
+               Reference::kPooledSum, 0.95, 1e-4},
+          kvpack::SnapKV(budget(0.3, 4, Inputs::kObserved), Inputs::kObserved, kPoolWidth));
     // KIVI: 4-bit keys per channel and values per token lose ~1e-1 of a random row's norm.
     visit(Case{"quant4/" + tag, "Quantize", s, 200, 1.0, 0, 0, Reference::kKeepAll, 1.0, 0.25},
           kvpack::Quantize(4));

@@ -124,7 +124,7 @@ template <class CudaCache>
 inline std::size_t held_bytes(const CudaCache& gpu) {
   using Storage = typename CudaCache::storage_type;
   using Policy = std::decay_t<decltype(gpu.policy())>;
-  constexpr std::size_t score = kvpack::cuda::is_query_max_policy<Policy>::value ? 4 : 0;
+  constexpr std::size_t score = kvpack::cuda::is_query_scored_policy<Policy>::value ? 4 : 0;
   const ModelShape& s = gpu.shape();
   std::size_t total =
       static_cast<std::size_t>(s.layers) * s.kv_heads * sizeof(kvpack::detail::HeadStore<Storage>) +

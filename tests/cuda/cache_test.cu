@@ -214,23 +214,23 @@ TEST_CASE("CUDA HeadLevelEvict: heads kept whole or to their protected tokens, a
           error_of([&] { KVCache<kvpack::HeadLevelEvict, backend::Cpu> c(kShapes[1], bad); }));
 }
 
-TEST_CASE("CUDA ReconstructionEvict (KVzip): observed scores and kept sets equal the CPU's",
-          "[cuda][eviction]") {
-  KVPACK_SKIP_WITHOUT_DEVICE();
+/// A query-scored policy (KVzip, SnapKV) on both backends through a repeat pass in two chunks,
+/// compress, 20 decode tokens and compress again: scores, kept sets, bytes and attention equal.
+template <class Policy, class MakePolicy>
+void check_query_scored(MakePolicy make_policy, uint32_t seed) {
   Budget global = Budget::ratio(0.3, BudgetScope::kGlobal);
   global.sink_tokens = 4;
   global.recent_tokens = 16;
   Budget per_head = Budget::ratio(0.4, BudgetScope::kPerHead);
   per_head.sink_tokens = 2;
   per_head.recent_tokens = 8;
-  uint32_t seed = 500;
   for (const ModelShape& s : {kShapes[1], kShapes[2]}) {
     for (const Budget& budget : {global, per_head}) {
-      INFO("q_heads " << s.q_heads << " kv_heads " << s.kv_heads << " d " << s.head_dim
-                      << "; global " << (budget.scope == BudgetScope::kGlobal));
-      const kvpack::ReconstructionEvict policy(budget);
-      KVCache<kvpack::ReconstructionEvict, backend::Cpu> cpu(s, policy);
-      KVCache<kvpack::ReconstructionEvict, backend::Cuda> gpu(s, policy);
+      INFO(Policy::name << ": q_heads " << s.q_heads << " kv_heads " << s.kv_heads << " d "
+                        << s.head_dim << "; global " << (budget.scope == BudgetScope::kGlobal));
+      const Policy policy = make_policy(budget);
+      KVCache<Policy, backend::Cpu> cpu(s, policy);
+      KVCache<Policy, backend::Cuda> gpu(s, policy);
       feed_sequence(s, 200, 0, false, cpu, gpu);
       // A repeat pass in two chunks: queries at tokens 150-164 over all keys, then queries at
       // 170-184 over a chunk-local window (sinks, tokens 60-109, the tail from 175). Tokens
@@ -283,12 +283,26 @@ TEST_CASE("CUDA ReconstructionEvict (KVzip): observed scores and kept sets equal
       }
     }
   }
+}
+
+TEST_CASE("CUDA ReconstructionEvict (KVzip): observed scores and kept sets equal the CPU's",
+          "[cuda][eviction]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  check_query_scored<kvpack::ReconstructionEvict>(
+      [](const Budget& b) { return kvpack::ReconstructionEvict(b); }, 500);
   // KVzip+ (output factors) has no CUDA kernel: refused, not scored as plain KVzip.
   const ModelShape s = kShapes[1];
   const kvpack::ReconstructionEvict plus(Budget::ratio(0.3, BudgetScope::kGlobal),
                                          std::make_shared<kvpack::OutputFactors>(s));
   REQUIRE_THROWS_WITH((KVCache<kvpack::ReconstructionEvict, backend::Cuda>(s, plus)),
                       Contains("output_factors = set"));
+}
+
+TEST_CASE("CUDA SnapKV: summed scores, pooling and kept sets equal the CPU's", "[cuda][eviction]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  // Window 16 (the recent tokens every budget keeps), pooling widths 7 and 1 (none).
+  check_query_scored<kvpack::SnapKV>([](const Budget& b) { return kvpack::SnapKV(b, 16, 7); }, 700);
+  check_query_scored<kvpack::SnapKV>([](const Budget& b) { return kvpack::SnapKV(b, 16, 1); }, 800);
 }
 
 TEST_CASE("CUDA L2NormEvict global budget: ragged kept sets equal the CPU's", "[cuda][eviction]") {

@@ -1,7 +1,7 @@
 // The CUDA kernels on the reference model's real K/V, run on the emulated grid
 // (backend/cuda/emulation/): the same kernel source nvcc compiles, executed on the CPU. The CUDA
-// cache against the CPU cache through a prefill, an L2 or KVzip eviction or KIVI quantization,
-// and decode steps; the KIVI kernels on one layer's K/V and queries
+// cache against the CPU cache through a prefill, an L2, KVzip or SnapKV eviction or KIVI
+// quantization, and decode steps; the KIVI kernels on one layer's K/V and queries
 // (tests/cuda/kivi_checks.hpp); the low-rank factorisation on an xKV group's stacked keys and
 // values (tests/cuda/low_rank_checks.hpp).
 #define KVPACK_CUDA_EMULATION 1
@@ -160,6 +160,10 @@ TEST_CASE("model: the CUDA backend on the emulated grid matches the CPU on real 
   SECTION("ReconstructionEvict, keep half, global") {
     kvpack::ReconstructionEvict policy(kvpack::Budget::ratio(0.5, kvpack::BudgetScope::kGlobal));
     check_against_cpu(*model, ids, policy);
+  }
+  // SnapKV: the prefill's probabilities summed per key, max-pooled over 7 tokens, per head.
+  SECTION("SnapKV, keep half, per head") {
+    check_against_cpu(*model, ids, kvpack::SnapKV(kvpack::Budget::ratio(0.5)));
   }
 }
 

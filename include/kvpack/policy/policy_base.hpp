@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "../budget.hpp"
+#include "../config.hpp"
 #include "../half.hpp"
 #include "../shape.hpp"
 #include "score_window.hpp"
@@ -81,9 +82,10 @@ struct EvictionPolicy : PolicyBase {
     detail::require(min_tokens >= 0, "EvictionPolicy", "min_tokens", min_tokens, ">= 0");
   }
 
-  /// Hook run on one (layer, kv head)'s scores, in held order, before selection (e.g. SnapKV's
-  /// pooling over neighbouring tokens). Tokens not scored yet hold a value below every score.
-  void finalize_scores(float* /*scores*/, int64_t /*n*/) const {}
+  /// Hook: odd width of the max pooling every backend applies to one (layer, kv head)'s scores,
+  /// in held order, before selection (SnapKV's pooling over neighbouring tokens; see
+  /// detail::max_pooled_score). 1: no pooling (the default).
+  int score_pool_width() const { return 1; }
   /// Hook: when not NaN, compress() keeps every token whose score is at least this (on the
   /// scale the cache stores) instead of a budget's count; sinks and the recent window still
   /// stay (KVzap's threshold). Default NaN: the budget decides.
@@ -91,6 +93,18 @@ struct EvictionPolicy : PolicyBase {
 };
 
 namespace detail {
+/// Score of held token i after a max pooling of `radius` places on either side over the n raw
+/// scores of one (layer, kv head) in held order (the scalar reference of score_pool_width();
+/// unscored tokens hold a value below every score, so they never win a neighbourhood that holds
+/// a scored one).
+KVPACK_HOST_DEVICE float max_pooled_score(const float* raw, int64_t n, int64_t i, int64_t radius) {
+  const int64_t lo = i - radius > 0 ? i - radius : 0;
+  const int64_t hi = i + radius + 1 < n ? i + radius + 1 : n;
+  float best = raw[lo];
+  for (int64_t j = lo + 1; j < hi; ++j) best = raw[j] > best ? raw[j] : best;
+  return best;
+}
+
 /// The first layer compress() touches: skip_layers, or for kPaperSkip the policy's paper value
 /// (P::kPaperSkipLayers) capped at layers − 1, so at least one layer is compressed.
 template <class P>

@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #include "../error.hpp"
 #include "policy_base.hpp"
@@ -43,18 +42,8 @@ struct SnapKV : QueryScoredEviction {
                     "an odd width >= 1");
   }
 
-  /// Max pooling of `n` scores in held order (scores[i] becomes the largest within
-  /// pool_kernel / 2 places on either side). Unscored entries (below every probability) never
-  /// win a neighbourhood that holds a scored one.
-  void finalize_scores(float* scores, int64_t n) const {
-    const int64_t half = pool_kernel / 2;
-    if (half == 0 || n == 0) return;
-    const std::vector<float> raw(scores, scores + n);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t lo = std::max<int64_t>(0, i - half), hi = std::min<int64_t>(n, i + half + 1);
-      scores[i] = *std::max_element(raw.begin() + lo, raw.begin() + hi);
-    }
-  }
+  /// Max pooling over pool_kernel neighbouring held tokens (detail::max_pooled_score).
+  int score_pool_width() const { return pool_kernel; }
 };
 
 }  // namespace kvpack

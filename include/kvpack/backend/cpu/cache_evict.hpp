@@ -76,7 +76,13 @@ void KVCache<Policy, backend::Cpu>::evict() {
       for (int64_t t = 0; t < head.size(); ++t) {
         s[t] = t < static_cast<int64_t>(head.scores.size()) ? head.scores[t] : head.kUnscored;
       }
-      knobs.finalize_scores(s, head.size());  // e.g. SnapKV's pooling
+      const int64_t radius = knobs.score_pool_width() / 2;  // SnapKV's pooling
+      if (radius > 0) {
+        const std::vector<float> raw(s, s + head.size());
+        for (int64_t t = 0; t < head.size(); ++t) {
+          s[t] = detail::max_pooled_score(raw.data(), head.size(), t, radius);
+        }
+      }
       for (int64_t t = 0; t < head.size(); ++t) {
         const bool scored =
             t < static_cast<int64_t>(head.scores.size()) && head.scores[t] != head.kUnscored;

@@ -61,19 +61,20 @@ namespace kvpack {
 /// \brief CUDA implementation of KVCache (see the file comment for the design).
 /// \tparam Policy BasicIdentity<Half|float>, Quantize (KIVI blocks + fp16 residual), an
 /// eviction policy scored from K/V or by position (L2NormEvict, StreamingLLM), by observed
-/// queries (ReconstructionEvict without KVzip+ factors), or HeadLevelEvict.
+/// queries (ReconstructionEvict without KVzip+ factors, SnapKV), or HeadLevelEvict.
 ///
 /// The cache runs on a caller-owned cuda::CudaContext (device + stream), or on one it creates
 /// on the current device. Move-only. Calls on one cache are serialised (a mutex guards the
 /// workspace), so const calls may come from several threads.
 template <class Policy>
 class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
-  static_assert(cuda::supports_policy_v<Policy>,
-                "no CUDA implementation of this Policy: backend::Cuda implements BasicIdentity, "
-                "Quantize, HeadLevelEvict, ReconstructionEvict and eviction policies scored per "
-                "token from K/V (L2NormEvict: an EvictionPolicy with a KVPACK_HOST_DEVICE static "
-                "token_score) or by position (StreamingLLM: position_score); use backend::Cpu for "
-                "the others (SnapKV, KVzap, LazyLayerDrop, low-rank policies, Compose)");
+  static_assert(
+      cuda::supports_policy_v<Policy>,
+      "no CUDA implementation of this Policy: backend::Cuda implements BasicIdentity, "
+      "Quantize, HeadLevelEvict, ReconstructionEvict, SnapKV and eviction policies scored per "
+      "token from K/V (L2NormEvict: an EvictionPolicy with a KVPACK_HOST_DEVICE static "
+      "token_score) or by position (StreamingLLM: position_score); use backend::Cpu for "
+      "the others (KVzap, LazyLayerDrop, low-rank policies, Compose)");
 
  public:
   using backend_type = backend::Cuda;
@@ -82,7 +83,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
  private:
   KVPACK_CACHE_FRONT_MEMBERS(Policy);
   /// The policy scores tokens by observed queries (one device score per held token).
-  static constexpr bool kQueryScores = cuda::is_query_max_policy<Policy>::value;
+  static constexpr bool kQueryScores = cuda::is_query_scored_policy<Policy>::value;
 
  public:
   /// Validates the shape and the policy's knobs (as the CPU cache does; head_dim must also be
@@ -127,8 +128,9 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   }
 
   /// Hands queries (tokens × q_heads × head_dim, post-RoPE) to policies that score with them:
-  /// ReconstructionEvict folds the softmax probability each held key of `layer` receives (inside
-  /// the policy's ScoreWindow, max over the rows and the GQA group) into the key's score.
+  /// ReconstructionEvict and SnapKV fold the softmax probability each held key of `layer`
+  /// receives (inside the policy's ScoreWindow; over the rows and the GQA group, the max for
+  /// KVzip, the sum for SnapKV) into the key's score.
   /// Throws kvpack::error, nothing changed, for a bad layer, view or position, or non-finite
   /// queries.
   void observe(int layer, const ActivationView& q, Positions positions,
@@ -144,10 +146,11 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     observed_ = true;
   }
 
-  /// The score of every token (layer, head) holds, in held order (ascending position): the max
-  /// probability observe() gave it, NaN for a token no observed query has seen (as the CPU
-  /// cache). ReconstructionEvict only. Throws kvpack::error for a bad layer or head.
-  template <class P = Policy, class = std::enable_if_t<cuda::is_query_max_policy<P>::value>>
+  /// The score of every token (layer, head) holds, in held order (ascending position): the
+  /// reduced probability observe() gave it (before any pooling), NaN for a token no observed
+  /// query has seen (as the CPU cache). Query-scored policies only. Throws kvpack::error for a
+  /// bad layer or head.
+  template <class P = Policy, class = std::enable_if_t<cuda::is_query_scored_policy<P>::value>>
   std::vector<float> token_scores(int layer, int head) const {
     constexpr const char* where = "KVCache::token_scores";
     this->check_head(where, layer, head);

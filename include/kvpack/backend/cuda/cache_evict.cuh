@@ -106,7 +106,7 @@ void KVCache<Policy, backend::Cuda>::evict() {
                      "KVCache::compress: clearing the unscored counts");
     cuda::launch_gather_stored_scores(
         reinterpret_cast<const cuda::StoredScoreJob*>(ws + at_stored_jobs), n_targets, longest,
-        scores, unscored, stream);
+        policy_.score_pool_width() / 2, scores, unscored, stream);
     std::vector<int> counts(n_targets);
     download(unscored, n_targets, counts, where);
     context_->synchronize(where);

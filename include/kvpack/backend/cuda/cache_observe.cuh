@@ -1,6 +1,7 @@
 /// \file backend/cuda/cache_observe.cuh
 /// \brief Out-of-line member of KVCache<Policy, backend::Cuda>: observe() of query-scored
-/// eviction (ReconstructionEvict), the max probability of each held key (kernels/observe.cuh).
+/// eviction (ReconstructionEvict, SnapKV), the max or summed probability of each held key
+/// (kernels/observe.cuh).
 #pragma once
 
 #include <algorithm>
@@ -62,7 +63,8 @@ void KVCache<Policy, backend::Cuda>::observe_scores(int layer, const ActivationV
   params.row_sum = reinterpret_cast<float*>(ws + at_sum);
   const auto* heads = reinterpret_cast<const cuda::ObserveHead<T>*>(ws + at_heads);
   cuda::dispatch_head_dim(d, [&](auto head_dim) {
-    cuda::launch_observe<decltype(head_dim)::value, T>(heads, kv_heads, longest, params, stream);
+    cuda::launch_observe<decltype(head_dim)::value, T, detail::sums_query_scores<Policy>()>(
+        heads, kv_heads, longest, params, stream);
   });
   context_->synchronize(where);
 }

@@ -108,12 +108,12 @@ template <class P>
 struct is_head_level_policy
     : std::bool_constant<is_eviction_policy_v<P> && P::score_source == ScoreSource::kHeadScores> {};
 
-/// Eviction scored by observed queries reduced by their maximum (ReconstructionEvict, KVzip):
-/// observe() keeps one score per held token on the device.
+/// Eviction scored by observed queries, reduced by their maximum (ReconstructionEvict, KVzip)
+/// or their sum (SnapKV): observe() keeps one score per held token on the device.
 template <class P>
-struct is_query_max_policy : std::bool_constant<is_eviction_policy_v<P> &&
-                                                P::score_source == ScoreSource::kObservedQueries &&
-                                                !detail::sums_query_scores<P>()> {};
+struct is_query_scored_policy
+    : std::bool_constant<is_eviction_policy_v<P> &&
+                         P::score_source == ScoreSource::kObservedQueries> {};
 
 /// KIVI quantization alone (Quantize): rows age out of the fp16 residual into blocks.
 template <class P>
@@ -121,13 +121,13 @@ struct is_kivi_policy : std::is_same<P, Quantize> {};
 
 /// Policies the CUDA cache implements: BasicIdentity, Quantize, eviction policies scored per
 /// token from K/V (L2NormEvict) or by position (StreamingLLM) - the scoring hook must be a
-/// KVPACK_HOST_DEVICE function - by the max probability of observed queries (ReconstructionEvict,
-/// without KVzip+ factors), and eviction by head (HeadLevelEvict).
+/// KVPACK_HOST_DEVICE function - by the probabilities of observed queries (ReconstructionEvict
+/// without KVzip+ factors, SnapKV), and eviction by head (HeadLevelEvict).
 template <class P>
 inline constexpr bool supports_policy_v =
     is_keep_all_policy<P>::value || is_kivi_policy<P>::value || is_token_score_policy<P>::value ||
     is_position_score_policy<P>::value || is_head_level_policy<P>::value ||
-    is_query_max_policy<P>::value;
+    is_query_scored_policy<P>::value;
 
 /// Bytes of one element of `dtype`.
 inline std::size_t dtype_bytes(DType dtype) { return dtype == DType::kF32 ? 4 : 2; }

@@ -1,20 +1,21 @@
 /// \file backend/cuda/kernels/observe.cuh
-/// \brief KVzip scoring (observe()): the softmax probability each held key receives from each
-/// observed query row, maximised over the rows and the query heads of its GQA group, inside a
-/// ScoreWindow (the chunk-local softmax of the reference).
+/// \brief Query scoring (observe()): the softmax probability each held key receives from each
+/// observed query row, reduced over the rows and the query heads of its GQA group (the max for
+/// KVzip, the sum for SnapKV), inside a ScoreWindow (KVzip's chunk-local softmax).
 ///
 /// Two passes per observe() call: the softmax statistics (max and sum of exp) of every (query
 /// token, query head) over its visible window keys, then one thread per key that recomputes its
-/// logits against every row and folds the largest probability into the head's scores. The logits
+/// logits against every row and folds the reduced probability into the head's scores. The logits
 /// are computed twice (the fused single-pass form, as a by-product of an attention kernel, is
 /// left for later); the arithmetic matches the CPU's in fp32 up to the summation order.
-/// Source: Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction"
-/// (arXiv 2505.23416).
+/// Sources: Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction"
+/// (arXiv 2505.23416); Li et al., "SnapKV" (arXiv 2404.14469).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
+#include "../../../policy/policy_base.hpp"
 #include "../../../policy/score_window.hpp"
 #include "common.cuh"
 
@@ -88,34 +89,46 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(32)
   }
 }
 
-/// Pass 2: one thread per key of one kv head (grid y): the largest probability any row of the
-/// group gives it, folded into its score with max. Keys outside the window or seen by no row keep
-/// their score.
-template <int D, class T>
+/// Pass 2: one thread per key of one kv head (grid y): the probabilities every row of the group
+/// gives it, reduced (kSum: summed in row order, else the max) and folded into its score (an
+/// unscored key's sum starts at 0). Keys outside the window or seen by no row keep their score.
+template <int D, class T, bool kSum>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
-    observe_max_kernel(const ObserveHead<T>* __restrict__ heads, ObserveParams p) {
+    observe_reduce_kernel(const ObserveHead<T>* __restrict__ heads, ObserveParams p) {
   const int h = static_cast<int>(exec::block_y());
   const ObserveHead<T> head = heads[h];
   for (int64_t i = static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
        i < head.size; i += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
     const int64_t key_position = head.positions[i];
     if (!p.window.contains(key_position)) continue;
-    float best = kUnscoredScore;
+    bool seen = false;
+    float reduced = kSum ? 0.0f : kUnscoredScore;
     for (int64_t t = 0; t < p.tokens; ++t) {
       if (key_position > p.q_positions[t]) continue;
+      seen = true;
       for (int j = 0; j < p.group; ++j) {
         const int64_t row = t * p.q_heads + h * p.group + j;
         const float s = observe_logit<D>(p.q + row * D, head.k + i * D, p.scale);
         const float prob = expf(s - p.row_max[row]) / p.row_sum[row];
-        best = prob > best ? prob : best;
+        if (kSum) {
+          reduced += prob;
+        } else {
+          reduced = prob > reduced ? prob : reduced;
+        }
       }
     }
-    if (best != kUnscoredScore && best > head.scores[i]) head.scores[i] = best;
+    if (!seen) continue;
+    const float stored = head.scores[i];
+    if (kSum) {
+      head.scores[i] = (stored == kUnscoredScore ? 0.0f : stored) + reduced;
+    } else if (reduced > stored) {
+      head.scores[i] = reduced;
+    }
   }
 }
 
 /// Enqueues both passes over `kv_heads` heads (device table); longest: the largest head size.
-template <int D, class T>
+template <int D, class T, bool kSum>
 void launch_observe(const ObserveHead<T>* heads, int kv_heads, int64_t longest,
                     const ObserveParams& p, cudaStream_t stream) {
   if (p.tokens == 0 || longest == 0) return;
@@ -123,9 +136,9 @@ void launch_observe(const ObserveHead<T>* heads, int kv_heads, int64_t longest,
                    stream, "observe_stats_kernel", heads, p);
   check_launch("observe_stats_kernel");
   const dim3 grid(grid_blocks(longest, kElementwiseThreads, 4096), static_cast<unsigned>(kv_heads));
-  exec::launch<kElementwiseThreads>(observe_max_kernel<D, T>, grid, kElementwiseThreads, stream,
-                                    "observe_max_kernel", heads, p);
-  check_launch("observe_max_kernel");
+  exec::launch<kElementwiseThreads>(observe_reduce_kernel<D, T, kSum>, grid, kElementwiseThreads,
+                                    stream, "observe_reduce_kernel", heads, p);
+  check_launch("observe_reduce_kernel");
 }
 
 /// One (layer, kv head) whose stored scores enter a compress().
@@ -135,13 +148,15 @@ struct StoredScoreJob {
   int64_t offset;  ///< first score of this head in the concatenated score array
 };
 
-/// out[offset + t] = the stored score of token t, or +inf for a token no observed query has seen
-/// (kept outside the budget, as on the CPU); unscored[j] (zeroed by the caller) counts those.
-/// Grid: x strides over tokens, y over jobs.
+/// out[offset + t] = the stored score of token t after the policy's max pooling over
+/// `pool_radius` held neighbours on either side (detail::max_pooled_score; SnapKV), or +inf for a
+/// token no observed query has seen (kept outside the budget, as on the CPU); unscored[j] (zeroed
+/// by the caller) counts those. Grid: x strides over tokens, y over jobs.
 template <class Job>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
     gather_stored_scores_kernel(const Job* __restrict__ jobs, int64_t job_count,
-                                float* __restrict__ out, int* __restrict__ unscored) {
+                                int64_t pool_radius, float* __restrict__ out,
+                                int* __restrict__ unscored) {
   for (int64_t j = exec::block_y(); j < job_count; j += exec::grid_y()) {
     const Job job = jobs[j];
     int count = 0;
@@ -150,7 +165,8 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
          t < job.size; t += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
       const float score = job.scores[t];
       const bool seen = score != kUnscoredScore;
-      out[job.offset + t] = seen ? score : INFINITY;
+      out[job.offset + t] =
+          seen ? detail::max_pooled_score(job.scores, job.size, t, pool_radius) : INFINITY;
       count += !seen;
     }
     if (count > 0) exec::atomic_add(unscored + j, count);
@@ -159,12 +175,12 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
 
 /// Enqueues gather_stored_scores_kernel over `job_count` jobs whose longest holds `longest`.
 inline void launch_gather_stored_scores(const StoredScoreJob* jobs, int64_t job_count,
-                                        int64_t longest, float* out, int* unscored,
-                                        cudaStream_t stream) {
+                                        int64_t longest, int64_t pool_radius, float* out,
+                                        int* unscored, cudaStream_t stream) {
   const dim3 grid(grid_blocks(longest, kElementwiseThreads, 1024), grid_extent(job_count));
   exec::launch<kElementwiseThreads>(gather_stored_scores_kernel<StoredScoreJob>, grid,
                                     kElementwiseThreads, stream, "gather_stored_scores_kernel",
-                                    jobs, job_count, out, unscored);
+                                    jobs, job_count, pool_radius, out, unscored);
   check_launch("gather_stored_scores_kernel");
 }
 

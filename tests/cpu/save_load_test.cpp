@@ -112,7 +112,7 @@ TEST_CASE("save/load: every policy of the backend-ops table round-trips bit for 
     std::remove(path.c_str());
     ++cases;
   });
-  CHECK(cases == 12);
+  CHECK(cases == 14);
 }
 
 TEST_CASE("save/load: compositions and the query-scored policies round-trip", "[save_load]") {

@@ -305,6 +305,59 @@ TEST_CASE("CUDA SnapKV: summed scores, pooling and kept sets equal the CPU's", "
   check_query_scored<kvpack::SnapKV>([](const Budget& b) { return kvpack::SnapKV(b, 16, 1); }, 800);
 }
 
+TEST_CASE("CUDA LazyLayerDrop: observed mass, lazy layers and their kept sets equal the CPU's",
+          "[cuda][eviction]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  uint32_t seed = 900;
+  for (const ModelShape& s : {kShapes[1], kShapes[2]}) {
+    INFO("q_heads " << s.q_heads << " kv_heads " << s.kv_heads << " d " << s.head_dim);
+    const kvpack::LazyLayerDrop policy(0.5, 4, 64);
+    KVCache<kvpack::LazyLayerDrop, backend::Cpu> cpu(s, policy);
+    KVCache<kvpack::LazyLayerDrop, backend::Cuda> gpu(s, policy);
+    feed_sequence(s, 300, 0, false, cpu, gpu);
+    REQUIRE(error_of([&] { gpu.compress(); }) == error_of([&] { cpu.compress(); }));
+    REQUIRE(std::isnan(gpu.observed_mass(0)));
+    // The last 8 prompt queries, sharper on later layers so the layers' masses differ.
+    std::vector<double> mass;
+    for (int l = 0; l < s.layers; ++l) {
+      const auto q = random_values(8 * s.q_heads * s.head_dim, seed++, 1.0f + 1.5f * l);
+      const auto qv = ActivationView::nhd(q.data(), 8, s.q_heads, s.head_dim);
+      cpu.observe(l, qv, positions_range(292, 8));
+      gpu.observe(l, qv, positions_range(292, 8));
+      INFO("layer " << l);
+      REQUIRE(std::fabs(gpu.observed_mass(l) - cpu.observed_mass(l)) <=
+              1e-5 * cpu.observed_mass(l));
+      mass.push_back(cpu.observed_mass(l));
+    }
+    // A threshold between the layers' masses: some layers are lazy, some are not.
+    std::vector<double> sorted = mass;
+    std::sort(sorted.begin(), sorted.end());
+    REQUIRE(sorted[1] - sorted[0] > 1e-3);
+    cpu.policy().threshold = gpu.policy().threshold = (sorted[0] + sorted[1]) / 2;
+    cpu.compress();
+    gpu.compress();
+    int lazy = 0;
+    for (int l = 0; l < s.layers; ++l) {
+      REQUIRE(gpu.is_lazy(l) == cpu.is_lazy(l));
+      lazy += gpu.is_lazy(l);
+    }
+    REQUIRE(lazy == s.layers - 1);
+    require_same_state(cpu, gpu);
+    require_same_attention_everywhere(cpu, gpu, seed++);
+    // The lazy layers keep a sliding window as decoding goes on.
+    for (int l = 0; l < s.layers; ++l) {
+      for (int64_t t = 300; t < 320; ++t) feed(s, l, t, 1, 2, false, cpu, gpu);
+    }
+    cpu.compress();
+    gpu.compress();
+    require_same_state(cpu, gpu);
+    require_same_attention_everywhere(cpu, gpu, seed++);
+    gpu.clear();
+    REQUIRE(std::isnan(gpu.observed_mass(0)));
+    REQUIRE_FALSE(gpu.is_lazy(0));
+  }
+}
+
 TEST_CASE("CUDA L2NormEvict global budget: ragged kept sets equal the CPU's", "[cuda][eviction]") {
   KVPACK_SKIP_WITHOUT_DEVICE();
   uint32_t seed = 90;

@@ -1,7 +1,7 @@
 // The CUDA kernels on the reference model's real K/V, run on the emulated grid
 // (backend/cuda/emulation/): the same kernel source nvcc compiles, executed on the CPU. The CUDA
-// cache against the CPU cache through a prefill, an L2, KVzip or SnapKV eviction or KIVI
-// quantization, and decode steps; the KIVI kernels on one layer's K/V and queries
+// cache against the CPU cache through a prefill, an L2, KVzip or SnapKV eviction, lazy-layer
+// trimming or KIVI quantization, and decode steps; the KIVI kernels on one layer's K/V and queries
 // (tests/cuda/kivi_checks.hpp); the low-rank factorisation on an xKV group's stacked keys and
 // values (tests/cuda/low_rank_checks.hpp).
 #define KVPACK_CUDA_EMULATION 1
@@ -65,9 +65,10 @@ class TeeCache : public AttentionCache {
 
 /// The CUDA cache against the CPU cache on the model's K/V and queries: every attention output
 /// of the prefill and of decode steps after compress(), and the rows each holds after it.
+/// Returns the layers compress() marked lazy (LazyLayerDrop; 0 for other policies).
 template <class Policy>
-void check_against_cpu(const LlamaModel& model, const std::vector<int32_t>& ids,
-                       const Policy& policy) {
+int check_against_cpu(const LlamaModel& model, const std::vector<int32_t>& ids,
+                      const Policy& policy) {
   namespace backend = kvpack::backend;
   const kvpack::ModelShape shape = model.config().shape();
   kvpack::KVCache<Policy, backend::Cpu> cpu_cache(shape, policy);
@@ -81,7 +82,10 @@ void check_against_cpu(const LlamaModel& model, const std::vector<int32_t>& ids,
   cpu_cache.compress();
   gpu_cache.compress();
   CHECK(gpu_cache.dense_bytes() == cpu_cache.dense_bytes());
+  int lazy = 0;
   for (int layer = 0; layer < shape.layers; ++layer) {
+    REQUIRE(gpu_cache.is_lazy(layer) == cpu_cache.is_lazy(layer));
+    lazy += gpu_cache.is_lazy(layer);
     const auto x = cpu_cache.materialize(layer);
     const auto y = gpu_cache.materialize(layer);
     for (std::size_t h = 0; h < x.heads.size(); ++h) {
@@ -99,6 +103,7 @@ void check_against_cpu(const LlamaModel& model, const std::vector<int32_t>& ids,
     model.forward_last(both, token, position).maxCoeff(&next);
   }
   CHECK(both.worst() < 1e-5);
+  return lazy;
 }
 
 /// The first `n` tokens of the prose test text (the reference tokenizer must be present).
@@ -160,6 +165,13 @@ TEST_CASE("model: the CUDA backend on the emulated grid matches the CPU on real 
   SECTION("ReconstructionEvict, keep half, global") {
     kvpack::ReconstructionEvict policy(kvpack::Budget::ratio(0.5, kvpack::BudgetScope::kGlobal));
     check_against_cpu(*model, ids, policy);
+  }
+  // SimLayerKV: layers whose prefill queries put > 0.9 of their attention on 4 sinks and the
+  // last 32 tokens keep only those (the same layers and tokens on both).
+  SECTION("LazyLayerDrop, threshold 0.9, 4 sinks, 32 recent") {
+    const int lazy = check_against_cpu(*model, ids, kvpack::LazyLayerDrop(0.9, 4, 32));
+    CHECK(lazy > 0);
+    CHECK(lazy < model->config().shape().layers);
   }
   // SnapKV: the prefill's probabilities summed per key, max-pooled over 7 tokens, per head.
   SECTION("SnapKV, keep half, per head") {

@@ -26,6 +26,24 @@ struct LayerState {
   int64_t last_position = -1;   ///< position of the last appended token, -1 when empty
 };
 
+/// Per-layer statistic of SimLayerKV's lazy-layer test (LazyLayerDrop), the same on every
+/// backend: the attention mass observed queries put on the layer's kept set, summed over the
+/// observed rows (tokens × query heads), and the decision the first compress() after it takes.
+struct LayerObservation {
+  double mass = 0.0;
+  int64_t rows = 0;
+  int lazy = -1;  ///< -1 undecided, 0 no, 1 yes
+
+  /// Mean mass per observed row; NaN before any row was observed.
+  double mean() const {
+    return rows == 0 ? std::numeric_limits<double>::quiet_NaN() : mass / static_cast<double>(rows);
+  }
+  /// Decides once, when rows were observed: lazy when the mean mass exceeds `threshold`.
+  void decide(double threshold) {
+    if (lazy < 0 && rows > 0) lazy = mean() > threshold;
+  }
+};
+
 inline void check_layer(const char* where, const ModelShape& shape, int layer) {
   require(layer >= 0 && layer < shape.layers, where, "layer", layer,
           [&] { return concat("in [0, ", shape.layers, ")"); });

@@ -221,9 +221,7 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   /// (LazyLayerDrop's statistic); NaN when nothing was observed.
   double observed_mass(int layer) const {
     detail::check_layer("KVCache::observed_mass", shape_, layer);
-    if (observations_.empty()) return std::nan("");
-    const auto& o = observations_[layer];
-    return o.rows == 0 ? std::nan("") : o.mass / static_cast<double>(o.rows);
+    return observations_.empty() ? std::nan("") : observations_[layer].mean();
   }
 
   /// \brief KVzip head scores of what observe() has scored so far (ReconstructionEvict): per
@@ -366,12 +364,7 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   }
 
  private:
-  /// Per-layer statistic of LazyLayerDrop: summed mass over observed rows, and the decision.
-  struct LayerObservation {
-    double mass = 0.0;
-    int64_t rows = 0;
-    int lazy = -1;  // -1 undecided, 0 no, 1 yes
-  };
+  using LayerObservation = detail::LayerObservation;
 
   Store& store(int layer, int head) {
     return heads_[static_cast<std::size_t>(layer) * shape_.kv_heads + head];

@@ -17,8 +17,7 @@ void KVCache<Policy, backend::Cpu>::trim_lazy_layers() {
   const int d = shape_.head_dim;
   for (int l = 0; l < shape_.layers; ++l) {
     LayerObservation& o = observations_[l];
-    if (o.lazy < 0 && o.rows > 0)
-      o.lazy = o.mass / static_cast<double>(o.rows) > selection().threshold;
+    o.decide(selection().threshold);
     if (o.lazy != 1) continue;
     const detail::LayerState& state = layers_[l];
     for (int h = 0; h < shape_.kv_heads; ++h) {

@@ -36,6 +36,7 @@
 #include "../../policy/head_level_evict.hpp"
 #include "../../policy/identity.hpp"
 #include "../../policy/l2_norm_evict.hpp"
+#include "../../policy/lazy_layer_drop.hpp"
 #include "../../policy/policy_base.hpp"
 #include "../../policy/quantize.hpp"
 #include "../../policy/reconstruction_evict.hpp"
@@ -61,7 +62,8 @@ namespace kvpack {
 /// \brief CUDA implementation of KVCache (see the file comment for the design).
 /// \tparam Policy BasicIdentity<Half|float>, Quantize (KIVI blocks + fp16 residual), an
 /// eviction policy scored from K/V or by position (L2NormEvict, StreamingLLM), by observed
-/// queries (ReconstructionEvict without KVzip+ factors, SnapKV), or HeadLevelEvict.
+/// queries (ReconstructionEvict without KVzip+ factors, SnapKV), HeadLevelEvict, or lazy layers
+/// (LazyLayerDrop).
 ///
 /// The cache runs on a caller-owned cuda::CudaContext (device + stream), or on one it creates
 /// on the current device. Move-only. Calls on one cache are serialised (a mutex guards the
@@ -71,10 +73,10 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   static_assert(
       cuda::supports_policy_v<Policy>,
       "no CUDA implementation of this Policy: backend::Cuda implements BasicIdentity, "
-      "Quantize, HeadLevelEvict, ReconstructionEvict, SnapKV and eviction policies scored per "
-      "token from K/V (L2NormEvict: an EvictionPolicy with a KVPACK_HOST_DEVICE static "
+      "Quantize, HeadLevelEvict, ReconstructionEvict, SnapKV, LazyLayerDrop and eviction policies "
+      "scored per token from K/V (L2NormEvict: an EvictionPolicy with a KVPACK_HOST_DEVICE static "
       "token_score) or by position (StreamingLLM: position_score); use backend::Cpu for "
-      "the others (KVzap, LazyLayerDrop, low-rank policies, Compose)");
+      "the others (KVzap, low-rank policies, Compose)");
 
  public:
   using backend_type = backend::Cuda;
@@ -84,6 +86,10 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   KVPACK_CACHE_FRONT_MEMBERS(Policy);
   /// The policy scores tokens by observed queries (one device score per held token).
   static constexpr bool kQueryScores = cuda::is_query_scored_policy<Policy>::value;
+  /// The policy trims lazy layers (one attention-mass statistic per layer, on the host).
+  static constexpr bool kLazyLayers = cuda::is_lazy_layer_policy<Policy>::value;
+  /// compress() selects tokens and compacts (eviction policies and lazy layers).
+  static constexpr bool kEvicts = is_eviction_policy_v<Policy> || kLazyLayers;
 
  public:
   /// Validates the shape and the policy's knobs (as the CPU cache does; head_dim must also be
@@ -130,7 +136,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// Hands queries (tokens × q_heads × head_dim, post-RoPE) to policies that score with them:
   /// ReconstructionEvict and SnapKV fold the softmax probability each held key of `layer`
   /// receives (inside the policy's ScoreWindow; over the rows and the GQA group, the max for
-  /// KVzip, the sum for SnapKV) into the key's score.
+  /// KVzip, the sum for SnapKV) into the key's score; LazyLayerDrop adds the attention mass the
+  /// rows put on its kept set (sinks + recent window) to the layer's statistic.
   /// Throws kvpack::error, nothing changed, for a bad layer, view or position, or non-finite
   /// queries.
   void observe(int layer, const ActivationView& q, Positions positions,
@@ -139,9 +146,9 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     cuda::DeviceGuard guard(context_->device());
     std::lock_guard<std::mutex> lock(scratch_->mutex);
     check_query(where, layer, q, positions, space);
-    if constexpr (kQueryScores) {
+    if constexpr (kQueryScores || kLazyLayers) {
       check_no_value_weights(where);
-      observe_scores(layer, q, positions, space);
+      observe_queries(layer, q, positions, space);
     }
     observed_ = true;
   }
@@ -169,10 +176,10 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// Quantize turns the whole groups that left the residual window into KIVI blocks).
   void compress() {
     this->check_compress();
-    if constexpr (is_eviction_policy_v<Policy> || cuda::is_kivi_policy<Policy>::value) {
+    if constexpr (kEvicts || cuda::is_kivi_policy<Policy>::value) {
       cuda::DeviceGuard guard(context_->device());
       std::lock_guard<std::mutex> lock(scratch_->mutex);
-      if constexpr (is_eviction_policy_v<Policy>) {
+      if constexpr (kEvicts) {
         evict();
       } else {
         quantize();
@@ -187,16 +194,17 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// changed, otherwise.
   void truncate(int64_t last_position);
 
-  /// LazyLayerDrop's statistic on the CPU cache; no CUDA policy observes queries, so NaN.
+  /// Mean attention mass that observed queries put on the initial + recent tokens of `layer`
+  /// (LazyLayerDrop's statistic, as the CPU cache's); NaN when nothing was observed.
   double observed_mass(int layer) const {
     detail::check_layer("KVCache::observed_mass", shape_, layer);
-    return std::nan("");
+    return observations_.empty() ? std::nan("") : observations_[layer].mean();
   }
 
-  /// Whether compress() marked `layer` lazy (LazyLayerDrop only): always false here.
+  /// Whether compress() marked `layer` lazy (LazyLayerDrop); false before the decision.
   bool is_lazy(int layer) const {
     detail::check_layer("KVCache::is_lazy", shape_, layer);
-    return false;
+    return !observations_.empty() && observations_[layer].lazy == 1;
   }
 
   /// Attention of q (tokens × q_heads × head_dim, post-RoPE) over what `layer` holds: causal by
@@ -226,8 +234,9 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// CUDA cache has no pages yet, so no page rounding) and one position per held token, plus
   /// the per-head and per-layer bookkeeping (at the CPU's sizes).
   std::size_t bytes() const {
-    std::size_t total =
-        heads_.size() * sizeof(HostStore) + layers_.size() * sizeof(detail::LayerState);
+    std::size_t total = heads_.size() * sizeof(HostStore) +
+                        layers_.size() * sizeof(detail::LayerState) +
+                        observations_.size() * sizeof(detail::LayerObservation);
     const std::size_t row = 2 * static_cast<std::size_t>(shape_.head_dim) * sizeof(storage_type);
     for (const auto& head : heads_) {
       total += static_cast<std::size_t>(head.rows()) * row +
@@ -267,6 +276,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     std::lock_guard<std::mutex> lock(scratch_->mutex);
     context_->synchronize("KVCache::clear");
     for (auto& head : heads_) head = cuda::DeviceHead<storage_type>{};
+    for (auto& o : observations_) o = detail::LayerObservation{};
     scratch_->device.release();
     scratch_->invalid_index.release();
     this->clear_front();
@@ -345,6 +355,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
 
   void allocate_bookkeeping() {
     heads_.resize(static_cast<std::size_t>(shape_.layers) * shape_.kv_heads);
+    if constexpr (kLazyLayers) observations_.resize(shape_.layers);
     scratch_ = std::make_unique<Scratch>();
   }
 
@@ -406,11 +417,12 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   template <class P = Policy>
   void quantize();
   template <class P = Policy>
-  void observe_scores(int layer, const ActivationView& q, Positions positions, MemorySpace space);
+  void observe_queries(int layer, const ActivationView& q, Positions positions, MemorySpace space);
 
   std::unique_ptr<cuda::CudaContext> owned_context_;  // set when the cache made its own context
   cuda::CudaContext* context_ = nullptr;
-  std::vector<DeviceHead> heads_;  // layer-major: [layer][kv_head]
+  std::vector<DeviceHead> heads_;                       // layer-major: [layer][kv_head]
+  std::vector<detail::LayerObservation> observations_;  // [layer], LazyLayerDrop only
   std::unique_ptr<Scratch> scratch_;
 };
 

@@ -1,6 +1,7 @@
 /// \file backend/cuda/cache_evict.cuh
 /// \brief Out-of-line member of KVCache<Policy, backend::Cuda>: eviction (scores, selection per
-/// head or by one global threshold, both on the device, compaction).
+/// head or by one global threshold, both on the device, compaction), and SimLayerKV's trimming
+/// of lazy layers by the same selection.
 #pragma once
 
 #include <algorithm>
@@ -29,16 +30,33 @@ void KVCache<Policy, backend::Cuda>::evict() {
   const int d = shape_.head_dim;
   const int device = context_->device();
   const cudaStream_t stream = context_->stream();
-  const Budget& budget = policy_.budget;
+  // The eviction knobs. Lazy layers (LazyLayerDrop) have no budget: each head of a lazy layer
+  // keeps only its kept set (the policy's sinks and recent window, the protected tokens of a
+  // target of 0), decided once per layer from the observed mass as on the CPU.
+  Budget budget;
+  int first_layer = 0;
+  int64_t min_tokens = 0;
+  if constexpr (kLazyLayers) {
+    budget.sink_tokens = policy_.sink_tokens;
+    budget.recent_tokens = policy_.recent_tokens;
+    for (detail::LayerObservation& o : observations_) o.decide(policy_.threshold);
+  } else {
+    budget = policy_.budget;
+    first_layer = detail::first_layer(policy_, shape_.layers);
+    min_tokens = policy_.min_tokens;
+  }
   struct Target {
     int layer, head;
     int64_t offset;  // of its tokens in the concatenated score / flag / index arrays
   };
   std::vector<Target> targets;
   int64_t total = 0, longest = 0;
-  for (int l = detail::first_layer(policy_, shape_.layers); l < shape_.layers; ++l) {
+  for (int l = first_layer; l < shape_.layers; ++l) {
     const detail::LayerState& state = layers_[l];
-    if (state.appended == 0 || state.appended < policy_.min_tokens) continue;
+    if (state.appended == 0 || state.appended < min_tokens) continue;
+    if constexpr (kLazyLayers) {
+      if (observations_[l].lazy != 1) continue;
+    }
     for (int h = 0; h < shape_.kv_heads; ++h) {
       targets.push_back({l, h, total});
       total += store(l, h).size;
@@ -48,10 +66,11 @@ void KVCache<Policy, backend::Cuda>::evict() {
   const int64_t n_targets = static_cast<int64_t>(targets.size());
   if (n_targets == 0) return;
   // HeadLevelEvict: a head keeps every token or only the protected ones (chosen on the host from
-  // the policy's head scores, as the CPU cache does).
-  constexpr bool kHeadLevel = cuda::is_head_level_policy<Policy>::value;
-  std::vector<char> whole;
-  if constexpr (kHeadLevel) {
+  // the policy's head scores, as the CPU cache does); a lazy layer's heads keep the protected
+  // ones.
+  constexpr bool kAllOrProtected = cuda::is_head_level_policy<Policy>::value || kLazyLayers;
+  std::vector<char> whole(n_targets, 0);
+  if constexpr (cuda::is_head_level_policy<Policy>::value) {
     std::vector<int> ids;
     for (const Target& t : targets) ids.push_back(t.layer * shape_.kv_heads + t.head);
     whole = policy_.heads_kept(ids);
@@ -86,13 +105,13 @@ void KVCache<Policy, backend::Cuda>::evict() {
     select_jobs[i] = {scores + targets[i].offset,
                       head.positions.data(),
                       head.size,
-                      kHeadLevel ? (whole[i] ? head.size : 0) : budget.target(state.appended),
+                      kAllOrProtected ? (whole[i] ? head.size : 0) : budget.target(state.appended),
                       state.first_position + budget.sink_tokens,
                       state.last_position - budget.recent_tokens,
                       targets[i].offset};
   }
   upload_staging(ws, upload_bytes, where);
-  if constexpr (kHeadLevel) {
+  if constexpr (kAllOrProtected) {
     // Equal scores: a head's target alone decides (all or only the protected tokens).
     cuda::check_cuda(
         cudaMemsetAsync(scores, 0, static_cast<std::size_t>(total) * sizeof(float), stream),
@@ -128,7 +147,7 @@ void KVCache<Policy, backend::Cuda>::evict() {
   auto* results = reinterpret_cast<cuda::SelectResult*>(ws + at_results);
   const auto* device_select_jobs = reinterpret_cast<const cuda::SelectJob*>(ws + at_select_jobs);
   auto* flags = reinterpret_cast<uint8_t*>(ws + at_flags);
-  if (budget.scope == BudgetScope::kPerHead || kHeadLevel) {
+  if (budget.scope == BudgetScope::kPerHead || kAllOrProtected) {
     cuda::launch_select_top_k(device_select_jobs, n_targets, flags, results, kept_index, stream);
   } else {
     // One threshold over every (layer, head, token), selected on the device: only the per-head

@@ -1,7 +1,8 @@
 /// \file backend/cuda/kernels/observe.cuh
 /// \brief Query scoring (observe()): the softmax probability each held key receives from each
 /// observed query row, reduced over the rows and the query heads of its GQA group (the max for
-/// KVzip, the sum for SnapKV), inside a ScoreWindow (KVzip's chunk-local softmax).
+/// KVzip, the sum for SnapKV), inside a ScoreWindow (KVzip's chunk-local softmax); and the
+/// attention mass each row puts on a policy's kept set (SimLayerKV's lazy layers).
 ///
 /// Two passes per observe() call: the softmax statistics (max and sum of exp) of every (query
 /// token, query head) over its visible window keys, then one thread per key that recomputes its
@@ -9,7 +10,8 @@
 /// are computed twice (the fused single-pass form, as a by-product of an attention kernel, is
 /// left for later); the arithmetic matches the CPU's in fp32 up to the summation order.
 /// Sources: Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction"
-/// (arXiv 2505.23416); Li et al., "SnapKV" (arXiv 2404.14469).
+/// (arXiv 2505.23416); Li et al., "SnapKV" (arXiv 2404.14469); Zhang et al., "SimLayerKV"
+/// (arXiv 2410.13846).
 #pragma once
 
 #include <cmath>
@@ -45,6 +47,15 @@ struct ObserveParams {
   ScoreWindow window;
   float* row_max;  ///< [tokens][q_heads]: softmax max over the row's visible window keys
   float* row_sum;  ///< [tokens][q_heads]: sum of exp(logit − max); 0 when it sees none
+  /// [tokens][q_heads] or null: the probability mass the row puts on the policy's kept set
+  /// (LazyLayerDrop::in_kept_set; SimLayerKV's lazy-layer statistic)
+  float* row_mass;
+  int64_t first_position;  ///< of the observed layer (the kept set's sinks start there)
+};
+
+/// The kept set of a policy that measures no attention mass (KVzip, SnapKV): empty.
+struct NoKeptSet {
+  KVPACK_HOST_DEVICE bool in_kept_set(int64_t, int64_t, int64_t) const { return false; }
 };
 
 template <int D, class T>
@@ -54,11 +65,13 @@ KVPACK_DEVICE float observe_logit(const float* q, const T* k, float scale) {
   return dot * scale;
 }
 
-/// Pass 1: one warp per (query token, query head); lanes stride over the head's keys.
-/// Grid: x over tokens · q_heads rows (grid-stride), one warp per block.
-template <int D, class T>
+/// Pass 1: one warp per (query token, query head); lanes stride over the head's keys. With
+/// p.row_mass, also the softmax mass of the keys `kept.in_kept_set(position, first, query
+/// position)` selects (Policy: LazyLayerDrop). Grid: x over tokens · q_heads rows (grid-stride),
+/// one warp per block.
+template <int D, class T, class KeptSet>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(32)
-    observe_stats_kernel(const ObserveHead<T>* __restrict__ heads, ObserveParams p) {
+    observe_stats_kernel(const ObserveHead<T>* __restrict__ heads, ObserveParams p, KeptSet kept) {
   const int lane = static_cast<int>(exec::thread_x());
   for (int64_t row = exec::block_x(); row < p.tokens * p.q_heads; row += exec::grid_x()) {
     const int64_t t = row / p.q_heads;
@@ -66,25 +79,32 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(32)
     const ObserveHead<T> head = heads[qh / p.group];
     const float* q = p.q + row * D;
     const int64_t position = p.q_positions[t];
-    float m = -INFINITY, l = 0.0f;
+    float m = -INFINITY, l = 0.0f, in_kept = 0.0f;  // in_kept: the kept keys' part of l
     for (int64_t i = lane; i < head.size; i += 32) {
       const int64_t key_position = head.positions[i];
       if (key_position > position || !p.window.contains(key_position)) continue;
       const float s = observe_logit<D>(q, head.k + i * D, p.scale);
+      const bool is_kept = kept.in_kept_set(key_position, p.first_position, position);
       if (s > m) {
-        l = l * expf(m - s) + 1.0f;
+        const float rescale = expf(m - s);
+        l = l * rescale + 1.0f;
+        in_kept = in_kept * rescale + (is_kept ? 1.0f : 0.0f);
         m = s;
       } else {
-        l += expf(s - m);
+        const float e = expf(s - m);
+        l += e;
+        in_kept += is_kept ? e : 0.0f;
       }
     }
     // Merge the lanes' (max, sum) pairs.
     const float row_max = warp_max(m);
-    const float scaled = m == -INFINITY ? 0.0f : l * expf(m - row_max);
-    const float row_sum = warp_sum(scaled);
+    const float to_row = m == -INFINITY ? 0.0f : expf(m - row_max);
+    const float row_sum = warp_sum(l * to_row);
+    const float row_kept = p.row_mass != nullptr ? warp_sum(in_kept * to_row) : 0.0f;
     if (lane == 0) {
       p.row_max[row] = row_max;
       p.row_sum[row] = row_sum;
+      if (p.row_mass != nullptr) p.row_mass[row] = row_sum > 0.0f ? row_kept / row_sum : 0.0f;
     }
   }
 }
@@ -127,14 +147,22 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
   }
 }
 
+/// Enqueues pass 1 alone (the row statistics; with p.row_mass, the mass on `kept`'s keys).
+template <int D, class T, class KeptSet>
+void launch_observe_stats(const ObserveHead<T>* heads, const ObserveParams& p, const KeptSet& kept,
+                          cudaStream_t stream) {
+  if (p.tokens == 0) return;
+  exec::launch<32>(observe_stats_kernel<D, T, KeptSet>, grid_blocks(p.tokens * p.q_heads, 1, 65535),
+                   32, stream, "observe_stats_kernel", heads, p, kept);
+  check_launch("observe_stats_kernel");
+}
+
 /// Enqueues both passes over `kv_heads` heads (device table); longest: the largest head size.
 template <int D, class T, bool kSum>
 void launch_observe(const ObserveHead<T>* heads, int kv_heads, int64_t longest,
                     const ObserveParams& p, cudaStream_t stream) {
   if (p.tokens == 0 || longest == 0) return;
-  exec::launch<32>(observe_stats_kernel<D, T>, grid_blocks(p.tokens * p.q_heads, 1, 65535), 32,
-                   stream, "observe_stats_kernel", heads, p);
-  check_launch("observe_stats_kernel");
+  launch_observe_stats<D, T>(heads, p, NoKeptSet{}, stream);
   const dim3 grid(grid_blocks(longest, kElementwiseThreads, 4096), static_cast<unsigned>(kv_heads));
   exec::launch<kElementwiseThreads>(observe_reduce_kernel<D, T, kSum>, grid, kElementwiseThreads,
                                     stream, "observe_reduce_kernel", heads, p);

@@ -65,6 +65,16 @@ class KvCacheAdapter : public AttentionCache {
                    Positions(positions, static_cast<size_t>(n)));
   }
 
+  /// Hands the attention inputs to policies scored by hidden states (KVzap); a no-op for others.
+  void observe_hidden(int layer, const float* x, const int64_t* positions, int64_t n,
+                      int hidden) override {
+    using Selection = typename detail::PolicyStages<typename Cache::policy_type>::selection;
+    if constexpr (Selection::score_source == ScoreSource::kHiddenStates) {
+      cache_.observe_hidden(layer, ActivationView::nhd(x, n, 1, hidden),
+                            Positions(positions, static_cast<size_t>(n)));
+    }
+  }
+
   Cache& cache() { return cache_; }
 
  private:

@@ -117,15 +117,18 @@ inline void feed_sequence(const ModelShape& s, int64_t prefill, int64_t decode, 
 }
 
 /// What the CUDA cache holds: per held token its K and V rows, one int32 position and, for
-/// policies scored by observed queries, one fp32 score; plus the bookkeeping it counts at the
-/// CPU cache's per-head and per-layer sizes (LazyLayerDrop: one statistic per layer). (The CPU
-/// cache holds whole pages and page tables, so its bytes() is larger: the CUDA storage is not
-/// paged.)
+/// policies scored by observed queries or hidden states, one fp32 score; plus the bookkeeping it
+/// counts at the CPU cache's per-head and per-layer sizes (LazyLayerDrop: one statistic per layer).
+/// (The CPU cache holds whole pages and page tables, so its bytes() is larger: the CUDA storage is
+/// not paged.)
 template <class CudaCache>
 inline std::size_t held_bytes(const CudaCache& gpu) {
   using Storage = typename CudaCache::storage_type;
   using Policy = std::decay_t<decltype(gpu.policy())>;
-  constexpr std::size_t score = kvpack::cuda::is_query_scored_policy<Policy>::value ? 4 : 0;
+  constexpr std::size_t score = kvpack::cuda::is_query_scored_policy<Policy>::value ||
+                                        kvpack::cuda::is_hidden_scored_policy<Policy>::value
+                                    ? 4
+                                    : 0;
   const ModelShape& s = gpu.shape();
   constexpr std::size_t observation = kvpack::cuda::is_lazy_layer_policy<Policy>::value
                                           ? sizeof(kvpack::detail::LayerObservation)

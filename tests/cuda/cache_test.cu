@@ -358,6 +358,118 @@ TEST_CASE("CUDA LazyLayerDrop: observed mass, lazy layers and their kept sets eq
   }
 }
 
+/// A seeded random KVzap scorer for `s` with `hidden` inputs.
+std::shared_ptr<const kvpack::HiddenScorer> random_scorer(const ModelShape& s, int hidden,
+                                                          uint32_t seed) {
+  auto scorer = std::make_shared<kvpack::HiddenScorer>(s.layers, s.kv_heads, hidden);
+  scorer->weight = random_values(scorer->weight.size(), seed, 0.3f);
+  scorer->bias = random_values(scorer->bias.size(), seed + 1);
+  return scorer;
+}
+
+/// Hands hidden states of tokens [t0, t0 + n) of every layer to every cache (fp32 or fp16).
+template <class... Caches>
+void observe_hidden_all(const ModelShape& s, int hidden, int64_t t0, int64_t n, bool fp16,
+                        uint32_t seed, Caches&... caches) {
+  for (int l = 0; l < s.layers; ++l) {
+    const auto x = random_values(n * hidden, seed + 31 * l);
+    const auto x16 = convert<Half>(x);
+    const ActivationView view = fp16 ? ActivationView::nhd(x16.data(), n, 1, hidden)
+                                     : ActivationView::nhd(x.data(), n, 1, hidden);
+    (caches.observe_hidden(l, view, positions_range(t0, n)), ...);
+  }
+}
+
+TEST_CASE("CUDA KVzap: hidden-state scores (the scorer's GEMM) and kept sets equal the CPU's",
+          "[cuda][eviction]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  constexpr int kHidden = 48;
+  uint32_t seed = 1100;
+  for (const ModelShape& s : {kShapes[1], kShapes[2]}) {
+    const auto scorer = random_scorer(s, kHidden, seed++);
+    Budget budget = Budget::ratio(0.3, BudgetScope::kGlobal);
+    budget.sink_tokens = 4;
+    budget.recent_tokens = 16;
+    // A keep budget (global), then a log-score threshold of 0 (about half the tokens pass it).
+    for (const kvpack::KVzap& policy :
+         {kvpack::KVzap(scorer, budget), kvpack::KVzap::with_threshold(scorer, 0.0, budget)}) {
+      INFO("q_heads " << s.q_heads << " kv_heads " << s.kv_heads << "; threshold "
+                      << policy.threshold);
+      KVCache<kvpack::KVzap, backend::Cpu> cpu(s, policy);
+      KVCache<kvpack::KVzap, backend::Cuda> gpu(s, policy);
+      feed_sequence(s, 200, 0, false, cpu, gpu);
+      // Tokens 0-99 (fp32) and 100-179 (fp16) are scored; 180-199 stay unscored.
+      observe_hidden_all(s, kHidden, 0, 100, false, seed++, cpu, gpu);
+      observe_hidden_all(s, kHidden, 100, 80, true, seed++, cpu, gpu);
+      for (int l = 0; l < s.layers; ++l) {
+        for (int h = 0; h < s.kv_heads; ++h) {
+          const auto a = cpu.token_scores(l, h);
+          const auto b = gpu.token_scores(l, h);
+          REQUIRE(a.size() == b.size());
+          int scored = 0;
+          for (std::size_t t = 0; t < a.size(); ++t) {
+            INFO("layer " << l << " head " << h << " token " << t);
+            REQUIRE(std::isnan(a[t]) == std::isnan(b[t]));
+            if (std::isnan(a[t])) continue;
+            REQUIRE(std::fabs(a[t] - b[t]) <= 1e-5f * a[t]);
+            ++scored;
+          }
+          REQUIRE(scored == 180);
+        }
+      }
+      cpu.compress();
+      gpu.compress();
+      require_same_state(cpu, gpu);
+      require_same_attention_everywhere(cpu, gpu, seed++);
+      // Decode tokens are scored as they come and evicted like prompt tokens.
+      for (int64_t t = 200; t < 220; ++t) {
+        for (int l = 0; l < s.layers; ++l) feed(s, l, t, 1, 2, false, cpu, gpu);
+        observe_hidden_all(s, kHidden, t, 1, false, seed++, cpu, gpu);
+      }
+      cpu.compress();
+      gpu.compress();
+      require_same_state(cpu, gpu);
+    }
+  }
+  // Errors: the CPU's messages, nothing changed.
+  const ModelShape s = kShapes[1];
+  auto scorer = std::make_shared<kvpack::HiddenScorer>(s.layers, s.kv_heads, kHidden);
+  // Every scorer column alternates -2, +2 over the hidden inputs.
+  for (std::size_t i = 0; i < scorer->weight.size(); ++i) {
+    scorer->weight[i] = (i / s.kv_heads) % 2 ? 2.0f : -2.0f;
+  }
+  const kvpack::KVzap policy(scorer, Budget::ratio(0.5));
+  KVCache<kvpack::KVzap, backend::Cpu> cpu(s, policy);
+  KVCache<kvpack::KVzap, backend::Cuda> gpu(s, policy);
+  feed_sequence(s, 10, 0, false, cpu, gpu);
+  REQUIRE(error_of([&] { gpu.compress(); }) == error_of([&] { cpu.compress(); }));
+  std::vector<float> x(2 * kHidden, 3e38f);  // finite, but ±2 · 3e38 overflows: inf − inf
+  const auto pos = positions_range(8, 2);
+  const auto wrong = ActivationView::nhd(x.data(), 2, 1, 40);
+  REQUIRE(error_of([&] { gpu.observe_hidden(0, wrong, pos); }) ==
+          error_of([&] { cpu.observe_hidden(0, wrong, pos); }));
+  const auto huge = ActivationView::nhd(x.data(), 2, 1, kHidden);
+  const std::string nan_error = error_of([&] { cpu.observe_hidden(0, huge, pos); });
+  REQUIRE_THAT(nan_error, Contains("log-score of token 0") && Contains("is NaN"));
+#if defined(KVPACK_CUDA_EMULATION)
+  // The emulated cuBLAS is Eigen built as the CPU's: the same products, the same NaN.
+  REQUIRE(error_of([&] { gpu.observe_hidden(0, huge, pos); }) == nan_error);
+#else
+  // cuBLAS fuses each multiply-add, so its sum may saturate at ±inf (a clamped, finite score)
+  // instead of meeting inf − inf: either the CPU's error or a stored score.
+  const std::string gpu_error = error_of([&] { gpu.observe_hidden(0, huge, pos); });
+  REQUIRE((gpu_error == nan_error || gpu_error == "<no error>"));
+  gpu.clear();
+  cpu.clear();
+  feed_sequence(s, 10, 0, false, cpu, gpu);
+#endif
+  x[70] = NAN;
+  REQUIRE(error_of([&] { gpu.observe_hidden(0, huge, pos); }) ==
+          error_of([&] { cpu.observe_hidden(0, huge, pos); }));
+  const auto held = gpu.token_scores(0, 0);
+  REQUIRE(std::all_of(held.begin(), held.end(), [](float v) { return std::isnan(v); }));
+}
+
 TEST_CASE("CUDA L2NormEvict global budget: ragged kept sets equal the CPU's", "[cuda][eviction]") {
   KVPACK_SKIP_WITHOUT_DEVICE();
   uint32_t seed = 90;

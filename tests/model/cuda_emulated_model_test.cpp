@@ -1,6 +1,6 @@
 // The CUDA kernels on the reference model's real K/V, run on the emulated grid
 // (backend/cuda/emulation/): the same kernel source nvcc compiles, executed on the CPU. The CUDA
-// cache against the CPU cache through a prefill, an L2, KVzip or SnapKV eviction, lazy-layer
+// cache against the CPU cache through a prefill, an L2, KVzip, SnapKV or KVzap eviction, lazy-layer
 // trimming or KIVI quantization, and decode steps; the KIVI kernels on one layer's K/V and queries
 // (tests/cuda/kivi_checks.hpp); the low-rank factorisation on an xKV group's stacked keys and
 // values (tests/cuda/low_rank_checks.hpp).
@@ -11,8 +11,10 @@
 #include <cmath>
 #include <kvpack/backend/cuda.hpp>
 #include <kvpack/kvpack.hpp>
+#include <memory>
 #include <vector>
 
+#include "../cpu/test_util.hpp"
 #include "../cuda/kivi_checks.hpp"
 #include "../cuda/low_rank_checks.hpp"
 #include "attention_cache.hpp"
@@ -172,6 +174,18 @@ TEST_CASE("model: the CUDA backend on the emulated grid matches the CPU on real 
     const int lazy = check_against_cpu(*model, ids, kvpack::LazyLayerDrop(0.9, 4, 32));
     CHECK(lazy > 0);
     CHECK(lazy < model->config().shape().layers);
+  }
+  // KVzap: a seeded random linear scorer of the model's real attention inputs (576 wide), the
+  // GEMM in the emulated cuBLAS; a global keep budget.
+  SECTION("KVzap, random scorer, keep half, global") {
+    const kvpack::ModelShape shape = model->config().shape();
+    const int hidden = model->config().hidden;
+    auto scorer = std::make_shared<kvpack::HiddenScorer>(shape.layers, shape.kv_heads, hidden);
+    scorer->weight = kvpack_test::random_values(scorer->weight.size(), 41, 0.05f);
+    scorer->bias = kvpack_test::random_values(scorer->bias.size(), 42);
+    check_against_cpu(
+        *model, ids,
+        kvpack::KVzap(scorer, kvpack::Budget::ratio(0.5, kvpack::BudgetScope::kGlobal)));
   }
   // SnapKV: the prefill's probabilities summed per key, max-pooled over 7 tokens, per head.
   SECTION("SnapKV, keep half, per head") {

@@ -110,6 +110,29 @@ class CacheFront {
     check_query_positions(where, positions, q.tokens(), layers_[layer]);
   }
 
+  /// observe_hidden(): x is tokens × 1 × `hidden` (the scorer's input size); positions as for
+  /// queries.
+  void check_hidden_shape(const char* where, int layer, const ActivationView& x,
+                          Positions positions, int hidden) const {
+    check_layer(where, shape_, layer);
+    require(x.data() != nullptr && x.tokens() > 0, where, "x", "empty or null",
+            "tokens x 1 x hidden states");
+    require(
+        x.heads() == 1 && x.head_dim() == hidden, where, "x shape",
+        [&] { return concat(x.tokens(), " x ", x.heads(), " x ", x.head_dim()); },
+        [&] { return concat(x.tokens(), " x 1 x ", hidden, " (the scorer's hidden size)"); });
+    check_query_positions(where, positions, x.tokens(), layers_[layer]);
+  }
+
+  /// observe_hidden(): the error for log-score `index` ([token][kv head]) being NaN.
+  [[noreturn]] void refuse_nan_log_score(const char* where, int64_t index,
+                                         Positions positions) const {
+    const int64_t heads = shape_.kv_heads;
+    throw error(concat(where, ": the scorer's log-score of token ", index / heads, " (position ",
+                       positions[index / heads], "), kv head ", index % heads,
+                       " is NaN; expected hidden states of a sane magnitude"));
+  }
+
   /// attend(): the output view matches the queries.
   void check_output(const char* where, const ActivationView& q, const OutputView& out) const {
     require(out.data() != nullptr, where, "out", "null data", "a writable buffer");

@@ -186,9 +186,10 @@ struct KVzap : EvictionPolicy {
   float score_threshold() const {
     return std::isnan(threshold) ? std::nanf("") : std::exp(static_cast<float>(threshold));
   }
-  /// Hook: stored score of a log-score (see above).
-  static float stored_score(float log_score) {
-    return std::exp(log_score < -87.0f ? -87.0f : (log_score > 88.0f ? 88.0f : log_score));
+  /// Hook: stored score of a log-score (see above); host and device (the CUDA cache stores
+  /// scores with it).
+  KVPACK_HOST_DEVICE static float stored_score(float log_score) {
+    return expf(log_score < -87.0f ? -87.0f : (log_score > 88.0f ? 88.0f : log_score));
   }
 };
 

@@ -141,17 +141,8 @@ void KVCache<Policy, backend::Cpu>::observe_hidden(int layer, const ActivationVi
   static_assert(kHiddenScores, "observe_hidden() needs a policy scored by hidden states (KVzap)");
   constexpr const char* where = "KVCache::observe_hidden";
   const HiddenScorer& scorer = selection().hidden_scorer();
-  detail::check_layer(where, shape_, layer);
-  detail::require(x.data() != nullptr && x.tokens() > 0, where, "x", "empty or null",
-                  "tokens x 1 x hidden states");
-  detail::require(
-      x.heads() == 1 && x.head_dim() == scorer.hidden, where, "x shape",
-      [&] { return detail::concat(x.tokens(), " x ", x.heads(), " x ", x.head_dim()); },
-      [&] {
-        return detail::concat(x.tokens(), " x 1 x ", scorer.hidden, " (the scorer's hidden size)");
-      });
+  this->check_hidden_shape(where, layer, x, positions, scorer.hidden);
   detail::check_values(where, "x", x, std::numeric_limits<float>::max());
-  detail::check_query_positions(where, positions, x.tokens(), layers_[layer]);
   // Every log-score first (one GEMM over x: read in place when it is fp32, else converted),
   // then the stores.
   const int64_t n = x.tokens();
@@ -167,11 +158,8 @@ void KVCache<Policy, backend::Cpu>::observe_hidden(int layer, const ActivationVi
   std::vector<float> log_scores(static_cast<std::size_t>(n) * heads);
   scorer.score(layer, rows, n, stride, log_scores.data());
   for (std::size_t i = 0; i < log_scores.size(); ++i) {
-    if (std::isnan(log_scores[i])) {  // inf - inf inside the dot product of huge inputs
-      throw error(detail::concat(where, ": the scorer's log-score of token ", i / heads,
-                                 " (position ", positions[i / heads], "), kv head ", i % heads,
-                                 " is NaN; expected hidden states of a sane magnitude"));
-    }
+    // inf - inf inside the dot product of huge inputs
+    if (std::isnan(log_scores[i])) this->refuse_nan_log_score(where, i, positions);
   }
   for (int h = 0; h < heads; ++h) {
     Store& head = store(layer, h);

@@ -35,6 +35,7 @@
 #include "../../error.hpp"
 #include "../../policy/head_level_evict.hpp"
 #include "../../policy/identity.hpp"
+#include "../../policy/kvzap.hpp"
 #include "../../policy/l2_norm_evict.hpp"
 #include "../../policy/lazy_layer_drop.hpp"
 #include "../../policy/policy_base.hpp"
@@ -51,19 +52,21 @@
 #include "kernels/append.cuh"
 #include "kernels/attention.cuh"
 #include "kernels/compact.cuh"
+#include "kernels/hidden_scores.cuh"
 #include "kernels/kivi.cuh"
 #include "kernels/observe.cuh"
 #include "kernels/score.cuh"
 #include "kernels/select.cuh"
 #include "kernels/select_global.cuh"
+#include "linalg.hpp"
 
 namespace kvpack {
 
 /// \brief CUDA implementation of KVCache (see the file comment for the design).
 /// \tparam Policy BasicIdentity<Half|float>, Quantize (KIVI blocks + fp16 residual), an
 /// eviction policy scored from K/V or by position (L2NormEvict, StreamingLLM), by observed
-/// queries (ReconstructionEvict without KVzip+ factors, SnapKV), HeadLevelEvict, or lazy layers
-/// (LazyLayerDrop).
+/// queries (ReconstructionEvict without KVzip+ factors, SnapKV), by hidden states (KVzap),
+/// HeadLevelEvict, or lazy layers (LazyLayerDrop).
 ///
 /// The cache runs on a caller-owned cuda::CudaContext (device + stream), or on one it creates
 /// on the current device. Move-only. Calls on one cache are serialised (a mutex guards the
@@ -73,10 +76,10 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   static_assert(
       cuda::supports_policy_v<Policy>,
       "no CUDA implementation of this Policy: backend::Cuda implements BasicIdentity, "
-      "Quantize, HeadLevelEvict, ReconstructionEvict, SnapKV, LazyLayerDrop and eviction policies "
-      "scored per token from K/V (L2NormEvict: an EvictionPolicy with a KVPACK_HOST_DEVICE static "
-      "token_score) or by position (StreamingLLM: position_score); use backend::Cpu for "
-      "the others (KVzap, low-rank policies, Compose)");
+      "Quantize, HeadLevelEvict, ReconstructionEvict, SnapKV, KVzap, LazyLayerDrop and eviction "
+      "policies scored per token from K/V (L2NormEvict: an EvictionPolicy with a "
+      "KVPACK_HOST_DEVICE static token_score) or by position (StreamingLLM: position_score); use "
+      "backend::Cpu for the others (low-rank policies, Compose)");
 
  public:
   using backend_type = backend::Cuda;
@@ -86,6 +89,10 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   KVPACK_CACHE_FRONT_MEMBERS(Policy);
   /// The policy scores tokens by observed queries (one device score per held token).
   static constexpr bool kQueryScores = cuda::is_query_scored_policy<Policy>::value;
+  /// The policy scores tokens from hidden states (KVzap: observe_hidden()).
+  static constexpr bool kHiddenScores = cuda::is_hidden_scored_policy<Policy>::value;
+  /// One device score per held token (query- or hidden-state-scored eviction).
+  static constexpr bool kStoredScores = kQueryScores || kHiddenScores;
   /// The policy trims lazy layers (one attention-mass statistic per layer, on the host).
   static constexpr bool kLazyLayers = cuda::is_lazy_layer_policy<Policy>::value;
   /// compress() selects tokens and compacts (eviction policies and lazy layers).
@@ -153,11 +160,31 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     observed_ = true;
   }
 
+  /// \brief Scores tokens from their hidden states (KVzap): x is tokens × 1 × hidden (the
+  /// scorer's hidden size; each token's attention input) in `space`, positions (host) those of
+  /// tokens `layer` holds. The scorer's GEMM runs in cuBLAS (its weights are copied to the device
+  /// once, see workspace_bytes()); each kv head that holds a token stores
+  /// Policy::stored_score(log-score) for it, as the CPU cache does. Throws kvpack::error, nothing
+  /// changed, for a bad layer, view, position or non-finite value, or a NaN log-score.
+  template <class P = Policy, class = std::enable_if_t<cuda::is_hidden_scored_policy<P>::value>>
+  void observe_hidden(int layer, const ActivationView& x, Positions positions,
+                      MemorySpace space = MemorySpace::kHost) {
+    constexpr const char* where = "KVCache::observe_hidden";
+    cuda::DeviceGuard guard(context_->device());
+    std::lock_guard<std::mutex> lock(scratch_->mutex);
+    this->check_hidden_shape(where, layer, x, positions, policy_.hidden_scorer().hidden);
+    check_space(where, "x", x.data(), space);
+    check_values(where, "x", x, std::numeric_limits<float>::max(), space);
+    observe_hidden_unchecked(layer, x, positions, space);
+    observed_ = true;
+  }
+
   /// The score of every token (layer, head) holds, in held order (ascending position): the
-  /// reduced probability observe() gave it (before any pooling), NaN for a token no observed
-  /// query has seen (as the CPU cache). Query-scored policies only. Throws kvpack::error for a
-  /// bad layer or head.
-  template <class P = Policy, class = std::enable_if_t<cuda::is_query_scored_policy<P>::value>>
+  /// reduced probability observe() gave it (before any pooling) or the stored score of
+  /// observe_hidden() (KVzap), NaN for a token not scored yet (as the CPU cache). Policies that
+  /// store scores only. Throws kvpack::error for a bad layer or head.
+  template <class P = Policy, class = std::enable_if_t<cuda::is_query_scored_policy<P>::value ||
+                                                       cuda::is_hidden_scored_policy<P>::value>>
   std::vector<float> token_scores(int layer, int head) const {
     constexpr const char* where = "KVCache::token_scores";
     this->check_head(where, layer, head);
@@ -258,9 +285,11 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   }
 
   /// Device scratch currently allocated for append / attend / compress (reused across calls,
-  /// not part of bytes(); released by clear()).
+  /// not part of bytes(); released by clear()), and KVzap's device copy of its scorer (the
+  /// policy's weights: the CPU cache does not count the policy object either).
   std::size_t workspace_bytes() const {
-    return scratch_->device.bytes() + scratch_->invalid_index.bytes();
+    return scratch_->device.bytes() + scratch_->invalid_index.bytes() +
+           scratch_->scorer_weight.bytes() + scratch_->scorer_bias.bytes();
   }
 
   /// Tokens held by one (layer, kv-head).
@@ -279,6 +308,9 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     for (auto& o : observations_) o = detail::LayerObservation{};
     scratch_->device.release();
     scratch_->invalid_index.release();
+    scratch_->scorer_weight.release();
+    scratch_->scorer_bias.release();
+    scratch_->scorer.reset();
     this->clear_front();
   }
 
@@ -291,6 +323,10 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     std::mutex mutex;
     cuda::DeviceBuffer<unsigned char> device;
     cuda::DeviceBuffer<unsigned long long> invalid_index;
+    /// KVzap: the scorer's weights [layers][hidden][kv_heads] and biases [layers][kv_heads] on
+    /// the device, and the scorer they were copied from (a new scorer is copied again).
+    cuda::DeviceBuffer<float> scorer_weight, scorer_bias;
+    std::shared_ptr<const HiddenScorer> scorer;
     std::vector<unsigned char> host;
   };
 
@@ -307,7 +343,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     }
   }
   /// Bytes of the per-token score query-scored policies keep (0 for the others).
-  static constexpr std::size_t score_bytes() { return kQueryScores ? sizeof(float) : 0; }
+  static constexpr std::size_t score_bytes() { return kStoredScores ? sizeof(float) : 0; }
   /// Tokens per KIVI group (1 for policies that do not quantize: no group to split).
   int group_size() const {
     if constexpr (cuda::is_kivi_policy<Policy>::value) return policy_.group;
@@ -394,6 +430,9 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// The pointer of view `name` must lie in `space` (host memory that the CPU can read, or
   /// memory of this context's device).
   void check_space(const char* where, const char* name, const void* data, MemorySpace space) const;
+  /// The lowest element index (t, h, i) of device view `x` whose |value| is not <= limit (NaN
+  /// included), or ULLONG_MAX; synchronises.
+  unsigned long long first_invalid(const char* where, const ActivationView& x, float limit) const;
   /// detail::check_values for a view in `space`: on the host directly; on the device by a
   /// kernel that finds the element the host check would report first, with the same message.
   void check_values(const char* where, const char* name, const ActivationView& x, float limit,
@@ -418,6 +457,9 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   void quantize();
   template <class P = Policy>
   void observe_queries(int layer, const ActivationView& q, Positions positions, MemorySpace space);
+  template <class P = Policy>
+  void observe_hidden_unchecked(int layer, const ActivationView& x, Positions positions,
+                                MemorySpace space);
 
   std::unique_ptr<cuda::CudaContext> owned_context_;  // set when the cache made its own context
   cuda::CudaContext* context_ = nullptr;

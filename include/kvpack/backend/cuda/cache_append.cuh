@@ -65,7 +65,7 @@ void KVCache<Policy, backend::Cuda>::append_unchecked(int layer, const Activatio
     g.buffers.k = cuda::DeviceBuffer<T>(static_cast<std::size_t>(rows) * d, device);
     g.buffers.v = cuda::DeviceBuffer<T>(static_cast<std::size_t>(rows) * d, device);
     g.buffers.positions = cuda::DeviceBuffer<int32_t>(static_cast<std::size_t>(capacity), device);
-    if constexpr (kQueryScores) {
+    if constexpr (kStoredScores) {
       g.buffers.scores = cuda::DeviceBuffer<float>(static_cast<std::size_t>(capacity), device);
     }
     grown.push_back(std::move(g));
@@ -109,7 +109,7 @@ void KVCache<Policy, backend::Cuda>::append_unchecked(int layer, const Activatio
                                      static_cast<std::size_t>(old.size) * sizeof(int32_t),
                                      cudaMemcpyDeviceToDevice, stream),
                      "KVCache::append: copy of positions on growth");
-    if constexpr (kQueryScores) {
+    if constexpr (kStoredScores) {
       cuda::check_cuda(cudaMemcpyAsync(g.buffers.scores.data(), old.scores.data(),
                                        static_cast<std::size_t>(old.size) * sizeof(float),
                                        cudaMemcpyDeviceToDevice, stream),
@@ -120,7 +120,7 @@ void KVCache<Policy, backend::Cuda>::append_unchecked(int layer, const Activatio
   cuda::launch_convert_rows(v_device, reinterpret_cast<T* const*>(ws + at_v_targets), d, stream);
   cuda::launch_scatter_positions(reinterpret_cast<const int32_t*>(ws + at_positions), n, heads,
                                  reinterpret_cast<int32_t* const*>(ws + at_p_targets), stream);
-  if constexpr (kQueryScores) {  // no observed query has seen the new tokens yet
+  if constexpr (kStoredScores) {  // no observed query has seen the new tokens yet
     for (int h = 0; h < heads; ++h) {
       cuda::launch_fill(destination(h).scores.data() + store(layer, h).size, n,
                         cuda::kUnscoredScore, stream);

@@ -39,13 +39,9 @@ void KVCache<Policy, backend::Cuda>::check_space(const char* where, const char* 
 }
 
 template <class Policy>
-void KVCache<Policy, backend::Cuda>::check_values(const char* where, const char* name,
-                                                  const ActivationView& x, float limit,
-                                                  MemorySpace space) const {
-  if (space == MemorySpace::kHost) {
-    detail::check_values(where, name, x, limit);
-    return;
-  }
+unsigned long long KVCache<Policy, backend::Cuda>::first_invalid(const char* where,
+                                                                 const ActivationView& x,
+                                                                 float limit) const {
   if (scratch_->invalid_index.empty()) {
     scratch_->invalid_index = cuda::DeviceBuffer<unsigned long long>(1, context_->device());
   }
@@ -58,6 +54,18 @@ void KVCache<Policy, backend::Cuda>::check_values(const char* where, const char*
   cuda::check_cuda(cudaMemcpyAsync(&found, first, sizeof(found), cudaMemcpyDeviceToHost, stream),
                    detail::concat(where, ": value check").c_str());
   context_->synchronize(detail::concat(where, ": value check").c_str());
+  return found;
+}
+
+template <class Policy>
+void KVCache<Policy, backend::Cuda>::check_values(const char* where, const char* name,
+                                                  const ActivationView& x, float limit,
+                                                  MemorySpace space) const {
+  if (space == MemorySpace::kHost) {
+    detail::check_values(where, name, x, limit);
+    return;
+  }
+  const unsigned long long found = first_invalid(where, x, limit);
   if (found == ULLONG_MAX) return;
   const int64_t e = static_cast<int64_t>(found);
   const int64_t i = e % x.head_dim();

@@ -36,6 +36,8 @@ void KVCache<Policy, backend::Cuda>::evict() {
   Budget budget;
   int first_layer = 0;
   int64_t min_tokens = 0;
+  // A score threshold (KVzap) replaces the budget's count; each head keeps what passes it.
+  float threshold = std::numeric_limits<float>::quiet_NaN();
   if constexpr (kLazyLayers) {
     budget.sink_tokens = policy_.sink_tokens;
     budget.recent_tokens = policy_.recent_tokens;
@@ -44,7 +46,9 @@ void KVCache<Policy, backend::Cuda>::evict() {
     budget = policy_.budget;
     first_layer = detail::first_layer(policy_, shape_.layers);
     min_tokens = policy_.min_tokens;
+    threshold = policy_.score_threshold();
   }
+  const bool by_threshold = !std::isnan(threshold);
   struct Target {
     int layer, head;
     int64_t offset;  // of its tokens in the concatenated score / flag / index arrays
@@ -79,9 +83,10 @@ void KVCache<Policy, backend::Cuda>::evict() {
   cuda::WorkspaceLayout layout;
   const std::size_t at_score_jobs = layout.add<cuda::ScoreJob<T>>(n_targets);
   const std::size_t at_select_jobs = layout.add<cuda::SelectJob>(n_targets);
-  const std::size_t at_stored_jobs = layout.add<cuda::StoredScoreJob>(kQueryScores ? n_targets : 0);
+  const std::size_t at_stored_jobs =
+      layout.add<cuda::StoredScoreJob>(kStoredScores ? n_targets : 0);
   const std::size_t upload_bytes = layout.bytes();
-  const std::size_t at_unscored = layout.add<int>(kQueryScores ? n_targets : 0);
+  const std::size_t at_counts = layout.add<cuda::StoredScoreCounts>(kStoredScores ? n_targets : 0);
   const std::size_t at_scores = layout.add<float>(total);
   const std::size_t at_flags = layout.add<uint8_t>(total);
   const std::size_t at_kept_index = layout.add<int32_t>(total);
@@ -99,15 +104,20 @@ void KVCache<Policy, backend::Cuda>::evict() {
   for (int64_t i = 0; i < n_targets; ++i) {
     const DeviceHead& head = store(targets[i].layer, targets[i].head);
     const detail::LayerState& state = layers_[targets[i].layer];
-    if constexpr (kQueryScores) stored_jobs[i] = {head.scores.data(), head.size, targets[i].offset};
+    const int64_t protect_below = state.first_position + budget.sink_tokens;
+    const int64_t protect_above = state.last_position - budget.recent_tokens;
+    if constexpr (kStoredScores) {
+      stored_jobs[i] = {head.scores.data(), head.positions.data(), head.size,
+                        targets[i].offset,  protect_below,         protect_above};
+    }
     score_jobs[i] = {head.k.data(),       head.v.data(), head.positions.data(),
                      state.last_position, head.size,     targets[i].offset};
     select_jobs[i] = {scores + targets[i].offset,
                       head.positions.data(),
                       head.size,
                       kAllOrProtected ? (whole[i] ? head.size : 0) : budget.target(state.appended),
-                      state.first_position + budget.sink_tokens,
-                      state.last_position - budget.recent_tokens,
+                      protect_below,
+                      protect_above,
                       targets[i].offset};
   }
   upload_staging(ws, upload_bytes, where);
@@ -116,22 +126,26 @@ void KVCache<Policy, backend::Cuda>::evict() {
     cuda::check_cuda(
         cudaMemsetAsync(scores, 0, static_cast<std::size_t>(total) * sizeof(float), stream),
         "KVCache::compress: clearing the scores");
-  } else if constexpr (kQueryScores) {
-    // The scores observe() left; tokens no observed query saw rank first and are kept outside
-    // the budget, which applies to the scored tokens (as on the CPU): their counts come back
-    // before the targets are set.
-    auto* unscored = reinterpret_cast<int*>(ws + at_unscored);
-    cuda::check_cuda(cudaMemsetAsync(unscored, 0, n_targets * sizeof(int), stream),
-                     "KVCache::compress: clearing the unscored counts");
+  } else if constexpr (kStoredScores) {
+    // The scores observe() / observe_hidden() left; tokens no observation scored rank first and
+    // are kept outside the budget, which applies to the scored tokens (as on the CPU); with a
+    // score threshold (KVzap) each head keeps its protected tokens and every one at or above it.
+    // The per-head counts come back before the targets are set.
+    auto* device_counts = reinterpret_cast<cuda::StoredScoreCounts*>(ws + at_counts);
+    cuda::check_cuda(
+        cudaMemsetAsync(device_counts, 0, n_targets * sizeof(cuda::StoredScoreCounts), stream),
+        "KVCache::compress: clearing the score counts");
     cuda::launch_gather_stored_scores(
         reinterpret_cast<const cuda::StoredScoreJob*>(ws + at_stored_jobs), n_targets, longest,
-        policy_.score_pool_width() / 2, scores, unscored, stream);
-    std::vector<int> counts(n_targets);
-    download(unscored, n_targets, counts, where);
+        policy_.score_pool_width() / 2, threshold, scores, device_counts, stream);
+    std::vector<cuda::StoredScoreCounts> counts;
+    download(device_counts, n_targets, counts, where);
     context_->synchronize(where);
     for (int64_t i = 0; i < n_targets; ++i) {
       const int64_t appended = layers_[targets[i].layer].appended;
-      select_jobs[i].target = budget.target(appended - counts[i]) + counts[i];
+      const int unscored = counts[i].unscored;
+      select_jobs[i].target =
+          by_threshold ? counts[i].at_least : budget.target(appended - unscored) + unscored;
     }
     cuda::check_cuda(
         cudaMemcpyAsync(ws + at_select_jobs, select_jobs, n_targets * sizeof(cuda::SelectJob),
@@ -147,7 +161,7 @@ void KVCache<Policy, backend::Cuda>::evict() {
   auto* results = reinterpret_cast<cuda::SelectResult*>(ws + at_results);
   const auto* device_select_jobs = reinterpret_cast<const cuda::SelectJob*>(ws + at_select_jobs);
   auto* flags = reinterpret_cast<uint8_t*>(ws + at_flags);
-  if (budget.scope == BudgetScope::kPerHead || kAllOrProtected) {
+  if (budget.scope == BudgetScope::kPerHead || kAllOrProtected || by_threshold) {
     cuda::launch_select_top_k(device_select_jobs, n_targets, flags, results, kept_index, stream);
   } else {
     // One threshold over every (layer, head, token), selected on the device: only the per-head
@@ -189,7 +203,7 @@ void KVCache<Policy, backend::Cuda>::evict() {
     c.buffers.k = cuda::DeviceBuffer<T>(rows * d, device);
     c.buffers.v = cuda::DeviceBuffer<T>(rows * d, device);
     c.buffers.positions = cuda::DeviceBuffer<int32_t>(rows, device);
-    if constexpr (kQueryScores) c.buffers.scores = cuda::DeviceBuffer<float>(rows, device);
+    if constexpr (kStoredScores) c.buffers.scores = cuda::DeviceBuffer<float>(rows, device);
     c.buffers.size = kept[i];
     c.buffers.first_position = first_position[i];
     if (kept[i] > 0) {

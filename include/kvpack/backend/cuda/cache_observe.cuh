@@ -1,10 +1,12 @@
 /// \file backend/cuda/cache_observe.cuh
 /// \brief Out-of-line member of KVCache<Policy, backend::Cuda>: observe() of query-scored
 /// eviction (ReconstructionEvict, SnapKV: the max or summed probability of each held key) and of
-/// lazy layers (LazyLayerDrop: the layer's attention mass on its kept set), kernels/observe.cuh.
+/// lazy layers (LazyLayerDrop: the layer's attention mass on its kept set), kernels/observe.cuh;
+/// observe_hidden() of KVzap (the scorer's GEMM, kernels/hidden_scores.cuh).
 #pragma once
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -87,6 +89,74 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
   } else {
     context_->synchronize(where);
   }
+}
+
+template <class Policy>
+template <class P>
+void KVCache<Policy, backend::Cuda>::observe_hidden_unchecked(int layer, const ActivationView& x,
+                                                              Positions positions,
+                                                              MemorySpace space) {
+  constexpr const char* where = "KVCache::observe_hidden";
+  const HiddenScorer& scorer = policy_.hidden_scorer();
+  const int kv_heads = shape_.kv_heads;
+  const int hidden = scorer.hidden;
+  const int64_t tokens = x.tokens();
+  const cudaStream_t stream = context_->stream();
+  detail::require(tokens <= INT_MAX, where, "x tokens", tokens, "<= INT_MAX (one GEMM)");
+  if (scratch_->scorer != policy_.scorer) {
+    // The scorer's weights on the device, copied once per scorer (allocations first, so a
+    // failure keeps the previous copy).
+    cuda::DeviceBuffer<float> weight(scorer.weight.size(), context_->device());
+    cuda::DeviceBuffer<float> bias(scorer.bias.size(), context_->device());
+    cuda::check_cuda(cudaMemcpyAsync(weight.data(), scorer.weight.data(), weight.bytes(),
+                                     cudaMemcpyHostToDevice, stream),
+                     "KVCache::observe_hidden: upload of the scorer");
+    cuda::check_cuda(cudaMemcpyAsync(bias.data(), scorer.bias.data(), bias.bytes(),
+                                     cudaMemcpyHostToDevice, stream),
+                     "KVCache::observe_hidden: upload of the scorer");
+    scratch_->scorer_weight = std::move(weight);
+    scratch_->scorer_bias = std::move(bias);
+    scratch_->scorer = policy_.scorer;
+  }
+
+  // Workspace: uploaded [x (QueryUpload) | head table], then [x fp32 | log-scores].
+  cuda::QueryUpload rows(x, 1, hidden, space == MemorySpace::kHost);
+  cuda::WorkspaceLayout layout;
+  rows.add_upload(layout);
+  const std::size_t at_heads = layout.add<cuda::HiddenScoreHead>(kv_heads);
+  const std::size_t upload_bytes = layout.bytes();
+  rows.add_device(layout);
+  const std::size_t at_scores = layout.add<float>(tokens * kv_heads);
+  unsigned char* ws = workspace(layout.bytes());
+  unsigned char* stage = staging(upload_bytes);
+  rows.stage(positions, stage, ws);
+  auto* head_table = reinterpret_cast<cuda::HiddenScoreHead*>(stage + at_heads);
+  for (int h = 0; h < kv_heads; ++h) {
+    DeviceHead& head = store(layer, h);
+    head_table[h] = {head.positions.data(), head.scores.data(), head.size};
+  }
+  upload_staging(ws, upload_bytes, where);
+  rows.convert(ws, stream);
+
+  // log-scores [tokens][kv_heads] = x [tokens][hidden] · W [hidden][kv_heads] + b (cuBLAS).
+  auto* log_scores = reinterpret_cast<float*>(ws + at_scores);
+  const std::size_t layer_weights = static_cast<std::size_t>(hidden) * kv_heads;
+  cuda::gemm(*context_, false, false, static_cast<int>(tokens), kv_heads, hidden, 1.0f, rows.q(ws),
+             hidden, scratch_->scorer_weight.data() + layer * layer_weights, kv_heads, 0.0f,
+             log_scores, kv_heads);
+  cuda::launch_add_head_bias(
+      log_scores, scratch_->scorer_bias.data() + static_cast<std::size_t>(layer) * kv_heads, tokens,
+      kv_heads, stream);
+  // inf - inf inside the dot product of huge inputs: refused before any score is stored.
+  const unsigned long long nan_at =
+      first_invalid(where, ActivationView::nhd(log_scores, tokens, kv_heads, 1),
+                    std::numeric_limits<float>::infinity());
+  if (nan_at != ULLONG_MAX)
+    this->refuse_nan_log_score(where, static_cast<int64_t>(nan_at), positions);
+  cuda::launch_store_hidden_scores<Policy>(
+      reinterpret_cast<const cuda::HiddenScoreHead*>(ws + at_heads), log_scores, rows.positions(ws),
+      tokens, kv_heads, stream);
+  context_->synchronize(where);
 }
 
 }  // namespace kvpack

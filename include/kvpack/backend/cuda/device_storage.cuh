@@ -115,6 +115,13 @@ struct is_query_scored_policy
     : std::bool_constant<is_eviction_policy_v<P> &&
                          P::score_source == ScoreSource::kObservedQueries> {};
 
+/// Eviction scored from hidden states by a learned scorer (KVzap): observe_hidden() keeps one
+/// score per held token on the device.
+template <class P>
+struct is_hidden_scored_policy
+    : std::bool_constant<is_eviction_policy_v<P> && P::score_source == ScoreSource::kHiddenStates> {
+};
+
 /// SimLayerKV's lazy layers (LazyLayerDrop) on fp16 rows: observe() measures each layer's
 /// attention mass on the policy's kept set; compress() trims lazy layers to it.
 template <class P, class = void>
@@ -132,13 +139,14 @@ struct is_kivi_policy : std::is_same<P, Quantize> {};
 /// Policies the CUDA cache implements: BasicIdentity, Quantize, eviction policies scored per
 /// token from K/V (L2NormEvict) or by position (StreamingLLM) - the scoring hook must be a
 /// KVPACK_HOST_DEVICE function - by the probabilities of observed queries (ReconstructionEvict
-/// without KVzip+ factors, SnapKV), eviction by head (HeadLevelEvict) and lazy layers
-/// (LazyLayerDrop).
+/// without KVzip+ factors, SnapKV), by a hidden-state scorer (KVzap), eviction by head
+/// (HeadLevelEvict) and lazy layers (LazyLayerDrop).
 template <class P>
 inline constexpr bool supports_policy_v =
     is_keep_all_policy<P>::value || is_kivi_policy<P>::value || is_token_score_policy<P>::value ||
     is_position_score_policy<P>::value || is_head_level_policy<P>::value ||
-    is_query_scored_policy<P>::value || is_lazy_layer_policy<P>::value;
+    is_query_scored_policy<P>::value || is_hidden_scored_policy<P>::value ||
+    is_lazy_layer_policy<P>::value;
 
 /// Bytes of one element of `dtype`.
 inline std::size_t dtype_bytes(DType dtype) { return dtype == DType::kF32 ? 4 : 2; }

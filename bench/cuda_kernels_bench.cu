@@ -303,7 +303,7 @@ void BM_cuda_kvzip_observe(benchmark::State& state) {
   for (int h = 0; h < kv_heads; ++h) {
     keys.push_back(upload(random_half(kTokens * D, 20 + h)));
     scores.push_back(upload(std::vector<float>(kTokens, kc::kUnscoredScore)));
-    heads.push_back({keys.back().data(), positions.data(), scores.back().data(), kTokens});
+    heads.push_back({keys.back().data(), nullptr, positions.data(), scores.back().data(), kTokens});
   }
   auto d_heads = upload(heads);
   std::vector<float> hq_rows(tokens * q_heads * D);

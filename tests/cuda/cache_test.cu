@@ -216,8 +216,9 @@ TEST_CASE("CUDA HeadLevelEvict: heads kept whole or to their protected tokens, a
 
 /// A query-scored policy (KVzip, SnapKV) on both backends through a repeat pass in two chunks,
 /// compress, 20 decode tokens and compress again: scores, kept sets, bytes and attention equal.
+/// `weighted`: observe() gets query weights (KVzip+).
 template <class Policy, class MakePolicy>
-void check_query_scored(MakePolicy make_policy, uint32_t seed) {
+void check_query_scored(MakePolicy make_policy, uint32_t seed, bool weighted = false) {
   Budget global = Budget::ratio(0.3, BudgetScope::kGlobal);
   global.sink_tokens = 4;
   global.recent_tokens = 16;
@@ -228,7 +229,7 @@ void check_query_scored(MakePolicy make_policy, uint32_t seed) {
     for (const Budget& budget : {global, per_head}) {
       INFO(Policy::name << ": q_heads " << s.q_heads << " kv_heads " << s.kv_heads << " d "
                         << s.head_dim << "; global " << (budget.scope == BudgetScope::kGlobal));
-      const Policy policy = make_policy(budget);
+      const Policy policy = make_policy(s, budget);
       KVCache<Policy, backend::Cpu> cpu(s, policy);
       KVCache<Policy, backend::Cuda> gpu(s, policy);
       feed_sequence(s, 200, 0, false, cpu, gpu);
@@ -246,8 +247,10 @@ void check_query_scored(MakePolicy make_policy, uint32_t seed) {
           const auto q = random_values(15 * s.q_heads * s.head_dim, seed++, 1.5f);
           const auto qv = ActivationView::nhd(q.data(), 15, s.q_heads, s.head_dim);
           const auto qpos = positions_range(chunk == 0 ? 150 : 170, 15);
-          cpu.observe(l, qv, qpos);
-          gpu.observe(l, qv, qpos);
+          std::vector<float> weights;
+          for (int t = 0; weighted && t < 15; ++t) weights.push_back(0.5f + 0.07f * (t + chunk));
+          cpu.observe(l, qv, qpos, weights);
+          gpu.observe(l, qv, qpos, weights);
         }
         for (int h = 0; h < s.kv_heads; ++h) {
           const auto a = cpu.token_scores(l, h);
@@ -285,24 +288,41 @@ void check_query_scored(MakePolicy make_policy, uint32_t seed) {
   }
 }
 
-TEST_CASE("CUDA ReconstructionEvict (KVzip): observed scores and kept sets equal the CPU's",
+TEST_CASE("CUDA ReconstructionEvict (KVzip, KVzip+): observed scores and kept sets equal the CPU's",
           "[cuda][eviction]") {
   KVPACK_SKIP_WITHOUT_DEVICE();
   check_query_scored<kvpack::ReconstructionEvict>(
-      [](const Budget& b) { return kvpack::ReconstructionEvict(b); }, 500);
-  // KVzip+ (output factors) has no CUDA kernel: refused, not scored as plain KVzip.
+      [](const ModelShape&, const Budget& b) { return kvpack::ReconstructionEvict(b); }, 500);
+  // KVzip+: output factors of a random W_o [40 x q_heads * head_dim] per layer, query weights.
+  check_query_scored<kvpack::ReconstructionEvict>(
+      [](const ModelShape& s, const Budget& b) {
+        auto factors = std::make_shared<kvpack::OutputFactors>(s);
+        for (int l = 0; l < s.layers; ++l) {
+          const auto w = random_values(40 * s.q_heads * s.head_dim, 60 + l, 0.2f);
+          factors->set_layer(l, w.data(), 40);
+        }
+        return kvpack::ReconstructionEvict(b, factors);
+      },
+      600, true);
+  // Query weights are refused, as on the CPU, where no query scores them.
   const ModelShape s = kShapes[1];
-  const kvpack::ReconstructionEvict plus(Budget::ratio(0.3, BudgetScope::kGlobal),
-                                         std::make_shared<kvpack::OutputFactors>(s));
-  REQUIRE_THROWS_WITH((KVCache<kvpack::ReconstructionEvict, backend::Cuda>(s, plus)),
-                      Contains("output_factors = set"));
+  KVCache<L2NormEvict, backend::Cpu> cpu(s, L2NormEvict(Budget::ratio(0.5), 0));
+  KVCache<L2NormEvict, backend::Cuda> gpu(s, L2NormEvict(Budget::ratio(0.5), 0));
+  feed_sequence(s, 20, 0, false, cpu, gpu);
+  const auto q = random_values(2 * s.q_heads * s.head_dim, 3);
+  const auto qv = ActivationView::nhd(q.data(), 2, s.q_heads, s.head_dim);
+  const std::vector<float> weights{1.0f, 2.0f};
+  REQUIRE(error_of([&] { gpu.observe(0, qv, positions_range(18, 2), weights); }) ==
+          error_of([&] { cpu.observe(0, qv, positions_range(18, 2), weights); }));
 }
 
 TEST_CASE("CUDA SnapKV: summed scores, pooling and kept sets equal the CPU's", "[cuda][eviction]") {
   KVPACK_SKIP_WITHOUT_DEVICE();
   // Window 16 (the recent tokens every budget keeps), pooling widths 7 and 1 (none).
-  check_query_scored<kvpack::SnapKV>([](const Budget& b) { return kvpack::SnapKV(b, 16, 7); }, 700);
-  check_query_scored<kvpack::SnapKV>([](const Budget& b) { return kvpack::SnapKV(b, 16, 1); }, 800);
+  check_query_scored<kvpack::SnapKV>(
+      [](const ModelShape&, const Budget& b) { return kvpack::SnapKV(b, 16, 7); }, 700);
+  check_query_scored<kvpack::SnapKV>(
+      [](const ModelShape&, const Budget& b) { return kvpack::SnapKV(b, 16, 1); }, 800);
 }
 
 TEST_CASE("CUDA LazyLayerDrop: observed mass, lazy layers and their kept sets equal the CPU's",

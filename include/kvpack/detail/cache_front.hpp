@@ -18,6 +18,7 @@
 
 #include "../error.hpp"
 #include "../half.hpp"
+#include "../policy/compose.hpp"
 #include "../policy/policy_base.hpp"
 #include "../shape.hpp"
 #include "../span.hpp"
@@ -108,6 +109,17 @@ class CacheFront {
     check_layer(where, shape_, layer);
     check_view(where, "q", q, shape_.q_heads, shape_.head_dim);
     check_query_positions(where, positions, q.tokens(), layers_[layer]);
+  }
+
+  /// observe(): query weights (KVzip+'s 1 / ‖x_t‖), one finite value > 0 per query token, only
+  /// for policies scored by observed queries; none is always fine.
+  void check_observe_weights(const char* where, const ActivationView& q,
+                             Span<const float> query_weights) const {
+    if (query_weights.empty()) return;
+    require(PolicyStages<Policy>::selection::score_source == ScoreSource::kObservedQueries, where,
+            "query_weights", "given",
+            "none (only policies scored by observed queries weight them)");
+    check_query_weights(where, query_weights, q.tokens());
   }
 
   /// observe_hidden(): x is tokens × 1 × `hidden` (the scorer's input size); positions as for

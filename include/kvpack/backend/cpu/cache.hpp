@@ -155,11 +155,7 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
                Span<const float> query_weights = {}) {
     constexpr const char* where = "KVCache::observe";
     check_query(where, layer, q, positions);
-    if (!query_weights.empty()) {
-      detail::require(kQueryScores, where, "query_weights", "given",
-                      "none (only policies scored by observed queries weight them)");
-      detail::check_query_weights(where, query_weights, q.tokens());
-    }
+    this->check_observe_weights(where, q, query_weights);
     if constexpr (kQueryScores || kLazyLayers) {
       observe_probabilities(layer, q, positions, query_weights);
     }

@@ -143,21 +143,27 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// Hands queries (tokens × q_heads × head_dim, post-RoPE) to policies that score with them:
   /// ReconstructionEvict and SnapKV fold the softmax probability each held key of `layer`
   /// receives (inside the policy's ScoreWindow; over the rows and the GQA group, the max for
-  /// KVzip, the sum for SnapKV) into the key's score; LazyLayerDrop adds the attention mass the
-  /// rows put on its kept set (sinks + recent window) to the layer's statistic.
-  /// Throws kvpack::error, nothing changed, for a bad layer, view or position, or non-finite
-  /// queries.
+  /// KVzip, the sum for SnapKV) into the key's score; KVzip+ (output factors set) weighs each
+  /// probability by ‖W_o,h · v‖ of its key and by `query_weights` [tokens] (1 / ‖x_t‖; host
+  /// memory; empty: 1). LazyLayerDrop adds the attention mass the rows put on its kept set
+  /// (sinks + recent window) to the layer's statistic. Throws kvpack::error, nothing changed,
+  /// for a bad layer, view or position, non-finite queries, or weights of the wrong count, not
+  /// finite and > 0, or given to a policy not scored by queries.
   void observe(int layer, const ActivationView& q, Positions positions,
-               MemorySpace space = MemorySpace::kHost) {
+               Span<const float> query_weights = {}, MemorySpace space = MemorySpace::kHost) {
     constexpr const char* where = "KVCache::observe";
     cuda::DeviceGuard guard(context_->device());
     std::lock_guard<std::mutex> lock(scratch_->mutex);
     check_query(where, layer, q, positions, space);
-    if constexpr (kQueryScores || kLazyLayers) {
-      check_no_value_weights(where);
-      observe_queries(layer, q, positions, space);
-    }
+    this->check_observe_weights(where, q, query_weights);
+    if constexpr (kQueryScores || kLazyLayers)
+      observe_queries(layer, q, positions, query_weights, space);
     observed_ = true;
+  }
+
+  /// observe() without query weights, with `q` in `space`.
+  void observe(int layer, const ActivationView& q, Positions positions, MemorySpace space) {
+    observe(layer, q, positions, {}, space);
   }
 
   /// \brief Scores tokens from their hidden states (KVzap): x is tokens × 1 × hidden (the
@@ -378,15 +384,6 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
                     shape_.head_dim, "64 or 128 (the head dims the CUDA kernels are compiled for)");
     detail::require(shape_.kv_heads <= 65535, "KVCache (CUDA)", "kv_heads", shape_.kv_heads,
                     "<= 65535 (one grid row per kv head)");
-    if constexpr (kQueryScores) check_no_value_weights("KVCache (CUDA)");
-  }
-
-  /// KVzip+ (output factors) has no CUDA kernel yet: refused rather than scored as plain KVzip.
-  void check_no_value_weights(const char* where) const {
-    if constexpr (kQueryScores) {
-      detail::require(policy_.value_weights() == nullptr, where, "output_factors", "set",
-                      "none on the CUDA backend (KVzip+ scoring runs on backend::Cpu)");
-    }
   }
 
   void allocate_bookkeeping() {
@@ -456,7 +453,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   template <class P = Policy>
   void quantize();
   template <class P = Policy>
-  void observe_queries(int layer, const ActivationView& q, Positions positions, MemorySpace space);
+  void observe_queries(int layer, const ActivationView& q, Positions positions,
+                       Span<const float> query_weights, MemorySpace space);
   template <class P = Policy>
   void observe_hidden_unchecked(int layer, const ActivationView& x, Positions positions,
                                 MemorySpace space);

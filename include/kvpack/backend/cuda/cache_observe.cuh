@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../../policy/output_factors.hpp"
 #include "cache.cuh"
 
 namespace kvpack {
@@ -19,7 +20,9 @@ namespace kvpack {
 template <class Policy>
 template <class P>
 void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const ActivationView& q,
-                                                     Positions positions, MemorySpace space) {
+                                                     Positions positions,
+                                                     Span<const float> query_weights,
+                                                     MemorySpace space) {
   constexpr const char* where = "KVCache::observe";
   using T = storage_type;
   const int d = shape_.head_dim;
@@ -31,18 +34,28 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
   const bool host = space == MemorySpace::kHost;
   int64_t longest = 0;
   for (int h = 0; h < kv_heads; ++h) longest = std::max(longest, store(layer, h).size);
+  // KVzip+: the layer's output factors [q_heads][d][d] (uploaded with the call) and each held
+  // key's value weight per query head.
+  const OutputFactors* factors = nullptr;
+  if constexpr (kQueryScores) factors = policy_.value_weights();
+  const std::size_t factor_count =
+      factors != nullptr ? static_cast<std::size_t>(q_heads) * d * d : 0;
 
-  // Workspace: uploaded [queries (QueryUpload) | head table], then [q fp32 | row max | row sum |
-  // row mass (lazy layers)].
+  // Workspace: uploaded [queries (QueryUpload) | head table | query weights | factors], then
+  // [q fp32 | row max | row sum | row mass (lazy layers) | value weights (KVzip+)].
   cuda::QueryUpload queries(q, q_heads, d, host);
   cuda::WorkspaceLayout layout;
   queries.add_upload(layout);
   const std::size_t at_heads = layout.add<cuda::ObserveHead<T>>(kv_heads);
+  const std::size_t at_query_weights = layout.add<float>(query_weights.size());
+  const std::size_t at_factors = layout.add<float>(factor_count);
   const std::size_t upload_bytes = layout.bytes();
   queries.add_device(layout);
   const std::size_t at_max = layout.add<float>(rows);
   const std::size_t at_sum = layout.add<float>(rows);
   const std::size_t at_mass = layout.add<float>(kLazyLayers ? rows : 0);
+  const std::size_t at_value_weights =
+      layout.add<float>(factors != nullptr ? static_cast<int64_t>(q_heads) * longest : 0);
   unsigned char* ws = workspace(layout.bytes());
   unsigned char* stage = staging(upload_bytes);
 
@@ -50,7 +63,14 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
   auto* head_table = reinterpret_cast<cuda::ObserveHead<T>*>(stage + at_heads);
   for (int h = 0; h < kv_heads; ++h) {
     DeviceHead& head = store(layer, h);
-    head_table[h] = {head.k.data(), head.positions.data(), head.scores.data(), head.size};
+    head_table[h] = {head.k.data(), head.v.data(), head.positions.data(), head.scores.data(),
+                     head.size};
+  }
+  std::copy(query_weights.begin(), query_weights.end(),
+            reinterpret_cast<float*>(stage + at_query_weights));
+  if (factors != nullptr) {
+    std::copy(factors->head(layer, 0), factors->head(layer, 0) + factor_count,
+              reinterpret_cast<float*>(stage + at_factors));
   }
   upload_staging(ws, upload_bytes, where);
   queries.convert(ws, stream);
@@ -67,12 +87,22 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
   params.row_sum = reinterpret_cast<float*>(ws + at_sum);
   params.row_mass = kLazyLayers ? reinterpret_cast<float*>(ws + at_mass) : nullptr;
   params.first_position = layers_[layer].first_position;
+  params.query_weights =
+      query_weights.empty() ? nullptr : reinterpret_cast<const float*>(ws + at_query_weights);
+  params.value_weights =
+      factors != nullptr ? reinterpret_cast<float*>(ws + at_value_weights) : nullptr;
+  params.value_stride = longest;
   const auto* heads = reinterpret_cast<const cuda::ObserveHead<T>*>(ws + at_heads);
   cuda::dispatch_head_dim(d, [&](auto head_dim) {
     constexpr int D = decltype(head_dim)::value;
     if constexpr (kLazyLayers) {
       cuda::launch_observe_stats<D, T>(heads, params, policy_, stream);
     } else {
+      if (factors != nullptr) {
+        cuda::launch_value_weights<D, T>(
+            heads, kv_heads, longest, reinterpret_cast<const float*>(ws + at_factors), params.group,
+            reinterpret_cast<float*>(ws + at_value_weights), stream);
+      }
       cuda::launch_observe<D, T, detail::sums_query_scores<Policy>()>(heads, kv_heads, longest,
                                                                       params, stream);
     }

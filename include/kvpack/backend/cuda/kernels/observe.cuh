@@ -28,6 +28,7 @@ namespace cuda {
 template <class T>
 struct ObserveHead {
   const T* k;                ///< [size][head_dim]
+  const T* v;                ///< [size][head_dim] (KVzip+'s value weights read them)
   const int32_t* positions;  ///< [size], ascending
   float* scores;             ///< [size]: kUnscoredScore until a row sees the key
   int64_t size;
@@ -51,6 +52,12 @@ struct ObserveParams {
   /// (LazyLayerDrop::in_kept_set; SimLayerKV's lazy-layer statistic)
   float* row_mass;
   int64_t first_position;  ///< of the observed layer (the kept set's sinks start there)
+  /// KVzip+: [tokens] weight of each query token's probabilities (1 / ‖x_t‖), or null (1)
+  const float* query_weights;
+  /// KVzip+: [kv_heads][group][value_stride] weight of each held key per query head of its
+  /// group (‖W_o,h · v‖, value_weights_kernel), or null (1)
+  const float* value_weights;
+  int64_t value_stride;
 };
 
 /// The kept set of a policy that measures no attention mass (KVzip, SnapKV): empty.
@@ -129,7 +136,11 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
       for (int j = 0; j < p.group; ++j) {
         const int64_t row = t * p.q_heads + h * p.group + j;
         const float s = observe_logit<D>(p.q + row * D, head.k + i * D, p.scale);
-        const float prob = expf(s - p.row_max[row]) / p.row_sum[row];
+        float prob = expf(s - p.row_max[row]) / p.row_sum[row];
+        if (p.query_weights != nullptr) prob *= p.query_weights[t];
+        if (p.value_weights != nullptr) {
+          prob *= p.value_weights[(static_cast<int64_t>(h) * p.group + j) * p.value_stride + i];
+        }
         if (kSum) {
           reduced += prob;
         } else {
@@ -145,6 +156,44 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
       head.scores[i] = reduced;
     }
   }
+}
+
+/// KVzip+'s value weights: out[(h · group + j) · stride + i] = ‖R_(h · group + j) · v_i‖ for
+/// held key i of kv head h (grid y) and query head j of its group, where R [D][D] (row-major,
+/// `factors` + query head · D²) is the query head's OutputFactors factor of the layer. One
+/// thread per key; the D² products are not tiled (the CPU runs one small GEMM per head).
+template <int D, class T>
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
+    value_weights_kernel(const ObserveHead<T>* __restrict__ heads,
+                         const float* __restrict__ factors, int group, int64_t stride,
+                         float* __restrict__ out) {
+  const int h = static_cast<int>(exec::block_y());
+  const ObserveHead<T> head = heads[h];
+  for (int64_t i = static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
+       i < head.size; i += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
+    float v[D];
+    for (int c = 0; c < D; ++c) v[c] = to_float(head.v[i * D + c]);
+    for (int j = 0; j < group; ++j) {
+      const float* r = factors + (static_cast<int64_t>(h) * group + j) * D * D;
+      float sq = 0.0f;
+      for (int o = 0; o < D; ++o) {
+        float acc = 0.0f;
+        for (int c = 0; c < D; ++c) acc += r[o * D + c] * v[c];
+        sq += acc * acc;
+      }
+      out[(static_cast<int64_t>(h) * group + j) * stride + i] = sqrtf(sq);
+    }
+  }
+}
+
+template <int D, class T>
+void launch_value_weights(const ObserveHead<T>* heads, int kv_heads, int64_t longest,
+                          const float* factors, int group, float* out, cudaStream_t stream) {
+  if (longest == 0) return;
+  const dim3 grid(grid_blocks(longest, kElementwiseThreads, 4096), static_cast<unsigned>(kv_heads));
+  exec::launch<kElementwiseThreads>(value_weights_kernel<D, T>, grid, kElementwiseThreads, stream,
+                                    "value_weights_kernel", heads, factors, group, longest, out);
+  check_launch("value_weights_kernel");
 }
 
 /// Enqueues pass 1 alone (the row statistics; with p.row_mass, the mass on `kept`'s keys).

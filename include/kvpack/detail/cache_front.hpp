@@ -136,13 +136,17 @@ class CacheFront {
     check_query_positions(where, positions, x.tokens(), layers_[layer]);
   }
 
-  /// observe_hidden(): the error for log-score `index` ([token][kv head]) being NaN.
-  [[noreturn]] void refuse_nan_log_score(const char* where, int64_t index,
-                                         Positions positions) const {
+  /// observe_hidden(): the error for log-score `index` ([token][kv head]) not being finite. The
+  /// dot product of huge (finite) inputs overflows to inf, or to NaN where inf - inf meets; which
+  /// one depends on the summation order and on fused multiply-adds, so both are refused alike.
+  [[noreturn]] void refuse_non_finite_log_score(const char* where, int64_t index,
+                                                Positions positions) const {
     const int64_t heads = shape_.kv_heads;
-    throw error(concat(where, ": the scorer's log-score of token ", index / heads, " (position ",
-                       positions[index / heads], "), kv head ", index % heads,
-                       " is NaN; expected hidden states of a sane magnitude"));
+    throw error(concat(
+        where, ": the scorer's log-score of token ", index / heads, " (position ",
+        positions[index / heads], "), kv head ", index % heads,
+        " is not finite (inf or NaN: the dot product overflowed); expected hidden states of a "
+        "sane magnitude"));
   }
 
   /// attend(): the output view matches the queries.

@@ -167,7 +167,7 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   /// attention input (the RMS-normed hidden state); positions are those of tokens `layer` holds,
   /// e.g. the block just appended (prefill chunk or decode token). A token a head no longer holds
   /// is skipped there. Throws kvpack::error, changing nothing, for a bad layer, view, position
-  /// or non-finite value.
+  /// or non-finite value, or a log-score that overflowed (inf or NaN).
   void observe_hidden(int layer, const ActivationView& x, Positions positions);
 
   /// Applies the policy to everything held. May be called again later (e.g. every N decode

@@ -158,8 +158,7 @@ void KVCache<Policy, backend::Cpu>::observe_hidden(int layer, const ActivationVi
   std::vector<float> log_scores(static_cast<std::size_t>(n) * heads);
   scorer.score(layer, rows, n, stride, log_scores.data());
   for (std::size_t i = 0; i < log_scores.size(); ++i) {
-    // inf - inf inside the dot product of huge inputs
-    if (std::isnan(log_scores[i])) this->refuse_nan_log_score(where, i, positions);
+    if (!std::isfinite(log_scores[i])) this->refuse_non_finite_log_score(where, i, positions);
   }
   for (int h = 0; h < heads; ++h) {
     Store& head = store(layer, h);

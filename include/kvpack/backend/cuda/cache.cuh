@@ -171,7 +171,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// tokens `layer` holds. The scorer's GEMM runs in cuBLAS (its weights are copied to the device
   /// once, see workspace_bytes()); each kv head that holds a token stores
   /// Policy::stored_score(log-score) for it, as the CPU cache does. Throws kvpack::error, nothing
-  /// changed, for a bad layer, view, position or non-finite value, or a NaN log-score.
+  /// changed, for a bad layer, view, position or non-finite value, or a non-finite (overflowed)
+  /// log-score.
   template <class P = Policy, class = std::enable_if_t<cuda::is_hidden_scored_policy<P>::value>>
   void observe_hidden(int layer, const ActivationView& x, Positions positions,
                       MemorySpace space = MemorySpace::kHost) {

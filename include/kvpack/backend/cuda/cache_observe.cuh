@@ -177,12 +177,13 @@ void KVCache<Policy, backend::Cuda>::observe_hidden_unchecked(int layer, const A
   cuda::launch_add_head_bias(
       log_scores, scratch_->scorer_bias.data() + static_cast<std::size_t>(layer) * kv_heads, tokens,
       kv_heads, stream);
-  // inf - inf inside the dot product of huge inputs: refused before any score is stored.
-  const unsigned long long nan_at =
+  // An overflowed dot product (inf, or NaN where inf - inf met) is refused before any score is
+  // stored, as on the CPU: a finite limit catches both whatever cuBLAS's summation order.
+  const unsigned long long bad_at =
       first_invalid(where, ActivationView::nhd(log_scores, tokens, kv_heads, 1),
-                    std::numeric_limits<float>::infinity());
-  if (nan_at != ULLONG_MAX)
-    this->refuse_nan_log_score(where, static_cast<int64_t>(nan_at), positions);
+                    std::numeric_limits<float>::max());
+  if (bad_at != ULLONG_MAX)
+    this->refuse_non_finite_log_score(where, static_cast<int64_t>(bad_at), positions);
   cuda::launch_store_hidden_scores<Policy>(
       reinterpret_cast<const cuda::HiddenScoreHead*>(ws + at_heads), log_scores, rows.positions(ws),
       tokens, kv_heads, stream);

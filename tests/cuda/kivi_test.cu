@@ -3,10 +3,13 @@
 // and fp16 inputs with outliers and signed zeros), and attention over KIVI blocks plus an fp16
 // residual against double-precision attention over the dequantized values, with forced key
 // splits and GQA. Then KVCache<Quantize, backend::Cuda> against KVCache<Quantize, backend::Cpu>:
-// held values bit for bit, bytes(), attention, truncate and errors.
+// held values bit for bit, bytes(), attention, truncate and errors; and Compose<A, Quantize>
+// (eviction, then KIVI of the kept rows) against the CPU's.
 // The kernel checks also run on the reference model's K/V in
 // tests/model/cuda_emulated_model_test.cpp.
+#include <algorithm>
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -99,18 +102,22 @@ namespace {
 using cache_checks::error_of;
 using cache_checks::feed;
 using cache_checks::position_of;
+using cache_checks::random_values;
+using kvpack::Budget;
+using kvpack::BudgetScope;
 using kvpack::KVCache;
 using kvpack::ModelShape;
 using kvpack::Quantize;
 namespace backend = kvpack::backend;
 
-/// What KVCache<Quantize, backend::Cuda> holds when layer l's heads have quantized[l] tokens in
-/// blocks: per head the key and value blocks of those tokens, fp16 K/V rows of the rest, one
-/// int32 position per token, and the bookkeeping at the CPU cache's per-head and per-layer sizes.
-template <class CudaCache>
-std::size_t kivi_held_bytes(const CudaCache& gpu, const std::vector<int64_t>& quantized) {
+/// What a KIVI CUDA cache holds when head (l, h) has quantized_of(l, h) tokens in blocks: per
+/// head the key and value blocks of those tokens, fp16 K/V rows of the rest, one int32 position
+/// (and `score_bytes` of score) per token, and the bookkeeping at the CPU cache's per-head and
+/// per-layer sizes.
+template <class CudaCache, class QuantizedOf>
+std::size_t kivi_bytes(const CudaCache& gpu, const Quantize& p, QuantizedOf&& quantized_of,
+                       std::size_t score_bytes) {
   const ModelShape& s = gpu.shape();
-  const Quantize& p = gpu.policy();
   std::size_t block = 0;
   kvpack::dispatch_quant(p.bits, p.group, [&](auto b, auto g) {
     block = sizeof(kvpack::QuantBlock<decltype(b)::value, decltype(g)::value>);
@@ -121,12 +128,21 @@ std::size_t kivi_held_bytes(const CudaCache& gpu, const std::vector<int64_t>& qu
   for (int l = 0; l < s.layers; ++l) {
     for (int h = 0; h < s.kv_heads; ++h) {
       const std::size_t tokens = static_cast<std::size_t>(gpu.tokens(l, h));
-      const std::size_t q = static_cast<std::size_t>(quantized[l]);
-      total += (tokens - q) * 2 * s.head_dim * sizeof(Half) + tokens * sizeof(int32_t) +
-               q / p.group * s.head_dim * block + q * (s.head_dim / p.group) * block;
+      const std::size_t q = static_cast<std::size_t>(quantized_of(l, h));
+      total += (tokens - q) * 2 * s.head_dim * sizeof(Half) +
+               tokens * (sizeof(int32_t) + score_bytes) + q / p.group * s.head_dim * block +
+               q * (s.head_dim / p.group) * block;
     }
   }
   return total;
+}
+
+/// kivi_bytes of KVCache<Quantize, backend::Cuda> whose layer l holds quantized[l] tokens in
+/// blocks on every head.
+template <class CudaCache>
+std::size_t kivi_held_bytes(const CudaCache& gpu, const std::vector<int64_t>& quantized) {
+  return kivi_bytes(
+      gpu, gpu.policy(), [&](int l, int) { return quantized[l]; }, 0);
 }
 
 /// compress() on both caches; `quantized` follows KIVI's rule: every whole group older than the
@@ -174,6 +190,107 @@ TEST_CASE("CUDA Quantize cache: blocks, residual, bytes and attention equal the 
     compress_both(cpu, gpu, quantized);
     cache_checks::require_same_state(cpu, gpu, kivi_held_bytes(gpu, quantized));
     cache_checks::require_same_attention_everywhere(cpu, gpu, seed++);
+  }
+}
+
+/// Compose<A, Quantize> on both backends: A's eviction over blocks and residual (a head that
+/// loses tokens keeps the rest as fp16 rows, its blocks decoded as the CPU's keep() decodes
+/// them), then KIVI of the kept rows; a second round of decoding makes the eviction meet
+/// quantized tokens. `observe(cpu, gpu)` feeds a query-scored A before the first compress().
+template <class A, class Observe>
+void check_compose(const ModelShape& s, const A& selection, const Quantize& quant,
+                   Observe&& observe, uint32_t seed) {
+  using P = kvpack::Compose<A, Quantize>;
+  INFO(A::name << " + KIVI " << quant.bits << "-bit group " << quant.group << "; q_heads "
+               << s.q_heads << " kv_heads " << s.kv_heads << " d " << s.head_dim);
+  const P policy(selection, quant);
+  KVCache<P, backend::Cpu> cpu(s, policy);
+  KVCache<P, backend::Cuda> gpu(s, policy);
+  constexpr std::size_t score = kvpack::cuda::is_query_scored_policy<A>::value ||
+                                        kvpack::cuda::is_hidden_scored_policy<A>::value
+                                    ? sizeof(float)
+                                    : 0;
+  auto held = [&] {
+    return kivi_bytes(
+        gpu, quant, [&](int l, int h) { return cpu.kivi_pages(l, h).quantized; }, score);
+  };
+  cache_checks::feed_sequence(s, 260, 0, false, cpu, gpu);
+  observe(cpu, gpu);
+  for (int round = 0; round < 2; ++round) {
+    cpu.compress();
+    gpu.compress();
+    REQUIRE(cpu.kivi_pages(0, 0).quantized > 0);
+    cache_checks::require_same_state(cpu, gpu, held());
+    cache_checks::require_same_attention_everywhere(cpu, gpu, seed++);
+    for (int l = 0; l < s.layers; ++l) {
+      for (int64_t t = 260 + 70 * round; t < 330 + 70 * round; ++t) {
+        feed(s, l, t, 1, 2, false, cpu, gpu);
+      }
+    }
+  }
+}
+
+TEST_CASE("CUDA Compose<A, Quantize>: eviction then KIVI, blocks and kept sets equal the CPU's",
+          "[cuda][kivi][eviction]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  const auto no_observe = [](auto&, auto&) {};
+  Budget half = Budget::ratio(0.5);
+  half.sink_tokens = 4;
+  half.recent_tokens = 16;
+  // L2 scores keys decoded from their blocks in the second round.
+  check_compose(cache_checks::kShapes[1], kvpack::L2NormEvict(half, 0), Quantize(4, 32, 32),
+                no_observe, 300);
+  check_compose(cache_checks::kShapes[3], kvpack::L2NormEvict(half, 0), Quantize(2, 16, 0),
+                no_observe, 310);
+  check_compose(cache_checks::kShapes[2], kvpack::StreamingLLM(half), Quantize(8, 64, 64),
+                no_observe, 320);
+  // KVzip (the demo's kvzip + quant4 row) under one global threshold: scores from a repeat
+  // pass before the first compress.
+  const ModelShape s = cache_checks::kShapes[1];
+  auto repeat_pass = [&](auto& cpu, auto& gpu) {
+    for (int l = 0; l < s.layers; ++l) {
+      const auto q = random_values(20 * s.q_heads * s.head_dim, 330 + l, 1.5f);
+      const auto qv = kvpack::ActivationView::nhd(q.data(), 20, s.q_heads, s.head_dim);
+      cpu.observe(l, qv, cache_checks::positions_range(240, 20));
+      gpu.observe(l, qv, cache_checks::positions_range(240, 20));
+    }
+  };
+  check_compose(s, kvpack::ReconstructionEvict(Budget::ratio(0.4, BudgetScope::kGlobal)),
+                Quantize(4, 32, 32), repeat_pass, 340);
+  // observe() after compress() quantized the layers: keys in blocks are scored decoded, as the
+  // CPU scores them, and the next compress() keeps the same tokens.
+  using P = kvpack::Compose<kvpack::ReconstructionEvict, Quantize>;
+  const P policy(kvpack::ReconstructionEvict(Budget::ratio(0.5)), Quantize(4, 32, 32));
+  KVCache<P, backend::Cpu> cpu(s, policy);
+  KVCache<P, backend::Cuda> gpu(s, policy);
+  cache_checks::feed_sequence(s, 200, 0, false, cpu, gpu);
+  for (uint32_t round = 0; round < 2; ++round) {
+    const auto q = random_values(4 * s.q_heads * s.head_dim, 350 + round, 1.5f);
+    const auto qv = kvpack::ActivationView::nhd(q.data(), 4, s.q_heads, s.head_dim);
+    for (int l = 0; l < s.layers; ++l) {
+      cpu.observe(l, qv, cache_checks::positions_range(196, 4));
+      gpu.observe(l, qv, cache_checks::positions_range(196, 4));
+    }
+    for (int l = 0; l < s.layers; ++l) {
+      for (int h = 0; h < s.kv_heads; ++h) {
+        INFO("round " << round << " layer " << l << " head " << h);
+        REQUIRE((round == 0 || cpu.kivi_pages(l, h).quantized > 0));
+        const auto a = cpu.token_scores(l, h);
+        const auto b = gpu.token_scores(l, h);
+        REQUIRE(a.size() == b.size());
+        for (std::size_t t = 0; t < a.size(); ++t) {
+          REQUIRE(std::isnan(a[t]) == std::isnan(b[t]));
+          if (!std::isnan(a[t])) REQUIRE(std::fabs(a[t] - b[t]) <= 1e-5f * std::fabs(a[t]) + 1e-7f);
+        }
+      }
+    }
+    cpu.compress();
+    gpu.compress();
+    cache_checks::require_same_state(
+        cpu, gpu,
+        kivi_bytes(
+            gpu, policy.second, [&](int l, int h) { return cpu.kivi_pages(l, h).quantized; },
+            sizeof(float)));
   }
 }
 

@@ -187,6 +187,14 @@ TEST_CASE("model: the CUDA backend on the emulated grid matches the CPU on real 
         *model, ids,
         kvpack::KVzap(scorer, kvpack::Budget::ratio(0.5, kvpack::BudgetScope::kGlobal)));
   }
+  // The demo's kvzip + quant4 row: KVzip's global selection, then KIVI of the kept rows.
+  SECTION("Compose<ReconstructionEvict, Quantize>, keep half, 4-bit") {
+    using P = kvpack::Compose<kvpack::ReconstructionEvict, kvpack::Quantize>;
+    check_against_cpu(
+        *model, ids,
+        P(kvpack::ReconstructionEvict(kvpack::Budget::ratio(0.5, kvpack::BudgetScope::kGlobal)),
+          kvpack::Quantize(4, 32, 32)));
+  }
   // SnapKV: the prefill's probabilities summed per key, max-pooled over 7 tokens, per head.
   SECTION("SnapKV, keep half, per head") {
     check_against_cpu(*model, ids, kvpack::SnapKV(kvpack::Budget::ratio(0.5)));

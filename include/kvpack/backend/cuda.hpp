@@ -42,4 +42,5 @@
 #include "cuda/cache_materialize.cuh"
 #include "cuda/cache_observe.cuh"
 #include "cuda/cache_quantize.cuh"
+#include "cuda/cache_transfer.cuh"
 #include "cuda/cache_truncate.cuh"

@@ -65,8 +65,8 @@ namespace kvpack {
 /// \brief CUDA implementation of KVCache (see the file comment for the design).
 /// \tparam Policy BasicIdentity<Half|float>, Quantize (KIVI blocks + fp16 residual), an
 /// eviction policy scored from K/V or by position (L2NormEvict, StreamingLLM), by observed
-/// queries (ReconstructionEvict without KVzip+ factors, SnapKV), by hidden states (KVzap),
-/// HeadLevelEvict, or lazy layers (LazyLayerDrop).
+/// queries (ReconstructionEvict, SnapKV), by hidden states (KVzap), HeadLevelEvict, or lazy
+/// layers (LazyLayerDrop); any of these followed by KIVI (Compose<A, Quantize>).
 ///
 /// The cache runs on a caller-owned cuda::CudaContext (device + stream), or on one it creates
 /// on the current device. Move-only. Calls on one cache are serialised (a mutex guards the
@@ -75,11 +75,12 @@ template <class Policy>
 class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   static_assert(
       cuda::supports_policy_v<Policy>,
-      "no CUDA implementation of this Policy: backend::Cuda implements BasicIdentity, "
-      "Quantize, HeadLevelEvict, ReconstructionEvict, SnapKV, KVzap, LazyLayerDrop and eviction "
-      "policies scored per token from K/V (L2NormEvict: an EvictionPolicy with a "
-      "KVPACK_HOST_DEVICE static token_score) or by position (StreamingLLM: position_score); use "
-      "backend::Cpu for the others (low-rank policies, Compose)");
+      "no CUDA implementation of this Policy: backend::Cuda implements BasicIdentity, Quantize, "
+      "and as a selection stage alone or in Compose<A, Quantize> HeadLevelEvict, "
+      "ReconstructionEvict, SnapKV, KVzap, LazyLayerDrop and eviction policies scored per token "
+      "from K/V (L2NormEvict: an EvictionPolicy with a KVPACK_HOST_DEVICE static token_score) or "
+      "by position (StreamingLLM: position_score); use backend::Cpu for the low-rank policies "
+      "(CrossLayerSVD, ChannelShrink)");
 
  public:
   using backend_type = backend::Cuda;
@@ -87,16 +88,27 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
 
  private:
   KVPACK_CACHE_FRONT_MEMBERS(Policy);
-  /// The policy scores tokens by observed queries (one device score per held token).
-  static constexpr bool kQueryScores = cuda::is_query_scored_policy<Policy>::value;
-  /// The policy scores tokens from hidden states (KVzap: observe_hidden()).
-  static constexpr bool kHiddenScores = cuda::is_hidden_scored_policy<Policy>::value;
+  // What compress() runs: a selection stage (eviction, lazy layers or none), then KIVI
+  // quantization for Quantize and Compose<A, Quantize>.
+  using Stages = detail::PolicyStages<Policy>;
+  using Selection = typename Stages::selection;
+  /// The selection stage scores tokens by observed queries (one device score per held token).
+  static constexpr bool kQueryScores = cuda::is_query_scored_policy<Selection>::value;
+  /// The selection stage scores tokens from hidden states (KVzap: observe_hidden()).
+  static constexpr bool kHiddenScores = cuda::is_hidden_scored_policy<Selection>::value;
   /// One device score per held token (query- or hidden-state-scored eviction).
   static constexpr bool kStoredScores = kQueryScores || kHiddenScores;
-  /// The policy trims lazy layers (one attention-mass statistic per layer, on the host).
-  static constexpr bool kLazyLayers = cuda::is_lazy_layer_policy<Policy>::value;
+  /// The selection stage trims lazy layers (one attention-mass statistic per layer, on the host).
+  static constexpr bool kLazyLayers = cuda::is_lazy_layer_policy<Selection>::value;
   /// compress() selects tokens and compacts (eviction policies and lazy layers).
-  static constexpr bool kEvicts = is_eviction_policy_v<Policy> || kLazyLayers;
+  static constexpr bool kEvicts = is_eviction_policy_v<Selection> || kLazyLayers;
+  /// Kept rows age into KIVI blocks (Quantize, Compose<A, Quantize>).
+  static constexpr bool kQuantized = Stages::quantized;
+
+  /// The selection stage's knobs (the policy itself, or Compose's first stage).
+  const Selection& selection() const { return Stages::select_knobs(policy_); }
+  /// KIVI's knobs (quantizing policies only).
+  const Quantize& quant_knobs() const { return *Stages::quant_knobs(policy_); }
 
  public:
   /// Validates the shape and the policy's knobs (as the CPU cache does; head_dim must also be
@@ -173,13 +185,14 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// Policy::stored_score(log-score) for it, as the CPU cache does. Throws kvpack::error, nothing
   /// changed, for a bad layer, view, position or non-finite value, or a non-finite (overflowed)
   /// log-score.
-  template <class P = Policy, class = std::enable_if_t<cuda::is_hidden_scored_policy<P>::value>>
+  template <class P = Policy, class = std::enable_if_t<cuda::is_hidden_scored_policy<
+                                  typename detail::PolicyStages<P>::selection>::value>>
   void observe_hidden(int layer, const ActivationView& x, Positions positions,
                       MemorySpace space = MemorySpace::kHost) {
     constexpr const char* where = "KVCache::observe_hidden";
     cuda::DeviceGuard guard(context_->device());
     std::lock_guard<std::mutex> lock(scratch_->mutex);
-    this->check_hidden_shape(where, layer, x, positions, policy_.hidden_scorer().hidden);
+    this->check_hidden_shape(where, layer, x, positions, selection().hidden_scorer().hidden);
     check_space(where, "x", x.data(), space);
     check_values(where, "x", x, std::numeric_limits<float>::max(), space);
     observe_hidden_unchecked(layer, x, positions, space);
@@ -190,8 +203,9 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// reduced probability observe() gave it (before any pooling) or the stored score of
   /// observe_hidden() (KVzap), NaN for a token not scored yet (as the CPU cache). Policies that
   /// store scores only. Throws kvpack::error for a bad layer or head.
-  template <class P = Policy, class = std::enable_if_t<cuda::is_query_scored_policy<P>::value ||
-                                                       cuda::is_hidden_scored_policy<P>::value>>
+  template <class P = Policy, class S = typename detail::PolicyStages<P>::selection,
+            class = std::enable_if_t<cuda::is_query_scored_policy<S>::value ||
+                                     cuda::is_hidden_scored_policy<S>::value>>
   std::vector<float> token_scores(int layer, int head) const {
     constexpr const char* where = "KVCache::token_scores";
     this->check_head(where, layer, head);
@@ -210,14 +224,11 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// Quantize turns the whole groups that left the residual window into KIVI blocks).
   void compress() {
     this->check_compress();
-    if constexpr (kEvicts || cuda::is_kivi_policy<Policy>::value) {
+    if constexpr (kEvicts || kQuantized) {
       cuda::DeviceGuard guard(context_->device());
       std::lock_guard<std::mutex> lock(scratch_->mutex);
-      if constexpr (kEvicts) {
-        evict();
-      } else {
-        quantize();
-      }
+      if constexpr (kEvicts) evict();
+      if constexpr (kQuantized) quantize();
     }
   }
 
@@ -338,46 +349,28 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   };
 
   /// The CPU cache's head store for this policy: bytes() counts its bookkeeping at that size.
-  using HostStore = std::conditional_t<cuda::is_kivi_policy<Policy>::value,
-                                       detail::QuantizedHeadStore, detail::HeadStore<storage_type>>;
+  using HostStore =
+      std::conditional_t<kQuantized, detail::QuantizedHeadStore, detail::HeadStore<storage_type>>;
 
   /// Quantize's block format (bits 4, group 32 for policies that do not quantize: unused).
-  cuda::KiviFormat kivi_format() const {
-    if constexpr (cuda::is_kivi_policy<Policy>::value) {
-      return cuda::KiviFormat::of(policy_.bits, policy_.group);
-    } else {
-      return cuda::KiviFormat{};
-    }
-  }
+  cuda::KiviFormat kivi_format() const;
+  /// The KIVI blocks of `head` (none for policies that do not quantize).
+  cuda::KiviBlocks blocks_of(const DeviceHead& head) const;
   /// Bytes of the per-token score query-scored policies keep (0 for the others).
   static constexpr std::size_t score_bytes() { return kStoredScores ? sizeof(float) : 0; }
   /// Tokens per KIVI group (1 for policies that do not quantize: no group to split).
   int group_size() const {
-    if constexpr (cuda::is_kivi_policy<Policy>::value) return policy_.group;
+    if constexpr (kQuantized) return quant_knobs().group;
     return 1;
   }
   /// Bytes of the key / value blocks of `quantized` tokens (a multiple of the group).
-  std::size_t kivi_key_block_bytes(int64_t quantized) const {
-    if (quantized == 0) return 0;
-    const cuda::KiviFormat f = kivi_format();
-    return static_cast<std::size_t>(quantized / f.group) * shape_.head_dim * f.block_bytes;
-  }
-  std::size_t kivi_value_block_bytes(int64_t quantized) const {
-    if (quantized == 0) return 0;
-    const cuda::KiviFormat f = kivi_format();
-    return static_cast<std::size_t>(quantized) * (shape_.head_dim / f.group) * f.block_bytes;
-  }
+  std::size_t kivi_key_block_bytes(int64_t quantized) const;
+  std::size_t kivi_value_block_bytes(int64_t quantized) const;
 
   /// Enqueues a copy of `count` elements of device memory into `dst` (resized; the caller
   /// synchronises before reading it).
   template <class E>
-  void download(const E* src, int64_t count, std::vector<E>& dst, const char* where) const {
-    dst.resize(static_cast<std::size_t>(count));
-    if (count == 0) return;
-    cuda::check_cuda(cudaMemcpyAsync(dst.data(), src, dst.size() * sizeof(E),
-                                     cudaMemcpyDeviceToHost, context_->stream()),
-                     detail::concat(where, ": download").c_str());
-  }
+  void download(const E* src, int64_t count, std::vector<E>& dst, const char* where) const;
 
   /// What the CUDA kernels add to the front end's checks (shape and knobs are validated there).
   void validate_construction() {
@@ -402,28 +395,11 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
 
   /// Device workspace of at least `bytes` (grown geometrically; nothing may still be reading
   /// the old one: every public call ends with a stream synchronisation).
-  unsigned char* workspace(std::size_t bytes) const {
-    if (scratch_->device.size() < bytes) {
-      scratch_->device.release();
-      scratch_->device = cuda::DeviceBuffer<unsigned char>(
-          std::max(bytes, scratch_->device.size() * 2), context_->device());
-    }
-    return scratch_->device.data();
-  }
-
+  unsigned char* workspace(std::size_t bytes) const;
   /// Host staging area of `bytes`, zero-initialised.
-  unsigned char* staging(std::size_t bytes) const {
-    scratch_->host.assign(bytes, 0);
-    return scratch_->host.data();
-  }
-
+  unsigned char* staging(std::size_t bytes) const;
   /// One host-to-device copy of the staging area to the start of the workspace.
-  void upload_staging(unsigned char* device_base, std::size_t bytes, const char* where) const {
-    if (bytes == 0) return;
-    cuda::check_cuda(cudaMemcpyAsync(device_base, scratch_->host.data(), bytes,
-                                     cudaMemcpyHostToDevice, context_->stream()),
-                     detail::concat(where, ": upload").c_str());
-  }
+  void upload_staging(unsigned char* device_base, std::size_t bytes, const char* where) const;
 
   /// The pointer of view `name` must lie in `space` (host memory that the CPU can read, or
   /// memory of this context's device).

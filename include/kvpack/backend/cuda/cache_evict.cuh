@@ -39,14 +39,14 @@ void KVCache<Policy, backend::Cuda>::evict() {
   // A score threshold (KVzap) replaces the budget's count; each head keeps what passes it.
   float threshold = std::numeric_limits<float>::quiet_NaN();
   if constexpr (kLazyLayers) {
-    budget.sink_tokens = policy_.sink_tokens;
-    budget.recent_tokens = policy_.recent_tokens;
-    for (detail::LayerObservation& o : observations_) o.decide(policy_.threshold);
+    budget.sink_tokens = selection().sink_tokens;
+    budget.recent_tokens = selection().recent_tokens;
+    for (detail::LayerObservation& o : observations_) o.decide(selection().threshold);
   } else {
-    budget = policy_.budget;
-    first_layer = detail::first_layer(policy_, shape_.layers);
-    min_tokens = policy_.min_tokens;
-    threshold = policy_.score_threshold();
+    budget = selection().budget;
+    first_layer = detail::first_layer(selection(), shape_.layers);
+    min_tokens = selection().min_tokens;
+    threshold = selection().score_threshold();
   }
   const bool by_threshold = !std::isnan(threshold);
   struct Target {
@@ -72,12 +72,12 @@ void KVCache<Policy, backend::Cuda>::evict() {
   // HeadLevelEvict: a head keeps every token or only the protected ones (chosen on the host from
   // the policy's head scores, as the CPU cache does); a lazy layer's heads keep the protected
   // ones.
-  constexpr bool kAllOrProtected = cuda::is_head_level_policy<Policy>::value || kLazyLayers;
+  constexpr bool kAllOrProtected = cuda::is_head_level_policy<Selection>::value || kLazyLayers;
   std::vector<char> whole(n_targets, 0);
-  if constexpr (cuda::is_head_level_policy<Policy>::value) {
+  if constexpr (cuda::is_head_level_policy<Selection>::value) {
     std::vector<int> ids;
     for (const Target& t : targets) ids.push_back(t.layer * shape_.kv_heads + t.head);
-    whole = policy_.heads_kept(ids);
+    whole = selection().heads_kept(ids);
   }
 
   cuda::WorkspaceLayout layout;
@@ -104,21 +104,20 @@ void KVCache<Policy, backend::Cuda>::evict() {
   for (int64_t i = 0; i < n_targets; ++i) {
     const DeviceHead& head = store(targets[i].layer, targets[i].head);
     const detail::LayerState& state = layers_[targets[i].layer];
-    const int64_t protect_below = state.first_position + budget.sink_tokens;
-    const int64_t protect_above = state.last_position - budget.recent_tokens;
-    if constexpr (kStoredScores) {
-      stored_jobs[i] = {head.scores.data(), head.positions.data(), head.size,
-                        targets[i].offset,  protect_below,         protect_above};
-    }
-    score_jobs[i] = {head.k.data(),       head.v.data(), head.positions.data(),
-                     state.last_position, head.size,     targets[i].offset};
+    score_jobs[i] = {head.k.data(), head.v.data(),     head.positions.data(), state.last_position,
+                     head.size,     targets[i].offset, blocks_of(head)};
     select_jobs[i] = {scores + targets[i].offset,
                       head.positions.data(),
                       head.size,
                       kAllOrProtected ? (whole[i] ? head.size : 0) : budget.target(state.appended),
-                      protect_below,
-                      protect_above,
+                      state.first_position + budget.sink_tokens,
+                      state.last_position - budget.recent_tokens,
                       targets[i].offset};
+    if constexpr (kStoredScores) {
+      const cuda::SelectJob& job = select_jobs[i];
+      stored_jobs[i] = {head.scores.data(), head.positions.data(), head.size,
+                        targets[i].offset,  job.protect_below,     job.protect_above};
+    }
   }
   upload_staging(ws, upload_bytes, where);
   if constexpr (kAllOrProtected) {
@@ -137,7 +136,7 @@ void KVCache<Policy, backend::Cuda>::evict() {
         "KVCache::compress: clearing the score counts");
     cuda::launch_gather_stored_scores(
         reinterpret_cast<const cuda::StoredScoreJob*>(ws + at_stored_jobs), n_targets, longest,
-        policy_.score_pool_width() / 2, threshold, scores, device_counts, stream);
+        selection().score_pool_width() / 2, threshold, scores, device_counts, stream);
     std::vector<cuda::StoredScoreCounts> counts;
     download(device_counts, n_targets, counts, where);
     context_->synchronize(where);
@@ -152,7 +151,7 @@ void KVCache<Policy, backend::Cuda>::evict() {
                         cudaMemcpyHostToDevice, stream),
         "KVCache::compress: upload of the selection targets");
   } else {
-    cuda::launch_score_tokens<Policy, T>(
+    cuda::launch_score_tokens<Selection, T>(
         reinterpret_cast<const cuda::ScoreJob<T>*>(ws + at_score_jobs), n_targets, longest, d,
         scores, stream);
   }
@@ -210,7 +209,7 @@ void KVCache<Policy, backend::Cuda>::evict() {
       jobs.push_back({head.k.data(), head.v.data(), head.positions.data(),
                       kept_index + targets[i].offset, kept[i], c.buffers.k.data(),
                       c.buffers.v.data(), c.buffers.positions.data(), head.scores.data(),
-                      c.buffers.scores.data()});
+                      c.buffers.scores.data(), blocks_of(head)});
       most_kept = std::max(most_kept, kept[i]);
     }
     compacted.push_back(std::move(c));

@@ -37,7 +37,7 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
   // KVzip+: the layer's output factors [q_heads][d][d] (uploaded with the call) and each held
   // key's value weight per query head.
   const OutputFactors* factors = nullptr;
-  if constexpr (kQueryScores) factors = policy_.value_weights();
+  if constexpr (kQueryScores) factors = selection().value_weights();
   const std::size_t factor_count =
       factors != nullptr ? static_cast<std::size_t>(q_heads) * d * d : 0;
 
@@ -63,8 +63,8 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
   auto* head_table = reinterpret_cast<cuda::ObserveHead<T>*>(stage + at_heads);
   for (int h = 0; h < kv_heads; ++h) {
     DeviceHead& head = store(layer, h);
-    head_table[h] = {head.k.data(), head.v.data(), head.positions.data(), head.scores.data(),
-                     head.size};
+    head_table[h] = {head.k.data(),      head.v.data(), head.positions.data(),
+                     head.scores.data(), head.size,     blocks_of(head)};
   }
   std::copy(query_weights.begin(), query_weights.end(),
             reinterpret_cast<float*>(stage + at_query_weights));
@@ -82,7 +82,7 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
   params.q_heads = q_heads;
   params.group = shape_.group_size();
   params.scale = 1.0f / std::sqrt(static_cast<float>(d));
-  if constexpr (kQueryScores) params.window = policy_.window;  // lazy layers: every key
+  if constexpr (kQueryScores) params.window = selection().window;  // lazy layers: every key
   params.row_max = reinterpret_cast<float*>(ws + at_max);
   params.row_sum = reinterpret_cast<float*>(ws + at_sum);
   params.row_mass = kLazyLayers ? reinterpret_cast<float*>(ws + at_mass) : nullptr;
@@ -96,15 +96,15 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
   cuda::dispatch_head_dim(d, [&](auto head_dim) {
     constexpr int D = decltype(head_dim)::value;
     if constexpr (kLazyLayers) {
-      cuda::launch_observe_stats<D, T>(heads, params, policy_, stream);
+      cuda::launch_observe_stats<D, T>(heads, params, selection(), stream);
     } else {
       if (factors != nullptr) {
         cuda::launch_value_weights<D, T>(
             heads, kv_heads, longest, reinterpret_cast<const float*>(ws + at_factors), params.group,
             reinterpret_cast<float*>(ws + at_value_weights), stream);
       }
-      cuda::launch_observe<D, T, detail::sums_query_scores<Policy>()>(heads, kv_heads, longest,
-                                                                      params, stream);
+      cuda::launch_observe<D, T, detail::sums_query_scores<Selection>()>(heads, kv_heads, longest,
+                                                                         params, stream);
     }
   });
   if constexpr (kLazyLayers) {
@@ -127,13 +127,13 @@ void KVCache<Policy, backend::Cuda>::observe_hidden_unchecked(int layer, const A
                                                               Positions positions,
                                                               MemorySpace space) {
   constexpr const char* where = "KVCache::observe_hidden";
-  const HiddenScorer& scorer = policy_.hidden_scorer();
+  const HiddenScorer& scorer = selection().hidden_scorer();
   const int kv_heads = shape_.kv_heads;
   const int hidden = scorer.hidden;
   const int64_t tokens = x.tokens();
   const cudaStream_t stream = context_->stream();
   detail::require(tokens <= INT_MAX, where, "x tokens", tokens, "<= INT_MAX (one GEMM)");
-  if (scratch_->scorer != policy_.scorer) {
+  if (scratch_->scorer != selection().scorer) {
     // The scorer's weights on the device, copied once per scorer (allocations first, so a
     // failure keeps the previous copy).
     cuda::DeviceBuffer<float> weight(scorer.weight.size(), context_->device());
@@ -146,7 +146,7 @@ void KVCache<Policy, backend::Cuda>::observe_hidden_unchecked(int layer, const A
                      "KVCache::observe_hidden: upload of the scorer");
     scratch_->scorer_weight = std::move(weight);
     scratch_->scorer_bias = std::move(bias);
-    scratch_->scorer = policy_.scorer;
+    scratch_->scorer = selection().scorer;
   }
 
   // Workspace: uploaded [x (QueryUpload) | head table], then [x fp32 | log-scores].
@@ -184,7 +184,7 @@ void KVCache<Policy, backend::Cuda>::observe_hidden_unchecked(int layer, const A
                     std::numeric_limits<float>::max());
   if (bad_at != ULLONG_MAX)
     this->refuse_non_finite_log_score(where, static_cast<int64_t>(bad_at), positions);
-  cuda::launch_store_hidden_scores<Policy>(
+  cuda::launch_store_hidden_scores<Selection>(
       reinterpret_cast<const cuda::HiddenScoreHead*>(ws + at_heads), log_scores, rows.positions(ws),
       tokens, kv_heads, stream);
   context_->synchronize(where);

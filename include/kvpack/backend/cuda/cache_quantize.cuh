@@ -1,5 +1,6 @@
 /// \file backend/cuda/cache_quantize.cuh
-/// \brief Out-of-line member of KVCache<Quantize, backend::Cuda>: KIVI quantization of the whole
+/// \brief Out-of-line members of KVCache<Policy, backend::Cuda> for KIVI (Quantize and
+/// Compose<A, Quantize>): the block format and addressing, and the quantization of the whole
 /// groups that aged out of the fp16 residual window (compress()).
 #pragma once
 
@@ -14,6 +15,38 @@
 namespace kvpack {
 
 template <class Policy>
+cuda::KiviFormat KVCache<Policy, backend::Cuda>::kivi_format() const {
+  if constexpr (kQuantized) {
+    return cuda::KiviFormat::of(quant_knobs().bits, quant_knobs().group);
+  } else {
+    return cuda::KiviFormat{};
+  }
+}
+
+template <class Policy>
+cuda::KiviBlocks KVCache<Policy, backend::Cuda>::blocks_of(const DeviceHead& head) const {
+  if constexpr (kQuantized) {
+    return {head.k_blocks.data(), head.v_blocks.data(), head.quantized, kivi_format()};
+  } else {
+    return {};
+  }
+}
+
+template <class Policy>
+std::size_t KVCache<Policy, backend::Cuda>::kivi_key_block_bytes(int64_t quantized) const {
+  if (quantized == 0) return 0;
+  const cuda::KiviFormat f = kivi_format();
+  return static_cast<std::size_t>(quantized / f.group) * shape_.head_dim * f.block_bytes;
+}
+
+template <class Policy>
+std::size_t KVCache<Policy, backend::Cuda>::kivi_value_block_bytes(int64_t quantized) const {
+  if (quantized == 0) return 0;
+  const cuda::KiviFormat f = kivi_format();
+  return static_cast<std::size_t>(quantized) * (shape_.head_dim / f.group) * f.block_bytes;
+}
+
+template <class Policy>
 template <class P>
 void KVCache<Policy, backend::Cuda>::quantize() {
   constexpr const char* where = "KVCache::compress";
@@ -23,7 +56,7 @@ void KVCache<Policy, backend::Cuda>::quantize() {
   const cudaStream_t stream = context_->stream();
   const cuda::KiviFormat format = kivi_format();
   const int64_t group = format.group;
-  const int64_t residual = policy_.residual;
+  const int64_t residual = quant_knobs().residual;
 
   // Per head that has whole groups beyond the residual: block buffers with room for them (the
   // old blocks copied over when they grow, geometrically as rows do) and an exact-size buffer

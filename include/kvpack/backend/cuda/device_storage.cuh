@@ -132,21 +132,29 @@ struct is_lazy_layer_policy<P, std::void_t<typename P::storage_type>>
           std::is_base_of_v<PolicyBase, P> && P::score_source == ScoreSource::kLayerMass &&
           P::storage_format == StorageFormat::kRows && !detail::PolicyStages<P>::quantized> {};
 
-/// KIVI quantization alone (Quantize): rows age out of the fp16 residual into blocks.
+/// KIVI storage (Quantize, alone or as the second stage of Compose<A, Quantize>): rows age out
+/// of the fp16 residual into blocks.
 template <class P>
-struct is_kivi_policy : std::is_same<P, Quantize> {};
+struct is_kivi_policy : std::bool_constant<detail::PolicyStages<P>::quantized> {};
 
-/// Policies the CUDA cache implements: BasicIdentity, Quantize, eviction policies scored per
-/// token from K/V (L2NormEvict) or by position (StreamingLLM) - the scoring hook must be a
-/// KVPACK_HOST_DEVICE function - by the probabilities of observed queries (ReconstructionEvict
-/// without KVzip+ factors, SnapKV), by a hidden-state scorer (KVzap), eviction by head
-/// (HeadLevelEvict) and lazy layers (LazyLayerDrop).
+/// Selection stages the CUDA cache implements: eviction scored per token from K/V (L2NormEvict)
+/// or by position (StreamingLLM) - the scoring hook must be a KVPACK_HOST_DEVICE function - by
+/// the probabilities of observed queries (ReconstructionEvict, KVzip and KVzip+; SnapKV), by a
+/// hidden-state scorer (KVzap), eviction by head (HeadLevelEvict) and lazy layers
+/// (LazyLayerDrop).
+template <class P>
+inline constexpr bool supports_selection_v =
+    is_token_score_policy<P>::value || is_position_score_policy<P>::value ||
+    is_head_level_policy<P>::value || is_query_scored_policy<P>::value ||
+    is_hidden_scored_policy<P>::value || is_lazy_layer_policy<P>::value;
+
+/// Policies the CUDA cache implements: BasicIdentity, Quantize, a supported selection stage
+/// alone or followed by Quantize (Compose<A, Quantize>).
 template <class P>
 inline constexpr bool supports_policy_v =
-    is_keep_all_policy<P>::value || is_kivi_policy<P>::value || is_token_score_policy<P>::value ||
-    is_position_score_policy<P>::value || is_head_level_policy<P>::value ||
-    is_query_scored_policy<P>::value || is_hidden_scored_policy<P>::value ||
-    is_lazy_layer_policy<P>::value;
+    is_keep_all_policy<P>::value ||
+    supports_selection_v<typename detail::PolicyStages<P>::selection> ||
+    std::is_same_v<typename detail::PolicyStages<P>::selection, Quantize>;
 
 /// Bytes of one element of `dtype`.
 inline std::size_t dtype_bytes(DType dtype) { return dtype == DType::kF32 ? 4 : 2; }

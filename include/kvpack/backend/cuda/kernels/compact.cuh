@@ -4,6 +4,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "kivi.cuh"
 
 namespace kvpack {
 namespace cuda {
@@ -11,7 +12,7 @@ namespace cuda {
 /// One (layer, kv-head) to compact: old rows, kept indices (ascending), new buffers.
 template <class T>
 struct CompactJob {
-  const T* k;
+  const T* k;  ///< rows of the tokens after blocks.quantized
   const T* v;
   const int32_t* positions;
   const int32_t* kept_index;  ///< `kept` ascending row indices into the old rows
@@ -21,10 +22,12 @@ struct CompactJob {
   int32_t* new_positions;
   const float* scores = nullptr;  ///< per-token scores kept across compress() calls, or null
   float* new_scores = nullptr;
+  KiviBlocks blocks{};  ///< the head's first tokens in KIVI blocks: kept ones become rows
 };
 
-/// new_k[j] = k[kept_index[j]] (rows of head_dim), likewise v, positions and scores. Grid: x
-/// strides over kept * head_dim elements (coalesced within rows), y over jobs.
+/// new_k[j] = k[kept_index[j]] (rows of head_dim), likewise v, positions and scores; a kept
+/// token in KIVI blocks is decoded and stored as a row (rounded as the CPU's keep() rounds it).
+/// Grid: x strides over kept * head_dim elements (coalesced within rows), y over jobs.
 template <class T>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
     gather_rows_kernel(const CompactJob<T>* __restrict__ jobs, int64_t job_count, int head_dim) {
@@ -37,8 +40,14 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
       const int64_t row = e / head_dim;
       const int64_t i = e % head_dim;
       const int64_t src = job.kept_index[row];
-      job.new_k[e] = job.k[src * head_dim + i];
-      job.new_v[e] = job.v[src * head_dim + i];
+      if (src < job.blocks.quantized) {
+        store_element(job.blocks.key(src, static_cast<int>(i), head_dim), job.new_k + e);
+        store_element(job.blocks.value(src, static_cast<int>(i), head_dim), job.new_v + e);
+      } else {
+        const int64_t r = src - job.blocks.quantized;
+        job.new_k[e] = job.k[r * head_dim + i];
+        job.new_v[e] = job.v[r * head_dim + i];
+      }
       if (i == 0) {
         job.new_positions[row] = job.positions[src];
         if (job.scores != nullptr) job.new_scores[row] = job.scores[src];

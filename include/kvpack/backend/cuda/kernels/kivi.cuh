@@ -111,6 +111,27 @@ void launch_quantize_rows(const KiviFormat& format, const T* k_rows, const T* v_
   });
 }
 
+/// The KIVI blocks of one head: its first `quantized` held tokens (none for row storage). The
+/// one addressing of the blocks that scoring, compaction and attention read.
+struct KiviBlocks {
+  const uint8_t* keys = nullptr;    ///< [quantized / G][head_dim] blocks of format.block_bytes
+  const uint8_t* values = nullptr;  ///< [quantized][head_dim / G] blocks
+  int64_t quantized = 0;            ///< tokens in blocks (a multiple of G)
+  KiviFormat format{};
+
+  /// Channel c of the key of held token t < quantized: dequantize_ref's value.
+  KVPACK_DEVICE float key(int64_t t, int c, int head_dim) const {
+    return dequantize_packed(keys + ((t / format.group) * head_dim + c) * format.block_bytes,
+                             format.bits, static_cast<int>(t % format.group));
+  }
+  /// Channel c of the value of held token t < quantized.
+  KVPACK_DEVICE float value(int64_t t, int c, int head_dim) const {
+    return dequantize_packed(
+        values + (t * (head_dim / format.group) + c / format.group) * format.block_bytes,
+        format.bits, c % format.group);
+  }
+};
+
 /// One kv head in the KIVI layout above, as attention_kernel reads it (device pointers). The
 /// block format is a runtime value: one attention instantiation per head_dim serves every
 /// (bits, group), at the cost of a shift and a mask per code.
@@ -129,16 +150,15 @@ struct KiviAttentionHead {
   template <int D>
   KVPACK_DEVICE void load_tile(int64_t t0, int n, float* k_tile, float* v_tile, int stride, int tid,
                                int threads) const {
-    const int G = format.group, bytes = format.block_bytes;
     for (int idx = tid; idx < n * D; idx += threads) {
       const int r = idx / D;
       const int c = idx % D;
       const int64_t t = t0 + r;
       float k = 0.0f, v = 0.0f;
       if (t < quantized) {
-        k = dequantize_packed(k_blocks + ((t / G) * D + c) * bytes, format.bits,
-                              static_cast<int>(t % G));
-        v = dequantize_packed(v_blocks + (t * (D / G) + c / G) * bytes, format.bits, c % G);
+        const KiviBlocks blocks{k_blocks, v_blocks, quantized, format};
+        k = blocks.key(t, c, D);
+        v = blocks.value(t, c, D);
       } else {
         k = to_float(k_residual[(t - quantized) * D + c]);
         v = to_float(v_residual[(t - quantized) * D + c]);

@@ -20,18 +20,43 @@
 #include "../../../policy/policy_base.hpp"
 #include "../../../policy/score_window.hpp"
 #include "common.cuh"
+#include "kivi.cuh"
 
 namespace kvpack {
 namespace cuda {
 
-/// One (kv head) of the observed layer: its stored rows, positions and scores.
+template <int D, class T>
+KVPACK_DEVICE float observe_logit(const float* q, const T* k, float scale) {
+  float dot = 0.0f;
+  for (int c = 0; c < D; ++c) dot += q[c] * to_float(k[c]);
+  return dot * scale;
+}
+
+/// One (kv head) of the observed layer: its stored tokens (KIVI blocks, then rows), positions
+/// and scores.
 template <class T>
 struct ObserveHead {
-  const T* k;                ///< [size][head_dim]
-  const T* v;                ///< [size][head_dim] (KVzip+'s value weights read them)
+  const T* k;                ///< [size - blocks.quantized][head_dim]: the tokens after the blocks
+  const T* v;                ///< [size - blocks.quantized][head_dim] (KVzip+'s value weights)
   const int32_t* positions;  ///< [size], ascending
   float* scores;             ///< [size]: kUnscoredScore until a row sees the key
   int64_t size;
+  KiviBlocks blocks{};  ///< the head's first tokens in KIVI blocks (Compose<A, Quantize>)
+
+  /// Scaled logit q · k_i of held token i (a key in blocks decoded as the CPU decodes it).
+  template <int D>
+  KVPACK_DEVICE float logit(const float* q, int64_t i, float scale) const {
+    if (i >= blocks.quantized) return observe_logit<D>(q, k + (i - blocks.quantized) * D, scale);
+    float dot = 0.0f;
+    for (int c = 0; c < D; ++c) dot += q[c] * blocks.key(i, c, D);
+    return dot * scale;
+  }
+  /// Channel c of the value of held token i.
+  template <int D>
+  KVPACK_DEVICE float value(int64_t i, int c) const {
+    return i < blocks.quantized ? blocks.value(i, c, D)
+                                : to_float(v[(i - blocks.quantized) * D + c]);
+  }
 };
 
 /// The score of a token no observed query has seen (as the CPU stores' kUnscored).
@@ -65,13 +90,6 @@ struct NoKeptSet {
   KVPACK_HOST_DEVICE bool in_kept_set(int64_t, int64_t, int64_t) const { return false; }
 };
 
-template <int D, class T>
-KVPACK_DEVICE float observe_logit(const float* q, const T* k, float scale) {
-  float dot = 0.0f;
-  for (int c = 0; c < D; ++c) dot += q[c] * to_float(k[c]);
-  return dot * scale;
-}
-
 /// Pass 1: one warp per (query token, query head); lanes stride over the head's keys. With
 /// p.row_mass, also the softmax mass of the keys `kept.in_kept_set(position, first, query
 /// position)` selects (Policy: LazyLayerDrop). Grid: x over tokens · q_heads rows (grid-stride),
@@ -90,7 +108,7 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(32)
     for (int64_t i = lane; i < head.size; i += 32) {
       const int64_t key_position = head.positions[i];
       if (key_position > position || !p.window.contains(key_position)) continue;
-      const float s = observe_logit<D>(q, head.k + i * D, p.scale);
+      const float s = head.template logit<D>(q, i, p.scale);
       const bool is_kept = kept.in_kept_set(key_position, p.first_position, position);
       if (s > m) {
         const float rescale = expf(m - s);
@@ -135,7 +153,7 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
       seen = true;
       for (int j = 0; j < p.group; ++j) {
         const int64_t row = t * p.q_heads + h * p.group + j;
-        const float s = observe_logit<D>(p.q + row * D, head.k + i * D, p.scale);
+        const float s = head.template logit<D>(p.q + row * D, i, p.scale);
         float prob = expf(s - p.row_max[row]) / p.row_sum[row];
         if (p.query_weights != nullptr) prob *= p.query_weights[t];
         if (p.value_weights != nullptr) {
@@ -172,7 +190,7 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
   for (int64_t i = static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
        i < head.size; i += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
     float v[D];
-    for (int c = 0; c < D; ++c) v[c] = to_float(head.v[i * D + c]);
+    for (int c = 0; c < D; ++c) v[c] = head.template value<D>(i, c);
     for (int j = 0; j < group; ++j) {
       const float* r = factors + (static_cast<int64_t>(h) * group + j) * D * D;
       float sq = 0.0f;

@@ -6,6 +6,7 @@
 
 #include "../../../policy/policy_base.hpp"
 #include "common.cuh"
+#include "kivi.cuh"
 
 namespace kvpack {
 namespace cuda {
@@ -13,17 +14,22 @@ namespace cuda {
 /// One (layer, kv-head) to score: its stored rows and positions, and where its scores go.
 template <class T>
 struct ScoreJob {
-  const T* k;                ///< [size][head_dim]
-  const T* v;                ///< [size][head_dim]
+  const T* k;                ///< [size - blocks.quantized][head_dim]: tokens after the blocks
+  const T* v;                ///< [size - blocks.quantized][head_dim]
   const int32_t* positions;  ///< [size]
   int64_t last_position;     ///< newest position appended to the layer
   int64_t size;              ///< rows held
   int64_t offset;            ///< first score of this head in the concatenated score array
+  KiviBlocks blocks;         ///< the head's first tokens in KIVI blocks (Compose<A, Quantize>)
 };
+
+/// Largest head_dim the CUDA kernels are compiled for (a decoded row's register array).
+constexpr int kMaxHeadDim = 128;
 
 /// scores[job.offset + t] = Policy::token_score(k_t, v_t, head_dim), or for position-scored
 /// policies Policy::position_score(positions[t], last_position): the CPU backend calls the same
-/// function on the same stored rows. Grid: x strides over tokens, y over jobs.
+/// function on the same stored rows (tokens in KIVI blocks decoded to fp32 first, as the CPU
+/// decodes them). Grid: x strides over tokens, y over jobs.
 template <class Policy, class T>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
     score_tokens_kernel(const ScoreJob<T>* __restrict__ jobs, int64_t job_count, int head_dim,
@@ -35,9 +41,17 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
          t < job.size; t += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
       if constexpr (Policy::score_source == ScoreSource::kPosition) {
         scores[job.offset + t] = Policy::position_score(job.positions[t], job.last_position);
+      } else if (t < job.blocks.quantized) {
+        float k[kMaxHeadDim], v[kMaxHeadDim];
+        for (int c = 0; c < head_dim; ++c) {
+          k[c] = job.blocks.key(t, c, head_dim);
+          v[c] = job.blocks.value(t, c, head_dim);
+        }
+        scores[job.offset + t] = Policy::token_score(k, v, head_dim);
       } else {
+        const int64_t row = t - job.blocks.quantized;
         scores[job.offset + t] =
-            Policy::token_score(job.k + t * head_dim, job.v + t * head_dim, head_dim);
+            Policy::token_score(job.k + row * head_dim, job.v + row * head_dim, head_dim);
       }
     }
   }

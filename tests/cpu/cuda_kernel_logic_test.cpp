@@ -180,13 +180,14 @@ std::vector<float> replay_attention(const kvpack::DenseLayer& layer, const Model
   return out;
 }
 
+/// ‖a − b‖ / ‖b‖.
 double normalised_error(const std::vector<float>& a, const std::vector<float>& b) {
   double num = 0, den = 0;
   for (std::size_t i = 0; i < a.size(); ++i) {
     num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
     den += static_cast<double>(b[i]) * b[i];
   }
-  return num / den;
+  return std::sqrt(num / den);
 }
 
 }  // namespace
@@ -389,7 +390,7 @@ TEST_CASE("cuda logic: tiled split-K attention replay equals the CPU attend", "[
     for (int64_t splits : {1, 3, 11}) {
       const auto got = replay_attention(dense, s, q, qpos, splits);
       INFO("q_heads " << s.q_heads << " kv_heads " << s.kv_heads << " splits " << splits);
-      REQUIRE(normalised_error(got, expected) < 1e-10);
+      REQUIRE(normalised_error(got, expected) < 1e-5);
     }
   }
 }

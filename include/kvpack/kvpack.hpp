@@ -13,6 +13,7 @@
 #include "error.hpp"
 #include "half.hpp"
 #include "isa.hpp"
+#include "low_rank_factors.hpp"
 #include "page_pool.hpp"
 #include "policy/channel_shrink.hpp"
 #include "policy/compose.hpp"

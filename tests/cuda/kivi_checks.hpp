@@ -10,8 +10,10 @@
 #include <kvpack/backend/cuda/kernels/kivi.cuh>
 #include <kvpack/kvpack.hpp>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "attention_checks.hpp"
 #include "device_test_util.hpp"
 
 namespace kvpack {
@@ -69,9 +71,8 @@ struct KiviAttentionCase {
 template <int Bits, int G>
 double kivi_attention_error(const KiviAttentionCase& c, int64_t splits) {
   using Block = QuantBlock<Bits, G>;
-  const int d = c.head_dim, group = c.q_heads / c.kv_heads;
+  const int d = c.head_dim;
   const int64_t size = c.size, quantized = (size - c.residual) / G * G, tail = size - quantized;
-  const int64_t tokens = static_cast<int64_t>(c.q_positions.size());
   std::vector<std::vector<double>> k_held(c.kv_heads), v_held(c.kv_heads);
   std::vector<cuda::DeviceBuffer<Block>> dkb, dvb;
   std::vector<cuda::DeviceBuffer<Half>> dkr, dvr;
@@ -113,60 +114,15 @@ double kivi_attention_error(const KiviAttentionCase& c, int64_t splits) {
                      reinterpret_cast<const uint8_t*>(dvb.back().data()), dkr.back().data(),
                      dvr.back().data(), d_positions.data(), size, quantized, format});
   }
-  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-  std::vector<double> expected(c.q.size());
-  for (int64_t t = 0; t < tokens; ++t) {
-    for (int qh = 0; qh < c.q_heads; ++qh) {
-      const std::vector<double>& k = k_held[qh / group];
-      const std::vector<double>& v = v_held[qh / group];
-      const float* qr = &c.q[(t * c.q_heads + qh) * d];
-      std::vector<double> s;
-      double m = -INFINITY;
-      for (int64_t j = 0; j < size && c.positions[j] <= c.q_positions[t]; ++j) {
-        double dot = 0;
-        for (int ch = 0; ch < d; ++ch) dot += qr[ch] * k[j * d + ch];
-        s.push_back(dot * scale);
-        m = std::max(m, s.back());
-      }
-      double den = 0;
-      for (double& x : s) den += (x = std::exp(x - m));
-      for (int ch = 0; ch < d; ++ch) {
-        double acc = 0;
-        for (std::size_t j = 0; j < s.size(); ++j) acc += s[j] * v[j * d + ch];
-        expected[(t * c.q_heads + qh) * d + ch] = acc / den;
-      }
-    }
-  }
-
-  auto d_heads = upload(heads);
-  auto d_q = upload(c.q);
-  auto d_qpos = upload(c.q_positions);
-  const int64_t rows = tokens * c.q_heads;
-  cuda::DeviceBuffer<float> acc(splits * rows * d, 0), mx(splits * rows, 0), sum(splits * rows, 0),
-      out(rows * d, 0);
-  cuda::AttentionParams params{};
-  params.q = d_q.data();
-  params.q_positions = d_qpos.data();
-  params.tokens = tokens;
-  params.q_heads = c.q_heads;
-  params.group = group;
-  params.scale = static_cast<float>(scale);
-  params.splits = splits;
-  params.partial_acc = acc.data();
-  params.partial_max = mx.data();
-  params.partial_sum = sum.data();
-  cuda::dispatch_head_dim(d, [&](auto D) {
-    cuda::launch_attention_heads<decltype(D)::value>(d_heads.data(), c.kv_heads, params, out.data(),
-                                                     c.q_heads * d, d, nullptr);
-  });
-  cuda::check_cuda(cudaDeviceSynchronize(), "KIVI attention");
-  const auto got = download(out, rows * d);
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    num += (got[i] - expected[i]) * (got[i] - expected[i]);
-    den += expected[i] * expected[i];
-  }
-  return std::sqrt(num / den);
+  HeldAttention held;
+  held.q_heads = c.q_heads;
+  held.head_dim = d;
+  held.q = c.q;
+  held.q_positions = c.q_positions;
+  held.positions = c.positions;
+  held.k = std::move(k_held);
+  held.v = std::move(v_held);
+  return head_attention_error(heads, held, splits);
 }
 
 }  // namespace test

@@ -1,13 +1,18 @@
-// Check of cuda::gram_factorize (backend/cuda/low_rank.hpp) on a given matrix, shared by
-// tests/cuda/low_rank_test.cu (seeded random matrices) and the real-model test (stacked K/V).
+// Checks of the low-rank CUDA pieces, shared by tests/cuda/low_rank_test.cu (seeded random
+// inputs) and the real-model test: cuda::gram_factorize (backend/cuda/low_rank.hpp) on a given
+// matrix, and attention_kernel over LowRankAttentionHead on a CPU low-rank cache's own storage,
+// read through KVCache::low_rank_factors.
 #pragma once
 
 #include <Eigen/Dense>
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <kvpack/backend/cuda/kernels/low_rank_attention.cuh>
 #include <kvpack/backend/cuda/low_rank.hpp>
+#include <kvpack/kvpack.hpp>
 #include <vector>
 
+#include "attention_checks.hpp"
 #include "device_test_util.hpp"
 
 namespace kvpack {
@@ -49,6 +54,81 @@ inline double require_gram_factorize_optimal(const std::vector<float>& x, int ro
   }
   return (error - optimum) / total;
 }
+
+/// attend() of a CPU low-rank cache (CrossLayerSVD, ChannelShrink, their Compose) computed by
+/// attention_kernel over LowRankAttentionHead: each call copies the layer's bases, factors, tail
+/// and RoPE table, read through low_rank_factors() alone, to the device. Has the attend()
+/// signature that cache_checks::require_same_attention calls.
+template <class CpuCache>
+class LowRankKernelAttention {
+ public:
+  LowRankKernelAttention(const CpuCache& cpu, int64_t splits) : cpu_(cpu), splits_(splits) {}
+
+  void attend(int layer, const ActivationView& q, Positions positions,
+              const OutputView& out) const {
+    const ModelShape& s = cpu_.shape();
+    const int d = s.head_dim;
+    std::vector<float> queries(static_cast<std::size_t>(q.tokens()) * s.q_heads * d);
+    std::vector<int32_t> q_positions;
+    for (int64_t t = 0; t < q.tokens(); ++t) {
+      for (int h = 0; h < s.q_heads; ++h) q.load(t, h, &queries[(t * s.q_heads + h) * d]);
+      q_positions.push_back(static_cast<int32_t>(positions[t]));
+    }
+    Uploads up;
+    std::vector<cuda::LowRankAttentionHead> heads;
+    for (int h = 0; h < s.kv_heads; ++h) {
+      const LowRankHeadFactors f = cpu_.low_rank_factors(layer, h);
+      const int64_t tail = f.tokens - f.factored;
+      if (h == 0) up.inv_freq = upload(f.rope->inv_freq());
+      heads.push_back({up.basis(f.key_basis), up.basis(f.value_basis),
+                       up.floats(f.key_factor, static_cast<std::size_t>(f.key_basis.rank) * d),
+                       up.floats(f.value_factor, static_cast<std::size_t>(f.value_basis.rank) * d),
+                       up.halves(f.tail_k, tail * d), up.halves(f.tail_v, tail * d),
+                       up.ints(f.positions, f.tokens), f.tokens, f.factored,
+                       cuda::RopeParams{up.inv_freq.data(), f.rope->rotary_dim(),
+                                        f.rope->config().style, f.rope->attention_factor()}});
+    }
+    const auto got = device_attention(heads, s.q_heads, d, queries, q_positions, splits_);
+    for (int64_t t = 0; t < q.tokens(); ++t) {
+      for (int h = 0; h < s.q_heads; ++h) out.store(t, h, &got[(t * s.q_heads + h) * d]);
+    }
+  }
+
+ private:
+  /// Device copies that live as long as one attend().
+  struct Uploads {
+    std::vector<cuda::DeviceBuffer<uint8_t>> bytes;
+    std::vector<cuda::DeviceBuffer<Half>> halves_held;
+    std::vector<cuda::DeviceBuffer<float>> floats_held;
+    std::vector<cuda::DeviceBuffer<int32_t>> ints_held;
+    cuda::DeviceBuffer<double> inv_freq;
+
+    template <class T, class Held>
+    const T* keep(Held& held, const T* data, std::size_t n) {
+      held.push_back(upload(std::vector<T>(data, data + n)));
+      return held.back().data();
+    }
+    const Half* halves(const Half* p, int64_t n) {
+      return keep(halves_held, p, static_cast<std::size_t>(n));
+    }
+    const float* floats(const float* p, std::size_t n) { return keep(floats_held, p, n); }
+    const int32_t* ints(const int32_t* p, int64_t n) {
+      return keep(ints_held, p, static_cast<std::size_t>(n));
+    }
+    cuda::LowRankBasisView basis(const LowRankBasisData& b) {
+      const cuda::KiviFormat format =
+          b.bits == 0 ? cuda::KiviFormat{} : cuda::KiviFormat::of(b.bits, b.group);
+      const std::size_t blocks = b.bits == 0 ? 0 : static_cast<std::size_t>(b.quantized / b.group);
+      return {{keep(bytes, b.blocks, blocks * b.rank * format.block_bytes), nullptr, b.quantized,
+               format},
+              halves(b.rows, (b.tokens - b.quantized) * b.rank),
+              b.rank};
+    }
+  };
+
+  const CpuCache& cpu_;
+  int64_t splits_;
+};
 
 }  // namespace test
 }  // namespace kvpack

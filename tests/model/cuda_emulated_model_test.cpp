@@ -3,7 +3,7 @@
 // cache against the CPU cache through a prefill, an L2, KVzip, SnapKV or KVzap eviction, lazy-layer
 // trimming or KIVI quantization, and decode steps; the KIVI kernels on one layer's K/V and queries
 // (tests/cuda/kivi_checks.hpp); the low-rank factorisation on an xKV group's stacked keys and
-// values (tests/cuda/low_rank_checks.hpp).
+// values, and attention over an xKV cache's real factors (tests/cuda/low_rank_checks.hpp).
 #define KVPACK_CUDA_EMULATION 1
 
 #include <algorithm>
@@ -249,6 +249,67 @@ TEST_CASE("model: the CUDA KIVI kernels on real K/V match the CPU quantizer and 
       CHECK(kvpack::test::kivi_attention_error<4, 32>(c, splits) < 1e-5);
       CHECK(kvpack::test::kivi_attention_error<2, 32>(c, splits) < 1e-5);
     }
+  }
+}
+
+namespace {
+
+/// attention_kernel over a CPU low-rank cache's own factors of the reference model (prefill,
+/// compress), for the recorded queries of `layer` (the last 8 and an early one), against the
+/// CPU cache's attend(): normalised error.
+template <class Policy>
+double low_rank_kernel_error(const LlamaModel& model, const std::vector<int32_t>& ids,
+                             const Policy& policy, int layer) {
+  const kvpack::ModelShape shape = model.config().shape();
+  kvpack::KVCache<Policy> cache(shape, policy);
+  KvCacheAdapter<decltype(cache)> adapter(cache);
+  QueryRecorder recorder(adapter, layer);
+  const int64_t row = static_cast<int64_t>(shape.q_heads) * shape.head_dim;
+  recorder.set_row(row);
+  model.forward_all(recorder, ids, 0);
+  cache.compress();
+  REQUIRE(cache.low_rank_factors(layer, 0).factored > 0);
+  const int64_t n = static_cast<int64_t>(ids.size());
+  std::vector<float> q;
+  std::vector<int64_t> positions;
+  for (int64_t t : {int64_t{40}, n - 8, n - 7, n - 6, n - 5, n - 4, n - 3, n - 2, n - 1}) {
+    q.insert(q.end(), recorder.q().begin() + t * row, recorder.q().begin() + (t + 1) * row);
+    positions.push_back(recorder.positions()[t]);
+  }
+  const int64_t tokens = static_cast<int64_t>(positions.size());
+  const auto qv = kvpack::ActivationView::nhd(q.data(), tokens, shape.q_heads, shape.head_dim);
+  std::vector<float> cpu_out(q.size()), kernel_out(q.size());
+  cache.attend(layer, qv, positions,
+               kvpack::OutputView::nhd(cpu_out.data(), tokens, shape.q_heads, shape.head_dim));
+  kvpack::test::LowRankKernelAttention<decltype(cache)>(cache, 3).attend(
+      layer, qv, positions,
+      kvpack::OutputView::nhd(kernel_out.data(), tokens, shape.q_heads, shape.head_dim));
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < q.size(); ++i) {
+    num += (static_cast<double>(kernel_out[i]) - cpu_out[i]) *
+           (static_cast<double>(kernel_out[i]) - cpu_out[i]);
+    den += static_cast<double>(cpu_out[i]) * cpu_out[i];
+  }
+  return std::sqrt(num / den);
+}
+
+}  // namespace
+
+TEST_CASE("model: the CUDA low-rank attention kernel on real factors matches the CPU's attend",
+          "[model][real-model][cuda]") {
+  const LlamaModel* model = kvpack::test::reference_model();
+  if (!model || !kvpack::test::reference_tokenizer()) return;
+  const std::vector<int32_t> ids = prose_ids(160);
+  using kvpack::Quantize;
+  for (int layer : {3, 20}) {
+    INFO("layer " << layer);
+    // xKV at 4x over groups of 4 layers, fp16 and 4-bit bases (the demo's shapes, prefill only).
+    CHECK(low_rank_kernel_error(*model, ids, kvpack::CrossLayerSVD::with_ratio(4, 4.0), layer) <
+          1e-5);
+    CHECK(low_rank_kernel_error(*model, ids,
+                                kvpack::Compose<kvpack::CrossLayerSVD, Quantize>(
+                                    kvpack::CrossLayerSVD(4, 32, 48), Quantize(4, 32, 0)),
+                                layer) < 1e-5);
   }
 }
 

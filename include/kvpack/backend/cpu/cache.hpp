@@ -20,6 +20,7 @@
 #include "../../detail/validate.hpp"
 #include "../../error.hpp"
 #include "../../executor.hpp"
+#include "../../low_rank_factors.hpp"
 #include "../../page_pool.hpp"
 #include "../../policy/compose.hpp"
 #include "../../policy/head_level_evict.hpp"
@@ -325,6 +326,11 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
         s.page_tokens, shape_.head_dim,    s.bits,          s.group,         s.size(),
         s.quantized,   s.pages.ids.data(), s.tail_k.data(), s.tail_v.data(), s.positions.data()};
   }
+
+  /// Read-only view of the bases, factors and fp16 tail of one (layer, kv head) of a low-rank
+  /// cache (LowRankHeadFactors; docs/page_formats.md, "Low-rank factors"). Throws kvpack::error
+  /// for a bad layer or head.
+  LowRankHeadFactors low_rank_factors(int layer, int head) const;  // cache_attend_low_rank.hpp
 
   /// Tokens held by one (layer, kv-head).
   int64_t tokens(int layer, int head) const {

@@ -1,6 +1,7 @@
 /// \file backend/cpu/cache_attend_low_rank.hpp
-/// \brief Out-of-line member of KVCache<Policy, backend::Cpu>: one attend() work item over the
-/// low-rank heads of a layer (they share a token basis, converted and multiplied once).
+/// \brief Out-of-line members of KVCache<Policy, backend::Cpu> that read low-rank heads: one
+/// attend() work item over the heads of a layer (they share a token basis, converted and
+/// multiplied once), and the read-only view low_rank_factors().
 #pragma once
 
 #include <vector>
@@ -9,6 +10,14 @@
 #include "low_rank_attention.hpp"
 
 namespace kvpack {
+
+template <class Policy>
+LowRankHeadFactors KVCache<Policy, backend::Cpu>::low_rank_factors(int layer, int head) const {
+  static_assert(kLowRank,
+                "low_rank_factors(): low-rank caches only (CrossLayerSVD, ChannelShrink)");
+  this->check_head("KVCache::low_rank_factors", layer, head);
+  return detail::factors_view(store(layer, head), shape_.head_dim);
+}
 
 template <class Policy>
 template <class StateOf>

@@ -17,6 +17,7 @@
 #include "../../detail/vector_bytes.hpp"
 #include "../../error.hpp"
 #include "../../half.hpp"
+#include "../../low_rank_factors.hpp"
 #include "../../quant/quant_block.hpp"
 #include "../../rope.hpp"
 #include "quantize.hpp"
@@ -410,6 +411,35 @@ struct LowRankHeadStore {
     return total;
   }
 };
+
+/// The read-only view KVCache::low_rank_factors returns for `s` (see low_rank_factors.hpp).
+inline LowRankHeadFactors factors_view(const LowRankHeadStore& s, int head_dim) {
+  auto basis = [](const LowRankFactor& f) {
+    LowRankBasisData b;
+    if (f.basis == nullptr) return b;  // nothing factored yet
+    b.tokens = f.basis->tokens;
+    b.rank = f.basis->rank;
+    b.bits = f.basis->bits;
+    b.group = f.basis->group;
+    b.quantized = f.basis->quantized_rows();
+    b.blocks = f.basis->blocks.data();
+    b.rows = f.basis->rows.data();
+    return b;
+  };
+  LowRankHeadFactors out;
+  out.head_dim = head_dim;
+  out.tokens = s.size();
+  out.factored = s.factored;
+  out.key_basis = basis(s.key);
+  out.value_basis = basis(s.value);
+  out.key_factor = s.key.b.data();
+  out.value_factor = s.value.b.data();
+  out.tail_k = s.tail_k.data();
+  out.tail_v = s.tail_v.data();
+  out.positions = s.positions.data();
+  out.rope = s.rope.get();
+  return out;
+}
 
 }  // namespace detail
 }  // namespace kvpack

@@ -18,6 +18,10 @@
 #include <vector>
 
 #include "../../budget.hpp"
+// The CPU KIVI format before the CPU cache: its attend() calls cpu::attend_rows qualified, so the
+// folded (AVX2 / int8-query) overload must be declared before the cache's templates are, or this
+// translation unit instantiates the generic path under the same symbol as every other one.
+#include "../cpu/kivi_rows.hpp"
 // Eigen (pulled in by the CPU backend) declares defaulted members __host__ __device__, which
 // nvcc reports as warning 20012; the annotation is harmless, so it is silenced for these headers.
 #if defined(__CUDACC__)

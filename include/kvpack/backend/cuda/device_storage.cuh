@@ -148,13 +148,16 @@ inline constexpr bool supports_selection_v =
     is_head_level_policy<P>::value || is_query_scored_policy<P>::value ||
     is_hidden_scored_policy<P>::value || is_lazy_layer_policy<P>::value;
 
-/// Policies the CUDA cache implements: BasicIdentity, Quantize, a supported selection stage
-/// alone or followed by Quantize (Compose<A, Quantize>).
-template <class P>
-inline constexpr bool supports_policy_v =
-    is_keep_all_policy<P>::value ||
-    supports_selection_v<typename detail::PolicyStages<P>::selection> ||
-    std::is_same_v<typename detail::PolicyStages<P>::selection, Quantize>;
+/// A selection stage that keeps every row (BasicIdentity, or Quantize as its own selection):
+/// no scores, row storage. Said by the hooks, not by naming a policy.
+template <class S>
+inline constexpr bool keeps_every_row_v =
+    S::score_source == ScoreSource::kNone&& S::storage_format == StorageFormat::kRows;
+
+/// Policies the CUDA cache implements: a supported selection stage, or one that keeps every row,
+/// alone or followed by Quantize (BasicIdentity, Quantize, Compose<A, Quantize>).
+template <class P, class S = typename detail::PolicyStages<P>::selection>
+inline constexpr bool supports_policy_v = supports_selection_v<S> || keeps_every_row_v<S>;
 
 /// Bytes of one element of `dtype`.
 inline std::size_t dtype_bytes(DType dtype) { return dtype == DType::kF32 ? 4 : 2; }

@@ -140,55 +140,27 @@ inline void softmax_tile_row(float* sr, int64_t vis, int64_t tn, float& max, flo
   }
 }
 
-}  // namespace detail
-
-namespace cpu {
-
-/// Attends `rows` query rows q (row-major rows × d, already scaled by 1/sqrt(d)) over keys
-/// [begin, end) of `head`. Row r sees only keys with index < visible[r] (causal by position).
-/// Accumulates into `state` (online softmax), so splits can be merged afterwards.
-/// `Rows` provides load_keys / load_values (see DenseRows); dense fp16/fp32 rows take the decode
-/// kernels of cpu_isa() (AVX-512 when head_dim % 16 == 0, else AVX2 when head_dim % 8 == 0); they
-/// read the stored rows directly.
+/// The portable path of cpu::attend_rows, which every row format has: tiles of keys and values
+/// decoded to fp32 (load_keys / load_values), Eigen dot products, GEMMs from kGemmRows rows.
+/// Arguments as attend_rows; `end` already clamped to the rows' largest `visible`.
 template <class Rows>
-void attend_rows(const Rows& head, int d, const float* q, int rows, const int64_t* visible,
-                 int64_t begin, int64_t end, PartialState& state, std::vector<float>& scratch) {
+void attend_rows_tiled(const Rows& head, int d, const float* q, int rows, const int64_t* visible,
+                       int64_t begin, int64_t end, cpu::PartialState& state,
+                       std::vector<float>& scratch) {
   using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using Vec = Eigen::Map<Eigen::VectorXf>;
   using ConstVec = Eigen::Map<const Eigen::VectorXf>;
-  int64_t row_visible_max = 0;
-  for (int r = 0; r < rows; ++r) row_visible_max = std::max(row_visible_max, visible[r]);
-  end = std::min(end, row_visible_max);
-  if (begin >= end) return;
-
-#if defined(KVPACK_X86_DISPATCH)
-  if constexpr (is_dense_rows<Rows>::value) {
-    using T = typename is_dense_rows<Rows>::element_type;
-    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, Half>) {
-      const Isa isa = cpu_isa();
-      if (rows < kGemmRows && isa >= Isa::kAvx512 && d % 16 == 0) {
-        detail::avx512::attend_rows(head, d, q, rows, visible, begin, end, state, scratch);
-        return;
-      }
-      if (rows < kGemmRows && isa >= Isa::kAvx2 && d % 8 == 0) {
-        detail::avx2::attend_rows(head, d, q, rows, visible, begin, end, state, scratch);
-        return;
-      }
-    }
-  }
-#endif
-
-  scratch.resize(static_cast<std::size_t>(kAttentionTile) * (2 * d + rows));
+  scratch.resize(static_cast<std::size_t>(cpu::kAttentionTile) * (2 * d + rows));
   float* kt = scratch.data();
-  float* vt = kt + kAttentionTile * d;
-  float* s = vt + kAttentionTile * d;  // rows × tile scores
+  float* vt = kt + cpu::kAttentionTile * d;
+  float* s = vt + cpu::kAttentionTile * d;  // rows × tile scores
   Eigen::Map<const RowMat> qm(q, rows, d);
 
-  for (int64_t t0 = begin; t0 < end; t0 += kAttentionTile) {
-    const int64_t tn = std::min(kAttentionTile, end - t0);
+  for (int64_t t0 = begin; t0 < end; t0 += cpu::kAttentionTile) {
+    const int64_t tn = std::min(cpu::kAttentionTile, end - t0);
     head.load_keys(t0, tn, kt);
     Eigen::Map<RowMat> sm(s, rows, tn);
-    if (rows >= kGemmRows) {
+    if (rows >= cpu::kGemmRows) {
       sm.noalias() = qm * Eigen::Map<const RowMat>(kt, tn, d).transpose();
     } else {
       for (int64_t i = 0; i < tn; ++i) {
@@ -204,7 +176,7 @@ void attend_rows(const Rows& head, int d, const float* q, int rows, const int64_
     }
     head.load_values(t0, tn, vt);
     Eigen::Map<RowMat> acc(state.acc.data(), rows, d);
-    if (rows >= kGemmRows) {
+    if (rows >= cpu::kGemmRows) {
       acc.noalias() += sm * Eigen::Map<const RowMat>(vt, tn, d);
     } else {
       for (int64_t i = 0; i < tn; ++i) {
@@ -216,6 +188,58 @@ void attend_rows(const Rows& head, int d, const float* q, int rows, const int64_
       }
     }
   }
+}
+
+}  // namespace detail
+
+namespace cpu {
+
+/// \brief How attend_rows() attends one row format. The primary template: dense fp16/fp32 rows
+/// take the decode kernels of cpu_isa() (AVX-512 when head_dim % 16 == 0, else AVX2 when
+/// head_dim % 8 == 0), which read the stored rows directly; everything else the tiled path. A
+/// format with kernels of its own specialises it (KiviRows: quantized_attention.hpp).
+///
+/// A class template, not overloads of attend_rows: a qualified call binds the overloads declared
+/// before the caller's definition, so the order in which a translation unit included the headers
+/// chose the kernel, and two units compiled the same symbol differently (ODR: an int8-query KIVI
+/// attend lost its folded kernel). A specialisation is looked up where the call is instantiated,
+/// and one declared after that point is a compile error, never a silent fallback.
+template <class Rows>
+struct RowsAttention {
+  static void attend(const Rows& head, int d, const float* q, int rows, const int64_t* visible,
+                     int64_t begin, int64_t end, PartialState& state, std::vector<float>& scratch) {
+#if defined(KVPACK_X86_DISPATCH)
+    if constexpr (is_dense_rows<Rows>::value) {
+      using T = typename is_dense_rows<Rows>::element_type;
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, Half>) {
+        const Isa isa = cpu_isa();
+        if (rows < kGemmRows && isa >= Isa::kAvx512 && d % 16 == 0) {
+          detail::avx512::attend_rows(head, d, q, rows, visible, begin, end, state, scratch);
+          return;
+        }
+        if (rows < kGemmRows && isa >= Isa::kAvx2 && d % 8 == 0) {
+          detail::avx2::attend_rows(head, d, q, rows, visible, begin, end, state, scratch);
+          return;
+        }
+      }
+    }
+#endif
+    detail::attend_rows_tiled(head, d, q, rows, visible, begin, end, state, scratch);
+  }
+};
+
+/// Attends `rows` query rows q (row-major rows × d, already scaled by 1/sqrt(d)) over keys
+/// [begin, end) of `head`. Row r sees only keys with index < visible[r] (causal by position).
+/// Accumulates into `state` (online softmax), so splits can be merged afterwards.
+/// `Rows` provides load_keys / load_values (see DenseRows); RowsAttention<Rows> picks the kernel.
+template <class Rows>
+void attend_rows(const Rows& head, int d, const float* q, int rows, const int64_t* visible,
+                 int64_t begin, int64_t end, PartialState& state, std::vector<float>& scratch) {
+  int64_t row_visible_max = 0;
+  for (int r = 0; r < rows; ++r) row_visible_max = std::max(row_visible_max, visible[r]);
+  end = std::min(end, row_visible_max);
+  if (begin >= end) return;
+  RowsAttention<Rows>::attend(head, d, q, rows, visible, begin, end, state, scratch);
 }
 
 }  // namespace cpu

@@ -383,40 +383,38 @@ namespace cpu {
 /// The store's int8_query (Quantize::int8_query) applies to the folded path only (AVX2 or better,
 /// head_dim % 16 == 0, fewer than kGemmRows rows): the others score exactly.
 template <class Store>
-void attend_rows(const detail::KiviRows<Store>& head, int d, const float* q, int rows,
-                 const int64_t* visible, int64_t begin, int64_t end, PartialState& state,
-                 std::vector<float>& scratch) {
+struct RowsAttention<detail::KiviRows<Store>> {
+  static void attend(const detail::KiviRows<Store>& head, int d, const float* q, int rows,
+                     const int64_t* visible, int64_t begin, int64_t end, PartialState& state,
+                     std::vector<float>& scratch) {
 #if defined(KVPACK_X86_DISPATCH)
-  const Store& store = *head.store;
-  int64_t row_visible_max = 0;
-  for (int r = 0; r < rows; ++r) row_visible_max = std::max(row_visible_max, visible[r]);
-  end = std::min(end, row_visible_max);
-  // Value groups must not exceed the per-(row, group) min sums of the kernel (d / G ≤ 16).
-  if (cpu_isa() >= Isa::kAvx2 && rows < kGemmRows && d % 16 == 0 && d / store.group <= 16 &&
-      begin < end) {
-    const int64_t split = std::clamp(store.quantized, begin, end);
-    if (begin < split) {
-      dispatch_quant(store.bits, store.group, [&](auto b, auto g) {
-        detail::avx2_quantized_attend<decltype(b)::value, decltype(g)::value>(
-            store, d, q, rows, visible, begin, split, state, scratch);
-      });
+    const Store& store = *head.store;
+    // Value groups must not exceed the per-(row, group) min sums of the kernel (d / G ≤ 16).
+    if (cpu_isa() >= Isa::kAvx2 && rows < kGemmRows && d % 16 == 0 && d / store.group <= 16) {
+      const int64_t split = std::clamp(store.quantized, begin, end);
+      if (begin < split) {
+        dispatch_quant(store.bits, store.group, [&](auto b, auto g) {
+          detail::avx2_quantized_attend<decltype(b)::value, decltype(g)::value>(
+              store, d, q, rows, visible, begin, split, state, scratch);
+        });
+      }
+      if (split < end) {
+        // The fp16 tail as dense rows, indices shifted to start at the first tail token.
+        const int64_t first = store.quantized;
+        const DenseRows<Half> tail{store.tail_keys(), store.tail_values(),
+                                   head.positions != nullptr ? head.positions + first : nullptr,
+                                   head.size - first, d};
+        std::vector<int64_t> tail_visible(rows);
+        for (int r = 0; r < rows; ++r) tail_visible[r] = std::max<int64_t>(0, visible[r] - first);
+        attend_rows(tail, d, q, rows, tail_visible.data(), split - first, end - first, state,
+                    scratch);
+      }
+      return;
     }
-    if (split < end) {
-      // The fp16 tail as dense rows, indices shifted to start at the first tail token.
-      const int64_t first = store.quantized;
-      const DenseRows<Half> tail{store.tail_keys(), store.tail_values(),
-                                 head.positions != nullptr ? head.positions + first : nullptr,
-                                 head.size - first, d};
-      std::vector<int64_t> tail_visible(rows);
-      for (int r = 0; r < rows; ++r) tail_visible[r] = std::max<int64_t>(0, visible[r] - first);
-      attend_rows(tail, d, q, rows, tail_visible.data(), split - first, end - first, state,
-                  scratch);
-    }
-    return;
-  }
 #endif
-  attend_rows<detail::KiviRows<Store>>(head, d, q, rows, visible, begin, end, state, scratch);
-}
+    detail::attend_rows_tiled(head, d, q, rows, visible, begin, end, state, scratch);
+  }
+};
 
 }  // namespace cpu
 }  // namespace kvpack

@@ -69,6 +69,20 @@ struct KiviRows {
   }
 };
 
+}  // namespace detail
+
+namespace cpu {
+template <class Rows>
+struct RowsAttention;
+/// attend_rows() over KIVI rows: defined with its kernels in quantized_attention.hpp, declared
+/// here with the format so that a translation unit without those kernels cannot attend KIVI rows
+/// through the generic path (an incomplete type, a compile error) and differ from one with them.
+template <class Store>
+struct RowsAttention<detail::KiviRows<Store>>;
+}  // namespace cpu
+
+namespace detail {
+
 /// Tokens [0, quantized) live in blocks, tokens [quantized, size) in the fp16 tail.
 /// Blocks sit in pages of `page_tokens` tokens (see kivi_page_bytes): key blocks one per channel
 /// per group of `group` tokens, ordered [group][channel]; value blocks one per group of `group`

@@ -237,6 +237,24 @@ inline void require_same_attention_everywhere(const CpuCache& cpu, const CudaCac
   }
 }
 
+/// One-token bf16 decode appends at positions position_of([t0, t1)) on every layer.
+template <class... Caches>
+inline void decode_tokens(const ModelShape& s, int64_t t0, int64_t t1, bool keys_on_grid,
+                          Caches&... caches) {
+  for (int l = 0; l < s.layers; ++l) {
+    for (int64_t t = t0; t < t1; ++t) feed(s, l, t, 1, 2, keys_on_grid, caches...);
+  }
+}
+
+/// compress() on both caches, then the same state and the same attention everywhere.
+template <class CpuCache, class CudaCache>
+inline void compress_and_compare(CpuCache& cpu, CudaCache& gpu, uint32_t seed) {
+  cpu.compress();
+  gpu.compress();
+  require_same_state(cpu, gpu);
+  require_same_attention_everywhere(cpu, gpu, seed);
+}
+
 inline const std::vector<ModelShape> kShapes{
     {3, 4, 4, 64, {}},    // GQA group 1
     {3, 6, 2, 128, {}},   // group 3

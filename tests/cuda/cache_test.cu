@@ -108,18 +108,10 @@ TEST_CASE("CUDA L2NormEvict per head: kept sets, bytes and attention equal the C
       KVCache<L2NormEvict, backend::Cpu> cpu(s, policy);
       KVCache<L2NormEvict, backend::Cuda> gpu(s, policy);
       feed_sequence(s, 260, 6, true, cpu, gpu);
-      cpu.compress();
-      gpu.compress();
-      require_same_state(cpu, gpu);
-      require_same_attention_everywhere(cpu, gpu, seed++);
+      compress_and_compare(cpu, gpu, seed++);
       // Decoding goes on; a second compress holds the budget of the longer sequence.
-      for (int l = 0; l < s.layers; ++l) {
-        for (int64_t t = 266; t < 300; ++t) feed(s, l, t, 1, 2, true, cpu, gpu);
-      }
-      cpu.compress();
-      gpu.compress();
-      require_same_state(cpu, gpu);
-      require_same_attention_everywhere(cpu, gpu, seed++);
+      decode_tokens(s, 266, 300, true, cpu, gpu);
+      compress_and_compare(cpu, gpu, seed++);
     }
   }
 }
@@ -147,13 +139,8 @@ TEST_CASE("CUDA StreamingLLM: sinks + recent window, per head and global, equal 
       gpu.compress();
       require_same_state(cpu, gpu);
       // Decoding goes on: the window slides, the sinks stay.
-      for (int l = 0; l < s.layers; ++l) {
-        for (int64_t t = 204; t < 230; ++t) feed(s, l, t, 1, 2, true, cpu, gpu);
-      }
-      cpu.compress();
-      gpu.compress();
-      require_same_state(cpu, gpu);
-      require_same_attention_everywhere(cpu, gpu, seed++);
+      decode_tokens(s, 204, 230, true, cpu, gpu);
+      compress_and_compare(cpu, gpu, seed++);
     }
   }
 }
@@ -184,10 +171,7 @@ TEST_CASE("CUDA HeadLevelEvict: heads kept whole or to their protected tokens, a
       KVCache<kvpack::HeadLevelEvict, backend::Cpu> cpu(s, policy);
       KVCache<kvpack::HeadLevelEvict, backend::Cuda> gpu(s, policy);
       feed_sequence(s, 260, 6, false, cpu, gpu);
-      cpu.compress();
-      gpu.compress();
-      require_same_state(cpu, gpu);
-      require_same_attention_everywhere(cpu, gpu, seed++);
+      compress_and_compare(cpu, gpu, seed++);
       int whole = 0;  // heads that kept every token: some, not all
       for (int l = 0; l < s.layers; ++l) {
         for (int h = 0; h < s.kv_heads; ++h) whole += gpu.tokens(l, h) == 266;
@@ -195,13 +179,8 @@ TEST_CASE("CUDA HeadLevelEvict: heads kept whole or to their protected tokens, a
       REQUIRE(whole > 0);
       REQUIRE(whole < s.layers * s.kv_heads);
       // Decoding goes on; the next compress trims the new tokens of the heads not kept whole.
-      for (int l = 0; l < s.layers; ++l) {
-        for (int64_t t = 266; t < 300; ++t) feed(s, l, t, 1, 2, false, cpu, gpu);
-      }
-      cpu.compress();
-      gpu.compress();
-      require_same_state(cpu, gpu);
-      require_same_attention_everywhere(cpu, gpu, seed++);
+      decode_tokens(s, 266, 300, false, cpu, gpu);
+      compress_and_compare(cpu, gpu, seed++);
     }
   }
   // A token budget means nothing here: refused as on the CPU.
@@ -267,14 +246,9 @@ void check_query_scored(MakePolicy make_policy, uint32_t seed, bool weighted = f
           REQUIRE(scored == 175);
         }
       }
-      cpu.compress();
-      gpu.compress();
-      require_same_state(cpu, gpu);
-      require_same_attention_everywhere(cpu, gpu, seed++);
+      compress_and_compare(cpu, gpu, seed++);
       // Decode tokens no query has seen are kept outside the budget by the next compress.
-      for (int l = 0; l < s.layers; ++l) {
-        for (int64_t t = 200; t < 220; ++t) feed(s, l, t, 1, 2, false, cpu, gpu);
-      }
+      decode_tokens(s, 200, 220, false, cpu, gpu);
       cpu.compress();
       gpu.compress();
       require_same_state(cpu, gpu);
@@ -365,13 +339,8 @@ TEST_CASE("CUDA LazyLayerDrop: observed mass, lazy layers and their kept sets eq
     require_same_state(cpu, gpu);
     require_same_attention_everywhere(cpu, gpu, seed++);
     // The lazy layers keep a sliding window as decoding goes on.
-    for (int l = 0; l < s.layers; ++l) {
-      for (int64_t t = 300; t < 320; ++t) feed(s, l, t, 1, 2, false, cpu, gpu);
-    }
-    cpu.compress();
-    gpu.compress();
-    require_same_state(cpu, gpu);
-    require_same_attention_everywhere(cpu, gpu, seed++);
+    decode_tokens(s, 300, 320, false, cpu, gpu);
+    compress_and_compare(cpu, gpu, seed++);
     gpu.clear();
     REQUIRE(std::isnan(gpu.observed_mass(0)));
     REQUIRE_FALSE(gpu.is_lazy(0));
@@ -437,10 +406,7 @@ TEST_CASE("CUDA KVzap: hidden-state scores (the scorer's GEMM) and kept sets equ
           REQUIRE(scored == 180);
         }
       }
-      cpu.compress();
-      gpu.compress();
-      require_same_state(cpu, gpu);
-      require_same_attention_everywhere(cpu, gpu, seed++);
+      compress_and_compare(cpu, gpu, seed++);
       // Decode tokens are scored as they come and evicted like prompt tokens.
       for (int64_t t = 200; t < 220; ++t) {
         for (int l = 0; l < s.layers; ++l) feed(s, l, t, 1, 2, false, cpu, gpu);
@@ -495,10 +461,7 @@ TEST_CASE("CUDA L2NormEvict global budget: ragged kept sets equal the CPU's", "[
       feed(s, l, 0, 150 + 60 * l, 0, true, cpu, gpu);
       feed(s, l, 150 + 60 * l, 3, 2, true, cpu, gpu);
     }
-    cpu.compress();
-    gpu.compress();
-    require_same_state(cpu, gpu);
-    require_same_attention_everywhere(cpu, gpu, seed++);
+    compress_and_compare(cpu, gpu, seed++);
     // Without protection a head may lose everything: the CPU and CUDA caches agree on that too.
     KVCache<L2NormEvict, backend::Cpu> cpu0(
         s, L2NormEvict(Budget::tokens(3, BudgetScope::kGlobal).with_protection(0, 0), 0));
@@ -823,4 +786,71 @@ TEST_CASE("CUDA caller-owned context, truncate and clear", "[cuda]") {
   feed_sequence(s, 30, 1, false, cpu, moved);
   require_same_state(cpu, moved);
   require_same_attention_everywhere(cpu, moved, 78);
+}
+
+TEST_CASE("CUDA engine stream: attend on device views waits for nothing when checks are off",
+          "[cuda]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  cudaStream_t engine = nullptr;
+  REQUIRE(cudaStreamCreateWithFlags(&engine, cudaStreamNonBlocking) == cudaSuccess);
+  REQUIRE_THROWS_WITH(kvpack::cuda::CudaContext(0, nullptr), Contains("the default stream"));
+  {
+    kvpack::cuda::CudaContext ctx(0, engine);
+    REQUIRE(ctx.stream() == engine);
+    REQUIRE(ctx.device_value_checks());
+    const ModelShape s = kShapes[1];  // q 6, kv 2, d 128
+    const int64_t d = s.head_dim, tokens = 3;
+    KVCache<kvpack::Quantize, backend::Cpu> cpu(s, kvpack::Quantize(4, 32, 32));
+    KVCache<kvpack::Quantize, backend::Cuda> gpu(s, kvpack::Quantize(4, 32, 32), ctx);
+    feed_sequence(s, 150, 5, false, cpu, gpu);
+    cpu.compress();
+    gpu.compress();
+    const std::vector<int64_t> qpos{position_of(40), position_of(120), position_of(154)};
+    kvpack::cuda::DeviceBuffer<float> dq(tokens * s.q_heads * d, ctx.device());
+    kvpack::cuda::DeviceBuffer<float> dout(dq.size(), ctx.device());
+    const auto q_view = ActivationView::nhd(dq.data(), tokens, s.q_heads, d);
+    const auto out_view = OutputView::nhd(dout.data(), tokens, s.q_heads, d);
+    for (int checks = 1; checks >= 0; --checks) {
+      ctx.set_device_value_checks(checks == 1);
+      for (int l = 0; l < s.layers; ++l) {
+        INFO("device value checks " << checks << ", layer " << l);
+        const auto q = random_values(dq.size(), 300 + 10 * checks + l);
+        REQUIRE(cudaMemcpy(dq.data(), q.data(), dq.bytes(), cudaMemcpyHostToDevice) == cudaSuccess);
+        std::vector<float> expected(q.size()), got(q.size());
+        cpu.attend(l, ActivationView::nhd(q.data(), tokens, s.q_heads, d), qpos,
+                   OutputView::nhd(expected.data(), tokens, s.q_heads, d));
+#if defined(KVPACK_CUDA_EMULATION)
+        const long long before = kvpack::cuda::emulation::synchronizations();
+#endif
+        gpu.attend(l, q_view, qpos, out_view, MemorySpace::kDevice);
+#if defined(KVPACK_CUDA_EMULATION)
+        // The check of q is the only wait; without it the call returns with the work enqueued.
+        REQUIRE(kvpack::cuda::emulation::synchronizations() - before == checks);
+#endif
+        // The engine orders its own work after kvpack's on the same stream.
+        REQUIRE(cudaMemcpyAsync(got.data(), dout.data(), dout.bytes(), cudaMemcpyDeviceToHost,
+                                engine) == cudaSuccess);
+        REQUIRE(cudaStreamSynchronize(engine) == cudaSuccess);
+        REQUIRE(normalised_error(got, expected) < 1e-5);
+      }
+    }
+    // A NaN query: refused with the host check's message when checks are on; attended (NaN out)
+    // when the engine turned them off.
+    std::vector<float> bad(dq.size(), 0.5f);
+    bad[2 * s.q_heads * d + 7] = NAN;
+    REQUIRE(cudaMemcpy(dq.data(), bad.data(), dq.bytes(), cudaMemcpyHostToDevice) == cudaSuccess);
+    ctx.set_device_value_checks(true);
+    REQUIRE_THROWS_WITH(gpu.attend(0, q_view, qpos, out_view, MemorySpace::kDevice),
+                        Contains("q[token 2, head 0, channel 7]"));
+    ctx.set_device_value_checks(false);
+    gpu.attend(0, q_view, qpos, out_view, MemorySpace::kDevice);
+    std::vector<float> out(dout.size());
+    REQUIRE(cudaMemcpy(out.data(), dout.data(), dout.bytes(), cudaMemcpyDeviceToHost) ==
+            cudaSuccess);
+    REQUIRE(std::isnan(out[2 * s.q_heads * d]));  // the NaN row's output
+    REQUIRE(std::isfinite(out[0]));               // other rows untouched by it
+  }
+  // The context borrowed the stream: it is still the engine's to use and destroy.
+  REQUIRE(cudaStreamSynchronize(engine) == cudaSuccess);
+  REQUIRE(cudaStreamDestroy(engine) == cudaSuccess);
 }

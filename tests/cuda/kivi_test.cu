@@ -99,6 +99,7 @@ TEST_CASE("CUDA KIVI: a head_dim that is not whole groups is refused", "[cuda]")
 
 namespace {
 
+using cache_checks::decode_tokens;
 using cache_checks::error_of;
 using cache_checks::feed;
 using cache_checks::position_of;
@@ -183,9 +184,7 @@ TEST_CASE("CUDA Quantize cache: blocks, residual, bytes and attention equal the 
     cache_checks::require_same_state(cpu, gpu, kivi_held_bytes(gpu, quantized));
     cache_checks::require_same_attention_everywhere(cpu, gpu, seed++);
     // Decoding goes on: the groups that leave the window are quantized by the next compress.
-    for (int l = 0; l < s.layers; ++l) {
-      for (int64_t t = 266; t < 336; ++t) feed(s, l, t, 1, 2, false, cpu, gpu);
-    }
+    decode_tokens(s, 266, 336, false, cpu, gpu);
     cache_checks::require_same_attention_everywhere(cpu, gpu, seed++);
     compress_both(cpu, gpu, quantized);
     cache_checks::require_same_state(cpu, gpu, kivi_held_bytes(gpu, quantized));
@@ -222,11 +221,7 @@ void check_compose(const ModelShape& s, const A& selection, const Quantize& quan
     REQUIRE(cpu.kivi_pages(0, 0).quantized > 0);
     cache_checks::require_same_state(cpu, gpu, held());
     cache_checks::require_same_attention_everywhere(cpu, gpu, seed++);
-    for (int l = 0; l < s.layers; ++l) {
-      for (int64_t t = 260 + 70 * round; t < 330 + 70 * round; ++t) {
-        feed(s, l, t, 1, 2, false, cpu, gpu);
-      }
-    }
+    decode_tokens(s, 260 + 70 * round, 330 + 70 * round, false, cpu, gpu);
   }
 }
 

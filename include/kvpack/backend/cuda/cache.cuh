@@ -18,10 +18,6 @@
 #include <vector>
 
 #include "../../budget.hpp"
-// The CPU KIVI format before the CPU cache: its attend() calls cpu::attend_rows qualified, so the
-// folded (AVX2 / int8-query) overload must be declared before the cache's templates are, or this
-// translation unit instantiates the generic path under the same symbol as every other one.
-#include "../cpu/kivi_rows.hpp"
 // Eigen (pulled in by the CPU backend) declares defaulted members __host__ __device__, which
 // nvcc reports as warning 20012; the annotation is harmless, so it is silenced for these headers.
 #if defined(__CUDACC__)
@@ -258,6 +254,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
 
   /// Attention of q (tokens × q_heads × head_dim, post-RoPE) over what `layer` holds: causal by
   /// position, GQA, scaled by 1/sqrt(head_dim), softmax in fp32. q and out live in `space`.
+  /// kDevice: returns without waiting for the device (output ready in stream order), but for
+  /// the check of q when CudaContext::device_value_checks() is on (the default).
   void attend(int layer, const ActivationView& q, Positions positions, const OutputView& out,
               MemorySpace space = MemorySpace::kHost) const {
     constexpr const char* where = "KVCache::attend";
@@ -306,11 +304,11 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     return total;
   }
 
-  /// Device scratch currently allocated for append / attend / compress (reused across calls,
-  /// not part of bytes(); released by clear()), and KVzap's device copy of its scorer (the
-  /// policy's weights: the CPU cache does not count the policy object either).
+  /// Scratch currently allocated for append / attend / compress (device, and the page-locked
+  /// host staging; reused across calls, not part of bytes(); released by clear()), and KVzap's
+  /// device copy of its scorer (the policy's weights: the CPU cache does not count it either).
   std::size_t workspace_bytes() const {
-    return scratch_->device.bytes() + scratch_->invalid_index.bytes() +
+    return scratch_->device.bytes() + scratch_->invalid_index.bytes() + scratch_->host.bytes() +
            scratch_->scorer_weight.bytes() + scratch_->scorer_bias.bytes();
   }
 
@@ -333,6 +331,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     scratch_->scorer_weight.release();
     scratch_->scorer_bias.release();
     scratch_->scorer.reset();
+    scratch_->host.release();
     this->clear_front();
   }
 
@@ -349,7 +348,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     /// the device, and the scorer they were copied from (a new scorer is copied again).
     cuda::DeviceBuffer<float> scorer_weight, scorer_bias;
     std::shared_ptr<const HiddenScorer> scorer;
-    std::vector<unsigned char> host;
+    cuda::PinnedStaging host;
   };
 
   /// The CPU cache's head store for this policy: bytes() counts its bookkeeping at that size.
@@ -400,7 +399,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// Device workspace of at least `bytes` (grown geometrically; nothing may still be reading
   /// the old one: every public call ends with a stream synchronisation).
   unsigned char* workspace(std::size_t bytes) const;
-  /// Host staging area of `bytes`, zero-initialised.
+  /// Host staging area of `bytes`, zero-initialised (page-locked; waits for the last upload).
   unsigned char* staging(std::size_t bytes) const;
   /// One host-to-device copy of the staging area to the start of the workspace.
   void upload_staging(unsigned char* device_base, std::size_t bytes, const char* where) const;

@@ -95,10 +95,10 @@ void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const Activatio
         heads, kv_heads, params, out_device, out_token_stride, out_head_stride, stream);
   });
 
-  if (!host) {
-    context_->synchronize(where);
-    return;
-  }
+  // Device output: ready in stream order. Nothing here needs the device to finish: the
+  // workspace is next written by work later on the same stream, the staging area after its
+  // upload's event (PinnedStaging).
+  if (!host) return;
   std::vector<float> result(static_cast<std::size_t>(rows) * d);
   cuda::check_cuda(cudaMemcpyAsync(result.data(), out_device, result.size() * sizeof(float),
                                    cudaMemcpyDeviceToHost, stream),

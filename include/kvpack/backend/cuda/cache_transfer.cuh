@@ -1,7 +1,7 @@
 /// \file backend/cuda/cache_transfer.cuh
 /// \brief Out-of-line members of KVCache<Policy, backend::Cuda>: the per-call device workspace,
 /// the host staging area uploaded in one copy, and downloads (each call enqueues on the cache's
-/// stream; the public call synchronises once at its end).
+/// stream and waits for the device only where the host needs a result).
 #pragma once
 
 #include <algorithm>
@@ -36,17 +36,14 @@ unsigned char* KVCache<Policy, backend::Cuda>::workspace(std::size_t bytes) cons
 
 template <class Policy>
 unsigned char* KVCache<Policy, backend::Cuda>::staging(std::size_t bytes) const {
-  scratch_->host.assign(bytes, 0);
-  return scratch_->host.data();
+  return scratch_->host.acquire(bytes);
 }
 
 template <class Policy>
 void KVCache<Policy, backend::Cuda>::upload_staging(unsigned char* device_base, std::size_t bytes,
                                                     const char* where) const {
-  if (bytes == 0) return;
-  cuda::check_cuda(cudaMemcpyAsync(device_base, scratch_->host.data(), bytes,
-                                   cudaMemcpyHostToDevice, context_->stream()),
-                   detail::concat(where, ": upload").c_str());
+  scratch_->host.upload(device_base, bytes, context_->stream(),
+                        detail::concat(where, ": upload").c_str());
 }
 
 }  // namespace kvpack

@@ -13,8 +13,10 @@
 #include <cusolverDn.h>
 #endif
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 
 #include "../../error.hpp"
@@ -116,27 +118,43 @@ class DeviceGuard {
 /// \brief Caller-owned CUDA resources: a device, a stream on it, and cuBLAS / cuSOLVER handles
 /// bound to that stream (created on first use, so policies that need neither pay nothing).
 ///
-/// Everything kvpack enqueues for a cache runs on this stream. The context must outlive every
+/// Everything kvpack enqueues for a cache runs on this stream: kvpack's own (created here) or the
+/// engine's (borrowed). Calls wait for the device only where the host needs a result: a value
+/// check of device inputs (device_value_checks()), a host output, allocation decisions that
+/// depend on device results (compress). attend() from and to device memory with the checks off
+/// returns without waiting; its output is ready in stream order. The context must outlive every
 /// cache that uses it. Not copyable or movable: caches hold its address.
 class CudaContext {
  public:
   /// Creates a non-blocking stream on `device`; throws kvpack::error when the device does not
   /// exist or CUDA cannot start.
   explicit CudaContext(int device = 0) : device_(device) {
-    int count = 0;
-    check_cuda(cudaGetDeviceCount(&count), "CudaContext: cudaGetDeviceCount");
-    detail::require(device >= 0 && device < count, "CudaContext", "device", device,
-                    detail::concat("in [0, ", count, ") (the CUDA devices present)"));
+    start("CudaContext");
     DeviceGuard guard(device_);
     check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking),
                "CudaContext: cudaStreamCreateWithFlags");
-    const cudaError_t status =
-        cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_);
-    if (status != cudaSuccess) {
-      cudaStreamDestroy(stream_);
-      check_cuda(status, "CudaContext: cudaDeviceGetAttribute(MultiProcessorCount)");
-    }
+    owns_stream_ = true;
+    read_sm_count();
   }
+
+  /// Runs on the engine's `stream` of `device` (borrowed: never destroyed here; it must outlive
+  /// the context). The legacy default stream (nullptr) is refused: it synchronises with every
+  /// other blocking stream, which is what an engine's own stream avoids.
+  CudaContext(int device, cudaStream_t stream) : device_(device), stream_(stream) {
+    start("CudaContext");
+    detail::require(stream != nullptr, "CudaContext", "stream", "the default stream (nullptr)",
+                    "a stream the engine created on the device");
+    read_sm_count();
+  }
+
+  /// Whether device views passed in (append, attend, observe) are checked for non-finite or
+  /// out-of-range values, as host views always are. On (the default), a bad value gets the host
+  /// check's error and changes nothing; the check waits for the device once per call. Off, an
+  /// engine that vouches for its tensors runs without that wait, and nothing checks them: a
+  /// non-finite query gives a non-finite output; a non-finite key or value is stored and spoils
+  /// the attention over it (host views are checked either way).
+  bool device_value_checks() const { return device_value_checks_; }
+  void set_device_value_checks(bool on) { device_value_checks_ = on; }
 
   ~CudaContext() {
     int previous = 0;
@@ -146,7 +164,7 @@ class CudaContext {
     if (cusolver_ != nullptr) cusolverDnDestroy(cusolver_);
     if (cublas_ != nullptr) cublasDestroy(cublas_);
 #endif
-    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+    if (owns_stream_ && stream_ != nullptr) cudaStreamDestroy(stream_);
     if (restore) cudaSetDevice(previous);
   }
 
@@ -195,9 +213,27 @@ class CudaContext {
   }
 
  private:
+  void start(const char* where) {
+    int count = 0;
+    check_cuda(cudaGetDeviceCount(&count), detail::concat(where, ": cudaGetDeviceCount").c_str());
+    detail::require(device_ >= 0 && device_ < count, where, "device", device_,
+                    detail::concat("in [0, ", count, ") (the CUDA devices present)"));
+  }
+  void read_sm_count() {
+    DeviceGuard guard(device_);
+    const cudaError_t status =
+        cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_);
+    if (status != cudaSuccess) {
+      if (owns_stream_) cudaStreamDestroy(stream_);
+      check_cuda(status, "CudaContext: cudaDeviceGetAttribute(MultiProcessorCount)");
+    }
+  }
+
   int device_ = 0;
   int sm_count_ = 1;
   cudaStream_t stream_ = nullptr;
+  bool owns_stream_ = false;
+  bool device_value_checks_ = true;
 #if !defined(KVPACK_CUDA_EMULATION)
   cublasHandle_t cublas_ = nullptr;
   cusolverDnHandle_t cusolver_ = nullptr;
@@ -268,6 +304,70 @@ class DeviceBuffer {
   T* data_ = nullptr;
   std::size_t size_ = 0;
   int device_ = 0;
+};
+
+/// \brief Page-locked host memory for one packed upload per call (queries, positions, head
+/// tables), reused from call to call without waiting for the device.
+///
+/// upload() enqueues the copy and records an event behind it; the next acquire() waits for that
+/// event only - for the copy, never for the kernels after it - before the host writes the memory
+/// again. (A pageable buffer would leave it to the driver whether cudaMemcpyAsync waits.)
+class PinnedStaging {
+ public:
+  PinnedStaging() = default;
+  ~PinnedStaging() { release(); }
+  PinnedStaging(const PinnedStaging&) = delete;
+  PinnedStaging& operator=(const PinnedStaging&) = delete;
+
+  /// At least `bytes` of zero-filled host memory, once the previous upload has read it; throws
+  /// kvpack::error when page-locked memory or the event cannot be had.
+  unsigned char* acquire(std::size_t bytes) {
+    if (pending_) {
+      check_cuda(cudaEventSynchronize(uploaded_), "PinnedStaging: wait for the last upload");
+      pending_ = false;
+    }
+    if (capacity_ < bytes) {
+      void* grown = nullptr;
+      const std::size_t capacity = std::max(bytes, capacity_ * 2);
+      check_cuda(cudaMallocHost(&grown, capacity), "PinnedStaging: cudaMallocHost");
+      if (data_ != nullptr) cudaFreeHost(data_);
+      data_ = static_cast<unsigned char*>(grown);
+      capacity_ = capacity;
+    }
+    if (bytes > 0) std::memset(data_, 0, bytes);
+    return data_;
+  }
+
+  /// Enqueues the copy of the first `bytes` to `device` on `stream`.
+  void upload(void* device, std::size_t bytes, cudaStream_t stream, const char* what) {
+    if (bytes == 0) return;
+    if (uploaded_ == nullptr) {
+      check_cuda(cudaEventCreateWithFlags(&uploaded_, cudaEventDisableTiming), what);
+    }
+    check_cuda(cudaMemcpyAsync(device, data_, bytes, cudaMemcpyHostToDevice, stream), what);
+    check_cuda(cudaEventRecord(uploaded_, stream), what);
+    pending_ = true;
+  }
+
+  /// Page-locked bytes held.
+  std::size_t bytes() const { return capacity_; }
+
+  /// Frees the memory and the event (after the last upload has read it).
+  void release() noexcept {
+    if (pending_) cudaEventSynchronize(uploaded_);
+    if (uploaded_ != nullptr) cudaEventDestroy(uploaded_);
+    if (data_ != nullptr) cudaFreeHost(data_);
+    uploaded_ = nullptr;
+    data_ = nullptr;
+    capacity_ = 0;
+    pending_ = false;
+  }
+
+ private:
+  unsigned char* data_ = nullptr;
+  std::size_t capacity_ = 0;
+  cudaEvent_t uploaded_ = nullptr;
+  bool pending_ = false;
 };
 
 }  // namespace cuda

@@ -16,6 +16,7 @@
 #error "kvpack/backend/cuda/emulation/*.hpp are for host builds that define KVPACK_CUDA_EMULATION"
 #endif
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -69,6 +70,9 @@ struct cudaDeviceProp {
 struct CUstream_st {};
 using cudaStream_t = CUstream_st*;
 constexpr unsigned cudaStreamNonBlocking = 1;
+struct CUevent_st {};
+using cudaEvent_t = CUevent_st*;
+constexpr unsigned cudaEventDisableTiming = 2;
 
 struct dim3 {
   unsigned x, y, z;
@@ -123,6 +127,13 @@ inline cudaError_t& last_error() {
 inline cudaError_t fail(cudaError_t status) {
   last_error() = status;
   return status;
+}
+
+/// Host waits for the whole stream or device (cudaStreamSynchronize, cudaDeviceSynchronize) since
+/// the program started: tests count them to show that a call does not wait for the device.
+inline std::atomic<long long>& synchronizations() {
+  static std::atomic<long long> count{0};
+  return count;
 }
 
 /// Checks that [p, p + bytes) lies in device memory (kDevice) or outside it (kHost).
@@ -297,6 +308,38 @@ inline cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   delete stream;
   return cudaSuccess;
 }
-/// Work runs when it is enqueued, so there is nothing to wait for.
-inline cudaError_t cudaStreamSynchronize(cudaStream_t /*stream*/) { return cudaSuccess; }
-inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+/// Work runs when it is enqueued, so there is nothing to wait for; the wait is counted.
+inline cudaError_t cudaStreamSynchronize(cudaStream_t /*stream*/) {
+  ++kvpack::cuda::emulation::synchronizations();
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceSynchronize() {
+  ++kvpack::cuda::emulation::synchronizations();
+  return cudaSuccess;
+}
+
+/// Events mark a point of a stream; the work before it is done when it is recorded.
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned /*flags*/) {
+  *event = new CUevent_st;
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  delete event;
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t /*stream*/ = nullptr) {
+  return event != nullptr ? cudaSuccess : kvpack::cuda::emulation::fail(cudaErrorInvalidValue);
+}
+inline cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+  return event != nullptr ? cudaSuccess : kvpack::cuda::emulation::fail(cudaErrorInvalidValue);
+}
+
+/// Page-locked host memory is plain host memory here (outside the device's allocations).
+inline cudaError_t cudaMallocHost(void** ptr, std::size_t bytes) {
+  *ptr = ::operator new(bytes == 0 ? 1 : bytes, std::nothrow);
+  return *ptr != nullptr ? cudaSuccess : kvpack::cuda::emulation::fail(cudaErrorMemoryAllocation);
+}
+inline cudaError_t cudaFreeHost(void* ptr) {
+  ::operator delete(ptr);
+  return cudaSuccess;
+}

@@ -57,5 +57,21 @@ KVPACK_DEVICE void load_vector16(const T* src, float* dst) {
   for (int u = 0; u < kCount; ++u) dst[u] = to_float(values[u]);
 }
 
+/// Fills rows [0, n) of an attention tile pair (row stride `stride` floats) with held tokens
+/// t0 + r: element(t, c, k, v) sets channel c of token t's key and value. The block's `threads`
+/// threads stride over (row, channel), for head types whose tokens are decoded per element.
+template <int D, class Element>
+KVPACK_DEVICE void fill_tile(int64_t t0, int n, float* k_tile, float* v_tile, int stride, int tid,
+                             int threads, const Element& element) {
+  for (int idx = tid; idx < n * D; idx += threads) {
+    const int r = idx / D;
+    const int c = idx % D;
+    float k = 0.0f, v = 0.0f;
+    element(t0 + r, c, k, v);
+    k_tile[r * stride + c] = k;
+    v_tile[r * stride + c] = v;
+  }
+}
+
 }  // namespace cuda
 }  // namespace kvpack

@@ -150,22 +150,17 @@ struct KiviAttentionHead {
   template <int D>
   KVPACK_DEVICE void load_tile(int64_t t0, int n, float* k_tile, float* v_tile, int stride, int tid,
                                int threads) const {
-    for (int idx = tid; idx < n * D; idx += threads) {
-      const int r = idx / D;
-      const int c = idx % D;
-      const int64_t t = t0 + r;
-      float k = 0.0f, v = 0.0f;
-      if (t < quantized) {
-        const KiviBlocks blocks{k_blocks, v_blocks, quantized, format};
-        k = blocks.key(t, c, D);
-        v = blocks.value(t, c, D);
-      } else {
-        k = to_float(k_residual[(t - quantized) * D + c]);
-        v = to_float(v_residual[(t - quantized) * D + c]);
-      }
-      k_tile[r * stride + c] = k;
-      v_tile[r * stride + c] = v;
-    }
+    const KiviBlocks blocks{k_blocks, v_blocks, quantized, format};
+    fill_tile<D>(t0, n, k_tile, v_tile, stride, tid, threads,
+                 [&](int64_t t, int c, float& k, float& v) {
+                   if (t < quantized) {
+                     k = blocks.key(t, c, D);
+                     v = blocks.value(t, c, D);
+                   } else {
+                     k = to_float(k_residual[(t - quantized) * D + c]);
+                     v = to_float(v_residual[(t - quantized) * D + c]);
+                   }
+                 });
   }
 };
 

@@ -66,23 +66,20 @@ struct LowRankAttentionHead {
   template <int D>
   KVPACK_DEVICE void load_tile(int64_t t0, int n, float* k_tile, float* v_tile, int stride, int tid,
                                int threads) const {
-    for (int idx = tid; idx < n * D; idx += threads) {
-      const int r = idx / D;
-      const int c = idx % D;
-      const int64_t t = t0 + r;
-      float k = 0.0f, v = 0.0f;
-      if (t < factored) {
-        for (int j = 0; j < key_basis.rank; ++j) k += key_basis.at(t, j) * key_factor[j * D + c];
-        for (int j = 0; j < value_basis.rank; ++j) {
-          v += value_basis.at(t, j) * value_factor[j * D + c];
-        }
-      } else {
-        k = to_float(tail_k[(t - factored) * D + c]);
-        v = to_float(tail_v[(t - factored) * D + c]);
-      }
-      k_tile[r * stride + c] = k;
-      v_tile[r * stride + c] = v;
-    }
+    fill_tile<D>(t0, n, k_tile, v_tile, stride, tid, threads,
+                 [&](int64_t t, int c, float& k, float& v) {
+                   if (t < factored) {
+                     for (int j = 0; j < key_basis.rank; ++j) {
+                       k += key_basis.at(t, j) * key_factor[j * D + c];
+                     }
+                     for (int j = 0; j < value_basis.rank; ++j) {
+                       v += value_basis.at(t, j) * value_factor[j * D + c];
+                     }
+                   } else {
+                     k = to_float(tail_k[(t - factored) * D + c]);
+                     v = to_float(tail_v[(t - factored) * D + c]);
+                   }
+                 });
     if (t0 >= factored) return;  // uniform over the block: no rebuilt key in this tile
     exec::sync_block();          // a pair's two channels were written by different threads
     const int half = rope.rotary_dim / 2;

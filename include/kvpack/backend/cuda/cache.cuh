@@ -396,8 +396,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     return heads_[static_cast<std::size_t>(layer) * shape_.kv_heads + head];
   }
 
-  /// Device workspace of at least `bytes` (grown geometrically; nothing may still be reading
-  /// the old one: every public call ends with a stream synchronisation).
+  /// Device workspace of at least `bytes` (grown geometrically, after a stream synchronisation:
+  /// a device-output attend may still be reading the old one).
   unsigned char* workspace(std::size_t bytes) const;
   /// Host staging area of `bytes`, zero-initialised (page-locked; waits for the last upload).
   unsigned char* staging(std::size_t bytes) const;

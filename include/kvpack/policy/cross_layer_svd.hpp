@@ -104,7 +104,9 @@ struct CrossLayerSVD : LowRankPolicy {
   }
 
   /// Low-rank hook: X ≈ U Σ Vᵀ; A = U is shared by the group, Bt = V Σ (a head's factor B is
-  /// Σ V[its columns]ᵀ).
+  /// Σ V[its columns]ᵀ). A template only so that a unit that never compresses with this policy
+  /// does not instantiate the SVD (~19 s of every translation unit's compile otherwise).
+  template <int = 0>
   void factor(const LowRankJob& job, const RowMajorMatrixXf& x, RowMajorMatrixXf& a,
               Eigen::MatrixXf& bt) const {
     SvdOptions options;

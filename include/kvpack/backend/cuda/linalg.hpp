@@ -87,8 +87,10 @@ inline void gemm(CudaContext& context, bool transpose_a, bool transpose_b, int m
 /// its values matter, not which triangle): eigenvalues ascending into w[n] (device), and row j
 /// of `a` overwritten with the unit eigenvector of w[j] (sign unspecified). Works on a copy, so
 /// a failure (no convergence, a non-finite eigenvalue from NaN or infinite input) leaves `a` and
-/// `w` as they were. Synchronises the stream (the status and eigenvalues are read back).
-inline void symmetric_eigen(CudaContext& context, int n, float* a, int lda, float* w) {
+/// `w` as they were. Synchronises the stream (the status and eigenvalues are read back). A
+/// template only so that the emulated build's Eigen solver is instantiated where it is called.
+template <int = 0>
+void symmetric_eigen(CudaContext& context, int n, float* a, int lda, float* w) {
   constexpr const char* where = "cuda::symmetric_eigen";
   detail::require(n > 0, where, "n", n, "> 0");
   detail::require(lda >= n, where, "lda", lda, detail::concat(">= ", n, " (n)"));

@@ -30,8 +30,10 @@ namespace cuda {
 ///                       singular values).
 /// \param singular       [rank] host output: the singular values, descending.
 /// Throws kvpack::error (nothing written) when rank is not in [1, min(rows, cols)] or the
-/// eigen-decomposition fails (non-finite X). Synchronises the context's stream.
-inline void gram_factorize(CudaContext& context, const float* x, int rows, int cols, int rank,
+/// eigen-decomposition fails (non-finite X). Synchronises the context's stream. A template for
+/// the reason symmetric_eigen is one.
+template <int = 0>
+void gram_factorize(CudaContext& context, const float* x, int rows, int cols, int rank,
                            float* basis, float* token_factors, std::vector<float>& singular) {
   constexpr const char* where = "cuda::gram_factorize";
   detail::require(rows > 0 && cols > 0, where, "rows, cols", detail::concat(rows, ", ", cols),

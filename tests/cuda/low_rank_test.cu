@@ -302,3 +302,191 @@ TEST_CASE("CUDA low rank: the attention kernel on a CPU low-rank cache's factors
                               440);
   }
 }
+
+namespace {
+
+using LayerRows = std::vector<std::vector<float>>;  // [layer · kv_heads + head][tokens · d]
+
+/// Keys (un-rotated to pre-RoPE on the host, in double) or values of every head of `cache`.
+template <class Cache>
+LayerRows held_rows(const Cache& cache, bool keys) {
+  const kvpack::ModelShape& s = cache.shape();
+  const kvpack::Rope rope(s.rope, s.head_dim);
+  LayerRows rows;
+  for (int l = 0; l < s.layers; ++l) {
+    const kvpack::DenseLayer held = cache.materialize(l);
+    for (const kvpack::DenseHead& head : held.heads) {
+      std::vector<float> x = keys ? head.k : head.v;
+      for (std::size_t t = 0; keys && t < head.positions.size(); ++t) {
+        rope.unrotate(x.data() + t * s.head_dim, head.positions[t]);
+      }
+      rows.push_back(std::move(x));
+    }
+  }
+  return rows;
+}
+
+/// The low-rank state of the CUDA cache equals the CPU cache's: tokens, positions and bytes()
+/// exactly, rebuilt rows and attention within `tolerance` (normalised).
+template <class Policy>
+void require_same_low_rank(const kvpack::KVCache<Policy, kvpack::backend::Cpu>& cpu,
+                           const kvpack::KVCache<Policy, kvpack::backend::Cuda>& gpu,
+                           double tolerance, uint32_t seed) {
+  const kvpack::ModelShape& s = cpu.shape();
+  REQUIRE(gpu.bytes() == cpu.bytes());
+  for (int l = 0; l < s.layers; ++l) {
+    const auto a = gpu.materialize(l), b = cpu.materialize(l);
+    for (int h = 0; h < s.kv_heads; ++h) {
+      INFO("layer " << l << " head " << h);
+      REQUIRE(gpu.tokens(l, h) == cpu.tokens(l, h));
+      REQUIRE(a.heads[h].positions == b.heads[h].positions);
+      CHECK(cache_checks::normalised_error(a.heads[h].k, b.heads[h].k) < tolerance);
+      CHECK(cache_checks::normalised_error(a.heads[h].v, b.heads[h].v) < tolerance);
+    }
+  }
+  cache_checks::require_same_attention_everywhere(cpu, gpu, seed, tolerance);
+}
+
+const kvpack::ModelShape kNeox{4, 6, 2, 64, {kvpack::RopeStyle::kHalfSplit, 10000.0}};
+
+kvpack::ModelShape llama_shape() {
+  kvpack::ModelShape llama{2, 8, 2, 128, {kvpack::RopeStyle::kInterleaved, 500000.0}};
+  llama.rope.scaling = kvpack::RopeScaling::kLlama3;
+  llama.rope.factor = 8.0;
+  llama.rope.original_context = 256;
+  return llama;
+}
+
+}  // namespace
+
+TEST_CASE("CUDA low-rank cache: CSKV equals the CPU cache through compress, decode, truncate",
+          "[cuda][low_rank]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  for (const kvpack::ModelShape& s : {kNeox, llama_shape()}) {
+    INFO("head_dim " << s.head_dim);
+    const kvpack::ChannelShrink policy(random_projections(s, 24, 40, 500), 32);
+    kvpack::KVCache<kvpack::ChannelShrink, kvpack::backend::Cpu> cpu(s, policy);
+    kvpack::KVCache<kvpack::ChannelShrink, kvpack::backend::Cuda> gpu(s, policy);
+    cache_checks::feed_sequence(s, 200, 0, false, cpu, gpu);
+    require_same_low_rank(cpu, gpu, 1e-5, 510);  // nothing factored yet
+    cpu.compress();
+    gpu.compress();
+    REQUIRE(gpu.bytes() < gpu.dense_bytes());
+    // The bases are fp16 roundings of fp32 products summed in another order: an element may
+    // round one ulp apart (~5e-4 of it), rarely.
+    require_same_low_rank(cpu, gpu, 1e-4, 520);
+    cache_checks::decode_tokens(s, 200, 240, false, cpu, gpu);  // into the exact tail
+    require_same_low_rank(cpu, gpu, 1e-4, 530);
+    cpu.compress();  // refactors the rebuilt rows and the tail older than the residual
+    gpu.compress();
+    require_same_low_rank(cpu, gpu, 1e-4, 540);
+    const int64_t cut = cache_checks::position_of(150);  // inside the factored tokens
+    cpu.truncate(cut);
+    gpu.truncate(cut);
+    require_same_low_rank(cpu, gpu, 1e-4, 550);
+    cache_checks::decode_tokens(s, 151, 170, false, cpu, gpu);
+    cpu.compress();
+    gpu.compress();
+    require_same_low_rank(cpu, gpu, 1e-4, 560);
+  }
+}
+
+TEST_CASE(
+    "CUDA low-rank cache: xKV at full rank equals the CPU cache, then truncates at the "
+    "Eckart-Young optimum",
+    "[cuda][low_rank]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  for (const kvpack::ModelShape& s : {kNeox, llama_shape()}) {
+    INFO("head_dim " << s.head_dim);
+    const kvpack::CrossLayerSVD policy(2, 200, 200);  // 200 tokens: the full rank
+    kvpack::KVCache<kvpack::CrossLayerSVD, kvpack::backend::Cpu> cpu(s, policy);
+    kvpack::KVCache<kvpack::CrossLayerSVD, kvpack::backend::Cuda> gpu(s, policy);
+    cache_checks::feed_sequence(s, 200, 0, false, cpu, gpu);
+    cpu.compress();
+    gpu.compress();
+    // Different factorisations of the same rows (SVD, Gram eigenvectors), each basis rounded
+    // to fp16 on its own: ~3e-4 of a row apart.
+    require_same_low_rank(cpu, gpu, 2e-3, 600);
+
+    // 240 tokens at rank 200: a real truncation. Its error over every stacked (layer, head)
+    // of a group must reach the optimum of the rows it factored (the state before compress).
+    cache_checks::decode_tokens(s, 200, 240, false, cpu, gpu);
+    const LayerRows keys = held_rows(gpu, true), values = held_rows(gpu, false);
+    cpu.compress();
+    gpu.compress();
+    REQUIRE(gpu.bytes() == cpu.bytes());
+    const LayerRows keys_after = held_rows(gpu, true), values_after = held_rows(gpu, false);
+    const int d = s.head_dim, heads = s.kv_heads, tokens = 240;
+    for (int l0 = 0; l0 < s.layers; l0 += 2) {
+      for (bool k : {true, false}) {
+        INFO("layers " << l0 << ".." << l0 + 1 << (k ? " keys" : " values"));
+        const LayerRows& before = k ? keys : values;
+        const LayerRows& after = k ? keys_after : values_after;
+        Eigen::MatrixXd x(tokens, 2 * heads * d);
+        double error = 0;
+        for (int j = 0; j < 2 * heads; ++j) {
+          const std::size_t head = static_cast<std::size_t>(l0) * heads + j;
+          for (int t = 0; t < tokens; ++t) {
+            for (int c = 0; c < d; ++c) {
+              const double b = before[head][t * d + c], a = after[head][t * d + c];
+              x(t, j * d + c) = b;
+              error += (a - b) * (a - b);
+            }
+          }
+        }
+        const Eigen::VectorXd sigma = Eigen::BDCSVD<Eigen::MatrixXd>(x).singularValues();
+        const double optimum = std::sqrt(sigma.tail(sigma.size() - 200).squaredNorm());
+        CHECK(std::sqrt(error) <= 1.01 * optimum);
+        CHECK(std::sqrt(error) >= 0.99 * optimum);
+      }
+    }
+    for (int l = 0; l < s.layers; ++l) {  // attention over the truncated factors
+      const std::vector<int64_t> qpos{cache_checks::position_of(239)};
+      const auto q = cache_checks::random_values(static_cast<std::size_t>(s.q_heads) * d, 610 + l);
+      std::vector<float> out(q.size());
+      gpu.attend(l, kvpack::ActivationView::nhd(q.data(), 1, s.q_heads, d), qpos,
+                 kvpack::OutputView::nhd(out.data(), 1, s.q_heads, d));
+      CHECK(kvpack_test::attention_error(gpu, l, q, qpos, out) < 1e-4);
+    }
+  }
+}
+
+TEST_CASE("CUDA low-rank cache: refused compress() changes nothing, with the CPU's messages",
+          "[cuda][low_rank]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  const kvpack::ModelShape& s = kNeox;
+  {  // xKV stacks layers 0 and 1, which hold different positions
+    const kvpack::CrossLayerSVD policy(2, 8, 8);
+    kvpack::KVCache<kvpack::CrossLayerSVD, kvpack::backend::Cpu> cpu(s, policy);
+    kvpack::KVCache<kvpack::CrossLayerSVD, kvpack::backend::Cuda> gpu(s, policy);
+    cache_checks::feed_sequence(s, 60, 0, false, cpu, gpu);
+    for (int l = 0; l < s.layers; ++l) {
+      const int64_t p = l == 1 ? 500 : cache_checks::position_of(60);
+      const auto x = cache_checks::random_values(static_cast<std::size_t>(s.kv_heads) * 64, 7);
+      const auto view = kvpack::ActivationView::nhd(x.data(), 1, s.kv_heads, 64);
+      const std::vector<int64_t> position{p};
+      cpu.append(l, view, view, position);
+      gpu.append(l, view, view, position);
+    }
+    const std::size_t bytes = gpu.bytes();
+    const std::string message = cache_checks::error_of([&] { cpu.compress(); });
+    CHECK(message.find("to hold the same tokens") != std::string::npos);
+    CHECK(cache_checks::error_of([&] { gpu.compress(); }) == message);
+    CHECK(gpu.bytes() == bytes);
+    require_same_low_rank(cpu, gpu, 1e-5, 700);
+  }
+  {  // CSKV latents beyond fp32: a projection of 1e38s overflows X · P
+    auto huge = std::make_shared<kvpack::ChannelProjections>(*random_projections(s, 8, 8, 710));
+    for (auto& p : huge->pk) std::fill(p.begin(), p.end(), 1e38f);
+    const kvpack::ChannelShrink policy(huge, 16);
+    kvpack::KVCache<kvpack::ChannelShrink, kvpack::backend::Cpu> cpu(s, policy);
+    kvpack::KVCache<kvpack::ChannelShrink, kvpack::backend::Cuda> gpu(s, policy);
+    cache_checks::feed_sequence(s, 60, 0, false, cpu, gpu);
+    const std::size_t bytes = gpu.bytes();
+    const std::string message = cache_checks::error_of([&] { cpu.compress(); });
+    CHECK(message.find("is not finite") != std::string::npos);
+    CHECK(cache_checks::error_of([&] { gpu.compress(); }) == message);
+    CHECK(gpu.bytes() == bytes);
+    require_same_low_rank(cpu, gpu, 1e-5, 720);
+  }
+}

@@ -159,10 +159,16 @@ struct ChannelShrink : LowRankPolicy {
   /// P[its channels]ᵀ).
   void factor(const LowRankJob& job, const RowMajorMatrixXf& x, RowMajorMatrixXf& a,
               Eigen::MatrixXf& bt) const {
-    const Eigen::Map<const RowMajorMatrixXf> p(
-        (job.keys ? projections->pk : projections->pv)[job.l0].data(), x.cols(), job.rank);
+    const Eigen::Map<const RowMajorMatrixXf> p(projection(job), x.cols(), job.rank);
     a = x * p;
     bt = p;
+  }
+
+  /// factor() is X times a calibrated projection (for backends that factor on their device).
+  static constexpr LowRankFactorization factorization = LowRankFactorization::kProjection;
+  /// P of a job's layer and side: channels × rank, row-major (kv_heads · head_dim channels).
+  const float* projection(const LowRankJob& job) const {
+    return (job.keys ? projections->pk : projections->pv)[job.l0].data();
   }
 
   void validate(const ModelShape& shape) const {

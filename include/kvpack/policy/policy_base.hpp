@@ -140,6 +140,12 @@ struct LowRankJob {
   int64_t tokens = 0;
 };
 
+/// What a low-rank policy's factor() computes (see LowRankPolicy).
+enum class LowRankFactorization {
+  kTruncatedSvd,  ///< the rank-r truncated SVD of X (xKV)
+  kProjection     ///< X times a fixed projection the policy holds (CSKV)
+};
+
 /// What a low-rank policy's plan sees of one layer: tokens held (every head of a layer holds the
 /// same ones under a low-rank policy) and how many of them an earlier compress() factored.
 struct LowRankLayer {
@@ -158,8 +164,15 @@ struct LowRankLayer {
 ///  - `void factor(const LowRankJob&, const RowMatrixXf& x, RowMatrixXf& a, Eigen::MatrixXf& bt)
 ///     const`: X [tokens, cols] ≈ A [tokens, rank] · Btᵀ with Bt [cols, rank]; A becomes the
 ///     token basis shared by the job's heads, rows [c, c + head_dim) of Bt one head's factor.
+///
+/// Backends that factor on their own device (the CUDA cache) read what factor() computes from
+/// the trait `factorization`: kTruncatedSvd (the default; A·Btᵀ is X's rank-r truncated SVD,
+/// however Σ is split between A and Bt) or kProjection, where the policy also provides
+/// `const float* projection(const LowRankJob&) const`: Bt [cols][rank] row-major (host), and
+/// A = X·Bt.
 struct LowRankPolicy : PolicyBase {
   static constexpr StorageFormat storage_format = StorageFormat::kLowRankFactors;
+  static constexpr LowRankFactorization factorization = LowRankFactorization::kTruncatedSvd;
 };
 
 namespace detail {

@@ -202,6 +202,19 @@ struct LowRankBasis {
 /// 2^15 keeps both in range with room for their directed rounding.
 inline constexpr float kBasisLimit = 32768.0f;
 
+/// The power of two a basis column whose largest magnitude is `peak` is divided by to fit
+/// kBasisLimit (1 when it fits; see fit_basis_range). Throws kvpack::error, naming `where` and
+/// the column, when `peak` is not finite. Every backend stores its bases by this rule.
+inline float basis_column_scale(float peak, int column, const char* where) {
+  if (!std::isfinite(peak)) {
+    throw error(concat(where, ": low-rank basis column ", column,
+                       " is not finite (inputs too large for fp32 products), expected finite "
+                       "latents; scale the activations down"));
+  }
+  if (peak <= kBasisLimit) return 1.0f;
+  return std::ldexp(1.0f, std::ilogb(peak / kBasisLimit) + 1);  // peak / scale <= limit
+}
+
 /// Range policy of a token basis (n × r, row-major fp32): scales each column whose largest
 /// magnitude exceeds kBasisLimit by a power of two 2^-e so that it fits, and returns 2^e per
 /// column (1 for the others); the caller multiplies the matching factor rows by it, which keeps
@@ -213,16 +226,8 @@ inline Eigen::VectorXf fit_basis_range(float* a, int64_t n, int r, const char* w
   Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> m(a, n, r);
   Eigen::VectorXf scale = Eigen::VectorXf::Ones(r);
   for (int j = 0; j < r; ++j) {
-    const float peak = n == 0 ? 0.0f : m.col(j).cwiseAbs().maxCoeff();
-    if (!std::isfinite(peak)) {
-      throw error(concat(where, ": low-rank basis column ", j,
-                         " is not finite (inputs too large for fp32 products), expected finite "
-                         "latents; scale the activations down"));
-    }
-    if (peak <= kBasisLimit) continue;
-    const float s = std::ldexp(1.0f, std::ilogb(peak / kBasisLimit) + 1);  // peak / s <= limit
-    m.col(j) /= s;
-    scale[j] = s;
+    scale[j] = basis_column_scale(n == 0 ? 0.0f : m.col(j).cwiseAbs().maxCoeff(), j, where);
+    if (scale[j] != 1.0f) m.col(j) /= scale[j];
   }
   return scale;
 }

@@ -45,6 +45,7 @@
 #include "../../shape.hpp"
 #include "../../span.hpp"
 #include "../../view.hpp"
+#include "../cpu/low_rank_head_store.hpp"
 #include "../cpu/quantized_head_store.hpp"
 #include "context.hpp"
 #include "device_storage.cuh"
@@ -54,6 +55,7 @@
 #include "kernels/compact.cuh"
 #include "kernels/hidden_scores.cuh"
 #include "kernels/kivi.cuh"
+#include "kernels/low_rank_attention.cuh"
 #include "kernels/observe.cuh"
 #include "kernels/score.cuh"
 #include "kernels/select.cuh"
@@ -66,7 +68,8 @@ namespace kvpack {
 /// \tparam Policy BasicIdentity<Half|float>, Quantize (KIVI blocks + fp16 residual), an
 /// eviction policy scored from K/V or by position (L2NormEvict, StreamingLLM), by observed
 /// queries (ReconstructionEvict, SnapKV), by hidden states (KVzap), HeadLevelEvict, or lazy
-/// layers (LazyLayerDrop); any of these followed by KIVI (Compose<A, Quantize>).
+/// layers (LazyLayerDrop); any of these followed by KIVI (Compose<A, Quantize>); or a low-rank
+/// policy (CrossLayerSVD, ChannelShrink) with fp16 bases.
 ///
 /// The cache runs on a caller-owned cuda::CudaContext (device + stream), or on one it creates
 /// on the current device. Move-only. Calls on one cache are serialised (a mutex guards the
@@ -79,8 +82,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
       "and as a selection stage alone or in Compose<A, Quantize> HeadLevelEvict, "
       "ReconstructionEvict, SnapKV, KVzap, LazyLayerDrop and eviction policies scored per token "
       "from K/V (L2NormEvict: an EvictionPolicy with a KVPACK_HOST_DEVICE static token_score) or "
-      "by position (StreamingLLM: position_score); use backend::Cpu for the low-rank policies "
-      "(CrossLayerSVD, ChannelShrink)");
+      "by position (StreamingLLM: position_score), and the low-rank policies (CrossLayerSVD, "
+      "ChannelShrink) alone; use backend::Cpu for a low-rank policy with quantized bases");
 
  public:
   using backend_type = backend::Cuda;
@@ -104,6 +107,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   static constexpr bool kEvicts = is_eviction_policy_v<Selection> || kLazyLayers;
   /// Kept rows age into KIVI blocks (Quantize, Compose<A, Quantize>).
   static constexpr bool kQuantized = Stages::quantized;
+  /// compress() factors the rows into token bases and per-head factors (xKV, CSKV).
+  static constexpr bool kLowRank = cuda::is_low_rank_policy<Policy>::value;
 
   /// The selection stage's knobs (the policy itself, or Compose's first stage).
   const Selection& selection() const { return Stages::select_knobs(policy_); }
@@ -224,11 +229,12 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// Quantize turns the whole groups that left the residual window into KIVI blocks).
   void compress() {
     this->check_compress();
-    if constexpr (kEvicts || kQuantized) {
+    if constexpr (kEvicts || kQuantized || kLowRank) {
       cuda::DeviceGuard guard(context_->device());
       std::lock_guard<std::mutex> lock(scratch_->mutex);
       if constexpr (kEvicts) evict();
       if constexpr (kQuantized) quantize();
+      if constexpr (kLowRank) factorize();
     }
   }
 
@@ -278,39 +284,20 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   DenseLayer materialize(int layer) const;
 
   /// Every byte held, counted as the CPU cache counts it: K/V rows, KIVI blocks (exactly: the
-  /// CUDA cache has no pages yet, so no page rounding) and one position per held token, plus
-  /// the per-head and per-layer bookkeeping (at the CPU's sizes).
-  std::size_t bytes() const {
-    std::size_t total = heads_.size() * sizeof(HostStore) +
-                        layers_.size() * sizeof(detail::LayerState) +
-                        observations_.size() * sizeof(detail::LayerObservation);
-    const std::size_t row = 2 * static_cast<std::size_t>(shape_.head_dim) * sizeof(storage_type);
-    for (const auto& head : heads_) {
-      total += static_cast<std::size_t>(head.rows()) * row +
-               static_cast<std::size_t>(head.size) * (sizeof(int32_t) + score_bytes()) +
-               kivi_key_block_bytes(head.quantized) + kivi_value_block_bytes(head.quantized);
-    }
-    return total;
-  }
+  /// CUDA cache has no pages yet, so no page rounding), low-rank factors and token bases (each
+  /// basis once) and one position per held token, plus the per-head and per-layer bookkeeping
+  /// (at the CPU's sizes).
+  std::size_t bytes() const;
 
   /// Device memory the storage occupies including growth slack (>= bytes() minus bookkeeping;
   /// equal to the held rows after compress() evicted from a head).
-  std::size_t reserved_bytes() const {
-    std::size_t total = 0;
-    for (const auto& head : heads_) {
-      total += head.k.bytes() + head.v.bytes() + head.positions.bytes() + head.k_blocks.bytes() +
-               head.v_blocks.bytes() + head.scores.bytes();
-    }
-    return total;
-  }
+  std::size_t reserved_bytes() const;
 
   /// Scratch currently allocated for append / attend / compress (device, and the page-locked
-  /// host staging; reused across calls, not part of bytes(); released by clear()), and KVzap's
-  /// device copy of its scorer (the policy's weights: the CPU cache does not count it either).
-  std::size_t workspace_bytes() const {
-    return scratch_->device.bytes() + scratch_->invalid_index.bytes() + scratch_->host.bytes() +
-           scratch_->scorer_weight.bytes() + scratch_->scorer_bias.bytes();
-  }
+  /// host staging; reused across calls, not part of bytes(); released by clear()), KVzap's
+  /// device copy of its scorer (the policy's weights: the CPU cache does not count it either)
+  /// and the low-rank policies' RoPE frequencies.
+  std::size_t workspace_bytes() const;
 
   /// Tokens held by one (layer, kv-head).
   int64_t tokens(int layer, int head) const {
@@ -320,20 +307,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
 
   /// Drops every token and frees the device memory (storage and workspace); shape and policy
   /// stay.
-  void clear() {
-    cuda::DeviceGuard guard(context_->device());
-    std::lock_guard<std::mutex> lock(scratch_->mutex);
-    context_->synchronize("KVCache::clear");
-    for (auto& head : heads_) head = cuda::DeviceHead<storage_type>{};
-    for (auto& o : observations_) o = detail::LayerObservation{};
-    scratch_->device.release();
-    scratch_->invalid_index.release();
-    scratch_->scorer_weight.release();
-    scratch_->scorer_bias.release();
-    scratch_->scorer.reset();
-    scratch_->host.release();
-    this->clear_front();
-  }
+  void clear();
 
  private:
   using DeviceHead = cuda::DeviceHead<storage_type>;
@@ -352,8 +326,9 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   };
 
   /// The CPU cache's head store for this policy: bytes() counts its bookkeeping at that size.
-  using HostStore =
-      std::conditional_t<kQuantized, detail::QuantizedHeadStore, detail::HeadStore<storage_type>>;
+  using HostStore = std::conditional_t<
+      kQuantized, detail::QuantizedHeadStore,
+      std::conditional_t<kLowRank, detail::LowRankHeadStore, detail::HeadStore<storage_type>>>;
 
   /// Quantize's block format (bits 4, group 32 for policies that do not quantize: unused).
   cuda::KiviFormat kivi_format() const;
@@ -387,6 +362,15 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     heads_.resize(static_cast<std::size_t>(shape_.layers) * shape_.kv_heads);
     if constexpr (kLazyLayers) observations_.resize(shape_.layers);
     scratch_ = std::make_unique<Scratch>();
+    if constexpr (kLowRank) {
+      const Rope rope(shape_.rope, shape_.head_dim);
+      rope_inv_freq_ = cuda::DeviceBuffer<double>(rope.inv_freq().size(), context_->device());
+      cuda::check_cuda(cudaMemcpy(rope_inv_freq_.data(), rope.inv_freq().data(),
+                                  rope_inv_freq_.bytes(), cudaMemcpyHostToDevice),
+                       "KVCache (CUDA): upload of the RoPE frequencies");
+      rope_ = {rope_inv_freq_.data(), rope.rotary_dim(), shape_.rope.style,
+               rope.attention_factor()};
+    }
   }
 
   DeviceHead& store(int layer, int head) {
@@ -438,12 +422,22 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   template <class P = Policy>
   void observe_hidden_unchecked(int layer, const ActivationView& x, Positions positions,
                                 MemorySpace space);
+  /// materialize() of a low-rank layer (cache_materialize.cuh).
+  DenseLayer materialize_low_rank(int layer) const;
+  /// Low-rank policies: runs the policy's jobs on the device (cache_factorize.cuh).
+  template <class P = Policy>
+  void factorize();
+  /// The attention / row-kernel view of (layer, head) under a low-rank policy; `rope` is how
+  /// factored keys come out (rope_: post-RoPE; rotary_dim 0: pre-RoPE, as the basis holds them).
+  cuda::LowRankAttentionHead low_rank_head(int layer, int head, const cuda::RopeParams& rope) const;
 
   std::unique_ptr<cuda::CudaContext> owned_context_;  // set when the cache made its own context
   cuda::CudaContext* context_ = nullptr;
   std::vector<DeviceHead> heads_;                       // layer-major: [layer][kv_head]
   std::vector<detail::LayerObservation> observations_;  // [layer], LazyLayerDrop only
   std::unique_ptr<Scratch> scratch_;
+  cuda::DeviceBuffer<double> rope_inv_freq_;  // low-rank policies: RoPE's inv_freq on the device
+  cuda::RopeParams rope_{};                   // ... and the rotation of rebuilt keys
 };
 
 }  // namespace kvpack

@@ -46,7 +46,9 @@ void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const Activatio
   cuda::QueryUpload queries(q, q_heads, d, host);
   cuda::WorkspaceLayout layout;
   queries.add_upload(layout);
-  using Head = std::conditional_t<kQuantized, cuda::KiviAttentionHead, cuda::AttentionHead<T>>;
+  using Head = std::conditional_t<
+      kQuantized, cuda::KiviAttentionHead,
+      std::conditional_t<kLowRank, cuda::LowRankAttentionHead, cuda::AttentionHead<T>>>;
   const std::size_t at_heads = layout.add<Head>(kv_heads);
   const std::size_t upload_bytes = layout.bytes();
   queries.add_device(layout);
@@ -61,7 +63,9 @@ void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const Activatio
   auto* head_table = reinterpret_cast<Head*>(stage + at_heads);
   for (int h = 0; h < kv_heads; ++h) {
     const DeviceHead& head = store(layer, h);
-    if constexpr (kQuantized) {
+    if constexpr (kLowRank) {
+      head_table[h] = low_rank_head(layer, h, rope_);
+    } else if constexpr (kQuantized) {
       head_table[h] = {head.k_blocks.data(), head.v_blocks.data(),  head.k.data(),
                        head.v.data(),        head.positions.data(), head.size,
                        head.quantized,       kivi_format()};

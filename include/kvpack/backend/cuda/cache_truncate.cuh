@@ -53,6 +53,15 @@ void KVCache<Policy, backend::Cuda>::truncate(int64_t last_position) {
       DeviceHead& head = store(l, h);
       head.size -= drop[l];
       head.quantized = std::min(head.quantized, head.size);  // whole groups (checked above)
+      // Into the factored part: the bases and factors stay as they are (shared, immutable;
+      // counted until the next compress() refactors), as on the CPU.
+      head.factored = std::min(head.factored, head.size);
+      if (head.factored == 0) {
+        head.key_basis.reset();
+        head.value_basis.reset();
+        head.key_factor = {};
+        head.value_factor = {};
+      }
       if (head.size == 0) head.first_position = -1;
     }
   }

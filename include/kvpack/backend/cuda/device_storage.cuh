@@ -43,21 +43,37 @@ namespace kvpack {
 
 namespace cuda {
 
+/// A token basis A [tokens][rank] on the device (fp16 rows), shared by the heads of a layer
+/// (ChannelShrink) or of a group of layers (CrossLayerSVD), as detail::LowRankBasis on the CPU.
+struct DeviceLowRankBasis {
+  DeviceBuffer<Half> rows;  ///< [tokens][rank]
+  int64_t tokens = 0;
+  int rank = 0;
+};
+
 /// Device storage of one (layer, kv-head). Tokens [0, quantized) are KIVI blocks (Quantize
-/// only; kernels/kivi.cuh layout), tokens [quantized, size) rows of T; positions cover all.
+/// only; kernels/kivi.cuh layout), tokens [0, factored) rows of the token bases times the
+/// head's factors (low-rank policies only), the rest rows of T; positions cover all.
 template <class T>
 struct DeviceHead {
-  DeviceBuffer<T> k, v;             ///< [row capacity][head_dim]: token quantized + r in row r
+  DeviceBuffer<T> k, v;             ///< [row capacity][head_dim]: token first_row() + r in row r
   DeviceBuffer<int32_t> positions;  ///< [capacity], ascending over [0, size)
   DeviceBuffer<uint8_t> k_blocks;   ///< KIVI key blocks [quantized / G][head_dim] (+ capacity)
   DeviceBuffer<uint8_t> v_blocks;   ///< KIVI value blocks [quantized][head_dim / G] (+ capacity)
   DeviceBuffer<float> scores;       ///< query-scored policies: [capacity], as positions
+  /// Low-rank policies: the token bases (keys pre-RoPE) and this head's factors B_k, B_v
+  /// [rank][head_dim] of tokens [0, factored).
+  std::shared_ptr<const DeviceLowRankBasis> key_basis, value_basis;
+  DeviceBuffer<float> key_factor, value_factor;
   int64_t size = 0;
   int64_t quantized = 0;        ///< tokens held as blocks (a multiple of the KIVI group)
+  int64_t factored = 0;         ///< tokens held as factors (low-rank policies)
   int64_t first_position = -1;  ///< positions[0] when size > 0 (kept on the host for checks)
 
   int64_t capacity() const { return static_cast<int64_t>(positions.size()); }
-  int64_t rows() const { return size - quantized; }
+  /// Tokens before the first row of k / v.
+  int64_t first_row() const { return quantized + factored; }
+  int64_t rows() const { return size - first_row(); }
   int64_t row_capacity(int head_dim) const { return static_cast<int64_t>(k.size()) / head_dim; }
 };
 
@@ -137,6 +153,16 @@ struct is_lazy_layer_policy<P, std::void_t<typename P::storage_type>>
 template <class P>
 struct is_kivi_policy : std::bool_constant<detail::PolicyStages<P>::quantized> {};
 
+/// Low-rank policies (CrossLayerSVD, ChannelShrink) with fp16 bases: compress() factors on the
+/// device by the policy's `factorization` trait (kTruncatedSvd: Gram matrix and eigenvectors,
+/// cuBLAS and cuSOLVER; kProjection: one GEMM with the policy's projection).
+template <class P, class = void>
+struct is_low_rank_policy : std::false_type {};
+template <class P>
+struct is_low_rank_policy<P, std::void_t<typename P::storage_type>>
+    : std::bool_constant<P::storage_format == StorageFormat::kLowRankFactors &&
+                         !detail::PolicyStages<P>::quantized> {};
+
 /// Selection stages the CUDA cache implements: eviction scored per token from K/V (L2NormEvict)
 /// or by position (StreamingLLM) - the scoring hook must be a KVPACK_HOST_DEVICE function - by
 /// the probabilities of observed queries (ReconstructionEvict, KVzip and KVzip+; SnapKV), by a
@@ -157,7 +183,8 @@ inline constexpr bool keeps_every_row_v =
 /// Policies the CUDA cache implements: a supported selection stage, or one that keeps every row,
 /// alone or followed by Quantize (BasicIdentity, Quantize, Compose<A, Quantize>).
 template <class P, class S = typename detail::PolicyStages<P>::selection>
-inline constexpr bool supports_policy_v = supports_selection_v<S> || keeps_every_row_v<S>;
+inline constexpr bool supports_policy_v =
+    supports_selection_v<S> || keeps_every_row_v<S> || is_low_rank_policy<P>::value;
 
 /// Bytes of one element of `dtype`.
 inline std::size_t dtype_bytes(DType dtype) { return dtype == DType::kF32 ? 4 : 2; }

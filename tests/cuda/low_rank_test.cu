@@ -4,6 +4,7 @@
 // partial rotary, YaRN's attention factor) against double-precision attention.
 #include <catch2/catch.hpp>
 #include <cstdint>
+#include <kvpack/backend/cuda.hpp>  // first: it includes Eigen under nvcc's warning 20012 suppression
 #include <kvpack/backend/cuda/kernels/low_rank_attention.cuh>
 #include <kvpack/kvpack.hpp>
 #include <memory>
@@ -488,5 +489,66 @@ TEST_CASE("CUDA low-rank cache: refused compress() changes nothing, with the CPU
     CHECK(cache_checks::error_of([&] { gpu.compress(); }) == message);
     CHECK(gpu.bytes() == bytes);
     require_same_low_rank(cpu, gpu, 1e-5, 720);
+  }
+}
+
+TEST_CASE("CUDA low-rank cache: KIVI bases (Compose with Quantize) equal the CPU cache's",
+          "[cuda][low_rank]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  using kvpack::Quantize;
+  for (const kvpack::ModelShape& s : {kNeox, llama_shape()}) {
+    INFO("head_dim " << s.head_dim);
+    // CSKV: the same projection on both, so the same latents up to fp32 summation order, and
+    // blocks from them as the CPU's LowRankBasis quantizes (a code may round the other way).
+    for (const Quantize& q : {Quantize(2, 16, 0), Quantize(4, 32, 0)}) {
+      INFO(q.bits << "-bit bases, groups of " << q.group);
+      using P = kvpack::Compose<kvpack::ChannelShrink, Quantize>;
+      const P policy(kvpack::ChannelShrink(random_projections(s, 24, 40, 800), 32), q);
+      kvpack::KVCache<P, kvpack::backend::Cpu> cpu(s, policy);
+      kvpack::KVCache<P, kvpack::backend::Cuda> gpu(s, policy);
+      cache_checks::feed_sequence(s, 200, 0, false, cpu, gpu);
+      cpu.compress();
+      gpu.compress();
+      require_same_low_rank(cpu, gpu, 1e-3, 810);
+      cache_checks::decode_tokens(s, 200, 240, false, cpu, gpu);
+      cpu.compress();
+      gpu.compress();
+      require_same_low_rank(cpu, gpu, 1e-3, 820);
+    }
+    // xKV + 4-bit at rank 24: each backend its own basis, quantized; the same bytes, and the
+    // stacked rows as far from what was factored as the CPU's are.
+    using P = kvpack::Compose<kvpack::CrossLayerSVD, Quantize>;
+    const P policy(kvpack::CrossLayerSVD(2, 24, 24), Quantize(4, 32, 0));
+    kvpack::KVCache<P, kvpack::backend::Cpu> cpu(s, policy);
+    kvpack::KVCache<P, kvpack::backend::Cuda> gpu(s, policy);
+    cache_checks::feed_sequence(s, 200, 0, false, cpu, gpu);
+    const LayerRows keys = held_rows(gpu, true), values = held_rows(gpu, false);
+    cpu.compress();
+    gpu.compress();
+    REQUIRE(gpu.bytes() == cpu.bytes());
+    auto error_of_rows = [&](const LayerRows& a, const LayerRows& b) {
+      double e = 0;
+      for (std::size_t i = 0; i < a.size(); ++i) {
+        for (std::size_t j = 0; j < a[i].size(); ++j)
+          e += (a[i][j] - b[i][j]) * (a[i][j] - b[i][j]);
+      }
+      return std::sqrt(e);
+    };
+    for (bool k : {true, false}) {
+      const double e_gpu = error_of_rows(held_rows(gpu, k), k ? keys : values);
+      const double e_cpu = error_of_rows(held_rows(cpu, k), k ? keys : values);
+      INFO((k ? "keys" : "values") << ": error " << e_gpu << " (CPU " << e_cpu << ")");
+      CHECK(e_gpu <= 1.02 * e_cpu);
+      CHECK(e_gpu >= 0.98 * e_cpu);
+    }
+    for (int l = 0; l < s.layers; ++l) {  // attention over the quantized bases
+      const std::vector<int64_t> qpos{cache_checks::position_of(199)};
+      const auto q =
+          cache_checks::random_values(static_cast<std::size_t>(s.q_heads) * s.head_dim, 830 + l);
+      std::vector<float> out(q.size());
+      gpu.attend(l, kvpack::ActivationView::nhd(q.data(), 1, s.q_heads, s.head_dim), qpos,
+                 kvpack::OutputView::nhd(out.data(), 1, s.q_heads, s.head_dim));
+      CHECK(kvpack_test::attention_error(gpu, l, q, qpos, out) < 1e-4);
+    }
   }
 }

@@ -69,7 +69,7 @@ namespace kvpack {
 /// eviction policy scored from K/V or by position (L2NormEvict, StreamingLLM), by observed
 /// queries (ReconstructionEvict, SnapKV), by hidden states (KVzap), HeadLevelEvict, or lazy
 /// layers (LazyLayerDrop); any of these followed by KIVI (Compose<A, Quantize>); or a low-rank
-/// policy (CrossLayerSVD, ChannelShrink) with fp16 bases.
+/// policy (CrossLayerSVD, ChannelShrink), alone or with KIVI bases (Compose<A, Quantize>).
 ///
 /// The cache runs on a caller-owned cuda::CudaContext (device + stream), or on one it creates
 /// on the current device. Move-only. Calls on one cache are serialised (a mutex guards the
@@ -83,7 +83,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
       "ReconstructionEvict, SnapKV, KVzap, LazyLayerDrop and eviction policies scored per token "
       "from K/V (L2NormEvict: an EvictionPolicy with a KVPACK_HOST_DEVICE static token_score) or "
       "by position (StreamingLLM: position_score), and the low-rank policies (CrossLayerSVD, "
-      "ChannelShrink) alone; use backend::Cpu for a low-rank policy with quantized bases");
+      "ChannelShrink)");
 
  public:
   using backend_type = backend::Cuda;
@@ -105,10 +105,11 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   static constexpr bool kLazyLayers = cuda::is_lazy_layer_policy<Selection>::value;
   /// compress() selects tokens and compacts (eviction policies and lazy layers).
   static constexpr bool kEvicts = is_eviction_policy_v<Selection> || kLazyLayers;
-  /// Kept rows age into KIVI blocks (Quantize, Compose<A, Quantize>).
-  static constexpr bool kQuantized = Stages::quantized;
-  /// compress() factors the rows into token bases and per-head factors (xKV, CSKV).
+  /// compress() factors the rows into token bases and per-head factors (xKV, CSKV; KIVI bases
+  /// under Compose<…, Quantize>).
   static constexpr bool kLowRank = cuda::is_low_rank_policy<Policy>::value;
+  /// Kept rows age into KIVI blocks (Quantize, Compose<A, Quantize> of a row selection A).
+  static constexpr bool kQuantized = Stages::quantized && !kLowRank;
 
   /// The selection stage's knobs (the policy itself, or Compose's first stage).
   const Selection& selection() const { return Stages::select_knobs(policy_); }

@@ -22,8 +22,9 @@ cuda::LowRankAttentionHead KVCache<Policy, backend::Cuda>::low_rank_head(
     int layer, int head, const cuda::RopeParams& rope) const {
   const DeviceHead& s = store(layer, head);
   auto basis = [](const std::shared_ptr<const cuda::DeviceLowRankBasis>& b) {
-    cuda::LowRankBasisView view;  // no KIVI blocks: every basis row is fp16
+    cuda::LowRankBasisView view;
     if (b != nullptr) {
+      view.blocks = {b->blocks.data(), nullptr, b->quantized, b->format};
       view.rows = b->rows.data();
       view.rank = b->rank;
     }
@@ -46,7 +47,13 @@ void KVCache<Policy, backend::Cuda>::factorize() {
   const cudaStream_t stream = context_->stream();
   std::vector<LowRankLayer> held(shape_.layers);
   for (int l = 0; l < shape_.layers; ++l) held[l] = {store(l, 0).size, store(l, 0).factored};
-  const std::vector<LowRankJob> plans = selection().plan(shape_, held, 2.0, where);
+  // Compose<…, Quantize>: KIVI bases, and ranks derived from a target ratio pay for basis values
+  // at the quantized cost (as on the CPU).
+  const Quantize* quant = Stages::quant_knobs(policy_);
+  const cuda::KiviFormat format =
+      quant ? cuda::KiviFormat::of(quant->bits, quant->group) : cuda::KiviFormat{};
+  const std::vector<LowRankJob> plans =
+      selection().plan(shape_, held, quant ? quant->bytes_per_value() : 2.0, where);
 
   // The layers a job stacks must hold the same tokens (the heads of a layer do: they are
   // appended together and never evicted from). Checked on downloaded positions, as the CPU
@@ -123,11 +130,22 @@ void KVCache<Policy, backend::Cuda>::factorize() {
     cuda::check_cuda(cudaMemcpyAsync(scale.data(), host_scale.data(), scale.bytes(),
                                      cudaMemcpyHostToDevice, stream),
                      "KVCache::compress: upload of the basis scales");
+    // The basis: whole groups of rows in KIVI blocks per column (Compose<…, Quantize>), quantized
+    // from the scaled fp32 values as the CPU's LowRankBasis::assign does, the rest fp16.
     Job job{plan, std::make_shared<cuda::DeviceLowRankBasis>(), {}};
-    job.basis->rows = cuda::DeviceBuffer<Half>(un * ur, device);
-    job.basis->tokens = tokens;
-    job.basis->rank = rank;
-    cuda::launch_store_basis(a.data(), tokens, rank, scale.data(), job.basis->rows.data(), stream);
+    cuda::DeviceLowRankBasis& basis = *job.basis;
+    basis.tokens = tokens;
+    basis.rank = rank;
+    basis.format = format;
+    basis.quantized = quant ? tokens / format.group * format.group : 0;
+    const std::size_t uq = static_cast<std::size_t>(basis.quantized);
+    basis.blocks = cuda::DeviceBuffer<uint8_t>(uq / format.group * ur * format.block_bytes, device);
+    basis.rows = cuda::DeviceBuffer<Half>((un - uq) * ur, device);
+    cuda::launch_scale_columns(a.data(), tokens, rank, scale.data(), stream);
+    cuda::launch_quantize_keys(format, a.data(), basis.quantized / format.group, rank,
+                               basis.blocks.data(), stream);
+    cuda::launch_store_basis(a.data() + uq * ur, (tokens - basis.quantized) * rank,
+                             basis.rows.data(), stream);
     for (int64_t c0 = 0; c0 < cols; c0 += d) {
       job.factors.emplace_back(ur * d, device);
       cuda::launch_store_factor(right.data(), row_stride, col_stride, c0, rank, d, scale.data(),

@@ -27,7 +27,7 @@ std::size_t KVCache<Policy, backend::Cuda>::bytes() const {
     for (const cuda::DeviceLowRankBasis* basis : {head.key_basis.get(), head.value_basis.get()}) {
       if (basis == nullptr || std::find(bases.begin(), bases.end(), basis) != bases.end()) continue;
       bases.push_back(basis);
-      total += basis->rows.bytes() + sizeof(detail::LowRankBasis);
+      total += basis->blocks.bytes() + basis->rows.bytes() + sizeof(detail::LowRankBasis);
     }
   }
   return total;
@@ -44,7 +44,7 @@ std::size_t KVCache<Policy, backend::Cuda>::reserved_bytes() const {
     for (const cuda::DeviceLowRankBasis* basis : {head.key_basis.get(), head.value_basis.get()}) {
       if (basis == nullptr || std::find(bases.begin(), bases.end(), basis) != bases.end()) continue;
       bases.push_back(basis);
-      total += basis->rows.bytes();
+      total += basis->blocks.bytes() + basis->rows.bytes();
     }
   }
   return total;

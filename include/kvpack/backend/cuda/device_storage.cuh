@@ -43,12 +43,17 @@ namespace kvpack {
 
 namespace cuda {
 
-/// A token basis A [tokens][rank] on the device (fp16 rows), shared by the heads of a layer
-/// (ChannelShrink) or of a group of layers (CrossLayerSVD), as detail::LowRankBasis on the CPU.
+/// A token basis A [tokens][rank] on the device, shared by the heads of a layer (ChannelShrink)
+/// or of a group of layers (CrossLayerSVD), as detail::LowRankBasis on the CPU: rows
+/// [0, quantized) in KIVI blocks per column (Compose<…, Quantize>: kernels/kivi.cuh's key
+/// layout with head_dim = rank), the rest fp16 rows.
 struct DeviceLowRankBasis {
-  DeviceBuffer<Half> rows;  ///< [tokens][rank]
+  DeviceBuffer<uint8_t> blocks;  ///< [quantized / G][rank] blocks of format.block_bytes
+  DeviceBuffer<Half> rows;       ///< [tokens − quantized][rank]
   int64_t tokens = 0;
+  int64_t quantized = 0;
   int rank = 0;
+  KiviFormat format{};
 };
 
 /// Device storage of one (layer, kv-head). Tokens [0, quantized) are KIVI blocks (Quantize
@@ -148,20 +153,16 @@ struct is_lazy_layer_policy<P, std::void_t<typename P::storage_type>>
           std::is_base_of_v<PolicyBase, P> && P::score_source == ScoreSource::kLayerMass &&
           P::storage_format == StorageFormat::kRows && !detail::PolicyStages<P>::quantized> {};
 
-/// KIVI storage (Quantize, alone or as the second stage of Compose<A, Quantize>): rows age out
-/// of the fp16 residual into blocks.
-template <class P>
-struct is_kivi_policy : std::bool_constant<detail::PolicyStages<P>::quantized> {};
-
-/// Low-rank policies (CrossLayerSVD, ChannelShrink) with fp16 bases: compress() factors on the
-/// device by the policy's `factorization` trait (kTruncatedSvd: Gram matrix and eigenvectors,
-/// cuBLAS and cuSOLVER; kProjection: one GEMM with the policy's projection).
+/// Low-rank policies (CrossLayerSVD, ChannelShrink; alone, or with KIVI bases as
+/// Compose<…, Quantize>): compress() factors on the device by the policy's `factorization`
+/// trait (kTruncatedSvd: Gram matrix and eigenvectors, cuBLAS and cuSOLVER; kProjection: one
+/// GEMM with the policy's projection).
 template <class P, class = void>
 struct is_low_rank_policy : std::false_type {};
 template <class P>
 struct is_low_rank_policy<P, std::void_t<typename P::storage_type>>
-    : std::bool_constant<P::storage_format == StorageFormat::kLowRankFactors &&
-                         !detail::PolicyStages<P>::quantized> {};
+    : std::bool_constant<detail::PolicyStages<P>::selection::storage_format ==
+                         StorageFormat::kLowRankFactors> {};
 
 /// Selection stages the CUDA cache implements: eviction scored per token from K/V (L2NormEvict)
 /// or by position (StreamingLLM) - the scoring hook must be a KVPACK_HOST_DEVICE function - by

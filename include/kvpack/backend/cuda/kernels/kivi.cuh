@@ -111,6 +111,22 @@ void launch_quantize_rows(const KiviFormat& format, const T* k_rows, const T* v_
   });
 }
 
+/// quantize_keys_kernel alone for a runtime format: blocks per column of `groups` · G rows of
+/// `rows` [groups · G][width] (any width: a token basis's rank), as bytes [groups][width].
+template <class T>
+void launch_quantize_keys(const KiviFormat& format, const T* rows, int64_t groups, int width,
+                          uint8_t* keys, cudaStream_t stream) {
+  if (groups <= 0) return;
+  dispatch_quant(format.bits, format.group, [&](auto b, auto g) {
+    constexpr int B = decltype(b)::value, G = decltype(g)::value;
+    exec::launch<kElementwiseThreads>(quantize_keys_kernel<B, G, T>,
+                                      grid_blocks(groups * width, kElementwiseThreads),
+                                      kElementwiseThreads, stream, "quantize_keys_kernel", rows,
+                                      groups, width, reinterpret_cast<QuantBlock<B, G>*>(keys));
+  });
+  check_launch("quantize_keys_kernel");
+}
+
 /// The KIVI blocks of one head: its first `quantized` held tokens (none for row storage). The
 /// one addressing of the blocks that scoring, compaction and attention read.
 struct KiviBlocks {

@@ -12,6 +12,7 @@
 #include "../kernel_logic.hpp"
 #include "common.cuh"
 #include "exec.cuh"
+#include "kivi.cuh"
 #include "low_rank_attention.cuh"
 
 namespace kvpack {
@@ -86,14 +87,23 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kLowRankRowsThreads)
   }
 }
 
-/// The token basis as stored: rows[t · rank + j] = fp16(a[t · rank + j] / scale[j]) (scale:
-/// powers of two, so the division is exact).
+/// The token basis at its storage range, in place: a[t · rank + j] /= scale[j] (scale: powers
+/// of two, so the division is exact).
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
-    store_basis_kernel(const float* a, int64_t tokens, int rank, const float* scale, Half* rows) {
+    scale_columns_kernel(float* a, int64_t tokens, int rank, const float* scale) {
   const int64_t count = tokens * rank;
   for (int64_t e = static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
        e < count; e += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
-    store_element(a[e] / scale[e % rank], rows + e);
+    a[e] /= scale[e % rank];
+  }
+}
+
+/// fp16 rows of the basis: rows[e] = fp16(a[e]) for e < count.
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
+    store_basis_kernel(const float* a, int64_t count, Half* rows) {
+  for (int64_t e = static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
+       e < count; e += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
+    store_element(a[e], rows + e);
   }
 }
 
@@ -134,12 +144,21 @@ inline void launch_column_peaks(const float* a, int64_t tokens, int rank, float*
   check_launch("column_peaks_kernel");
 }
 
-/// Enqueues store_basis_kernel.
-inline void launch_store_basis(const float* a, int64_t tokens, int rank, const float* scale,
-                               Half* rows, cudaStream_t stream) {
+/// Enqueues scale_columns_kernel.
+inline void launch_scale_columns(float* a, int64_t tokens, int rank, const float* scale,
+                                 cudaStream_t stream) {
   exec::launch<kElementwiseThreads>(
-      store_basis_kernel, grid_blocks(tokens * rank, kElementwiseThreads), kElementwiseThreads,
-      stream, "store_basis_kernel", a, tokens, rank, scale, rows);
+      scale_columns_kernel, grid_blocks(tokens * rank, kElementwiseThreads), kElementwiseThreads,
+      stream, "scale_columns_kernel", a, tokens, rank, scale);
+  check_launch("scale_columns_kernel");
+}
+
+/// Enqueues store_basis_kernel over `count` values.
+inline void launch_store_basis(const float* a, int64_t count, Half* rows, cudaStream_t stream) {
+  if (count <= 0) return;
+  exec::launch<kElementwiseThreads>(store_basis_kernel, grid_blocks(count, kElementwiseThreads),
+                                    kElementwiseThreads, stream, "store_basis_kernel", a, count,
+                                    rows);
   check_launch("store_basis_kernel");
 }
 

@@ -788,7 +788,7 @@ TEST_CASE("CUDA caller-owned context, truncate and clear", "[cuda]") {
   require_same_attention_everywhere(cpu, moved, 78);
 }
 
-TEST_CASE("CUDA engine stream: attend on device views waits for nothing when checks are off",
+TEST_CASE("CUDA engine stream: attend and append on device views wait for nothing, checks off",
           "[cuda]") {
   KVPACK_SKIP_WITHOUT_DEVICE();
   cudaStream_t engine = nullptr;
@@ -837,6 +837,33 @@ TEST_CASE("CUDA engine stream: attend on device views waits for nothing when che
         REQUIRE(normalised_error(got, expected) < 1e-5);
       }
     }
+    // Decode appends of device rows into allocated capacity: three waits each with the checks on
+    // (the value checks of k and of v, the end of the call), none with them off; the rows are
+    // then attended in stream order like the CPU cache's.
+    kvpack::cuda::DeviceBuffer<float> dk(s.kv_heads * d, ctx.device()), dv(dk.size(), ctx.device());
+    const auto k_view = ActivationView::nhd(dk.data(), 1, s.kv_heads, d);
+    const auto v_view = ActivationView::nhd(dv.data(), 1, s.kv_heads, d);
+    for (int64_t t = 155; t < 159; ++t) {
+      const int checks = t < 157 ? 1 : 0;
+      ctx.set_device_value_checks(checks == 1);
+      const auto k = random_values(dk.size(), 400 + t), v = random_values(dv.size(), 500 + t);
+      REQUIRE(cudaMemcpy(dk.data(), k.data(), dk.bytes(), cudaMemcpyHostToDevice) == cudaSuccess);
+      REQUIRE(cudaMemcpy(dv.data(), v.data(), dv.bytes(), cudaMemcpyHostToDevice) == cudaSuccess);
+      const std::vector<int64_t> p{position_of(t)};
+      cpu.append(1, ActivationView::nhd(k.data(), 1, s.kv_heads, d),
+                 ActivationView::nhd(v.data(), 1, s.kv_heads, d), p);
+#if defined(KVPACK_CUDA_EMULATION)
+      const long long before = kvpack::cuda::emulation::synchronizations();
+#endif
+      gpu.append(1, k_view, v_view, p, MemorySpace::kDevice);
+#if defined(KVPACK_CUDA_EMULATION)
+      INFO("decode append " << t << ", device value checks " << checks);
+      REQUIRE(kvpack::cuda::emulation::synchronizations() - before == 3 * checks);
+#endif
+    }
+    ctx.set_device_value_checks(true);
+    require_same_attention(cpu, gpu, 1, {position_of(158)}, 450);
+
     // A NaN query: refused with the host check's message when checks are on; attended (NaN out)
     // when the engine turned them off.
     std::vector<float> bad(dq.size(), 0.5f);

@@ -23,8 +23,11 @@
 ///   encodes select_top_k's order, see kernels/select.cuh). The global-threshold scope copies
 ///   the scores and positions to the host and reuses detail::select_global, so its ragged
 ///   result is the CPU's by construction; compaction then runs on the device for both scopes.
-/// - Every public call completes before it returns (one stream synchronisation at its end), so
-///   a CUDA fault is reported by the call that caused it. Calls on one cache are serialised.
+/// - A call waits for the device where the host needs a result, and at its end while the
+///   context's device value checks are on (the default), so a CUDA fault is reported by the call
+///   that caused it. With them off, attend() on device views and append() into allocated
+///   capacity return with their work enqueued (docs/cuda.md, "Streams and waits"). Calls on one
+///   cache are serialised.
 #pragma once
 
 #if !defined(__CUDACC__) && !defined(KVPACK_CUDA_EMULATION)

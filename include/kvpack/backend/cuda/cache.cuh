@@ -145,6 +145,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
 
   /// Appends a block of tokens to `layer`: k and v are tokens × kv_heads × head_dim (post-RoPE
   /// keys) in `space`, positions (host) strictly increasing and after the layer's last one.
+  /// Waits for the device at its end when the context's device_value_checks() is on (the
+  /// default) or when a head's storage grew; otherwise the rows land in stream order.
   void append(int layer, const ActivationView& k, const ActivationView& v, Positions positions,
               MemorySpace space = MemorySpace::kHost) {
     constexpr const char* where = "KVCache::append";

@@ -126,7 +126,11 @@ void KVCache<Policy, backend::Cuda>::append_unchecked(int layer, const Activatio
                         cuda::kUnscoredScore, stream);
     }
   }
-  context_->synchronize(where);
+  // The commit below reads nothing from the device, and the staged inputs are guarded by their
+  // upload's event: only a growth (the old buffers are freed, maybe still being copied) or the
+  // engine's wish to see a fault at the call that caused it (device value checks on, the
+  // default) waits for the device here.
+  if (!grown.empty() || context_->device_value_checks()) context_->synchronize(where);
 
   // Commit: nothing below can fail.
   for (Grown& g : grown) {

@@ -121,8 +121,9 @@ class DeviceGuard {
 /// Everything kvpack enqueues for a cache runs on this stream: kvpack's own (created here) or the
 /// engine's (borrowed). Calls wait for the device only where the host needs a result: a value
 /// check of device inputs (device_value_checks()), a host output, allocation decisions that
-/// depend on device results (compress). attend() from and to device memory with the checks off
-/// returns without waiting; its output is ready in stream order. The context must outlive every
+/// depend on device results (compress). With the checks off, attend() from and to device memory
+/// and append() into allocated capacity return without waiting; their results are ready in
+/// stream order (a device fault is then reported by a later call). The context must outlive every
 /// cache that uses it. Not copyable or movable: caches hold its address.
 class CudaContext {
  public:

@@ -64,8 +64,12 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kLowRankRowsThreads)
   }
 }
 
+// The kernels below are templates, as every kvpack kernel is: a __global__ function defined in
+// a header must not be emitted by every unit that includes it.
+
 /// peaks[j] = max over t < tokens of |a[t · rank + j]|, +inf when any of them is not finite.
 /// Grid: x over columns (one block per column).
+template <int = 0>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kLowRankRowsThreads)
     column_peaks_kernel(const float* a, int64_t tokens, int rank, float* peaks) {
   KVPACK_SHARED_ARRAY(float, partial, kLowRankRowsThreads);
@@ -89,6 +93,7 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kLowRankRowsThreads)
 
 /// The token basis at its storage range, in place: a[t · rank + j] /= scale[j] (scale: powers
 /// of two, so the division is exact).
+template <int = 0>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
     scale_columns_kernel(float* a, int64_t tokens, int rank, const float* scale) {
   const int64_t count = tokens * rank;
@@ -99,6 +104,7 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
 }
 
 /// fp16 rows of the basis: rows[e] = fp16(a[e]) for e < count.
+template <int = 0>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
     store_basis_kernel(const float* a, int64_t count, Half* rows) {
   for (int64_t e = static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
@@ -110,6 +116,7 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
 /// One head's factor B [rank][head_dim]: factor[j · head_dim + c] =
 /// src[j · row_stride + (col0 + c) · col_stride] · scale[j] — the head's channels of a basis
 /// [rank][cols] (row_stride cols, col_stride 1) or of a projection [cols][rank] (1, rank).
+template <int = 0>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
     store_factor_kernel(const float* src, int64_t row_stride, int64_t col_stride, int64_t col0,
                         int rank, int head_dim, const float* scale, float* factor) {
@@ -139,7 +146,7 @@ inline void launch_low_rank_rows(int d, const LowRankAttentionHead& head, int64_
 /// Enqueues column_peaks_kernel.
 inline void launch_column_peaks(const float* a, int64_t tokens, int rank, float* peaks,
                                 cudaStream_t stream) {
-  exec::launch<kLowRankRowsThreads>(column_peaks_kernel, grid_extent(rank), kLowRankRowsThreads,
+  exec::launch<kLowRankRowsThreads>(column_peaks_kernel<>, grid_extent(rank), kLowRankRowsThreads,
                                     stream, "column_peaks_kernel", a, tokens, rank, peaks);
   check_launch("column_peaks_kernel");
 }
@@ -148,7 +155,7 @@ inline void launch_column_peaks(const float* a, int64_t tokens, int rank, float*
 inline void launch_scale_columns(float* a, int64_t tokens, int rank, const float* scale,
                                  cudaStream_t stream) {
   exec::launch<kElementwiseThreads>(
-      scale_columns_kernel, grid_blocks(tokens * rank, kElementwiseThreads), kElementwiseThreads,
+      scale_columns_kernel<>, grid_blocks(tokens * rank, kElementwiseThreads), kElementwiseThreads,
       stream, "scale_columns_kernel", a, tokens, rank, scale);
   check_launch("scale_columns_kernel");
 }
@@ -156,7 +163,7 @@ inline void launch_scale_columns(float* a, int64_t tokens, int rank, const float
 /// Enqueues store_basis_kernel over `count` values.
 inline void launch_store_basis(const float* a, int64_t count, Half* rows, cudaStream_t stream) {
   if (count <= 0) return;
-  exec::launch<kElementwiseThreads>(store_basis_kernel, grid_blocks(count, kElementwiseThreads),
+  exec::launch<kElementwiseThreads>(store_basis_kernel<>, grid_blocks(count, kElementwiseThreads),
                                     kElementwiseThreads, stream, "store_basis_kernel", a, count,
                                     rows);
   check_launch("store_basis_kernel");
@@ -167,9 +174,10 @@ inline void launch_store_factor(const float* src, int64_t row_stride, int64_t co
                                 int64_t col0, int rank, int head_dim, const float* scale,
                                 float* factor, cudaStream_t stream) {
   exec::launch<kElementwiseThreads>(
-      store_factor_kernel, grid_blocks(static_cast<int64_t>(rank) * head_dim, kElementwiseThreads),
-      kElementwiseThreads, stream, "store_factor_kernel", src, row_stride, col_stride, col0, rank,
-      head_dim, scale, factor);
+      store_factor_kernel<>,
+      grid_blocks(static_cast<int64_t>(rank) * head_dim, kElementwiseThreads), kElementwiseThreads,
+      stream, "store_factor_kernel", src, row_stride, col_stride, col0, rank, head_dim, scale,
+      factor);
   check_launch("store_factor_kernel");
 }
 

@@ -40,7 +40,8 @@ echo "gpu_check: $gpu; $("$nvcc" --version | tail -n 1)"
 generator=()
 command -v ninja >/dev/null 2>&1 && [ ! -f "$build_dir/CMakeCache.txt" ] && generator=(-G Ninja)
 if ! cmake -S . -B "$build_dir" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
-    -DKVPACK_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=native -DCMAKE_CUDA_COMPILER="$nvcc" \
+    -DKVPACK_ENABLE_CUDA=ON -DKVPACK_CUDA_TESTS_COMPILE_ONLY=OFF \
+    -DCMAKE_CUDA_ARCHITECTURES=native -DCMAKE_CUDA_COMPILER="$nvcc" \
     -DKVPACK_BUILD_EXAMPLES=OFF -DKVPACK_TOOLS_OPTIMIZE=ON -DKVPACK_SANITIZE_TESTS= \
     >"$build_dir.configure.log" 2>&1; then
   tail -n 30 "$build_dir.configure.log"

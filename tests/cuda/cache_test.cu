@@ -847,8 +847,11 @@ TEST_CASE("CUDA engine stream: attend and append on device views wait for nothin
       const int checks = t < 157 ? 1 : 0;
       ctx.set_device_value_checks(checks == 1);
       const auto k = random_values(dk.size(), 400 + t), v = random_values(dv.size(), 500 + t);
-      REQUIRE(cudaMemcpy(dk.data(), k.data(), dk.bytes(), cudaMemcpyHostToDevice) == cudaSuccess);
-      REQUIRE(cudaMemcpy(dv.data(), v.data(), dv.bytes(), cudaMemcpyHostToDevice) == cudaSuccess);
+      // On the engine's stream: the previous append may still be reading dk and dv.
+      REQUIRE(cudaMemcpyAsync(dk.data(), k.data(), dk.bytes(), cudaMemcpyHostToDevice, engine) ==
+              cudaSuccess);
+      REQUIRE(cudaMemcpyAsync(dv.data(), v.data(), dv.bytes(), cudaMemcpyHostToDevice, engine) ==
+              cudaSuccess);
       const std::vector<int64_t> p{position_of(t)};
       cpu.append(1, ActivationView::nhd(k.data(), 1, s.kv_heads, d),
                  ActivationView::nhd(v.data(), 1, s.kv_heads, d), p);

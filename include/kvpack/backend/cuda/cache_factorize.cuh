@@ -168,6 +168,8 @@ void KVCache<Policy, backend::Cuda>::factorize() {
     for (int l = plan.l0; l < plan.l1; ++l) {
       for (int h = 0; h < heads; ++h) {
         const DeviceHead& head = store(l, h);
+        detail::require(plan.tokens >= head.factored && plan.tokens <= head.size, where,
+                        "job tokens", plan.tokens, "between the factored and the held tokens");
         const std::size_t rows = static_cast<std::size_t>(head.size - plan.tokens) * d;
         const std::size_t skip = static_cast<std::size_t>(plan.tokens - head.factored) * d;
         Tail tail{l, h, plan.tokens, cuda::DeviceBuffer<T>(rows, device),

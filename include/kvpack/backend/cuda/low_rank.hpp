@@ -34,7 +34,7 @@ namespace cuda {
 /// the reason symmetric_eigen is one.
 template <int = 0>
 void gram_factorize(CudaContext& context, const float* x, int rows, int cols, int rank,
-                           float* basis, float* token_factors, std::vector<float>& singular) {
+                    float* basis, float* token_factors, std::vector<float>& singular) {
   constexpr const char* where = "cuda::gram_factorize";
   detail::require(rows > 0 && cols > 0, where, "rows, cols", detail::concat(rows, ", ", cols),
                   "both > 0");

@@ -425,6 +425,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   template <class P = Policy>
   void observe_hidden_unchecked(int layer, const ActivationView& x, Positions positions,
                                 MemorySpace space);
+  /// The token bases the heads point to, each once (shared by a layer's or a group's heads).
+  std::vector<const cuda::DeviceLowRankBasis*> distinct_bases() const;
   /// materialize() of a low-rank layer (cache_materialize.cuh).
   DenseLayer materialize_low_rank(int layer) const;
   /// Low-rank policies: runs the policy's jobs on the device (cache_factorize.cuh).

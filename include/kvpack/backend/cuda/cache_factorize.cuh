@@ -55,17 +55,27 @@ void KVCache<Policy, backend::Cuda>::factorize() {
   const std::vector<LowRankJob> plans =
       selection().plan(shape_, held, quant ? quant->bytes_per_value() : 2.0, where);
 
-  // The layers a job stacks must hold the same tokens (the heads of a layer do: they are
-  // appended together and never evicted from). Checked on downloaded positions, as the CPU
+  // Before any work: every head a job covers holds its tokens (factored ones included), and
+  // the layers a job stacks hold the same tokens (the heads of a layer do: they are appended
+  // together and never evicted from), checked on positions downloaded in one wait, as the CPU
   // compares its own.
+  std::vector<std::vector<int32_t>> positions(shape_.layers);
   for (const LowRankJob& plan : plans) {
-    std::vector<std::vector<int32_t>> positions(plan.l1 - plan.l0);
     for (int l = plan.l0; l < plan.l1; ++l) {
-      download(store(l, 0).positions.data(), store(l, 0).size, positions[l - plan.l0], where);
+      for (int h = 0; h < heads; ++h) {
+        detail::require(plan.tokens >= store(l, h).factored && plan.tokens <= store(l, h).size,
+                        where, "job tokens", plan.tokens,
+                        "between the factored and the held tokens");
+      }
+      if (plan.l1 - plan.l0 > 1 && positions[l].empty()) {
+        download(store(l, 0).positions.data(), store(l, 0).size, positions[l], where);
+      }
     }
-    context_->synchronize(where);
+  }
+  context_->synchronize(where);
+  for (const LowRankJob& plan : plans) {
     for (int l = plan.l0 + 1; l < plan.l1; ++l) {
-      if (positions[l - plan.l0] != positions[0]) {
+      if (positions[l] != positions[plan.l0]) {
         throw error(detail::concat(where, ": ", Selection::name,
                                    " needs every head and layer it factors together to hold the "
                                    "same tokens; layer ",
@@ -87,8 +97,6 @@ void KVCache<Policy, backend::Cuda>::factorize() {
     const int64_t tokens = plan.tokens;
     const int rank = plan.rank;
     const int64_t cols = static_cast<int64_t>(plan.l1 - plan.l0) * heads * d;
-    detail::require(tokens >= store(plan.l0, 0).factored && tokens <= store(plan.l0, 0).size, where,
-                    "job tokens", tokens, "between the factored and the held tokens");
     const std::size_t un = static_cast<std::size_t>(tokens);
     const std::size_t ur = static_cast<std::size_t>(rank);
     cuda::DeviceBuffer<float> x(un * cols, device), a(un * ur, device);
@@ -168,8 +176,6 @@ void KVCache<Policy, backend::Cuda>::factorize() {
     for (int l = plan.l0; l < plan.l1; ++l) {
       for (int h = 0; h < heads; ++h) {
         const DeviceHead& head = store(l, h);
-        detail::require(plan.tokens >= head.factored && plan.tokens <= head.size, where,
-                        "job tokens", plan.tokens, "between the factored and the held tokens");
         const std::size_t rows = static_cast<std::size_t>(head.size - plan.tokens) * d;
         const std::size_t skip = static_cast<std::size_t>(plan.tokens - head.factored) * d;
         Tail tail{l, h, plan.tokens, cuda::DeviceBuffer<T>(rows, device),

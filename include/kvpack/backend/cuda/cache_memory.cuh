@@ -18,17 +18,14 @@ std::size_t KVCache<Policy, backend::Cuda>::bytes() const {
                       layers_.size() * sizeof(detail::LayerState) +
                       observations_.size() * sizeof(detail::LayerObservation);
   const std::size_t row = 2 * static_cast<std::size_t>(shape_.head_dim) * sizeof(storage_type);
-  std::vector<const cuda::DeviceLowRankBasis*> bases;  // each counted once, as the CPU does
   for (const auto& head : heads_) {
     total += static_cast<std::size_t>(head.rows()) * row +
              static_cast<std::size_t>(head.size) * (sizeof(int32_t) + score_bytes()) +
              kivi_key_block_bytes(head.quantized) + kivi_value_block_bytes(head.quantized) +
              head.key_factor.bytes() + head.value_factor.bytes();
-    for (const cuda::DeviceLowRankBasis* basis : {head.key_basis.get(), head.value_basis.get()}) {
-      if (basis == nullptr || std::find(bases.begin(), bases.end(), basis) != bases.end()) continue;
-      bases.push_back(basis);
-      total += basis->blocks.bytes() + basis->rows.bytes() + sizeof(detail::LowRankBasis);
-    }
+  }
+  for (const cuda::DeviceLowRankBasis* basis : distinct_bases()) {
+    total += basis->blocks.bytes() + basis->rows.bytes() + sizeof(detail::LowRankBasis);
   }
   return total;
 }
@@ -36,18 +33,29 @@ std::size_t KVCache<Policy, backend::Cuda>::bytes() const {
 template <class Policy>
 std::size_t KVCache<Policy, backend::Cuda>::reserved_bytes() const {
   std::size_t total = 0;
-  std::vector<const cuda::DeviceLowRankBasis*> bases;
   for (const auto& head : heads_) {
     total += head.k.bytes() + head.v.bytes() + head.positions.bytes() + head.k_blocks.bytes() +
              head.v_blocks.bytes() + head.scores.bytes() + head.key_factor.bytes() +
              head.value_factor.bytes();
-    for (const cuda::DeviceLowRankBasis* basis : {head.key_basis.get(), head.value_basis.get()}) {
-      if (basis == nullptr || std::find(bases.begin(), bases.end(), basis) != bases.end()) continue;
-      bases.push_back(basis);
-      total += basis->blocks.bytes() + basis->rows.bytes();
-    }
+  }
+  for (const cuda::DeviceLowRankBasis* basis : distinct_bases()) {
+    total += basis->blocks.bytes() + basis->rows.bytes();
   }
   return total;
+}
+
+template <class Policy>
+std::vector<const cuda::DeviceLowRankBasis*> KVCache<Policy, backend::Cuda>::distinct_bases()
+    const {
+  std::vector<const cuda::DeviceLowRankBasis*> bases;
+  for (const auto& head : heads_) {
+    for (const cuda::DeviceLowRankBasis* basis : {head.key_basis.get(), head.value_basis.get()}) {
+      if (basis != nullptr && std::find(bases.begin(), bases.end(), basis) == bases.end()) {
+        bases.push_back(basis);
+      }
+    }
+  }
+  return bases;
 }
 
 template <class Policy>

@@ -4,6 +4,7 @@
 /// kernel to rebuild every key and value (docs/page_formats.md, "Low-rank factors").
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "half.hpp"
@@ -12,18 +13,24 @@
 namespace kvpack {
 
 /// \brief One token basis A [tokens][rank], shared by the kv heads of a layer (ChannelShrink) or
-/// of an xKV layer group (CrossLayerSVD). Rows [0, quantized) are KIVI blocks
+/// of an xKV layer group (CrossLayerSVD), in pages of the cache's page_pool()
+/// (docs/page_formats.md, "Low-rank bases"). Rows [0, quantized) are KIVI blocks
 /// QuantBlock<bits, group> ordered [row group][column] (one block per basis column over each
-/// whole group of rows, as KIVI stores keys; none when bits is 0), rows [quantized, tokens) fp16
-/// `rows` [tokens − quantized][rank].
+/// whole group of rows, as KIVI stores keys; none when bits is 0): block b = g · rank + c lies in
+/// page page_ids[b / (page_bytes / block_bytes)] at byte (b mod (page_bytes / block_bytes)) ·
+/// block_bytes, with block_bytes = 4 + group · bits / 8. Rows [quantized, tokens) are fp16,
+/// row-major: element e = (t − quantized) · rank + j lies in page
+/// page_ids[block_pages + e / (page_bytes / 2)] at byte 2 · (e mod (page_bytes / 2)).
 struct LowRankBasisData {
   int64_t tokens = 0;
   int rank = 0;
   int bits = 0;   ///< 0 (fp16 rows only), 2, 4 or 8
   int group = 0;  ///< rows per block
   int64_t quantized = 0;
-  const uint8_t* blocks = nullptr;  ///< [quantized / group][rank] blocks
-  const Half* rows = nullptr;       ///< [tokens − quantized][rank]
+  std::size_t page_bytes = 0;         ///< the pool's page size
+  int64_t block_pages = 0;            ///< pages [0, block_pages) hold the blocks
+  int64_t pages = 0;                  ///< pages held
+  const int32_t* page_ids = nullptr;  ///< [pages]: ids in the cache's page_pool()
 };
 
 /// \brief One (layer, kv head) of a low-rank cache. Token t < factored is row t of the bases

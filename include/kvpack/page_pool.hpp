@@ -267,7 +267,7 @@ class PagePool {
 /// \brief How a cache stores dense rows (Identity and the eviction policies) in pages: each
 /// (layer, kv head) has its own page list, so heads of different lengths (non-uniform budgets)
 /// hold only the pages they fill. KIVI blocks are paged too (pages of max(page_tokens, group)
-/// tokens); low-rank factors are not paged yet.
+/// tokens), and so are the token bases of low-rank caches (pages of a dense fp16 page's size).
 struct PageOptions {
   /// Tokens per page: a power of two in [1, 4096] (vLLM's default block size is 16).
   int page_tokens = 16;

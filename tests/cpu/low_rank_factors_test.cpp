@@ -19,15 +19,25 @@ using kvpack_test::kLowRankShape;
 
 namespace {
 
-/// A[t][j] of a basis, decoded by the documented layout.
-double basis_at(const LowRankBasisData& b, int64_t t, int j) {
-  if (t >= b.quantized) return kvpack::to_float(b.rows[(t - b.quantized) * b.rank + j]);
+/// A[t][j] of a basis, decoded by the documented page layout (docs/page_formats.md, "Low-rank
+/// bases") from the pages of `pool`.
+double basis_at(const LowRankBasisData& b, const kvpack::PagePool& pool, int64_t t, int j) {
+  if (t >= b.quantized) {
+    const int64_t e = (t - b.quantized) * b.rank + j;
+    const int64_t per_page = static_cast<int64_t>(b.page_bytes / 2);
+    REQUIRE(b.block_pages + e / per_page < b.pages);
+    const auto* page =
+        reinterpret_cast<const kvpack::Half*>(pool.data(b.page_ids[b.block_pages + e / per_page]));
+    return kvpack::to_float(page[e % per_page]);
+  }
   double value = 0;
   kvpack::dispatch_quant(b.bits, b.group, [&](auto bits, auto group) {
     using Block = kvpack::QuantBlock<decltype(bits)::value, decltype(group)::value>;
-    const auto* blocks = reinterpret_cast<const Block*>(b.blocks);
-    value =
-        kvpack::dequantize_ref(blocks[(t / b.group) * b.rank + j], static_cast<int>(t % b.group));
+    const int64_t i = (t / b.group) * b.rank + j;
+    const int64_t per_page = static_cast<int64_t>(b.page_bytes / sizeof(Block));
+    REQUIRE(i / per_page < b.block_pages);
+    const auto* page = reinterpret_cast<const Block*>(pool.data(b.page_ids[i / per_page]));
+    value = kvpack::dequantize_ref(page[i % per_page], static_cast<int>(t % b.group));
   });
   return value;
 }
@@ -37,6 +47,7 @@ double basis_at(const LowRankBasisData& b, int64_t t, int j) {
 template <class Cache>
 double largest_rebuild_error(const Cache& cache, int layer) {
   const kvpack::DenseLayer dense = cache.materialize(layer);
+  const kvpack::PagePool& pool = *cache.page_pool();
   double worst = 0, peak = 0;
   for (int h = 0; h < cache.shape().kv_heads; ++h) {
     const LowRankHeadFactors f = cache.low_rank_factors(layer, h);
@@ -48,9 +59,9 @@ double largest_rebuild_error(const Cache& cache, int layer) {
       if (t < f.factored) {
         for (int c = 0; c < d; ++c) {
           for (int j = 0; j < f.key_basis.rank; ++j)
-            k[c] += basis_at(f.key_basis, t, j) * f.key_factor[j * d + c];
+            k[c] += basis_at(f.key_basis, pool, t, j) * f.key_factor[j * d + c];
           for (int j = 0; j < f.value_basis.rank; ++j)
-            v[c] += basis_at(f.value_basis, t, j) * f.value_factor[j * d + c];
+            v[c] += basis_at(f.value_basis, pool, t, j) * f.value_factor[j * d + c];
         }
         const kvpack::Rope& rope = *f.rope;
         for (int i = 0; i < rope.rotary_dim() / 2; ++i) {
@@ -124,5 +135,15 @@ TEST_CASE("low_rank_factors: keys and values rebuilt from the view equal materia
         P(kvpack::ChannelShrink(kvpack_test::calibrated_projections(kLowRankShape, 12, 16), 32),
           Quantize(2, 16, 0)));
     check_view(cache);
+  }
+  SECTION("xKV, 4-bit bases in pages of one token: rows and row groups cross pages") {
+    using P = Compose<CrossLayerSVD, Quantize>;
+    kvpack::KVCache<P> cache(kLowRankShape, P(CrossLayerSVD(2, 20, 30), Quantize(4, 32, 0)),
+                             kvpack::PageOptions{1, nullptr});
+    REQUIRE(cache.page_pool()->page_bytes() == 128);  // 2 x 1 x 32 fp16: 6 blocks, 64 values
+    check_view(cache);
+    const LowRankBasisData b = cache.low_rank_factors(0, 0).value_basis;
+    REQUIRE(b.block_pages == (b.quantized / 32 * 30 + 5) / 6);
+    REQUIRE(b.pages == b.block_pages + ((b.tokens - b.quantized) * 30 + 63) / 64);
   }
 }

@@ -52,25 +52,31 @@ TEST_CASE("LowRankBasis: quantized columns hold the reference codes, within scal
   for (int64_t t = 0; t < n; ++t) {
     for (int j = 0; j < r; ++j) a[t * r + j] *= std::pow(10.0f, -j / 5.0f);
   }
+  // Pages of 256 bytes: a row group's 20 blocks span pages, fp16 rows (40 bytes) cross them.
+  auto pool = std::make_shared<kvpack::PagePool>(256, 4);
   for (int bits : {2, 4, 8}) {
     INFO("bits " << bits);
     kvpack::detail::LowRankBasis basis;
-    basis.assign(a.data(), n, r, bits, 32);
+    basis.assign(a.data(), n, r, bits, 32, pool);
     REQUIRE(basis.quantized_rows() == 96);
-    const std::size_t block_bytes = 4 + 32 * bits / 8;
-    REQUIRE(basis.bytes() == 3 * r * block_bytes + 4 * r * 2);
+    REQUIRE(basis.bytes() + sizeof(basis) == kvpack_test::basis_bytes(256, n, r, bits, 32));
+    REQUIRE(pool->pages_in_use() == static_cast<std::size_t>(basis.pages.size()));
     std::vector<float> all(n * r);
     basis.load(0, n, all.data());
     kvpack::dispatch_quant(bits, 32, [&](auto b, auto g) {
       constexpr int B = decltype(b)::value, G = decltype(g)::value;
-      const auto* blocks = reinterpret_cast<const kvpack::QuantBlock<B, G>*>(basis.blocks.data());
+      auto block = [&](int64_t i) {  // block i by the documented page layout
+        const std::size_t per_page = 256 / sizeof(kvpack::QuantBlock<B, G>);
+        return reinterpret_cast<const kvpack::QuantBlock<B, G>*>(
+            pool->data(basis.pages.ids[i / per_page]))[i % per_page];
+      };
       // What byte budgets price a quantized value at is the block's real size per value.
       REQUIRE(Quantize(B, G).bytes_per_value() == double(sizeof(kvpack::QuantBlock<B, G>)) / G);
       for (int64_t grp = 0; grp < 3; ++grp) {
         for (int j = 0; j < r; ++j) {
           kvpack::QuantBlock<B, G> ref;
           kvpack::quantize_block_ref(a.data() + grp * G * r + j, r, ref);
-          const auto& got = blocks[grp * r + j];
+          const auto& got = block(grp * r + j);
           REQUIRE(std::memcmp(&got, &ref, sizeof(ref)) == 0);
           const float half_step = 0.5f * kvpack::to_float(ref.scale);
           for (int i = 0; i < G; ++i) {
@@ -106,11 +112,11 @@ TEST_CASE("Compose<CrossLayerSVD, Quantize>: quantized bases, exact bytes, atten
     fill_low_rank(cache, 300, 5);
     cache.compress();
     // Two groups x (keys at rank 20, values at rank 30): 9 whole groups of 32 tokens in
-    // blocks, 12 fp16 rows; fp32 factors per (layer, head, side); positions; basis structs.
-    const std::size_t block = 4 + 32 * bits / 8;
-    const std::size_t bases = 2 * ((9 * 20 * block + 12 * 20 * 2) + (9 * 30 * block + 12 * 30 * 2));
-    const std::size_t expected = bases + 4 * 2 * (20 + 30) * 32 * 4 + 4 * 2 * 300 * 4 +
-                                 4 * sizeof(kvpack::detail::LowRankBasis);
+    // blocks, 12 fp16 rows, in pages; fp32 factors per (layer, head, side); positions.
+    const std::size_t page = cache.page_pool()->page_bytes();
+    const std::size_t bases = 2 * (kvpack_test::basis_bytes(page, 300, 20, bits, 32) +
+                                   kvpack_test::basis_bytes(page, 300, 30, bits, 32));
+    const std::size_t expected = bases + 4 * 2 * (20 + 30) * 32 * 4 + 4 * 2 * 300 * 4;
     REQUIRE(cache.bytes() - empty == expected);
     // The same SVD as the plain policy; only the basis rounding differs, more at fewer bits.
     const double distance = key_distance(cache, plain);
@@ -130,10 +136,14 @@ TEST_CASE("Compose<CrossLayerSVD, Quantize>: quantized bases, exact bytes, atten
 TEST_CASE("Compose<CrossLayerSVD, Quantize>: ranks from a bytes ratio price the quantized basis",
           "[lowrank][xkv][quantize][compose]") {
   // At the same 8x, quantized basis values cost 0.625 bytes instead of 2: the composed policy
-  // affords higher ranks, and on data of latent rank 12 it reconstructs the keys better.
-  kvpack::KVCache<CrossLayerSVD> plain(kLowRankShape, CrossLayerSVD::with_ratio(4, 8.0));
-  kvpack::KVCache<XkvQuant> both(kLowRankShape,
-                                 XkvQuant(CrossLayerSVD::with_ratio(4, 8.0), Quantize(4, 32)));
+  // affords higher ranks, and on data of latent rank 12 it reconstructs the keys better. Pages
+  // of one token (128 bytes): with 16-token pages (2 KB) the last, partly filled page of each
+  // basis is ~10 % of this 400-token cache and the ratio reads 7.2x (it is < 1 % at 2 K tokens).
+  const kvpack::PageOptions small_pages{1, nullptr};
+  kvpack::KVCache<CrossLayerSVD> plain(kLowRankShape, CrossLayerSVD::with_ratio(4, 8.0),
+                                       small_pages);
+  kvpack::KVCache<XkvQuant> both(
+      kLowRankShape, XkvQuant(CrossLayerSVD::with_ratio(4, 8.0), Quantize(4, 32)), small_pages);
   kvpack::KVCache<kvpack::Identity> exact(kLowRankShape);
   fill_low_rank(plain, 400, 17);
   fill_low_rank(both, 400, 17);
@@ -160,8 +170,14 @@ TEST_CASE("Compose<ChannelShrink, Quantize>: quantized latents, bytes, attention
   plain.compress();
   both.compress();
   // 568 factored tokens per layer: 17 groups of 32 in 4-bit blocks (20 bytes) + 24 fp16 rows,
-  // instead of 568 fp16 rows; keys at rank 12, values at rank 16; everything else the same.
-  const std::size_t saved_per_layer = (12 + 16) * (544 * 2 - 17 * 20);
+  // instead of 568 fp16 rows, in pages; keys at rank 12, values at rank 16; everything else the
+  // same.
+  const std::size_t page = both.page_pool()->page_bytes();
+  REQUIRE(page == plain.page_pool()->page_bytes());
+  const std::size_t saved_per_layer = kvpack_test::basis_bytes(page, 568, 12) +
+                                      kvpack_test::basis_bytes(page, 568, 16) -
+                                      kvpack_test::basis_bytes(page, 568, 12, 4, 32) -
+                                      kvpack_test::basis_bytes(page, 568, 16, 4, 32);
   REQUIRE(plain.bytes() - both.bytes() == 4 * saved_per_layer);
   CHECK(key_distance(both, plain) < 0.1);
   kvpack_test::append_decode_tokens(both, positions.back() + 1, 3, 400);

@@ -54,10 +54,12 @@ TEST_CASE("CrossLayerSVD: full rank is exact, decode tokens stay exact, bytes ar
     const RowMat held = held_pre_rope_keys(cache, l);
     REQUIRE((held - pre[l].leftCols(64)).norm() <= 2e-3 * pre[l].leftCols(64).norm());
   }
-  // Bytes: per group and side a 200 x 128 fp16 basis; per (layer, head, side) B 128 x 32 fp32;
-  // positions; plus the fixed bookkeeping of the empty cache and one struct per basis.
-  const std::size_t expected = 2 * 2 * (200 * 128 * 2) + 4 * 2 * 2 * (128 * 32 * 4) +
-                               4 * 2 * 200 * 4 + 4 * sizeof(kvpack::detail::LowRankBasis);
+  // Bytes: per group and side a 200 x 128 fp16 basis in pages of the pool; per (layer, head,
+  // side) B 128 x 32 fp32; positions; plus the fixed bookkeeping of the empty cache.
+  const std::size_t page = cache.page_pool()->page_bytes();
+  REQUIRE(page == 2 * 16 * 32 * 2);  // a dense fp16 page of 16 tokens
+  const std::size_t expected = 2 * 2 * kvpack_test::basis_bytes(page, 200, 128) +
+                               4 * 2 * 2 * (128 * 32 * 4) + 4 * 2 * 200 * 4;
   REQUIRE(cache.bytes() - empty == expected);
   // A decode token appended after compression is held exactly (fp16).
   const auto k = kvpack_test::random_values(64, 9), v = kvpack_test::random_values(64, 10);

@@ -136,4 +136,21 @@ inline std::shared_ptr<const kvpack::ChannelProjections> calibrated_projections(
   return std::make_shared<const kvpack::ChannelProjections>(projections_for(shape, rk, rv));
 }
 
+/// Bytes a token basis of `tokens` × `rank` holds in pages of `page_bytes`, by the layout of
+/// docs/page_formats.md ("Low-rank bases"): KIVI blocks (bits > 0: whole groups of rows, one
+/// block per column) page_bytes / block_bytes to a page, then the fp16 rows page_bytes / 2
+/// elements to a page; whole pages, a page-table entry (id, address) each, and the basis struct.
+inline std::size_t basis_bytes(std::size_t page_bytes, int64_t tokens, int rank, int bits = 0,
+                               int group = 32) {
+  const int64_t quantized = bits == 0 ? 0 : tokens / group * group;
+  const int64_t blocks = quantized / group * rank;
+  const std::size_t block_bytes = 4 + static_cast<std::size_t>(group) * bits / 8;
+  const int64_t per_page = bits == 0 ? 1 : static_cast<int64_t>(page_bytes / block_bytes);
+  const int64_t halves = (tokens - quantized) * rank;
+  const int64_t half_pages = static_cast<int64_t>(page_bytes / 2);
+  const int64_t pages = (blocks + per_page - 1) / per_page + (halves + half_pages - 1) / half_pages;
+  return static_cast<std::size_t>(pages) * (page_bytes + sizeof(int32_t) + sizeof(void*)) +
+         sizeof(kvpack::detail::LowRankBasis);
+}
+
 }  // namespace kvpack_test

@@ -5,8 +5,11 @@
 #pragma once
 
 #include <Eigen/Dense>
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstddef>
+#include <cstring>
 #include <kvpack/backend/cuda/kernels/low_rank_attention.cuh>
 #include <kvpack/backend/cuda/low_rank.hpp>
 #include <kvpack/kvpack.hpp>
@@ -55,6 +58,57 @@ inline double require_gram_factorize_optimal(const std::vector<float>& x, int ro
   return (error - optimum) / total;
 }
 
+/// A CPU cache's basis (low_rank_factors()) read from its pages by the documented layout
+/// (docs/page_formats.md, "Low-rank bases") into the unpaged arrays the device holds: blocks
+/// [quantized / group][rank] and fp16 rows [tokens − quantized][rank].
+inline void contiguous_basis(const LowRankBasisData& b, const PagePool& pool,
+                             std::vector<uint8_t>& blocks, std::vector<Half>& rows) {
+  const std::size_t block_bytes =
+      b.bits == 0 ? 0 : 4 + static_cast<std::size_t>(b.group) * b.bits / 8;
+  const int64_t count = b.bits == 0 ? 0 : b.quantized / b.group * b.rank;
+  blocks.resize(static_cast<std::size_t>(count) * block_bytes);
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t per_page = static_cast<int64_t>(b.page_bytes / block_bytes);
+    std::memcpy(blocks.data() + i * block_bytes,
+                pool.data(b.page_ids[i / per_page]) + (i % per_page) * block_bytes, block_bytes);
+  }
+  rows.resize(static_cast<std::size_t>(b.tokens - b.quantized) * b.rank);
+  const int64_t per_page = static_cast<int64_t>(b.page_bytes / 2);
+  for (std::size_t e = 0; e < rows.size(); ++e) {
+    const auto* page = reinterpret_cast<const Half*>(
+        pool.data(b.page_ids[b.block_pages + static_cast<int64_t>(e) / per_page]));
+    rows[e] = page[static_cast<int64_t>(e) % per_page];
+  }
+}
+
+/// What a CUDA low-rank cache holds in the CPU cache's state: the CPU's bytes() with each
+/// distinct basis in two exact-size device buffers and a cuda::DeviceLowRankBasis instead of
+/// whole pages, their page-table entries and a detail::LowRankBasis.
+template <class CpuCache>
+std::size_t device_bytes_of(const CpuCache& cpu) {
+  std::size_t total = cpu.bytes();
+  std::vector<const int32_t*> seen;
+  for (int l = 0; l < cpu.shape().layers; ++l) {
+    for (int h = 0; h < cpu.shape().kv_heads; ++h) {
+      const LowRankHeadFactors f = cpu.low_rank_factors(l, h);
+      for (const LowRankBasisData& b : {f.key_basis, f.value_basis}) {
+        if (b.rank == 0 || std::find(seen.begin(), seen.end(), b.page_ids) != seen.end()) continue;
+        seen.push_back(b.page_ids);
+        const std::size_t block_bytes =
+            b.bits == 0 ? 0 : 4 + static_cast<std::size_t>(b.group) * b.bits / 8;
+        const std::size_t exact =
+            static_cast<std::size_t>(b.quantized / b.group) * b.rank * block_bytes * (b.bits != 0) +
+            static_cast<std::size_t>(b.tokens - b.quantized) * b.rank * 2;
+        total = total + exact + sizeof(cuda::DeviceLowRankBasis) -
+                static_cast<std::size_t>(b.pages) *
+                    (b.page_bytes + sizeof(int32_t) + sizeof(std::byte*)) -
+                sizeof(detail::LowRankBasis);
+      }
+    }
+  }
+  return total;
+}
+
 /// attend() of a CPU low-rank cache (CrossLayerSVD, ChannelShrink, their Compose) computed by
 /// attention_kernel over LowRankAttentionHead: each call copies the layer's bases, factors, tail
 /// and RoPE table, read through low_rank_factors() alone, to the device. Has the attend()
@@ -80,7 +134,8 @@ class LowRankKernelAttention {
       const LowRankHeadFactors f = cpu_.low_rank_factors(layer, h);
       const int64_t tail = f.tokens - f.factored;
       if (h == 0) up.inv_freq = upload(f.rope->inv_freq());
-      heads.push_back({up.basis(f.key_basis), up.basis(f.value_basis),
+      heads.push_back({up.basis(f.key_basis, *cpu_.page_pool()),
+                       up.basis(f.value_basis, *cpu_.page_pool()),
                        up.floats(f.key_factor, static_cast<std::size_t>(f.key_basis.rank) * d),
                        up.floats(f.value_factor, static_cast<std::size_t>(f.value_basis.rank) * d),
                        up.halves(f.tail_k, tail * d), up.halves(f.tail_v, tail * d),
@@ -115,13 +170,14 @@ class LowRankKernelAttention {
     const int32_t* ints(const int32_t* p, int64_t n) {
       return keep(ints_held, p, static_cast<std::size_t>(n));
     }
-    cuda::LowRankBasisView basis(const LowRankBasisData& b) {
+    cuda::LowRankBasisView basis(const LowRankBasisData& b, const PagePool& pool) {
       const cuda::KiviFormat format =
           b.bits == 0 ? cuda::KiviFormat{} : cuda::KiviFormat::of(b.bits, b.group);
-      const std::size_t blocks = b.bits == 0 ? 0 : static_cast<std::size_t>(b.quantized / b.group);
-      return {{keep(bytes, b.blocks, blocks * b.rank * format.block_bytes), nullptr, b.quantized,
-               format},
-              halves(b.rows, (b.tokens - b.quantized) * b.rank),
+      std::vector<uint8_t> blocks;
+      std::vector<Half> rows;
+      if (b.rank > 0) contiguous_basis(b, pool, blocks, rows);
+      return {{keep(bytes, blocks.data(), blocks.size()), nullptr, b.quantized, format},
+              halves(rows.data(), static_cast<int64_t>(rows.size())),
               b.rank};
     }
   };

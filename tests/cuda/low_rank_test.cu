@@ -102,16 +102,21 @@ double low_rank_attention_error(const LowRankCase& c, int64_t splits, uint32_t s
     return x;
   };
   // Basis columns fall off like PCA latents; the KIVI blocks see per-column scales.
+  auto pool = std::make_shared<kvpack::PagePool>(4096, 8);
   auto basis_of = [&](int rank) {
     std::vector<float> a = random(static_cast<std::size_t>(c.factored) * rank, 1.0f);
     for (int64_t t = 0; t < c.factored; ++t) {
       for (int j = 0; j < rank; ++j) a[t * rank + j] *= 4.0f / (1.0f + j);
     }
     kvpack::detail::LowRankBasis basis;
-    basis.assign(a.data(), c.factored, rank, c.bits, c.group);
+    basis.assign(a.data(), c.factored, rank, c.bits, c.group, pool);
     return basis;
   };
   const kvpack::detail::LowRankBasis ak = basis_of(c.rank_k), av = basis_of(c.rank_v);
+  std::vector<uint8_t> ak_blocks, av_blocks;  // unpaged, as the device kernels read them
+  std::vector<Half> ak_rows, av_rows;
+  ak.gather(ak_blocks, ak_rows);
+  av.gather(av_blocks, av_rows);
   std::vector<float> ak_held(c.factored * c.rank_k), av_held(c.factored * c.rank_v);
   ak.load(0, c.factored, ak_held.data());
   av.load(0, c.factored, av_held.data());
@@ -163,8 +168,8 @@ double low_rank_attention_error(const LowRankCase& c, int64_t splits, uint32_t s
     held.v.push_back(values);
   }
 
-  auto d_ak_blocks = test::upload(ak.blocks), d_av_blocks = test::upload(av.blocks);
-  auto d_ak_rows = test::upload(ak.rows), d_av_rows = test::upload(av.rows);
+  auto d_ak_blocks = test::upload(ak_blocks), d_av_blocks = test::upload(av_blocks);
+  auto d_ak_rows = test::upload(ak_rows), d_av_rows = test::upload(av_rows);
   auto d_positions = test::upload(held.positions);
   auto d_inv_freq = test::upload(inv_freq);
   std::vector<kvpack::cuda::DeviceBuffer<float>> d_factors;
@@ -334,7 +339,7 @@ void require_same_low_rank(const kvpack::KVCache<Policy, kvpack::backend::Cpu>& 
                            const kvpack::KVCache<Policy, kvpack::backend::Cuda>& gpu,
                            double tolerance, uint32_t seed) {
   const kvpack::ModelShape& s = cpu.shape();
-  REQUIRE(gpu.bytes() == cpu.bytes());
+  REQUIRE(gpu.bytes() == kvpack::test::device_bytes_of(cpu));
   for (int l = 0; l < s.layers; ++l) {
     const auto a = gpu.materialize(l), b = cpu.materialize(l);
     for (int h = 0; h < s.kv_heads; ++h) {
@@ -415,7 +420,7 @@ TEST_CASE(
     const LayerRows keys = held_rows(gpu, true), values = held_rows(gpu, false);
     cpu.compress();
     gpu.compress();
-    REQUIRE(gpu.bytes() == cpu.bytes());
+    REQUIRE(gpu.bytes() == kvpack::test::device_bytes_of(cpu));
     const LayerRows keys_after = held_rows(gpu, true), values_after = held_rows(gpu, false);
     const int d = s.head_dim, heads = s.kv_heads, tokens = 240;
     for (int l0 = 0; l0 < s.layers; l0 += 2) {
@@ -525,7 +530,7 @@ TEST_CASE("CUDA low-rank cache: KIVI bases (Compose with Quantize) equal the CPU
     const LayerRows keys = held_rows(gpu, true), values = held_rows(gpu, false);
     cpu.compress();
     gpu.compress();
-    REQUIRE(gpu.bytes() == cpu.bytes());
+    REQUIRE(gpu.bytes() == kvpack::test::device_bytes_of(cpu));
     auto error_of_rows = [&](const LayerRows& a, const LayerRows& b) {
       double e = 0;
       for (std::size_t i = 0; i < a.size(); ++i) {

@@ -76,13 +76,15 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
 
  public:
   /// Whether this policy's storage lives in pages of a PagePool: dense rows (Identity and the
-  /// eviction policies) and KIVI blocks (Quantize, compositions with it; their fp16 residual
-  /// tail is per-head vectors); low-rank factors are per-head vectors.
-  static constexpr bool paged = kDenseRows || kQuantizedRows;
+  /// eviction policies), KIVI blocks (Quantize, compositions with it; their fp16 residual
+  /// tail is per-head vectors) and low-rank token bases (CrossLayerSVD, ChannelShrink; their
+  /// factors B and exact tail are per-head vectors). Every CPU format is paged.
+  static constexpr bool paged = true;
 
   /// Bytes of one page of this cache's format for `page_tokens`: dense rows 2 × page_tokens ×
-  /// head_dim elements; KIVI the blocks of max(page_tokens, group) tokens (page_formats.md);
-  /// rounded up to 64. 0 for unpaged formats.
+  /// head_dim elements; KIVI the blocks of max(page_tokens, group) tokens; low-rank bases a dense
+  /// fp16 page, at least one KIVI block of a quantized basis (docs/page_formats.md); rounded up
+  /// to 64.
   static std::size_t page_bytes(const ModelShape& shape, const Policy& policy, int page_tokens) {
     if constexpr (kDenseRows) {
       return detail::dense_page_bytes<storage_type>(page_tokens, shape.head_dim);
@@ -91,7 +93,9 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
       return detail::kivi_page_bytes(detail::kivi_page_tokens(page_tokens, q->group),
                                      shape.head_dim, q->bits, q->group);
     } else {
-      return 0;
+      const auto* q = Stages::quant_knobs(policy);
+      return detail::low_rank_page_bytes(page_tokens, shape.head_dim, q ? q->bits : 0,
+                                         q ? q->group : 32);
     }
   }
 
@@ -304,7 +308,7 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
     if (private_pool_) pool_->release_unused();
   }
 
-  /// The page pool of a paged cache (null for low-rank formats). Copies of a cache share it.
+  /// The page pool the cache's pages come from. Copies of a cache share it.
   const std::shared_ptr<PagePool>& page_pool() const { return pool_; }
 
   /// Read-only view of the pages of one (layer, kv head) of a dense rows cache (DenseHeadPages).

@@ -85,7 +85,7 @@ void KVCache<Policy, backend::Cpu>::factorize() {
     // of two and the matching rows of B (fp32) up by it, so A·B is unchanged.
     auto basis = std::make_shared<detail::LowRankBasis>();
     const Eigen::VectorXf scale = detail::fit_basis_range(a.data(), job.tokens, job.rank, where);
-    basis->assign(a.data(), job.tokens, job.rank, basis_bits, basis_group);
+    basis->assign(a.data(), job.tokens, job.rank, basis_bits, basis_group, pool_);
     for (int64_t c0 = 0; c0 < cols; c0 += d) {
       detail::LowRankFactor f{basis, std::vector<float>(static_cast<std::size_t>(job.rank) * d)};
       Eigen::Map<RowMajorMatrixXf>(f.b.data(), job.rank, d) =

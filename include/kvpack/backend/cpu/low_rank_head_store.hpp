@@ -20,7 +20,7 @@
 #include "../../low_rank_factors.hpp"
 #include "../../quant/quant_block.hpp"
 #include "../../rope.hpp"
-#include "quantize.hpp"
+#include "low_rank_basis.hpp"
 
 namespace kvpack {
 namespace detail {
@@ -136,102 +136,6 @@ class RopeRun {
   std::vector<double> inv_freq_, step_cos_, step_sin_;
 };
 
-/// \brief Token basis shared by every head of one layer (ChannelShrink) or of a group of
-/// layers (CrossLayerSVD). Immutable once built; counted once by the container.
-///
-/// fp16 rows like the dense cache, or (Compose<…, Quantize>) KIVI blocks: one per basis column
-/// over each whole group of `group` rows, as KIVI stores keys. Per column, because the columns
-/// differ in scale (SVD directions ordered by singular value, PCA latents by variance) while a
-/// column varies smoothly over tokens; a row block would let the first column set every step.
-/// The last tokens % group rows stay fp16.
-struct LowRankBasis {
-  int64_t tokens = 0;
-  int rank = 0;
-  int bits = 0;  ///< 0: every row fp16; 2, 4 or 8: whole groups of rows quantized
-  int group = 32;
-  std::vector<uint8_t> blocks;  ///< QuantBlock<bits, group>, [row group][column]
-  std::vector<Half> rows;       ///< rows [quantized_rows(), tokens), row-major × rank
-
-  int64_t quantized_rows() const { return bits == 0 ? 0 : tokens / group * group; }
-  std::size_t bytes() const { return held_bytes(blocks, rows); }
-  std::size_t reserved_bytes() const { return allocated_bytes(blocks, rows); }
-
-  /// Holds `a` (n × r, row-major fp32): fp16 when bits_ is 0, else quantized as above.
-  void assign(const float* a, int64_t n, int r, int bits_, int group_) {
-    tokens = n;
-    rank = r;
-    bits = bits_;
-    group = group_;
-    const int64_t q = quantized_rows();
-    blocks.clear();
-    if (q > 0) {
-      dispatch_quant(bits, group, [&](auto b, auto g) {
-        constexpr int B = decltype(b)::value, G = decltype(g)::value;
-        blocks.resize(static_cast<std::size_t>(q / G) * r * sizeof(QuantBlock<B, G>));
-        auto* out = reinterpret_cast<QuantBlock<B, G>*>(blocks.data());
-        for (int64_t grp = 0; grp < q / G; ++grp) {
-          cpu::quantize_key_group<B, G>(a + grp * G * r, r, out + grp * r);
-        }
-      });
-    }
-    rows.resize(static_cast<std::size_t>(n - q) * r);
-    store_row(a + q * r, rows.data(), (n - q) * r);
-  }
-
-  /// Rows [begin, begin + n) in fp32 (row-major × rank).
-  void load(int64_t begin, int64_t n, float* out) const {
-    const int64_t q = quantized_rows();
-    const int64_t qend = std::min(begin + n, q);
-    if (begin < qend) {
-      dispatch_quant(bits, group, [&](auto b, auto g) {
-        constexpr int B = decltype(b)::value, G = decltype(g)::value;
-        dequantize_channel_rows_ref(reinterpret_cast<const QuantBlock<B, G>*>(blocks.data()), rank,
-                                    begin, qend, out);
-      });
-    }
-    const int64_t fbegin = std::max(begin, q);
-    if (fbegin < begin + n) {
-      load_row(rows.data() + (fbegin - q) * rank, out + (fbegin - begin) * rank,
-               (begin + n - fbegin) * rank);
-    }
-  }
-};
-
-/// Largest magnitude a basis value is stored at. fp16 rows hold up to 65504; KIVI blocks of a
-/// basis column store its minimum and its step (max − min) / (2^bits − 1) in fp16 as well, so
-/// 2^15 keeps both in range with room for their directed rounding.
-inline constexpr float kBasisLimit = 32768.0f;
-
-/// The power of two a basis column whose largest magnitude is `peak` is divided by to fit
-/// kBasisLimit (1 when it fits; see fit_basis_range). Throws kvpack::error, naming `where` and
-/// the column, when `peak` is not finite. Every backend stores its bases by this rule.
-inline float basis_column_scale(float peak, int column, const char* where) {
-  if (!std::isfinite(peak)) {
-    throw error(concat(where, ": low-rank basis column ", column,
-                       " is not finite (inputs too large for fp32 products), expected finite "
-                       "latents; scale the activations down"));
-  }
-  if (peak <= kBasisLimit) return 1.0f;
-  return std::ldexp(1.0f, std::ilogb(peak / kBasisLimit) + 1);  // peak / scale <= limit
-}
-
-/// Range policy of a token basis (n × r, row-major fp32): scales each column whose largest
-/// magnitude exceeds kBasisLimit by a power of two 2^-e so that it fits, and returns 2^e per
-/// column (1 for the others); the caller multiplies the matching factor rows by it, which keeps
-/// A·B. Powers of two are exact in fp32 and fp16, so a column already in range is untouched and
-/// a scaled one keeps its relative precision. Latents of large activations (CSKV: values of
-/// magnitude 8,200 over 128 channels project to ≈ 93,000) would otherwise be stored as inf.
-/// Throws kvpack::error, naming `where`, when a value is not finite.
-inline Eigen::VectorXf fit_basis_range(float* a, int64_t n, int r, const char* where) {
-  Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> m(a, n, r);
-  Eigen::VectorXf scale = Eigen::VectorXf::Ones(r);
-  for (int j = 0; j < r; ++j) {
-    scale[j] = basis_column_scale(n == 0 ? 0.0f : m.col(j).cwiseAbs().maxCoeff(), j, where);
-    if (scale[j] != 1.0f) m.col(j) /= scale[j];
-  }
-  return scale;
-}
-
 /// One side (keys or values) of a head: basis A (shared) and factor B (r × d, this head's).
 struct LowRankFactor {
   std::shared_ptr<const LowRankBasis> basis;
@@ -248,7 +152,11 @@ struct LowRankHeadStore {
   std::vector<int32_t> positions;
   std::vector<float> scores;  // unused by low-rank policies; kept for the store interface
   std::shared_ptr<const Rope> rope;
+  std::shared_ptr<PagePool> pool;  ///< where compress() puts the bases (the cache's pool)
   static constexpr float kUnscored = -1.0f;
+
+  /// The pool the bases' pages come from, set by the cache before the first compress().
+  void set_pages(std::shared_ptr<PagePool> page_pool, int, int) { pool = std::move(page_pool); }
 
   int64_t size() const { return static_cast<int64_t>(positions.size()); }
 
@@ -427,8 +335,11 @@ inline LowRankHeadFactors factors_view(const LowRankHeadStore& s, int head_dim) 
     b.bits = f.basis->bits;
     b.group = f.basis->group;
     b.quantized = f.basis->quantized_rows();
-    b.blocks = f.basis->blocks.data();
-    b.rows = f.basis->rows.data();
+    const BasisPageLayout layout = f.basis->layout();
+    b.page_bytes = layout.page_bytes;
+    b.block_pages = layout.block_pages();
+    b.pages = f.basis->pages.size();
+    b.page_ids = f.basis->pages.ids.data();
     return b;
   };
   LowRankHeadFactors out;

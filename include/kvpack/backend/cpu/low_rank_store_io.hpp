@@ -42,13 +42,17 @@ inline LowRankBases write_shared(CheckedFileWriter& w, const std::vector<LowRank
     w.put_u32(static_cast<uint32_t>(b->rank));
     w.put_u32(static_cast<uint32_t>(b->bits));
     w.put_u32(static_cast<uint32_t>(b->group));
-    w.put_vector(b->blocks);
-    w.put_vector(b->rows);
+    std::vector<uint8_t> blocks;  // the file keeps the unpaged order (BasisPageLayout)
+    std::vector<Half> rows;
+    b->gather(blocks, rows);
+    w.put_vector(blocks);
+    w.put_vector(rows);
   }
   return table;
 }
 
-inline LowRankBases read_shared(CheckedFileReader& r, const std::vector<LowRankHeadStore>&,
+/// Reads the bases into pages of the heads' pool (the cache's; the caller drops them on failure).
+inline LowRankBases read_shared(CheckedFileReader& r, const std::vector<LowRankHeadStore>& heads,
                                 const StoreLimits& lim) {
   LowRankBases table;
   const uint64_t count = r.get_u64();
@@ -69,20 +73,19 @@ inline LowRankBases read_shared(CheckedFileReader& r, const std::vector<LowRankH
                 concat("bits = ", bits, ", group = ", group, ", expected 0 or the cache's KIVI ",
                        "bits ", lim.bits, " and group ", lim.group));
     }
-    b->tokens = static_cast<int64_t>(tokens);
-    b->rank = static_cast<int>(rank);
-    b->bits = static_cast<int>(bits);
-    b->group = bits == 0 ? b->group : static_cast<int>(group);
-    const int64_t q = b->quantized_rows();
+    const int b_group = bits == 0 ? b->group : static_cast<int>(group);
+    const int64_t q = bits == 0 ? 0 : static_cast<int64_t>(tokens) / b_group * b_group;
     const std::size_t bb = bits == 0 ? 0 : 4 + static_cast<std::size_t>(group) * bits / 8;
     const std::size_t block_bytes = bits == 0 ? 0 : static_cast<std::size_t>(q / group) * rank * bb;
-    const std::size_t rows = static_cast<std::size_t>(tokens - q) * rank;
-    b->blocks = r.get_vector<uint8_t>(block_bytes, "basis blocks");
-    b->rows = r.get_vector<Half>(rows, "basis rows");
-    require_size(b->blocks.size(), block_bytes, at, "basis blocks (bytes)");
-    require_size(b->rows.size(), rows, at, "basis rows");
-    if (bb > 0) check_blocks(b->blocks, bb, at, "basis");
-    require_finite(b->rows, at, "basis rows");
+    const std::size_t row_count = static_cast<std::size_t>(tokens - q) * rank;
+    const std::vector<uint8_t> blocks = r.get_vector<uint8_t>(block_bytes, "basis blocks");
+    const std::vector<Half> rows = r.get_vector<Half>(row_count, "basis rows");
+    require_size(blocks.size(), block_bytes, at, "basis blocks (bytes)");
+    require_size(rows.size(), row_count, at, "basis rows");
+    if (bb > 0) check_blocks(blocks, bb, at, "basis");
+    require_finite(rows, at, "basis rows");
+    b->assign_stored(static_cast<int64_t>(tokens), static_cast<int>(rank), static_cast<int>(bits),
+                     b_group, blocks, rows, heads.front().pool);
     table.bases.push_back(std::move(b));
   }
   return table;
@@ -118,9 +121,10 @@ inline void read_store(CheckedFileReader& r, LowRankHeadStore& s, const StoreLim
     }
     side->basis = none ? nullptr : t.bases[index];
     const std::size_t b_size = none ? 0 : static_cast<std::size_t>(side->basis->rank) * d;
-    if (!none && side->basis->tokens != static_cast<int64_t>(factored)) {
-      bad_store(lim,
-                concat("its basis holds ", side->basis->tokens, " tokens, expected ", factored));
+    // At least: truncate() into the factored part keeps the basis's rows past `factored`.
+    if (!none && side->basis->tokens < static_cast<int64_t>(factored)) {
+      bad_store(lim, concat("its basis holds ", side->basis->tokens, " tokens, expected at least ",
+                            factored));
     }
     side->b = r.get_vector<float>(b_size, "factor B");
     require_size(side->b.size(), b_size, lim, "factor B");

@@ -1,6 +1,7 @@
 /// \file backend/cpu/page_sizes.hpp
 /// \brief Page sizes of the paged CPU formats (docs/page_formats.md): what one page of dense
-/// rows or of KIVI blocks holds, so the container can size a pool without the format's store.
+/// rows, of KIVI blocks or of a low-rank basis holds, so the container can size a pool without
+/// the format's store.
 #pragma once
 
 #include <cstddef>
@@ -61,6 +62,47 @@ constexpr PageOffset kivi_value_token_at(int64_t t, int page_tokens, int group, 
       static_cast<int64_t>(page_tokens / group) * head_dim + (t % page_tokens) * (head_dim / group);
   return {t / page_tokens, static_cast<std::size_t>(blocks) * kivi_block_bytes(bits, group)};
 }
+
+/// Bytes of one page of a low-rank cache: a dense fp16 page of page_tokens tokens (so low-rank
+/// and dense caches of the same page_tokens and head_dim share a pool), at least one KIVI block
+/// of a quantized basis (bits 0: fp16 bases). docs/page_formats.md, "Low-rank bases".
+constexpr std::size_t low_rank_page_bytes(int page_tokens, int head_dim, int bits, int group) {
+  const std::size_t dense = dense_page_bytes<uint16_t>(page_tokens, head_dim);
+  const std::size_t block = bits == 0 ? 0 : kivi_block_bytes(bits, group);
+  const std::size_t min =
+      (block + PagePool::kAlignment - 1) / PagePool::kAlignment * PagePool::kAlignment;
+  return dense > min ? dense : min;
+}
+
+/// A low-rank basis in pages: its KIVI blocks ([row group][column], block b = g · rank + c) run
+/// through its first pages, page_bytes / block_bytes whole blocks per page; its fp16 rows
+/// (element e = (t − quantized) · rank + column) through the pages after those, page_bytes / 2
+/// elements per page. Rows may cross pages; blocks never do.
+struct BasisPageLayout {
+  std::size_t page_bytes;
+  std::size_t block_bytes;  ///< 0 for an fp16 basis
+  int64_t blocks;           ///< quantized / group · rank
+
+  constexpr int64_t blocks_per_page() const {
+    return block_bytes == 0 ? 0 : static_cast<int64_t>(page_bytes / block_bytes);
+  }
+  /// Pages holding blocks: those before the fp16 rows.
+  constexpr int64_t block_pages() const {
+    return blocks == 0 ? 0 : (blocks + blocks_per_page() - 1) / blocks_per_page();
+  }
+  constexpr int64_t halves_per_page() const { return static_cast<int64_t>(page_bytes / 2); }
+  /// Pages of a basis whose fp16 rows hold `halves` elements.
+  constexpr int64_t pages(int64_t halves) const {
+    return block_pages() + (halves + halves_per_page() - 1) / halves_per_page();
+  }
+  constexpr PageOffset block_at(int64_t b) const {
+    return {b / blocks_per_page(), static_cast<std::size_t>(b % blocks_per_page()) * block_bytes};
+  }
+  constexpr PageOffset half_at(int64_t e) const {
+    return {block_pages() + e / halves_per_page(),
+            static_cast<std::size_t>(e % halves_per_page()) * 2};
+  }
+};
 
 }  // namespace detail
 }  // namespace kvpack

@@ -25,7 +25,7 @@ std::size_t KVCache<Policy, backend::Cuda>::bytes() const {
              head.key_factor.bytes() + head.value_factor.bytes();
   }
   for (const cuda::DeviceLowRankBasis* basis : distinct_bases()) {
-    total += basis->blocks.bytes() + basis->rows.bytes() + sizeof(detail::LowRankBasis);
+    total += basis->blocks.bytes() + basis->rows.bytes() + sizeof(cuda::DeviceLowRankBasis);
   }
   return total;
 }

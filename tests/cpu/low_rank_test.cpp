@@ -1,5 +1,6 @@
 // Low-rank policies: CrossLayerSVD (xKV) and ChannelShrink (CSKV) against exact references.
 #include <Eigen/SVD>
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cstdio>
 #include <fstream>
@@ -183,4 +184,82 @@ TEST_CASE("ChannelShrink: calibrated PCA projections, exact window, file round t
                       Contains("projections shape"));
   REQUIRE_THROWS_WITH(kvpack::KVCache<ChannelShrink>(kLowRankShape, ChannelShrink()),
                       Contains("projections"));
+}
+
+TEST_CASE("Low-rank bases live in pages of the cache's pool and go back to it",
+          "[lowrank][pages]") {
+  using Cache = kvpack::KVCache<CrossLayerSVD>;
+  const std::size_t page = Cache::page_bytes(kLowRankShape, CrossLayerSVD(2, 20, 30), 16);
+  // The page of a dense fp16 cache of the same page_tokens and head_dim: both share one pool.
+  REQUIRE(page == kvpack::KVCache<kvpack::Identity>::page_bytes(kLowRankShape, {}, 16));
+  auto pool = std::make_shared<kvpack::PagePool>(page, 8);
+  const kvpack::PageOptions shared{16, pool};
+  kvpack::KVCache<kvpack::Identity> dense(kLowRankShape, {}, shared);
+  fill_low_rank(dense, 100, 3);
+  const std::size_t dense_pages = pool->pages_in_use();
+  REQUIRE(dense_pages == 4 * 2 * 7);  // 100 tokens in 16-token pages, per (layer, head)
+
+  Cache cache(kLowRankShape, CrossLayerSVD(2, 20, 30), shared);
+  REQUIRE(cache.page_pool() == pool);
+  fill_low_rank(cache, 300, 5);
+  REQUIRE(pool->pages_in_use() == dense_pages);  // the exact tail is not paged
+  cache.compress();
+  // Two groups, keys at rank 20 and values at rank 30 over 300 tokens: fp16, page / 2 values a
+  // page.
+  const int64_t per_page = static_cast<int64_t>(page / 2);
+  const int64_t basis_pages =
+      2 * ((300 * 20 + per_page - 1) / per_page + (300 * 30 + per_page - 1) / per_page);
+  REQUIRE(pool->pages_in_use() == dense_pages + static_cast<std::size_t>(basis_pages));
+  const auto f = cache.low_rank_factors(3, 1);
+  REQUIRE(f.key_basis.pages + f.value_basis.pages == basis_pages / 2);
+  std::vector<int32_t> ids(f.key_basis.page_ids, f.key_basis.page_ids + f.key_basis.pages);
+  ids.insert(ids.end(), f.value_basis.page_ids, f.value_basis.page_ids + f.value_basis.pages);
+  std::sort(ids.begin(), ids.end());
+  REQUIRE(std::adjacent_find(ids.begin(), ids.end()) == ids.end());  // no page held twice
+
+  // A copy (a fork of the sequence) shares the immutable bases: no page taken.
+  {
+    const Cache fork = cache;
+    REQUIRE(pool->pages_in_use() == dense_pages + static_cast<std::size_t>(basis_pages));
+    REQUIRE(kvpack_test::snapshot(fork) == kvpack_test::snapshot(cache));
+  }
+  // A second compress replaces the bases: the old ones' pages go back to the pool.
+  kvpack_test::append_decode_tokens(cache, 300, 20, 6);
+  cache.compress();
+  const int64_t grown =
+      2 * ((320 * 20 + per_page - 1) / per_page + (320 * 30 + per_page - 1) / per_page);
+  REQUIRE(pool->pages_in_use() == dense_pages + static_cast<std::size_t>(grown));
+  // truncate() into the factored part keeps the bases (shared, immutable), and the state saves
+  // and loads: the basis holds more rows than the factored tokens.
+  cache.truncate(249);
+  REQUIRE(cache.low_rank_factors(0, 0).factored == 250);
+  REQUIRE(cache.low_rank_factors(0, 0).key_basis.tokens == 320);
+  const std::string path = kvpack_test::temp_path("low_rank_pages");
+  cache.save(path);
+  Cache loaded(kLowRankShape, CrossLayerSVD(2, 20, 30), shared);
+  loaded.load(path);
+  std::remove(path.c_str());
+  REQUIRE(kvpack_test::snapshot(loaded) == kvpack_test::snapshot(cache));
+  REQUIRE(pool->pages_in_use() == dense_pages + 2 * static_cast<std::size_t>(grown));
+  cache.clear();
+  loaded.clear();
+  REQUIRE(pool->pages_in_use() == dense_pages);
+}
+
+TEST_CASE("Low-rank compress() that the pool cannot hold changes nothing", "[lowrank][errors]") {
+  using Cache = kvpack::KVCache<CrossLayerSVD>;
+  const std::size_t page = Cache::page_bytes(kLowRankShape, CrossLayerSVD(2, 20, 30), 16);
+  // Caller memory for 20 pages: the four bases of 300 tokens need 2 × (6 + 9) = 30.
+  std::vector<std::byte> memory(20 * page + 64);
+  void* aligned = memory.data();
+  std::size_t space = memory.size();
+  REQUIRE(std::align(64, 20 * page, aligned, space) != nullptr);
+  auto pool = std::make_shared<kvpack::PagePool>(aligned, 20 * page, page);
+  Cache cache(kLowRankShape, CrossLayerSVD(2, 20, 30), kvpack::PageOptions{16, pool});
+  fill_low_rank(cache, 300, 5);
+  const auto before = kvpack_test::snapshot(cache);
+  REQUIRE_THROWS_AS(cache.compress(), kvpack::error);
+  REQUIRE(kvpack_test::snapshot(cache) == before);
+  REQUIRE(pool->pages_in_use() == 0);
+  REQUIRE(cache.low_rank_factors(0, 0).factored == 0);
 }

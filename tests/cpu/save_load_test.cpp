@@ -20,10 +20,7 @@
 
 namespace {
 
-std::string temp_path(const std::string& name) {
-  return (std::string(std::getenv("TMPDIR") ? std::getenv("TMPDIR") : "/tmp")) + "/kvpack_" + name +
-         "_" + std::to_string(::getpid()) + ".kvc";
-}
+using kvpack_test::temp_path;
 
 std::vector<uint8_t> read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

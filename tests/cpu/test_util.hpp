@@ -1,15 +1,25 @@
 // Shared helpers of the CPU tests: seeded random activations and slow, obviously-right references.
 #pragma once
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <kvpack/kvpack.hpp>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace kvpack_test {
+
+/// A file name under $TMPDIR (else /tmp) unique to this process: kvpack_<name>_<pid>.kvc.
+inline std::string temp_path(const std::string& name) {
+  return (std::string(std::getenv("TMPDIR") ? std::getenv("TMPDIR") : "/tmp")) + "/kvpack_" + name +
+         "_" + std::to_string(::getpid()) + ".kvc";
+}
 
 /// The instruction sets this CPU can run, scalar first: tests run their kernels under each.
 inline std::vector<kvpack::Isa> supported_isas() {

@@ -62,6 +62,7 @@ struct LowRankBasis {
     fresh.pages.pool = std::move(pool);
     const int64_t q = fresh.quantized_rows();
     fresh.pages.resize(fresh.layout().pages((n - q) * r));
+    fresh.pages.shrink_to_fit();  // immutable from here: an exact page table
     if (q > 0) {
       dispatch_quant(bits_, group_, [&](auto b, auto g) {
         constexpr int B = decltype(b)::value, G = decltype(g)::value;
@@ -91,6 +92,7 @@ struct LowRankBasis {
     fresh.pages.pool = std::move(pool);
     const BasisPageLayout at = fresh.layout();
     fresh.pages.resize(at.pages(static_cast<int64_t>(rows.size())));
+    fresh.pages.shrink_to_fit();
     for (int64_t i = 0; i < at.blocks; ++i) {
       std::memcpy(fresh.block(i), blocks.data() + i * at.block_bytes, at.block_bytes);
     }

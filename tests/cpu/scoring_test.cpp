@@ -537,3 +537,92 @@ TEST_CASE(
     }
   }
 }
+
+namespace {
+
+/// attend_observe() of `fused` against attend() then observe() of `split` (the same cache
+/// before): the attention within 2e-6 of the largest output (another summation order), the
+/// stored scores bit-identical (each score is the same dot product), for every layer.
+template <class Policy>
+void require_fused_equals_split(const Policy& policy, const ScoreWindow& window,
+                                std::vector<float> query_weights) {
+  RepeatScenario sc;
+  kvpack::KVCache<Policy> split(kShape, policy);
+  for (int l = 0; l < 2; ++l) kvpack_test::fill_layer(split, l, sc.context + sc.repeat, 60 + l);
+  kvpack::KVCache<Policy> fused = split;
+  split.policy().window = window;
+  fused.policy().window = window;
+  const std::size_t n = sc.q.size();
+  for (int l = 0; l < 2; ++l) {
+    std::vector<float> a(n), b(n);
+    split.attend(l, sc.qv(), sc.qpos, kvpack::OutputView::nhd(a.data(), sc.repeat, 9, 64));
+    split.observe(l, sc.qv(), sc.qpos, query_weights);
+    fused.attend_observe(l, sc.qv(), sc.qpos, kvpack::OutputView::nhd(b.data(), sc.repeat, 9, 64),
+                         query_weights);
+    float peak = 0, worst = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      peak = std::max(peak, std::abs(a[i]));
+      worst = std::max(worst, std::abs(a[i] - b[i]));
+    }
+    CHECK(worst <= 2e-6f * peak);
+    for (int h = 0; h < 3; ++h) {
+      const auto x = split.token_scores(l, h), y = fused.token_scores(l, h);
+      REQUIRE(x.size() == y.size());
+      for (std::size_t t = 0; t < x.size(); ++t) {
+        REQUIRE((std::isnan(x[t]) ? std::isnan(y[t]) : x[t] == y[t]));
+      }
+    }
+  }
+  split.compress();
+  fused.compress();
+  for (int l = 0; l < 2; ++l) {
+    for (int h = 0; h < 3; ++h) {
+      REQUIRE(kept_positions(split.materialize(l).heads[h]) ==
+              kept_positions(fused.materialize(l).heads[h]));
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("attend_observe: one pass equals attend() then observe()", "[scoring][kvzip]") {
+  const Budget budget = Budget::ratio(0.5).with_protection(4, 0);
+  std::vector<float> weights(60);
+  for (std::size_t t = 0; t < weights.size(); ++t) weights[t] = 0.5f + 0.01f * t;
+  SECTION("KVzip, every key") {
+    require_fused_equals_split(ReconstructionEvict(budget), ScoreWindow::all(), {});
+  }
+  SECTION("KVzip, a chunk-local window and query weights") {
+    require_fused_equals_split(ReconstructionEvict(budget), ScoreWindow::chunk(4, 60, 140, 200),
+                               weights);
+  }
+  SECTION("SnapKV (sums of probabilities), a window") {
+    require_fused_equals_split(kvpack::SnapKV(budget), ScoreWindow::chunk(4, 4, 120, 200), {});
+  }
+  SECTION("a cache without query scores runs attend() and observe()") {
+    RepeatScenario sc;
+    kvpack::KVCache<kvpack::L2NormEvict> cache(kShape, kvpack::L2NormEvict(budget, 0));
+    kvpack_test::fill_layer(cache, 0, sc.context + sc.repeat, 70);
+    std::vector<float> a(sc.q.size()), b(sc.q.size());
+    cache.attend(0, sc.qv(), sc.qpos, kvpack::OutputView::nhd(a.data(), sc.repeat, 9, 64));
+    cache.attend_observe(0, sc.qv(), sc.qpos, kvpack::OutputView::nhd(b.data(), sc.repeat, 9, 64));
+    REQUIRE(a == b);
+  }
+}
+
+TEST_CASE("attend_observe: bad calls are refused and change nothing", "[scoring][errors]") {
+  RepeatScenario sc;
+  kvpack::KVCache<ReconstructionEvict> cache(kShape, ReconstructionEvict(Budget::ratio(0.5)));
+  kvpack_test::fill_layer(cache, 0, sc.context + sc.repeat, 80);
+  std::vector<float> out(sc.q.size(), 7.0f);
+  const auto view = kvpack::OutputView::nhd(out.data(), sc.repeat, 9, 64);
+  const std::vector<float> few(3, 1.0f);
+  REQUIRE_THROWS_WITH(cache.attend_observe(0, sc.qv(), sc.qpos, view, few),
+                      Contains("attend_observe") && Contains("query_weights"));
+  REQUIRE_THROWS_WITH(cache.attend_observe(2, sc.qv(), sc.qpos, view), Contains("layer"));
+  const auto small = kvpack::OutputView::nhd(out.data(), sc.repeat, 8, 64);
+  REQUIRE_THROWS_AS(cache.attend_observe(0, sc.qv(), sc.qpos, small), kvpack::error);
+  REQUIRE(std::all_of(out.begin(), out.end(), [](float x) { return x == 7.0f; }));
+  const auto scores = cache.token_scores(0, 0);
+  REQUIRE(std::all_of(scores.begin(), scores.end(), [](float x) { return std::isnan(x); }));
+}

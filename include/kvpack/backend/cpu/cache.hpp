@@ -167,6 +167,14 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
     observed_ = true;
   }
 
+  /// attend() and observe() of the same queries in one pass (a KVzip repeat pass): for dense
+  /// rows scored by queries (ReconstructionEvict, SnapKV) each score is computed once and serves
+  /// the attention (softmax over every visible key) and the scores (softmax over the policy's
+  /// window), which equal observe()'s bit for bit; other caches run the two calls. Same
+  /// arguments, outputs and errors as the two calls. cache_observe.hpp.
+  void attend_observe(int layer, const ActivationView& q, Positions positions,
+                      const OutputView& out, Span<const float> query_weights = {});
+
   /// \brief Scores tokens from their hidden states (KVzap: ScoreSource::kHiddenStates). x is
   /// tokens × 1 × hidden: one "head" whose head_dim is the scorer's hidden size, each token's
   /// attention input (the RMS-normed hidden state); positions are those of tokens `layer` holds,
@@ -425,7 +433,7 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
                             const StateOf& state_of, std::vector<float>& scratch) const;
   std::vector<float> pre_rope_rows(int layer, int head, int64_t tokens, bool keys) const;
   void observe_probabilities(int layer, const ActivationView& q, Positions positions,
-                             Span<const float> query_weights);
+                             Span<const float> query_weights, const OutputView* out = nullptr);
   void trim_lazy_layers();
 
   std::vector<Store> heads_;                    // layer-major: [layer][kv_head]

@@ -3,6 +3,7 @@
 /// probabilities of observed queries reduced per key (max or sum) or per layer (mass).
 #pragma once
 
+#include <Eigen/Core>
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -16,9 +17,27 @@
 namespace kvpack {
 
 template <class Policy>
+void KVCache<Policy, backend::Cpu>::attend_observe(int layer, const ActivationView& q,
+                                                   Positions positions, const OutputView& out,
+                                                   Span<const float> query_weights) {
+  if constexpr (kQueryScores && kDenseRows) {
+    constexpr const char* where = "KVCache::attend_observe";
+    checked_plan(where, layer, q, positions, out);
+    this->check_observe_weights(where, q, query_weights);
+    observe_probabilities(layer, q, positions, query_weights, &out);
+    observed_ = true;
+  } else {
+    attend(layer, q, positions, out);
+    observe(layer, q, positions, query_weights);
+  }
+}
+
+template <class Policy>
 void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const ActivationView& q,
                                                           Positions positions,
-                                                          Span<const float> query_weights) {
+                                                          Span<const float> query_weights,
+                                                          const OutputView* out) {
+  using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const int d = shape_.head_dim;
   const int g = shape_.group_size();
   const int heads = shape_.kv_heads;
@@ -30,24 +49,34 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
   const int64_t items = heads * blocks;
 
   // The window's keys of each head, fp32 and packed once for all blocks; with output factors
-  // (KVzip+), each window key's value weight per query head of the group.
+  // (KVzip+), each window key's value weight per query head of the group. With `out`
+  // (attend_observe), every held key is packed and its values loaded: the attention's strip
+  // holds each score once, and the window's strip is cut from it.
   std::vector<cpu::PackedKeys> keys(heads);
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> window(heads);
+  std::vector<int64_t> window_size(heads, 0);
+  std::vector<std::vector<float>> values(out != nullptr ? heads : 0);
   const OutputFactors* factors = nullptr;
   if constexpr (kQueryScores) factors = selection().value_weights();
   std::vector<std::vector<float>> value_weights(factors != nullptr ? heads : 0);
   detail::parallel_for(executor(), heads, [&](int64_t h) {
     auto& head = store(layer, static_cast<int>(h));
+    const auto all = cpu::window_ranges(head.positions.data(), head.size(), ScoreWindow::all());
     if constexpr (kQueryScores) {
       head.scores.resize(head.positions.size(), head.kUnscored);
-      keys[h].pack(head.rows(d), d,
-                   cpu::window_ranges(head.positions.data(), head.size(), selection().window));
-      if (factors != nullptr) {
-        cpu::value_output_norms(head.rows(d), d, keys[h].ranges(), keys[h].size(),
-                                factors->head(layer, static_cast<int>(h) * g), g, value_weights[h]);
-      }
+      window[h] = cpu::window_ranges(head.positions.data(), head.size(), selection().window);
     } else {
-      keys[h].pack(head.rows(d), d,
-                   cpu::window_ranges(head.positions.data(), head.size(), ScoreWindow::all()));
+      window[h] = all;
+    }
+    for (const auto& range : window[h]) window_size[h] += range.second - range.first;
+    keys[h].pack(head.rows(d), d, out != nullptr ? all : window[h]);
+    if (out != nullptr) {
+      values[h].resize(static_cast<std::size_t>(head.size()) * d);
+      head.rows(d).load_values(0, head.size(), values[h].data());
+    }
+    if (factors != nullptr) {
+      cpu::value_output_norms(head.rows(d), d, window[h], window_size[h],
+                              factors->head(layer, static_cast<int>(h) * g), g, value_weights[h]);
     }
   });
 
@@ -58,12 +87,8 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
   // Folds window-key values `b` of head h into its stored scores with `combine`.
   auto merge_into_scores = [&](int h, const float* b, auto combine) {
     float* scores = store(layer, h).scores.data();
-    for (std::size_t i = 0; i < keys[h].ranges().size(); ++i) {
-      const auto& range = keys[h].ranges()[i];
-      const float* bi = b + keys[h].offset(i);
-      for (int64_t t = range.first; t < range.second; ++t) {
-        scores[t] = combine(scores[t], bi[t - range.first]);
-      }
+    for (const auto& range : window[h]) {
+      for (int64_t t = range.first; t < range.second; ++t) scores[t] = combine(scores[t], *b++);
     }
   };
   // One task per thread of the executor, taking work items in turn: a thread's scratch and its
@@ -75,25 +100,47 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
     // Per thread: the max probability of each window key over this thread's blocks (a max is
     // exact, so merging the threads in any order gives the same scores).
     std::vector<std::vector<float>> best(kQueryScores && !kSumScores ? heads : 0);
-    cpu::ScoreStrip strip;
+    cpu::ScoreStrip strip, all;  // the window's probabilities; attend_observe: every key's
     std::vector<float> qrows;
     std::vector<int64_t> visible;
+    RowMatrix attended;
     for (int64_t item; (item = next_item.fetch_add(1, std::memory_order_relaxed)) < items;) {
       const int h = static_cast<int>(item / blocks);
       const int64_t t0 = (item % blocks) * block_tokens;
       const int64_t tn = std::min(block_tokens, tokens - t0);
       const int rows = static_cast<int>(tn * g);
       gather_query_rows(layer, q, positions, h, t0, tn, qrows, visible);
-      cpu::score_strip(keys[h], qrows.data(), rows, visible.data(), strip);
+      if (out != nullptr) {
+        cpu::score_rows(keys[h], qrows.data(), rows, visible.data(), all);
+        cpu::window_strip(all, rows, window[h], strip);
+        cpu::softmax_strip(all, rows);
+        // The attention: P · V over the keys each row sees (zeros past a row's limit), scaled
+        // by 1 / sum.
+        const int64_t widest = *std::max_element(all.limit.begin(), all.limit.end());
+        for (int r = 0; r < rows; ++r) {
+          std::fill(all.values.data() + r * all.stride + all.limit[r],
+                    all.values.data() + r * all.stride + widest, 0.0f);
+        }
+        attended.noalias() =
+            Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>(all.values.data(), rows, widest,
+                                                                 Eigen::OuterStride<>(all.stride)) *
+            Eigen::Map<const RowMatrix>(values[h].data(), widest, d);
+        for (int r = 0; r < rows; ++r) {
+          attended.row(r) *= all.inv_sum[r];
+          out->store(t0 + r / g, static_cast<int64_t>(h) * g + r % g, attended.row(r).data());
+        }
+      } else {
+        cpu::score_strip(keys[h], qrows.data(), rows, visible.data(), strip);
+      }
       if (!query_weights.empty() || factors != nullptr) {
         cpu::weight_strip(strip, rows, g, query_weights.empty() ? nullptr : &query_weights[t0],
-                          factors != nullptr ? value_weights[h].data() : nullptr, keys[h].size());
+                          factors != nullptr ? value_weights[h].data() : nullptr, window_size[h]);
       }
       if constexpr (kSumScores) {
-        item_sums[item].assign(keys[h].size(), Store::kUnscored);
+        item_sums[item].assign(window_size[h], Store::kUnscored);
         cpu::sum_probabilities(strip, rows, item_sums[item].data());
       } else if constexpr (kQueryScores) {
-        if (best[h].empty()) best[h].assign(keys[h].size(), Store::kUnscored);
+        if (best[h].empty()) best[h].assign(window_size[h], Store::kUnscored);
         cpu::max_probabilities(strip, rows, best[h].data());
       } else {
         const auto& held = store(layer, h).positions;

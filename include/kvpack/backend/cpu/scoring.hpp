@@ -258,12 +258,13 @@ inline void sum_scaled(float* best, const float* x, int64_t n, float scale) {
 
 namespace cpu {
 
-/// Softmax probabilities of `rows` query rows q (row-major rows × d, pre-scaled by 1/sqrt(d))
-/// over the window keys `keys`, causal: row r sees the keys whose head index is below
-/// visible[r]. Each score is computed once; the row's max, then exp in place, follow while the
-/// strip is still in cache (a max folded into the kernel cost more than this extra pass).
-inline void score_strip(const PackedKeys& keys, const float* q, int rows, const int64_t* visible,
-                        ScoreStrip& strip) {
+/// Scores of `rows` query rows q (row-major rows × d, pre-scaled by 1/sqrt(d)) against the
+/// window keys `keys`, causal: row r sees the keys whose head index is below visible[r]. Fills
+/// strip.limit, strip.stride and strip.values with the raw scores (softmax_strip() turns them
+/// into probabilities). Each score is computed once, panel-major: each panel is read into L1 once
+/// and used by every row of the block.
+inline void score_rows(const PackedKeys& keys, const float* q, int rows, const int64_t* visible,
+                       ScoreStrip& strip) {
   const int d = keys.head_dim();
   strip.limit.resize(rows);
   int64_t widest = 0;
@@ -274,7 +275,6 @@ inline void score_strip(const PackedKeys& keys, const float* q, int rows, const 
   strip.stride = (widest + kScorePanel - 1) / kScorePanel * kScorePanel;
   strip.values.resize(static_cast<std::size_t>(rows) * strip.stride);
   strip.inv_sum.assign(rows, 0.0f);
-  // Panel-major: each panel is read into L1 once and used by every row of the block.
   const int64_t panels = strip.stride / kScorePanel;
   for (int64_t p = 0; p < panels; ++p) {
     const int64_t j0 = p * kScorePanel;
@@ -286,6 +286,12 @@ inline void score_strip(const PackedKeys& keys, const float* q, int rows, const 
                            strip.values.data() + r0 * strip.stride, strip.stride);
     }
   }
+}
+
+/// Raw scores of a strip to softmax probabilities in place: each row's max, then exp(score −
+/// max) and 1 / sum over its limit, while the strip is still in cache (a max folded into the
+/// score kernel cost more than this extra pass).
+inline void softmax_strip(ScoreStrip& strip, int rows) {
   for (int r = 0; r < rows; ++r) {
     if (strip.limit[r] == 0) continue;
     const float max = detail::row_max(strip.values.data() + r * strip.stride, strip.limit[r]);
@@ -293,6 +299,40 @@ inline void score_strip(const PackedKeys& keys, const float* q, int rows, const 
         detail::exp_shifted(strip.values.data() + r * strip.stride, strip.limit[r], max);
     strip.inv_sum[r] = 1.0f / sum;
   }
+}
+
+/// Softmax probabilities of `rows` query rows q (row-major rows × d, pre-scaled by 1/sqrt(d))
+/// over the window keys `keys`, causal (see score_rows).
+inline void score_strip(const PackedKeys& keys, const float* q, int rows, const int64_t* visible,
+                        ScoreStrip& strip) {
+  score_rows(keys, q, rows, visible, strip);
+  softmax_strip(strip, rows);
+}
+
+/// The strip of a window from the raw scores of every held key (`all`, from score_rows over
+/// keys packed with the whole head as their one range): row r of `window` holds the scores of
+/// the keys in `ranges` (ascending head indices, concatenated: the window index of PackedKeys)
+/// that it sees, then softmax_strip. Equal, bit for bit, to score_strip over the window's own
+/// packed keys: each score is the same dot product, and the max and sums run in the same order.
+inline void window_strip(const ScoreStrip& all, int rows,
+                         const std::vector<std::pair<int64_t, int64_t>>& ranges,
+                         ScoreStrip& window) {
+  int64_t size = 0;
+  for (const auto& range : ranges) size += range.second - range.first;
+  window.limit.assign(rows, 0);
+  window.stride = (size + kScorePanel - 1) / kScorePanel * kScorePanel;
+  window.values.resize(static_cast<std::size_t>(rows) * window.stride);
+  window.inv_sum.assign(rows, 0.0f);
+  for (int r = 0; r < rows; ++r) {
+    float* dst = window.values.data() + r * window.stride;
+    for (const auto& range : ranges) {
+      const int64_t end = std::min(range.second, all.limit[r]);
+      if (end <= range.first) break;  // ranges ascend: none further is visible
+      std::copy(all.row(r) + range.first, all.row(r) + end, dst + window.limit[r]);
+      window.limit[r] += end - range.first;
+    }
+  }
+  softmax_strip(window, rows);
 }
 
 /// Folds the probabilities of every row into out[j] for each window key j with

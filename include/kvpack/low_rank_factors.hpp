@@ -14,7 +14,7 @@ namespace kvpack {
 
 /// \brief One token basis A [tokens][rank], shared by the kv heads of a layer (ChannelShrink) or
 /// of an xKV layer group (CrossLayerSVD), in pages of the cache's page_pool()
-/// (docs/page_formats.md, "Low-rank bases"). Rows [0, quantized) are KIVI blocks
+/// (docs/page_formats.md, "Low-rank bases in pages"). Rows [0, quantized) are KIVI blocks
 /// QuantBlock<bits, group> ordered [row group][column] (one block per basis column over each
 /// whole group of rows, as KIVI stores keys; none when bits is 0): block b = g · rank + c lies in
 /// page page_ids[b / (page_bytes / block_bytes)] at byte (b mod (page_bytes / block_bytes)) ·

@@ -136,6 +136,15 @@ TEST_CASE("low_rank_factors: keys and values rebuilt from the view equal materia
           Quantize(2, 16, 0)));
     check_view(cache);
   }
+  SECTION("CSKV, fp16 bases in a shared pool of larger pages (the pool's page size rules)") {
+    auto pool = std::make_shared<kvpack::PagePool>(8192, 8);
+    kvpack::KVCache<kvpack::ChannelShrink> cache(
+        kLowRankShape,
+        kvpack::ChannelShrink(kvpack_test::calibrated_projections(kLowRankShape, 12, 16), 32),
+        kvpack::PageOptions{16, pool});
+    check_view(cache);
+    REQUIRE(cache.low_rank_factors(0, 0).key_basis.page_bytes == 8192);
+  }
   SECTION("xKV, 4-bit bases in pages of one token: rows and row groups cross pages") {
     using P = Compose<CrossLayerSVD, Quantize>;
     kvpack::KVCache<P> cache(kLowRankShape, P(CrossLayerSVD(2, 20, 30), Quantize(4, 32, 0)),

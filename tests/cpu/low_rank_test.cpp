@@ -263,3 +263,45 @@ TEST_CASE("Low-rank compress() that the pool cannot hold changes nothing", "[low
   REQUIRE(pool->pages_in_use() == 0);
   REQUIRE(cache.low_rank_factors(0, 0).factored == 0);
 }
+
+TEST_CASE("Low-rank batch: bases a fork shares are counted once", "[lowrank][pages][batch]") {
+  kvpack::KVCacheBatch<CrossLayerSVD> batch(kLowRankShape, CrossLayerSVD(2, 20, 30));
+  auto& first = batch.add(0);
+  fill_low_rank(first, 300, 5);
+  first.compress();
+  batch.fork(0, 1);
+  auto& fork = batch.sequence(1);
+  // The fork's bases are its source's: four of them (two groups, keys and values).
+  const std::size_t page = batch.page_pool()->page_bytes();
+  std::size_t shared = 0;
+  std::vector<const int32_t*> seen;
+  for (int l = 0; l < kLowRankShape.layers; ++l) {
+    for (int h = 0; h < kLowRankShape.kv_heads; ++h) {
+      const auto f = fork.low_rank_factors(l, h);
+      REQUIRE(f.key_basis.page_ids == batch.sequence(0).low_rank_factors(l, h).key_basis.page_ids);
+      for (const auto& b : {f.key_basis, f.value_basis}) {
+        if (std::find(seen.begin(), seen.end(), b.page_ids) != seen.end()) continue;
+        seen.push_back(b.page_ids);
+        shared += kvpack_test::basis_bytes(page, b.tokens, b.rank, b.bits, b.group);
+      }
+    }
+  }
+  REQUIRE(seen.size() == 4);
+  auto table = [&] {  // what the batch counts beyond its sequences' own bytes()
+    return static_cast<long long>(batch.bytes()) - static_cast<long long>(first.bytes()) -
+           static_cast<long long>(fork.bytes());
+  };
+  auto table_reserved = [&] {  // and beyond the pool's free pages and bookkeeping
+    const kvpack::PagePool& pool = *batch.page_pool();
+    return static_cast<long long>(batch.reserved_bytes()) -
+           static_cast<long long>(first.reserved_bytes()) -
+           static_cast<long long>(fork.reserved_bytes()) -
+           static_cast<long long>(pool.reserved_bytes() - pool.bytes_in_use());
+  };
+  const long long sharing = table(), sharing_reserved = table_reserved();
+  fork.compress();  // the same tokens: bases of the same sizes, now the fork's own
+  REQUIRE(fork.low_rank_factors(0, 0).key_basis.page_ids !=
+          first.low_rank_factors(0, 0).key_basis.page_ids);
+  REQUIRE(table() - sharing == static_cast<long long>(shared));
+  REQUIRE(table_reserved() - sharing_reserved == static_cast<long long>(shared));
+}

@@ -137,8 +137,8 @@ inline std::shared_ptr<const kvpack::ChannelProjections> calibrated_projections(
 }
 
 /// Bytes a token basis of `tokens` × `rank` holds in pages of `page_bytes`, by the layout of
-/// docs/page_formats.md ("Low-rank bases"): KIVI blocks (bits > 0: whole groups of rows, one
-/// block per column) page_bytes / block_bytes to a page, then the fp16 rows page_bytes / 2
+/// docs/page_formats.md ("Low-rank bases in pages"): KIVI blocks (bits > 0: whole groups of rows,
+/// one block per column) page_bytes / block_bytes to a page, then the fp16 rows page_bytes / 2
 /// elements to a page; whole pages, a page-table entry (id, address) each, and the basis struct.
 inline std::size_t basis_bytes(std::size_t page_bytes, int64_t tokens, int rank, int bits = 0,
                                int group = 32) {

@@ -59,8 +59,8 @@ inline double require_gram_factorize_optimal(const std::vector<float>& x, int ro
 }
 
 /// A CPU cache's basis (low_rank_factors()) read from its pages by the documented layout
-/// (docs/page_formats.md, "Low-rank bases") into the unpaged arrays the device holds: blocks
-/// [quantized / group][rank] and fp16 rows [tokens − quantized][rank].
+/// (docs/page_formats.md, "Low-rank bases in pages") into the unpaged arrays the device holds:
+/// blocks [quantized / group][rank] and fp16 rows [tokens − quantized][rank].
 inline void contiguous_basis(const LowRankBasisData& b, const PagePool& pool,
                              std::vector<uint8_t>& blocks, std::vector<Half>& rows) {
   const std::size_t block_bytes =

@@ -99,7 +99,7 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
     }
   }
 
-  /// Validates the shape, the policy's knobs and the page options (dense rows formats); throws
+  /// Validates the shape, the policy's knobs and the page options; throws
   /// kvpack::error on a bad value. `pages.pool` shares one page pool between caches (e.g. the
   /// sequences of an engine's batch); without one the cache makes a private pool.
   explicit KVCache(const ModelShape& shape, Policy policy = Policy{}, PageOptions pages = {})
@@ -437,8 +437,8 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   void trim_lazy_layers();
 
   std::vector<Store> heads_;                    // layer-major: [layer][kv_head]
-  std::shared_ptr<PagePool> pool_;              // paged formats only
-  int page_tokens_ = 0;                         // PageOptions::page_tokens of a paged format
+  std::shared_ptr<PagePool> pool_;              // where every page of the cache comes from
+  int page_tokens_ = 0;                         // PageOptions::page_tokens
   bool private_pool_ = false;                   // made by this cache (not shared by the caller)
   std::vector<LayerObservation> observations_;  // LazyLayerDrop only
   Executor* executor_ = nullptr;                // null: default_executor()

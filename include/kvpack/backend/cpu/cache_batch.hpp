@@ -120,11 +120,12 @@ class KVCacheBatch<Policy, backend::Cpu> {
   }
 
   /// Σ bytes() of the sequences (their pages, page tables, positions, bookkeeping) plus the
-  /// batch's own table. Pages are counted where they are held, once.
+  /// batch's own table. Pages are counted where they are held, once: the token bases that forks
+  /// of a low-rank sequence share with it are counted once for the batch.
   std::size_t bytes() const {
     std::size_t total = entries_.size() * (sizeof(Entry) + sizeof(cache_type));
     for (const auto& e : entries_) total += e.cache->bytes();
-    return total;
+    return total - shared_overcount(false);
   }
 
   /// What the batch occupies: the sequences' reserved_bytes() (pages held and vector capacity),
@@ -135,10 +136,10 @@ class KVCacheBatch<Policy, backend::Cpu> {
     for (const auto& e : entries_) total += e.cache->reserved_bytes();
     const auto& pool = prototype_.page_pool();
     if (pool) total += pool->reserved_bytes() - pool->bytes_in_use();
-    return total + prototype_.reserved_bytes();
+    return total + prototype_.reserved_bytes() - shared_overcount(true);
   }
 
-  /// The pool the sequences' pages come from (null for KIVI and low-rank formats).
+  /// The pool the sequences' pages come from.
   const std::shared_ptr<PagePool>& page_pool() const { return prototype_.page_pool(); }
   const ModelShape& shape() const { return prototype_.shape(); }
 
@@ -155,6 +156,25 @@ class KVCacheBatch<Policy, backend::Cpu> {
     int64_t id;
     std::unique_ptr<cache_type> cache;
   };
+
+  /// What Σ over the sequences counts more than once: the token bases forks of a low-rank
+  /// sequence share (each sequence's bytes() counts every basis its heads point to).
+  std::size_t shared_overcount(bool reserved) const {
+    if constexpr (cache_type::kLowRank) {
+      using Store = typename cache_type::Store;
+      std::vector<const std::vector<Store>*> all;
+      std::size_t each = 0;
+      for (const auto& e : entries_) {
+        all.push_back(&e.cache->heads_);
+        each += reserved ? Store::shared_reserved_bytes(e.cache->heads_)
+                         : Store::shared_bytes(e.cache->heads_);
+      }
+      return each - (reserved ? Store::shared_reserved_bytes(all) : Store::shared_bytes(all));
+    } else {
+      static_cast<void>(reserved);
+      return 0;
+    }
+  }
 
   static PageOptions make_pages(const ModelShape& shape, const Policy& policy, PageOptions pages) {
     if (!pages.pool && cache_type::paged && pages.page_tokens > 0) {

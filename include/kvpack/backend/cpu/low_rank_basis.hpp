@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "../../config.hpp"
@@ -41,6 +42,13 @@ struct LowRankBasis {
   int group = 32;
   PageList pages;  ///< the blocks' pages, then the fp16 rows' pages
 
+  LowRankBasis() = default;
+  LowRankBasis(LowRankBasis&&) noexcept = default;
+  LowRankBasis& operator=(LowRankBasis&&) noexcept = default;
+  // Bases are shared (shared_ptr<const LowRankBasis>), never copied: a copy would take pages.
+  LowRankBasis(const LowRankBasis&) = delete;
+  LowRankBasis& operator=(const LowRankBasis&) = delete;
+
   int64_t quantized_rows() const { return bits == 0 ? 0 : tokens / group * group; }
   BasisPageLayout layout() const {
     return {pages.page_bytes(), bits == 0 ? 0 : kivi_block_bytes(bits, group),
@@ -64,7 +72,7 @@ struct LowRankBasis {
     fresh.pages.resize(fresh.layout().pages((n - q) * r));
     fresh.pages.shrink_to_fit();  // immutable from here: an exact page table
     if (q > 0) {
-      dispatch_quant(bits_, group_, [&](auto b, auto g) {
+      const bool known = dispatch_quant(bits_, group_, [&](auto b, auto g) {
         constexpr int B = decltype(b)::value, G = decltype(g)::value;
         std::vector<QuantBlock<B, G>> row_group(static_cast<std::size_t>(r));
         for (int64_t grp = 0; grp < q / G; ++grp) {
@@ -74,6 +82,10 @@ struct LowRankBasis {
           }
         }
       });
+      if (!known) {  // the policies validate their knobs first: a guard, not a path
+        throw error(concat("LowRankBasis: bits = ", bits_, ", group = ", group_,
+                           ", expected 2, 4 or 8 bits and a group of 16, 32, 64 or 128"));
+      }
     }
     fresh.for_each_half_run(
         0, (n - q) * r, [&](Half* run, int64_t e, int64_t m) { store_row(a + q * r + e, run, m); });
@@ -119,16 +131,18 @@ struct LowRankBasis {
 
   /// Rows [begin, begin + n) in fp32 (row-major × rank).
   void load(int64_t begin, int64_t n, float* out) const {
+    const BasisPageLayout at = layout();
     const int64_t q = quantized_rows();
     const int64_t qend = std::min(begin + n, q);
     if (begin < qend) {
-      dispatch_quant(bits, group, [&](auto b, auto g) {
+      (void)dispatch_quant(bits, group, [&](auto b, auto g) {  // bits checked by assign()
         constexpr int B = decltype(b)::value, G = decltype(g)::value;
         for (int64_t t = begin; t < qend;) {
           float* row = out + (t - begin) * rank;
           const int64_t first = t / G * rank;  // block of column 0 in t's row group
-          auto blk = [&](int c) {
-            return *reinterpret_cast<const QuantBlock<B, G>*>(block(first + c));
+          auto blk = [&](int c) -> const QuantBlock<B, G>& {
+            const PageOffset p = at.block_at(first + c);
+            return *reinterpret_cast<const QuantBlock<B, G>*>(pages.data[p.page] + p.offset);
           };
           if (t % G == 0 && t + G <= qend) {
             for (int c = 0; c < rank; ++c) dequantize_block_ref(blk(c), row + c, rank);
@@ -151,23 +165,30 @@ struct LowRankBasis {
   }
 
   /// First byte of block i (row group i / rank, column i % rank).
-  uint8_t* block(int64_t i) const {
+  const uint8_t* block(int64_t i) const {
     const PageOffset at = layout().block_at(i);
-    return reinterpret_cast<uint8_t*>(pages.data[at.page]) + at.offset;
+    return reinterpret_cast<const uint8_t*>(pages.data[at.page]) + at.offset;
   }
 
  private:
+  uint8_t* block(int64_t i) { return const_cast<uint8_t*>(std::as_const(*this).block(i)); }
+
   /// Calls f(run, e, m) for the fp16 elements [e0, e0 + count) in runs within one page: `run`
-  /// holds elements [e, e + m).
+  /// holds elements [e, e + m) (writable when the basis is, while it is built).
   template <class F>
   void for_each_half_run(int64_t e0, int64_t count, F&& f) const {
     const BasisPageLayout at = layout();
     for (int64_t e = e0; e < e0 + count;) {
       const PageOffset p = at.half_at(e);
       const int64_t m = std::min(at.halves_per_page() - e % at.halves_per_page(), e0 + count - e);
-      f(reinterpret_cast<Half*>(pages.data[p.page] + p.offset), e, m);
+      f(reinterpret_cast<const Half*>(pages.data[p.page] + p.offset), e, m);
       e += m;
     }
+  }
+  template <class F>
+  void for_each_half_run(int64_t e0, int64_t count, F&& f) {
+    std::as_const(*this).for_each_half_run(
+        e0, count, [&](const Half* run, int64_t e, int64_t m) { f(const_cast<Half*>(run), e, m); });
   }
 };
 

@@ -163,11 +163,20 @@ struct LowRankHeadStore {
   /// Every token basis some head of `heads` points to, counted once with its bookkeeping
   /// (bases are shared by the heads, and by the layers of an xKV group).
   static std::size_t shared_bytes(const std::vector<LowRankHeadStore>& heads) {
-    return sum_bases(heads, [](const LowRankBasis& b) { return b.bytes(); });
+    return shared_bytes(std::vector<const std::vector<LowRankHeadStore>*>{&heads});
   }
   /// shared_bytes with each basis's allocated heap.
   static std::size_t shared_reserved_bytes(const std::vector<LowRankHeadStore>& heads) {
-    return sum_bases(heads, [](const LowRankBasis& b) { return b.reserved_bytes(); });
+    return shared_reserved_bytes(std::vector<const std::vector<LowRankHeadStore>*>{&heads});
+  }
+  /// The same over the heads of several caches: the sequences of a batch, whose forks share
+  /// their source's bases.
+  static std::size_t shared_bytes(const std::vector<const std::vector<LowRankHeadStore>*>& caches) {
+    return sum_bases(caches, [](const LowRankBasis& b) { return b.bytes(); });
+  }
+  static std::size_t shared_reserved_bytes(
+      const std::vector<const std::vector<LowRankHeadStore>*>& caches) {
+    return sum_bases(caches, [](const LowRankBasis& b) { return b.reserved_bytes(); });
   }
 
   /// The head's own bytes: factors B, the exact tail and positions (bases: see LowRankBasis).
@@ -311,14 +320,19 @@ struct LowRankHeadStore {
  private:
   /// Σ bytes_of(basis) over the distinct bases the heads point to, each with its bookkeeping.
   template <class BytesOf>
-  static std::size_t sum_bases(const std::vector<LowRankHeadStore>& heads, BytesOf bytes_of) {
+  static std::size_t sum_bases(const std::vector<const std::vector<LowRankHeadStore>*>& caches,
+                               BytesOf bytes_of) {
     std::vector<const LowRankBasis*> seen;
     std::size_t total = 0;
-    for (const auto& head : heads) {
-      for (const LowRankBasis* basis : {head.key.basis.get(), head.value.basis.get()}) {
-        if (basis == nullptr || std::find(seen.begin(), seen.end(), basis) != seen.end()) continue;
-        seen.push_back(basis);
-        total += bytes_of(*basis) + sizeof(LowRankBasis);
+    for (const auto* heads : caches) {
+      for (const auto& head : *heads) {
+        for (const LowRankBasis* basis : {head.key.basis.get(), head.value.basis.get()}) {
+          if (basis == nullptr || std::find(seen.begin(), seen.end(), basis) != seen.end()) {
+            continue;
+          }
+          seen.push_back(basis);
+          total += bytes_of(*basis) + sizeof(LowRankBasis);
+        }
       }
     }
     return total;

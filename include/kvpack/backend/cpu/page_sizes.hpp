@@ -65,7 +65,7 @@ constexpr PageOffset kivi_value_token_at(int64_t t, int page_tokens, int group, 
 
 /// Bytes of one page of a low-rank cache: a dense fp16 page of page_tokens tokens (so low-rank
 /// and dense caches of the same page_tokens and head_dim share a pool), at least one KIVI block
-/// of a quantized basis (bits 0: fp16 bases). docs/page_formats.md, "Low-rank bases".
+/// of a quantized basis (bits 0: fp16 bases). docs/page_formats.md, "Low-rank bases in pages".
 constexpr std::size_t low_rank_page_bytes(int page_tokens, int head_dim, int bits, int group) {
   const std::size_t dense = dense_page_bytes<uint16_t>(page_tokens, head_dim);
   const std::size_t block = bits == 0 ? 0 : kivi_block_bytes(bits, group);

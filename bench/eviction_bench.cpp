@@ -21,10 +21,13 @@
 /// (QKV 576→960, O 576→576, gate/up 576→3072, down 1536→576) plus kvpack attention, run (a) as a
 /// prefill of a 2 K-token context and (b) as KVzip's repeat pass over it (instruction + the
 /// context again, appended, attended and observed with the chunk window, then truncated).
-/// Counters: observe_ms (scoring only), repeat_forward_ms (the pass without observe()),
-/// prefill_ms, and the ratios of scoring to each. The target is scoring < 0.1 of the
-/// forward pass. The real model also runs norms, RoPE and the LM head; they are small next to
-/// these GEMMs (the proxy's prefill is within a few percent of kvpack-eval's 280 tokens/s).
+/// fused:0 scores with observe() after attend(); fused:1 with attend_observe() (each score
+/// computed once), whose scoring cost is its time less that of attend() on the same queries,
+/// run just before it as a probe (not counted in the pass). Counters: observe_ms (scoring only),
+/// repeat_forward_ms (the pass without its scoring), prefill_ms, and the ratios of scoring to
+/// each. The target is scoring < 0.1 of the forward pass. The real model also runs norms,
+/// RoPE and the LM head; they are small next to these GEMMs (the proxy's prefill is within a few
+/// percent of kvpack-eval's 280 tokens/s).
 ///
 /// Run with OMP_WAIT_POLICY=passive on a shared machine (see bench_util.hpp), e.g.
 /// --benchmark_filter='BM_ObserveScoring|BM_CompressGlobal|BM_RepeatPassLayer'.
@@ -166,11 +169,18 @@ class LayerProxy {
         gate_up_(RowMat::Random(2 * kFfn, kHidden) * 0.05f),
         down_(RowMat::Random(kHidden, kFfn) * 0.05f) {}
 
-  /// Runs the layer over x (tokens × hidden) at `positions`; observe() too when `observe`.
-  /// Returns the seconds spent in observe().
+  /// What a repeat pass scores with: nothing (prefill), observe() after attend(), or
+  /// attend_observe() (one pass).
+  enum class Scoring { kNone, kObserve, kFused };
+  struct Timing {
+    double scoring_s = 0;  ///< observe(), or attend_observe() less attend() of the same queries
+    double probe_s = 0;    ///< the attend() run only to measure that difference (not the pass's)
+  };
+
+  /// Runs the layer over x (tokens × hidden) at `positions`, scoring as `scoring` says.
   template <class Cache>
-  double forward(Cache& cache, const RowMat& x, const std::vector<int64_t>& positions,
-                 bool observe) {
+  Timing forward(Cache& cache, const RowMat& x, const std::vector<int64_t>& positions,
+                 Scoring scoring) {
     const int64_t n = x.rows();
     const int qd = kQHeads * kHeadDim, kvd = kKvHeads * kHeadDim;
     qkv.noalias() = x * qkv_.transpose();
@@ -181,19 +191,27 @@ class LayerProxy {
                  kvpack::ActivationView::nhd(v.data(), n, kKvHeads, kHeadDim), positions);
     attn.resize(n, qd);
     const auto q_view = kvpack::ActivationView::nhd(q.data(), n, kQHeads, kHeadDim);
-    cache.attend(0, q_view, positions, kvpack::OutputView::nhd(attn.data(), n, kQHeads, kHeadDim));
-    double observed = 0.0;
-    if (observe) {
-      const double t0 = now_seconds();
+    const auto out_view = kvpack::OutputView::nhd(attn.data(), n, kQHeads, kHeadDim);
+    Timing timing;
+    double t0 = now_seconds();
+    cache.attend(0, q_view, positions, out_view);  // attend() has no side effect: a probe
+    const double attend_s = now_seconds() - t0;
+    if (scoring == Scoring::kObserve) {
+      t0 = now_seconds();
       cache.observe(0, q_view, positions);
-      observed = now_seconds() - t0;
+      timing.scoring_s = now_seconds() - t0;
+    } else if (scoring == Scoring::kFused) {
+      t0 = now_seconds();
+      cache.attend_observe(0, q_view, positions, out_view);
+      timing.scoring_s = now_seconds() - t0 - attend_s;
+      timing.probe_s = attend_s;
     }
     h.noalias() = attn * out_.transpose();
     gate_up.noalias() = h * gate_up_.transpose();
     act = gate_up.leftCols(kFfn).cwiseProduct(gate_up.rightCols(kFfn));
     h.noalias() = act * down_.transpose();
     benchmark::DoNotOptimize(h.data());
-    return observed;
+    return timing;
   }
 
  private:
@@ -203,6 +221,8 @@ class LayerProxy {
 
 void BM_RepeatPassLayer(benchmark::State& state) {
   const int64_t context = state.range(0);
+  const auto scoring =
+      state.range(1) == 1 ? LayerProxy::Scoring::kFused : LayerProxy::Scoring::kObserve;
   constexpr int64_t kInstruction = 22;  // kvpack-eval's repeat instruction, in tokens
   LayerProxy layer;
   const RowMat x_context = RowMat::Random(context, LayerProxy::kHidden);
@@ -212,7 +232,7 @@ void BM_RepeatPassLayer(benchmark::State& state) {
   for (int64_t t = 0; t < kInstruction + context; ++t) repeat_positions[t] = context + t;
 
   kvpack::KVCache<kvpack::ReconstructionEvict> cache(model_shape());
-  layer.forward(cache, x_context, context_positions, false);
+  layer.forward(cache, x_context, context_positions, LayerProxy::Scoring::kNone);
   // One chunk covers the context: sinks + the whole context + the repeat tokens.
   cache.policy().window = kvpack::ScoreWindow::chunk(kSinks, kSinks, context, context);
   double observe_s = 0, repeat_s = 0, prefill_s = 0;
@@ -221,12 +241,13 @@ void BM_RepeatPassLayer(benchmark::State& state) {
     {
       kvpack::KVCache<kvpack::ReconstructionEvict> fresh(model_shape());
       const double t0 = now_seconds();
-      layer.forward(fresh, x_context, context_positions, false);
+      layer.forward(fresh, x_context, context_positions, LayerProxy::Scoring::kNone);
       prefill_s += now_seconds() - t0;
     }
     const double t0 = now_seconds();
-    const double observed = layer.forward(cache, x_repeat, repeat_positions, true);
-    const double total = now_seconds() - t0;
+    const LayerProxy::Timing timing = layer.forward(cache, x_repeat, repeat_positions, scoring);
+    const double total = now_seconds() - t0 - timing.probe_s;
+    const double observed = timing.scoring_s;
     cache.truncate(context - 1);
     state.SetIterationTime(total);
     observe_s += observed;
@@ -240,8 +261,9 @@ void BM_RepeatPassLayer(benchmark::State& state) {
   state.counters["observe_over_prefill"] = observe_s / prefill_s;
 }
 BENCHMARK(BM_RepeatPassLayer)
-    ->ArgName("context")
-    ->Arg(2048)
+    ->ArgNames({"context", "fused"})
+    ->Args({2048, 0})
+    ->Args({2048, 1})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
 

@@ -41,15 +41,17 @@ class SwitchableAdapter : public llama::AttentionCache {
                const float* query_weights) override {
     if (!observe_) return;
     const ModelShape& s = cache_->shape();
-    // KVzip+ weighs each query token by 1 / ‖x_t‖; plain probabilities for every other policy.
-    Span<const float> weights;
-    if constexpr (Selection::score_source == ScoreSource::kObservedQueries) {
-      const bool on =
-          query_weights_ < 0 ? selection().value_weights() != nullptr : query_weights_ == 1;
-      if (on) weights = {query_weights, std::size_t(n)};
-    }
     cache_->observe(layer, ActivationView::nhd(q, n, s.q_heads, s.head_dim),
-                    Positions(positions, static_cast<size_t>(n)), weights);
+                    Positions(positions, static_cast<size_t>(n)), weights(query_weights, n));
+  }
+  void attend_observe(int layer, const float* q, const int64_t* positions, int64_t n, float* out,
+                      const float* query_weights) override {
+    if (!observe_) return attend(layer, q, positions, n, out);
+    const ModelShape& s = cache_->shape();
+    cache_->attend_observe(layer, ActivationView::nhd(q, n, s.q_heads, s.head_dim),
+                           Positions(positions, static_cast<size_t>(n)),
+                           OutputView::nhd(out, n, s.q_heads, s.head_dim),
+                           weights(query_weights, n));
   }
   void observe_hidden(int layer, const float* x, const int64_t* positions, int64_t n,
                       int hidden) override {
@@ -72,6 +74,15 @@ class SwitchableAdapter : public llama::AttentionCache {
   using Selection = typename detail::PolicyStages<typename Cache::policy_type>::selection;
   const Selection& selection() const {
     return detail::PolicyStages<typename Cache::policy_type>::select_knobs(cache_->policy());
+  }
+  /// KVzip+ weighs each query token by 1 / ‖x_t‖; plain probabilities for every other policy.
+  Span<const float> weights(const float* query_weights, int64_t n) const {
+    if constexpr (Selection::score_source == ScoreSource::kObservedQueries) {
+      const bool on =
+          query_weights_ < 0 ? selection().value_weights() != nullptr : query_weights_ == 1;
+      if (on) return {query_weights, std::size_t(n)};
+    }
+    return {};
   }
 
   Cache* cache_;

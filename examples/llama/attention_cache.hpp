@@ -25,6 +25,13 @@ class AttentionCache {
   /// [n]: 1 / ‖x_t‖ of each token's attention input (KVzip+ weighs its probabilities by them).
   virtual void observe(int /*layer*/, const float* /*q*/, const int64_t* /*positions*/,
                        int64_t /*n*/, const float* /*query_weights*/) {}
+  /// attend() then observe() of the same queries; caches that score with them override it to do
+  /// both in one pass (KVCache::attend_observe: each score computed once).
+  virtual void attend_observe(int layer, const float* q, const int64_t* positions, int64_t n,
+                              float* out, const float* query_weights) {
+    attend(layer, q, positions, n, out);
+    observe(layer, q, positions, n, query_weights);
+  }
   /// Hands the chunk's attention inputs x (n × hidden, the RMS-normed hidden states the Q/K/V
   /// projections read) to hidden-state scorers (KVzap), right after append(); a no-op unless
   /// overridden.
@@ -63,6 +70,15 @@ class KvCacheAdapter : public AttentionCache {
     const ModelShape& s = cache_.shape();
     cache_.observe(layer, ActivationView::nhd(q, n, s.q_heads, s.head_dim),
                    Positions(positions, static_cast<size_t>(n)));
+  }
+
+  void attend_observe(int layer, const float* q, const int64_t* positions, int64_t n, float* out,
+                      const float* query_weights) override {
+    if (!observe_queries_) return attend(layer, q, positions, n, out);
+    const ModelShape& s = cache_.shape();
+    cache_.attend_observe(layer, ActivationView::nhd(q, n, s.q_heads, s.head_dim),
+                          Positions(positions, static_cast<size_t>(n)),
+                          OutputView::nhd(out, n, s.q_heads, s.head_dim));
   }
 
   /// Hands the attention inputs to policies scored by hidden states (KVzap); a no-op for others.

@@ -320,8 +320,7 @@ void LlamaModel::forward_chunk(AttentionCache& cache, const int32_t* tokens, int
     }
     cache.append(l, k.data(), v.data(), positions.data(), n);
     cache.observe_hidden(l, h.data(), positions.data(), n, c.hidden);
-    cache.attend(l, q.data(), positions.data(), n, attn.data());
-    cache.observe(l, q.data(), positions.data(), n, inv_norm.data());
+    cache.attend_observe(l, q.data(), positions.data(), n, attn.data(), inv_norm.data());
     linear(attn, w.attn_output, proj);
     x += proj;
 

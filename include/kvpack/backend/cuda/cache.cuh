@@ -181,6 +181,11 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     observed_ = true;
   }
 
+  /// attend() then observe() of the same queries, in `space` (the CPU fuses them).
+  void attend_observe(int layer, const ActivationView& q, Positions positions,
+                      const OutputView& out, Span<const float> query_weights = {},
+                      MemorySpace space = MemorySpace::kHost);
+
   /// observe() without query weights, with `q` in `space`.
   void observe(int layer, const ActivationView& q, Positions positions, MemorySpace space) {
     observe(layer, q, positions, {}, space);

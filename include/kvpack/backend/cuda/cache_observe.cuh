@@ -1,8 +1,9 @@
 /// \file backend/cuda/cache_observe.cuh
-/// \brief Out-of-line member of KVCache<Policy, backend::Cuda>: observe() of query-scored
-/// eviction (ReconstructionEvict, SnapKV: the max or summed probability of each held key) and of
-/// lazy layers (LazyLayerDrop: the layer's attention mass on its kept set), kernels/observe.cuh;
-/// observe_hidden() of KVzap (the scorer's GEMM, kernels/hidden_scores.cuh).
+/// \brief Out-of-line members of KVCache<Policy, backend::Cuda>: attend_observe() (the two
+/// calls), observe() of query-scored eviction (ReconstructionEvict, SnapKV: the max or summed
+/// probability of each held key) and of lazy layers (LazyLayerDrop: the layer's attention mass
+/// on its kept set), kernels/observe.cuh; observe_hidden() of KVzap (the scorer's GEMM,
+/// kernels/hidden_scores.cuh).
 #pragma once
 
 #include <algorithm>
@@ -16,6 +17,15 @@
 #include "cache.cuh"
 
 namespace kvpack {
+
+template <class Policy>
+void KVCache<Policy, backend::Cuda>::attend_observe(int layer, const ActivationView& q,
+                                                    Positions positions, const OutputView& out,
+                                                    Span<const float> query_weights,
+                                                    MemorySpace space) {
+  attend(layer, q, positions, out, space);
+  observe(layer, q, positions, query_weights, space);
+}
 
 template <class Policy>
 template <class P>

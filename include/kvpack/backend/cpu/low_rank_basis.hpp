@@ -62,15 +62,8 @@ struct LowRankBasis {
   /// as above. Throws kvpack::error when the pool runs out, the basis unchanged.
   void assign(const float* a, int64_t n, int r, int bits_, int group_,
               std::shared_ptr<PagePool> pool) {
-    LowRankBasis fresh;
-    fresh.tokens = n;
-    fresh.rank = r;
-    fresh.bits = bits_;
-    fresh.group = group_;
-    fresh.pages.pool = std::move(pool);
+    LowRankBasis fresh = with_pages(n, r, bits_, group_, std::move(pool));
     const int64_t q = fresh.quantized_rows();
-    fresh.pages.resize(fresh.layout().pages((n - q) * r));
-    fresh.pages.shrink_to_fit();  // immutable from here: an exact page table
     if (q > 0) {
       const bool known = dispatch_quant(bits_, group_, [&](auto b, auto g) {
         constexpr int B = decltype(b)::value, G = decltype(g)::value;
@@ -96,15 +89,8 @@ struct LowRankBasis {
   /// [tokens − quantized][rank], as gather() gives them (a saved cache).
   void assign_stored(int64_t n, int r, int bits_, int group_, const std::vector<uint8_t>& blocks,
                      const std::vector<Half>& rows, std::shared_ptr<PagePool> pool) {
-    LowRankBasis fresh;
-    fresh.tokens = n;
-    fresh.rank = r;
-    fresh.bits = bits_;
-    fresh.group = group_;
-    fresh.pages.pool = std::move(pool);
+    LowRankBasis fresh = with_pages(n, r, bits_, group_, std::move(pool));
     const BasisPageLayout at = fresh.layout();
-    fresh.pages.resize(at.pages(static_cast<int64_t>(rows.size())));
-    fresh.pages.shrink_to_fit();
     for (int64_t i = 0; i < at.blocks; ++i) {
       std::memcpy(fresh.block(i), blocks.data() + i * at.block_bytes, at.block_bytes);
     }
@@ -171,6 +157,21 @@ struct LowRankBasis {
   }
 
  private:
+  /// A basis of n × r values with its pages taken from `pool` (contents unwritten). Throws
+  /// kvpack::error when the pool runs out, having taken none.
+  static LowRankBasis with_pages(int64_t n, int r, int bits, int group,
+                                 std::shared_ptr<PagePool> pool) {
+    LowRankBasis fresh;
+    fresh.tokens = n;
+    fresh.rank = r;
+    fresh.bits = bits;
+    fresh.group = group;
+    fresh.pages.pool = std::move(pool);
+    fresh.pages.resize(fresh.layout().pages((n - fresh.quantized_rows()) * r));
+    fresh.pages.shrink_to_fit();  // immutable once written: an exact page table
+    return fresh;
+  }
+
   uint8_t* block(int64_t i) { return const_cast<uint8_t*>(std::as_const(*this).block(i)); }
 
   /// Calls f(run, e, m) for the fp16 elements [e0, e0 + count) in runs within one page: `run`

@@ -9,7 +9,9 @@
 /// (ranks of kvpack-eval's cskv row at ratio 4: r_k = 23, r_v = 68, window 32). Counters:
 /// dense_us = the same attend on an Identity (fp16) cache, x_dense = time / dense_us,
 /// ratio = dense_bytes / bytes, cpu_us = CPU time of the whole process per call (every thread;
-/// on a loaded machine the wall time grows, this much less).
+/// on a loaded machine the wall time grows, this much less); rank_k, rank_v of layer 0, and
+/// flop_per_second / fraction_of_gemm of the multiply-adds the attend must do (key rebuild,
+/// scores, P·A) against an Eigen GEMM measured in this process.
 ///
 /// BM_LowRankCompress: compress() of a 30-layer cache (every layer filled), timed once per
 /// iteration on a fresh copy. fraction_of_prefill = time / (tokens / 280 tokens/s), the prefill
@@ -115,10 +117,23 @@ void BM_LowRankAttendDecode(benchmark::State& state) {
     total += t;
   }
   const double iterations = static_cast<double>(state.iterations());
-  state.counters["cpu_us"] = 1e6 * static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC / iterations;
+  state.counters["cpu_us"] =
+      1e6 * static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC / iterations;
   state.counters["dense_us"] = dense_seconds * 1e6;
   state.counters["x_dense"] = total / iterations / dense_seconds;
   state.counters["ratio"] = static_cast<double>(cache.dense_bytes()) / cache.bytes();
+  // What bounds it: rebuilding every factored key of the layer's kv heads (2 · r_k · kv_heads ·
+  // head_dim FLOPs per token: RoPE comes after A·B, so B cannot move to the query side), the
+  // scores (2 · q_heads · head_dim) and P·A for values (2 · q_heads · r_v), against the
+  // process's Eigen GEMM rate.
+  const kvpack::LowRankHeadFactors f = cache.low_rank_factors(0, 0);
+  const double flop =
+      2.0 * static_cast<double>(f.factored) *
+      (f.key_basis.rank * kKvHeads * kHeadDim + kQHeads * kHeadDim + kQHeads * f.value_basis.rank);
+  state.counters["rank_k"] = f.key_basis.rank;
+  state.counters["rank_v"] = f.value_basis.rank;
+  state.counters["flop_per_second"] = flop * iterations / total;
+  state.counters["fraction_of_gemm"] = flop * iterations / total / mlp_gemm_flop_per_second();
 }
 BENCHMARK_TEMPLATE(BM_LowRankAttendDecode, kvpack::CrossLayerSVD)
     ->ArgName("tokens")

@@ -72,8 +72,9 @@ class KvCacheAdapter : public AttentionCache {
                    Positions(positions, static_cast<size_t>(n)));
   }
 
+  /// Plain probabilities, as observe() here (kvpack-eval's adapter passes KVzip+'s weights).
   void attend_observe(int layer, const float* q, const int64_t* positions, int64_t n, float* out,
-                      const float* query_weights) override {
+                      const float* /*query_weights*/) override {
     if (!observe_queries_) return attend(layer, q, positions, n, out);
     const ModelShape& s = cache_.shape();
     cache_.attend_observe(layer, ActivationView::nhd(q, n, s.q_heads, s.head_dim),

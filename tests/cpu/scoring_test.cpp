@@ -543,28 +543,34 @@ namespace {
 /// attend_observe() of `fused` against attend() then observe() of `split` (the same cache
 /// before): the attention within 2e-6 of the largest output (another summation order), the
 /// stored scores bit-identical (each score is the same dot product), for every layer.
-template <class Policy>
-void require_fused_equals_split(const Policy& policy, const ScoreWindow& window,
-                                std::vector<float> query_weights) {
-  RepeatScenario sc;
-  kvpack::KVCache<Policy> split(kShape, policy);
-  for (int l = 0; l < 2; ++l) kvpack_test::fill_layer(split, l, sc.context + sc.repeat, 60 + l);
-  kvpack::KVCache<Policy> fused = split;
-  split.policy().window = window;
-  fused.policy().window = window;
+/// One round: `split` attends then observes, `fused` attends and observes in one call (fp32
+/// output, or fp16 when `half_out`); outputs and stored scores compared as above.
+template <class Cache>
+void compare_round(Cache& split, Cache& fused, const RepeatScenario& sc,
+                   const std::vector<float>& query_weights, bool half_out) {
   const std::size_t n = sc.q.size();
   for (int l = 0; l < 2; ++l) {
     std::vector<float> a(n), b(n);
+    std::vector<kvpack::Half> bh(n);
     split.attend(l, sc.qv(), sc.qpos, kvpack::OutputView::nhd(a.data(), sc.repeat, 9, 64));
     split.observe(l, sc.qv(), sc.qpos, query_weights);
-    fused.attend_observe(l, sc.qv(), sc.qpos, kvpack::OutputView::nhd(b.data(), sc.repeat, 9, 64),
-                         query_weights);
+    if (half_out) {
+      fused.attend_observe(l, sc.qv(), sc.qpos,
+                           kvpack::OutputView::nhd(bh.data(), sc.repeat, 9, 64), query_weights);
+      for (std::size_t i = 0; i < n; ++i) {
+        b[i] = kvpack::to_float(bh[i]);
+        a[i] = kvpack::to_float(kvpack::to_half(a[i]));
+      }
+    } else {
+      fused.attend_observe(l, sc.qv(), sc.qpos, kvpack::OutputView::nhd(b.data(), sc.repeat, 9, 64),
+                           query_weights);
+    }
     float peak = 0, worst = 0;
     for (std::size_t i = 0; i < n; ++i) {
       peak = std::max(peak, std::abs(a[i]));
       worst = std::max(worst, std::abs(a[i] - b[i]));
     }
-    CHECK(worst <= 2e-6f * peak);
+    CHECK(worst <= (half_out ? 1e-3f : 2e-6f) * peak);  // fp16: one rounding step apart at most
     for (int h = 0; h < 3; ++h) {
       const auto x = split.token_scores(l, h), y = fused.token_scores(l, h);
       REQUIRE(x.size() == y.size());
@@ -573,13 +579,31 @@ void require_fused_equals_split(const Policy& policy, const ScoreWindow& window,
       }
     }
   }
-  split.compress();
-  fused.compress();
-  for (int l = 0; l < 2; ++l) {
-    for (int h = 0; h < 3; ++h) {
-      REQUIRE(kept_positions(split.materialize(l).heads[h]) ==
-              kept_positions(fused.materialize(l).heads[h]));
+}
+
+template <class Policy>
+void require_fused_equals_split(const Policy& policy, const ScoreWindow& window,
+                                std::vector<float> query_weights) {
+  for (const kvpack::Isa isa : kvpack_test::supported_isas()) {
+    kvpack_test::IsaScope scope(isa);
+    INFO("instruction set " << kvpack::isa_name(isa));
+    RepeatScenario sc;
+    kvpack::KVCache<Policy> split(kShape, policy);
+    for (int l = 0; l < 2; ++l) kvpack_test::fill_layer(split, l, sc.context + sc.repeat, 60 + l);
+    kvpack::KVCache<Policy> fused = split;
+    split.policy().window = window;
+    fused.policy().window = window;
+    compare_round(split, fused, sc, query_weights, false);
+    split.compress();
+    fused.compress();
+    for (int l = 0; l < 2; ++l) {
+      for (int h = 0; h < 3; ++h) {
+        REQUIRE(kept_positions(split.materialize(l).heads[h]) ==
+                kept_positions(fused.materialize(l).heads[h]));
+      }
     }
+    // Again over what compress() kept (heads now hold different tokens), fp16 output.
+    compare_round(split, fused, sc, query_weights, true);
   }
 }
 
@@ -625,4 +649,31 @@ TEST_CASE("attend_observe: bad calls are refused and change nothing", "[scoring]
   REQUIRE(std::all_of(out.begin(), out.end(), [](float x) { return x == 7.0f; }));
   const auto scores = cache.token_scores(0, 0);
   REQUIRE(std::all_of(scores.begin(), scores.end(), [](float x) { return std::isnan(x); }));
+  // A cache that runs the two calls refuses before attend() writes `out` too.
+  using KiviKvzip = kvpack::Compose<ReconstructionEvict, kvpack::Quantize>;
+  kvpack::KVCache<KiviKvzip> kivi(
+      kShape, KiviKvzip(ReconstructionEvict(Budget::ratio(0.5)), kvpack::Quantize(4, 32, 0)));
+  kvpack_test::fill_layer(kivi, 0, sc.context + sc.repeat, 81);
+  REQUIRE_THROWS_WITH(kivi.attend_observe(0, sc.qv(), sc.qpos, view, few),
+                      Contains("attend_observe") && Contains("query_weights"));
+  REQUIRE(std::all_of(out.begin(), out.end(), [](float x) { return x == 7.0f; }));
+}
+
+TEST_CASE("window_ranges: every position the window contains, a tail before the chunk too",
+          "[scoring]") {
+  std::vector<int32_t> positions;
+  for (int32_t p = 0; p < 400; p += 3) positions.push_back(p);
+  const int64_t n = static_cast<int64_t>(positions.size());
+  for (const ScoreWindow& w :
+       {ScoreWindow::all(), ScoreWindow::chunk(4, 60, 140, 300),
+        ScoreWindow::chunk(4, 200, 260, 100), ScoreWindow::chunk(0, 0, 50, 40),
+        ScoreWindow::chunk(30, 10, 20, 500)}) {
+    const auto ranges = kvpack::cpu::window_ranges(positions.data(), n, w);
+    std::vector<bool> in(positions.size(), false);
+    for (std::size_t i = 1; i < ranges.size(); ++i) REQUIRE(ranges[i - 1].second < ranges[i].first);
+    for (const auto& [a, b] : ranges) {
+      for (int64_t i = a; i < b; ++i) in[i] = true;
+    }
+    for (int64_t i = 0; i < n; ++i) REQUIRE(in[i] == w.contains(positions[i]));
+  }
 }

@@ -171,7 +171,8 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
   /// rows scored by queries (ReconstructionEvict, SnapKV) each score is computed once and serves
   /// the attention (softmax over every visible key) and the scores (softmax over the policy's
   /// window), which equal observe()'s bit for bit; other caches run the two calls. Same
-  /// arguments, outputs and errors as the two calls. cache_observe.hpp.
+  /// arguments and outputs as the two calls; throws kvpack::error for what either refuses,
+  /// before anything (`out` included) is written. cache_observe.hpp.
   void attend_observe(int layer, const ActivationView& q, Positions positions,
                       const OutputView& out, Span<const float> query_weights = {});
 

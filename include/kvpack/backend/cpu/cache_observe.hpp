@@ -1,6 +1,7 @@
 /// \file backend/cpu/cache_observe.hpp
-/// \brief Out-of-line member of KVCache<Policy, backend::Cpu>: observe(), the softmax
-/// probabilities of observed queries reduced per key (max or sum) or per layer (mass).
+/// \brief Out-of-line members of KVCache<Policy, backend::Cpu>: observe(), the softmax
+/// probabilities of observed queries reduced per key (max or sum) or per layer (mass), and
+/// attend_observe(), which computes the attention from the same scores.
 #pragma once
 
 #include <Eigen/Core>
@@ -20,10 +21,11 @@ template <class Policy>
 void KVCache<Policy, backend::Cpu>::attend_observe(int layer, const ActivationView& q,
                                                    Positions positions, const OutputView& out,
                                                    Span<const float> query_weights) {
+  // Every check of both calls first, so a refusal writes nothing (not even `out`).
+  constexpr const char* where = "KVCache::attend_observe";
+  checked_plan(where, layer, q, positions, out);
+  this->check_observe_weights(where, q, query_weights);
   if constexpr (kQueryScores && kDenseRows) {
-    constexpr const char* where = "KVCache::attend_observe";
-    checked_plan(where, layer, q, positions, out);
-    this->check_observe_weights(where, q, query_weights);
     observe_probabilities(layer, q, positions, query_weights, &out);
     observed_ = true;
   } else {
@@ -50,12 +52,11 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
 
   // The window's keys of each head, fp32 and packed once for all blocks; with output factors
   // (KVzip+), each window key's value weight per query head of the group. With `out`
-  // (attend_observe), every held key is packed and its values loaded: the attention's strip
-  // holds each score once, and the window's strip is cut from it.
+  // (attend_observe), every held key is packed: the attention's strip holds each score once,
+  // and the window's strip is cut from it.
   std::vector<cpu::PackedKeys> keys(heads);
   std::vector<std::vector<std::pair<int64_t, int64_t>>> window(heads);
   std::vector<int64_t> window_size(heads, 0);
-  std::vector<std::vector<float>> values(out != nullptr ? heads : 0);
   const OutputFactors* factors = nullptr;
   if constexpr (kQueryScores) factors = selection().value_weights();
   std::vector<std::vector<float>> value_weights(factors != nullptr ? heads : 0);
@@ -70,10 +71,6 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
     }
     for (const auto& range : window[h]) window_size[h] += range.second - range.first;
     keys[h].pack(head.rows(d), d, out != nullptr ? all : window[h]);
-    if (out != nullptr) {
-      values[h].resize(static_cast<std::size_t>(head.size()) * d);
-      head.rows(d).load_values(0, head.size(), values[h].data());
-    }
     if (factors != nullptr) {
       cpu::value_output_norms(head.rows(d), d, window[h], window_size[h],
                               factors->head(layer, static_cast<int>(h) * g), g, value_weights[h]);
@@ -104,6 +101,7 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
     std::vector<float> qrows;
     std::vector<int64_t> visible;
     RowMatrix attended;
+    std::vector<float> value_tile;
     for (int64_t item; (item = next_item.fetch_add(1, std::memory_order_relaxed)) < items;) {
       const int h = static_cast<int>(item / blocks);
       const int64_t t0 = (item % blocks) * block_tokens;
@@ -114,17 +112,25 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
         cpu::score_rows(keys[h], qrows.data(), rows, visible.data(), all);
         cpu::window_strip(all, rows, window[h], strip);
         cpu::softmax_strip(all, rows);
-        // The attention: P · V over the keys each row sees (zeros past a row's limit), scaled
-        // by 1 / sum.
+        // The attention: P · V over the keys each row sees (zeros past a row's limit), values
+        // converted a tile at a time (no fp32 copy of the head), scaled by 1 / sum.
         const int64_t widest = *std::max_element(all.limit.begin(), all.limit.end());
         for (int r = 0; r < rows; ++r) {
           std::fill(all.values.data() + r * all.stride + all.limit[r],
                     all.values.data() + r * all.stride + widest, 0.0f);
         }
-        attended.noalias() =
-            Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>(all.values.data(), rows, widest,
-                                                                 Eigen::OuterStride<>(all.stride)) *
-            Eigen::Map<const RowMatrix>(values[h].data(), widest, d);
+        attended.setZero(rows, d);
+        constexpr int64_t kValueTile = 256;
+        const auto held = store(layer, h).rows(d);
+        for (int64_t j0 = 0; j0 < widest; j0 += kValueTile) {
+          const int64_t n = std::min(kValueTile, widest - j0);
+          value_tile.resize(static_cast<std::size_t>(n) * d);
+          held.load_values(j0, n, value_tile.data());
+          attended.noalias() +=
+              Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>(
+                  all.values.data() + j0, rows, n, Eigen::OuterStride<>(all.stride)) *
+              Eigen::Map<const RowMatrix>(value_tile.data(), n, d);
+        }
         for (int r = 0; r < rows; ++r) {
           attended.row(r) *= all.inv_sum[r];
           out->store(t0 + r / g, static_cast<int64_t>(h) * g + r % g, attended.row(r).data());

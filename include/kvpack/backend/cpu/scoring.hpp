@@ -46,19 +46,22 @@ inline std::vector<std::pair<int64_t, int64_t>> window_ranges(const int32_t* pos
     return static_cast<int64_t>(std::lower_bound(positions, positions + n, pos) - positions);
   };
   std::vector<std::pair<int64_t, int64_t>> ranges;
-  auto add = [&](int64_t a, int64_t b) {
-    if (a >= b) return;
+  if (n == 0) return ranges;
+  const int64_t chunk_end = window.end == INT64_MAX ? n : index_of(window.end);
+  // The three parts in index order (a tail may start before the chunk), overlaps merged.
+  std::pair<int64_t, int64_t> parts[] = {
+      {0, index_of(window.sink_end)},
+      {index_of(window.begin), chunk_end},
+      {window.tail_begin == INT64_MAX ? n : index_of(window.tail_begin), n}};
+  std::sort(std::begin(parts), std::end(parts));
+  for (const auto& [a, b] : parts) {
+    if (a >= b) continue;
     if (!ranges.empty() && a <= ranges.back().second) {
       ranges.back().second = std::max(ranges.back().second, b);
     } else {
       ranges.push_back({a, b});
     }
-  };
-  if (n == 0) return ranges;
-  const int64_t chunk_end = window.end == INT64_MAX ? n : index_of(window.end);
-  add(0, index_of(window.sink_end));
-  add(index_of(window.begin), chunk_end);
-  add(window.tail_begin == INT64_MAX ? n : index_of(window.tail_begin), n);
+  }
   return ranges;
 }
 
@@ -126,7 +129,8 @@ class PackedKeys {
 
 /// \brief Softmax probabilities of a block of query rows over a window. Row r sees window keys
 /// [0, limit[r]); its probability of key j is row(r)[j] · inv_sum[r] (values hold
-/// exp(score − row max)). Rows with limit 0 see no key.
+/// exp(score − row max) after softmax_strip(), the raw scores before it, as score_rows() leaves
+/// them). Rows with limit 0 see no key.
 struct ScoreStrip {
   std::vector<float> values;
   std::vector<float> inv_sum;

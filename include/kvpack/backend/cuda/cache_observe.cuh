@@ -23,6 +23,8 @@ void KVCache<Policy, backend::Cuda>::attend_observe(int layer, const ActivationV
                                                     Positions positions, const OutputView& out,
                                                     Span<const float> query_weights,
                                                     MemorySpace space) {
+  // The weights first: attend() writes `out`, and a refusal must leave it as it was.
+  this->check_observe_weights("KVCache::attend_observe", q, query_weights);
   attend(layer, q, positions, out, space);
   observe(layer, q, positions, query_weights, space);
 }

@@ -132,11 +132,11 @@ void check_policy(const char* name, const Policy& policy, bool observe) {
   const auto q = random_values(700 * shape.q_heads * d, 3);
   std::vector<int64_t> pos;
   pos.reserve(700);
-  // A dense rows cache makes its page pool with make_shared: the pool object and its shared_ptr
-  // control block are the one allocation reserved_bytes() leaves out (it counts the pool's pages
-  // and bookkeeping). Measured here, in this program, rather than assumed.
+  // A cache makes its page pool with make_shared: the pool object and its shared_ptr control
+  // block are the one allocation reserved_bytes() leaves out (it counts the pool's pages and
+  // bookkeeping). Measured here, in this program, rather than assumed.
   long long pool_object = 0;
-  if (kvpack::KVCache<Policy>::paged) {
+  {
     const long long before = g_live.load();
     auto probe = std::make_shared<kvpack::PagePool>(64, 1);
     pool_object = g_live.load() - before;

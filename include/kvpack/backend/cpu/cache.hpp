@@ -112,7 +112,7 @@ class KVCache<Policy, backend::Cpu> : public detail::CacheFront<Policy> {
         head.int8_query = Stages::quant_knobs(policy_)->int8_query;
       }
     }
-    if constexpr (paged) {
+    {  // the page pool (every format is paged)
       constexpr const char* where = "KVCache";
       page_tokens_ = pages.page_tokens;
       detail::require(

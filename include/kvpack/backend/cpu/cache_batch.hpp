@@ -177,7 +177,7 @@ class KVCacheBatch<Policy, backend::Cpu> {
   }
 
   static PageOptions make_pages(const ModelShape& shape, const Policy& policy, PageOptions pages) {
-    if (!pages.pool && cache_type::paged && pages.page_tokens > 0) {
+    if (!pages.pool && pages.page_tokens > 0) {
       // A batch pool's chunks double up to 64 pages (one allocation per 64 pages, not per page).
       // A bad page_tokens is left for KVCache to refuse with its message.
       shape.validate();

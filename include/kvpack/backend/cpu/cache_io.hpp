@@ -170,7 +170,7 @@ void KVCache<Policy, backend::Cpu>::load(const std::string& path) {
       heads[i].int8_query = heads_[i].int8_query;  // the policy's, not the file's
     }
     if constexpr (kLowRank) heads[i].rope = heads_[i].rope;
-    if constexpr (paged) heads[i].set_pages(pool_, page_tokens_, shape_.head_dim);
+    heads[i].set_pages(pool_, page_tokens_, shape_.head_dim);
   }
   const auto shared = read_shared(r, heads, limits);
   for (int l = 0; l < shape_.layers; ++l) {

@@ -65,11 +65,8 @@
 namespace kvpack {
 
 /// \brief CUDA implementation of KVCache (see the file comment for the design).
-/// \tparam Policy BasicIdentity<Half|float>, Quantize (KIVI blocks + fp16 residual), an
-/// eviction policy scored from K/V or by position (L2NormEvict, StreamingLLM), by observed
-/// queries (ReconstructionEvict, SnapKV), by hidden states (KVzap), HeadLevelEvict, or lazy
-/// layers (LazyLayerDrop); any of these followed by KIVI (Compose<A, Quantize>); or a low-rank
-/// policy (CrossLayerSVD, ChannelShrink), alone or with KIVI bases (Compose<A, Quantize>).
+/// \tparam Policy any policy the CPU backend takes (rows, KIVI, every eviction score source,
+/// lazy layers, low-rank; Compose<A, Quantize>): cuda::supports_policy_v checks it.
 ///
 /// The cache runs on a caller-owned cuda::CudaContext (device + stream), or on one it creates
 /// on the current device. Move-only. Calls on one cache are serialised (a mutex guards the

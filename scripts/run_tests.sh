@@ -41,6 +41,6 @@ ctest --test-dir "$build_dir" --output-on-failure --no-tests=error -j "${KVPACK_
 echo "run_tests: ctest passed after $((SECONDS - start)) s"
 if [ "${KVPACK_SANITIZERS:-1}" != 0 ] || [ -n "${CI:-}" ]; then
   bash scripts/run_sanitizers.sh
-  KVPACK_FUZZ_OPT=${KVPACK_FUZZ_OPT:--O1} bash scripts/run_fuzz.sh "${KVPACK_FUZZ_SECONDS:-10}"
+  KVPACK_FUZZ_OPT=${KVPACK_FUZZ_OPT:--O0} bash scripts/run_fuzz.sh "${KVPACK_FUZZ_SECONDS:-10}"
 fi
 echo "run_tests: all tests passed in $((SECONDS - start)) s"

@@ -52,13 +52,19 @@ const char* kHelp =
     "Inputs:\n"
     "  --context N          context tokens compressed before scoring (default 2048)\n"
     "  --continuation N     teacher-forced tokens for agreement/KL/perplexity (default 128)\n"
+    "  --decode-tokens N    decoding test: the full cache generates N greedy tokens after the\n"
+    "                       text's context; every row is fed them and compresses while it\n"
+    "                       decodes (default 0: off)\n"
+    "  --compress-every N   decoding test: compress() after every N tokens (default 32)\n"
+    "  --decode-temperature T  decoding test: the full cache samples at T, seeded by --seed\n"
+    "                       (default 1; 0: greedy)\n"
     "  --text FILE          long text for agreement/KL/perplexity (default: Debian's license\n"
     "                       texts in /usr/share/common-licenses)\n"
     "  --tasks FILE         JSONL retrieval tasks {\"context\",\"question\",\"answer\"[,\n"
     "                       \"answer_prefix\"]} (default: generated passkey tasks)\n"
     "  --task-kind KIND     generated tasks: passkey (default) or kv\n"
     "  --num-tasks N        generated tasks (default 10)\n"
-    "  --seed N             seed of the generated tasks (default 1)\n"
+    "  --seed N             seed of the generated tasks and the decoding test (default 1)\n"
     "  --no-text            skip agreement/KL/perplexity\n"
     "  --no-retrieval       skip retrieval\n"
     "  --max-new-tokens N   greedy tokens per answer (default 10)\n"
@@ -200,6 +206,12 @@ Options parse_options(int argc, char** argv) {
       o.settings.context = parse_int(a, value(i), 16, 1 << 20);
     } else if (a == "--continuation") {
       o.settings.continuation = parse_int(a, value(i), 2, 1 << 16);
+    } else if (a == "--decode-tokens") {
+      o.settings.decode_tokens = parse_int(a, value(i), 0, 1 << 16);
+    } else if (a == "--compress-every") {
+      o.settings.compress_every = parse_int(a, value(i), 1, 1 << 16);
+    } else if (a == "--decode-temperature") {
+      o.settings.decode_temperature = parse_double(a, value(i), 0.0, 100.0);
     } else if (a == "--text") {
       o.text_file = value(i);
     } else if (a == "--tasks") {
@@ -213,6 +225,7 @@ Options parse_options(int argc, char** argv) {
       o.num_tasks = static_cast<int>(parse_int(a, value(i), 1, 100000));
     } else if (a == "--seed") {
       o.seed = static_cast<uint32_t>(parse_int(a, value(i), 0, 4294967295.0));
+      o.settings.decode_seed = o.seed;
     } else if (a == "--no-text") {
       o.settings.run_text = false;
     } else if (a == "--no-retrieval") {

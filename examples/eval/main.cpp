@@ -45,7 +45,7 @@ int main(int argc, char** argv) {
     if (needs.hidden_scorer) runner.set_kvzap_documents(kvpack::eval::kvzap_documents());
     const bool calibrate = needs.projections, head_level = needs.head_scores;
     std::vector<int32_t> text;
-    if (o.settings.run_text || calibrate) {
+    if (o.settings.run_text || o.settings.decode_tokens > 0 || calibrate) {
       text = tokenizer.encode(o.text_file.empty() ? kvpack::eval::default_text()
                                                   : kvpack::eval::read_file(o.text_file));
     }
@@ -82,6 +82,12 @@ int main(int argc, char** argv) {
       bar.done();
       std::fprintf(stderr, "text done\n");
     }
+    if (o.settings.decode_tokens > 0) {
+      phase = "decoding";
+      runner.run_decoding(specs, text, rows, progress);
+      bar.done();
+      std::fprintf(stderr, "decoding test done\n");
+    }
     if (o.settings.run_retrieval) {
       phase = "retrieval";
       // Partial results survive an interrupted long run.
@@ -93,17 +99,19 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "retrieval done\n");
     }
     kvpack::eval::print_table(rows, o.settings);
+    kvpack::eval::print_decoding_table(rows, o.settings);
     kvpack::eval::print_reading(rows, o.settings);
     // Same-run baseline for the prefill rate: Eigen GEMM at the MLP shape of one prefill chunk.
     const double gemm =
         kvpack::eval::measure_gemm_flops_per_s(model.config(), model.chunk_size(), 2.0);
-    std::printf(
-        "prefill: %.1f GFLOP/s (matmuls + attention, %.0f tokens) = %.2f of this machine's fp32 "
-        "GEMM, %.1f GFLOP/s at (%lld x %d)(%d x %d), %d threads, measured in this run\n",
-        rows[0].prefill_flops_per_s() * 1e-9, rows[0].prefill_tokens,
-        rows[0].prefill_flops_per_s() / gemm, gemm * 1e-9,
-        static_cast<long long>(model.chunk_size()), model.config().hidden, model.config().hidden,
-        model.config().ffn, omp_get_max_threads());
+    if (rows[0].prefill_tokens > 0)
+      std::printf(
+          "prefill: %.1f GFLOP/s (matmuls + attention, %.0f tokens) = %.2f of this machine's fp32 "
+          "GEMM, %.1f GFLOP/s at (%lld x %d)(%d x %d), %d threads, measured in this run\n",
+          rows[0].prefill_flops_per_s() * 1e-9, rows[0].prefill_tokens,
+          rows[0].prefill_flops_per_s() / gemm, gemm * 1e-9,
+          static_cast<long long>(model.chunk_size()), model.config().hidden, model.config().hidden,
+          model.config().ffn, omp_get_max_threads());
     if (!o.json_file.empty()) kvpack::eval::write_json(o.json_file, o, rows, gemm);
     return 0;
   } catch (const std::exception& e) {

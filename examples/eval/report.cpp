@@ -34,17 +34,18 @@ nlohmann::ordered_json number(double x) {
 }  // namespace
 
 void print_table(const std::vector<PolicyResult>& rows, const Settings& s) {
+  if (!s.run_text && !s.run_retrieval) return;  // the decoding test alone has its own table
   std::printf("\n%-26s %8s %9s %9s %9s %9s %9s %10s %10s %10s\n", "policy", "bytes_x", "agree@1",
               "agr_dec", "kl", "ppl", "retrieval", "prefill/s", "decode/s", "compress_s");
   for (const auto& r : rows) {
     const double ratio = s.run_text ? r.bytes_ratio : r.retrieval_bytes_ratio;
     const double retrieval = r.retrieval_asked > 0 ? r.retrieval_acc : NAN;
     std::printf("%-26s %s %s %s %s %s %s %s %s %s\n", r.label.c_str(), cell(ratio, 8, 2).c_str(),
-                cell(s.run_text ? r.agreement_top1 : NAN, 9, 3).c_str(),
-                cell(s.run_text ? r.agreement_decisive : NAN, 9, 3).c_str(),
-                cell(s.run_text ? r.kl : NAN, 9, 4).c_str(),
-                cell(s.run_text ? r.perplexity : NAN, 9, 2).c_str(), cell(retrieval, 9, 3).c_str(),
-                cell(r.prefill_tokens_per_s(), 10, 1).c_str(),
+                cell(s.run_text ? r.text.agreement_top1 : NAN, 9, 3).c_str(),
+                cell(s.run_text ? r.text.agreement_decisive : NAN, 9, 3).c_str(),
+                cell(s.run_text ? r.text.kl : NAN, 9, 4).c_str(),
+                cell(s.run_text ? r.text.perplexity : NAN, 9, 2).c_str(),
+                cell(retrieval, 9, 3).c_str(), cell(r.prefill_tokens_per_s(), 10, 1).c_str(),
                 cell(r.decode_tokens_per_s(), 10, 1).c_str(),
                 cell(r.score_seconds + r.compress_seconds, 10, 3).c_str());
   }
@@ -58,6 +59,32 @@ void print_table(const std::vector<PolicyResult>& rows, const Settings& s) {
       static_cast<long long>(s.continuation), static_cast<long long>(s.context), kDecisiveMargin);
 }
 
+void print_decoding_table(const std::vector<PolicyResult>& rows, const Settings& s) {
+  if (s.decode_tokens <= 0) return;
+  std::printf("\n%-26s %8s %9s %9s %9s %9s %10s\n", "decoding test", "bytes_x", "agree@1",
+              "agr_dec", "kl", "ppl", "compress_s");
+  for (const auto& r : rows) {
+    std::printf("%-26s %s %s %s %s %s %s\n", r.label.c_str(),
+                cell(r.decoding_bytes_ratio, 8, 2).c_str(),
+                cell(r.decoding.agreement_top1, 9, 3).c_str(),
+                cell(r.decoding.agreement_decisive, 9, 3).c_str(),
+                cell(r.decoding.kl, 9, 4).c_str(), cell(r.decoding.perplexity, 9, 2).c_str(),
+                cell(r.decoding_compress_seconds, 10, 3).c_str());
+  }
+  std::printf(
+      "\nDecoding test: after the %lld-token context (compressed once, as in the text run) the "
+      "full cache generates %lld tokens (%s); every row is fed them %lld at a time and calls "
+      "compress() after each step; bytes_x when the last one is appended; agree@1 and kl "
+      "against the full cache fed the same way; compress_s = the compress() calls while "
+      "decoding.\n",
+      static_cast<long long>(s.context), static_cast<long long>(s.decode_tokens),
+      s.decode_temperature > 0 ? ("sampled at temperature " + cell(s.decode_temperature, 0, 2) +
+                                  ", seed " + std::to_string(s.decode_seed))
+                                     .c_str()
+                               : "greedy",
+      static_cast<long long>(s.compress_every));
+}
+
 void print_reading(const std::vector<PolicyResult>& rows, const Settings& s) {
   if (rows.size() < 2) return;
   const PolicyResult& full = rows[0];
@@ -68,7 +95,7 @@ void print_reading(const std::vector<PolicyResult>& rows, const Settings& s) {
     return std::to_string(r.retrieval_correct) + "/" + std::to_string(r.retrieval_asked);
   };
   const auto quality = [&](const PolicyResult& r) {
-    return s.run_text ? ", KL " + cell(r.kl, 0, 3) + " vs the full cache" : std::string();
+    return s.run_text ? ", KL " + cell(r.text.kl, 0, 3) + " vs the full cache" : std::string();
   };
   if (full.retrieval_asked == 0) return;
   const PolicyResult* best = nullptr;
@@ -105,6 +132,10 @@ void write_json(const std::string& path, const Options& o, const std::vector<Pol
   doc["note"] = o.note;
   doc["context"] = o.settings.context;
   doc["continuation"] = o.settings.continuation;
+  doc["decode_tokens"] = o.settings.decode_tokens;
+  doc["compress_every"] = o.settings.compress_every;
+  doc["decode_temperature"] = o.settings.decode_temperature;
+  doc["decode_seed"] = o.settings.decode_seed;
   doc["num_tasks"] = o.num_tasks;
   doc["task_kind"] = o.tasks_file.empty() ? o.task_kind : "file:" + o.tasks_file;
   auto& results = doc["results"] = nlohmann::ordered_json::array();
@@ -113,17 +144,27 @@ void write_json(const std::string& path, const Options& o, const std::vector<Pol
     row["policy"] = r.label;
     row["bytes_ratio"] = number(r.bytes_ratio);
     row["retrieval_bytes_ratio"] = number(r.retrieval_bytes_ratio);
-    row["agreement_top1"] = number(text ? r.agreement_top1 : NAN);
-    row["agreement_decisive"] = number(text ? r.agreement_decisive : NAN);
-    row["decisive_positions"] = r.decisive_positions;
-    row["kl"] = number(text ? r.kl : NAN);
-    row["perplexity"] = number(text ? r.perplexity : NAN);
+    row["agreement_top1"] = number(text ? r.text.agreement_top1 : NAN);
+    row["agreement_decisive"] = number(text ? r.text.agreement_decisive : NAN);
+    row["decisive_positions"] = r.text.decisive_positions;
+    row["kl"] = number(text ? r.text.kl : NAN);
+    row["perplexity"] = number(text ? r.text.perplexity : NAN);
     row["retrieval_acc"] = number(r.retrieval_asked > 0 ? r.retrieval_acc : NAN);
     row["prefill_tokens_per_s"] = number(r.prefill_tokens_per_s());
     row["decode_tokens_per_s"] = number(r.decode_tokens_per_s());
     row["retrieval_asked"] = r.retrieval_asked;
     row["score_seconds"] = number(r.score_seconds);
     row["compress_seconds"] = number(r.compress_seconds);
+    if (o.settings.decode_tokens > 0) {
+      auto& d = row["decoding"];
+      d["bytes_ratio"] = number(r.decoding_bytes_ratio);
+      d["agreement_top1"] = number(r.decoding.agreement_top1);
+      d["agreement_decisive"] = number(r.decoding.agreement_decisive);
+      d["decisive_positions"] = r.decoding.decisive_positions;
+      d["kl"] = number(r.decoding.kl);
+      d["perplexity"] = number(r.decoding.perplexity);
+      d["compress_seconds"] = number(r.decoding_compress_seconds);
+    }
     if (r.lazy_layers >= 0) {
       row["lazy_layers"] = r.lazy_layers;
       auto& mass = row["layer_mass"] = nlohmann::ordered_json::array();

@@ -16,6 +16,9 @@ namespace eval {
 /// The results table on stdout, with its legend.
 void print_table(const std::vector<PolicyResult>& rows, const Settings& s);
 
+/// The decoding test's table (Settings::decode_tokens > 0; nothing otherwise), with its legend.
+void print_decoding_table(const std::vector<PolicyResult>& rows, const Settings& s);
+
 /// One line that reads the table: the most compressed row that answers as many retrieval
 /// questions as the full cache, and the row that answers fewest. Computed from the rows.
 void print_reading(const std::vector<PolicyResult>& rows, const Settings& s);

@@ -253,8 +253,8 @@ double measure_gemm_flops_per_s(const llama::LlamaConfig& c, int64_t rows, doubl
   return 2.0 * static_cast<double>(rows) * c.hidden * c.ffn * static_cast<double>(reps) / elapsed;
 }
 
-void score_against(const TextReference& ref, const float* logits, const std::vector<int32_t>& cont,
-                   PolicyResult& result) {
+NextTokenScores score_against(const TextReference& ref, const float* logits,
+                              const std::vector<int32_t>& cont) {
   const int64_t m = ref.rows;
   int64_t agree = 0, decisive = 0, decisive_agree = 0;
   double kl = 0, nll = 0;
@@ -283,12 +283,14 @@ void score_against(const TextReference& ref, const float* logits, const std::vec
     }
     if (i + 1 < m) nll -= lb[cont[i + 1]];
   }
+  NextTokenScores result;
   result.agreement_top1 = static_cast<double>(agree) / static_cast<double>(m);
   result.decisive_positions = decisive;
   result.agreement_decisive =
       decisive > 0 ? static_cast<double>(decisive_agree) / static_cast<double>(decisive) : NAN;
   result.kl = kl / static_cast<double>(m);
   result.perplexity = std::exp(nll / static_cast<double>(m - 1));
+  return result;
 }
 
 void Runner::run_text(const std::vector<PolicySpec>& specs, const std::vector<int32_t>& text,
@@ -315,7 +317,62 @@ void Runner::run_text(const std::vector<PolicySpec>& specs, const std::vector<in
       ref.vocab = logits.cols();
       ref.logits.assign(logits.data(), logits.data() + logits.size());
     }
-    score_against(ref, logits.data(), cont, results[i]);
+    results[i].text = score_against(ref, logits.data(), cont);
+  }
+}
+
+void Runner::run_decoding(const std::vector<PolicySpec>& specs, const std::vector<int32_t>& text,
+                          std::vector<PolicyResult>& results, const Progress& progress) {
+  const int64_t c = settings_.context, d = settings_.decode_tokens;
+  if (static_cast<int64_t>(text.size()) < c + 1) {
+    throw std::runtime_error("the text has " + std::to_string(text.size()) +
+                             " tokens; --context and the decoding test need " +
+                             std::to_string(c + 1));
+  }
+  const std::vector<int32_t> context(text.begin(), text.begin() + c);
+  progress("decoding: prefill", 0.0);
+  PolicyResult untimed_prefill;  // the text run times the prefill
+  const auto full = prefill_full(context, untimed_prefill);
+  // The tokens every row is fed: the text's next token, then what the full cache generates.
+  progress("decoding: generate", 0.0);
+  std::vector<int32_t> fed{text[c]};
+  {
+    auto generator = full->clone();
+    const int n = static_cast<int>(d - 1);
+    const auto gen =
+        settings_.decode_temperature > 0
+            ? llama::sample_generate(model_, generator->attention(), fed, c, n,
+                                     settings_.decode_temperature, settings_.decode_seed)
+            : llama::greedy_generate(model_, generator->attention(), fed, c, n);
+    fed.insert(fed.end(), gen.tokens.begin(), gen.tokens.end());
+    if (settings_.verbose) {
+      std::fprintf(stderr, "\n[decoding test] %s\n", tok_.decode(fed, false).c_str());
+    }
+  }
+  TextReference ref;
+  Observed observed;
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    progress("decoding: " + results[i].label, static_cast<double>(i) / specs.size());
+    PolicyResult& res = results[i];
+    PolicyResult untimed;  // the text run reports what scoring and the first compress cost
+    auto cache = i == 0 ? full->clone() : derive(specs[i], *full, context, 0, observed, untimed);
+    std::vector<float> logits;
+    for (int64_t begin = 0; begin < d; begin += settings_.compress_every) {
+      const int64_t len = std::min(settings_.compress_every, d - begin);
+      const llama::RowMatrix step = model_.forward(cache->attention(), fed.data() + begin, len,
+                                                   c + begin, llama::Logits::kAll);
+      logits.insert(logits.end(), step.data(), step.data() + step.size());
+      if (i == 0) ref.vocab = step.cols();
+      const double t0 = now_seconds();
+      cache->compress();
+      res.decoding_compress_seconds += now_seconds() - t0;
+    }
+    if (i == 0) {
+      ref.rows = d;
+      ref.logits = logits;
+    }
+    res.decoding = score_against(ref, logits.data(), fed);
+    res.decoding_bytes_ratio = static_cast<double>(cache->dense_bytes()) / cache->bytes();
   }
 }
 

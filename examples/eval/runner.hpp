@@ -25,6 +25,15 @@ struct Settings {
   int max_new_tokens = 10;      ///< greedy tokens generated per retrieval question
   bool run_text = true;
   bool run_retrieval = true;
+  /// Decoding test: tokens the full cache generates greedily after the text's context (0: off),
+  /// teacher-forced into every row, which calls compress() after each `compress_every` of them.
+  int64_t decode_tokens = 0;
+  int64_t compress_every = 32;
+  /// Decoding test: the full cache samples at this temperature (0: greedy), seeded by
+  /// decode_seed. Sampling at 1 keeps the tokens as varied as text (greedy decoding of this
+  /// model falls into loops: perplexity 1.2 over 512 greedy tokens, where text has ~15).
+  double decode_temperature = 1.0;
+  uint32_t decode_seed = 1;
   bool verbose = false;  ///< print every retrieval answer on stderr
   /// kvzip-head: head scores file to load, or to write after scoring the sample.
   std::string head_scores_file;
@@ -36,17 +45,28 @@ struct Settings {
   bool capture_hidden = false;
 };
 
-/// One row of the result table.
-struct PolicyResult {
-  std::string label;
-  double bytes_ratio = 0;     ///< dense fp16 bytes / bytes() after compression (text run)
+/// A row's next-token distributions against the full cache's over the same teacher-forced
+/// tokens (score_against).
+struct NextTokenScores {
   double agreement_top1 = 0;  ///< next-token argmax equal to the full cache's
   /// agreement_top1 over the positions where the full cache's top-1 probability leads its
   /// runner-up by ≥ kDecisiveMargin (near-ties excluded), and how many such positions.
   double agreement_decisive = 0;
   int64_t decisive_positions = 0;
-  double kl = 0;             ///< mean KL(full || policy) over continuation tokens, nats
-  double perplexity = 0;     ///< of the continuation under this policy
+  double kl = 0;          ///< mean KL(full || policy) over the tokens, nats
+  double perplexity = 0;  ///< of the tokens under this policy
+};
+
+/// One row of the result table.
+struct PolicyResult {
+  std::string label;
+  double bytes_ratio = 0;  ///< dense fp16 bytes / bytes() after compression (text run)
+  NextTokenScores text;    ///< the text run's continuation
+  /// The decoding test (Runner::run_decoding): the generated tokens, with compress() every
+  /// Settings::compress_every of them; bytes ratio when the last one is appended.
+  NextTokenScores decoding;
+  double decoding_bytes_ratio = 0;
+  double decoding_compress_seconds = 0;
   double retrieval_acc = 0;  ///< share of questions whose answer was generated
   double retrieval_bytes_ratio = 0;
   int retrieval_correct = 0, retrieval_asked = 0;
@@ -88,8 +108,8 @@ double measure_gemm_flops_per_s(const llama::LlamaConfig& c, int64_t rows, doubl
 constexpr double kDecisiveMargin = 0.1;
 
 /// Agreement, KL and perplexity of `logits` (continuation × vocab) against the reference.
-void score_against(const TextReference& ref, const float* logits,
-                   const std::vector<int32_t>& continuation, PolicyResult& result);
+NextTokenScores score_against(const TextReference& ref, const float* logits,
+                              const std::vector<int32_t>& continuation);
 
 /// (row, stage, fraction of the whole run) for a progress display.
 using Progress = std::function<void(const std::string& stage, double fraction)>;
@@ -133,6 +153,15 @@ class Runner {
   /// text[0, context + continuation).
   void run_text(const std::vector<PolicySpec>& specs, const std::vector<int32_t>& text_tokens,
                 std::vector<PolicyResult>& results, const Progress& progress);
+  /// The decoding test (KVzap paper: eviction while generating): the full cache generates
+  /// Settings::decode_tokens tokens after text[0, context) (sampled at
+  /// Settings::decode_temperature); every row, compressed once
+  /// after the context as in run_text, is fed the same tokens in steps of
+  /// Settings::compress_every, calling compress() after each step (the budget is relative to
+  /// the appended tokens, so it is held as the sequence grows), and its next-token distributions
+  /// are compared with the full cache's fed the same way.
+  void run_decoding(const std::vector<PolicySpec>& specs, const std::vector<int32_t>& text_tokens,
+                    std::vector<PolicyResult>& results, const Progress& progress);
   /// Retrieval accuracy: each task's context is compressed once per row, then every question
   /// on that context is asked on its own copy of the compressed cache.
   /// `after_context` runs after each context (e.g. to save partial results).

@@ -3,8 +3,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
+#include <random>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace kvpack::llama {
 namespace {
@@ -34,10 +37,14 @@ double log_probability(const float* logits, int64_t n, int32_t target) {
 
 double LikelihoodResult::perplexity() const { return std::exp(mean_nll()); }
 
-GenerationResult greedy_generate(const LlamaModel& model, AttentionCache& cache,
-                                 const std::vector<int32_t>& prompt, int64_t start_pos,
-                                 int max_new_tokens, const std::vector<int32_t>& stop_ids) {
-  if (prompt.empty()) throw std::invalid_argument("greedy_generate: empty prompt");
+namespace {
+/// The decode loop of greedy_generate and sample_generate: `pick` chooses each next token from
+/// the last position's logits.
+template <class Pick>
+GenerationResult generate(const LlamaModel& model, AttentionCache& cache,
+                          const std::vector<int32_t>& prompt, int64_t start_pos, int max_new_tokens,
+                          const std::vector<int32_t>& stop_ids, Pick&& pick) {
+  if (prompt.empty()) throw std::invalid_argument("generate: empty prompt");
   GenerationResult result;
   if (max_new_tokens <= 0) return result;
   const int64_t vocab = model.config().vocab;
@@ -47,7 +54,7 @@ GenerationResult greedy_generate(const LlamaModel& model, AttentionCache& cache,
   int64_t pos = start_pos + static_cast<int64_t>(prompt.size());
   t0 = std::chrono::steady_clock::now();
   for (int step = 0; step < max_new_tokens; ++step) {
-    const int32_t next = argmax(logits.data(), vocab);
+    const int32_t next = pick(logits.data(), vocab);
     result.tokens.push_back(next);
     if (std::find(stop_ids.begin(), stop_ids.end(), next) != stop_ids.end()) break;
     if (step + 1 == max_new_tokens) break;
@@ -55,6 +62,34 @@ GenerationResult greedy_generate(const LlamaModel& model, AttentionCache& cache,
   }
   result.decode_seconds = seconds_since(t0);
   return result;
+}
+}  // namespace
+
+GenerationResult greedy_generate(const LlamaModel& model, AttentionCache& cache,
+                                 const std::vector<int32_t>& prompt, int64_t start_pos,
+                                 int max_new_tokens, const std::vector<int32_t>& stop_ids) {
+  return generate(model, cache, prompt, start_pos, max_new_tokens, stop_ids, argmax);
+}
+
+GenerationResult sample_generate(const LlamaModel& model, AttentionCache& cache,
+                                 const std::vector<int32_t>& prompt, int64_t start_pos,
+                                 int max_new_tokens, double temperature, uint32_t seed,
+                                 const std::vector<int32_t>& stop_ids) {
+  if (!(temperature > 0.0) || !std::isfinite(temperature)) {
+    throw std::invalid_argument("sample_generate: temperature " + std::to_string(temperature) +
+                                ", expected a finite value > 0");
+  }
+  std::mt19937 rng(seed);
+  std::vector<double> weights;
+  auto pick = [&](const float* logits, int64_t n) {
+    // softmax(logits / T), shifted by the largest logit so that exp cannot overflow.
+    const double top = *std::max_element(logits, logits + n);
+    weights.resize(static_cast<std::size_t>(n));
+    for (int64_t i = 0; i < n; ++i) weights[i] = std::exp((logits[i] - top) / temperature);
+    std::discrete_distribution<int32_t> dist(weights.begin(), weights.end());
+    return dist(rng);
+  };
+  return generate(model, cache, prompt, start_pos, max_new_tokens, stop_ids, pick);
 }
 
 LikelihoodResult teacher_forced_nll(const LlamaModel& model, AttentionCache& cache,

@@ -24,6 +24,14 @@ GenerationResult greedy_generate(const LlamaModel& model, AttentionCache& cache,
                                  const std::vector<int32_t>& prompt, int64_t start_pos,
                                  int max_new_tokens, const std::vector<int32_t>& stop_ids = {});
 
+/// As greedy_generate, but each token is drawn from softmax(logits / temperature) with a
+/// std::mt19937 seeded by `seed` (the same inputs give the same tokens). Throws
+/// std::invalid_argument unless temperature is finite and > 0.
+GenerationResult sample_generate(const LlamaModel& model, AttentionCache& cache,
+                                 const std::vector<int32_t>& prompt, int64_t start_pos,
+                                 int max_new_tokens, double temperature, uint32_t seed,
+                                 const std::vector<int32_t>& stop_ids = {});
+
 /// Sum of -log p(tokens[i] | tokens[< i]) over the scored tokens.
 struct LikelihoodResult {
   double total_nll = 0.0;  ///< nats

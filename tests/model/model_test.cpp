@@ -5,7 +5,9 @@
 
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstdint>
 #include <kvpack/kvpack.hpp>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -101,6 +103,43 @@ TEST_CASE("model: greedy counting continues with 5", "[model][real-model]") {
   const std::string continuation = generate(*model, *tok, adapter, "1, 2, 3, 4,", 6);
   INFO("continuation: '" << continuation << "'");
   CHECK(continuation.rfind(" 5, 6", 0) == 0);
+}
+
+TEST_CASE("model: sampling is seeded, follows softmax(logits / T), refuses a bad temperature",
+          "[model][real-model]") {
+  const LlamaModel* model = kvpack::test::reference_model();
+  const Tokenizer* tok = kvpack::test::reference_tokenizer();
+  if (!model || !tok) return;
+  const Ids prompt = tok->encode("The weather today is");
+  auto sample = [&](int n, double temperature, uint32_t seed) {
+    kvpack::KVCache<kvpack::Identity> cache(model->config().shape());
+    KvCacheAdapter<decltype(cache)> adapter(cache);
+    return kvpack::llama::sample_generate(*model, adapter, prompt, 0, n, temperature, seed).tokens;
+  };
+  // Seeded: the same tokens again; a near-zero temperature is greedy decoding.
+  CHECK(sample(8, 1.0, 7) == sample(8, 1.0, 7));
+  {
+    kvpack::KVCache<kvpack::Identity> cache(model->config().shape());
+    KvCacheAdapter<decltype(cache)> adapter(cache);
+    CHECK(sample(8, 1e-4, 3) ==
+          kvpack::llama::greedy_generate(*model, adapter, prompt, 0, 8).tokens);
+  }
+  // The first token's frequency over 100 seeds against its softmax probability at T = 1.5.
+  kvpack::KVCache<kvpack::Identity> cache(model->config().shape());
+  KvCacheAdapter<decltype(cache)> adapter(cache);
+  const Eigen::VectorXf logits = model->forward_last(adapter, prompt, 0);
+  const int32_t top = kvpack::llama::argmax(logits.data(), logits.size());
+  const double t = 1.5;
+  double z = 0.0;
+  for (Eigen::Index i = 0; i < logits.size(); ++i) z += std::exp((logits[i] - logits[top]) / t);
+  const double p = 1.0 / z;  // probability of the top token
+  const int draws = 100;
+  int hits = 0;
+  for (int seed = 0; seed < draws; ++seed) hits += sample(1, t, seed)[0] == top;
+  INFO("top token probability " << p << ", drawn " << hits << " / " << draws);
+  CHECK(std::fabs(hits / double{draws} - p) < 4.0 * std::sqrt(p * (1 - p) / draws) + 1e-9);
+  CHECK_THROWS_AS(sample(1, 0.0, 1), std::invalid_argument);
+  CHECK_THROWS_AS(sample(1, std::nan(""), 1), std::invalid_argument);
 }
 
 TEST_CASE("model: perplexity of English prose is low", "[model][real-model]") {

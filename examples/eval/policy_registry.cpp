@@ -134,10 +134,16 @@ std::vector<PolicyEntry> make_registry() {
   scorer.hidden_scorer = true;
   add_scopes("kvzap",
              "KVzap: a linear scorer of hidden states fitted to KVzip+ (--kvzap-scorer), no "
-             "repeat pass",
+             "repeat pass, a 128-token recent window kept",
              scorer, [](const PolicySpec& s, BudgetScope scope) {
                if (!s.kvzap_scorer) throw std::runtime_error(s.name + " needs a fitted scorer");
-               return KVzap(s.kvzap_scorer, eviction_budget(s, scope));
+               // KVzap's own recent window (128 tokens, kvpress's), where the other scored
+               // rows select on scores alone: the scorer predicts a token's reconstruction
+               // score from its hidden state and knows nothing of recency, so the method
+               // (paper and kvpress alike) always keeps a sliding window. Counted in the budget.
+               Budget budget = eviction_budget(s, scope);
+               budget.recent_tokens = KVzap().budget.recent_tokens;
+               return KVzap(s.kvzap_scorer, budget);
              });
   add({"kvzap-threshold",
        "KVzap by threshold: evict every token whose log-score is below --threshold, outside the "

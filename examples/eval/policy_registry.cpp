@@ -109,6 +109,19 @@ std::vector<PolicyEntry> make_registry() {
                if (!s.output_factors) throw std::runtime_error(s.name + " needs output factors");
                return ReconstructionEvict(eviction_budget(s, scope), s.output_factors);
              });
+  // KVzip+ with the displacement weight (ValueWeighting::kDisplacement): what evicting the key
+  // alone moves the head's output by, renormalisation included.
+  DriverNeeds repeat_displacement = repeat_plus;
+  repeat_displacement.shared_scores = "kvzip-displacement";
+  add_scopes("kvzip-displacement",
+             "KVzip+ with |W_o (o - v)| / (1 - p) for |W_o v|: the output's displacement when "
+             "the key alone is evicted (kvpack's; docs/evaluation.md)",
+             repeat_displacement, [](const PolicySpec& s, BudgetScope scope) {
+               if (!s.output_factors) throw std::runtime_error(s.name + " needs output factors");
+               ReconstructionEvict policy(eviction_budget(s, scope), s.output_factors);
+               policy.weighting = ValueWeighting::kDisplacement;
+               return policy;
+             });
   // KVzip+ taken apart: only the value norms |W_o v|, or only the query weights 1 / |x|.
   for (const bool value_norms : {true, false}) {
     DriverNeeds part = value_norms ? repeat_plus : repeat;

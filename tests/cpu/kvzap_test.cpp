@@ -61,14 +61,19 @@ double contribution(const std::vector<float>& w, int qh, const float* v) {
 
 }  // namespace
 
-TEST_CASE("KVzip+: scores are max over queries and the GQA group of p * weight * |W_o v|",
-          "[scoring][kvzip]") {
+TEST_CASE(
+    "KVzip+: scores are max over queries and the GQA group of p * weight * |W_o v|, or of the "
+    "displacement p / (1 - p) * weight * |W_o (o - v)|",
+    "[scoring][kvzip]") {
   const auto w = output_weights();
   const int64_t context = 80, repeat = 24;
   const int d = kShape.head_dim, g = kShape.group_size();
-  kvpack::KVCache<ReconstructionEvict> cache(
-      kShape, ReconstructionEvict(Budget::ratio(0.25, BudgetScope::kGlobal).with_protection(0, 0),
-                                  factors_of(w)));
+  const bool displacement = GENERATE(false, true);
+  INFO((displacement ? "ValueWeighting::kDisplacement" : "ValueWeighting::kNorm"));
+  ReconstructionEvict policy(Budget::ratio(0.25, BudgetScope::kGlobal).with_protection(0, 0),
+                             factors_of(w));
+  if (displacement) policy.weighting = kvpack::ValueWeighting::kDisplacement;
+  kvpack::KVCache<ReconstructionEvict> cache(kShape, policy);
   for (int l = 0; l < 2; ++l) kvpack_test::fill_layer(cache, l, context + repeat, 10 + 5 * l);
   const auto q = kvpack_test::random_values(repeat * kShape.q_heads * d, 3, 2.0f);
   const auto qpos = kvpack_test::iota_positions(repeat, context);
@@ -95,10 +100,22 @@ TEST_CASE("KVzip+: scores are max over queries and the GQA group of p * weight *
             max = std::max(max, s[j] = acc / std::sqrt(static_cast<double>(d)));
           }
           for (auto& x : s) sum += (x = std::exp(x - max));
+          std::vector<double> o(d, 0.0);  // the attention output, in double
           for (int64_t j = 0; j <= qpos[t]; ++j) {
-            const double score =
-                s[j] / sum * weights[t] * contribution(w[l], qh, head.v.data() + j * d);
-            expected[j] = std::max(expected[j], score);
+            for (int i = 0; i < d; ++i) o[i] += s[j] / sum * head.v[j * d + i];
+          }
+          for (int64_t j = 0; j <= qpos[t]; ++j) {
+            const double p = s[j] / sum;
+            double weight = 0;
+            if (displacement) {
+              // Evicting j alone moves the output by p / (1 - p) (o - v_j).
+              std::vector<float> diff(d);
+              for (int i = 0; i < d; ++i) diff[i] = static_cast<float>(o[i] - head.v[j * d + i]);
+              weight = contribution(w[l], qh, diff.data()) / (1.0 - p);
+            } else {
+              weight = contribution(w[l], qh, head.v.data() + j * d);
+            }
+            expected[j] = std::max(expected[j], p * weights[t] * weight);
           }
         }
       }
@@ -108,7 +125,8 @@ TEST_CASE("KVzip+: scores are max over queries and the GQA group of p * weight *
       for (std::size_t j = 0; j < got.size(); ++j) {
         worst = std::max(worst, std::fabs(got[j] - expected[j]) / expected[j]);
       }
-      CHECK(worst < 1e-4);
+      // The displacement's norm is expanded (|w|^2 + |u|^2 - 2 w.u) in float: looser.
+      CHECK(worst < (displacement ? 2e-3 : 1e-4));
       all.insert(all.end(), expected.begin(), expected.begin() + context);
     }
   }
@@ -126,7 +144,8 @@ TEST_CASE("KVzip+: scores are max over queries and the GQA group of p * weight *
     }
   }
   REQUIRE(held == static_cast<int64_t>(keep));
-  CHECK(lowest_kept >= all[keep - 1] * (1 - 1e-4));  // nothing below the reference threshold
+  // Nothing below the reference threshold.
+  CHECK(lowest_kept >= all[keep - 1] * (1 - (displacement ? 2e-3 : 1e-4)));
 }
 
 TEST_CASE("KVzip+: unit query weights leave plain KVzip scores unchanged", "[scoring][kvzip]") {
@@ -171,6 +190,12 @@ TEST_CASE("KVzip+: bad weights and output factors are refused and change nothing
   REQUIRE_THROWS_WITH(lazy.observe(0, qv, qpos, std::vector<float>{1.0f, 1.0f}),
                       Contains("query_weights"));
   CHECK(std::isnan(lazy.observed_mass(0)));
+
+  // The displacement weights KVzip+'s value weights: without output factors it is refused.
+  ReconstructionEvict displaced(Budget::ratio(0.5));
+  displaced.weighting = kvpack::ValueWeighting::kDisplacement;
+  REQUIRE_THROWS_WITH(kvpack::KVCache<ReconstructionEvict>(kShape, displaced),
+                      Contains("weighting") && Contains("without output_factors"));
 
   // Factors of another shape, non-finite, or built from bad weights.
   const ModelShape other{2, 6, 2, 16, {}};

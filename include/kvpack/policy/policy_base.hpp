@@ -114,6 +114,19 @@ int first_layer(const P& policy, int layers) {
 }
 }  // namespace detail
 
+/// How KVzip+ (a query-scored policy with output factors, OutputFactors) weights the probability
+/// p_qj that query head h of token q gives key j before the max over queries.
+enum class ValueWeighting {
+  /// ‖W_o,h·v_j‖: the value's own contribution to the residual stream (KVzap paper, §3).
+  kNorm,
+  /// ‖W_o,h·(o_q − v_j)‖ / (1 − p_qj), o_q the query's attention output over the window: evicting
+  /// j alone renormalises the other probabilities, which moves the output by
+  /// p_qj/(1 − p_qj)·(o_q − v_j), so p_qj times this weight is that displacement in the residual
+  /// stream. kvpack's (derived from KVzip+; not in the papers): it differs from kNorm where the
+  /// value is small and the attention large, which kNorm scores near zero.
+  kDisplacement,
+};
+
 /// \brief Base of eviction policies scored by the queries handed to observe(): the container
 /// keeps one float per held token, reduced over every observed query and the query heads of the
 /// GQA group by `query_reduction`. Tokens no observed query has seen are kept outside the budget
@@ -128,6 +141,8 @@ struct QueryScoredEviction : EvictionPolicy {
   /// probability by the norm of its value's contribution to the residual stream (KVzip+,
   /// OutputFactors), or null for plain probabilities (the default).
   const OutputFactors* value_weights() const { return nullptr; }
+  /// Hook: how value_weights() weights each probability (used only when it is not null).
+  ValueWeighting value_weighting() const { return ValueWeighting::kNorm; }
 };
 
 /// One factoring job of a low-rank policy: the first `tokens` held tokens of layers [l0, l1),

@@ -34,10 +34,15 @@ namespace kvpack {
 /// the token's weight handed to observe() (KVzap: 1 / ‖x_t‖, the norm of the layer's attention
 /// input, i.e. the RMS-normed hidden state) before the max. Scores then compare what a key adds
 /// to the residual stream rather than where attention parks; a key whose value is small scores
-/// low even when attention sinks on it. Plain KVzip (no factors) stays the default.
+/// low even when attention sinks on it. Plain KVzip (no factors) stays the default. `weighting`
+/// kDisplacement replaces ‖W_o,h·v_j‖ by the displacement of head h's output that evicting j
+/// causes (ValueWeighting; docs/evaluation.md "Why KVzip+ can lose").
 struct ReconstructionEvict : QueryScoredEviction {
   static constexpr const char* name = "ReconstructionEvict";
   std::shared_ptr<const OutputFactors> output_factors;  ///< KVzip+ when set (see above)
+  /// With output_factors: the value norm of the paper (default) or the displacement of the
+  /// output that evicting the key causes (ValueWeighting::kDisplacement; CPU only so far).
+  ValueWeighting weighting = ValueWeighting::kNorm;
 
   ReconstructionEvict() { budget = Budget::ratio(0.3, BudgetScope::kGlobal); }
   explicit ReconstructionEvict(Budget b) { budget = b; }
@@ -50,8 +55,12 @@ struct ReconstructionEvict : QueryScoredEviction {
   void validate(const ModelShape& shape) const {
     QueryScoredEviction::validate(shape);
     if (output_factors) output_factors->validate(shape, "ReconstructionEvict");
+    detail::require(weighting == ValueWeighting::kNorm || output_factors != nullptr,
+                    "ReconstructionEvict", "weighting", "kDisplacement",
+                    "kNorm without output_factors (a weighting of KVzip+'s value weights)");
   }
   const OutputFactors* value_weights() const { return output_factors.get(); }
+  ValueWeighting value_weighting() const { return weighting; }
 };
 
 }  // namespace kvpack

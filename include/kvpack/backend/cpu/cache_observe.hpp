@@ -14,6 +14,7 @@
 #include "../../policy/kvzap.hpp"
 #include "../../policy/output_factors.hpp"
 #include "cache.hpp"
+#include "value_weights.hpp"
 
 namespace kvpack {
 
@@ -58,7 +59,13 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
   std::vector<std::vector<std::pair<int64_t, int64_t>>> window(heads);
   std::vector<int64_t> window_size(heads, 0);
   const OutputFactors* factors = nullptr;
-  if constexpr (kQueryScores) factors = selection().value_weights();
+  bool displacement = false;
+  if constexpr (kQueryScores) {
+    factors = selection().value_weights();
+    displacement = selection().value_weighting() == ValueWeighting::kDisplacement;
+  }
+  // Per head: u_j = R·v_j of each window key and query head of the group; the norms of kNorm.
+  std::vector<std::vector<float>> value_rows(factors != nullptr ? heads : 0);
   std::vector<std::vector<float>> value_weights(factors != nullptr ? heads : 0);
   detail::parallel_for(executor(), heads, [&](int64_t h) {
     auto& head = store(layer, static_cast<int>(h));
@@ -72,8 +79,12 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
     for (const auto& range : window[h]) window_size[h] += range.second - range.first;
     keys[h].pack(head.rows(d), d, out != nullptr ? all : window[h]);
     if (factors != nullptr) {
-      cpu::value_output_norms(head.rows(d), d, window[h], window_size[h],
-                              factors->head(layer, static_cast<int>(h) * g), g, value_weights[h]);
+      cpu::value_output_rows(head.rows(d), d, window[h], window_size[h],
+                             factors->head(layer, static_cast<int>(h) * g), g, value_rows[h]);
+      if (!displacement) {
+        cpu::value_output_norms(value_rows[h], window_size[h], d, g, value_weights[h]);
+        value_rows[h] = {};
+      }
     }
   });
 
@@ -102,6 +113,7 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
     std::vector<int64_t> visible;
     RowMatrix attended;
     std::vector<float> value_tile;
+    std::vector<float> scratch_p, scratch_w, scratch_c;  // displacement_weight_strip
     for (int64_t item; (item = next_item.fetch_add(1, std::memory_order_relaxed)) < items;) {
       const int h = static_cast<int>(item / blocks);
       const int64_t t0 = (item % blocks) * block_tokens;
@@ -138,9 +150,14 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
       } else {
         cpu::score_strip(keys[h], qrows.data(), rows, visible.data(), strip);
       }
-      if (!query_weights.empty() || factors != nullptr) {
+      if (displacement) {  // from the plain probabilities: before the query weights
+        cpu::displacement_weight_strip(strip, rows, g, value_rows[h].data(), window_size[h], d,
+                                       scratch_p, scratch_w, scratch_c);
+      }
+      if (!query_weights.empty() || (factors != nullptr && !displacement)) {
         cpu::weight_strip(strip, rows, g, query_weights.empty() ? nullptr : &query_weights[t0],
-                          factors != nullptr ? value_weights[h].data() : nullptr, window_size[h]);
+                          factors != nullptr && !displacement ? value_weights[h].data() : nullptr,
+                          window_size[h]);
       }
       if constexpr (kSumScores) {
         item_sums[item].assign(window_size[h], Store::kUnscored);

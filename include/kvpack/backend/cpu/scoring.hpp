@@ -369,45 +369,6 @@ inline void sum_probabilities(const ScoreStrip& strip, int rows, float* sums) {
   });
 }
 
-/// KVzip+'s value weights: out[gi · n + j] = ‖W_o · v_j‖ = ‖R_gi · v_j‖ for window key j
-/// (packed order: `ranges` of `head`, n keys in all) and query head gi of the GQA group, where
-/// R_gi = factors + gi · d² (OutputFactors::head, row-major d × d). One small GEMM per range.
-template <class Rows>
-void value_output_norms(const Rows& head, int d,
-                        const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t n,
-                        const float* factors, int g, std::vector<float>& out) {
-  using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  out.assign(static_cast<std::size_t>(g) * n, 0.0f);
-  RowMatrix v, u;
-  int64_t j = 0;
-  for (const auto& range : ranges) {
-    const int64_t len = range.second - range.first;
-    if (len <= 0) continue;
-    v.resize(len, d);
-    head.load_values(range.first, len, v.data());
-    for (int gi = 0; gi < g; ++gi) {
-      const Eigen::Map<const RowMatrix> r(factors + static_cast<std::size_t>(gi) * d * d, d, d);
-      u.noalias() = v * r.transpose();
-      Eigen::Map<Eigen::VectorXf>(out.data() + static_cast<std::size_t>(gi) * n + j, len) =
-          u.rowwise().norm();
-    }
-    j += len;
-  }
-}
-
-/// Weights a strip's probabilities in place: row r (query token r / g, group member r % g) by
-/// row_weights[r / g] (null: 1) and its key j by key_weights[(r % g) · n + j] (null: 1).
-inline void weight_strip(ScoreStrip& strip, int rows, int g, const float* row_weights,
-                         const float* key_weights, int64_t n) {
-  for (int r = 0; r < rows; ++r) {
-    if (row_weights != nullptr) strip.inv_sum[r] *= row_weights[r / g];
-    if (key_weights == nullptr) continue;
-    float* p = strip.values.data() + r * strip.stride;
-    const float* w = key_weights + static_cast<std::size_t>(r % g) * n;
-    for (int64_t j = 0; j < strip.limit[r]; ++j) p[j] *= w[j];
-  }
-}
-
 /// Softmax probabilities of `rows` query rows (row-major rows × d, pre-scaled by 1/sqrt(d))
 /// over the keys of `head` inside `ranges`, causal (row r sees indices < visible[r]).
 /// Calls reduce(row, key_index, probability) for every visible key in the ranges.

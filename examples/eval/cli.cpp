@@ -208,6 +208,9 @@ Options parse_options(int argc, char** argv) {
       o.settings.continuation = parse_int(a, value(i), 2, 1 << 16);
     } else if (a == "--decode-tokens") {
       o.settings.decode_tokens = parse_int(a, value(i), 0, 1 << 16);
+      if (o.settings.decode_tokens == 1) {
+        throw std::runtime_error("--decode-tokens: 0 (off) or at least 2, not 1");
+      }
     } else if (a == "--compress-every") {
       o.settings.compress_every = parse_int(a, value(i), 1, 1 << 16);
     } else if (a == "--decode-temperature") {

@@ -36,7 +36,7 @@ namespace kvpack {
 /// to the residual stream rather than where attention parks; a key whose value is small scores
 /// low even when attention sinks on it. Plain KVzip (no factors) stays the default. `weighting`
 /// kDisplacement replaces ‖W_o,h·v_j‖ by the displacement of head h's output that evicting j
-/// causes (ValueWeighting; docs/evaluation.md "Why KVzip+ can lose").
+/// causes (ValueWeighting; docs/evaluation.md "Why KVzip+ loses").
 struct ReconstructionEvict : QueryScoredEviction {
   static constexpr const char* name = "ReconstructionEvict";
   std::shared_ptr<const OutputFactors> output_factors;  ///< KVzip+ when set (see above)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (tests/fuzz, clang++ with ASan + UBSan) and runs each one.
 # Usage: scripts/run_fuzz.sh [SECONDS_EACH] [TARGET...]   (targets: gguf checked_file tasks
-#        cache_api; default all). run_tests.sh runs the smoke size (KVPACK_FUZZ_SECONDS, 10 s);
+#        cache_api; default all). run_tests.sh runs the smoke size (KVPACK_FUZZ_SECONDS, 5 s);
 #        long runs: scripts/run_fuzz.sh 3600 cache_api, or -runs=N through KVPACK_FUZZ_ARGS.
 # Seeds come from tests/fuzz/corpus/<target>/ (read only); what the fuzzer finds goes to
 # build-fuzz/corpus/<target>/, crashes to build-fuzz/findings/. Exits non-zero on any finding.

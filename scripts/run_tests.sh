@@ -4,7 +4,7 @@
 # tests (always compiled when nvcc is found; they report "Skipped" without a GPU). The CPU unit
 # tests are built with ASan + UBSan. Then the concurrency test under TSan
 # (scripts/run_sanitizers.sh) and a fuzz smoke of every libFuzzer target (scripts/run_fuzz.sh,
-# KVPACK_FUZZ_SECONDS each, default 10: a smoke run; long runs are scripts/run_fuzz.sh's job).
+# KVPACK_FUZZ_SECONDS each, default 5: a smoke run; long runs are scripts/run_fuzz.sh's job).
 # KVPACK_SANITIZERS=0 skips the last two (quick local runs; CI always runs them).
 # Exits non-zero on any failure. Extra arguments go to the CMake configure step.
 set -euo pipefail
@@ -41,6 +41,6 @@ ctest --test-dir "$build_dir" --output-on-failure --no-tests=error -j "${KVPACK_
 echo "run_tests: ctest passed after $((SECONDS - start)) s"
 if [ "${KVPACK_SANITIZERS:-1}" != 0 ] || [ -n "${CI:-}" ]; then
   bash scripts/run_sanitizers.sh
-  KVPACK_FUZZ_OPT=${KVPACK_FUZZ_OPT:--O0} bash scripts/run_fuzz.sh "${KVPACK_FUZZ_SECONDS:-10}"
+  KVPACK_FUZZ_OPT=${KVPACK_FUZZ_OPT:--O0} bash scripts/run_fuzz.sh "${KVPACK_FUZZ_SECONDS:-5}"
 fi
 echo "run_tests: all tests passed in $((SECONDS - start)) s"

@@ -620,6 +620,16 @@ TEST_CASE("attend_observe: one pass equals attend() then observe()", "[scoring][
     require_fused_equals_split(ReconstructionEvict(budget), ScoreWindow::chunk(4, 60, 140, 200),
                                weights);
   }
+  SECTION("KVzip+ with the displacement weight, a chunk-local window and query weights") {
+    auto factors = std::make_shared<kvpack::OutputFactors>(kShape);
+    for (int l = 0; l < kShape.layers; ++l) {
+      const auto w = kvpack_test::random_values(48 * kShape.q_heads * kShape.head_dim, 90 + l);
+      factors->set_layer(l, w.data(), 48);
+    }
+    ReconstructionEvict policy(budget, factors);
+    policy.weighting = kvpack::ValueWeighting::kDisplacement;
+    require_fused_equals_split(policy, ScoreWindow::chunk(4, 60, 140, 200), weights);
+  }
   SECTION("SnapKV (sums of probabilities), a window") {
     require_fused_equals_split(kvpack::SnapKV(budget), ScoreWindow::chunk(4, 4, 120, 200), {});
   }

@@ -64,7 +64,8 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
     factors = selection().value_weights();
     displacement = selection().value_weighting() == ValueWeighting::kDisplacement;
   }
-  // Per head: u_j = R·v_j of each window key and query head of the group; the norms of kNorm.
+  // Per head: the norms ‖R·v_j‖ of kNorm, or kDisplacement's u_j = R·v_j of each window key
+  // and query head of the group.
   std::vector<std::vector<float>> value_rows(factors != nullptr ? heads : 0);
   std::vector<std::vector<float>> value_weights(factors != nullptr ? heads : 0);
   detail::parallel_for(executor(), heads, [&](int64_t h) {
@@ -79,11 +80,11 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
     for (const auto& range : window[h]) window_size[h] += range.second - range.first;
     keys[h].pack(head.rows(d), d, out != nullptr ? all : window[h]);
     if (factors != nullptr) {
-      cpu::value_output_rows(head.rows(d), d, window[h], window_size[h],
-                             factors->head(layer, static_cast<int>(h) * g), g, value_rows[h]);
-      if (!displacement) {
-        cpu::value_output_norms(value_rows[h], window_size[h], d, g, value_weights[h]);
-        value_rows[h] = {};
+      const float* r = factors->head(layer, static_cast<int>(h) * g);
+      if (displacement) {
+        cpu::value_output_rows(head.rows(d), d, window[h], window_size[h], r, g, value_rows[h]);
+      } else {
+        cpu::value_output_norms(head.rows(d), d, window[h], window_size[h], r, g, value_weights[h]);
       }
     }
   });
@@ -113,7 +114,7 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
     std::vector<int64_t> visible;
     RowMatrix attended;
     std::vector<float> value_tile;
-    std::vector<float> scratch_p, scratch_w, scratch_c;  // displacement_weight_strip
+    std::vector<float> scratch_p, scratch_w;  // displacement_weight_strip
     for (int64_t item; (item = next_item.fetch_add(1, std::memory_order_relaxed)) < items;) {
       const int h = static_cast<int>(item / blocks);
       const int64_t t0 = (item % blocks) * block_tokens;
@@ -152,7 +153,7 @@ void KVCache<Policy, backend::Cpu>::observe_probabilities(int layer, const Activ
       }
       if (displacement) {  // from the plain probabilities: before the query weights
         cpu::displacement_weight_strip(strip, rows, g, value_rows[h].data(), window_size[h], d,
-                                       scratch_p, scratch_w, scratch_c);
+                                       scratch_p, scratch_w);
       }
       if (!query_weights.empty() || (factors != nullptr && !displacement)) {
         cpu::weight_strip(strip, rows, g, query_weights.empty() ? nullptr : &query_weights[t0],

@@ -23,16 +23,16 @@
 namespace kvpack {
 namespace cpu {
 
-/// u_j = R_gi·v_j for window key j (packed order: `ranges` of `head`, n keys in all) and query
-/// head gi of the GQA group, where R_gi = factors + gi · d² (OutputFactors::head, row-major
-/// d × d): out [g][n][d], row-major per gi.
-template <class Rows>
-void value_output_rows(const Rows& head, int d,
-                       const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t n,
-                       const float* factors, int g, std::vector<float>& out) {
+/// Calls sink(gi, j, u) with u = V·R_giᵀ [len × d] (row-major) for each range of window keys
+/// (packed order: `ranges` of `head`; j = the range's first window index) and each query head gi
+/// of the GQA group, R_gi = factors + gi · d² (OutputFactors::head, row-major d × d): one small
+/// GEMM per range and gi, so only one range's values are held at a time.
+template <class Rows, class Sink>
+void for_each_value_output(const Rows& head, int d,
+                           const std::vector<std::pair<int64_t, int64_t>>& ranges,
+                           const float* factors, int g, Sink&& sink) {
   using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  out.assign(static_cast<std::size_t>(g) * n * d, 0.0f);
-  RowMatrix v;
+  RowMatrix v, u;
   int64_t j = 0;
   for (const auto& range : ranges) {
     const int64_t len = range.second - range.first;
@@ -41,21 +41,38 @@ void value_output_rows(const Rows& head, int d,
     head.load_values(range.first, len, v.data());
     for (int gi = 0; gi < g; ++gi) {
       const Eigen::Map<const RowMatrix> r(factors + static_cast<std::size_t>(gi) * d * d, d, d);
-      Eigen::Map<RowMatrix>(out.data() + (static_cast<std::size_t>(gi) * n + j) * d, len, d)
-          .noalias() = v * r.transpose();
+      u.noalias() = v * r.transpose();
+      sink(gi, j, u);
     }
     j += len;
   }
 }
 
-/// KVzip+'s value weights (ValueWeighting::kNorm): out[gi · n + j] = ‖u_j‖ = ‖W_o,gi·v_j‖ of the
-/// rows u [g][n][d] value_output_rows made.
-inline void value_output_norms(const std::vector<float>& u, int64_t n, int d, int g,
-                               std::vector<float>& out) {
+/// KVzip+'s value weights (ValueWeighting::kNorm): out[gi · n + j] = ‖W_o,gi·v_j‖ = ‖R_gi·v_j‖
+/// for window key j (n keys in all) and query head gi of the GQA group (see
+/// for_each_value_output).
+template <class Rows>
+void value_output_norms(const Rows& head, int d,
+                        const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t n,
+                        const float* factors, int g, std::vector<float>& out) {
+  out.assign(static_cast<std::size_t>(g) * n, 0.0f);
+  for_each_value_output(head, d, ranges, factors, g, [&](int gi, int64_t j, const auto& u) {
+    Eigen::Map<Eigen::VectorXf>(out.data() + static_cast<std::size_t>(gi) * n + j, u.rows()) =
+        u.rowwise().norm();
+  });
+}
+
+/// u_j = R_gi·v_j of every window key and query head gi (see for_each_value_output): out
+/// [g][n][d], row-major per gi (ValueWeighting::kDisplacement: g · n · d floats a kv head).
+template <class Rows>
+void value_output_rows(const Rows& head, int d,
+                       const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t n,
+                       const float* factors, int g, std::vector<float>& out) {
   using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  out.resize(static_cast<std::size_t>(g) * n);
-  Eigen::Map<Eigen::VectorXf>(out.data(), g * n) =
-      Eigen::Map<const RowMatrix>(u.data(), g * n, d).rowwise().norm();
+  out.assign(static_cast<std::size_t>(g) * n * d, 0.0f);
+  for_each_value_output(head, d, ranges, factors, g, [&](int gi, int64_t j, const auto& u) {
+    Eigen::Map<RowMatrix>(out.data() + (static_cast<std::size_t>(gi) * n + j) * d, u.rows(), d) = u;
+  });
 }
 
 /// Weights a strip's probabilities in place: row r (query token r / g, group member r % g) by
@@ -75,12 +92,14 @@ inline void weight_strip(ScoreStrip& strip, int rows, int g, const float* row_we
 /// window keys, before any query weight) by ‖w_r − u_j‖ / (1 − p_rj), where u [g][n][d] are the
 /// window's u_j = R·v_j (value_output_rows) and w_r = Σ_j p_rj·u_j = R·o_r the row's attention
 /// output through R: removing key j alone moves head h's output by p_rj/(1 − p_rj)·(o_r − v_j)
-/// (the softmax renormalises the rest), so p_rj times the weight is ‖W_o,h‖-space displacement.
-/// ‖w_r − u_j‖² is expanded as ‖w_r‖² + ‖u_j‖² − 2·w_r·u_j: two GEMMs per group member over the
-/// block's rows; 1 − p is floored at 1e-6 (a single visible key). Scratch: p, w, c.
+/// (the softmax renormalises the rest), so p_rj times the weight is that displacement in the
+/// residual stream. w_r is one GEMM per group member over the block's rows; each ‖w_r − u_j‖ is
+/// summed from the differences themselves (not ‖w‖² + ‖u‖² − 2w·u, which loses the digits a key
+/// holding most of the attention needs). Where 1 − p_rj rounds below 1e-6 (a key holding all
+/// the attention in fp32, e.g. the only key a row sees) the weight is ‖u_j‖, the displacement
+/// when no other key is left. Scratch: p, w.
 inline void displacement_weight_strip(ScoreStrip& strip, int rows, int g, const float* u, int64_t n,
-                                      int d, std::vector<float>& p, std::vector<float>& w,
-                                      std::vector<float>& c) {
+                                      int d, std::vector<float>& p, std::vector<float>& w) {
   using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   for (int gi = 0; gi < g; ++gi) {
     const int m = (rows - gi + g - 1) / g;  // rows gi, gi + g, ...
@@ -97,21 +116,18 @@ inline void displacement_weight_strip(ScoreStrip& strip, int rows, int g, const 
       for (int64_t j = 0; j < strip.limit[r]; ++j) dst[j] = src[j] * strip.inv_sum[r];
     }
     const Eigen::Map<const RowMatrix> uj(u + static_cast<std::size_t>(gi) * n * d, widest, d);
-    const Eigen::Map<const RowMatrix> pm(p.data(), m, widest);
     w.resize(static_cast<std::size_t>(m) * d);
-    c.resize(static_cast<std::size_t>(m) * widest);
-    Eigen::Map<RowMatrix> wm(w.data(), m, d), cm(c.data(), m, widest);
-    wm.noalias() = pm * uj;
-    cm.noalias() = wm * uj.transpose();
-    const Eigen::VectorXf u2 = uj.rowwise().squaredNorm();
+    Eigen::Map<RowMatrix> wm(w.data(), m, d);
+    wm.noalias() = Eigen::Map<const RowMatrix>(p.data(), m, widest) * uj;
     for (int i = 0; i < m; ++i) {
       const int r = gi + i * g;
-      const float w2 = wm.row(i).squaredNorm();
+      const int64_t limit = strip.limit[r];
       float* values = strip.values.data() + r * strip.stride;
       const float* pr = p.data() + static_cast<std::size_t>(i) * widest;
-      for (int64_t j = 0; j < strip.limit[r]; ++j) {
-        const float distance = std::sqrt(std::max(0.0f, w2 + u2[j] - 2.0f * cm(i, j)));
-        values[j] *= distance / std::max(1.0f - pr[j], 1e-6f);
+      const Eigen::VectorXf distance = (uj.topRows(limit).rowwise() - wm.row(i)).rowwise().norm();
+      for (int64_t j = 0; j < limit; ++j) {
+        const float rest = 1.0f - pr[j];
+        values[j] *= rest < 1e-6f ? uj.row(j).norm() : distance[j] / rest;
       }
     }
   }

@@ -76,11 +76,9 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   static_assert(
       cuda::supports_policy_v<Policy>,
       "no CUDA implementation of this Policy: backend::Cuda implements BasicIdentity, Quantize, "
-      "and as a selection stage alone or in Compose<A, Quantize> HeadLevelEvict, "
-      "ReconstructionEvict, SnapKV, KVzap, LazyLayerDrop and eviction policies scored per token "
-      "from K/V (L2NormEvict: an EvictionPolicy with a KVPACK_HOST_DEVICE static token_score) or "
-      "by position (StreamingLLM: position_score), and the low-rank policies (CrossLayerSVD, "
-      "ChannelShrink)");
+      "and alone or in Compose<A, Quantize> HeadLevelEvict, ReconstructionEvict, SnapKV, KVzap, "
+      "LazyLayerDrop, evictions scored per token from K/V (L2NormEvict: a KVPACK_HOST_DEVICE "
+      "static token_score) or position (StreamingLLM), CrossLayerSVD and ChannelShrink");
 
  public:
   using backend_type = backend::Cuda;
@@ -88,8 +86,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
 
  private:
   KVPACK_CACHE_FRONT_MEMBERS(Policy);
-  // What compress() runs: a selection stage (eviction, lazy layers or none), then KIVI
-  // quantization for Quantize and Compose<A, Quantize>.
+  // compress(): a selection stage (eviction, lazy layers or none), then KIVI (Quantize, Compose).
   using Stages = detail::PolicyStages<Policy>;
   using Selection = typename Stages::selection;
   /// The selection stage scores tokens by observed queries (one device score per held token).
@@ -102,8 +99,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   static constexpr bool kLazyLayers = cuda::is_lazy_layer_policy<Selection>::value;
   /// compress() selects tokens and compacts (eviction policies and lazy layers).
   static constexpr bool kEvicts = is_eviction_policy_v<Selection> || kLazyLayers;
-  /// compress() factors the rows into token bases and per-head factors (xKV, CSKV; KIVI bases
-  /// under Compose<…, Quantize>).
+  /// compress() factors rows into token bases and per-head factors (xKV, CSKV; KIVI bases too).
   static constexpr bool kLowRank = cuda::is_low_rank_policy<Policy>::value;
   /// Kept rows age into KIVI blocks (Quantize, Compose<A, Quantize> of a row selection A).
   static constexpr bool kQuantized = Stages::quantized && !kLowRank;
@@ -115,7 +111,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
 
  public:
   /// Validates the shape and the policy's knobs (as the CPU cache does; head_dim must also be
-  /// 64 or 128), then creates a context on the current CUDA device.
+  /// 64 or 128, KVzip+ weights value norms only), then creates a context on the current device.
   explicit KVCache(const ModelShape& shape, Policy policy = Policy{})
       : Front(shape, std::move(policy)) {
     validate_construction();
@@ -361,6 +357,10 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
                     shape_.head_dim, "64 or 128 (the head dims the CUDA kernels are compiled for)");
     detail::require(shape_.kv_heads <= 65535, "KVCache (CUDA)", "kv_heads", shape_.kv_heads,
                     "<= 65535 (one grid row per kv head)");
+    if constexpr (kQueryScores) {
+      detail::require(selection().value_weighting() == ValueWeighting::kNorm, "KVCache (CUDA)",
+                      "weighting", "kDisplacement", "ValueWeighting::kNorm (no CUDA kernel yet)");
+    }
   }
 
   void allocate_bookkeeping() {

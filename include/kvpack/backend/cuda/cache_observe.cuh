@@ -49,12 +49,7 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
   // KVzip+: the layer's output factors [q_heads][d][d] (uploaded with the call) and each held
   // key's value weight per query head.
   const OutputFactors* factors = nullptr;
-  if constexpr (kQueryScores) {
-    factors = selection().value_weights();
-    detail::require(factors == nullptr || selection().value_weighting() == ValueWeighting::kNorm,
-                    where, "weighting", "kDisplacement",
-                    "ValueWeighting::kNorm (the CUDA kernels weight by value norms only)");
-  }
+  if constexpr (kQueryScores) factors = selection().value_weights();
   const std::size_t factor_count =
       factors != nullptr ? static_cast<std::size_t>(q_heads) * d * d : 0;
 

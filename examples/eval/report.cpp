@@ -73,8 +73,8 @@ void print_decoding_table(const std::vector<PolicyResult>& rows, const Settings&
   }
   std::printf(
       "\nDecoding test: after the %lld-token context (compressed once, as in the text run) the "
-      "full cache generates %lld tokens (%s); every row is fed them %lld at a time and calls "
-      "compress() after each step; bytes_x when the last one is appended; agree@1 and kl "
+      "text's next token and %lld - 1 the full cache generates (%s) are fed to every row, %lld at "
+      "a time, each step followed by compress(); bytes_x after the last compress(); agree@1 and kl "
       "against the full cache fed the same way; compress_s = the compress() calls while "
       "decoding.\n",
       static_cast<long long>(s.context), static_cast<long long>(s.decode_tokens),

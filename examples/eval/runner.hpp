@@ -25,8 +25,9 @@ struct Settings {
   int max_new_tokens = 10;      ///< greedy tokens generated per retrieval question
   bool run_text = true;
   bool run_retrieval = true;
-  /// Decoding test: tokens the full cache generates greedily after the text's context (0: off),
-  /// teacher-forced into every row, which calls compress() after each `compress_every` of them.
+  /// Decoding test (0: off): tokens fed after the text's context, its next token and then
+  /// decode_tokens - 1 the full cache generates; every row calls compress() after each
+  /// `compress_every` of them.
   int64_t decode_tokens = 0;
   int64_t compress_every = 32;
   /// Decoding test: the full cache samples at this temperature (0: greedy), seeded by
@@ -63,7 +64,7 @@ struct PolicyResult {
   double bytes_ratio = 0;  ///< dense fp16 bytes / bytes() after compression (text run)
   NextTokenScores text;    ///< the text run's continuation
   /// The decoding test (Runner::run_decoding): the generated tokens, with compress() every
-  /// Settings::compress_every of them; bytes ratio when the last one is appended.
+  /// Settings::compress_every of them; bytes ratio after the last compress().
   NextTokenScores decoding;
   double decoding_bytes_ratio = 0;
   double decoding_compress_seconds = 0;
@@ -153,13 +154,13 @@ class Runner {
   /// text[0, context + continuation).
   void run_text(const std::vector<PolicySpec>& specs, const std::vector<int32_t>& text_tokens,
                 std::vector<PolicyResult>& results, const Progress& progress);
-  /// The decoding test (KVzap paper: eviction while generating): the full cache generates
-  /// Settings::decode_tokens tokens after text[0, context) (sampled at
-  /// Settings::decode_temperature); every row, compressed once
-  /// after the context as in run_text, is fed the same tokens in steps of
-  /// Settings::compress_every, calling compress() after each step (the budget is relative to
-  /// the appended tokens, so it is held as the sequence grows), and its next-token distributions
-  /// are compared with the full cache's fed the same way.
+  /// The decoding test (KVzap paper: eviction while generating): after text[0, context), the
+  /// text's next token and Settings::decode_tokens - 1 tokens the full cache generates (sampled
+  /// at Settings::decode_temperature) are fed to every row, compressed once after the context as
+  /// in run_text, Settings::compress_every at a time, with compress() after each step. The
+  /// budget is relative to the appended tokens: policies that score new tokens hold it as the
+  /// sequence grows, those scored by observed queries keep the unscored new tokens outside it.
+  /// Next-token distributions are compared with the full cache's, fed the same way.
   void run_decoding(const std::vector<PolicySpec>& specs, const std::vector<int32_t>& text_tokens,
                     std::vector<PolicyResult>& results, const Progress& progress);
   /// Retrieval accuracy: each task's context is compressed once per row, then every question

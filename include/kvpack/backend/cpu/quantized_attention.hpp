@@ -103,15 +103,17 @@ KVPACK_TARGET_AVX2 inline void avx2_natural_order(const __m256* v, float* out) {
   }
 }
 
-/// Scales and mins of 8 blocks (a block starts with its fp16 scale and min: one 32-bit word)
-/// at blocks[0], blocks[step], ..., the first `count` of them (the rest read as 0).
+/// The fp16 scales and minima of 8 blocks as fp32 (a block starts with its scale and minimum:
+/// one 32-bit word): blocks[0], blocks[step], ..., the first `count` of them (the rest read as
+/// 0); or, when `rows` is given, rows[0][g], rows[1][g], ... (8 tokens' blocks in their pages).
 template <class Block>
 KVPACK_TARGET_AVX2 inline void avx2_scales_and_mins(const Block* blocks, int64_t step, int count,
-                                                    __m256& scale, __m256& min) {
+                                                    __m256& scale, __m256& min,
+                                                    const Block* const* rows = nullptr, int g = 0) {
   uint32_t w[8];
   for (int j = 0; j < 8; ++j) {
     w[j] = 0;
-    if (j < count) std::memcpy(&w[j], blocks + j * step, sizeof(uint32_t));
+    if (j < count) std::memcpy(&w[j], rows ? rows[j] + g : blocks + j * step, sizeof(uint32_t));
   }
   const __m256i words =
       _mm256_setr_epi32(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]),
@@ -191,11 +193,12 @@ KVPACK_TARGET_AVX2 __attribute__((noinline)) void avx2_quantized_group_scores(
   }
 }
 
-/// acc[r · d + c] += Σ_t p[r · p_stride + t] · v̂_t[c] over tokens t < n of value blocks vb
-/// (d / G blocks per token); p[r · p_stride + t] for t in [n, n rounded up to 8) are zeroed.
-/// ps: scratch of R · (d / G) · (n + 8) floats.
+/// acc[r · d + c] += Σ_t p[r · p_stride + t] · v̂_t[c] over tokens t < n, whose d / G value
+/// blocks start at vt[t] (in their pages: a tile's tokens span pages, and copying them into one
+/// run took a fifth of the 4-bit attend on Zen 3); p[r · p_stride + t] for t in [n, n rounded up
+/// to 8) are zeroed. ps: scratch of R · (d / G) · (n + 8) floats.
 template <int R, int Bits, int G>
-KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* vb, int d, float* p,
+KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* const* vt, int d, float* p,
                                               int64_t p_stride, int64_t n, float* acc, float* ps) {
   constexpr int kChunk = code_chunk<Bits, G>();  // 16 channels per pass, as the key kernel
   constexpr int kChains = fma_chains<R>();
@@ -210,8 +213,8 @@ KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* vb, int
     for (int r = 0; r < R; ++r) m[r] = _mm256_setzero_ps();
     for (int64_t t0 = 0; t0 < n8; t0 += 8) {
       __m256 scale, min;
-      avx2_scales_and_mins(vb + t0 * groups + g, groups,
-                           static_cast<int>(std::min<int64_t>(8, n - t0)), scale, min);
+      avx2_scales_and_mins<QuantBlock<Bits, G>>(
+          nullptr, 0, static_cast<int>(std::min<int64_t>(8, n - t0)), scale, min, vt + t0, g);
       for (int r = 0; r < R; ++r) {
         const __m256 pv = _mm256_loadu_ps(p + r * p_stride + t0);
         _mm256_storeu_ps(ps + (r * groups + g) * n8 + t0, _mm256_mul_ps(pv, scale));
@@ -234,8 +237,7 @@ KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* vb, int
           const int chains = t < paired ? kChains : 1;
           for (int h = 0; h < chains; ++h) {
             __m256 x0, x1;
-            avx2_decode_pass<Bits, kChunk>(vb[(t + h) * groups + g].codes, kChunk * k, pass, x0,
-                                           x1);
+            avx2_decode_pass<Bits, kChunk>(vt[t + h][g].codes, kChunk * k, pass, x0, x1);
             for (int r = 0; r < R; ++r) {
               const __m256 b = _mm256_broadcast_ss(ps + (r * groups + g) * n8 + t + h);
               a[h][r][0] = _mm256_fmadd_ps(b, x0, a[h][r][0]);
@@ -269,17 +271,17 @@ KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* vb, int
 
 /// One pass of R rows (q, state rows r0 .. r0 + R − 1) over tokens [a, a + n) of the tile of
 /// whole key groups starting at t0 (a − t0 < G); row r sees vis[r − r0] of those tokens.
-/// kb[i]: the key blocks of the tile's group i; vb: the value blocks of tokens a, a + 1, ...
-/// (d / G each, contiguous). Keys are scored in fp32, or from an int8 query (`int8`:
-/// Quantize::int8_query) by the VNNI kernel (`vnni`) or the scalar reference. Scratch: s (R ×
-/// stride scores), qs ((R + 1) × d), ps (R × (n + 8) × (d / G)).
+/// kb[i]: the key blocks of the tile's group i; vt[i]: the d / G value blocks of token a + i. Keys
+/// are scored in fp32, or from an int8 query (`int8`: Quantize::int8_query) by the VNNI kernel
+/// (`vnni`) or the scalar reference. Scratch: s (R × stride scores), qs ((R + 1) × d), ps (R × (n +
+/// 8) × (d / G)).
 template <int R, int Bits, int G>
 KVPACK_TARGET_AVX2 void avx2_quantized_pass(const QuantBlock<Bits, G>* const* kb,
-                                            const QuantBlock<Bits, G>* vb, int d, const float* q,
-                                            const int64_t* vis, int64_t t0, int64_t a, int64_t n,
-                                            float* max, float* sum, float* acc, float* s,
-                                            int64_t stride, float* qs, float* ps, bool int8,
-                                            bool vnni) {
+                                            const QuantBlock<Bits, G>* const* vt, int d,
+                                            const float* q, const int64_t* vis, int64_t t0,
+                                            int64_t a, int64_t n, float* max, float* sum,
+                                            float* acc, float* s, int64_t stride, float* qs,
+                                            float* ps, bool int8, bool vnni) {
   // Scores of the whole groups covering [a, a + n); s[r · stride + (t − t0)].
   for (int64_t g0 = t0; g0 < a + n; g0 += G) {
     const QuantBlock<Bits, G>* group = kb[(g0 - t0) / G];
@@ -292,7 +294,7 @@ KVPACK_TARGET_AVX2 void avx2_quantized_pass(const QuantBlock<Bits, G>* const* kb
   float* sa = s + (a - t0);
   for (int r = 0; r < R; ++r)
     softmax_tile_row(sa + r * stride, vis[r], n, max[r], sum[r], acc + r * d, d);
-  avx2_quantized_values<R, Bits, G>(vb, d, sa, stride, n, acc, ps);
+  avx2_quantized_values<R, Bits, G>(vt, d, sa, stride, n, acc, ps);
 }
 
 /// Decode attention of `rows` rows over quantized tokens [begin, end) (end ≤ store.quantized),
@@ -308,18 +310,15 @@ KVPACK_TARGET_AVX2 void avx2_quantized_attend(const Store& store, int d, const f
   constexpr int64_t kTile = G >= 128 ? G : 128 / G * G;  // whole groups, ~128 tokens
   constexpr int64_t stride = kTile + 8;  // room for the values kernel's zero padding
   // Scratch per pass row: scores (tile), scaled query (d), scaled probabilities ((tile + 8) ×
-  // (d / G)); one more query row (the int8 key kernels' scales); then room for the value blocks
-  // of a tile that spans pages.
-  const std::size_t rows_scratch =
-      static_cast<std::size_t>(kRows) * (stride + d + (kTile + 8) * (d / G)) + d;
-  const std::size_t run_bytes = static_cast<std::size_t>(kTile) * (d / G) * sizeof(Block);
-  scratch.resize(rows_scratch + (run_bytes + sizeof(float) - 1) / sizeof(float));
+  // (d / G)); one more query row (the int8 key kernels' scales).
+  scratch.resize(static_cast<std::size_t>(kRows) * (stride + d + (kTile + 8) * (d / G)) + d);
   float* s = scratch.data();
   float* qs = s + kRows * stride;
   float* ps = qs + (kRows + 1) * d;
-  auto* run = reinterpret_cast<Block*>(scratch.data() + rows_scratch);
-  // Key blocks of each group of the tile: the page table walked once per tile.
+  // Key blocks of each group of the tile and value blocks of each token: the page table walked
+  // once per tile.
   const Block* kb[kTile / G];
+  const Block* vt[kTile];
   const int pass_rows = cpu::decode_pass_rows(rows);
   const bool int8 = store.int8_query;
   const bool vnni = int8 && cpu_isa() >= Isa::kAvx512 && cpu_has_avx512_vnni_vbmi();
@@ -328,18 +327,11 @@ KVPACK_TARGET_AVX2 void avx2_quantized_attend(const Store& store, int d, const f
     const int64_t tn = std::min(t0 + kTile, end) - a;
     for (int64_t g = 0; g * G < a + tn - t0; ++g)
       kb[g] = reinterpret_cast<const Block*>(store.key_group(t0 / G + g));
-    // Value blocks of tokens [a, a + tn): in place when one page holds them, else copied page
-    // run by page run into one run (a few KB, then read from L1: the kernel stays the
-    // contiguous one, and its results the same).
-    const Block* vb = reinterpret_cast<const Block*>(store.value_token(a));
-    if (a / store.page_tokens != (a + tn - 1) / store.page_tokens) {
-      for (int64_t t = a; t < a + tn;) {
-        const int64_t stop = std::min(a + tn, (t / store.page_tokens + 1) * store.page_tokens);
-        std::memcpy(run + (t - a) * (d / G), store.value_token(t),
-                    static_cast<std::size_t>(stop - t) * (d / G) * sizeof(Block));
-        t = stop;
-      }
-      vb = run;
+    for (int64_t t = a; t < a + tn;) {  // page run by page run
+      const auto* first = reinterpret_cast<const Block*>(store.value_token(t));
+      const int64_t stop = std::min(a + tn, (t / store.page_tokens + 1) * store.page_tokens);
+      for (int64_t i = 0; t + i < stop; ++i) vt[t - a + i] = first + i * (d / G);
+      t = stop;
     }
     for (int r0 = 0; r0 < rows; r0 += pass_rows) {
       const int nr = std::min(pass_rows, rows - r0);
@@ -355,16 +347,16 @@ KVPACK_TARGET_AVX2 void avx2_quantized_attend(const Store& store, int d, const f
       float* mx = state.max.data() + r0;
       float* sm = state.sum.data() + r0;
       if (nr == 4) {
-        avx2_quantized_pass<4, Bits, G>(kb, vb, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
+        avx2_quantized_pass<4, Bits, G>(kb, vt, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
                                         ps, int8, vnni);
       } else if (nr == 3) {
-        avx2_quantized_pass<3, Bits, G>(kb, vb, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
+        avx2_quantized_pass<3, Bits, G>(kb, vt, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
                                         ps, int8, vnni);
       } else if (nr == 2) {
-        avx2_quantized_pass<2, Bits, G>(kb, vb, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
+        avx2_quantized_pass<2, Bits, G>(kb, vt, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
                                         ps, int8, vnni);
       } else {
-        avx2_quantized_pass<1, Bits, G>(kb, vb, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
+        avx2_quantized_pass<1, Bits, G>(kb, vt, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
                                         ps, int8, vnni);
       }
     }

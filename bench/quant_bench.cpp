@@ -18,8 +18,9 @@
 /// fp16_us, fp32_us, and the quantized cache's bytes (cache.bytes(), all read) per second against
 /// the read baseline. cold:1 reads 64 MiB of unrelated data before each timed call, so K/V come
 /// from DRAM as in a 30-layer decode step; cold:0 repeats the call on caches that may stay in the
-/// 32 MiB L3. int8q:1 sets Quantize::int8_query (keys scored from an int8 query: VNNI where the
-/// CPU has it) and also times the same cache with exact scores: x_exact = exact time / int8 time.
+/// 32 MiB L3. int8q:1 sets Quantize::int8_query (keys scored from an int8 query: VNNI or AVX2
+/// integer dots, as the CPU has it) and also times the same cache with exact scores: x_exact =
+/// exact time / int8 time.
 ///
 /// Run with OMP_WAIT_POLICY=passive on a shared machine (see bench_util.hpp), e.g.
 /// --benchmark_filter='BM_Quant'.

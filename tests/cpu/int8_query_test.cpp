@@ -1,6 +1,6 @@
 // Quantize::int8_query: KIVI key scores from an int8 query (quant/int8_query.hpp). The reference
-// against exact double scores and its error bound, the AVX-512 VNNI kernel against the reference,
-// and attend with the knob against attend without it and across instruction sets.
+// against exact double scores and its error bound, the AVX2 and AVX-512 VNNI kernels against the
+// reference, and attend with the knob against attend without it and across instruction sets.
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
@@ -34,21 +34,23 @@ std::vector<QuantBlock<Bits, G>> random_key_group(int d, uint32_t seed) {
 }
 
 /// Checks the int8-query scores of R rows against one key group: the reference within
-/// α/2 · Σ_c code_ct of the exact (double) score, and the kernel int8_key_group_scores picks
-/// with `vnni` equal to the reference up to the fp32 order of the bias sum.
+/// α/2 · Σ_c code_ct of the exact (double) score, and `kernel` (through int8_key_group_scores)
+/// equal to the reference up to the fp32 order of the bias sum.
 template <int R, int Bits, int G>
-void check_group(int d, uint32_t seed, bool vnni) {
+void check_group(int d, uint32_t seed, int kernel) {
   INFO("rows " << R << ", bits " << Bits << ", group " << G << ", head_dim " << d);
   const auto kb = random_key_group<Bits, G>(d, seed);
   const auto q = kvpack_test::random_values(static_cast<std::size_t>(R) * d, seed + 1);
-  std::vector<float> ref(R * G), got(R * G), w((R + 1) * d), w2((R + 1) * d);
+  std::vector<float> ref(R * G), got(R * G), w((R + 1) * d),
+      w2(kvpack::detail::int8_key_scratch_floats(R, d));
   kvpack::detail::int8_query_group_scores<Bits, G>(
       kb.data(), d, q.data(), R, ref.data(), G, w.data(), reinterpret_cast<int8_t*>(w.data() + d));
 #if defined(KVPACK_X86_DISPATCH)
-  kvpack::detail::int8_key_group_scores<R, Bits, G>(vnni, kb.data(), d, q.data(), got.data(), G,
-                                                    w2.data());
+  kvpack::detail::int8_key_group_scores<R, Bits, G>(
+      static_cast<kvpack::detail::Int8KeyKernel>(kernel), kb.data(), d, q.data(), got.data(), G,
+      w2.data());
 #else
-  (void)vnni;
+  (void)kernel;
   got = ref;
 #endif
   double worst_bound = 0.0, worst_kernel = 0.0;
@@ -75,6 +77,34 @@ void check_group(int d, uint32_t seed, bool vnni) {
   }
   CHECK(worst_bound <= 1.0);
   CHECK(worst_kernel <= 1.0);
+}
+
+/// The same check on the largest code sums: every code at its maximum and a query of one sign,
+/// so every int8 query byte is ±127 (the 16-bit partial sums of the AVX2 4-bit kernel at their
+/// bound, 8 · 2 · 15 · 127; 8-bit codes that vpmaddubsw would saturate).
+template <int R, int Bits, int G>
+void check_extreme_group(int d, float sign, int kernel) {
+  INFO("extreme codes, rows " << R << ", bits " << Bits << ", sign " << sign);
+  std::vector<QuantBlock<Bits, G>> kb(d);
+  for (auto& b : kb) {
+    b.scale = kvpack::to_half(0.125f);
+    b.min = kvpack::to_half(-1.0f);
+    for (auto& c : b.codes) c = 0xFF;
+  }
+  std::vector<float> q(static_cast<std::size_t>(R) * d, sign * 0.5f), ref(R * G), got(R * G);
+  std::vector<float> w((R + 1) * d), w2(kvpack::detail::int8_key_scratch_floats(R, d));
+  kvpack::detail::int8_query_group_scores<Bits, G>(
+      kb.data(), d, q.data(), R, ref.data(), G, w.data(), reinterpret_cast<int8_t*>(w.data() + d));
+  const float want = sign * 0.5f * d * (0.125f * ((1 << Bits) - 1) - 1.0f);
+  for (float x : ref) REQUIRE(x == Approx(want).epsilon(1e-6));
+#if defined(KVPACK_X86_DISPATCH)
+  kvpack::detail::int8_key_group_scores<R, Bits, G>(
+      static_cast<kvpack::detail::Int8KeyKernel>(kernel), kb.data(), d, q.data(), got.data(), G,
+      w2.data());
+  for (int i = 0; i < R * G; ++i) CHECK(got[i] == Approx(ref[i]).epsilon(1e-6));
+#else
+  (void)kernel;
+#endif
 }
 
 /// Decode attend of one query token over layer 0 of a Quantize cache (n seeded tokens).
@@ -112,18 +142,36 @@ TEST_CASE(
     "int8 query: group scores stay within α/2 · Σ code of the exact score, every kernel "
     "equal to the reference",
     "[quantize][int8_query][isa]") {
-  const bool vnni = kvpack::detail::cpu_has_avx512_vnni_vbmi();
-  if (!vnni) WARN("no AVX-512 VNNI + VBMI here: the VNNI kernel is not checked");
-  for (const bool use : {false, true}) {
-    if (use && !vnni) continue;
+#if defined(KVPACK_X86_DISPATCH)
+  using kvpack::detail::Int8KeyKernel;
+  std::vector<int> kernels{static_cast<int>(Int8KeyKernel::kReference)};
+  if (kvpack::cpu_isa_supported() >= kvpack::Isa::kAvx2) {
+    kernels.push_back(static_cast<int>(Int8KeyKernel::kAvx2));
+  } else {
+    WARN("no AVX2 here: the AVX2 kernel is not checked");
+  }
+  if (kvpack::detail::cpu_has_avx512_vnni_vbmi()) {
+    kernels.push_back(static_cast<int>(Int8KeyKernel::kAvx512Vnni));
+  } else {
+    WARN("no AVX-512 VNNI + VBMI here: the VNNI kernel is not checked");
+  }
+#else
+  const std::vector<int> kernels{0};
+#endif
+  for (const int use : kernels) {
+    INFO("kernel " << use);
     for (int d : {16, 64, 80, 128}) {
       check_group<1, 4, 32>(d, 11, use);
       check_group<3, 4, 32>(d, 12, use);
       check_group<4, 4, 64>(d, 13, use);
       check_group<2, 8, 32>(d, 14, use);
       check_group<4, 8, 128>(d, 15, use);
-      check_group<3, 2, 32>(d, 16, use);  // no VNNI kernel: the reference
+      check_group<3, 2, 32>(d, 16, use);  // no integer-dot kernel: the reference
       check_group<2, 4, 16>(d, 17, use);  // idem
+      for (const float sign : {1.0f, -1.0f}) {
+        check_extreme_group<4, 4, 32>(d, sign, use);
+        check_extreme_group<3, 8, 64>(d, sign, use);
+      }
     }
   }
 }

@@ -26,13 +26,15 @@ struct Quantize : PolicyBase {
   int group = 32;
   int64_t residual = 128;
   /// Decode attention scores quantized keys from an int8 copy of the query, scaled per (query
-  /// row, key group), with AVX-512 VNNI integer dot products on the codes. Bits 4 or 8 and group
-  /// ≥ 32 only (the formats with that kernel; others are refused). A CPU without VNNI + VBMI runs
-  /// the scalar reference (quant/int8_query.hpp) instead: same results, 5-6x slower than exact
-  /// scoring (4-bit, Zen 4 at the AVX2 level). Each score moves by at most α/2 · Σ codes (α = max_c
-  /// |q_c · scale_c| / 127): small beside the keys' own error at 4 bits, not at 8. Values stay
-  /// fp32. Applies to decode rows on AVX2 or better with head_dim % 16 == 0 (KVPACK_ISA=scalar and
-  /// prefill chunks score exactly). Storage is unchanged.
+  /// row, key group), with integer dot products on the codes: AVX-512 VNNI, or AVX2 (vpmaddubsw /
+  /// vpmaddwd) on a CPU without VNNI + VBMI, same results as the scalar reference
+  /// (quant/int8_query.hpp). Bits 4 or 8 and group ≥ 32 only (the formats with those kernels;
+  /// others are refused). On AVX2 the key scoring is no faster than exact (per-group query
+  /// rounding costs what the integer dots save: 0.9-1.1x at 4 bits, 0.6-0.7x at 8 bits, Zen 3).
+  /// Each score moves by at most α/2 · Σ codes (α = max_c |q_c · scale_c| / 127): small beside the
+  /// keys' own error at 4 bits, not at 8. Values stay fp32. Applies to decode rows on AVX2 or
+  /// better with head_dim % 16 == 0 (KVPACK_ISA=scalar and prefill chunks score exactly). Storage
+  /// is unchanged.
   bool int8_query = false;
 
   Quantize() = default;

@@ -39,6 +39,13 @@ inline float quantize_query_int8(const float* w, int n, int8_t* w8) {
   return amax / 127.0f;
 }
 
+/// Floats of scratch the int8-query key kernels (backend/cpu/simd/int8_key_scores.hpp) take for
+/// `rows` rows of head_dim d: the scales (d floats), the int8 rows (rows · d bytes) and the AVX2
+/// kernel's query pairs (rows · d / 4 vectors of 32 bytes, 32-byte aligned).
+constexpr int64_t int8_key_scratch_floats(int rows, int d) {
+  return d + (rows * d + 3) / 4 + 2 * rows * d + 8;
+}
+
 /// Reference scores of `rows` query rows (q, row stride d) against the G tokens of key group kb
 /// (d blocks, one per channel): s[r · s_stride + t] for t < G, as the file comment defines them.
 /// Scratch: w (d floats), w8 (d bytes).

@@ -24,6 +24,7 @@
 #include "attention.hpp"
 #include "quantized_head_store.hpp"
 #include "simd/int8_key_scores.hpp"
+#include "simd/quant_scales_avx2.hpp"
 
 namespace kvpack {
 namespace detail {
@@ -101,31 +102,6 @@ KVPACK_TARGET_AVX2 inline void avx2_natural_order(const __m256* v, float* out) {
     _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
     _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
   }
-}
-
-/// The fp16 scales and minima of 8 blocks as fp32 (a block starts with its scale and minimum:
-/// one 32-bit word): blocks[0], blocks[step], ..., the first `count` of them (the rest read as
-/// 0); or, when `rows` is given, rows[0][g], rows[1][g], ... (8 tokens' blocks in their pages).
-template <class Block>
-KVPACK_TARGET_AVX2 inline void avx2_scales_and_mins(const Block* blocks, int64_t step, int count,
-                                                    __m256& scale, __m256& min,
-                                                    const Block* const* rows = nullptr, int g = 0) {
-  uint32_t w[8];
-  for (int j = 0; j < 8; ++j) {
-    w[j] = 0;
-    if (j < count) std::memcpy(&w[j], rows ? rows[j] + g : blocks + j * step, sizeof(uint32_t));
-  }
-  const __m256i words =
-      _mm256_setr_epi32(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]),
-                        static_cast<int>(w[3]), static_cast<int>(w[4]), static_cast<int>(w[5]),
-                        static_cast<int>(w[6]), static_cast<int>(w[7]));
-  // [scale 0..3, min 0..3 | scale 4..7, min 4..7] → [scales | mins]
-  const __m256i halves = _mm256_permute4x64_epi64(
-      _mm256_packus_epi32(_mm256_and_si256(words, _mm256_set1_epi32(0xFFFF)),
-                          _mm256_srli_epi32(words, 16)),
-      0xD8);
-  scale = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
-  min = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
 }
 
 /// Independent accumulator chains: an FMA's result feeds the next FMA of its accumulator 4
@@ -272,21 +248,21 @@ KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* const* 
 /// One pass of R rows (q, state rows r0 .. r0 + R − 1) over tokens [a, a + n) of the tile of
 /// whole key groups starting at t0 (a − t0 < G); row r sees vis[r − r0] of those tokens.
 /// kb[i]: the key blocks of the tile's group i; vt[i]: the d / G value blocks of token a + i. Keys
-/// are scored in fp32, or from an int8 query (`int8`: Quantize::int8_query) by the VNNI kernel
-/// (`vnni`) or the scalar reference. Scratch: s (R × stride scores), qs ((R + 1) × d), ps (R × (n +
-/// 8) × (d / G)).
+/// are scored in fp32, or from an int8 query (`int8`: Quantize::int8_query) by the integer-dot
+/// kernel `keys`. Scratch: s (R × stride scores), qs (int8_key_scratch_floats(R, d) ≥ R × d), ps (R
+/// × (n + 8) × (d / G)).
 template <int R, int Bits, int G>
 KVPACK_TARGET_AVX2 void avx2_quantized_pass(const QuantBlock<Bits, G>* const* kb,
                                             const QuantBlock<Bits, G>* const* vt, int d,
                                             const float* q, const int64_t* vis, int64_t t0,
                                             int64_t a, int64_t n, float* max, float* sum,
                                             float* acc, float* s, int64_t stride, float* qs,
-                                            float* ps, bool int8, bool vnni) {
+                                            float* ps, bool int8, Int8KeyKernel keys) {
   // Scores of the whole groups covering [a, a + n); s[r · stride + (t − t0)].
   for (int64_t g0 = t0; g0 < a + n; g0 += G) {
     const QuantBlock<Bits, G>* group = kb[(g0 - t0) / G];
     if (int8) {
-      int8_key_group_scores<R, Bits, G>(vnni, group, d, q, s + (g0 - t0), stride, qs);
+      int8_key_group_scores<R, Bits, G>(keys, group, d, q, s + (g0 - t0), stride, qs);
     } else {
       avx2_quantized_group_scores<R, Bits, G>(group, d, q, s + (g0 - t0), stride, qs);
     }
@@ -309,19 +285,21 @@ KVPACK_TARGET_AVX2 void avx2_quantized_attend(const Store& store, int d, const f
   constexpr int kRows = cpu::kDecodePassRows;
   constexpr int64_t kTile = G >= 128 ? G : 128 / G * G;  // whole groups, ~128 tokens
   constexpr int64_t stride = kTile + 8;  // room for the values kernel's zero padding
-  // Scratch per pass row: scores (tile), scaled query (d), scaled probabilities ((tile + 8) ×
-  // (d / G)); one more query row (the int8 key kernels' scales).
-  scratch.resize(static_cast<std::size_t>(kRows) * (stride + d + (kTile + 8) * (d / G)) + d);
+  // Scratch: scores (tile) and scaled probabilities ((tile + 8) × (d / G)) per pass row; the
+  // key kernels' query scratch (the scaled rows, or the int8 key kernels' scales and rows).
+  const int64_t query_scratch = int8_key_scratch_floats(kRows, d);
+  scratch.resize(
+      static_cast<std::size_t>(kRows * (stride + (kTile + 8) * (d / G)) + query_scratch));
   float* s = scratch.data();
   float* qs = s + kRows * stride;
-  float* ps = qs + (kRows + 1) * d;
+  float* ps = qs + query_scratch;
   // Key blocks of each group of the tile and value blocks of each token: the page table walked
   // once per tile.
   const Block* kb[kTile / G];
   const Block* vt[kTile];
   const int pass_rows = cpu::decode_pass_rows(rows);
   const bool int8 = store.int8_query;
-  const bool vnni = int8 && cpu_isa() >= Isa::kAvx512 && cpu_has_avx512_vnni_vbmi();
+  const Int8KeyKernel keys = int8_key_kernel();
   for (int64_t t0 = begin / G * G; t0 < end; t0 += kTile) {
     const int64_t a = std::max(begin, t0);  // first token of this tile in the range
     const int64_t tn = std::min(t0 + kTile, end) - a;
@@ -348,16 +326,16 @@ KVPACK_TARGET_AVX2 void avx2_quantized_attend(const Store& store, int d, const f
       float* sm = state.sum.data() + r0;
       if (nr == 4) {
         avx2_quantized_pass<4, Bits, G>(kb, vt, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
-                                        ps, int8, vnni);
+                                        ps, int8, keys);
       } else if (nr == 3) {
         avx2_quantized_pass<3, Bits, G>(kb, vt, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
-                                        ps, int8, vnni);
+                                        ps, int8, keys);
       } else if (nr == 2) {
         avx2_quantized_pass<2, Bits, G>(kb, vt, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
-                                        ps, int8, vnni);
+                                        ps, int8, keys);
       } else {
         avx2_quantized_pass<1, Bits, G>(kb, vt, d, qp, vis, t0, a, n, mx, sm, acc, s, stride, qs,
-                                        ps, int8, vnni);
+                                        ps, int8, keys);
       }
     }
   }

@@ -16,15 +16,30 @@
 #include "../../../isa.hpp"
 #include "../../../quant/int8_query.hpp"
 #include "../../../quant/quant_block.hpp"
+#include "int8_key_scores_avx2.hpp"
 
 #if defined(KVPACK_X86_DISPATCH)
 namespace kvpack {
 namespace detail {
 
-/// Whether a format has the VNNI kernel: 4 or 8 bits (2-bit codes take the scalar reference),
-/// groups of whole 32-token chunks.
+/// Whether a format has the integer-dot kernels (AVX-512 VNNI here, AVX2 in
+/// int8_key_scores_avx2.hpp): 4 or 8 bits (2-bit codes take the scalar reference), groups of
+/// whole 32-token chunks.
 template <int Bits, int G>
 constexpr bool kInt8KeyKernel = (Bits == 4 || Bits == 8) && G % 32 == 0;
+
+/// Which kernel scores keys from an int8 query.
+enum class Int8KeyKernel {
+  kReference,  ///< the scalar reference (quant/int8_query.hpp)
+  kAvx2,       ///< vpmaddubsw / vpmaddwd (int8_key_scores_avx2.hpp)
+  kAvx512Vnni  ///< vpdpbusd (avx512_int8_group_scores)
+};
+
+/// The fastest int8-query key kernel the chosen instruction set (cpu_isa()) allows.
+inline Int8KeyKernel int8_key_kernel() {
+  if (cpu_isa() >= Isa::kAvx512 && cpu_has_avx512_vnni_vbmi()) return Int8KeyKernel::kAvx512Vnni;
+  return cpu_isa() >= Isa::kAvx2 ? Int8KeyKernel::kAvx2 : Int8KeyKernel::kReference;
+}
 
 /// The fp16 scales and minima of the 16 blocks b[0, 16) as fp32 (a block starts with its scale
 /// and minimum: one 32-bit word). Written as scalar loads: a gather (what compilers make of a
@@ -147,15 +162,19 @@ KVPACK_TARGET_AVX512_VNNI __attribute__((noinline)) void avx512_int8_group_score
   }
 }
 
-/// Int8-query scores of R rows against key group kb (see avx512_int8_group_scores): the VNNI
-/// kernel when `vnni` and the format has one, else the scalar reference. Scratch w: (R + 1) · d
-/// floats.
+/// Int8-query scores of R rows against key group kb (see avx512_int8_group_scores) by `kernel`
+/// where the format has it, else by the scalar reference; d % 16 == 0. Scratch w:
+/// int8_key_scratch_floats(R, d) floats.
 template <int R, int Bits, int G>
-void int8_key_group_scores(bool vnni, const QuantBlock<Bits, G>* kb, int d, const float* q,
-                           float* s, int64_t s_stride, float* w) {
+void int8_key_group_scores(Int8KeyKernel kernel, const QuantBlock<Bits, G>* kb, int d,
+                           const float* q, float* s, int64_t s_stride, float* w) {
   if constexpr (kInt8KeyKernel<Bits, G>) {
-    if (vnni) {
+    if (kernel == Int8KeyKernel::kAvx512Vnni) {
       avx512_int8_group_scores<R, Bits, G>(kb, d, q, s, s_stride, w);
+      return;
+    }
+    if (kernel == Int8KeyKernel::kAvx2) {
+      avx2_int8_group_scores<R, Bits, G>(kb, d, q, s, s_stride, w);
       return;
     }
   }

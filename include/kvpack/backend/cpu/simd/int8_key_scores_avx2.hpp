@@ -63,10 +63,10 @@ KVPACK_TARGET_AVX2 inline void avx2_query_pairs(__m128i w16, __m256i* wq) {
   }
 }
 
-/// Code sums D_t of R int8 query rows over tokens 32k + 16 · Half + [0, 16) of a 4-bit key
+/// Code sums D_t of R int8 query rows over tokens 32k + 16 · Part + [0, 16) of a 4-bit key
 /// group: sums[r][0][j] for token 2j, sums[r][1][j] for token 2j + 1 (of the 16). wq[r · d / 4 +
-/// c / 4]: row r's avx2_query_pairs8 of channels c .. c + 3.
-template <int R, int Half, int G>
+/// c / 4]: row r's query pairs (avx2_query_pairs<4>) of channels c .. c + 3.
+template <int R, int Part, int G>
 KVPACK_TARGET_AVX2 inline void avx2_int4_code_sums(const QuantBlock<4, G>* kb, int d,
                                                    const __m256i* wq, int k,
                                                    int32_t (*sums)[2][8]) {
@@ -80,7 +80,7 @@ KVPACK_TARGET_AVX2 inline void avx2_int4_code_sums(const QuantBlock<4, G>* kb, i
     for (int c = c0; c < c1; c += 4) {
       const __m256i u = avx2_code_lanes(kb + c, 16 * k);
       const __m256i v = avx2_code_lanes(kb + c + 1, 16 * k);
-      const __m256i x = Half == 0 ? _mm256_unpacklo_epi8(u, v) : _mm256_unpackhi_epi8(u, v);
+      const __m256i x = Part == 0 ? _mm256_unpacklo_epi8(u, v) : _mm256_unpackhi_epi8(u, v);
       const __m256i lo = _mm256_and_si256(x, nibble);
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble);
       for (int r = 0; r < R; ++r) {
@@ -102,7 +102,7 @@ KVPACK_TARGET_AVX2 inline void avx2_int4_code_sums(const QuantBlock<4, G>* kb, i
 }
 
 /// Code sums of R int8 query rows over tokens 32k + 8 · Eighth + [0, 8) of an 8-bit key group,
-/// in token order. wq: as avx2_int4_code_sums, from avx2_query_pairs16.
+/// in token order. wq: as avx2_int4_code_sums, from avx2_query_pairs<8>.
 template <int R, int Eighth, int G>
 KVPACK_TARGET_AVX2 inline void avx2_int8_code_sums(const QuantBlock<8, G>* kb, int d,
                                                    const __m256i* wq, int k, __m256i* sums) {

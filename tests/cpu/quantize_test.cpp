@@ -164,7 +164,33 @@ void check_cpu_quantizers(int d, uint32_t seed) {
       INFO("keys: bits " << Bits << " group " << G << " d " << d << " channel " << c);
       REQUIRE(same(got[c], want[c]));
     }
+    // fp16 rows (the cache's tail, read in place): the reference of the rows widened to fp32.
+    std::vector<kvpack::Half> half_rows(rows.size());
+    std::vector<float> widened(rows.size());
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      half_rows[i] = kvpack::to_half(rows[i]);
+      widened[i] = kvpack::to_float(half_rows[i]);
+    }
+    kvpack::cpu::quantize_key_group<Bits, G>(half_rows.data(), d, got.data());
+    for (int c = 0; c < d; ++c) {
+      kvpack::quantize_block_ref(widened.data() + c, d, want[c]);
+      INFO("fp16 keys: bits " << Bits << " group " << G << " d " << d << " channel " << c);
+      REQUIRE(same(got[c], want[c]));
+    }
     if (d % G != 0) continue;
+    {
+      const int64_t n = G - 3;
+      std::vector<Block> batch(static_cast<std::size_t>(n) * (d / G));
+      kvpack::cpu::quantize_value_rows<Bits, G>(half_rows.data(), n, d, batch.data());
+      for (int64_t t = 0; t < n; ++t) {
+        for (int g = 0; g < d / G; ++g) {
+          Block ref;
+          kvpack::quantize_block_ref(widened.data() + t * d + g * G, 1, ref);
+          INFO("fp16 value rows: bits " << Bits << " group " << G << " d " << d << " token " << t);
+          REQUIRE(same(batch[t * (d / G) + g], ref));
+        }
+      }
+    }
     // Batched rows (8 tokens per step, plus a remainder) and single rows.
     for (int64_t n : {int64_t{G}, int64_t{G} - 3}) {
       std::vector<Block> batch(static_cast<std::size_t>(n) * (d / G));

@@ -1,6 +1,9 @@
 /// \file backend/cpu/quantize.hpp
 /// \brief KIVI block quantization on the CPU, bit for bit equal to quantize_block_ref.
 ///
+/// Inputs are fp32 or fp16 (kvpack::Half: the cache's tail, read in place; fp16 → fp32 is exact,
+/// so the codes are those of the widened rows).
+///
 /// Keys are quantized per channel over a group of G tokens: with the group's rows token-major
 /// (G × d), 8 channels are one AVX2 vector, so the min/max and the codes of 8 blocks are
 /// computed side by side in the reference's order. Values are quantized per token over groups
@@ -15,6 +18,7 @@
 // clang-format off
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 // clang-format on
 
 #include "../../half.hpp"
@@ -23,6 +27,18 @@
 
 namespace kvpack {
 namespace detail {
+
+/// quantize_block_ref of x[i · stride] (fp32, or fp16 widened first), i < G.
+template <int Bits, int G, class T>
+void quantize_block_from(const T* x, int64_t stride, QuantBlock<Bits, G>& block) {
+  if constexpr (std::is_same_v<T, float>) {
+    quantize_block_ref(x, stride, block);
+  } else {
+    float widened[G];
+    for (int i = 0; i < G; ++i) widened[i] = to_float(x[i * stride]);
+    quantize_block_ref(widened, 1, block);
+  }
+}
 
 #if defined(KVPACK_X86_DISPATCH)
 
@@ -92,17 +108,16 @@ KVPACK_TARGET_AVX2 inline __m256 avx2_reduce8(const __m256* v) {
 }
 
 /// quantize_key_group on AVX2 for the channels [0, 8 · floor(d / 8)); returns that bound.
-template <int Bits, int G>
-KVPACK_TARGET_AVX2 int avx2_quantize_key_group(const float* rows, int d,
-                                               QuantBlock<Bits, G>* blocks) {
+template <int Bits, int G, class T>
+KVPACK_TARGET_AVX2 int avx2_quantize_key_group(const T* rows, int d, QuantBlock<Bits, G>* blocks) {
   int c0 = 0;
   constexpr int kPerWord = 32 / Bits;  // codes per 32-bit word of a block
   constexpr int kWords = G / kPerWord;
   const __m256i levels = _mm256_set1_epi32(QuantBlock<Bits, G>::levels);
   for (; c0 + 8 <= d; c0 += 8) {
-    __m256 lo = _mm256_loadu_ps(rows + c0), hi = lo;
+    __m256 lo = avx2::load(rows + c0), hi = lo;
     for (int i = 1; i < G; ++i) {  // the reference's order: v < lo ? v : lo
-      const __m256 x = _mm256_loadu_ps(rows + i * d + c0);
+      const __m256 x = avx2::load(rows + i * d + c0);
       lo = _mm256_min_ps(x, lo);
       hi = _mm256_max_ps(x, hi);
     }
@@ -120,7 +135,7 @@ KVPACK_TARGET_AVX2 int avx2_quantize_key_group(const float* rows, int d,
     for (int w = 0; w < kWords; ++w) {
       __m256i word = _mm256_setzero_si256();
       for (int j = 0; j < kPerWord; ++j) {
-        const __m256 x = _mm256_loadu_ps(rows + (w * kPerWord + j) * d + c0);
+        const __m256 x = avx2::load(rows + (w * kPerWord + j) * d + c0);
         word = _mm256_or_si256(word, _mm256_slli_epi32(avx2_codes(x, min, inv, levels), j * Bits));
       }
       _mm256_store_si256(reinterpret_cast<__m256i*>(words[w]), word);
@@ -137,12 +152,12 @@ KVPACK_TARGET_AVX2 int avx2_quantize_key_group(const float* rows, int d,
 
 /// One value block (G channels of one token, G % 8 == 0) on AVX2; false, writing nothing, when
 /// the block has a zero extreme (the reference decides its sign).
-template <int Bits, int G>
-KVPACK_TARGET_AVX2 bool avx2_quantize_value_block(const float* x, QuantBlock<Bits, G>& b) {
-  __m256 lo = _mm256_loadu_ps(x), hi = lo;
+template <int Bits, int G, class T>
+KVPACK_TARGET_AVX2 bool avx2_quantize_value_block(const T* x, QuantBlock<Bits, G>& b) {
+  __m256 lo = avx2::load(x), hi = lo;
   for (int i = 8; i < G; i += 8) {
-    lo = _mm256_min_ps(_mm256_loadu_ps(x + i), lo);
-    hi = _mm256_max_ps(_mm256_loadu_ps(x + i), hi);
+    lo = _mm256_min_ps(avx2::load(x + i), lo);
+    hi = _mm256_max_ps(avx2::load(x + i), hi);
   }
   const float lo_s = -avx2::hmax(_mm256_sub_ps(_mm256_setzero_ps(), lo));
   const float hi_s = avx2::hmax(hi);
@@ -160,15 +175,15 @@ KVPACK_TARGET_AVX2 bool avx2_quantize_value_block(const float* x, QuantBlock<Bit
   b.min.bits = static_cast<uint16_t>(_mm_extract_epi16(min_bits, 0));
   const __m256i levels = _mm256_set1_epi32(QuantBlock<Bits, G>::levels);
   for (int i = 0; i < G; i += 8) {
-    const uint64_t packed = avx2_pack8<Bits>(avx2_codes(_mm256_loadu_ps(x + i), min, inv, levels));
+    const uint64_t packed = avx2_pack8<Bits>(avx2_codes(avx2::load(x + i), min, inv, levels));
     std::memcpy(b.codes + i * Bits / 8, &packed, Bits);  // 8 codes = Bits bytes
   }
   return true;
 }
 
 /// quantize_value_rows on AVX2 for the tokens [0, 8 · floor(n / 8)); returns that bound.
-template <int Bits, int G>
-KVPACK_TARGET_AVX2 int64_t avx2_quantize_value_rows(const float* rows, int64_t n, int d,
+template <int Bits, int G, class T>
+KVPACK_TARGET_AVX2 int64_t avx2_quantize_value_rows(const T* rows, int64_t n, int d,
                                                     QuantBlock<Bits, G>* blocks) {
   const int groups = d / G;
   int64_t t0 = 0;
@@ -178,11 +193,11 @@ KVPACK_TARGET_AVX2 int64_t avx2_quantize_value_rows(const float* rows, int64_t n
     for (int g = 0; g < groups; ++g) {
       __m256 lo[8], hi[8];
       for (int j = 0; j < 8; ++j) {
-        const float* x = rows + (t0 + j) * d + g * G;
-        lo[j] = hi[j] = _mm256_loadu_ps(x);
+        const T* x = rows + (t0 + j) * d + g * G;
+        lo[j] = hi[j] = avx2::load(x);
         for (int i = 8; i < G; i += 8) {
-          lo[j] = _mm256_min_ps(_mm256_loadu_ps(x + i), lo[j]);
-          hi[j] = _mm256_max_ps(_mm256_loadu_ps(x + i), hi[j]);
+          lo[j] = _mm256_min_ps(avx2::load(x + i), lo[j]);
+          hi[j] = _mm256_max_ps(avx2::load(x + i), hi[j]);
         }
       }
       const __m256 lo8 = avx2_reduce8<false>(lo), hi8 = avx2_reduce8<true>(hi);
@@ -202,10 +217,10 @@ KVPACK_TARGET_AVX2 int64_t avx2_quantize_value_rows(const float* rows, int64_t n
       _mm_store_si128(reinterpret_cast<__m128i*>(scales), scale_bits);
       _mm_store_si128(reinterpret_cast<__m128i*>(mins), min_bits);
       for (int j = 0; j < 8; ++j) {
-        const float* x = rows + (t0 + j) * d + g * G;
+        const T* x = rows + (t0 + j) * d + g * G;
         QuantBlock<Bits, G>& b = blocks[(t0 + j) * groups + g];
         if (zero & (1 << j)) {
-          quantize_block_ref(x, 1, b);
+          quantize_block_from(x, 1, b);
           continue;
         }
         const __m256i lane = _mm256_set1_epi32(j);
@@ -215,7 +230,7 @@ KVPACK_TARGET_AVX2 int64_t avx2_quantize_value_rows(const float* rows, int64_t n
         b.min.bits = mins[j];
         for (int i = 0; i < G; i += 8) {
           const uint64_t packed =
-              avx2_pack8<Bits>(avx2_codes(_mm256_loadu_ps(x + i), min_j, inv_j, levels));
+              avx2_pack8<Bits>(avx2_codes(avx2::load(x + i), min_j, inv_j, levels));
           std::memcpy(b.codes + i * Bits / 8, &packed, Bits);  // 8 codes = Bits bytes
         }
       }
@@ -230,37 +245,38 @@ KVPACK_TARGET_AVX2 int64_t avx2_quantize_value_rows(const float* rows, int64_t n
 
 namespace cpu {
 
-/// \brief Quantizes one group of keys: `rows` (G tokens × d channels, token-major fp32) into
-/// `blocks[c]`, c < d, one block per channel. Equal to quantize_block_ref(rows + c, d, blocks[c]).
-template <int Bits, int G>
-void quantize_key_group(const float* rows, int d, QuantBlock<Bits, G>* blocks) {
+/// \brief Quantizes one group of keys: `rows` (G tokens × d channels, token-major fp32 or fp16)
+/// into `blocks[c]`, c < d, one block per channel. Equal to quantize_block_ref(rows + c, d,
+/// blocks[c]) of the rows as fp32.
+template <int Bits, int G, class T>
+void quantize_key_group(const T* rows, int d, QuantBlock<Bits, G>* blocks) {
   int c0 = 0;
 #if defined(KVPACK_X86_DISPATCH)
   if (cpu_isa() >= Isa::kAvx2) c0 = detail::avx2_quantize_key_group<Bits, G>(rows, d, blocks);
 #endif
-  for (int c = c0; c < d; ++c) quantize_block_ref(rows + c, d, blocks[c]);
+  for (int c = c0; c < d; ++c) detail::quantize_block_from(rows + c, d, blocks[c]);
 }
 
-/// \brief Quantizes one token's values: `row` (d channels, fp32) into `blocks[g]`, g < d / G.
-/// Equal to quantize_block_ref(row + g · G, 1, blocks[g]).
-template <int Bits, int G>
-void quantize_value_row(const float* row, int d, QuantBlock<Bits, G>* blocks) {
+/// \brief Quantizes one token's values: `row` (d channels, fp32 or fp16) into `blocks[g]`,
+/// g < d / G. Equal to quantize_block_ref(row + g · G, 1, blocks[g]) of the row as fp32.
+template <int Bits, int G, class T>
+void quantize_value_row(const T* row, int d, QuantBlock<Bits, G>* blocks) {
   for (int g = 0; g < d / G; ++g) {
-    const float* x = row + g * G;
+    const T* x = row + g * G;
 #if defined(KVPACK_X86_DISPATCH)
     if constexpr (G % 8 == 0) {
       if (cpu_isa() >= Isa::kAvx2 && detail::avx2_quantize_value_block(x, blocks[g])) continue;
     }
 #endif
-    quantize_block_ref(x, 1, blocks[g]);
+    detail::quantize_block_from(x, 1, blocks[g]);
   }
 }
 
-/// \brief Quantizes the values of `n` tokens (rows n × d, fp32) into blocks (d / G per token,
-/// token-major). Equal to quantize_value_row on each row. With AVX2, 8 tokens share the
+/// \brief Quantizes the values of `n` tokens (rows n × d, fp32 or fp16) into blocks (d / G per
+/// token, token-major). Equal to quantize_value_row on each row. With AVX2, 8 tokens share the
 /// per-block steps (extremes, directed roundings, the division), one lane per token.
-template <int Bits, int G>
-void quantize_value_rows(const float* rows, int64_t n, int d, QuantBlock<Bits, G>* blocks) {
+template <int Bits, int G, class T>
+void quantize_value_rows(const T* rows, int64_t n, int d, QuantBlock<Bits, G>* blocks) {
   const int groups = d / G;
   int64_t t0 = 0;
 #if defined(KVPACK_X86_DISPATCH)

@@ -21,22 +21,30 @@
 namespace kvpack {
 namespace detail {
 
+/// The step α = max|w| / 127 of an int8 query row and the factor 127 / max|w| its elements are
+/// multiplied by before rounding; both 0 when max|w| is 0. Shared by the reference and the SIMD
+/// kernels, so all round alike.
+struct Int8QueryStep {
+  float alpha;
+  float inverse;
+};
+inline Int8QueryStep int8_query_step(float amax) {
+  if (amax == 0.0f) return {0.0f, 0.0f};
+  return {amax / 127.0f, 127.0f / amax};
+}
+
 /// Symmetric int8 quantization of w[0, n) (finite): writes w8[0, n) and returns α, the step
 /// (0 when every w_c is 0, and then w8 is all 0). Rounds in the current rounding mode (default:
 /// to nearest even), as the SIMD conversion instructions do.
 inline float quantize_query_int8(const float* w, int n, int8_t* w8) {
   float amax = 0.0f;
   for (int c = 0; c < n; ++c) amax = std::fmax(amax, std::fabs(w[c]));
-  if (amax == 0.0f) {
-    for (int c = 0; c < n; ++c) w8[c] = 0;
-    return 0.0f;
-  }
-  const float inverse = 127.0f / amax;
+  const Int8QueryStep step = int8_query_step(amax);
   for (int c = 0; c < n; ++c) {
-    const float x = std::nearbyint(w[c] * inverse);
+    const float x = std::nearbyint(w[c] * step.inverse);
     w8[c] = static_cast<int8_t>(x > 127.0f ? 127.0f : x < -127.0f ? -127.0f : x);
   }
-  return amax / 127.0f;
+  return step.alpha;
 }
 
 /// Floats of scratch the int8-query key kernels (backend/cpu/simd/int8_key_scores.hpp) take for

@@ -102,10 +102,10 @@ KVPACK_TARGET_AVX512_VNNI __attribute__((noinline)) void avx512_int8_group_score
   // The int8 rows, rounded as quantize_query_int8 rounds (same products, same conversion).
   float alpha[R], bias[R];
   for (int r = 0; r < R; ++r) {
-    const float amax = _mm512_reduce_max_ps(amax_v[r]);
+    const Int8QueryStep step = int8_query_step(_mm512_reduce_max_ps(amax_v[r]));
     bias[r] = _mm512_reduce_add_ps(bias_v[r]);
-    alpha[r] = amax == 0.0f ? 0.0f : amax / 127.0f;
-    const __m512 inverse = _mm512_set1_ps(amax == 0.0f ? 0.0f : 127.0f / amax);
+    alpha[r] = step.alpha;
+    const __m512 inverse = _mm512_set1_ps(step.inverse);
     for (int c = 0; c < d; c += 16) {
       const __m512 x = _mm512_mul_ps(
           _mm512_mul_ps(_mm512_loadu_ps(q + r * d + c), _mm512_loadu_ps(w + c)), inverse);

@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "../../../isa.hpp"
+#include "../../../quant/int8_query.hpp"
 #include "../../../quant/quant_block.hpp"
 #include "avx2.hpp"
 #include "quant_scales_avx2.hpp"
@@ -161,10 +162,10 @@ KVPACK_TARGET_AVX2 __attribute__((noinline)) void avx2_int8_group_scores(
   // The int8 rows, rounded as quantize_query_int8 rounds (same products, same conversion).
   float alpha[R], bias[R];
   for (int r = 0; r < R; ++r) {
-    const float amax = avx2::hmax(amax_v[r]);
+    const Int8QueryStep step = int8_query_step(avx2::hmax(amax_v[r]));
     bias[r] = avx2::hsum(bias_v[r]);
-    alpha[r] = amax == 0.0f ? 0.0f : amax / 127.0f;
-    const __m256 inverse = _mm256_set1_ps(amax == 0.0f ? 0.0f : 127.0f / amax);
+    alpha[r] = step.alpha;
+    const __m256 inverse = _mm256_set1_ps(step.inverse);
     for (int c = 0; c < d; c += 8) {
       const __m256 x = _mm256_mul_ps(
           _mm256_mul_ps(_mm256_loadu_ps(q + r * d + c), _mm256_loadu_ps(w + c)), inverse);

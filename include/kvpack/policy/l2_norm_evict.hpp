@@ -27,7 +27,9 @@ struct L2NormEvict : EvictionPolicy {
     skip_layers = skip;
   }
 
-  /// Score of one token: −‖k‖² (higher = keep). Shared by the CPU and CUDA backends.
+  static constexpr bool token_score_reads_values = false;  ///< keys only
+  /// Score of one token: −‖k‖² (higher = keep); `value` is not read (may be null). Shared by the
+  /// CPU and CUDA backends.
   template <class T>
   KVPACK_HOST_DEVICE static float token_score(const T* key, const T* /*value*/, int head_dim) {
     float acc = 0.0f;

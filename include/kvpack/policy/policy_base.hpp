@@ -63,6 +63,9 @@ struct PolicyBase {
 /// and compacts storage so evicted tokens free their memory.
 struct EvictionPolicy : PolicyBase {
   static constexpr ScoreSource score_source = ScoreSource::kKeyValue;
+  /// Whether token_score reads the value row (false: the backend may pass a null value and skip
+  /// decoding values).
+  static constexpr bool token_score_reads_values = true;
   Budget budget{};
   /// Marks a policy's paper-default layer skip (kPaperSkipLayers): resolved per model by
   /// detail::first_layer(), so that a default never refuses a small model.
@@ -211,6 +214,13 @@ struct has_token_score<
     P, T,
     std::void_t<decltype(P::token_score(std::declval<const T*>(), std::declval<const T*>(), 0))>>
     : std::true_type {};
+
+/// P::token_score_reads_values, true for a policy that does not say (EvictionPolicy).
+template <class P, class = void>
+struct token_score_reads_values : std::true_type {};
+template <class P>
+struct token_score_reads_values<P, std::void_t<decltype(P::token_score_reads_values)>>
+    : std::bool_constant<P::token_score_reads_values> {};
 
 /// Whether P reduces observed probabilities by their sum (QueryReduction::kSum).
 template <class P>

@@ -93,15 +93,18 @@ void KVCache<Policy, backend::Cpu>::evict() {
         scores[i][t] = Selection::position_score(head.positions[t], state.last_position);
       }
     } else {
-      // Score fp32 rows decoded tile by tile, whatever the store's format.
+      // Score fp32 rows decoded tile by tile, whatever the store's format (values only for a
+      // policy whose score reads them: decoding them was half of L2's scoring time).
+      constexpr bool kValues = detail::token_score_reads_values<Selection>::value;
       const auto rows_of = head.rows(d);
-      std::vector<float> kt(cpu::kAttentionTile * d), vt(cpu::kAttentionTile * d);
+      std::vector<float> kt(cpu::kAttentionTile * d), vt(kValues ? cpu::kAttentionTile * d : 0);
       for (int64_t t0 = 0; t0 < head.size(); t0 += cpu::kAttentionTile) {
         const int64_t tn = std::min(cpu::kAttentionTile, head.size() - t0);
         rows_of.load_keys(t0, tn, kt.data());
-        rows_of.load_values(t0, tn, vt.data());
+        if constexpr (kValues) rows_of.load_values(t0, tn, vt.data());
         for (int64_t t = 0; t < tn; ++t) {
-          scores[i][t0 + t] = Selection::token_score(kt.data() + t * d, vt.data() + t * d, d);
+          const float* value = kValues ? vt.data() + t * d : nullptr;
+          scores[i][t0 + t] = Selection::token_score(kt.data() + t * d, value, d);
         }
       }
     }

@@ -64,7 +64,7 @@ struct PolicyBase {
 struct EvictionPolicy : PolicyBase {
   static constexpr ScoreSource score_source = ScoreSource::kKeyValue;
   /// Whether token_score reads the value row (false: the backend may pass a null value and skip
-  /// decoding values).
+  /// decoding values). A policy derived from one that says false and reads values says true.
   static constexpr bool token_score_reads_values = true;
   Budget budget{};
   /// Marks a policy's paper-default layer skip (kPaperSkipLayers): resolved per model by

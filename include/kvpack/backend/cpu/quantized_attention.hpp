@@ -189,8 +189,8 @@ KVPACK_TARGET_AVX2 void avx2_quantized_values(const QuantBlock<Bits, G>* const* 
     for (int r = 0; r < R; ++r) m[r] = _mm256_setzero_ps();
     for (int64_t t0 = 0; t0 < n8; t0 += 8) {
       __m256 scale, min;
-      avx2_scales_and_mins<QuantBlock<Bits, G>>(
-          nullptr, 0, static_cast<int>(std::min<int64_t>(8, n - t0)), scale, min, vt + t0, g);
+      avx2_row_scales_and_mins(vt + t0, g, static_cast<int>(std::min<int64_t>(8, n - t0)), scale,
+                               min);
       for (int r = 0; r < R; ++r) {
         const __m256 pv = _mm256_loadu_ps(p + r * p_stride + t0);
         _mm256_storeu_ps(ps + (r * groups + g) * n8 + t0, _mm256_mul_ps(pv, scale));

@@ -97,7 +97,7 @@ inline void weight_strip(ScoreStrip& strip, int rows, int g, const float* row_we
 /// summed from the differences themselves (not ‖w‖² + ‖u‖² − 2w·u, which loses the digits a key
 /// holding most of the attention needs). Where 1 − p_rj rounds below 1e-6 (a key holding all
 /// the attention in fp32, e.g. the only key a row sees) the weight is ‖u_j‖, the displacement
-/// when no other key is left. Scratch: p, w.
+/// when no other key is left. Scratch: p, w (the rows' w_r and one row's distances).
 inline void displacement_weight_strip(ScoreStrip& strip, int rows, int g, const float* u, int64_t n,
                                       int d, std::vector<float>& p, std::vector<float>& w) {
   using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -116,7 +116,8 @@ inline void displacement_weight_strip(ScoreStrip& strip, int rows, int g, const 
       for (int64_t j = 0; j < strip.limit[r]; ++j) dst[j] = src[j] * strip.inv_sum[r];
     }
     const Eigen::Map<const RowMatrix> uj(u + static_cast<std::size_t>(gi) * n * d, widest, d);
-    w.resize(static_cast<std::size_t>(m) * d);
+    // w: the rows' w_r [m × d], then one row's distances (widest), allocated once per call.
+    w.resize(static_cast<std::size_t>(m) * d + widest);
     Eigen::Map<RowMatrix> wm(w.data(), m, d);
     wm.noalias() = Eigen::Map<const RowMatrix>(p.data(), m, widest) * uj;
     for (int i = 0; i < m; ++i) {
@@ -124,7 +125,8 @@ inline void displacement_weight_strip(ScoreStrip& strip, int rows, int g, const 
       const int64_t limit = strip.limit[r];
       float* values = strip.values.data() + r * strip.stride;
       const float* pr = p.data() + static_cast<std::size_t>(i) * widest;
-      const Eigen::VectorXf distance = (uj.topRows(limit).rowwise() - wm.row(i)).rowwise().norm();
+      Eigen::Map<Eigen::VectorXf> distance(w.data() + static_cast<std::size_t>(m) * d, limit);
+      distance = (uj.topRows(limit).rowwise() - wm.row(i)).rowwise().norm();
       for (int64_t j = 0; j < limit; ++j) {
         const float rest = 1.0f - pr[j];
         values[j] *= rest < 1e-6f ? uj.row(j).norm() : distance[j] / rest;

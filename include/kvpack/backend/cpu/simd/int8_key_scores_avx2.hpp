@@ -72,8 +72,10 @@ KVPACK_TARGET_AVX2 inline void avx2_int4_code_sums(const QuantBlock<4, G>* kb, i
                                                    const __m256i* wq, int k,
                                                    int32_t (*sums)[2][8]) {
   const __m256i nibble = _mm256_set1_epi8(0x0F);
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 8; ++j) sums[r][0][j] = sums[r][1][j] = 0;
+  for (int r = 0; r < R; ++r) {  // vector stores: the vector loads below then forward from them
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums[r][0]), _mm256_setzero_si256());
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums[r][1]), _mm256_setzero_si256());
+  }
   for (int c0 = 0; c0 < d; c0 += 32) {  // 32 channels: 16-bit sums without overflow
     __m256i even[R], odd[R];
     for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_si256();

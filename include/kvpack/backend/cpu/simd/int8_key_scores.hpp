@@ -41,23 +41,14 @@ inline Int8KeyKernel int8_key_kernel() {
   return cpu_isa() >= Isa::kAvx2 ? Int8KeyKernel::kAvx2 : Int8KeyKernel::kReference;
 }
 
-/// The fp16 scales and minima of the 16 blocks b[0, 16) as fp32 (a block starts with its scale
-/// and minimum: one 32-bit word). Written as scalar loads: a gather (what compilers make of a
-/// loop of them) stalled this kernel for 3/4 of its time on Zen 4.
+/// The fp16 scales and minima of the 16 blocks b[0, 16) as fp32 (first_words4: no gather).
 template <class Block>
 KVPACK_TARGET_AVX512_VNNI inline void avx512_scales_and_mins(const Block* b, __m512& scale,
                                                              __m512& min) {
-  __m128i quads[4];
-  for (int i = 0; i < 4; ++i) {
-    uint32_t w[4];
-    for (int j = 0; j < 4; ++j) std::memcpy(&w[j], b + 4 * i + j, sizeof(uint32_t));
-    quads[i] = _mm_setr_epi32(static_cast<int>(w[0]), static_cast<int>(w[1]),
-                              static_cast<int>(w[2]), static_cast<int>(w[3]));
-  }
-  __m512i words = _mm512_castsi128_si512(quads[0]);
-  words = _mm512_inserti32x4(words, quads[1], 1);
-  words = _mm512_inserti32x4(words, quads[2], 2);
-  words = _mm512_inserti32x4(words, quads[3], 3);
+  __m512i words = _mm512_castsi128_si512(first_words4([&](int j) { return b + j; }));
+  words = _mm512_inserti32x4(words, first_words4([&](int j) { return b + 4 + j; }), 1);
+  words = _mm512_inserti32x4(words, first_words4([&](int j) { return b + 8 + j; }), 2);
+  words = _mm512_inserti32x4(words, first_words4([&](int j) { return b + 12 + j; }), 3);
   scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words));
   min = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(words, 16)));
 }

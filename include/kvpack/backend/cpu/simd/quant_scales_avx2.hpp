@@ -1,6 +1,7 @@
 /// \file backend/cpu/simd/quant_scales_avx2.hpp
-/// \brief The fp16 scale and minimum of 8 KIVI blocks (QuantBlock) as two fp32 vectors, for the
-/// AVX2 decode kernels (quantized_attention.hpp) and the AVX2 int8-query key kernel.
+/// \brief The fp16 scale and minimum of KIVI blocks (QuantBlock) as fp32 vectors, loaded without
+/// gathers: for the AVX2 decode kernels (quantized_attention.hpp) and the AVX2 and AVX-512
+/// int8-query key kernels.
 #pragma once
 
 #include <cstdint>

@@ -505,8 +505,15 @@ TEST_CASE("CUDA low-rank cache: KIVI bases (Compose with Quantize) equal the CPU
     INFO("head_dim " << s.head_dim);
     // CSKV: the same projection on both, so the same latents up to fp32 summation order, and
     // blocks from them as the CPU's LowRankBasis quantizes (a code may round the other way).
+    // When a group's fp32 extreme differs in its last bit, its fp16 scale may round to the
+    // neighbouring value, which moves every code near a rounding boundary by a whole step: with
+    // Eigen summing the CPU's projections in AVX-512 order (-march=native, Zen 4) the rows
+    // differed by up to 3.6e-3 and attention by 1.7e-3 (below 1e-3 with AVX2 order). So the
+    // two caches are compared at 1e-2, and each side's attention over its own bases exactly
+    // (1e-4).
     for (const Quantize& q : {Quantize(2, 16, 0), Quantize(4, 32, 0)}) {
       INFO(q.bits << "-bit bases, groups of " << q.group);
+      const double tolerance = 1e-2;
       using P = kvpack::Compose<kvpack::ChannelShrink, Quantize>;
       const P policy(kvpack::ChannelShrink(random_projections(s, 24, 40, 800), 32), q);
       kvpack::KVCache<P, kvpack::backend::Cpu> cpu(s, policy);
@@ -514,11 +521,17 @@ TEST_CASE("CUDA low-rank cache: KIVI bases (Compose with Quantize) equal the CPU
       cache_checks::feed_sequence(s, 200, 0, false, cpu, gpu);
       cpu.compress();
       gpu.compress();
-      require_same_low_rank(cpu, gpu, 1e-3, 810);
+      require_same_low_rank(cpu, gpu, tolerance, 810);
       cache_checks::decode_tokens(s, 200, 240, false, cpu, gpu);
       cpu.compress();
       gpu.compress();
-      require_same_low_rank(cpu, gpu, 1e-3, 820);
+      require_same_low_rank(cpu, gpu, tolerance, 820);
+      for (int l = 0; l < s.layers; ++l) {
+        const std::vector<int64_t> qpos{cache_checks::position_of(239),
+                                        cache_checks::position_of(120)};
+        CHECK(kvpack_test::attend_error(gpu, l, qpos, 825 + l) < 1e-4);
+        CHECK(kvpack_test::attend_error(cpu, l, qpos, 825 + l) < 1e-4);
+      }
     }
     // xKV + 4-bit at rank 24: each backend its own basis, quantized; the same bytes, and the
     // stacked rows as far from what was factored as the CPU's are.

@@ -14,10 +14,11 @@ namespace kvpack {
 namespace detail {
 
 /// The first 32-bit words of blocks at(0), .., at(3) (a block starts with its fp16 scale and
-/// minimum), as four scalar loads. Compilers tuned for AVX-512 turn such loads into a gather
-/// (vpgatherdd), microcoded and slow: it took 40 % of the AVX2 key kernel and 3/4 of the AVX-512
-/// int8 one on Zen 4 (perf annotate), so each word passes through an empty asm statement, which
-/// no vectorizer merges.
+/// minimum), as four scalar loads. Compilers targeting AVX-512 turn such loads into a gather
+/// (vpgatherdd, microcoded on Zen 4, where perf put 40 % of the AVX2 key kernel's samples on it,
+/// much of that the wait on memory its first load also pays: see the key group prefetch in
+/// quantized_attention.hpp), so each word passes through an empty asm statement, which no
+/// vectorizer merges.
 template <class At>
 KVPACK_TARGET_AVX2 inline __m128i first_words4(At at) {
   uint32_t w[4];

@@ -508,12 +508,14 @@ TEST_CASE("CUDA low-rank cache: KIVI bases (Compose with Quantize) equal the CPU
     // When a group's fp32 extreme differs in its last bit, its fp16 scale may round to the
     // neighbouring value, which moves every code near a rounding boundary by a whole step: with
     // Eigen summing the CPU's projections in AVX-512 order (-march=native, Zen 4) the rows
-    // differed by up to 3.6e-3 and attention by 1.7e-3 (within 1e-3 with -march=x86-64, and on
-    // Zen 3 with -march=native). So the two caches are compared at 1e-2, and each side's
-    // attention over its own bases exactly (1e-4).
+    // differed by up to 3.6e-3 at 4 bits and 1.2e-2 at 2 bits (the sanitized CI build, head_dim
+    // 128), attention by 1.7e-3 (within 1e-3 with -march=x86-64, and on Zen 3 with
+    // -march=native). So the two caches are compared at a tolerance that scales with the step,
+    // (max − min) / 15 at 4 bits, / 3 at 2, and each side's attention over its own bases
+    // exactly (1e-4).
     for (const Quantize& q : {Quantize(2, 16, 0), Quantize(4, 32, 0)}) {
       INFO(q.bits << "-bit bases, groups of " << q.group);
-      const double tolerance = 1e-2;
+      const double tolerance = q.bits == 2 ? 5e-2 : 1e-2;
       using P = kvpack::Compose<kvpack::ChannelShrink, Quantize>;
       const P policy(kvpack::ChannelShrink(random_projections(s, 24, 40, 800), 32), q);
       kvpack::KVCache<P, kvpack::backend::Cpu> cpu(s, policy);

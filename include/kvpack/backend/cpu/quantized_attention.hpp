@@ -128,7 +128,7 @@ KVPACK_TARGET_AVX2 __attribute__((noinline)) void avx2_quantized_group_scores(
   for (int r = 0; r < R; ++r) b[r] = _mm256_setzero_ps();
   for (int c = 0; c < d; c += 8) {
     __m256 scale, min;
-    avx2_scales_and_mins(kb + c, 1, 8, scale, min);
+    avx2_scales_and_mins(kb + c, scale, min);
     for (int r = 0; r < R; ++r) {
       const __m256 qv = _mm256_loadu_ps(q + r * d + c);
       _mm256_storeu_ps(qs + r * d + c, _mm256_mul_ps(qv, scale));

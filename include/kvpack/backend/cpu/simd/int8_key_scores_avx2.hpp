@@ -153,7 +153,7 @@ KVPACK_TARGET_AVX2 __attribute__((noinline)) void avx2_int8_group_scores(
   for (int r = 0; r < R; ++r) bias_v[r] = amax_v[r] = _mm256_setzero_ps();
   for (int c = 0; c < d; c += 8) {
     __m256 scale, min;
-    avx2_scales_and_mins(kb + c, 1, 8, scale, min);
+    avx2_scales_and_mins(kb + c, scale, min);
     _mm256_storeu_ps(w + c, scale);
     for (int r = 0; r < R; ++r) {
       const __m256 qv = _mm256_loadu_ps(q + r * d + c);

@@ -60,11 +60,11 @@ KVPACK_TARGET_AVX2 inline __m256i first_words8(At at, int count) {
   return _mm256_setr_m128i(first_words4(at), first_words4([&](int j) { return at(4 + j); }));
 }
 
-/// The same of blocks[0], blocks[step], ..., the first `count` of them (the rest read as 0).
+/// The same of blocks[0, 8) (a key group's channels).
 template <class Block>
-KVPACK_TARGET_AVX2 inline void avx2_scales_and_mins(const Block* blocks, int64_t step, int count,
-                                                    __m256& scale, __m256& min) {
-  avx2_scales_and_mins(first_words8([&](int j) { return blocks + j * step; }, count), scale, min);
+KVPACK_TARGET_AVX2 inline void avx2_scales_and_mins(const Block* blocks, __m256& scale,
+                                                    __m256& min) {
+  avx2_scales_and_mins(first_words8([&](int j) { return blocks + j; }, 8), scale, min);
 }
 
 /// The same of rows[0][g], rows[1][g], ..., the first `count` (the blocks of tokens in their

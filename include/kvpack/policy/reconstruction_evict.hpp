@@ -41,7 +41,7 @@ struct ReconstructionEvict : QueryScoredEviction {
   static constexpr const char* name = "ReconstructionEvict";
   std::shared_ptr<const OutputFactors> output_factors;  ///< KVzip+ when set (see above)
   /// With output_factors: the value norm of the paper (default) or the displacement of the
-  /// output that evicting the key causes (ValueWeighting::kDisplacement; CPU only so far).
+  /// output that evicting the key causes (ValueWeighting::kDisplacement; both backends).
   ValueWeighting weighting = ValueWeighting::kNorm;
 
   ReconstructionEvict() { budget = Budget::ratio(0.3, BudgetScope::kGlobal); }

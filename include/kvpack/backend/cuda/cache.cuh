@@ -357,10 +357,6 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
                     shape_.head_dim, "64 or 128 (the head dims the CUDA kernels are compiled for)");
     detail::require(shape_.kv_heads <= 65535, "KVCache (CUDA)", "kv_heads", shape_.kv_heads,
                     "<= 65535 (one grid row per kv head)");
-    if constexpr (kQueryScores) {
-      detail::require(selection().value_weighting() == ValueWeighting::kNorm, "KVCache (CUDA)",
-                      "weighting", "kDisplacement", "ValueWeighting::kNorm (no CUDA kernel yet)");
-    }
   }
 
   void allocate_bookkeeping() {

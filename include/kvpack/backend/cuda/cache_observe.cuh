@@ -48,13 +48,21 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
   for (int h = 0; h < kv_heads; ++h) longest = std::max(longest, store(layer, h).size);
   // KVzip+: the layer's output factors [q_heads][d][d] (uploaded with the call) and each held
   // key's value weight per query head.
+  // ValueWeighting::kDisplacement: each key's R · v per query head and each row's R · o instead
+  // of the norms.
   const OutputFactors* factors = nullptr;
-  if constexpr (kQueryScores) factors = selection().value_weights();
+  bool displacement = false;
+  if constexpr (kQueryScores) {
+    factors = selection().value_weights();
+    displacement =
+        factors != nullptr && selection().value_weighting() == ValueWeighting::kDisplacement;
+  }
   const std::size_t factor_count =
       factors != nullptr ? static_cast<std::size_t>(q_heads) * d * d : 0;
 
   // Workspace: uploaded [queries (QueryUpload) | head table | query weights | factors], then
-  // [q fp32 | row max | row sum | row mass (lazy layers) | value weights (KVzip+)].
+  // [q fp32 | row max | row sum | row mass (lazy layers) | value weights or outputs (KVzip+) |
+  // row outputs (displacement)].
   cuda::QueryUpload queries(q, q_heads, d, host);
   cuda::WorkspaceLayout layout;
   queries.add_upload(layout);
@@ -66,8 +74,9 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
   const std::size_t at_max = layout.add<float>(rows);
   const std::size_t at_sum = layout.add<float>(rows);
   const std::size_t at_mass = layout.add<float>(kLazyLayers ? rows : 0);
-  const std::size_t at_value_weights =
-      layout.add<float>(factors != nullptr ? static_cast<int64_t>(q_heads) * longest : 0);
+  const std::size_t at_value_weights = layout.add<float>(
+      factors != nullptr ? static_cast<int64_t>(q_heads) * longest * (displacement ? d : 1) : 0);
+  const std::size_t at_row_outputs = layout.add<float>(displacement ? rows * d : 0);
   unsigned char* ws = workspace(layout.bytes());
   unsigned char* stage = staging(upload_bytes);
 
@@ -101,8 +110,10 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
   params.first_position = layers_[layer].first_position;
   params.query_weights =
       query_weights.empty() ? nullptr : reinterpret_cast<const float*>(ws + at_query_weights);
-  params.value_weights =
-      factors != nullptr ? reinterpret_cast<float*>(ws + at_value_weights) : nullptr;
+  auto* value_weights = reinterpret_cast<float*>(ws + at_value_weights);
+  params.value_weights = factors != nullptr && !displacement ? value_weights : nullptr;
+  params.value_outputs = displacement ? value_weights : nullptr;
+  params.row_outputs = displacement ? reinterpret_cast<float*>(ws + at_row_outputs) : nullptr;
   params.value_stride = longest;
   const auto* heads = reinterpret_cast<const cuda::ObserveHead<T>*>(ws + at_heads);
   cuda::dispatch_head_dim(d, [&](auto head_dim) {
@@ -110,10 +121,13 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
     if constexpr (kLazyLayers) {
       cuda::launch_observe_stats<D, T>(heads, params, selection(), stream);
     } else {
-      if (factors != nullptr) {
-        cuda::launch_value_weights<D, T>(
-            heads, kv_heads, longest, reinterpret_cast<const float*>(ws + at_factors), params.group,
-            reinterpret_cast<float*>(ws + at_value_weights), stream);
+      const auto* factor_rows = reinterpret_cast<const float*>(ws + at_factors);
+      if (displacement) {
+        cuda::launch_value_weights<D, T, true>(heads, kv_heads, longest, factor_rows, params.group,
+                                               value_weights, stream);
+      } else if (factors != nullptr) {
+        cuda::launch_value_weights<D, T, false>(heads, kv_heads, longest, factor_rows, params.group,
+                                                value_weights, stream);
       }
       cuda::launch_observe<D, T, detail::sums_query_scores<Selection>()>(heads, kv_heads, longest,
                                                                          params, stream);

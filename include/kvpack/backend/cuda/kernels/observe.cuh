@@ -6,12 +6,13 @@
 ///
 /// Two passes per observe() call: the softmax statistics (max and sum of exp) of every (query
 /// token, query head) over its visible window keys, then one thread per key that recomputes its
-/// logits against every row and folds the reduced probability into the head's scores. The logits
-/// are computed twice (the fused single-pass form, as a by-product of an attention kernel, is
-/// left for later); the arithmetic matches the CPU's in fp32 up to the summation order.
-/// Sources: Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction"
-/// (arXiv 2505.23416); Li et al., "SnapKV" (arXiv 2404.14469); Zhang et al., "SimLayerKV"
-/// (arXiv 2410.13846).
+/// logits against every row and folds the reduced probability into the head's scores (KVzip+'s
+/// displacement weight adds a pass between them: each row's attention output through W_o). The
+/// logits are computed twice (the fused single-pass form, as a by-product of an attention kernel,
+/// is left for later); the arithmetic matches the CPU's in fp32 up to the summation order. Sources:
+/// Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction" (arXiv
+/// 2505.23416); Li et al., "SnapKV" (arXiv 2404.14469); Zhang et al., "SimLayerKV" (arXiv
+/// 2410.13846).
 #pragma once
 
 #include <cmath>
@@ -83,6 +84,12 @@ struct ObserveParams {
   /// group (‖W_o,h · v‖, value_weights_kernel), or null (1)
   const float* value_weights;
   int64_t value_stride;
+  /// KVzip+ with ValueWeighting::kDisplacement, else null: u_i = R · v_i of each held key per
+  /// query head of its group [kv_heads][group][value_stride][head_dim] (value_weights_kernel with
+  /// kOutputs), and w_r = R · o_r of each row [tokens][q_heads][head_dim], o_r the row's attention
+  /// output over its window keys (observe_outputs_kernel); R the query head's output factor.
+  const float* value_outputs;
+  float* row_outputs;
 };
 
 /// The kept set of a policy that measures no attention mass (KVzip, SnapKV): empty.
@@ -134,6 +141,70 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(32)
   }
 }
 
+/// ValueWeighting::kDisplacement (KVzip+): what evicting key i moves row `row`'s output (query
+/// head qh), per unit of its probability `prob`: ‖w_r − u_i‖ / (1 − prob), or ‖u_i‖ where
+/// 1 − prob rounds below 1e-6 (a key holding all the row's attention; the CPU's
+/// cpu::displacement_weight_strip, whose comment derives it). The distance is summed from the
+/// differences themselves, as on the CPU (‖w‖² + ‖u‖² − 2 w·u would lose the digits a key
+/// holding most of the attention needs).
+template <int D>
+KVPACK_DEVICE float displacement_weight(const ObserveParams& p, int64_t row, int qh, int64_t i,
+                                        float prob) {
+  const float* u = p.value_outputs + (static_cast<int64_t>(qh) * p.value_stride + i) * D;
+  const float* w = p.row_outputs + row * D;
+  const float rest = 1.0f - prob;
+  float sq = 0.0f;
+  if (rest < 1e-6f) {
+    for (int c = 0; c < D; ++c) sq += u[c] * u[c];
+    return sqrtf(sq);
+  }
+  for (int c = 0; c < D; ++c) {
+    const float diff = w[c] - u[c];
+    sq += diff * diff;
+  }
+  return sqrtf(sq) / rest;
+}
+
+/// Between the passes for ValueWeighting::kDisplacement: w_r = Σ_i p_ri · u_i over the row's
+/// visible window keys (p.row_outputs), p_ri the softmax probability of pass 1's statistics. One
+/// warp per row as in pass 1: each lane computes one key's probability of a 32-key tile, which is
+/// broadcast by shuffle while the lanes accumulate D / 32 channels each (coalesced reads of u).
+template <int D, class T>
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(32)
+    observe_outputs_kernel(const ObserveHead<T>* __restrict__ heads, ObserveParams p) {
+  static_assert(D % 32 == 0, "observe_outputs_kernel: head_dim a multiple of the warp");
+  constexpr int kPerLane = D / 32;
+  const int lane = static_cast<int>(exec::thread_x());
+  for (int64_t row = exec::block_x(); row < p.tokens * p.q_heads; row += exec::grid_x()) {
+    const int64_t t = row / p.q_heads;
+    const int qh = static_cast<int>(row % p.q_heads);
+    const ObserveHead<T> head = heads[qh / p.group];
+    const float* q = p.q + row * D;
+    const float* u = p.value_outputs + static_cast<int64_t>(qh) * p.value_stride * D;
+    const int64_t position = p.q_positions[t];
+    const float row_max = p.row_max[row], row_sum = p.row_sum[row];
+    float acc[kPerLane] = {};
+    for (int64_t base = 0; row_sum > 0.0f && base < head.size; base += 32) {
+      const int64_t i = base + lane;
+      float prob = 0.0f;
+      if (i < head.size) {
+        const int64_t key_position = head.positions[i];
+        if (key_position <= position && p.window.contains(key_position)) {
+          prob = expf(head.template logit<D>(q, i, p.scale) - row_max) / row_sum;
+        }
+      }
+      const int count = static_cast<int>(head.size - base < 32 ? head.size - base : 32);
+      for (int k = 0; k < count; ++k) {
+        const float pk = exec::shfl(prob, k);
+        if (pk == 0.0f) continue;  // the same for every lane
+        const float* uk = u + (base + k) * D;
+        for (int c = 0; c < kPerLane; ++c) acc[c] += pk * uk[lane + 32 * c];
+      }
+    }
+    for (int c = 0; c < kPerLane; ++c) p.row_outputs[row * D + lane + 32 * c] = acc[c];
+  }
+}
+
 /// Pass 2: one thread per key of one kv head (grid y): the probabilities every row of the group
 /// gives it, reduced (kSum: summed in row order, else the max) and folded into its score (an
 /// unscored key's sum starts at 0). Keys outside the window or seen by no row keep their score.
@@ -155,6 +226,9 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
         const int64_t row = t * p.q_heads + h * p.group + j;
         const float s = head.template logit<D>(p.q + row * D, i, p.scale);
         float prob = expf(s - p.row_max[row]) / p.row_sum[row];
+        // The displacement weight from the plain probability, before the query weight.
+        if (p.value_outputs != nullptr)
+          prob *= displacement_weight<D>(p, row, h * p.group + j, i, prob);
         if (p.query_weights != nullptr) prob *= p.query_weights[t];
         if (p.value_weights != nullptr) {
           prob *= p.value_weights[(static_cast<int64_t>(h) * p.group + j) * p.value_stride + i];
@@ -178,9 +252,11 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
 
 /// KVzip+'s value weights: out[(h · group + j) · stride + i] = ‖R_(h · group + j) · v_i‖ for
 /// held key i of kv head h (grid y) and query head j of its group, where R [D][D] (row-major,
-/// `factors` + query head · D²) is the query head's OutputFactors factor of the layer. One
-/// thread per key; the D² products are not tiled (the CPU runs one small GEMM per head).
-template <int D, class T>
+/// `factors` + query head · D²) is the query head's OutputFactors factor of the layer; with
+/// kOutputs (ValueWeighting::kDisplacement) the vector itself, out[((h · group + j) · stride +
+/// i) · D + o] = (R · v_i)_o. One thread per key; the D² products are not tiled (the CPU runs
+/// one small GEMM per head).
+template <int D, class T, bool kOutputs>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
     value_weights_kernel(const ObserveHead<T>* __restrict__ heads,
                          const float* __restrict__ factors, int group, int64_t stride,
@@ -193,24 +269,27 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
     for (int c = 0; c < D; ++c) v[c] = head.template value<D>(i, c);
     for (int j = 0; j < group; ++j) {
       const float* r = factors + (static_cast<int64_t>(h) * group + j) * D * D;
+      const int64_t at = (static_cast<int64_t>(h) * group + j) * stride + i;
       float sq = 0.0f;
       for (int o = 0; o < D; ++o) {
         float acc = 0.0f;
         for (int c = 0; c < D; ++c) acc += r[o * D + c] * v[c];
+        if (kOutputs) out[at * D + o] = acc;
         sq += acc * acc;
       }
-      out[(static_cast<int64_t>(h) * group + j) * stride + i] = sqrtf(sq);
+      if (!kOutputs) out[at] = sqrtf(sq);
     }
   }
 }
 
-template <int D, class T>
+template <int D, class T, bool kOutputs>
 void launch_value_weights(const ObserveHead<T>* heads, int kv_heads, int64_t longest,
                           const float* factors, int group, float* out, cudaStream_t stream) {
   if (longest == 0) return;
   const dim3 grid(grid_blocks(longest, kElementwiseThreads, 4096), static_cast<unsigned>(kv_heads));
-  exec::launch<kElementwiseThreads>(value_weights_kernel<D, T>, grid, kElementwiseThreads, stream,
-                                    "value_weights_kernel", heads, factors, group, longest, out);
+  exec::launch<kElementwiseThreads>(value_weights_kernel<D, T, kOutputs>, grid, kElementwiseThreads,
+                                    stream, "value_weights_kernel", heads, factors, group, longest,
+                                    out);
   check_launch("value_weights_kernel");
 }
 
@@ -225,11 +304,17 @@ void launch_observe_stats(const ObserveHead<T>* heads, const ObserveParams& p, c
 }
 
 /// Enqueues both passes over `kv_heads` heads (device table); longest: the largest head size.
+/// With p.row_outputs (ValueWeighting::kDisplacement), the rows' outputs between them.
 template <int D, class T, bool kSum>
 void launch_observe(const ObserveHead<T>* heads, int kv_heads, int64_t longest,
                     const ObserveParams& p, cudaStream_t stream) {
   if (p.tokens == 0 || longest == 0) return;
   launch_observe_stats<D, T>(heads, p, NoKeptSet{}, stream);
+  if (p.row_outputs != nullptr) {
+    exec::launch<32>(observe_outputs_kernel<D, T>, grid_blocks(p.tokens * p.q_heads, 1, 65535), 32,
+                     stream, "observe_outputs_kernel", heads, p);
+    check_launch("observe_outputs_kernel");
+  }
   const dim3 grid(grid_blocks(longest, kElementwiseThreads, 4096), static_cast<unsigned>(kv_heads));
   exec::launch<kElementwiseThreads>(observe_reduce_kernel<D, T, kSum>, grid, kElementwiseThreads,
                                     stream, "observe_reduce_kernel", heads, p);

@@ -950,3 +950,78 @@ TEST_CASE("CUDA engine stream: attend and append on device views wait for nothin
   REQUIRE(cudaStreamSynchronize(engine) == cudaSuccess);
   REQUIRE(cudaStreamDestroy(engine) == cudaSuccess);
 }
+
+TEST_CASE("CUDA engine stream: KVzip observe waits for nothing but the check of a device query",
+          "[cuda][eviction]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  cudaStream_t engine = nullptr;
+  REQUIRE(cudaStreamCreateWithFlags(&engine, cudaStreamNonBlocking) == cudaSuccess);
+  {
+    kvpack::cuda::CudaContext ctx(0, engine);
+    const ModelShape s = kShapes[1];  // q 6, kv 2, d 128
+    const int64_t d = s.head_dim, tokens = 8;
+    const kvpack::ReconstructionEvict policy(Budget::ratio(0.5, BudgetScope::kGlobal));
+    KVCache<kvpack::ReconstructionEvict, backend::Cpu> cpu(s, policy);
+    KVCache<kvpack::ReconstructionEvict, backend::Cuda> gpu(s, policy, ctx);
+    feed_sequence(s, 120, 0, false, cpu, gpu);
+    const auto qpos = positions_range(100, tokens);
+    kvpack::cuda::DeviceBuffer<float> dq(tokens * s.q_heads * d, ctx.device());
+    const auto device_q = ActivationView::nhd(dq.data(), tokens, s.q_heads, d);
+    // One call from each memory first: the workspace grows to its size (a growth waits).
+    const std::vector<float> zeros(dq.size(), 0.0f);
+    const auto zero_q = ActivationView::nhd(zeros.data(), tokens, s.q_heads, d);
+    REQUIRE(cudaMemset(dq.data(), 0, dq.bytes()) == cudaSuccess);
+    for (auto* space : {"host", "device"}) {
+      INFO(space);
+      cpu.observe(0, zero_q, qpos);
+      if (space[0] == 'h') {
+        gpu.observe(0, zero_q, qpos);
+      } else {
+        gpu.observe(0, device_q, qpos, MemorySpace::kDevice);
+      }
+    }
+    for (int checks = 1; checks >= 0; --checks) {
+      ctx.set_device_value_checks(checks == 1);
+      for (int l = 0; l < s.layers; ++l) {
+        INFO("device value checks " << checks << ", layer " << l);
+        const auto q = random_values(dq.size(), 600 + 10 * checks + l, 1.5f);
+        const auto host_q = ActivationView::nhd(q.data(), tokens, s.q_heads, d);
+        // The engine fills the device query on its stream; kvpack's work follows in order.
+        REQUIRE(cudaMemcpyAsync(dq.data(), q.data(), dq.bytes(), cudaMemcpyHostToDevice, engine) ==
+                cudaSuccess);
+        cpu.observe(l, host_q, qpos);
+        cpu.observe(l, host_q, qpos);
+#if defined(KVPACK_CUDA_EMULATION)
+        const long long before = kvpack::cuda::emulation::synchronizations();
+#endif
+        gpu.observe(l, device_q, qpos, MemorySpace::kDevice);
+#if defined(KVPACK_CUDA_EMULATION)
+        // The check of q is the only wait.
+        REQUIRE(kvpack::cuda::emulation::synchronizations() - before == checks);
+        const long long host_before = kvpack::cuda::emulation::synchronizations();
+#endif
+        gpu.observe(l, host_q, qpos);  // checked on the host: no wait at all
+#if defined(KVPACK_CUDA_EMULATION)
+        REQUIRE(kvpack::cuda::emulation::synchronizations() == host_before);
+#endif
+      }
+    }
+    // The scores, read back in stream order, and what compress() keeps equal the CPU's.
+    for (int l = 0; l < s.layers; ++l) {
+      for (int h = 0; h < s.kv_heads; ++h) {
+        const auto a = cpu.token_scores(l, h), b = gpu.token_scores(l, h);
+        REQUIRE(a.size() == b.size());
+        for (std::size_t t = 0; t < a.size(); ++t) {
+          INFO("layer " << l << " head " << h << " token " << t);
+          REQUIRE(std::isnan(a[t]) == std::isnan(b[t]));
+          if (!std::isnan(a[t])) REQUIRE(std::fabs(a[t] - b[t]) <= 1e-5f * a[t] + 1e-9f);
+        }
+      }
+    }
+    cpu.compress();
+    gpu.compress();
+    require_same_state(cpu, gpu);
+  }
+  REQUIRE(cudaStreamSynchronize(engine) == cudaSuccess);
+  REQUIRE(cudaStreamDestroy(engine) == cudaSuccess);
+}

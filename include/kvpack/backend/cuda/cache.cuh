@@ -157,11 +157,14 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// ReconstructionEvict and SnapKV fold the softmax probability each held key of `layer`
   /// receives (inside the policy's ScoreWindow; over the rows and the GQA group, the max for
   /// KVzip, the sum for SnapKV) into the key's score; KVzip+ (output factors set) weighs each
-  /// probability by ‖W_o,h · v‖ of its key and by `query_weights` [tokens] (1 / ‖x_t‖; host
-  /// memory; empty: 1). LazyLayerDrop adds the attention mass the rows put on its kept set
-  /// (sinks + recent window) to the layer's statistic. Throws kvpack::error, nothing changed,
-  /// for a bad layer, view or position, non-finite queries, or weights of the wrong count, not
-  /// finite and > 0, or given to a policy not scored by queries.
+  /// probability by ‖W_o,h · v‖ of its key (or its output's displacement, the policy's
+  /// ValueWeighting) and by `query_weights` [tokens] (1 / ‖x_t‖; host memory; empty: 1).
+  /// LazyLayerDrop adds the attention mass the rows put on its kept set (sinks + recent window)
+  /// to the layer's statistic. Query scores stay on the device: with `q` in device memory and
+  /// the context's device_value_checks() off the call returns without waiting (with them on, it
+  /// waits once for the check of q); LazyLayerDrop waits for its masses. Throws kvpack::error,
+  /// nothing changed, for a bad layer, view or position, non-finite queries, or weights of the
+  /// wrong count, not finite and > 0, or given to a policy not scored by queries.
   void observe(int layer, const ActivationView& q, Positions positions,
                Span<const float> query_weights = {}, MemorySpace space = MemorySpace::kHost) {
     constexpr const char* where = "KVCache::observe";

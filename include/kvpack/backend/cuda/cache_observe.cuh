@@ -142,9 +142,10 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
     for (float m : mass) total += m;
     observations_[layer].mass += total;
     observations_[layer].rows += rows;
-  } else {
-    context_->synchronize(where);
   }
+  // Query scores: nothing here needs the device to finish (the scores stay on it and are next
+  // read in stream order; the workspace is next written by later work on the same stream, the
+  // staging area after its upload's event), so the call returns with its kernels enqueued.
 }
 
 template <class Policy>

@@ -144,8 +144,7 @@ struct DecodeSetup {
     std::vector<float> hq(q.size(), 0.1f);
     cudaMemcpy(q.data(), hq.data(), q.bytes(), cudaMemcpyHostToDevice);
     const int group = qh / kvh;
-    const int64_t row_blocks = (group + kc::kAttentionRows - 1) / kc::kAttentionRows;
-    const int64_t splits = kc::attention_splits(row_blocks * kvh, kTokens, sm_count);
+    const int64_t splits = kc::attention_launch_splits(1, group, kvh, kTokens, sm_count);
     acc = kc::DeviceBuffer<float>(static_cast<std::size_t>(splits * qh * d), 0);
     mx = kc::DeviceBuffer<float>(static_cast<std::size_t>(splits * qh), 0);
     sum = kc::DeviceBuffer<float>(static_cast<std::size_t>(splits * qh), 0);
@@ -284,9 +283,10 @@ void BM_cuda_score_l2(benchmark::State& state) {
 BENCHMARK(BM_cuda_score_l2)->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 /// KVzip observe(): a repeat-pass chunk of 32 query tokens scoring kTokens fp16 keys per kv head
-/// (both passes). Reports bytes_per_second over the keys read once (the floor a fused pass would
-/// reach) and flops_per_second over the 2 · D flops per (key, row) of each of the two passes
-/// (the queries sit at the end of the context, so every row sees nearly every key).
+/// (pass 1, attention over the keys and values; pass 2, the keys again). Reports bytes_per_second
+/// over the keys and values read once and flops_per_second over the 2 · D flops per (key, row) of
+/// pass 1's logits, its P · V and pass 2's logits (the queries sit at the end of the context, so
+/// every row sees nearly every key).
 template <int D>
 void BM_cuda_kvzip_observe(benchmark::State& state) {
   if (skipped_without_device(state)) return;
@@ -297,13 +297,15 @@ void BM_cuda_kvzip_observe(benchmark::State& state) {
   for (int64_t t = 0; t < tokens; ++t) hq[t] = static_cast<int32_t>(kTokens - tokens + t);
   auto positions = upload(hp);
   auto q_positions = upload(hq);
-  std::vector<kc::DeviceBuffer<Half>> keys;
+  std::vector<kc::DeviceBuffer<Half>> keys, values;
   std::vector<kc::DeviceBuffer<float>> scores;
   std::vector<kc::ObserveHead<Half>> heads;
   for (int h = 0; h < kv_heads; ++h) {
     keys.push_back(upload(random_half(kTokens * D, 20 + h)));
+    values.push_back(upload(random_half(kTokens * D, 40 + h)));
     scores.push_back(upload(std::vector<float>(kTokens, kc::kUnscoredScore)));
-    heads.push_back({keys.back().data(), nullptr, positions.data(), scores.back().data(), kTokens});
+    heads.push_back({keys.back().data(), values.back().data(), positions.data(),
+                     scores.back().data(), kTokens});
   }
   auto d_heads = upload(heads);
   std::vector<float> hq_rows(tokens * q_heads * D);
@@ -311,7 +313,12 @@ void BM_cuda_kvzip_observe(benchmark::State& state) {
   std::normal_distribution<float> gauss(0.0f, 1.0f);
   for (auto& x : hq_rows) x = gauss(rng);
   auto q = upload(hq_rows);
-  kc::DeviceBuffer<float> row_max(tokens * q_heads, 0), row_sum(tokens * q_heads, 0);
+  const int64_t rows = tokens * q_heads;
+  const int64_t splits =
+      kc::attention_launch_splits(tokens, q_heads / kv_heads, kv_heads, kTokens, sm_count());
+  kc::DeviceBuffer<float> row_max(rows, 0), row_sum(rows, 0), attended(rows * D, 0);
+  kc::DeviceBuffer<float> partial_acc(splits * rows * D, 0), partial_max(splits * rows, 0),
+      partial_sum(splits * rows, 0);
   kc::ObserveParams p{};
   p.q = q.data();
   p.q_positions = q_positions.data();
@@ -321,12 +328,17 @@ void BM_cuda_kvzip_observe(benchmark::State& state) {
   p.scale = 1.0f / std::sqrt(static_cast<float>(D));
   p.row_max = row_max.data();
   p.row_sum = row_sum.data();
-  const double key_bytes = static_cast<double>(kv_heads) * kTokens * D * sizeof(Half);
-  const double seconds = measure(state, key_bytes, [&] {
+  p.splits = splits;
+  p.partial_acc = partial_acc.data();
+  p.partial_max = partial_max.data();
+  p.partial_sum = partial_sum.data();
+  p.attended = attended.data();
+  const double kv_bytes = 2.0 * kv_heads * kTokens * D * sizeof(Half);
+  const double seconds = measure(state, kv_bytes, [&] {
     kc::launch_observe<D, Half, false>(d_heads.data(), kv_heads, kTokens, p, nullptr);
   });
   if (seconds > 0) {
-    const double flops = 2.0 * 2.0 * D * static_cast<double>(kTokens) * tokens * q_heads;
+    const double flops = 3.0 * 2.0 * D * static_cast<double>(kTokens) * tokens * q_heads;
     state.counters["flops_per_second"] = flops * static_cast<double>(state.iterations()) / seconds;
   }
 }

@@ -353,6 +353,56 @@ TEST_CASE("CUDA KVzip+ displacement: a key holding almost all the attention, a r
   }
 }
 
+TEST_CASE("CUDA KVzip observe: key splits and a chunk window over a long head equal the CPU",
+          "[cuda][eviction]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  // 1,000 keys a head and one query token (3 rows a kv head): pass 1 splits the keys (4 on the
+  // emulated grid's 4 SMs), and the window leaves whole splits without a key (their partial
+  // states are empty and must merge away); KVzip+ by displacement reads the merged outputs.
+  const ModelShape s = kShapes[1];  // q 6, kv 2, d 128
+  const int64_t n = 1000;
+  int sm_count = 0;
+  REQUIRE(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, 0) == cudaSuccess);
+  REQUIRE(kvpack::cuda::attention_launch_splits(1, s.group_size(), s.kv_heads, n, sm_count) > 1);
+  auto factors = std::make_shared<kvpack::OutputFactors>(s);
+  for (int l = 0; l < s.layers; ++l) {
+    const auto w = random_values(40 * s.q_heads * s.head_dim, 95 + l, 0.2f);
+    factors->set_layer(l, w.data(), 40);
+  }
+  for (const auto weighting : {ValueWeighting::kNorm, ValueWeighting::kDisplacement}) {
+    for (const bool plus : {false, true}) {
+      if (!plus && weighting == ValueWeighting::kDisplacement) continue;
+      INFO((plus ? "KVzip+ " : "KVzip ")
+           << (weighting == ValueWeighting::kNorm ? "" : "displacement"));
+      kvpack::ReconstructionEvict policy(Budget::ratio(0.5), plus ? factors : nullptr);
+      policy.weighting = weighting;
+      policy.window = kvpack::ScoreWindow::chunk(position_of(4), position_of(300), position_of(400),
+                                                 position_of(990));
+      KVCache<kvpack::ReconstructionEvict, backend::Cpu> cpu(s, policy);
+      KVCache<kvpack::ReconstructionEvict, backend::Cuda> gpu(s, policy);
+      feed_sequence(s, n, 0, false, cpu, gpu);
+      const auto q = random_values(s.q_heads * s.head_dim, 97, 1.5f);
+      const auto qv = ActivationView::nhd(q.data(), 1, s.q_heads, s.head_dim);
+      const std::vector<int64_t> qpos{position_of(n - 1)};
+      cpu.observe(0, qv, qpos);
+      gpu.observe(0, qv, qpos);
+      for (int h = 0; h < s.kv_heads; ++h) {
+        const auto a = cpu.token_scores(0, h), b = gpu.token_scores(0, h);
+        REQUIRE(a.size() == b.size());
+        int scored = 0;
+        for (std::size_t t = 0; t < a.size(); ++t) {
+          INFO("head " << h << " token " << t);
+          REQUIRE(std::isnan(a[t]) == std::isnan(b[t]));
+          if (std::isnan(a[t])) continue;
+          REQUIRE(std::fabs(a[t] - b[t]) <= 1e-5f * a[t] + 1e-9f);
+          ++scored;
+        }
+        REQUIRE(scored == 4 + 100 + 10);  // sinks, the chunk, the tail
+      }
+    }
+  }
+}
+
 TEST_CASE("CUDA SnapKV: summed scores, pooling and kept sets equal the CPU's", "[cuda][eviction]") {
   KVPACK_SKIP_WITHOUT_DEVICE();
   // Window 16 (the recent tokens every budget keeps), pooling widths 7 and 1 (none).

@@ -60,6 +60,7 @@
 #include "kernels/score.cuh"
 #include "kernels/select.cuh"
 #include "kernels/select_global.cuh"
+#include "kernels/stored_scores.cuh"
 #include "linalg.hpp"
 
 namespace kvpack {

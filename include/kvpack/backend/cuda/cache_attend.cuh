@@ -37,9 +37,8 @@ void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const Activatio
 
   int64_t longest = 0;
   for (int h = 0; h < kv_heads; ++h) longest = std::max(longest, store(layer, h).size);
-  const int64_t row_blocks = (tokens * group + cuda::kAttentionRows - 1) / cuda::kAttentionRows;
   const int64_t splits =
-      cuda::attention_splits(row_blocks * kv_heads, longest, context_->sm_count());
+      cuda::attention_launch_splits(tokens, group, kv_heads, longest, context_->sm_count());
 
   // Workspace: uploaded [queries (QueryUpload) | head table], then [q fp32 | partial acc |
   // partial max | partial sum | out (host output)].

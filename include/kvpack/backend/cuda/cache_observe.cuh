@@ -60,9 +60,15 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
   const std::size_t factor_count =
       factors != nullptr ? static_cast<std::size_t>(q_heads) * d * d : 0;
 
+  // Query scores: pass 1 is an attention launch over the window's keys (kernels/observe.cuh).
+  const int64_t splits = kLazyLayers
+                             ? 0
+                             : cuda::attention_launch_splits(tokens, shape_.group_size(), kv_heads,
+                                                             longest, context_->sm_count());
+
   // Workspace: uploaded [queries (QueryUpload) | head table | query weights | factors], then
-  // [q fp32 | row max | row sum | row mass (lazy layers) | value weights or outputs (KVzip+) |
-  // row outputs (displacement)].
+  // [q fp32 | row max | row sum | row mass (lazy layers) | pass 1's partials and outputs (query
+  // scores) | value weights or outputs (KVzip+) | row outputs (displacement)].
   cuda::QueryUpload queries(q, q_heads, d, host);
   cuda::WorkspaceLayout layout;
   queries.add_upload(layout);
@@ -74,6 +80,10 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
   const std::size_t at_max = layout.add<float>(rows);
   const std::size_t at_sum = layout.add<float>(rows);
   const std::size_t at_mass = layout.add<float>(kLazyLayers ? rows : 0);
+  const std::size_t at_partial_acc = layout.add<float>(splits * rows * d);
+  const std::size_t at_partial_max = layout.add<float>(splits * rows);
+  const std::size_t at_partial_sum = layout.add<float>(splits * rows);
+  const std::size_t at_attended = layout.add<float>(kLazyLayers ? 0 : rows * d);
   const std::size_t at_value_weights = layout.add<float>(
       factors != nullptr ? static_cast<int64_t>(q_heads) * longest * (displacement ? d : 1) : 0);
   const std::size_t at_row_outputs = layout.add<float>(displacement ? rows * d : 0);
@@ -106,11 +116,18 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
   if constexpr (kQueryScores) params.window = selection().window;  // lazy layers: every key
   params.row_max = reinterpret_cast<float*>(ws + at_max);
   params.row_sum = reinterpret_cast<float*>(ws + at_sum);
+  params.splits = splits;
+  params.partial_acc = reinterpret_cast<float*>(ws + at_partial_acc);
+  params.partial_max = reinterpret_cast<float*>(ws + at_partial_max);
+  params.partial_sum = reinterpret_cast<float*>(ws + at_partial_sum);
+  params.attended = reinterpret_cast<float*>(ws + at_attended);
   params.row_mass = kLazyLayers ? reinterpret_cast<float*>(ws + at_mass) : nullptr;
   params.first_position = layers_[layer].first_position;
   params.query_weights =
       query_weights.empty() ? nullptr : reinterpret_cast<const float*>(ws + at_query_weights);
   auto* value_weights = reinterpret_cast<float*>(ws + at_value_weights);
+  const auto* factor_rows = reinterpret_cast<const float*>(ws + at_factors);
+  params.output_factors = displacement ? factor_rows : nullptr;
   params.value_weights = factors != nullptr && !displacement ? value_weights : nullptr;
   params.value_outputs = displacement ? value_weights : nullptr;
   params.row_outputs = displacement ? reinterpret_cast<float*>(ws + at_row_outputs) : nullptr;
@@ -121,7 +138,6 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
     if constexpr (kLazyLayers) {
       cuda::launch_observe_stats<D, T>(heads, params, selection(), stream);
     } else {
-      const auto* factor_rows = reinterpret_cast<const float*>(ws + at_factors);
       if (displacement) {
         cuda::launch_value_weights<D, T, true>(heads, kv_heads, longest, factor_rows, params.group,
                                                value_weights, stream);

@@ -8,7 +8,9 @@
 /// visited in tiles of 32: lane j scores key j for one row, the warp reduces max / sum, and each
 /// lane accumulates head_dim / 32 output channels. Each block writes an unnormalised partial
 /// state (max, denominator, accumulator) per row; merge_splits_kernel combines the splits with
-/// detail::softmax_merge and normalises.
+/// detail::softmax_merge and normalises. A key filter (ScoreWindow: KVzip's chunk-local window)
+/// restricts the softmax to the keys it contains: observe() runs this kernel for its row
+/// statistics and outputs (kernels/observe.cuh).
 #pragma once
 
 #include "../../../config.hpp"  // before detail/: it admits internal headers
@@ -46,6 +48,30 @@ struct AttentionHead {
   }
 };
 
+/// The key filter of plain attention: every visible key.
+struct AllKeys {
+  KVPACK_HOST_DEVICE bool contains(int64_t) const { return true; }
+};
+
+/// Whether attention_kernel must read each key's position for `Filter` (ScoreWindow, or any type
+/// with `contains(position)`): all but AllKeys.
+template <class Filter>
+struct FiltersKeys {
+  static constexpr bool value = true;
+};
+template <>
+struct FiltersKeys<AllKeys> {
+  static constexpr bool value = false;
+};
+
+/// Key splits of an attention launch over `tokens` query tokens (GQA group `group`) of
+/// `kv_heads` heads holding at most `longest` keys: attention_splits of its row blocks.
+inline int64_t attention_launch_splits(int64_t tokens, int group, int kv_heads, int64_t longest,
+                                       int sm_count) {
+  const int64_t row_blocks = (tokens * group + kAttentionRows - 1) / kAttentionRows;
+  return attention_splits(row_blocks * kv_heads, longest, sm_count);
+}
+
 /// Arguments of attention_kernel shared by all blocks.
 struct AttentionParams {
   const float* q;              ///< tokens x q_heads x head_dim, fp32, contiguous, unscaled
@@ -62,10 +88,11 @@ struct AttentionParams {
 
 /// Grid: (ceil(tokens * group / kAttentionRows), kv_heads, splits); block: kAttentionThreads.
 /// Static shared memory: 2 * 32 * (D + 1) + 16 * D + 4 * 32 floats + 18 int64
-/// (41.6 KiB for D = 128, under the 48 KiB static limit).
-template <class Head, int D>
+/// (41.6 KiB for D = 128, under the 48 KiB static limit). Keys whose position `filter` does not
+/// contain get no probability (a row none of whose keys it contains keeps max −inf, sum 0).
+template <class Head, int D, class Filter = AllKeys>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kAttentionThreads)
-    attention_kernel(const Head* __restrict__ heads, AttentionParams p) {
+    attention_kernel(const Head* __restrict__ heads, AttentionParams p, Filter filter) {
   static_assert(D % 32 == 0, "head_dim must be a multiple of the warp size");
   constexpr int kStride = D + 1;  // odd row stride: lane j reading row j hits bank (j + i) % 32
   constexpr int kLaneChannels = D / 32;
@@ -147,8 +174,11 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kAttentionThreads)
       const int n_visible = static_cast<int>(ahead < 0 ? 0 : (ahead < tn ? ahead : tn));
       if (n_visible == 0) continue;
 
+      bool admitted = lane < n_visible;
+      if (FiltersKeys<Filter>::value && admitted)
+        admitted = filter.contains(head.positions[t0 + lane]);
       float score = detail::neg_inf();
-      if (lane < n_visible) {
+      if (admitted) {
         const float* q = q_rows + r * D;
         const float* k = k_tile + lane * kStride;
         float dot = 0.0f;
@@ -158,7 +188,7 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kAttentionThreads)
       }
       const float tile_max = warp_max(score);
       const float rescale = softmax_advance(row_max[rr], row_sum[rr], tile_max);
-      const float prob = lane < n_visible ? expf(score - row_max[rr]) : 0.0f;
+      const float prob = admitted ? expf(score - row_max[rr]) : 0.0f;
       row_sum[rr] += warp_sum(prob);
 #pragma unroll
       for (int c = 0; c < kLaneChannels; ++c) acc[rr][c] *= rescale;
@@ -194,14 +224,18 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kAttentionThreads)
 
 /// out(t, q_head, i) = merged accumulator / merged denominator over the splits of row
 /// t * q_heads + q_head. Block: one row, D threads (one channel each); grid strides over rows.
-/// Every row has at least one visible key (the cache checks it), so the denominator is > 0.
+/// attend(): every row has at least one visible key (the cache checks it), so the denominator is
+/// > 0; a row a key filter left without keys gets zeros (a NaN query still gives NaN). row_max /
+/// row_sum, when not null, [tokens * q_heads]: the merged max (of logits scaled by 1/sqrt(d)) and
+/// denominator.
 template <int D>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(D)
     merge_splits_kernel(const float* __restrict__ partial_acc,
                         const float* __restrict__ partial_max,
                         const float* __restrict__ partial_sum, int64_t rows, int64_t splits,
                         int q_heads, float* __restrict__ out, int64_t out_token_stride,
-                        int64_t out_head_stride) {
+                        int64_t out_head_stride, float* __restrict__ row_max,
+                        float* __restrict__ row_sum) {
   const int i = exec::thread_x();
   for (int64_t row = exec::block_x(); row < rows; row += exec::grid_x()) {
     float m = partial_max[row];
@@ -214,27 +248,34 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(D)
     }
     const int64_t t = row / q_heads;
     const int64_t q_head = row % q_heads;
-    out[t * out_token_stride + q_head * out_head_stride + i] = a * (1.0f / l);
+    out[t * out_token_stride + q_head * out_head_stride + i] = l == 0.0f ? 0.0f : a * (1.0f / l);
+    if (i == 0 && row_max != nullptr) {
+      row_max[row] = m;
+      row_sum[row] = l;
+    }
   }
 }
 
 /// Enqueues attention_kernel<Head, D> and merge_splits_kernel<D>; `out` (device) receives
 /// tokens x q_heads x D with the given element strides. Head: AttentionHead<T> (dense rows) or
-/// another format's head type with the same members (KiviAttentionHead).
-template <int D, class Head>
+/// another format's head type with the same members (KiviAttentionHead). With a key filter
+/// (observe()), the softmax covers the keys it contains, and row_max / row_sum (device,
+/// [tokens * q_heads], or null) receive each row's merged statistics.
+template <int D, class Head, class Filter = AllKeys>
 void launch_attention_heads(const Head* heads, int kv_heads, const AttentionParams& p, float* out,
-                            int64_t out_token_stride, int64_t out_head_stride,
-                            cudaStream_t stream) {
+                            int64_t out_token_stride, int64_t out_head_stride, cudaStream_t stream,
+                            Filter filter = {}, float* row_max = nullptr,
+                            float* row_sum = nullptr) {
   const int64_t row_blocks = (p.tokens * p.group + kAttentionRows - 1) / kAttentionRows;
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(p.splits));
-  exec::launch<kAttentionThreads>(attention_kernel<Head, D>, grid, kAttentionThreads, stream,
-                                  "attention_kernel", heads, p);
+  exec::launch<kAttentionThreads>(attention_kernel<Head, D, Filter>, grid, kAttentionThreads,
+                                  stream, "attention_kernel", heads, p, filter);
   check_launch("attention_kernel");
   const int64_t rows = p.tokens * p.q_heads;
   exec::launch<D>(merge_splits_kernel<D>, grid_blocks(rows, 1, 1 << 20), D, stream,
                   "merge_splits_kernel", p.partial_acc, p.partial_max, p.partial_sum, rows,
-                  p.splits, p.q_heads, out, out_token_stride, out_head_stride);
+                  p.splits, p.q_heads, out, out_token_stride, out_head_stride, row_max, row_sum);
   check_launch("merge_splits_kernel");
 }
 

@@ -4,14 +4,18 @@
 /// KVzip, the sum for SnapKV), inside a ScoreWindow (KVzip's chunk-local softmax); and the
 /// attention mass each row puts on a policy's kept set (SimLayerKV's lazy layers).
 ///
-/// Two passes per observe() call: the softmax statistics (max and sum of exp) of every (query
-/// token, query head) over its visible window keys, then one thread per key that recomputes its
-/// logits against every row and folds the reduced probability into the head's scores (KVzip+'s
-/// displacement weight adds a pass between them: each row's attention output through W_o). The
-/// logits are computed twice (the fused single-pass form, as a by-product of an attention kernel,
-/// is left for later); the arithmetic matches the CPU's in fp32 up to the summation order. Sources:
-/// Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction" (arXiv
-/// 2505.23416); Li et al., "SnapKV" (arXiv 2404.14469); Zhang et al., "SimLayerKV" (arXiv
+/// Two passes per observe() call, flash-style over key tiles. Pass 1 is attention_kernel
+/// (kernels/attention.cuh) restricted to the window's keys: 16 rows of a GQA group share each
+/// K/V tile in shared memory, split-K over long heads, and its merge leaves each row's softmax
+/// max and denominator (and its attention output, which KVzip+'s displacement weight needs).
+/// Pass 2 gives each thread one key of a 64-key tile in shared memory and runs it against the
+/// rows staged 8 at a time: the probability every row of the group gives the key, reduced and
+/// folded into its score. Both passes compute each logit with the same fp32 arithmetic (queries
+/// scaled by 1/sqrt(d) first, channels summed in order), so pass 2's probabilities are
+/// normalised by exactly the logits pass 1 saw; the CPU's differ by summation order. SimLayerKV's
+/// mass keeps a warp-per-row pass of its own (its kept set depends on the query position).
+/// Sources: Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction"
+/// (arXiv 2505.23416); Li et al., "SnapKV" (arXiv 2404.14469); Zhang et al., "SimLayerKV" (arXiv
 /// 2410.13846).
 #pragma once
 
@@ -20,37 +24,29 @@
 
 #include "../../../policy/policy_base.hpp"
 #include "../../../policy/score_window.hpp"
+#include "attention.cuh"
 #include "common.cuh"
 #include "kivi.cuh"
+#include "stored_scores.cuh"
 
 namespace kvpack {
 namespace cuda {
 
-template <int D, class T>
-KVPACK_DEVICE float observe_logit(const float* q, const T* k, float scale) {
-  float dot = 0.0f;
-  for (int c = 0; c < D; ++c) dot += q[c] * to_float(k[c]);
-  return dot * scale;
-}
-
 /// One (kv head) of the observed layer: its stored tokens (KIVI blocks, then rows), positions
-/// and scores.
+/// and scores. attention_kernel reads it through `positions`, `size` and load_tile.
 template <class T>
 struct ObserveHead {
   const T* k;                ///< [size - blocks.quantized][head_dim]: the tokens after the blocks
-  const T* v;                ///< [size - blocks.quantized][head_dim] (KVzip+'s value weights)
+  const T* v;                ///< [size - blocks.quantized][head_dim]
   const int32_t* positions;  ///< [size], ascending
   float* scores;             ///< [size]: kUnscoredScore until a row sees the key
   int64_t size;
   KiviBlocks blocks{};  ///< the head's first tokens in KIVI blocks (Compose<A, Quantize>)
 
-  /// Scaled logit q · k_i of held token i (a key in blocks decoded as the CPU decodes it).
+  /// Channel c of the key of held token i (a key in blocks decoded as the CPU decodes it).
   template <int D>
-  KVPACK_DEVICE float logit(const float* q, int64_t i, float scale) const {
-    if (i >= blocks.quantized) return observe_logit<D>(q, k + (i - blocks.quantized) * D, scale);
-    float dot = 0.0f;
-    for (int c = 0; c < D; ++c) dot += q[c] * blocks.key(i, c, D);
-    return dot * scale;
+  KVPACK_DEVICE float key(int64_t i, int c) const {
+    return i < blocks.quantized ? blocks.key(i, c, D) : to_float(k[(i - blocks.quantized) * D + c]);
   }
   /// Channel c of the value of held token i.
   template <int D>
@@ -58,12 +54,34 @@ struct ObserveHead {
     return i < blocks.quantized ? blocks.value(i, c, D)
                                 : to_float(v[(i - blocks.quantized) * D + c]);
   }
+  /// Scaled logit q · k_i of held token i.
+  template <int D>
+  KVPACK_DEVICE float logit(const float* q, int64_t i, float scale) const {
+    float dot = 0.0f;
+    for (int c = 0; c < D; ++c) dot += q[c] * key<D>(i, c);
+    return dot * scale;
+  }
+  /// attention_kernel's tile loader: tokens [t0, t0 + n) in fp32 (rows as AttentionHead loads
+  /// them, tokens in blocks decoded per element).
+  template <int D>
+  KVPACK_DEVICE void load_tile(int64_t t0, int n, float* k_tile, float* v_tile, int stride, int tid,
+                               int threads) const {
+    const int64_t quantized = blocks.quantized;
+    if (t0 >= quantized) {
+      const AttentionHead<T> rows{k, v, positions + quantized, size - quantized};
+      rows.template load_tile<D>(t0 - quantized, n, k_tile, v_tile, stride, tid, threads);
+      return;
+    }
+    fill_tile<D>(t0, n, k_tile, v_tile, stride, tid, threads,
+                 [&](int64_t t, int c, float& key_value, float& value_value) {
+                   key_value = key<D>(t, c);
+                   value_value = value<D>(t, c);
+                 });
+  }
 };
 
-/// The score of a token no observed query has seen (as the CPU stores' kUnscored).
-constexpr float kUnscoredScore = -1.0f;
-
-/// What both passes read: fp32 queries [tokens][q_heads][head_dim], their positions, the window.
+/// What the passes read and write: fp32 queries [tokens][q_heads][head_dim] (unscaled), their
+/// positions, the window; per row (token t, query head qh: row t · q_heads + qh) its statistics.
 struct ObserveParams {
   const float* q;
   const int32_t* q_positions;
@@ -74,6 +92,14 @@ struct ObserveParams {
   ScoreWindow window;
   float* row_max;  ///< [tokens][q_heads]: softmax max over the row's visible window keys
   float* row_sum;  ///< [tokens][q_heads]: sum of exp(logit − max); 0 when it sees none
+  /// Pass 1 (attention_kernel): key splits, their partial states ([splits][tokens · q_heads]
+  /// [head_dim], [splits][tokens · q_heads] twice) and each row's attention output over its
+  /// visible window keys [tokens][q_heads][head_dim] (zeros for a row that sees none)
+  int64_t splits;
+  float* partial_acc;
+  float* partial_max;
+  float* partial_sum;
+  float* attended;
   /// [tokens][q_heads] or null: the probability mass the row puts on the policy's kept set
   /// (LazyLayerDrop::in_kept_set; SimLayerKV's lazy-layer statistic)
   float* row_mass;
@@ -84,10 +110,12 @@ struct ObserveParams {
   /// group (‖W_o,h · v‖, value_weights_kernel), or null (1)
   const float* value_weights;
   int64_t value_stride;
-  /// KVzip+ with ValueWeighting::kDisplacement, else null: u_i = R · v_i of each held key per
-  /// query head of its group [kv_heads][group][value_stride][head_dim] (value_weights_kernel with
-  /// kOutputs), and w_r = R · o_r of each row [tokens][q_heads][head_dim], o_r the row's attention
-  /// output over its window keys (observe_outputs_kernel); R the query head's output factor.
+  /// KVzip+ with ValueWeighting::kDisplacement, else null: the layer's output factors R
+  /// [q_heads][head_dim][head_dim] (OutputFactors::head, row-major), u_i = R · v_i of each held
+  /// key per query head of its group [kv_heads][group][value_stride][head_dim]
+  /// (value_weights_kernel with kOutputs) and w_r = R · o_r of each row [tokens][q_heads]
+  /// [head_dim], o_r its attended output (observe_row_outputs_kernel)
+  const float* output_factors;
   const float* value_outputs;
   float* row_outputs;
 };
@@ -97,10 +125,10 @@ struct NoKeptSet {
   KVPACK_HOST_DEVICE bool in_kept_set(int64_t, int64_t, int64_t) const { return false; }
 };
 
-/// Pass 1: one warp per (query token, query head); lanes stride over the head's keys. With
-/// p.row_mass, also the softmax mass of the keys `kept.in_kept_set(position, first, query
-/// position)` selects (Policy: LazyLayerDrop). Grid: x over tokens · q_heads rows (grid-stride),
-/// one warp per block.
+/// LazyLayerDrop's pass: one warp per (query token, query head); lanes stride over the head's
+/// keys for the row's softmax statistics and, with p.row_mass, the softmax mass of the keys
+/// `kept.in_kept_set(position, first, query position)` selects (Policy: LazyLayerDrop). Grid: x
+/// over tokens · q_heads rows (grid-stride), one warp per block.
 template <int D, class T, class KeptSet>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(32)
     observe_stats_kernel(const ObserveHead<T>* __restrict__ heads, ObserveParams p, KeptSet kept) {
@@ -165,74 +193,82 @@ KVPACK_DEVICE float displacement_weight(const ObserveParams& p, int64_t row, int
   return sqrtf(sq) / rest;
 }
 
-/// Between the passes for ValueWeighting::kDisplacement: w_r = Σ_i p_ri · u_i over the row's
-/// visible window keys (p.row_outputs), p_ri the softmax probability of pass 1's statistics. One
-/// warp per row as in pass 1: each lane computes one key's probability of a 32-key tile, which is
-/// broadcast by shuffle while the lanes accumulate D / 32 channels each (coalesced reads of u).
-template <int D, class T>
-KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(32)
-    observe_outputs_kernel(const ObserveHead<T>* __restrict__ heads, ObserveParams p) {
-  static_assert(D % 32 == 0, "observe_outputs_kernel: head_dim a multiple of the warp");
-  constexpr int kPerLane = D / 32;
-  const int lane = static_cast<int>(exec::thread_x());
+/// ValueWeighting::kDisplacement, between the passes: w_r = R · o_r of each row (R its query
+/// head's output factor, o_r its attention output over its window keys from pass 1), so that
+/// w_r = Σ_i p_ri · u_i as on the CPU. Block: D threads, one output channel each; grid strides
+/// over rows.
+template <int D>
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(D) observe_row_outputs_kernel(ObserveParams p) {
+  KVPACK_SHARED_ARRAY(float, attended, D);
+  const int o = static_cast<int>(exec::thread_x());
   for (int64_t row = exec::block_x(); row < p.tokens * p.q_heads; row += exec::grid_x()) {
-    const int64_t t = row / p.q_heads;
-    const int qh = static_cast<int>(row % p.q_heads);
-    const ObserveHead<T> head = heads[qh / p.group];
-    const float* q = p.q + row * D;
-    const float* u = p.value_outputs + static_cast<int64_t>(qh) * p.value_stride * D;
-    const int64_t position = p.q_positions[t];
-    const float row_max = p.row_max[row], row_sum = p.row_sum[row];
-    float acc[kPerLane] = {};
-    for (int64_t base = 0; row_sum > 0.0f && base < head.size; base += 32) {
-      const int64_t i = base + lane;
-      float prob = 0.0f;
-      if (i < head.size) {
-        const int64_t key_position = head.positions[i];
-        if (key_position <= position && p.window.contains(key_position)) {
-          prob = expf(head.template logit<D>(q, i, p.scale) - row_max) / row_sum;
-        }
-      }
-      const int count = static_cast<int>(head.size - base < 32 ? head.size - base : 32);
-      for (int k = 0; k < count; ++k) {
-        const float pk = exec::shfl(prob, k);
-        if (pk == 0.0f) continue;  // the same for every lane
-        const float* uk = u + (base + k) * D;
-        for (int c = 0; c < kPerLane; ++c) acc[c] += pk * uk[lane + 32 * c];
-      }
-    }
-    for (int c = 0; c < kPerLane; ++c) p.row_outputs[row * D + lane + 32 * c] = acc[c];
+    exec::sync_block();  // every thread is done with the previous row
+    attended[o] = p.attended[row * D + o];
+    exec::sync_block();
+    const float* r = p.output_factors + (row % p.q_heads) * D * D + static_cast<int64_t>(o) * D;
+    float acc = 0.0f;
+    for (int c = 0; c < D; ++c) acc += r[c] * attended[c];
+    p.row_outputs[row * D + o] = acc;
   }
 }
 
-/// Pass 2: one thread per key of one kv head (grid y): the probabilities every row of the group
-/// gives it, reduced (kSum: summed in row order, else the max) and folded into its score (an
-/// unscored key's sum starts at 0). Keys outside the window or seen by no row keep their score.
+/// Keys per block of pass 2 (one per thread) and query rows staged in shared memory at a time.
+constexpr int kObserveKeys = 64;
+constexpr int kObserveRows = 8;
+
+/// Pass 2: a block per 64-key tile of kv head h (grid y; x strides over tiles), a thread per key:
+/// the probability every row of the group (r = t · group + j, in that order) gives the key,
+/// reduced (kSum: summed in row order, else the max) and folded into its score (an unscored key's
+/// sum starts at 0). Keys outside the window or seen by no row keep their score. Static shared
+/// memory: 64 · (D + 1) + 8 · D floats (36.3 KiB for D = 128).
 template <int D, class T, bool kSum>
-KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kObserveKeys)
     observe_reduce_kernel(const ObserveHead<T>* __restrict__ heads, ObserveParams p) {
+  constexpr int kStride =
+      D + 1;  // odd: thread j reading its key's channel c hits bank (j + c) % 32
+  KVPACK_SHARED_ARRAY(float, k_tile, kObserveKeys* kStride);
+  KVPACK_SHARED_ARRAY(float, q_rows, kObserveRows* D);
+  const int tid = static_cast<int>(exec::thread_x());
   const int h = static_cast<int>(exec::block_y());
   const ObserveHead<T> head = heads[h];
-  for (int64_t i = static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
-       i < head.size; i += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
-    const int64_t key_position = head.positions[i];
-    if (!p.window.contains(key_position)) continue;
+  const int64_t rows_total = p.tokens * p.group;
+  for (int64_t t0 = static_cast<int64_t>(exec::block_x()) * kObserveKeys; t0 < head.size;
+       t0 += static_cast<int64_t>(exec::grid_x()) * kObserveKeys) {
+    const int n = static_cast<int>(head.size - t0 < kObserveKeys ? head.size - t0 : kObserveKeys);
+    exec::sync_block();  // every thread is done with the previous tile
+    for (int e = tid; e < n * D; e += kObserveKeys) {
+      k_tile[(e / D) * kStride + e % D] = head.template key<D>(t0 + e / D, e % D);
+    }
+    const int64_t i = t0 + tid;
+    const int64_t key_position = tid < n ? head.positions[i] : 0;
+    const bool in_window = tid < n && p.window.contains(key_position);
     bool seen = false;
     float reduced = kSum ? 0.0f : kUnscoredScore;
-    for (int64_t t = 0; t < p.tokens; ++t) {
-      if (key_position > p.q_positions[t]) continue;
-      seen = true;
-      for (int j = 0; j < p.group; ++j) {
-        const int64_t row = t * p.q_heads + h * p.group + j;
-        const float s = head.template logit<D>(p.q + row * D, i, p.scale);
-        float prob = expf(s - p.row_max[row]) / p.row_sum[row];
+    for (int64_t r0 = 0; r0 < rows_total; r0 += kObserveRows) {
+      const int rn =
+          static_cast<int>(rows_total - r0 < kObserveRows ? rows_total - r0 : kObserveRows);
+      exec::sync_block();  // the key tile is stored; every thread is done with the previous rows
+      for (int e = tid; e < rn * D; e += kObserveKeys) {
+        int64_t t = 0;
+        int qh = 0;
+        attention_row(r0 + e / D, p.group, h, t, qh);
+        q_rows[e] = p.q[(t * p.q_heads + qh) * D + e % D] * p.scale;  // as attention_kernel
+      }
+      exec::sync_block();
+      for (int rr = 0; in_window && rr < rn; ++rr) {
+        int64_t t = 0;
+        int qh = 0;
+        attention_row(r0 + rr, p.group, h, t, qh);
+        if (key_position > p.q_positions[t]) continue;
+        seen = true;
+        const int64_t row = t * p.q_heads + qh;
+        float dot = 0.0f;
+        for (int c = 0; c < D; ++c) dot += q_rows[rr * D + c] * k_tile[tid * kStride + c];
+        float prob = expf(dot - p.row_max[row]) / p.row_sum[row];
         // The displacement weight from the plain probability, before the query weight.
-        if (p.value_outputs != nullptr)
-          prob *= displacement_weight<D>(p, row, h * p.group + j, i, prob);
+        if (p.value_outputs != nullptr) prob *= displacement_weight<D>(p, row, qh, i, prob);
         if (p.query_weights != nullptr) prob *= p.query_weights[t];
-        if (p.value_weights != nullptr) {
-          prob *= p.value_weights[(static_cast<int64_t>(h) * p.group + j) * p.value_stride + i];
-        }
+        if (p.value_weights != nullptr) prob *= p.value_weights[qh * p.value_stride + i];
         if (kSum) {
           reduced += prob;
         } else {
@@ -304,96 +340,34 @@ void launch_observe_stats(const ObserveHead<T>* heads, const ObserveParams& p, c
 }
 
 /// Enqueues both passes over `kv_heads` heads (device table); longest: the largest head size.
-/// With p.row_outputs (ValueWeighting::kDisplacement), the rows' outputs between them.
+/// With p.row_outputs (ValueWeighting::kDisplacement), the rows' w_r between them (the keys' u_i
+/// are the caller's: launch_value_weights with kOutputs).
 template <int D, class T, bool kSum>
 void launch_observe(const ObserveHead<T>* heads, int kv_heads, int64_t longest,
                     const ObserveParams& p, cudaStream_t stream) {
   if (p.tokens == 0 || longest == 0) return;
-  launch_observe_stats<D, T>(heads, p, NoKeptSet{}, stream);
+  AttentionParams attention{};
+  attention.q = p.q;
+  attention.q_positions = p.q_positions;
+  attention.tokens = p.tokens;
+  attention.q_heads = p.q_heads;
+  attention.group = p.group;
+  attention.scale = p.scale;
+  attention.splits = p.splits;
+  attention.partial_acc = p.partial_acc;
+  attention.partial_max = p.partial_max;
+  attention.partial_sum = p.partial_sum;
+  launch_attention_heads<D>(heads, kv_heads, attention, p.attended, int64_t{p.q_heads} * D, D,
+                            stream, p.window, p.row_max, p.row_sum);
   if (p.row_outputs != nullptr) {
-    exec::launch<32>(observe_outputs_kernel<D, T>, grid_blocks(p.tokens * p.q_heads, 1, 65535), 32,
-                     stream, "observe_outputs_kernel", heads, p);
-    check_launch("observe_outputs_kernel");
+    exec::launch<D>(observe_row_outputs_kernel<D>, grid_blocks(p.tokens * p.q_heads, 1, 65535), D,
+                    stream, "observe_row_outputs_kernel", p);
+    check_launch("observe_row_outputs_kernel");
   }
-  const dim3 grid(grid_blocks(longest, kElementwiseThreads, 4096), static_cast<unsigned>(kv_heads));
-  exec::launch<kElementwiseThreads>(observe_reduce_kernel<D, T, kSum>, grid, kElementwiseThreads,
-                                    stream, "observe_reduce_kernel", heads, p);
+  const dim3 grid(grid_blocks(longest, kObserveKeys, 4096), static_cast<unsigned>(kv_heads));
+  exec::launch<kObserveKeys>(observe_reduce_kernel<D, T, kSum>, grid, kObserveKeys, stream,
+                             "observe_reduce_kernel", heads, p);
   check_launch("observe_reduce_kernel");
-}
-
-/// One (layer, kv head) whose stored scores enter a compress().
-struct StoredScoreJob {
-  const float* scores;       ///< [size]
-  const int32_t* positions;  ///< [size]
-  int64_t size;
-  int64_t offset;  ///< first score of this head in the concatenated score array
-  int64_t protect_below, protect_above;  ///< the protected positions (is_protected_position)
-};
-
-/// Per-job counts of gather_stored_scores_kernel (zeroed by the caller).
-struct StoredScoreCounts {
-  int unscored;  ///< tokens no observation has scored
-  int at_least;  ///< protected tokens and tokens scoring >= the threshold (when one is given)
-};
-
-/// out[offset + t] = the stored score of token t after the policy's max pooling over
-/// `pool_radius` held neighbours on either side (detail::max_pooled_score; SnapKV), or +inf for a
-/// token no observation has scored (kept outside the budget, as on the CPU). counts[j] gets the
-/// unscored tokens and, when `threshold` is not NaN (KVzap's score_threshold), the tokens a
-/// threshold keeps. Grid: x strides over tokens, y over jobs.
-template <class Job>
-KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
-    gather_stored_scores_kernel(const Job* __restrict__ jobs, int64_t job_count,
-                                int64_t pool_radius, float threshold, float* __restrict__ out,
-                                StoredScoreCounts* __restrict__ counts) {
-  for (int64_t j = exec::block_y(); j < job_count; j += exec::grid_y()) {
-    const Job job = jobs[j];
-    int unscored = 0, at_least = 0;
-    for (int64_t t =
-             static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
-         t < job.size; t += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
-      const float score = job.scores[t];
-      const bool seen = score != kUnscoredScore;
-      const float value =
-          seen ? detail::max_pooled_score(job.scores, job.size, t, pool_radius) : INFINITY;
-      out[job.offset + t] = value;
-      unscored += !seen;
-      at_least += is_protected_position(job.positions[t], job.protect_below, job.protect_above) ||
-                  value >= threshold;  // false for every value when threshold is NaN
-    }
-    if (unscored > 0) exec::atomic_add(&counts[j].unscored, unscored);
-    if (at_least > 0) exec::atomic_add(&counts[j].at_least, at_least);
-  }
-}
-
-/// Enqueues gather_stored_scores_kernel over `job_count` jobs whose longest holds `longest`.
-inline void launch_gather_stored_scores(const StoredScoreJob* jobs, int64_t job_count,
-                                        int64_t longest, int64_t pool_radius, float threshold,
-                                        float* out, StoredScoreCounts* counts,
-                                        cudaStream_t stream) {
-  const dim3 grid(grid_blocks(longest, kElementwiseThreads, 1024), grid_extent(job_count));
-  exec::launch<kElementwiseThreads>(gather_stored_scores_kernel<StoredScoreJob>, grid,
-                                    kElementwiseThreads, stream, "gather_stored_scores_kernel",
-                                    jobs, job_count, pool_radius, threshold, out, counts);
-  check_launch("gather_stored_scores_kernel");
-}
-
-/// x[i] = value for i < n (the unscored marks of newly appended tokens).
-template <class T>
-KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
-    fill_kernel(T* __restrict__ x, int64_t n, T value) {
-  for (int64_t i = static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
-       i < n; i += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
-    x[i] = value;
-  }
-}
-
-template <class T>
-void launch_fill(T* x, int64_t n, T value, cudaStream_t stream) {
-  if (n <= 0) return;
-  exec::launch<kElementwiseThreads>(fill_kernel<T>, grid_blocks(n, kElementwiseThreads),
-                                    kElementwiseThreads, stream, "fill_kernel", x, n, value);
-  check_launch("fill_kernel");
 }
 
 }  // namespace cuda

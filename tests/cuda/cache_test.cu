@@ -403,6 +403,78 @@ TEST_CASE("CUDA KVzip observe: key splits and a chunk window over a long head eq
   }
 }
 
+/// attend_observe() on both backends, with q and out in host or device memory, on every layer of
+/// a 160-token sequence: outputs, scores, then what compress() keeps, equal.
+template <class Policy>
+void check_attend_observe(const ModelShape& s, const Policy& policy, uint32_t seed) {
+  const int64_t d = s.head_dim, tokens = 6;
+  for (const bool device : {false, true}) {
+    INFO((device ? "q and out in device memory" : "q and out in host memory"));
+    KVCache<Policy, backend::Cpu> cpu(s, policy);
+    KVCache<Policy, backend::Cuda> gpu(s, policy);
+    feed_sequence(s, 160, 0, false, cpu, gpu);
+    const auto qpos = positions_range(150, tokens);
+    std::vector<float> weights;
+    for (int t = 0; t < tokens; ++t) weights.push_back(0.6f + 0.05f * t);
+    kvpack::cuda::DeviceBuffer<float> dq(tokens * s.q_heads * d, 0);
+    kvpack::cuda::DeviceBuffer<float> dout(dq.size(), 0);
+    for (int l = 0; l < s.layers; ++l) {
+      INFO("layer " << l);
+      const auto q = random_values(dq.size(), seed + l, 1.5f);
+      std::vector<float> expected(q.size()), got(q.size());
+      cpu.attend_observe(l, ActivationView::nhd(q.data(), tokens, s.q_heads, d), qpos,
+                         OutputView::nhd(expected.data(), tokens, s.q_heads, d), weights);
+      if (device) {
+        REQUIRE(cudaMemcpy(dq.data(), q.data(), dq.bytes(), cudaMemcpyHostToDevice) == cudaSuccess);
+        gpu.attend_observe(l, ActivationView::nhd(dq.data(), tokens, s.q_heads, d), qpos,
+                           OutputView::nhd(dout.data(), tokens, s.q_heads, d), weights,
+                           MemorySpace::kDevice);
+        REQUIRE(cudaMemcpy(got.data(), dout.data(), dout.bytes(), cudaMemcpyDeviceToHost) ==
+                cudaSuccess);
+      } else {
+        gpu.attend_observe(l, ActivationView::nhd(q.data(), tokens, s.q_heads, d), qpos,
+                           OutputView::nhd(got.data(), tokens, s.q_heads, d), weights);
+      }
+      REQUIRE(normalised_error(got, expected) < 1e-5);
+      for (int h = 0; h < s.kv_heads; ++h) {
+        const auto a = cpu.token_scores(l, h), b = gpu.token_scores(l, h);
+        REQUIRE(a.size() == b.size());
+        for (std::size_t t = 0; t < a.size(); ++t) {
+          INFO("head " << h << " token " << t);
+          REQUIRE(std::isnan(a[t]) == std::isnan(b[t]));
+          if (!std::isnan(a[t])) REQUIRE(std::fabs(a[t] - b[t]) <= 1e-5f * a[t] + 1e-9f);
+        }
+      }
+    }
+    cpu.compress();
+    gpu.compress();
+    require_same_state(cpu, gpu);
+  }
+}
+
+TEST_CASE("CUDA attend_observe: one attention pass serves the output and the scores",
+          "[cuda][eviction]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  const ModelShape s = kShapes[1];  // q 6, kv 2, d 128
+  auto factors = std::make_shared<kvpack::OutputFactors>(s);
+  for (int l = 0; l < s.layers; ++l) {
+    const auto w = random_values(40 * s.q_heads * s.head_dim, 110 + l, 0.2f);
+    factors->set_layer(l, w.data(), 40);
+  }
+  const Budget budget = Budget::ratio(0.5, BudgetScope::kGlobal);
+  // Window all: the fused pass (KVzip, KVzip+ by displacement, SnapKV).
+  check_attend_observe(s, kvpack::ReconstructionEvict(budget), 120);
+  kvpack::ReconstructionEvict displaced(budget, factors);
+  displaced.weighting = ValueWeighting::kDisplacement;
+  check_attend_observe(s, displaced, 130);
+  check_attend_observe(s, kvpack::SnapKV(Budget::ratio(0.5), 6, 7), 140);
+  // A chunk window: attend() then observe().
+  kvpack::ReconstructionEvict chunked(budget);
+  chunked.window = kvpack::ScoreWindow::chunk(position_of(4), position_of(40), position_of(90),
+                                              position_of(150));
+  check_attend_observe(s, chunked, 150);
+}
+
 TEST_CASE("CUDA SnapKV: summed scores, pooling and kept sets equal the CPU's", "[cuda][eviction]") {
   KVPACK_SKIP_WITHOUT_DEVICE();
   // Window 16 (the recent tokens every budget keeps), pooling widths 7 and 1 (none).
@@ -1017,6 +1089,8 @@ TEST_CASE("CUDA engine stream: KVzip observe waits for nothing but the check of 
     const auto qpos = positions_range(100, tokens);
     kvpack::cuda::DeviceBuffer<float> dq(tokens * s.q_heads * d, ctx.device());
     const auto device_q = ActivationView::nhd(dq.data(), tokens, s.q_heads, d);
+    kvpack::cuda::DeviceBuffer<float> dout(dq.size(), ctx.device());
+    const auto device_out = OutputView::nhd(dout.data(), tokens, s.q_heads, d);
     // One call from each memory first: the workspace grows to its size (a growth waits).
     const std::vector<float> zeros(dq.size(), 0.0f);
     const auto zero_q = ActivationView::nhd(zeros.data(), tokens, s.q_heads, d);
@@ -1030,6 +1104,8 @@ TEST_CASE("CUDA engine stream: KVzip observe waits for nothing but the check of 
         gpu.observe(0, device_q, qpos, MemorySpace::kDevice);
       }
     }
+    cpu.observe(0, zero_q, qpos);
+    gpu.attend_observe(0, device_q, qpos, device_out, {}, MemorySpace::kDevice);
     for (int checks = 1; checks >= 0; --checks) {
       ctx.set_device_value_checks(checks == 1);
       for (int l = 0; l < s.layers; ++l) {
@@ -1053,6 +1129,13 @@ TEST_CASE("CUDA engine stream: KVzip observe waits for nothing but the check of 
         gpu.observe(l, host_q, qpos);  // checked on the host: no wait at all
 #if defined(KVPACK_CUDA_EMULATION)
         REQUIRE(kvpack::cuda::emulation::synchronizations() == host_before);
+        const long long fused_before = kvpack::cuda::emulation::synchronizations();
+#endif
+        // attend_observe() with q and out on the device: one pass, the same waits as observe().
+        cpu.observe(l, host_q, qpos);
+        gpu.attend_observe(l, device_q, qpos, device_out, {}, MemorySpace::kDevice);
+#if defined(KVPACK_CUDA_EMULATION)
+        REQUIRE(kvpack::cuda::emulation::synchronizations() - fused_before == checks);
 #endif
       }
     }

@@ -25,6 +25,12 @@ struct ScoreWindow {
   static ScoreWindow chunk(int64_t sink_end, int64_t begin, int64_t end, int64_t tail_begin) {
     return ScoreWindow{sink_end, begin, end, tail_begin};
   }
+  /// Whether this is all(): every key, whatever the positions.
+  bool is_all() const {
+    const ScoreWindow every = all();
+    return sink_end == every.sink_end && begin == every.begin && end == every.end &&
+           tail_begin == every.tail_begin;
+  }
   KVPACK_HOST_DEVICE bool contains(int64_t pos) const {
     return pos < sink_end || (pos >= begin && pos < end) || pos >= tail_begin;
   }

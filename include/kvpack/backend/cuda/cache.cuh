@@ -178,7 +178,10 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     observed_ = true;
   }
 
-  /// attend() then observe() of the same queries, in `space` (the CPU fuses them).
+  /// attend() and observe() of the same queries, in `space`. For query scores over every key
+  /// (the policy's window ScoreWindow::all()) one attention pass serves both: observe()'s pass 1
+  /// writes `out`; otherwise the two calls. Throws what either refuses, before anything is
+  /// written.
   void attend_observe(int layer, const ActivationView& q, Positions positions,
                       const OutputView& out, Span<const float> query_weights = {},
                       MemorySpace space = MemorySpace::kHost);
@@ -269,18 +272,9 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// the check of q when CudaContext::device_value_checks() is on (the default).
   void attend(int layer, const ActivationView& q, Positions positions, const OutputView& out,
               MemorySpace space = MemorySpace::kHost) const {
-    constexpr const char* where = "KVCache::attend";
     cuda::DeviceGuard guard(context_->device());
     std::lock_guard<std::mutex> lock(scratch_->mutex);
-    check_query(where, layer, q, positions, space);
-    this->check_output(where, q, out);
-    this->check_visible(where, layer, positions, [&](int h) {
-      const auto& head = store(layer, h);
-      return std::pair<int64_t, int64_t>(head.size, head.first_position);
-    });
-    detail::require(out.dtype() == DType::kF32, where, "out dtype", dtype_name(out.dtype()),
-                    "f32 (the CUDA backend writes fp32 outputs)");
-    check_space(where, "out", out.data(), space);
+    check_attend("KVCache::attend", layer, q, positions, out, space);
     attend_unchecked(layer, q, positions, out, space);
   }
 
@@ -413,8 +407,13 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
 
   void append_unchecked(int layer, const ActivationView& k, const ActivationView& v,
                         Positions positions, MemorySpace space);
+  /// attend()'s checks of its arguments (cache_attend.cuh).
+  void check_attend(const char* where, int layer, const ActivationView& q, Positions positions,
+                    const OutputView& out, MemorySpace space) const;
   void attend_unchecked(int layer, const ActivationView& q, Positions positions,
                         const OutputView& out, MemorySpace space) const;
+  /// Copies device rows [tokens][q_heads][head_dim] into host view `out` (waits for them).
+  void download_output(const float* rows, const OutputView& out, const char* where) const;
   // Member templates, so that explicit instantiation of a cache whose policy does not evict
   // (quantize, score by queries) does not instantiate them.
   template <class P = Policy>
@@ -423,7 +422,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   void quantize();
   template <class P = Policy>
   void observe_queries(int layer, const ActivationView& q, Positions positions,
-                       Span<const float> query_weights, MemorySpace space);
+                       Span<const float> query_weights, MemorySpace space,
+                       const OutputView* out = nullptr);
   template <class P = Policy>
   void observe_hidden_unchecked(int layer, const ActivationView& x, Positions positions,
                                 MemorySpace space);

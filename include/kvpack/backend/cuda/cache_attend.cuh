@@ -21,6 +21,39 @@
 namespace kvpack {
 
 template <class Policy>
+void KVCache<Policy, backend::Cuda>::check_attend(const char* where, int layer,
+                                                  const ActivationView& q, Positions positions,
+                                                  const OutputView& out, MemorySpace space) const {
+  check_query(where, layer, q, positions, space);
+  this->check_output(where, q, out);
+  this->check_visible(where, layer, positions, [&](int h) {
+    const auto& head = store(layer, h);
+    return std::pair<int64_t, int64_t>(head.size, head.first_position);
+  });
+  detail::require(out.dtype() == DType::kF32, where, "out dtype", dtype_name(out.dtype()),
+                  "f32 (the CUDA backend writes fp32 outputs)");
+  check_space(where, "out", out.data(), space);
+}
+
+template <class Policy>
+void KVCache<Policy, backend::Cuda>::download_output(const float* rows, const OutputView& out,
+                                                     const char* where) const {
+  const int64_t tokens = out.tokens();
+  const int q_heads = shape_.q_heads;
+  const int d = shape_.head_dim;
+  std::vector<float> result(static_cast<std::size_t>(tokens) * q_heads * d);
+  cuda::check_cuda(cudaMemcpyAsync(result.data(), rows, result.size() * sizeof(float),
+                                   cudaMemcpyDeviceToHost, context_->stream()),
+                   detail::concat(where, ": download of the output").c_str());
+  context_->synchronize(where);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int h = 0; h < q_heads; ++h) {
+      std::memcpy(out.row(t, h), result.data() + (t * q_heads + h) * d, d * sizeof(float));
+    }
+  }
+}
+
+template <class Policy>
 void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const ActivationView& q,
                                                       Positions positions, const OutputView& out,
                                                       MemorySpace space) const {
@@ -101,17 +134,7 @@ void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const Activatio
   // Device output: ready in stream order. Nothing here needs the device to finish: the
   // workspace is next written by work later on the same stream, the staging area after its
   // upload's event (PinnedStaging).
-  if (!host) return;
-  std::vector<float> result(static_cast<std::size_t>(rows) * d);
-  cuda::check_cuda(cudaMemcpyAsync(result.data(), out_device, result.size() * sizeof(float),
-                                   cudaMemcpyDeviceToHost, stream),
-                   "KVCache::attend: download of the output");
-  context_->synchronize(where);
-  for (int64_t t = 0; t < tokens; ++t) {
-    for (int h = 0; h < q_heads; ++h) {
-      std::memcpy(out.row(t, h), result.data() + (t * q_heads + h) * d, d * sizeof(float));
-    }
-  }
+  if (host) download_output(out_device, out, where);
 }
 
 }  // namespace kvpack

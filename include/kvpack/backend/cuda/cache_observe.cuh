@@ -23,8 +23,20 @@ void KVCache<Policy, backend::Cuda>::attend_observe(int layer, const ActivationV
                                                     Positions positions, const OutputView& out,
                                                     Span<const float> query_weights,
                                                     MemorySpace space) {
-  // The weights first: attend() writes `out`, and a refusal must leave it as it was.
-  this->check_observe_weights("KVCache::attend_observe", q, query_weights);
+  // Every check of both calls first: a refusal must leave `out` as it was.
+  constexpr const char* where = "KVCache::attend_observe";
+  this->check_observe_weights(where, q, query_weights);
+  if constexpr (kQueryScores) {
+    if (selection().window.is_all()) {
+      // observe()'s pass 1 is the attention over every visible key: it writes `out`.
+      cuda::DeviceGuard guard(context_->device());
+      std::lock_guard<std::mutex> lock(scratch_->mutex);
+      check_attend(where, layer, q, positions, out, space);
+      observe_queries(layer, q, positions, query_weights, space, &out);
+      observed_ = true;
+      return;
+    }
+  }
   attend(layer, q, positions, out, space);
   observe(layer, q, positions, query_weights, space);
 }
@@ -34,7 +46,7 @@ template <class P>
 void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const ActivationView& q,
                                                      Positions positions,
                                                      Span<const float> query_weights,
-                                                     MemorySpace space) {
+                                                     MemorySpace space, const OutputView* out) {
   constexpr const char* where = "KVCache::observe";
   using T = storage_type;
   const int d = shape_.head_dim;
@@ -83,7 +95,9 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
   const std::size_t at_partial_acc = layout.add<float>(splits * rows * d);
   const std::size_t at_partial_max = layout.add<float>(splits * rows);
   const std::size_t at_partial_sum = layout.add<float>(splits * rows);
-  const std::size_t at_attended = layout.add<float>(kLazyLayers ? 0 : rows * d);
+  // Pass 1's outputs: attend_observe()'s device `out` itself, else rows of the workspace.
+  const bool out_in_place = out != nullptr && !host;
+  const std::size_t at_attended = layout.add<float>(kLazyLayers || out_in_place ? 0 : rows * d);
   const std::size_t at_value_weights = layout.add<float>(
       factors != nullptr ? static_cast<int64_t>(q_heads) * longest * (displacement ? d : 1) : 0);
   const std::size_t at_row_outputs = layout.add<float>(displacement ? rows * d : 0);
@@ -121,6 +135,13 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
   params.partial_max = reinterpret_cast<float*>(ws + at_partial_max);
   params.partial_sum = reinterpret_cast<float*>(ws + at_partial_sum);
   params.attended = reinterpret_cast<float*>(ws + at_attended);
+  params.attended_token_stride = static_cast<int64_t>(q_heads) * d;
+  params.attended_head_stride = d;
+  if (out_in_place) {  // OutputView exposes rows: the element strides from row addresses
+    params.attended = out->row(0, 0);
+    params.attended_token_stride = out->row(1, 0) - out->row(0, 0);
+    params.attended_head_stride = out->row(0, 1) - out->row(0, 0);
+  }
   params.row_mass = kLazyLayers ? reinterpret_cast<float*>(ws + at_mass) : nullptr;
   params.first_position = layers_[layer].first_position;
   params.query_weights =
@@ -159,6 +180,7 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
     observations_[layer].mass += total;
     observations_[layer].rows += rows;
   }
+  if (out != nullptr && host) download_output(params.attended, *out, where);
   // Query scores: nothing here needs the device to finish (the scores stay on it and are next
   // read in stream order; the workspace is next written by later work on the same stream, the
   // staging area after its upload's event), so the call returns with its kernels enqueued.

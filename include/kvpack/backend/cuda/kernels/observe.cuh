@@ -100,6 +100,8 @@ struct ObserveParams {
   float* partial_max;
   float* partial_sum;
   float* attended;
+  int64_t attended_token_stride, attended_head_stride;  ///< elements (q_heads · D and D, or
+                                                        ///< attend_observe's output view's)
   /// [tokens][q_heads] or null: the probability mass the row puts on the policy's kept set
   /// (LazyLayerDrop::in_kept_set; SimLayerKV's lazy-layer statistic)
   float* row_mass;
@@ -203,7 +205,8 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(D) observe_row_outputs_kernel(ObservePar
   const int o = static_cast<int>(exec::thread_x());
   for (int64_t row = exec::block_x(); row < p.tokens * p.q_heads; row += exec::grid_x()) {
     exec::sync_block();  // every thread is done with the previous row
-    attended[o] = p.attended[row * D + o];
+    attended[o] = p.attended[(row / p.q_heads) * p.attended_token_stride +
+                             (row % p.q_heads) * p.attended_head_stride + o];
     exec::sync_block();
     const float* r = p.output_factors + (row % p.q_heads) * D * D + static_cast<int64_t>(o) * D;
     float acc = 0.0f;
@@ -357,8 +360,8 @@ void launch_observe(const ObserveHead<T>* heads, int kv_heads, int64_t longest,
   attention.partial_acc = p.partial_acc;
   attention.partial_max = p.partial_max;
   attention.partial_sum = p.partial_sum;
-  launch_attention_heads<D>(heads, kv_heads, attention, p.attended, int64_t{p.q_heads} * D, D,
-                            stream, p.window, p.row_max, p.row_sum);
+  launch_attention_heads<D>(heads, kv_heads, attention, p.attended, p.attended_token_stride,
+                            p.attended_head_stride, stream, p.window, p.row_max, p.row_sum);
   if (p.row_outputs != nullptr) {
     exec::launch<D>(observe_row_outputs_kernel<D>, grid_blocks(p.tokens * p.q_heads, 1, 65535), D,
                     stream, "observe_row_outputs_kernel", p);

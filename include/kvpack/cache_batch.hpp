@@ -22,12 +22,15 @@ struct BatchQuery {
   OutputView out;
 };
 
-/// \brief The sequences of an engine's batch, each a KVCache<Policy, Backend>, sharing one
-/// PagePool: add / fork / remove by id, and one attend() over a batch of (sequence, query rows).
+/// \brief The sequences of an engine's batch, each a KVCache<Policy, Backend>: add / remove by
+/// id, and one attend() over a batch of (sequence, query rows). CPU (backend/cpu/cache_batch.hpp):
+/// one PagePool shared by the sequences, and fork(). CUDA (backend/cuda/cache_batch.cuh, with
+/// <kvpack/backend/cuda.hpp>): one context, one attention launch per attend().
 template <class Policy, class Backend = backend::Cpu>
 class KVCacheBatch {
   static_assert(detail::dependent_false<Policy, Backend>,
-                "no KVCacheBatch implementation for this Backend: use backend::Cpu");
+                "no KVCacheBatch implementation for this Backend: use backend::Cpu, or "
+                "backend::Cuda with <kvpack/backend/cuda.hpp>");
 };
 
 }  // namespace kvpack

@@ -40,6 +40,7 @@
 #include "cuda/cache.cuh"
 #include "cuda/cache_append.cuh"
 #include "cuda/cache_attend.cuh"
+#include "cuda/cache_batch.cuh"
 #include "cuda/cache_checks.cuh"
 #include "cuda/cache_evict.cuh"
 #include "cuda/cache_factorize.cuh"

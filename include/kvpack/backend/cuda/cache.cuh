@@ -112,7 +112,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
 
  public:
   /// Validates the shape and the policy's knobs (as the CPU cache does; head_dim must also be
-  /// 64 or 128, KVzip+ weights value norms only), then creates a context on the current device.
+  /// 64 or 128), then creates a context on the current device.
   explicit KVCache(const ModelShape& shape, Policy policy = Policy{})
       : Front(shape, std::move(policy)) {
     validate_construction();
@@ -309,7 +309,15 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   void clear();
 
  private:
+  template <class, class>
+  friend class KVCacheBatch;  // attend() of a batch builds one launch from its sequences' heads
   using DeviceHead = cuda::DeviceHead<storage_type>;
+  /// The head type attention_kernel reads for this storage, and (layer, head) as one
+  /// (cache_attend.cuh).
+  using AttentionHeadType = std::conditional_t<
+      kQuantized, cuda::KiviAttentionHead,
+      std::conditional_t<kLowRank, cuda::LowRankAttentionHead, cuda::AttentionHead<storage_type>>>;
+  AttentionHeadType attention_head(int layer, int head) const;
 
   /// Reusable scratch: one device allocation carved per call, a host staging area for the one
   /// packed upload per call, and the mutex that serialises calls on this cache.
@@ -357,20 +365,9 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
                     "<= 65535 (one grid row per kv head)");
   }
 
-  void allocate_bookkeeping() {
-    heads_.resize(static_cast<std::size_t>(shape_.layers) * shape_.kv_heads);
-    if constexpr (kLazyLayers) observations_.resize(shape_.layers);
-    scratch_ = std::make_unique<Scratch>();
-    if constexpr (kLowRank) {
-      const Rope rope(shape_.rope, shape_.head_dim);
-      rope_inv_freq_ = cuda::DeviceBuffer<double>(rope.inv_freq().size(), context_->device());
-      cuda::check_cuda(cudaMemcpy(rope_inv_freq_.data(), rope.inv_freq().data(),
-                                  rope_inv_freq_.bytes(), cudaMemcpyHostToDevice),
-                       "KVCache (CUDA): upload of the RoPE frequencies");
-      rope_ = {rope_inv_freq_.data(), rope.rotary_dim(), shape_.rope.style,
-               rope.attention_factor()};
-    }
-  }
+  /// The heads, the lazy-layer statistics, the scratch and the low-rank policies' RoPE
+  /// frequencies on the device (cache_memory.cuh).
+  void allocate_bookkeeping();
 
   DeviceHead& store(int layer, int head) {
     return heads_[static_cast<std::size_t>(layer) * shape_.kv_heads + head];

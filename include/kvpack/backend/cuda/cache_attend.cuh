@@ -54,6 +54,22 @@ void KVCache<Policy, backend::Cuda>::download_output(const float* rows, const Ou
 }
 
 template <class Policy>
+auto KVCache<Policy, backend::Cuda>::attention_head(int layer, int h) const -> AttentionHeadType {
+  if constexpr (kLowRank) {
+    return low_rank_head(layer, h, rope_);
+  } else {
+    const DeviceHead& head = store(layer, h);
+    if constexpr (kQuantized) {
+      return {head.k_blocks.data(), head.v_blocks.data(),  head.k.data(),
+              head.v.data(),        head.positions.data(), head.size,
+              head.quantized,       kivi_format()};
+    } else {
+      return {head.k.data(), head.v.data(), head.positions.data(), head.size};
+    }
+  }
+}
+
+template <class Policy>
 void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const ActivationView& q,
                                                       Positions positions, const OutputView& out,
                                                       MemorySpace space) const {
@@ -78,9 +94,7 @@ void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const Activatio
   cuda::QueryUpload queries(q, q_heads, d, host);
   cuda::WorkspaceLayout layout;
   queries.add_upload(layout);
-  using Head = std::conditional_t<
-      kQuantized, cuda::KiviAttentionHead,
-      std::conditional_t<kLowRank, cuda::LowRankAttentionHead, cuda::AttentionHead<T>>>;
+  using Head = AttentionHeadType;
   const std::size_t at_heads = layout.add<Head>(kv_heads);
   const std::size_t upload_bytes = layout.bytes();
   queries.add_device(layout);
@@ -93,18 +107,7 @@ void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const Activatio
 
   queries.stage(positions, stage, ws);
   auto* head_table = reinterpret_cast<Head*>(stage + at_heads);
-  for (int h = 0; h < kv_heads; ++h) {
-    const DeviceHead& head = store(layer, h);
-    if constexpr (kLowRank) {
-      head_table[h] = low_rank_head(layer, h, rope_);
-    } else if constexpr (kQuantized) {
-      head_table[h] = {head.k_blocks.data(), head.v_blocks.data(),  head.k.data(),
-                       head.v.data(),        head.positions.data(), head.size,
-                       head.quantized,       kivi_format()};
-    } else {
-      head_table[h] = {head.k.data(), head.v.data(), head.positions.data(), head.size};
-    }
-  }
+  for (int h = 0; h < kv_heads; ++h) head_table[h] = attention_head(layer, h);
   upload_staging(ws, upload_bytes, where);
 
   queries.convert(ws, stream);

@@ -1,16 +1,32 @@
 /// \file backend/cuda/cache_memory.cuh
-/// \brief Out-of-line members of KVCache<Policy, backend::Cuda>: what it holds (bytes(),
-/// reserved_bytes(), workspace_bytes()) and clear().
+/// \brief Out-of-line members of KVCache<Policy, backend::Cuda>: its bookkeeping's allocation,
+/// what it holds (bytes(), reserved_bytes(), workspace_bytes()) and clear().
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
+#include <memory>
 #include <mutex>
 #include <vector>
 
 #include "cache.cuh"
 
 namespace kvpack {
+
+template <class Policy>
+void KVCache<Policy, backend::Cuda>::allocate_bookkeeping() {
+  heads_.resize(static_cast<std::size_t>(shape_.layers) * shape_.kv_heads);
+  if constexpr (kLazyLayers) observations_.resize(shape_.layers);
+  scratch_ = std::make_unique<Scratch>();
+  if constexpr (kLowRank) {
+    const Rope rope(shape_.rope, shape_.head_dim);
+    rope_inv_freq_ = cuda::DeviceBuffer<double>(rope.inv_freq().size(), context_->device());
+    cuda::check_cuda(cudaMemcpy(rope_inv_freq_.data(), rope.inv_freq().data(),
+                                rope_inv_freq_.bytes(), cudaMemcpyHostToDevice),
+                     "KVCache (CUDA): upload of the RoPE frequencies");
+    rope_ = {rope_inv_freq_.data(), rope.rotary_dim(), shape_.rope.style, rope.attention_factor()};
+  }
+}
 
 template <class Policy>
 std::size_t KVCache<Policy, backend::Cuda>::bytes() const {

@@ -72,11 +72,20 @@ inline int64_t attention_launch_splits(int64_t tokens, int group, int kv_heads, 
   return attention_splits(row_blocks * kv_heads, longest, sm_count);
 }
 
+/// The query rows of one sequence of a batched launch (KVCacheBatch<Policy, backend::Cuda>):
+/// its heads are kv heads [sequence · kv_heads, (sequence + 1) · kv_heads) of the launch.
+struct AttentionSequence {
+  const float* q;              ///< tokens x q_heads x head_dim, fp32, contiguous, unscaled
+  const int32_t* q_positions;  ///< tokens
+  int64_t tokens;
+  int64_t first_row;  ///< of its rows (token * q_heads + q_head) in the partial states
+};
+
 /// Arguments of attention_kernel shared by all blocks.
 struct AttentionParams {
   const float* q;              ///< tokens x q_heads x head_dim, fp32, contiguous, unscaled
   const int32_t* q_positions;  ///< tokens
-  int64_t tokens;
+  int64_t tokens;              ///< batched: of all sequences (the partial states' rows / q_heads)
   int q_heads;
   int group;    ///< q_heads / kv_heads
   float scale;  ///< 1 / sqrt(head_dim)
@@ -84,7 +93,19 @@ struct AttentionParams {
   float* partial_acc;  ///< [split][token * q_heads + q_head][head_dim]
   float* partial_max;  ///< [split][token * q_heads + q_head]
   float* partial_sum;  ///< [split][token * q_heads + q_head]
+  /// Batched launch: [sequences], the grid's kv heads being kv_heads per sequence; null: one
+  /// sequence (q, q_positions, tokens above).
+  const AttentionSequence* sequences;
+  int kv_heads;
 };
+
+/// The sequence of kv head `h` of a launch and that head's index within it.
+KVPACK_DEVICE AttentionSequence launch_sequence(const AttentionParams& p, int& h) {
+  if (p.sequences == nullptr) return AttentionSequence{p.q, p.q_positions, p.tokens, 0};
+  const AttentionSequence s = p.sequences[h / p.kv_heads];
+  h %= p.kv_heads;
+  return s;
+}
 
 /// Grid: (ceil(tokens * group / kAttentionRows), kv_heads, splits); block: kAttentionThreads.
 /// Static shared memory: 2 * 32 * (D + 1) + 16 * D + 4 * 32 floats + 18 int64
@@ -107,11 +128,15 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kAttentionThreads)
   const int tid = exec::thread_x();
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int h = exec::block_y();
+  const Head head = heads[exec::block_y()];
+  int h = exec::block_y();
+  const AttentionSequence seq = launch_sequence(p, h);  // h: the kv head within its sequence
   const int64_t split = exec::block_z();
-  const Head head = heads[h];
-  const int64_t rows_total = p.tokens * p.group;
+  const int64_t rows_total = seq.tokens * p.group;
   const int64_t row0 = static_cast<int64_t>(exec::block_x()) * kAttentionRows;
+  // A batched launch sizes the grid for its longest sequence: blocks past a shorter one's rows
+  // have nothing to do (uniform over the block, before any barrier).
+  if (row0 >= rows_total) return;
 
   // Query rows, pre-scaled by 1/sqrt(d) as in the CPU path; rows past the end are zero.
   for (int e = tid; e < kAttentionRows * D; e += kAttentionThreads) {
@@ -123,14 +148,14 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kAttentionThreads)
       int64_t t = 0;
       int q_head = 0;
       attention_row(row, p.group, h, t, q_head);
-      x = p.q[(t * p.q_heads + q_head) * D + i] * p.scale;
+      x = seq.q[(t * p.q_heads + q_head) * D + i] * p.scale;
     }
     q_rows[e] = x;
   }
   if (tid < kAttentionRows) {
     const int64_t row = row0 + tid;
     visible[tid] = row < rows_total
-                       ? visible_keys(head.positions, head.size, p.q_positions[row / p.group])
+                       ? visible_keys(head.positions, head.size, seq.q_positions[row / p.group])
                        : 0;
   }
   exec::sync_block();
@@ -212,7 +237,7 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kAttentionThreads)
     int64_t t = 0;
     int q_head = 0;
     attention_row(row, p.group, h, t, q_head);
-    const int64_t slot = split * rows_all + t * p.q_heads + q_head;
+    const int64_t slot = split * rows_all + seq.first_row + t * p.q_heads + q_head;
 #pragma unroll
     for (int c = 0; c < kLaneChannels; ++c) p.partial_acc[slot * D + lane + 32 * c] = acc[rr][c];
     if (lane == 0) {
@@ -223,7 +248,9 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kAttentionThreads)
 }
 
 /// out(t, q_head, i) = merged accumulator / merged denominator over the splits of row
-/// t * q_heads + q_head. Block: one row, D threads (one channel each); grid strides over rows.
+/// t * q_heads + q_head (split s of a row at s · split_rows rows after it: the launch's rows, of
+/// which a batched launch merges one sequence's at a time). Block: one row, D threads (one
+/// channel each); grid strides over rows.
 /// attend(): every row has at least one visible key (the cache checks it), so the denominator is
 /// > 0; a row a key filter left without keys gets zeros (a NaN query still gives NaN). row_max /
 /// row_sum, when not null, [tokens * q_heads]: the merged max (of logits scaled by 1/sqrt(d)) and
@@ -232,17 +259,17 @@ template <int D>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(D)
     merge_splits_kernel(const float* __restrict__ partial_acc,
                         const float* __restrict__ partial_max,
-                        const float* __restrict__ partial_sum, int64_t rows, int64_t splits,
-                        int q_heads, float* __restrict__ out, int64_t out_token_stride,
-                        int64_t out_head_stride, float* __restrict__ row_max,
-                        float* __restrict__ row_sum) {
+                        const float* __restrict__ partial_sum, int64_t rows, int64_t split_rows,
+                        int64_t splits, int q_heads, float* __restrict__ out,
+                        int64_t out_token_stride, int64_t out_head_stride,
+                        float* __restrict__ row_max, float* __restrict__ row_sum) {
   const int i = exec::thread_x();
   for (int64_t row = exec::block_x(); row < rows; row += exec::grid_x()) {
     float m = partial_max[row];
     float l = partial_sum[row];
     float a = partial_acc[row * D + i];
     for (int64_t s = 1; s < splits; ++s) {
-      const int64_t slot = s * rows + row;
+      const int64_t slot = s * split_rows + row;
       detail::softmax_merge(m, l, &a, partial_max[slot], partial_sum[slot],
                             partial_acc + slot * D + i, 1);
     }
@@ -256,6 +283,34 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(D)
   }
 }
 
+/// Enqueues merge_splits_kernel<D> over rows [first_row, first_row + rows) of launch `p`'s
+/// partial states into `out` (row first_row lands at out's token 0) and, when not null, row_max /
+/// row_sum [rows].
+template <int D>
+void launch_merge_splits(const AttentionParams& p, int64_t first_row, int64_t rows, float* out,
+                         int64_t out_token_stride, int64_t out_head_stride, cudaStream_t stream,
+                         float* row_max = nullptr, float* row_sum = nullptr) {
+  if (rows == 0) return;
+  exec::launch<D>(merge_splits_kernel<D>, grid_blocks(rows, 1, 1 << 20), D, stream,
+                  "merge_splits_kernel", p.partial_acc + first_row * D, p.partial_max + first_row,
+                  p.partial_sum + first_row, rows, p.tokens * p.q_heads, p.splits, p.q_heads, out,
+                  out_token_stride, out_head_stride, row_max, row_sum);
+  check_launch("merge_splits_kernel");
+}
+
+/// Enqueues attention_kernel<Head, D> alone over `heads` kv heads (a batched launch: every
+/// sequence's, p.sequences set) whose longest sequence has `tokens` query tokens.
+template <int D, class Head, class Filter = AllKeys>
+void launch_attention_kernel(const Head* heads, int64_t kv_heads, const AttentionParams& p,
+                             int64_t tokens, cudaStream_t stream, Filter filter = {}) {
+  const int64_t row_blocks = (tokens * p.group + kAttentionRows - 1) / kAttentionRows;
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(kv_heads),
+                  static_cast<unsigned>(p.splits));
+  exec::launch<kAttentionThreads>(attention_kernel<Head, D, Filter>, grid, kAttentionThreads,
+                                  stream, "attention_kernel", heads, p, filter);
+  check_launch("attention_kernel");
+}
+
 /// Enqueues attention_kernel<Head, D> and merge_splits_kernel<D>; `out` (device) receives
 /// tokens x q_heads x D with the given element strides. Head: AttentionHead<T> (dense rows) or
 /// another format's head type with the same members (KiviAttentionHead). With a key filter
@@ -266,17 +321,10 @@ void launch_attention_heads(const Head* heads, int kv_heads, const AttentionPara
                             int64_t out_token_stride, int64_t out_head_stride, cudaStream_t stream,
                             Filter filter = {}, float* row_max = nullptr,
                             float* row_sum = nullptr) {
-  const int64_t row_blocks = (p.tokens * p.group + kAttentionRows - 1) / kAttentionRows;
-  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(kv_heads),
-                  static_cast<unsigned>(p.splits));
-  exec::launch<kAttentionThreads>(attention_kernel<Head, D, Filter>, grid, kAttentionThreads,
-                                  stream, "attention_kernel", heads, p, filter);
-  check_launch("attention_kernel");
+  launch_attention_kernel<D>(heads, kv_heads, p, p.tokens, stream, filter);
   const int64_t rows = p.tokens * p.q_heads;
-  exec::launch<D>(merge_splits_kernel<D>, grid_blocks(rows, 1, 1 << 20), D, stream,
-                  "merge_splits_kernel", p.partial_acc, p.partial_max, p.partial_sum, rows,
-                  p.splits, p.q_heads, out, out_token_stride, out_head_stride, row_max, row_sum);
-  check_launch("merge_splits_kernel");
+  launch_merge_splits<D>(p, 0, rows, out, out_token_stride, out_head_stride, stream, row_max,
+                         row_sum);
 }
 
 /// launch_attention_heads over dense rows of T.

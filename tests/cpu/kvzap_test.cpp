@@ -161,25 +161,7 @@ TEST_CASE("KVzip+ displacement: a key holding almost all the attention, and a ro
   // near 1e-4: the regime where expanding ‖w − u‖² lost every digit); token 0 sees key 0 alone
   // (p = 1: the weight is ‖W_o v‖).
   const int64_t dominant = 3;
-  std::vector<float> q(2 * kShape.q_heads * d);
-  for (int qh = 0; qh < kShape.q_heads; ++qh) {
-    const auto& head = dense.heads[qh / g];
-    auto dot = [&](int64_t a, int64_t b) {
-      double acc = 0;
-      for (int i = 0; i < d; ++i) acc += double{head.k[a * d + i]} * head.k[b * d + i];
-      return acc;
-    };
-    double runner_up = -INFINITY;
-    for (int64_t j = 0; j < 10; ++j) {
-      if (j != dominant) runner_up = std::max(runner_up, dot(dominant, j));
-    }
-    const double scale =
-        10.0 * std::sqrt(static_cast<double>(d)) / (dot(dominant, dominant) - runner_up);
-    for (int i = 0; i < d; ++i) {
-      q[(0 * kShape.q_heads + qh) * d + i] = head.k[i];
-      q[(1 * kShape.q_heads + qh) * d + i] = static_cast<float>(scale * head.k[dominant * d + i]);
-    }
-  }
+  const auto q = kvpack_test::dominant_key_queries(dense, kShape, 10, dominant, 10.0);
   const std::vector<int64_t> qpos{0, 9};
   cache.observe(0, ActivationView::nhd(q.data(), 2, kShape.q_heads, d), qpos);
   for (int h = 0; h < kShape.kv_heads; ++h) {

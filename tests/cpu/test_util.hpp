@@ -62,6 +62,36 @@ inline std::size_t paged_head_bytes(int64_t tokens, int head_dim = 64, int page_
          static_cast<std::size_t>(tokens) * sizeof(int32_t);
 }
 
+/// Queries [2][q_heads][head_dim] over the first `keys` keys of `dense` (a layer of `shape`): per
+/// query head, token 0 equals key 0 of its kv head, token 1 is a multiple of key `dominant` whose
+/// logit (after 1/sqrt(head_dim)) leads every other key's by `lead`: 1 − p of that key near
+/// (keys − 1) · e^−lead, where KVzip+'s displacement weight is ill-conditioned.
+inline std::vector<float> dominant_key_queries(const kvpack::DenseLayer& dense,
+                                               const kvpack::ModelShape& shape, int64_t keys,
+                                               int64_t dominant, double lead) {
+  const int d = shape.head_dim, g = shape.group_size();
+  std::vector<float> q(2 * shape.q_heads * d);
+  for (int qh = 0; qh < shape.q_heads; ++qh) {
+    const auto& head = dense.heads[qh / g];
+    auto dot = [&](int64_t a, int64_t b) {
+      double acc = 0;
+      for (int i = 0; i < d; ++i) acc += double{head.k[a * d + i]} * head.k[b * d + i];
+      return acc;
+    };
+    double runner_up = -INFINITY;
+    for (int64_t j = 0; j < keys; ++j) {
+      if (j != dominant) runner_up = std::max(runner_up, dot(dominant, j));
+    }
+    const double scale =
+        lead * std::sqrt(static_cast<double>(d)) / (dot(dominant, dominant) - runner_up);
+    for (int i = 0; i < d; ++i) {
+      q[qh * d + i] = head.k[i];
+      q[(shape.q_heads + qh) * d + i] = static_cast<float>(scale * head.k[dominant * d + i]);
+    }
+  }
+  return q;
+}
+
 inline std::vector<int64_t> iota_positions(int64_t n, int64_t first = 0) {
   std::vector<int64_t> p(n);
   std::iota(p.begin(), p.end(), first);

@@ -303,9 +303,9 @@ TEST_CASE("CUDA KVzip+ displacement: a key holding almost all the attention, a r
   KVPACK_SKIP_WITHOUT_DEVICE();
   // The regime where the weight ‖w − u‖ / (1 − p) is ill-conditioned (tests/cpu/kvzap_test.cpp
   // pins the CPU against double precision there, within 2e-2): the CUDA scores equal the CPU's
-  // within that bound, and exactly enough for the p = 1 branch (‖u‖).
+  // within that bound for that key and within 1e-4 for the others (the p = 1 branch, ‖u‖, too).
   const ModelShape s = kShapes[1];
-  const int d = s.head_dim, g = s.group_size();
+  const int d = s.head_dim;
   auto factors = std::make_shared<kvpack::OutputFactors>(s);
   for (int l = 0; l < s.layers; ++l) {
     const auto w = random_values(40 * s.q_heads * d, 90 + l, 0.2f);
@@ -320,24 +320,7 @@ TEST_CASE("CUDA KVzip+ displacement: a key holding almost all the attention, a r
   // Token 9 queries with a multiple of key 3 that leads the runner-up's logit by 10 (1 - p near
   // 1e-4); token 0 sees key 0 alone (p = 1).
   const int64_t dominant = 3;
-  std::vector<float> q(2 * s.q_heads * d);
-  for (int qh = 0; qh < s.q_heads; ++qh) {
-    const auto& head = dense.heads[qh / g];
-    auto dot = [&](int64_t a, int64_t b) {
-      double acc = 0;
-      for (int i = 0; i < d; ++i) acc += double{head.k[a * d + i]} * head.k[b * d + i];
-      return acc;
-    };
-    double runner_up = -INFINITY;
-    for (int64_t j = 0; j < 10; ++j) {
-      if (j != dominant) runner_up = std::max(runner_up, dot(dominant, j));
-    }
-    const double scale = 10.0 * std::sqrt(double{1.0} * d) / (dot(dominant, dominant) - runner_up);
-    for (int i = 0; i < d; ++i) {
-      q[qh * d + i] = head.k[i];
-      q[(s.q_heads + qh) * d + i] = static_cast<float>(scale * head.k[dominant * d + i]);
-    }
-  }
+  const auto q = kvpack_test::dominant_key_queries(dense, s, 10, dominant, 10.0);
   const auto qv = ActivationView::nhd(q.data(), 2, s.q_heads, d);
   const std::vector<int64_t> qpos{position_of(0), position_of(9)};
   cpu.observe(0, qv, qpos);

@@ -11,6 +11,7 @@
 
 #include "../../cache_batch.hpp"
 #include "../../config.hpp"
+#include "../../detail/batch_entries.hpp"
 #include "../../error.hpp"
 #include "../../executor.hpp"
 #include "../../page_pool.hpp"
@@ -24,9 +25,16 @@ namespace kvpack {
 /// concurrent add/fork/remove; different sequences may be appended or compressed from different
 /// threads (the pool is locked), and attend() may run concurrently with other const calls.
 template <class Policy>
-class KVCacheBatch<Policy, backend::Cpu> {
+class KVCacheBatch<Policy, backend::Cpu>
+    : public detail::BatchEntries<KVCache<Policy, backend::Cpu>> {
+  using Entries = detail::BatchEntries<KVCache<Policy, backend::Cpu>>;
+  using Entries::entries_;
+  using Entries::entry;
+  using typename Entries::Entry;
+
  public:
   using cache_type = KVCache<Policy, backend::Cpu>;
+  using Entries::sequence;
 
   /// Validates as KVCache does. Without `pages.pool` the batch makes its pool (pages allocated
   /// 64 at a time); with one, the pool may be in caller memory and shared further.
@@ -43,12 +51,10 @@ class KVCacheBatch<Policy, backend::Cpu> {
   /// fit the batch's pool (KVCache::page_bytes larger than the pool's; e.g. other KIVI bits);
   /// nothing is added then.
   cache_type& add(int64_t id, Policy policy) {
-    const auto at = find(id);
-    detail::require(at == entries_.end() || at->id != id, "KVCacheBatch::add", "id", id,
-                    "an id not in the batch");
+    this->require_new(id, "KVCacheBatch::add");
     auto cache = std::make_unique<cache_type>(prototype_.shape(), std::move(policy), pages_);
     cache->set_executor(executor_);
-    return *entries_.insert(at, Entry{id, std::move(cache)})->cache;
+    return this->insert(id, std::move(cache));
   }
 
   /// Adds sequence `id` as a copy of `source` (e.g. parallel sampling from one prompt): its own
@@ -56,41 +62,9 @@ class KVCacheBatch<Policy, backend::Cpu> {
   /// `id` is, or the pool runs out of pages (nothing added then).
   cache_type& fork(int64_t source, int64_t id) {
     const cache_type& from = sequence(source);
-    const auto at = find(id);
-    detail::require(at == entries_.end() || at->id != id, "KVCacheBatch::fork", "id", id,
-                    "an id not in the batch");
-    auto cache = std::make_unique<cache_type>(from);
-    return *entries_.insert(find(id), Entry{id, std::move(cache)})->cache;
+    this->require_new(id, "KVCacheBatch::fork");
+    return this->insert(id, std::make_unique<cache_type>(from));
   }
-
-  /// Removes sequence `id`; its pages go back to the pool. Throws kvpack::error if not held.
-  void remove(int64_t id) {
-    const auto at = find(id);
-    detail::require(at != entries_.end() && at->id == id, "KVCacheBatch::remove", "id", id,
-                    "an id in the batch");
-    entries_.erase(at);
-  }
-
-  bool contains(int64_t id) const {
-    const auto at = find(id);
-    return at != entries_.end() && at->id == id;
-  }
-
-  /// The cache of sequence `id`; throws kvpack::error if not held. References stay valid until
-  /// the sequence is removed.
-  cache_type& sequence(int64_t id) { return *entry(id, "KVCacheBatch::sequence").cache; }
-  const cache_type& sequence(int64_t id) const {
-    return *entry(id, "KVCacheBatch::sequence").cache;
-  }
-
-  /// Ids held, ascending.
-  std::vector<int64_t> ids() const {
-    std::vector<int64_t> out;
-    out.reserve(entries_.size());
-    for (const auto& e : entries_) out.push_back(e.id);
-    return out;
-  }
-  std::size_t size() const { return entries_.size(); }
 
   /// \brief Attention of every entry of `batch` over what its sequence holds at `layer`, in one
   /// parallel loop over (entry, kv head, query block, key split): the same work items and
@@ -152,11 +126,6 @@ class KVCacheBatch<Policy, backend::Cpu> {
   Executor& executor() const { return executor_ != nullptr ? *executor_ : default_executor(); }
 
  private:
-  struct Entry {
-    int64_t id;
-    std::unique_ptr<cache_type> cache;
-  };
-
   /// What Σ over the sequences counts more than once: the token bases forks of a low-rank
   /// sequence share (each sequence's bytes() counts every basis its heads point to).
   std::size_t shared_overcount(bool reserved) const {
@@ -188,24 +157,8 @@ class KVCacheBatch<Policy, backend::Cpu> {
     return pages;
   }
 
-  typename std::vector<Entry>::const_iterator find(int64_t id) const {
-    return std::lower_bound(entries_.begin(), entries_.end(), id,
-                            [](const Entry& e, int64_t v) { return e.id < v; });
-  }
-  typename std::vector<Entry>::iterator find(int64_t id) {
-    return std::lower_bound(entries_.begin(), entries_.end(), id,
-                            [](const Entry& e, int64_t v) { return e.id < v; });
-  }
-  const Entry& entry(int64_t id, const char* where) const {
-    const auto at = find(id);
-    detail::require(at != entries_.end() && at->id == id, where, "sequence", id,
-                    "an id in the batch");
-    return *at;
-  }
-
   cache_type prototype_;  // holds the shape, policy and pool; never appended to
   PageOptions pages_;
-  std::vector<Entry> entries_;  // ascending id
   Executor* executor_ = nullptr;
 };
 

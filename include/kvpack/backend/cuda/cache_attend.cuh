@@ -74,7 +74,6 @@ void KVCache<Policy, backend::Cuda>::attend_unchecked(int layer, const Activatio
                                                       Positions positions, const OutputView& out,
                                                       MemorySpace space) const {
   constexpr const char* where = "KVCache::attend";
-  using T = storage_type;
   const int d = shape_.head_dim;
   const int kv_heads = shape_.kv_heads;
   const int q_heads = shape_.q_heads;

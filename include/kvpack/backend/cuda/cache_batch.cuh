@@ -14,6 +14,7 @@
 
 #include "../../cache_batch.hpp"
 #include "../../config.hpp"
+#include "../../detail/batch_entries.hpp"
 #include "../../error.hpp"
 #include "cache.cuh"
 
@@ -27,7 +28,13 @@ namespace kvpack {
 /// Not thread-safe for concurrent add/remove or for attend() beside a call that changes a
 /// sequence; calls run in order on the context's stream.
 template <class Policy>
-class KVCacheBatch<Policy, backend::Cuda> {
+class KVCacheBatch<Policy, backend::Cuda>
+    : public detail::BatchEntries<KVCache<Policy, backend::Cuda>> {
+  using Entries = detail::BatchEntries<KVCache<Policy, backend::Cuda>>;
+  using Entries::entries_;
+  using Entries::entry;
+  using typename Entries::Entry;
+
  public:
   using cache_type = KVCache<Policy, backend::Cuda>;
 
@@ -44,41 +51,10 @@ class KVCacheBatch<Policy, backend::Cuda> {
   /// Adds an empty sequence with its own policy knobs (e.g. a per-request budget). Throws
   /// kvpack::error if `id` is already held or a knob is invalid; nothing is added then.
   cache_type& add(int64_t id, Policy policy) {
-    const auto at = find(id);
-    detail::require(at == entries_.end() || at->id != id, "KVCacheBatch::add", "id", id,
-                    "an id not in the batch");
+    this->require_new(id, "KVCacheBatch::add");
     auto cache = std::make_unique<cache_type>(prototype_.shape(), std::move(policy), *context_);
-    return *entries_.insert(at, Entry{id, std::move(cache)})->cache;
+    return this->insert(id, std::move(cache));
   }
-
-  /// Removes sequence `id`, freeing its device memory. Throws kvpack::error if not held.
-  void remove(int64_t id) {
-    const auto at = find(id);
-    detail::require(at != entries_.end() && at->id == id, "KVCacheBatch::remove", "id", id,
-                    "an id in the batch");
-    entries_.erase(at);
-  }
-
-  bool contains(int64_t id) const {
-    const auto at = find(id);
-    return at != entries_.end() && at->id == id;
-  }
-
-  /// The cache of sequence `id`; throws kvpack::error if not held. References stay valid until
-  /// the sequence is removed.
-  cache_type& sequence(int64_t id) { return *entry(id, "KVCacheBatch::sequence").cache; }
-  const cache_type& sequence(int64_t id) const {
-    return *entry(id, "KVCacheBatch::sequence").cache;
-  }
-
-  /// Ids held, ascending.
-  std::vector<int64_t> ids() const {
-    std::vector<int64_t> out;
-    out.reserve(entries_.size());
-    for (const auto& e : entries_) out.push_back(e.id);
-    return out;
-  }
-  std::size_t size() const { return entries_.size(); }
 
   /// \brief Attention of every entry of `batch` over what its sequence holds at `layer`, q and
   /// out of every entry in `space`: one attention launch over every entry's kv heads (the same
@@ -110,45 +86,14 @@ class KVCacheBatch<Policy, backend::Cuda> {
 
  private:
   using Head = typename cache_type::AttentionHeadType;
-  struct Entry {
-    int64_t id;
-    std::unique_ptr<cache_type> cache;
-  };
   struct Scratch {
     std::mutex mutex;
     cuda::DeviceBuffer<unsigned char> device;
     cuda::PinnedStaging host;
   };
 
-  typename std::vector<Entry>::const_iterator find(int64_t id) const {
-    return std::lower_bound(entries_.begin(), entries_.end(), id,
-                            [](const Entry& e, int64_t v) { return e.id < v; });
-  }
-  typename std::vector<Entry>::iterator find(int64_t id) {
-    return std::lower_bound(entries_.begin(), entries_.end(), id,
-                            [](const Entry& e, int64_t v) { return e.id < v; });
-  }
-  const Entry& entry(int64_t id, const char* where) const {
-    const auto at = find(id);
-    detail::require(at != entries_.end() && at->id == id, where, "sequence", id,
-                    "an id in the batch");
-    return *at;
-  }
-
-  /// The workspace, grown (after the stream's work on the old one) to at least `bytes`.
-  unsigned char* workspace(std::size_t bytes) const {
-    if (scratch_->device.size() < bytes) {
-      const std::size_t capacity = std::max(bytes, scratch_->device.size() * 2);
-      context_->synchronize("KVCacheBatch: workspace growth");
-      scratch_->device.release();
-      scratch_->device = cuda::DeviceBuffer<unsigned char>(capacity, context_->device());
-    }
-    return scratch_->device.data();
-  }
-
   cache_type prototype_;  // holds the shape and policy (and an owned context); never appended to
   cuda::CudaContext* context_;
-  std::vector<Entry> entries_;  // ascending id
   std::unique_ptr<Scratch> scratch_ = std::make_unique<Scratch>();
 };
 
@@ -197,7 +142,8 @@ void KVCacheBatch<Policy, backend::Cuda>::attend(int layer, const std::vector<Ba
   const std::size_t at_max = layout.add<float>(splits * rows);
   const std::size_t at_sum = layout.add<float>(splits * rows);
   const std::size_t at_out = layout.add<float>(host ? rows * d : 0);
-  unsigned char* ws = workspace(layout.bytes());
+  unsigned char* ws = cuda::grown_workspace(scratch_->device, layout.bytes(), *context_,
+                                            "KVCacheBatch: workspace growth");
   unsigned char* stage = scratch_->host.acquire(upload_bytes);
 
   auto* head_table = reinterpret_cast<Head*>(stage + at_heads);

@@ -26,15 +26,7 @@ void KVCache<Policy, backend::Cuda>::download(const E* src, int64_t count, std::
 
 template <class Policy>
 unsigned char* KVCache<Policy, backend::Cuda>::workspace(std::size_t bytes) const {
-  if (scratch_->device.size() < bytes) {
-    // attend() with device output returns with its kernels still reading the workspace: wait
-    // for them before the old one goes (growth is rare: geometric).
-    const std::size_t capacity = std::max(bytes, scratch_->device.size() * 2);
-    context_->synchronize("KVCache: workspace growth");
-    scratch_->device.release();
-    scratch_->device = cuda::DeviceBuffer<unsigned char>(capacity, context_->device());
-  }
-  return scratch_->device.data();
+  return cuda::grown_workspace(scratch_->device, bytes, *context_, "KVCache: workspace growth");
 }
 
 template <class Policy>

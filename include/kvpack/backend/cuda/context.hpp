@@ -307,6 +307,20 @@ class DeviceBuffer {
   int device_ = 0;
 };
 
+/// A call's device workspace: `buffer`, first grown (geometrically) to at least `bytes`. Calls
+/// that return without waiting leave kernels reading the old buffer, so a growth waits for the
+/// context's stream before it frees that one (rare: geometric).
+inline unsigned char* grown_workspace(DeviceBuffer<unsigned char>& buffer, std::size_t bytes,
+                                      CudaContext& context, const char* where) {
+  if (buffer.size() < bytes) {
+    const std::size_t capacity = std::max(bytes, buffer.size() * 2);
+    context.synchronize(where);
+    buffer.release();
+    buffer = DeviceBuffer<unsigned char>(capacity, context.device());
+  }
+  return buffer.data();
+}
+
 /// \brief Page-locked host memory for one packed upload per call (queries, positions, head
 /// tables), reused from call to call without waiting for the device.
 ///

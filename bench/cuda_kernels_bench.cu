@@ -333,6 +333,8 @@ void BM_cuda_kvzip_observe(benchmark::State& state) {
   p.partial_max = partial_max.data();
   p.partial_sum = partial_sum.data();
   p.attended = attended.data();
+  p.attended_token_stride = int64_t{q_heads} * D;
+  p.attended_head_stride = D;
   const double kv_bytes = 2.0 * kv_heads * kTokens * D * sizeof(Half);
   const double seconds = measure(state, kv_bytes, [&] {
     kc::launch_observe<D, Half, false>(d_heads.data(), kv_heads, kTokens, p, nullptr);

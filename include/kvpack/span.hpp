@@ -36,6 +36,8 @@ class Span {
 /// \brief Token positions, read in place from the caller's array: int64 or int32 elements
 /// (engines keep either), contiguous. Converting constructors from pointer + count and from
 /// std::vector; any other element type is a compile error naming the accepted ones.
+/// Positions::device() views an array in GPU memory: the CUDA cache's attend(), observe(),
+/// attend_observe() and KVCacheBatch::attend() read it there; every other call refuses it.
 class Positions {
  public:
   constexpr Positions() = default;
@@ -49,7 +51,15 @@ class Positions {
   Positions(const std::vector<T, A>& v) : Positions(v.data(), v.size()) {}  // NOLINT: implicit
   Positions(Span<const int64_t> s) : Positions(s.data(), s.size()) {}       // NOLINT: implicit
 
-  /// Position i as int64 (whatever the element type).
+  /// `size` positions in the memory of the CUDA cache's device (never read by the host).
+  template <class T>
+  static Positions device(const T* data, std::size_t size) {
+    Positions p(data, size);
+    p.device_ = true;
+    return p;
+  }
+
+  /// Position i as int64 (whatever the element type); host positions only.
   constexpr int64_t operator[](std::size_t i) const {
     return wide_ ? static_cast<const int64_t*>(data_)[i]
                  : static_cast<int64_t>(static_cast<const int32_t*>(data_)[i]);
@@ -59,11 +69,14 @@ class Positions {
   /// The caller's array and whether its elements are int64 (else int32).
   constexpr const void* data() const { return data_; }
   constexpr bool is_int64() const { return wide_; }
+  /// Whether the array is in device memory (Positions::device).
+  constexpr bool on_device() const { return device_; }
 
  private:
   const void* data_ = nullptr;
   std::size_t size_ = 0;
   bool wide_ = true;
+  bool device_ = false;
 };
 
 }  // namespace kvpack

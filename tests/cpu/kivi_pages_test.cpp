@@ -362,6 +362,11 @@ TEST_CASE("attend_paged (KIVI): caller-owned pages of a batch match attend()",
       early[0] = -1;
       CHECK_THROWS_WITH(kvpack::cpu::attend_paged(kv, qo.data(), qv, early, ov),
                         Catch::Contains("q position"));
+      // Positions tagged as device memory are never read on the host.
+      CHECK_THROWS_WITH(
+          kvpack::cpu::attend_paged(kv, qo.data(), qv,
+                                    kvpack::Positions::device(qpos.data(), qpos.size()), ov),
+          Catch::Contains("device memory"));
       CHECK(std::all_of(out.begin(), out.end(), [](float x) { return x == 0.0f; }));
     }
   }

@@ -87,12 +87,20 @@ inline void check_values(const char* where, const char* name, const ActivationVi
   }
 }
 
+/// Positions in host memory (Positions::device views are read only by the CUDA cache's
+/// attention and query scoring).
+inline void require_host_positions(const char* where, Positions positions) {
+  require(!positions.on_device(), where, "positions", "in device memory",
+          "host memory (device positions: the CUDA cache's attend, observe, attend_observe)");
+}
+
 /// Positions of a new block: one per token, >= 0, fit in int32, strictly increasing, and after
 /// everything already appended to the layer.
 inline void check_append_positions(const char* where, Positions positions, int64_t tokens,
                                    const LayerState& layer) {
   require(static_cast<int64_t>(positions.size()) == tokens, where, "positions.size()",
           positions.size(), [&] { return concat(tokens, " (one per token)"); });
+  require_host_positions(where, positions);
   int64_t previous = layer.last_position;
   for (std::size_t i = 0; i < positions.size(); ++i) {
     const int64_t p = positions[i];
@@ -111,6 +119,7 @@ inline void check_query_positions(const char* where, Positions positions, int64_
   require(layer.appended > 0, where, "layer", "empty", "a layer with appended tokens");
   require(static_cast<int64_t>(positions.size()) == tokens, where, "positions.size()",
           positions.size(), [&] { return concat(tokens, " (one per query token)"); });
+  require_host_positions(where, positions);
   for (std::size_t i = 0; i < positions.size(); ++i) {
     const int64_t p = positions[i];
     if (p < layer.first_position || p > layer.last_position) {

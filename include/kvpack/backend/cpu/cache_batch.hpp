@@ -42,6 +42,10 @@ class KVCacheBatch<Policy, backend::Cpu>
       : prototype_(shape, policy, make_pages(shape, policy, pages)), pages_(pages) {
     pages_.pool = prototype_.page_pool();
   }
+  // The sequences (held by the base) go before prototype_ and what it owns (context, pool).
+  ~KVCacheBatch() { entries_.clear(); }
+  KVCacheBatch(KVCacheBatch&&) = default;
+  KVCacheBatch& operator=(KVCacheBatch&&) = default;
 
   /// Adds an empty sequence; throws kvpack::error if `id` is already held.
   cache_type& add(int64_t id) { return add(id, prototype_.policy()); }

@@ -72,6 +72,7 @@ inline void check_paged_queries(const char* where, int kv_heads, int head_dim,
           concat(q.tokens(), "x", q.heads(), " (q's)"));
   require(q_positions.size() == static_cast<std::size_t>(q.tokens()), where, "q_positions.size",
           q_positions.size(), concat(q.tokens(), " (q tokens)"));
+  require_host_positions(where, q_positions);
 }
 
 /// The query rows of one (sequence, kv head, query block) item of a paged attention: q (rows ×

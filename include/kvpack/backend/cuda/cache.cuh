@@ -171,7 +171,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
     constexpr const char* where = "KVCache::observe";
     cuda::DeviceGuard guard(context_->device());
     std::lock_guard<std::mutex> lock(scratch_->mutex);
-    check_query(where, layer, q, positions, space);
+    std::vector<int64_t> copy;
+    check_query(where, layer, q, positions, space, copy);
     this->check_observe_weights(where, q, query_weights);
     if constexpr (kQueryScores || kLazyLayers)
       observe_queries(layer, q, positions, query_weights, space);
@@ -395,12 +396,12 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   void check_values(const char* where, const char* name, const ActivationView& x, float limit,
                     MemorySpace space) const;
 
-  void check_query(const char* where, int layer, const ActivationView& q, Positions positions,
-                   MemorySpace space) const {
-    this->check_query_shape(where, layer, q, positions);
-    check_space(where, "q", q.data(), space);
-    check_values(where, "q", q, std::numeric_limits<float>::max(), space);
-  }
+  /// attend() / observe()'s checks of q and its positions (cache_checks.cuh). Returns the
+  /// positions the host may read for further checks: `positions`, their copy in `copy` when they
+  /// are in device memory and the context's device value checks are on (one wait), or an empty
+  /// view when those checks are off (device positions then go unchecked).
+  Positions check_query(const char* where, int layer, const ActivationView& q, Positions positions,
+                        MemorySpace space, std::vector<int64_t>& copy) const;
 
   void append_unchecked(int layer, const ActivationView& k, const ActivationView& v,
                         Positions positions, MemorySpace space);

@@ -24,12 +24,15 @@ template <class Policy>
 void KVCache<Policy, backend::Cuda>::check_attend(const char* where, int layer,
                                                   const ActivationView& q, Positions positions,
                                                   const OutputView& out, MemorySpace space) const {
-  check_query(where, layer, q, positions, space);
+  std::vector<int64_t> copy;
+  const Positions checked = check_query(where, layer, q, positions, space, copy);
   this->check_output(where, q, out);
-  this->check_visible(where, layer, positions, [&](int h) {
-    const auto& head = store(layer, h);
-    return std::pair<int64_t, int64_t>(head.size, head.first_position);
-  });
+  if (!checked.empty()) {  // unchecked device positions: a row seeing no key gets zeros
+    this->check_visible(where, layer, checked, [&](int h) {
+      const auto& head = store(layer, h);
+      return std::pair<int64_t, int64_t>(head.size, head.first_position);
+    });
+  }
   detail::require(out.dtype() == DType::kF32, where, "out dtype", dtype_name(out.dtype()),
                   "f32 (the CUDA backend writes fp32 outputs)");
   check_space(where, "out", out.data(), space);

@@ -44,6 +44,10 @@ class KVCacheBatch<Policy, backend::Cuda>
   /// As above, on a caller-owned context (e.g. the engine's stream) that outlives the batch.
   KVCacheBatch(const ModelShape& shape, Policy policy, cuda::CudaContext& context)
       : prototype_(shape, std::move(policy), context), context_(&context) {}
+  // The sequences (held by the base) go before prototype_ and what it owns (context, pool).
+  ~KVCacheBatch() { entries_.clear(); }
+  KVCacheBatch(KVCacheBatch&&) = default;
+  KVCacheBatch& operator=(KVCacheBatch&&) = default;
 
   /// Adds an empty sequence; throws kvpack::error if `id` is already held.
   cache_type& add(int64_t id) { return add(id, prototype_.policy()); }

@@ -1,15 +1,59 @@
 /// \file backend/cuda/cache_checks.cuh
-/// \brief Out-of-line members of KVCache<Policy, backend::Cuda>: the checks of device-resident
-/// views (memory space of a pointer, finite values in range, found by a kernel).
+/// \brief Out-of-line members of KVCache<Policy, backend::Cuda>: the checks of queries and their
+/// positions (host or device) and of device-resident views (memory space of a pointer, finite
+/// values in range, found by a kernel).
 #pragma once
 
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 #include "cache.cuh"
 
 namespace kvpack {
+
+template <class Policy>
+Positions KVCache<Policy, backend::Cuda>::check_query(const char* where, int layer,
+                                                      const ActivationView& q, Positions positions,
+                                                      MemorySpace space,
+                                                      std::vector<int64_t>& copy) const {
+  Positions checked = positions;
+  if (positions.on_device()) {
+    detail::check_layer(where, shape_, layer);
+    detail::check_view(where, "q", q, shape_.q_heads, shape_.head_dim);
+    detail::require(static_cast<int64_t>(positions.size()) == q.tokens(), where, "positions.size()",
+                    positions.size(),
+                    [&] { return detail::concat(q.tokens(), " (one per query token)"); });
+    check_space(where, "positions", positions.data(), MemorySpace::kDevice);
+    checked = Positions();
+    if (context_->device_value_checks()) {
+      // The host checks read a copy (int32 positions widened).
+      if (positions.is_int64()) {
+        download(static_cast<const int64_t*>(positions.data()),
+                 static_cast<int64_t>(positions.size()), copy, where);
+        context_->synchronize(where);
+      } else {
+        std::vector<int32_t> narrow;
+        download(static_cast<const int32_t*>(positions.data()),
+                 static_cast<int64_t>(positions.size()), narrow, where);
+        context_->synchronize(where);
+        copy.assign(narrow.begin(), narrow.end());
+      }
+      checked = Positions(copy);
+    }
+  }
+  if (!checked.empty() || !positions.on_device()) {
+    this->check_query_shape(where, layer, q, checked);
+  } else {
+    detail::require(layers_[layer].appended > 0, where, "layer", "empty",
+                    "a layer with appended tokens");
+  }
+  check_space(where, "q", q.data(), space);
+  check_values(where, "q", q, std::numeric_limits<float>::max(), space);
+  return checked;
+}
 
 template <class Policy>
 void KVCache<Policy, backend::Cuda>::check_space(const char* where, const char* name,

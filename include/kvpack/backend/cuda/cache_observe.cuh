@@ -47,7 +47,7 @@ void KVCache<Policy, backend::Cuda>::observe_queries(int layer, const Activation
                                                      Positions positions,
                                                      Span<const float> query_weights,
                                                      MemorySpace space, const OutputView* out) {
-  constexpr const char* where = "KVCache::observe";
+  const char* where = out != nullptr ? "KVCache::attend_observe" : "KVCache::observe";
   using T = storage_type;
   const int d = shape_.head_dim;
   const int kv_heads = shape_.kv_heads;

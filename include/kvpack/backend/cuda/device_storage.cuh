@@ -219,7 +219,7 @@ inline ActivationView pack_view(const ActivationView& x, unsigned char* dst,
 /// their rows as fp32 [tokens][q_heads][head_dim]. add_upload() places in the caller's workspace
 /// layout what is uploaded (positions, the conversion's per-head targets, packed host rows),
 /// add_device() the fp32 rows; stage() fills the staging area, convert() enqueues the conversion
-/// once the staging area is uploaded.
+/// once the staging area is uploaded (and, for device positions, their narrowing to int32).
 class QueryUpload {
  public:
   QueryUpload(const ActivationView& q, int q_heads, int head_dim, bool host)
@@ -238,8 +238,11 @@ class QueryUpload {
   /// Fills positions, targets and (host input) the packed rows into `stage`, whose upload lands
   /// at the workspace `ws`.
   void stage(Positions positions, unsigned char* stage, unsigned char* ws) {
+    device_positions_ = positions.on_device() ? positions : Positions();
     auto* p = reinterpret_cast<int32_t*>(stage + at_positions_);
-    for (int64_t t = 0; t < q_.tokens(); ++t) p[t] = static_cast<int32_t>(positions[t]);
+    for (int64_t t = 0; t < q_.tokens() && !positions.on_device(); ++t) {
+      p[t] = static_cast<int32_t>(positions[t]);
+    }
     auto* targets = reinterpret_cast<float**>(stage + at_targets_);
     for (int h = 0; h < q_heads_; ++h) targets[h] = q(ws) + static_cast<int64_t>(h) * head_dim_;
     device_view_ = host_ ? pack_view(q_, stage + at_rows_, ws + at_rows_) : q_;
@@ -249,6 +252,10 @@ class QueryUpload {
   void convert(unsigned char* ws, cudaStream_t stream) const {
     launch_convert_rows(device_view_, reinterpret_cast<float* const*>(ws + at_targets_),
                         static_cast<int64_t>(q_heads_) * head_dim_, stream);
+    if (device_positions_.on_device()) {
+      launch_narrow_positions(device_positions_, reinterpret_cast<int32_t*>(ws + at_positions_),
+                              stream);
+    }
   }
 
   float* q(unsigned char* ws) const { return reinterpret_cast<float*>(ws + at_fp32_); }
@@ -259,6 +266,7 @@ class QueryUpload {
  private:
   ActivationView q_;
   ActivationView device_view_ = q_;
+  Positions device_positions_;  ///< the caller's positions when they are in device memory
   int q_heads_, head_dim_;
   bool host_;
   std::size_t at_positions_ = 0, at_targets_ = 0, at_rows_ = 0, at_fp32_ = 0;

@@ -5,6 +5,7 @@
 
 #include <climits>
 
+#include "../../../span.hpp"
 #include "../../../view.hpp"
 #include "common.cuh"
 
@@ -43,6 +44,18 @@ KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
          t < tokens; t += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
       dst[h][t] = positions[t];
     }
+  }
+}
+
+/// dst[t] = positions[t] as int32: an engine's device positions (int32 or int64) for attend() and
+/// observe(), checked on the host first unless the context's device value checks are off.
+template <class Position>
+KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kElementwiseThreads)
+    narrow_positions_kernel(const Position* __restrict__ positions, int64_t tokens,
+                            int32_t* __restrict__ dst) {
+  for (int64_t t = static_cast<int64_t>(exec::block_x()) * exec::block_threads() + exec::thread_x();
+       t < tokens; t += static_cast<int64_t>(exec::grid_x()) * exec::block_threads()) {
+    dst[t] = static_cast<int32_t>(positions[t]);
   }
 }
 
@@ -108,6 +121,23 @@ inline void launch_scatter_positions(const int32_t* positions, int64_t tokens, i
                                     stream, "scatter_positions_kernel", positions, tokens, heads,
                                     dst);
   check_launch("scatter_positions_kernel");
+}
+
+/// Enqueues narrow_positions_kernel for the element type of `positions` (device memory).
+inline void launch_narrow_positions(const Positions& positions, int32_t* dst, cudaStream_t stream) {
+  const int64_t n = static_cast<int64_t>(positions.size());
+  if (n == 0) return;
+  const unsigned grid = grid_blocks(n, kElementwiseThreads);
+  if (positions.is_int64()) {
+    exec::launch<kElementwiseThreads>(narrow_positions_kernel<int64_t>, grid, kElementwiseThreads,
+                                      stream, "narrow_positions_kernel",
+                                      static_cast<const int64_t*>(positions.data()), n, dst);
+  } else {
+    exec::launch<kElementwiseThreads>(narrow_positions_kernel<int32_t>, grid, kElementwiseThreads,
+                                      stream, "narrow_positions_kernel",
+                                      static_cast<const int32_t*>(positions.data()), n, dst);
+  }
+  check_launch("narrow_positions_kernel");
 }
 
 /// Enqueues find_first_invalid_kernel for the dtype of `src` (a view of device memory).

@@ -109,7 +109,7 @@ KVPACK_DEVICE AttentionSequence launch_sequence(const AttentionParams& p, int& h
 
 /// Grid: (ceil(tokens * group / kAttentionRows), kv_heads, splits); block: kAttentionThreads.
 /// Static shared memory: 2 * 32 * (D + 1) + 16 * D + 4 * 32 floats + 18 int64
-/// (41.6 KiB for D = 128, under the 48 KiB static limit). Keys whose position `filter` does not
+/// (40.9 KiB for D = 128, under the 48 KiB static limit). Keys whose position `filter` does not
 /// contain get no probability (a row none of whose keys it contains keeps max −inf, sum 0).
 template <class Head, int D, class Filter = AllKeys>
 KVPACK_GLOBAL void KVPACK_LAUNCH_BOUNDS(kAttentionThreads)

@@ -45,6 +45,26 @@ class TeeCache : public AttentionCache {
     first_.attend(layer, q, positions, n, out);
     std::vector<float> other(static_cast<std::size_t>(n * row_));
     second_.attend(layer, q, positions, n, other.data());
+    compare(out, other);
+  }
+  void observe(int layer, const float* q, const int64_t* positions, int64_t n,
+               const float* weights) override {
+    first_.observe(layer, q, positions, n, weights);
+    second_.observe(layer, q, positions, n, weights);
+  }
+  /// Each cache's own attend_observe (the CUDA cache's single pass where its window covers every
+  /// key), outputs compared as attend()'s.
+  void attend_observe(int layer, const float* q, const int64_t* positions, int64_t n, float* out,
+                      const float* weights) override {
+    first_.attend_observe(layer, q, positions, n, out, weights);
+    std::vector<float> other(static_cast<std::size_t>(n * row_));
+    second_.attend_observe(layer, q, positions, n, other.data(), weights);
+    compare(out, other);
+  }
+  double worst() const { return worst_; }
+
+ private:
+  void compare(const float* out, const std::vector<float>& other) {
     double num = 0, den = 0;
     for (std::size_t i = 0; i < other.size(); ++i) {
       num += (static_cast<double>(other[i]) - out[i]) * (static_cast<double>(other[i]) - out[i]);
@@ -52,14 +72,7 @@ class TeeCache : public AttentionCache {
     }
     worst_ = std::max(worst_, std::sqrt(num / den));
   }
-  void observe(int layer, const float* q, const int64_t* positions, int64_t n,
-               const float* weights) override {
-    first_.observe(layer, q, positions, n, weights);
-    second_.observe(layer, q, positions, n, weights);
-  }
-  double worst() const { return worst_; }
 
- private:
   AttentionCache& first_;
   AttentionCache& second_;
   int64_t row_;

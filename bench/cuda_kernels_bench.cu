@@ -353,6 +353,65 @@ BENCHMARK_TEMPLATE(BM_cuda_kvzip_observe, 128)
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
 
+/// KVCacheBatch decode: 16 sequences of 4,096 tokens (one layer), one decode token each, q and
+/// out on the device, device value checks off: one batch call (range(2) = 0: one attention
+/// launch) against one attend() per sequence (1). The cache runs on its own stream, not the
+/// events', so each iteration ends in that stream's synchronisation: the time is a call's,
+/// host side included. bytes_per_second over the K/V rows read.
+template <int D>
+void BM_cuda_batch_decode(benchmark::State& state) {
+  if (skipped_without_device(state)) return;
+  const int q_heads = static_cast<int>(state.range(0)), kv_heads = static_cast<int>(state.range(1));
+  const bool separate = state.range(2) != 0;
+  const int sequences = 16;
+  const int64_t tokens = 4096;
+  const kvpack::ModelShape shape{1, q_heads, kv_heads, D, {}};
+  kc::CudaContext context(0);
+  context.set_device_value_checks(false);
+  kvpack::KVCacheBatch<kvpack::Identity, kvpack::backend::Cuda> batch(shape, kvpack::Identity{},
+                                                                      context);
+  std::vector<int64_t> positions(tokens);
+  for (int64_t t = 0; t < tokens; ++t) positions[t] = t;
+  std::vector<float> rows(static_cast<std::size_t>(tokens) * kv_heads * D);
+  std::mt19937 rng(31);
+  std::normal_distribution<float> gauss(0.0f, 1.0f);
+  for (auto& x : rows) x = gauss(rng);
+  const auto view = kvpack::ActivationView::nhd(rows.data(), tokens, kv_heads, D);
+  for (int s = 0; s < sequences; ++s) batch.add(s).append(0, view, view, positions);
+  const std::size_t row = static_cast<std::size_t>(q_heads) * D;
+  std::vector<float> hq(sequences * row);
+  for (auto& x : hq) x = gauss(rng);
+  auto q = upload(hq);
+  kc::DeviceBuffer<float> out(hq.size(), 0);
+  const std::vector<int64_t> q_position{tokens - 1};
+  std::vector<kvpack::BatchQuery> entries;
+  for (int s = 0; s < sequences; ++s) {
+    entries.push_back({s, kvpack::ActivationView::nhd(q.data() + s * row, 1, q_heads, D),
+                       q_position, kvpack::OutputView::nhd(out.data() + s * row, 1, q_heads, D)});
+  }
+  const double kv_bytes = 2.0 * sequences * tokens * kv_heads * D * sizeof(Half);
+  measure(state, kv_bytes, [&] {
+    if (separate) {
+      for (const auto& e : entries) {
+        batch.sequence(e.sequence).attend(0, e.q, e.positions, e.out, kvpack::MemorySpace::kDevice);
+      }
+    } else {
+      batch.attend(0, entries, kvpack::MemorySpace::kDevice);
+    }
+    context.synchronize();
+  });
+}
+BENCHMARK_TEMPLATE(BM_cuda_batch_decode, 64)
+    ->Args({9, 3, 0})
+    ->Args({9, 3, 1})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_cuda_batch_decode, 128)
+    ->Args({32, 8, 0})
+    ->Args({32, 8, 1})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+
 /// Top-k selection (keep half) over 8 heads x kTokens scores: scores and positions read, flags
 /// and kept indices written.
 void BM_cuda_select_top_k(benchmark::State& state) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <kvpack/backend/cuda.hpp>
 #include <kvpack/kvpack.hpp>
+#include <type_traits>
 #include <vector>
 
 #include "cache_checks.hpp"
@@ -113,6 +114,60 @@ TEST_CASE("CUDA KVCacheBatch: one attention launch equals each sequence's attend
     check_batch(ModelShape{1, 8, 2, 64, {}}, kvpack::Quantize(4, 32, 32), space, 30);
     check_batch(ModelShape{1, 4, 1, 64, {}}, kvpack::Identity{}, space, 40);
   }
+}
+
+/// fork() of a sequence after compress(): the copy attends bit for bit as its source and holds
+/// the same bytes; the two then diverge without touching each other.
+template <class Policy>
+void check_fork(const ModelShape& s, const Policy& policy) {
+  KVCacheBatch<Policy, backend::Cuda> batch(s, policy);
+  feed_sequence(s, 150, 0, false, batch.add(1));
+  batch.sequence(1).compress();
+  // Every policy here but Identity holds less than the fp16 rows (evicted, quantized, factored).
+  if (!std::is_same<Policy, kvpack::Identity>::value) {
+    REQUIRE(batch.sequence(1).bytes() < batch.sequence(1).dense_bytes());
+  }
+  auto& copy = batch.fork(1, 2);
+  REQUIRE(batch.ids() == std::vector<int64_t>{1, 2});
+  REQUIRE(copy.bytes() == batch.sequence(1).bytes());
+  const auto q = random_values(s.q_heads * s.head_dim, 9);
+  const auto qv = ActivationView::nhd(q.data(), 1, s.q_heads, s.head_dim);
+  const std::vector<int64_t> qpos = positions_range(149, 1);
+  for (int l = 0; l < s.layers; ++l) {
+    std::vector<float> a(q.size()), b(q.size());
+    batch.sequence(1).attend(l, qv, qpos, OutputView::nhd(a.data(), 1, s.q_heads, s.head_dim));
+    copy.attend(l, qv, qpos, OutputView::nhd(b.data(), 1, s.q_heads, s.head_dim));
+    REQUIRE(a == b);
+    const auto x = batch.sequence(1).materialize(l), y = copy.materialize(l);
+    for (std::size_t h = 0; h < x.heads.size(); ++h) {
+      REQUIRE(x.heads[h].positions == y.heads[h].positions);
+      REQUIRE(x.heads[h].k == y.heads[h].k);
+      REQUIRE(x.heads[h].v == y.heads[h].v);
+    }
+  }
+  // A decode token appended to the copy only.
+  for (int l = 0; l < s.layers; ++l) {
+    const auto kv = random_values(s.kv_heads * s.head_dim, 50 + l);
+    const auto view = ActivationView::nhd(kv.data(), 1, s.kv_heads, s.head_dim);
+    copy.append(l, view, view, positions_range(150, 1));
+  }
+  REQUIRE(copy.tokens(0, 0) == batch.sequence(1).tokens(0, 0) + 1);
+  REQUIRE_THROWS_WITH(batch.fork(7, 3), Contains("sequence"));
+  REQUIRE_THROWS_WITH(batch.fork(1, 2), Contains("not in the batch"));
+  batch.remove(1);  // the copy does not depend on its source
+  std::vector<float> out(q.size());
+  copy.attend(0, qv, positions_range(150, 1),
+              OutputView::nhd(out.data(), 1, s.q_heads, s.head_dim));
+  REQUIRE(std::isfinite(out[0]));
+}
+
+TEST_CASE("CUDA KVCacheBatch: fork copies a sequence on the device", "[cuda]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  const ModelShape s{2, 6, 2, 64, {}};
+  check_fork(s, kvpack::Identity{});
+  check_fork(s, kvpack::L2NormEvict(Budget::ratio(0.5), 0));
+  check_fork(s, kvpack::Quantize(4, 32, 32));
+  check_fork(s, kvpack::CrossLayerSVD(2, 32, 32));  // token bases shared by a group's heads
 }
 
 TEST_CASE("CUDA KVCacheBatch: bad entries are named and nothing is written", "[cuda]") {

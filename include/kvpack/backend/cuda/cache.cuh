@@ -358,13 +358,11 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   template <class E>
   void download(const E* src, int64_t count, std::vector<E>& dst, const char* where) const;
 
-  /// What the CUDA kernels add to the front end's checks (shape and knobs are validated there).
-  void validate_construction() {
-    detail::require(cuda::supported_head_dim(shape_.head_dim), "KVCache (CUDA)", "head_dim",
-                    shape_.head_dim, "64 or 128 (the head dims the CUDA kernels are compiled for)");
-    detail::require(shape_.kv_heads <= 65535, "KVCache (CUDA)", "kv_heads", shape_.kv_heads,
-                    "<= 65535 (one grid row per kv head)");
-  }
+  /// What the CUDA kernels add to the front end's checks (shape and knobs are validated there;
+  /// cache_memory.cuh).
+  void validate_construction() const;
+  /// A device copy of `other` on `context`, for KVCacheBatch::fork (cache_transfer.cuh).
+  KVCache(const KVCache& other, cuda::CudaContext& context);
 
   /// The heads, the lazy-layer statistics, the scratch and the low-rank policies' RoPE
   /// frequencies on the device (cache_memory.cuh).

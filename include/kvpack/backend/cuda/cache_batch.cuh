@@ -24,7 +24,7 @@ namespace kvpack {
 /// batch's context (append, observe, compress, truncate on sequence(id)); attend() runs the rows
 /// of every entry in one attention launch (its grid rows: every entry's kv heads) and one merge
 /// of the key splits per entry. The CUDA storage is not paged yet: sequences hold their own
-/// device buffers (no shared pool), and there is no fork() (no device copy of a cache yet).
+/// device buffers (no shared pool), and fork() copies a sequence's buffers.
 /// Not thread-safe for concurrent add/remove or for attend() beside a call that changes a
 /// sequence; calls run in order on the context's stream.
 template <class Policy>
@@ -58,6 +58,15 @@ class KVCacheBatch<Policy, backend::Cuda>
     this->require_new(id, "KVCacheBatch::add");
     auto cache = std::make_unique<cache_type>(prototype_.shape(), std::move(policy), *context_);
     return this->insert(id, std::move(cache));
+  }
+
+  /// Adds sequence `id` as a device copy of `source` (e.g. parallel sampling from one prompt):
+  /// its own buffers (token bases too), bit-identical contents, on the batch's stream. Throws
+  /// kvpack::error if `source` is not held, `id` is, or device memory runs out (nothing added).
+  cache_type& fork(int64_t source, int64_t id) {
+    const cache_type& from = this->sequence(source);
+    this->require_new(id, "KVCacheBatch::fork");
+    return this->insert(id, std::unique_ptr<cache_type>(new cache_type(from, *context_)));
   }
 
   /// \brief Attention of every entry of `batch` over what its sequence holds at `layer`, q and

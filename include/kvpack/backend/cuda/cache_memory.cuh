@@ -14,6 +14,14 @@
 namespace kvpack {
 
 template <class Policy>
+void KVCache<Policy, backend::Cuda>::validate_construction() const {
+  detail::require(cuda::supported_head_dim(shape_.head_dim), "KVCache (CUDA)", "head_dim",
+                  shape_.head_dim, "64 or 128 (the head dims the CUDA kernels are compiled for)");
+  detail::require(shape_.kv_heads <= 65535, "KVCache (CUDA)", "kv_heads", shape_.kv_heads,
+                  "<= 65535 (one grid row per kv head)");
+}
+
+template <class Policy>
 void KVCache<Policy, backend::Cuda>::allocate_bookkeeping() {
   heads_.resize(static_cast<std::size_t>(shape_.layers) * shape_.kv_heads);
   if constexpr (kLazyLayers) observations_.resize(shape_.layers);

@@ -7,6 +7,9 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <map>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "cache.cuh"
@@ -22,6 +25,54 @@ void KVCache<Policy, backend::Cuda>::download(const E* src, int64_t count, std::
   cuda::check_cuda(cudaMemcpyAsync(dst.data(), src, dst.size() * sizeof(E), cudaMemcpyDeviceToHost,
                                    context_->stream()),
                    detail::concat(where, ": download").c_str());
+}
+
+template <class Policy>
+KVCache<Policy, backend::Cuda>::KVCache(const KVCache& other, cuda::CudaContext& context)
+    : Front(other), context_(&context) {
+  constexpr const char* where = "KVCacheBatch::fork";
+  allocate_bookkeeping();
+  observations_ = other.observations_;
+  const int device = context_->device();
+  const cudaStream_t stream = context_->stream();
+  other.context_->synchronize(where);  // what other's stream still writes, then the copies
+  auto copy = [&](const auto& buffer) { return cuda::copy_on_device(buffer, device, stream); };
+  // Token bases shared by several heads stay shared (one copy each).
+  std::map<const cuda::DeviceLowRankBasis*, std::shared_ptr<const cuda::DeviceLowRankBasis>> bases;
+  auto copy_basis = [&](const std::shared_ptr<const cuda::DeviceLowRankBasis>& basis) {
+    if (!basis) return basis;
+    auto& slot = bases[basis.get()];
+    if (!slot) {
+      auto fresh = std::make_shared<cuda::DeviceLowRankBasis>();
+      fresh->blocks = copy(basis->blocks);
+      fresh->rows = copy(basis->rows);
+      fresh->tokens = basis->tokens;
+      fresh->quantized = basis->quantized;
+      fresh->rank = basis->rank;
+      fresh->format = basis->format;
+      slot = std::move(fresh);
+    }
+    return slot;
+  };
+  for (std::size_t i = 0; i < heads_.size(); ++i) {
+    const DeviceHead& from = other.heads_[i];
+    DeviceHead& to = heads_[i];
+    to.k = copy(from.k);
+    to.v = copy(from.v);
+    to.positions = copy(from.positions);
+    to.k_blocks = copy(from.k_blocks);
+    to.v_blocks = copy(from.v_blocks);
+    to.scores = copy(from.scores);
+    to.key_factor = copy(from.key_factor);
+    to.value_factor = copy(from.value_factor);
+    to.key_basis = copy_basis(from.key_basis);
+    to.value_basis = copy_basis(from.value_basis);
+    to.size = from.size;
+    to.quantized = from.quantized;
+    to.factored = from.factored;
+    to.first_position = from.first_position;
+  }
+  context_->synchronize(where);  // a failed copy is reported here, not by a later call
 }
 
 template <class Policy>

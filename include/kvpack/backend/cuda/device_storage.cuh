@@ -56,6 +56,19 @@ struct DeviceLowRankBasis {
   KiviFormat format{};
 };
 
+/// A device copy of `src` on `device`, enqueued on `stream` (the allocation itself is
+/// synchronous).
+template <class T>
+DeviceBuffer<T> copy_on_device(const DeviceBuffer<T>& src, int device, cudaStream_t stream) {
+  DeviceBuffer<T> copy(src.size(), device);
+  if (!src.empty()) {
+    check_cuda(
+        cudaMemcpyAsync(copy.data(), src.data(), src.bytes(), cudaMemcpyDeviceToDevice, stream),
+        "copy_on_device: cudaMemcpyAsync");
+  }
+  return copy;
+}
+
 /// Device storage of one (layer, kv-head). Tokens [0, quantized) are KIVI blocks (Quantize
 /// only; kernels/kivi.cuh layout), tokens [0, factored) rows of the token bases times the
 /// head's factors (low-rank policies only), the rest rows of T; positions cover all.

@@ -194,6 +194,23 @@ TEST_CASE("CUDA HeadLevelEvict: heads kept whole or to their protected tokens, a
           error_of([&] { KVCache<kvpack::HeadLevelEvict, backend::Cpu> c(kShapes[1], bad); }));
 }
 
+/// The token scores (layer, head) holds on both caches: unscored (NaN) at the same tokens, the
+/// rest within 1e-5 relative. Returns how many are scored.
+template <class A, class B>
+int require_same_scores(const A& cpu, const B& gpu, int layer, int head) {
+  const auto a = cpu.token_scores(layer, head), b = gpu.token_scores(layer, head);
+  REQUIRE(a.size() == b.size());
+  int scored = 0;
+  for (std::size_t t = 0; t < a.size(); ++t) {
+    INFO("layer " << layer << " head " << head << " token " << t);
+    REQUIRE(std::isnan(a[t]) == std::isnan(b[t]));
+    if (std::isnan(a[t])) continue;
+    REQUIRE(std::fabs(a[t] - b[t]) <= 1e-5f * a[t] + 1e-9f);
+    ++scored;
+  }
+  return scored;
+}
+
 /// A query-scored policy (KVzip, SnapKV) on both backends through a repeat pass in two chunks,
 /// compress, 20 decode tokens and compress again: scores, kept sets, bytes and attention equal.
 /// `weighted`: observe() gets query weights (KVzip+).
@@ -232,20 +249,7 @@ void check_query_scored(MakePolicy make_policy, uint32_t seed, bool weighted = f
           cpu.observe(l, qv, qpos, weights);
           gpu.observe(l, qv, qpos, weights);
         }
-        for (int h = 0; h < s.kv_heads; ++h) {
-          const auto a = cpu.token_scores(l, h);
-          const auto b = gpu.token_scores(l, h);
-          REQUIRE(a.size() == b.size());
-          int scored = 0;
-          for (std::size_t t = 0; t < a.size(); ++t) {
-            INFO("layer " << l << " head " << h << " token " << t);
-            REQUIRE(std::isnan(a[t]) == std::isnan(b[t]));
-            if (std::isnan(a[t])) continue;
-            REQUIRE(std::fabs(a[t] - b[t]) <= 1e-5f * a[t] + 1e-9f);
-            ++scored;
-          }
-          REQUIRE(scored == 175);
-        }
+        for (int h = 0; h < s.kv_heads; ++h) REQUIRE(require_same_scores(cpu, gpu, l, h) == 175);
       }
       compress_and_compare(cpu, gpu, seed++);
       // Decode tokens no query has seen are kept outside the budget by the next compress.
@@ -369,17 +373,7 @@ TEST_CASE("CUDA KVzip observe: key splits and a chunk window over a long head eq
       cpu.observe(0, qv, qpos);
       gpu.observe(0, qv, qpos);
       for (int h = 0; h < s.kv_heads; ++h) {
-        const auto a = cpu.token_scores(0, h), b = gpu.token_scores(0, h);
-        REQUIRE(a.size() == b.size());
-        int scored = 0;
-        for (std::size_t t = 0; t < a.size(); ++t) {
-          INFO("head " << h << " token " << t);
-          REQUIRE(std::isnan(a[t]) == std::isnan(b[t]));
-          if (std::isnan(a[t])) continue;
-          REQUIRE(std::fabs(a[t] - b[t]) <= 1e-5f * a[t] + 1e-9f);
-          ++scored;
-        }
-        REQUIRE(scored == 4 + 100 + 10);  // sinks, the chunk, the tail
+        REQUIRE(require_same_scores(cpu, gpu, 0, h) == 4 + 100 + 10);  // sinks, chunk, tail
       }
     }
   }
@@ -425,15 +419,7 @@ void check_attend_observe(const ModelShape& s, const Policy& policy, uint32_t se
                            OutputView::nhd(got.data(), tokens, s.q_heads, d), weights);
       }
       REQUIRE(normalised_error(got, expected) < 1e-5);
-      for (int h = 0; h < s.kv_heads; ++h) {
-        const auto a = cpu.token_scores(l, h), b = gpu.token_scores(l, h);
-        REQUIRE(a.size() == b.size());
-        for (std::size_t t = 0; t < a.size(); ++t) {
-          INFO("head " << h << " token " << t);
-          REQUIRE(std::isnan(a[t]) == std::isnan(b[t]));
-          if (!std::isnan(a[t])) REQUIRE(std::fabs(a[t] - b[t]) <= 1e-5f * a[t] + 1e-9f);
-        }
-      }
+      for (int h = 0; h < s.kv_heads; ++h) require_same_scores(cpu, gpu, l, h);
     }
     cpu.compress();
     gpu.compress();
@@ -566,18 +552,7 @@ TEST_CASE("CUDA KVzap: hidden-state scores (the scorer's GEMM) and kept sets equ
       observe_hidden_all(s, kHidden, 100, 80, true, seed++, cpu, gpu);
       for (int l = 0; l < s.layers; ++l) {
         for (int h = 0; h < s.kv_heads; ++h) {
-          const auto a = cpu.token_scores(l, h);
-          const auto b = gpu.token_scores(l, h);
-          REQUIRE(a.size() == b.size());
-          int scored = 0;
-          for (std::size_t t = 0; t < a.size(); ++t) {
-            INFO("layer " << l << " head " << h << " token " << t);
-            REQUIRE(std::isnan(a[t]) == std::isnan(b[t]));
-            if (std::isnan(a[t])) continue;
-            REQUIRE(std::fabs(a[t] - b[t]) <= 1e-5f * a[t]);
-            ++scored;
-          }
-          REQUIRE(scored == 180);
+          REQUIRE(require_same_scores(cpu, gpu, l, h) == 180);
         }
       }
       compress_and_compare(cpu, gpu, seed++);
@@ -1123,15 +1098,7 @@ TEST_CASE("CUDA device positions: attend, observe and a batch read them in place
     }
   }
   for (int l = 0; l < s.layers; ++l) {
-    for (int h = 0; h < s.kv_heads; ++h) {
-      const auto a = cpu.token_scores(l, h), b = gpu.token_scores(l, h);
-      REQUIRE(a.size() == b.size());
-      for (std::size_t t = 0; t < a.size(); ++t) {
-        INFO("layer " << l << " head " << h << " token " << t);
-        REQUIRE(std::isnan(a[t]) == std::isnan(b[t]));
-        if (!std::isnan(a[t])) REQUIRE(std::fabs(a[t] - b[t]) <= 1e-5f * a[t] + 1e-9f);
-      }
-    }
+    for (int h = 0; h < s.kv_heads; ++h) require_same_scores(cpu, gpu, l, h);
   }
   // With the checks on, a device position beyond the sequence gets the host check's message and
   // nothing is written.
@@ -1226,15 +1193,7 @@ TEST_CASE("CUDA engine stream: KVzip observe waits for nothing but the check of 
     }
     // The scores, read back in stream order, and what compress() keeps equal the CPU's.
     for (int l = 0; l < s.layers; ++l) {
-      for (int h = 0; h < s.kv_heads; ++h) {
-        const auto a = cpu.token_scores(l, h), b = gpu.token_scores(l, h);
-        REQUIRE(a.size() == b.size());
-        for (std::size_t t = 0; t < a.size(); ++t) {
-          INFO("layer " << l << " head " << h << " token " << t);
-          REQUIRE(std::isnan(a[t]) == std::isnan(b[t]));
-          if (!std::isnan(a[t])) REQUIRE(std::fabs(a[t] - b[t]) <= 1e-5f * a[t] + 1e-9f);
-        }
-      }
+      for (int h = 0; h < s.kv_heads; ++h) require_same_scores(cpu, gpu, l, h);
     }
     cpu.compress();
     gpu.compress();

@@ -145,20 +145,59 @@ void check_fork(const ModelShape& s, const Policy& policy) {
       REQUIRE(x.heads[h].v == y.heads[h].v);
     }
   }
-  // A decode token appended to the copy only.
+  // A decode token appended to the copy only: the source's rows stay as they were.
+  const auto source_rows = batch.sequence(1).materialize(0);
   for (int l = 0; l < s.layers; ++l) {
     const auto kv = random_values(s.kv_heads * s.head_dim, 50 + l);
     const auto view = ActivationView::nhd(kv.data(), 1, s.kv_heads, s.head_dim);
     copy.append(l, view, view, positions_range(150, 1));
   }
   REQUIRE(copy.tokens(0, 0) == batch.sequence(1).tokens(0, 0) + 1);
+  const auto after = batch.sequence(1).materialize(0);
+  for (std::size_t h = 0; h < after.heads.size(); ++h) {
+    REQUIRE(after.heads[h].positions == source_rows.heads[h].positions);
+    REQUIRE(after.heads[h].k == source_rows.heads[h].k);
+    REQUIRE(after.heads[h].v == source_rows.heads[h].v);
+  }
   REQUIRE_THROWS_WITH(batch.fork(7, 3), Contains("sequence"));
   REQUIRE_THROWS_WITH(batch.fork(1, 2), Contains("not in the batch"));
-  batch.remove(1);  // the copy does not depend on its source
-  std::vector<float> out(q.size());
-  copy.attend(0, qv, positions_range(150, 1),
-              OutputView::nhd(out.data(), 1, s.q_heads, s.head_dim));
-  REQUIRE(std::isfinite(out[0]));
+  // The copy does not depend on its source: its attention is the same after a remove().
+  const auto decode_pos = positions_range(150, 1);
+  std::vector<float> before(q.size()), out(q.size());
+  copy.attend(0, qv, decode_pos, OutputView::nhd(before.data(), 1, s.q_heads, s.head_dim));
+  batch.remove(1);
+  copy.attend(0, qv, decode_pos, OutputView::nhd(out.data(), 1, s.q_heads, s.head_dim));
+  REQUIRE(out == before);
+}
+
+TEST_CASE("CUDA KVCacheBatch: a fork of a scored sequence keeps its scores", "[cuda][eviction]") {
+  KVPACK_SKIP_WITHOUT_DEVICE();
+  // KVzip observed, then forked: both compress to the same kept set as the CPU sequence.
+  const ModelShape s{2, 6, 2, 64, {}};
+  const kvpack::ReconstructionEvict policy(Budget::ratio(0.4, kvpack::BudgetScope::kGlobal));
+  KVCacheBatch<kvpack::ReconstructionEvict, backend::Cuda> batch(s, policy);
+  kvpack::KVCache<kvpack::ReconstructionEvict, backend::Cpu> cpu(s, policy);
+  feed_sequence(s, 120, 0, false, batch.add(1), cpu);
+  const auto q = random_values(8 * s.q_heads * s.head_dim, 13, 1.5f);
+  const auto qv = ActivationView::nhd(q.data(), 8, s.q_heads, s.head_dim);
+  for (int l = 0; l < s.layers; ++l) {
+    batch.sequence(1).observe(l, qv, positions_range(100, 8));
+    cpu.observe(l, qv, positions_range(100, 8));
+  }
+  auto& copy = batch.fork(1, 2);
+  copy.compress();
+  batch.sequence(1).compress();
+  cpu.compress();
+  for (int l = 0; l < s.layers; ++l) {
+    const auto x = cpu.materialize(l), y = copy.materialize(l),
+               z = batch.sequence(1).materialize(l);
+    for (std::size_t h = 0; h < x.heads.size(); ++h) {
+      INFO("layer " << l << " head " << h);
+      REQUIRE(y.heads[h].positions == x.heads[h].positions);
+      REQUIRE(z.heads[h].positions == x.heads[h].positions);
+    }
+  }
+  REQUIRE(copy.bytes() < copy.dense_bytes());  // it evicted
 }
 
 TEST_CASE("CUDA KVCacheBatch: fork copies a sequence on the device", "[cuda]") {

@@ -195,9 +195,9 @@ TEST_CASE("CUDA HeadLevelEvict: heads kept whole or to their protected tokens, a
 }
 
 /// The token scores (layer, head) holds on both caches: unscored (NaN) at the same tokens, the
-/// rest within 1e-5 relative. Returns how many are scored.
+/// rest within 1e-5 relative (plus `absolute`). Returns how many are scored.
 template <class A, class B>
-int require_same_scores(const A& cpu, const B& gpu, int layer, int head) {
+int require_same_scores(const A& cpu, const B& gpu, int layer, int head, float absolute = 1e-9f) {
   const auto a = cpu.token_scores(layer, head), b = gpu.token_scores(layer, head);
   REQUIRE(a.size() == b.size());
   int scored = 0;
@@ -205,7 +205,7 @@ int require_same_scores(const A& cpu, const B& gpu, int layer, int head) {
     INFO("layer " << layer << " head " << head << " token " << t);
     REQUIRE(std::isnan(a[t]) == std::isnan(b[t]));
     if (std::isnan(a[t])) continue;
-    REQUIRE(std::fabs(a[t] - b[t]) <= 1e-5f * a[t] + 1e-9f);
+    REQUIRE(std::fabs(a[t] - b[t]) <= 1e-5f * std::fabs(a[t]) + absolute);
     ++scored;
   }
   return scored;
@@ -552,7 +552,7 @@ TEST_CASE("CUDA KVzap: hidden-state scores (the scorer's GEMM) and kept sets equ
       observe_hidden_all(s, kHidden, 100, 80, true, seed++, cpu, gpu);
       for (int l = 0; l < s.layers; ++l) {
         for (int h = 0; h < s.kv_heads; ++h) {
-          REQUIRE(require_same_scores(cpu, gpu, l, h) == 180);
+          REQUIRE(require_same_scores(cpu, gpu, l, h, 0.0f) == 180);
         }
       }
       compress_and_compare(cpu, gpu, seed++);
@@ -1091,14 +1091,24 @@ TEST_CASE("CUDA device positions: attend, observe and a batch read them in place
         REQUIRE(cudaMemcpy(got.data(), dout.data(), dout.bytes(), cudaMemcpyDeviceToHost) ==
                 cudaSuccess);
         REQUIRE(normalised_error(got, expected) < 1e-6);
-        // KVzip scores from device positions equal the CPU's from host positions.
-        cpu.observe(l, host_q, host_pos);
-        gpu.observe(l, device_q, positions, MemorySpace::kDevice);
+      }
+      // attend_observe (KVzip: one pass) from device positions, on caches scored by nothing
+      // else: outputs and scores equal the CPU's from host positions.
+      KVCache<kvpack::ReconstructionEvict, backend::Cpu> cpu_scored(s, policy);
+      KVCache<kvpack::ReconstructionEvict, backend::Cuda> gpu_scored(s, policy, ctx);
+      feed_sequence(s, 150, 0, false, cpu_scored, gpu_scored);
+      for (int l = 0; l < s.layers; ++l) {
+        cpu_scored.attend_observe(l, host_q, host_pos,
+                                  OutputView::nhd(expected.data(), tokens, s.q_heads, d));
+        gpu_scored.attend_observe(l, device_q, positions, device_out, {}, MemorySpace::kDevice);
+        REQUIRE(cudaMemcpy(got.data(), dout.data(), dout.bytes(), cudaMemcpyDeviceToHost) ==
+                cudaSuccess);
+        REQUIRE(normalised_error(got, expected) < 1e-5);
+        for (int h = 0; h < s.kv_heads; ++h) {
+          REQUIRE(require_same_scores(cpu_scored, gpu_scored, l, h) > 0);
+        }
       }
     }
-  }
-  for (int l = 0; l < s.layers; ++l) {
-    for (int h = 0; h < s.kv_heads; ++h) require_same_scores(cpu, gpu, l, h);
   }
   // With the checks on, a device position beyond the sequence gets the host check's message and
   // nothing is written.
@@ -1112,7 +1122,7 @@ TEST_CASE("CUDA device positions: attend, observe and a batch read them in place
   REQUIRE(message.find("positions[1]") != std::string::npos);
   REQUIRE(error_of([&] { gpu.attend(0, host_q, device_positions, out); }) == message);
   for (float x : untouched) REQUIRE(x == -7.0f);
-  // A batch entry's device positions.
+  // A batch entry's device positions, checks on and off.
   kvpack::KVCacheBatch<kvpack::Identity, backend::Cuda> batch(s, kvpack::Identity{}, ctx);
   feed_sequence(s, 150, 0, false, batch.add(5));
   REQUIRE(cudaMemcpy(wide_pos.data(), host_pos.data(), wide_pos.bytes(), cudaMemcpyHostToDevice) ==
@@ -1120,9 +1130,14 @@ TEST_CASE("CUDA device positions: attend, observe and a batch read them in place
   std::vector<float> alone(q.size());
   batch.sequence(5).attend(0, host_q, host_pos,
                            OutputView::nhd(alone.data(), tokens, s.q_heads, d));
-  batch.attend(0,
-               {{5, host_q, device_positions, OutputView::nhd(got.data(), tokens, s.q_heads, d)}});
-  REQUIRE(normalised_error(got, alone) < 1e-6);
+  for (const bool checks : {true, false}) {
+    ctx.set_device_value_checks(checks);
+    std::fill(got.begin(), got.end(), 0.0f);
+    batch.attend(
+        0, {{5, host_q, device_positions, OutputView::nhd(got.data(), tokens, s.q_heads, d)}});
+    REQUIRE(normalised_error(got, alone) < 1e-6);
+  }
+  ctx.set_device_value_checks(true);
 }
 
 TEST_CASE("CUDA engine stream: KVzip observe waits for nothing but the check of a device query",

@@ -70,7 +70,8 @@ class TeeCache : public AttentionCache {
       num += (static_cast<double>(other[i]) - out[i]) * (static_cast<double>(other[i]) - out[i]);
       den += static_cast<double>(out[i]) * out[i];
     }
-    worst_ = std::max(worst_, std::sqrt(num / den));
+    const double error = std::sqrt(num / den);
+    if (!std::isnan(worst_) && !(error <= worst_)) worst_ = error;  // a NaN sticks: it fails
   }
 
   AttentionCache& first_;

@@ -12,7 +12,10 @@
 /// - Inputs are host views by default (copied to the device: one packed upload per call); pass
 ///   MemorySpace::kDevice to read device-resident views in place (the finite/range check then
 ///   runs on the device and reports the same element and message as the host check). Positions
-///   are always host arrays. attend() writes the output view in the same memory space as q.
+///   are host arrays, but for the query positions of attend(), observe(), attend_observe() and
+///   KVCacheBatch::attend(), which may be Positions::device views (checked on the host from a
+///   copy while the device value checks are on). attend() writes the output view in the same
+///   memory space as q.
 /// - Storage: per (layer, kv-head) device buffers of capacity rows (geometric growth on
 ///   append); eviction compacts into exact-size new buffers, so evicted rows free their memory.
 ///   bytes() counts held rows, positions and bookkeeping exactly as the CPU cache does (the

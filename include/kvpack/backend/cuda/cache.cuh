@@ -163,7 +163,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// LazyLayerDrop adds the attention mass the rows put on its kept set (sinks + recent window)
   /// to the layer's statistic. Query scores stay on the device: with `q` in device memory and
   /// the context's device_value_checks() off the call returns without waiting (with them on, it
-  /// waits once for the check of q); LazyLayerDrop waits for its masses. Throws kvpack::error,
+  /// waits once for the check of q, and once for the copy of device positions); LazyLayerDrop
+  /// waits for its masses. Throws kvpack::error,
   /// nothing changed, for a bad layer, view or position, non-finite queries, or weights of the
   /// wrong count, not finite and > 0, or given to a policy not scored by queries.
   void observe(int layer, const ActivationView& q, Positions positions,
@@ -270,7 +271,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// Attention of q (tokens × q_heads × head_dim, post-RoPE) over what `layer` holds: causal by
   /// position, GQA, scaled by 1/sqrt(head_dim), softmax in fp32. q and out live in `space`.
   /// kDevice: returns without waiting for the device (output ready in stream order), but for
-  /// the check of q when CudaContext::device_value_checks() is on (the default).
+  /// the checks of q (and of device positions) when CudaContext::device_value_checks() is on
+  /// (the default).
   void attend(int layer, const ActivationView& q, Positions positions, const OutputView& out,
               MemorySpace space = MemorySpace::kHost) const {
     cuda::DeviceGuard guard(context_->device());

@@ -76,7 +76,8 @@ class KVCacheBatch<Policy, backend::Cuda>
   /// order of the splits), then one merge per entry into its `out`. Entries may name the same
   /// sequence. Every entry is checked first (as attend() checks it); a kvpack::error names the
   /// entry and nothing is written. kDevice: returns without waiting for the device but for the
-  /// checks of device queries (CudaContext::device_value_checks()); kHost waits for the outputs.
+  /// checks of device queries and device positions (CudaContext::device_value_checks()); kHost
+  /// waits for the outputs.
   void attend(int layer, const std::vector<BatchQuery>& batch,
               MemorySpace space = MemorySpace::kHost) const;
 

@@ -26,6 +26,7 @@ Positions KVCache<Policy, backend::Cuda>::check_query(const char* where, int lay
     detail::require(static_cast<int64_t>(positions.size()) == q.tokens(), where, "positions.size()",
                     positions.size(),
                     [&] { return detail::concat(q.tokens(), " (one per query token)"); });
+    detail::require(positions.data() != nullptr, where, "positions", "null", "a device array");
     check_space(where, "positions", positions.data(), MemorySpace::kDevice);
     checked = Positions();
     if (context_->device_value_checks()) {

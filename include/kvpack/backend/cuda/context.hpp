@@ -25,8 +25,8 @@
 namespace kvpack {
 
 /// Where the data of a view lives. The CUDA cache accepts host views (copied to the device) and
-/// device views (read in place); positions are always host arrays, since they are validated on
-/// the host before any device work.
+/// device views (read in place). Positions say where they live themselves (Positions::device;
+/// only the query positions of attention and scoring may be on the device).
 enum class MemorySpace { kHost, kDevice };
 
 namespace cuda {

@@ -1,9 +1,9 @@
 /// \file backend/cuda/cache_observe.cuh
 /// \brief Out-of-line members of KVCache<Policy, backend::Cuda>: attend_observe() (one pass
-/// when the window covers every key, else the two calls), observe() of query-scored eviction (ReconstructionEvict, SnapKV: the max or summed
-/// probability of each held key) and of lazy layers (LazyLayerDrop: the layer's attention mass
-/// on its kept set), kernels/observe.cuh; observe_hidden() of KVzap (the scorer's GEMM,
-/// kernels/hidden_scores.cuh).
+/// when the window covers every key, else the two calls), observe() of query-scored eviction
+/// (ReconstructionEvict, SnapKV: the max or summed probability of each held key) and of lazy layers
+/// (LazyLayerDrop: the layer's attention mass on its kept set), kernels/observe.cuh;
+/// observe_hidden() of KVzap (the scorer's GEMM, kernels/hidden_scores.cuh).
 #pragma once
 
 #include <algorithm>

@@ -1,6 +1,7 @@
 /// \file cache_batch.hpp
-/// \brief KVCacheBatch<Policy, Backend>: many sequences (by id) in one page pool, attended in one
-/// call. This header declares it and brings in the CPU implementation.
+/// \brief KVCacheBatch<Policy, Backend>: many sequences (by id), attended in one call. This header
+/// declares it and brings in the CPU implementation (the CUDA one comes with
+/// <kvpack/backend/cuda.hpp>).
 #pragma once
 
 #include <cstdint>
@@ -12,9 +13,10 @@
 
 namespace kvpack {
 
-/// \brief Query rows of one sequence in a batched attend (decode: one token; chunked prefill:
-/// several). q: tokens × q_heads × head_dim (post-RoPE); out: the same shape; positions: one per
-/// query token.
+/// \brief One entry of a batched attend: query rows of one sequence (decode: one token; chunked
+/// prefill: several). q: tokens × q_heads × head_dim (post-RoPE); out: the same shape (CUDA:
+/// fp32); q and out in the memory space of the call; positions: one per query token, host memory
+/// or (CUDA) Positions::device.
 struct BatchQuery {
   int64_t sequence = 0;
   ActivationView q;
@@ -23,9 +25,10 @@ struct BatchQuery {
 };
 
 /// \brief The sequences of an engine's batch, each a KVCache<Policy, Backend>: add / remove by
-/// id, and one attend() over a batch of (sequence, query rows). CPU (backend/cpu/cache_batch.hpp):
-/// one PagePool shared by the sequences, and fork(). CUDA (backend/cuda/cache_batch.cuh, with
-/// <kvpack/backend/cuda.hpp>): one context, one attention launch per attend().
+/// id, fork(), and one attend() over a batch of (sequence, query rows). CPU
+/// (backend/cpu/cache_batch.hpp): one PagePool shared by the sequences. CUDA
+/// (backend/cuda/cache_batch.cuh, with <kvpack/backend/cuda.hpp>): one context, each sequence's
+/// own device buffers, one attention launch per attend().
 template <class Policy, class Backend = backend::Cpu>
 class KVCacheBatch {
   static_assert(detail::dependent_false<Policy, Backend>,

@@ -51,7 +51,9 @@ class Positions {
   Positions(const std::vector<T, A>& v) : Positions(v.data(), v.size()) {}  // NOLINT: implicit
   Positions(Span<const int64_t> s) : Positions(s.data(), s.size()) {}       // NOLINT: implicit
 
-  /// `size` positions in the memory of the CUDA cache's device (never read by the host).
+  /// `size` positions in the memory of the CUDA cache's device, read there in stream order (keep
+  /// them unchanged until the call's work has run); the host reads only a copy, while the
+  /// context's device value checks are on.
   template <class T>
   static Positions device(const T* data, std::size_t size) {
     Positions p(data, size);

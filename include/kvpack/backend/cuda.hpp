@@ -1,5 +1,5 @@
 /// \file backend/cuda.hpp
-/// \brief KVCache<Policy, backend::Cuda>: ragged device storage per (layer, kv-head), CUDA
+/// \brief KVCache<Policy, backend::Cuda>: ragged device storage per (layer, kv head), CUDA
 /// kernels for append / scoring / selection / compaction / attention. Compile with nvcc.
 ///
 /// Same API and same answers as KVCache<Policy, backend::Cpu> for BasicIdentity and the
@@ -10,13 +10,13 @@
 ///
 /// Design notes
 /// - Inputs are host views by default (copied to the device: one packed upload per call); pass
-///   MemorySpace::kDevice to read device-resident views in place (the finite/range check then
+///   MemorySpace::kDevice to read device-resident views in place (the device value check then
 ///   runs on the device and reports the same element and message as the host check). Positions
 ///   are host arrays, but for the query positions of attend(), observe(), attend_observe() and
 ///   KVCacheBatch::attend(), which may be Positions::device views (checked on the host from a
 ///   copy while the device value checks are on). attend() writes the output view in the same
 ///   memory space as q.
-/// - Storage: per (layer, kv-head) device buffers of capacity rows (geometric growth on
+/// - Storage: per (layer, kv head) device buffers of capacity rows (geometric growth on
 ///   append); eviction compacts into exact-size new buffers, so evicted rows free their memory.
 ///   bytes() counts held rows, positions and bookkeeping exactly as the CPU cache does (the
 ///   bookkeeping with the CPU's per-head / per-layer sizes, so both backends report the same
@@ -28,8 +28,9 @@
 ///   result is the CPU's by construction; compaction then runs on the device for both scopes.
 /// - A call waits for the device where the host needs a result, and at its end while the
 ///   context's device value checks are on (the default), so a CUDA fault is reported by the call
-///   that caused it. With them off, attend() on device views and append() into allocated
-///   capacity return with their work enqueued (docs/cuda.md, "Streams and waits"). Calls on one
+///   that caused it. With them off, attend(), observe(), attend_observe() and
+///   KVCacheBatch::attend() on device views, and append() into allocated capacity, return with
+///   their work enqueued (docs/cuda.md, "Streams and waits"). Calls on one
 ///   cache are serialised.
 #pragma once
 

@@ -161,8 +161,8 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// probability by ‖W_o,h · v‖ of its key (or its output's displacement, the policy's
   /// ValueWeighting) and by `query_weights` [tokens] (1 / ‖x_t‖; host memory; empty: 1).
   /// LazyLayerDrop adds the attention mass the rows put on its kept set (sinks + recent window)
-  /// to the layer's statistic. Query scores stay on the device: with `q` in device memory and
-  /// the context's device_value_checks() off the call returns without waiting (with them on, it
+  /// to the layer's statistic. Query scores stay on the device: the call returns without waiting
+  /// for host q, and for device q while the context's device_value_checks() are off (on: it
   /// waits once for the check of q, and once for the copy of device positions); LazyLayerDrop
   /// waits for its masses. Throws kvpack::error,
   /// nothing changed, for a bad layer, view or position, non-finite queries, or weights of the
@@ -301,7 +301,7 @@ class KVCache<Policy, backend::Cuda> : public detail::CacheFront<Policy> {
   /// and the low-rank policies' RoPE frequencies.
   std::size_t workspace_bytes() const;
 
-  /// Tokens held by one (layer, kv-head).
+  /// Tokens held by one (layer, kv head).
   int64_t tokens(int layer, int head) const {
     this->check_head("KVCache::tokens", layer, head);
     return store(layer, head).size;

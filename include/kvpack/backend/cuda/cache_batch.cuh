@@ -75,7 +75,8 @@ class KVCacheBatch<Policy, backend::Cuda>
   /// splits chosen for the whole launch, so outputs equal those calls' up to the summation
   /// order of the splits), then one merge per entry into its `out`. Entries may name the same
   /// sequence. Every entry is checked first (as attend() checks it); a kvpack::error names the
-  /// entry and nothing is written. kDevice: returns without waiting for the device but for the
+  /// entry and nothing is written; at most 65,535 / kv_heads entries (one grid row per entry's
+  /// kv head). kDevice: returns without waiting for the device but for the
   /// checks of device queries and device positions (CudaContext::device_value_checks()); kHost
   /// waits for the outputs.
   void attend(int layer, const std::vector<BatchQuery>& batch,

@@ -121,9 +121,10 @@ class DeviceGuard {
 /// Everything kvpack enqueues for a cache runs on this stream: kvpack's own (created here) or the
 /// engine's (borrowed). Calls wait for the device only where the host needs a result: a value
 /// check of device inputs (device_value_checks()), a host output, allocation decisions that
-/// depend on device results (compress). With the checks off, attend() from and to device memory
-/// and append() into allocated capacity return without waiting; their results are ready in
-/// stream order (a device fault is then reported by a later call). The context must outlive every
+/// depend on device results (compress). With the checks off, attend(), observe(),
+/// attend_observe() and KVCacheBatch::attend() from and to device memory, and append() into
+/// allocated capacity, return without waiting; their results are ready in stream order (a device
+/// fault is then reported by a later call). The context must outlive every
 /// cache that uses it. Not copyable or movable: caches hold its address.
 class CudaContext {
  public:
@@ -150,7 +151,8 @@ class CudaContext {
 
   /// Whether device views passed in (append, attend, observe) are checked for non-finite or
   /// out-of-range values, as host views always are. On (the default), a bad value gets the host
-  /// check's error and changes nothing; the check waits for the device once per call. Off, an
+  /// check's error and changes nothing; the check waits for the device once per checked view
+  /// (device positions: once more, for their copy). Off, an
   /// engine that vouches for its tensors runs without that wait, and nothing checks them: a
   /// non-finite query gives a non-finite output; a non-finite key or value is stored and spoils
   /// the attention over it (host views are checked either way).

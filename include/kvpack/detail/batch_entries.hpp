@@ -10,7 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <utility>
+#include <utility>  // std::in_place, std::move
 #include <vector>
 
 #include "../error.hpp"
@@ -56,6 +56,11 @@ class BatchEntries {
     std::unique_ptr<Cache> cache;
   };
 
+  /// Constructs the prototype from `args` (a Cache's constructor arguments).
+  template <class... Args>
+  explicit BatchEntries(std::in_place_t, Args&&... args)
+      : prototype_(std::forward<Args>(args)...) {}
+
   /// Throws kvpack::error (from `where`) if `id` is held.
   void require_new(int64_t id, const char* where) const {
     require(!contains(id), where, "id", id, "an id not in the batch");
@@ -70,6 +75,9 @@ class BatchEntries {
     return *at;
   }
 
+  /// The batch's shape and policy and what its sequences share (the CPU's page pool, the CUDA
+  /// context); never appended to. Declared before the sequences, so they are destroyed first.
+  Cache prototype_;
   std::vector<Entry> entries_;  // ascending id
 
  private:

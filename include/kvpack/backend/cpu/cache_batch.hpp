@@ -30,6 +30,7 @@ class KVCacheBatch<Policy, backend::Cpu>
   using Entries = detail::BatchEntries<KVCache<Policy, backend::Cpu>>;
   using Entries::entries_;
   using Entries::entry;
+  using Entries::prototype_;
   using typename Entries::Entry;
 
  public:
@@ -39,13 +40,9 @@ class KVCacheBatch<Policy, backend::Cpu>
   /// Validates as KVCache does. Without `pages.pool` the batch makes its pool (pages allocated
   /// 64 at a time); with one, the pool may be in caller memory and shared further.
   explicit KVCacheBatch(const ModelShape& shape, Policy policy = Policy{}, PageOptions pages = {})
-      : prototype_(shape, policy, make_pages(shape, policy, pages)), pages_(pages) {
+      : Entries(std::in_place, shape, policy, make_pages(shape, policy, pages)), pages_(pages) {
     pages_.pool = prototype_.page_pool();
   }
-  // The sequences (held by the base) go before prototype_ and what it owns (context, pool).
-  ~KVCacheBatch() { entries_.clear(); }
-  KVCacheBatch(KVCacheBatch&&) = default;
-  KVCacheBatch& operator=(KVCacheBatch&&) = default;
 
   /// Adds an empty sequence; throws kvpack::error if `id` is already held.
   cache_type& add(int64_t id) { return add(id, prototype_.policy()); }
@@ -161,7 +158,6 @@ class KVCacheBatch<Policy, backend::Cpu>
     return pages;
   }
 
-  cache_type prototype_;  // holds the shape, policy and pool; never appended to
   PageOptions pages_;
   Executor* executor_ = nullptr;
 };

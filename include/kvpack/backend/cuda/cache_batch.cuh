@@ -33,6 +33,7 @@ class KVCacheBatch<Policy, backend::Cuda>
   using Entries = detail::BatchEntries<KVCache<Policy, backend::Cuda>>;
   using Entries::entries_;
   using Entries::entry;
+  using Entries::prototype_;
   using typename Entries::Entry;
 
  public:
@@ -40,14 +41,10 @@ class KVCacheBatch<Policy, backend::Cuda>
 
   /// Validates as KVCache does, on a context of the current device the batch owns.
   explicit KVCacheBatch(const ModelShape& shape, Policy policy = Policy{})
-      : prototype_(shape, std::move(policy)), context_(&prototype_.context()) {}
+      : Entries(std::in_place, shape, std::move(policy)) {}
   /// As above, on a caller-owned context (e.g. the engine's stream) that outlives the batch.
   KVCacheBatch(const ModelShape& shape, Policy policy, cuda::CudaContext& context)
-      : prototype_(shape, std::move(policy), context), context_(&context) {}
-  // The sequences (held by the base) go before prototype_ and what it owns (context, pool).
-  ~KVCacheBatch() { entries_.clear(); }
-  KVCacheBatch(KVCacheBatch&&) = default;
-  KVCacheBatch& operator=(KVCacheBatch&&) = default;
+      : Entries(std::in_place, shape, std::move(policy), context) {}
 
   /// Adds an empty sequence; throws kvpack::error if `id` is already held.
   cache_type& add(int64_t id) { return add(id, prototype_.policy()); }
@@ -56,7 +53,7 @@ class KVCacheBatch<Policy, backend::Cuda>
   /// kvpack::error if `id` is already held or a knob is invalid; nothing is added then.
   cache_type& add(int64_t id, Policy policy) {
     this->require_new(id, "KVCacheBatch::add");
-    auto cache = std::make_unique<cache_type>(prototype_.shape(), std::move(policy), *context_);
+    auto cache = std::make_unique<cache_type>(prototype_.shape(), std::move(policy), context());
     return this->insert(id, std::move(cache));
   }
 
@@ -66,7 +63,7 @@ class KVCacheBatch<Policy, backend::Cuda>
   cache_type& fork(int64_t source, int64_t id) {
     const cache_type& from = this->sequence(source);
     this->require_new(id, "KVCacheBatch::fork");
-    return this->insert(id, std::unique_ptr<cache_type>(new cache_type(from, *context_)));
+    return this->insert(id, std::unique_ptr<cache_type>(new cache_type(from, context())));
   }
 
   /// \brief Attention of every entry of `batch` over what its sequence holds at `layer`, q and
@@ -97,7 +94,7 @@ class KVCacheBatch<Policy, backend::Cuda>
   }
 
   const ModelShape& shape() const { return prototype_.shape(); }
-  cuda::CudaContext& context() const { return *context_; }
+  cuda::CudaContext& context() const { return prototype_.context(); }
 
  private:
   using Head = typename cache_type::AttentionHeadType;
@@ -107,8 +104,6 @@ class KVCacheBatch<Policy, backend::Cuda>
     cuda::PinnedStaging host;
   };
 
-  cache_type prototype_;  // holds the shape and policy (and an owned context); never appended to
-  cuda::CudaContext* context_;
   std::unique_ptr<Scratch> scratch_ = std::make_unique<Scratch>();
 };
 
@@ -118,7 +113,7 @@ void KVCacheBatch<Policy, backend::Cuda>::attend(int layer, const std::vector<Ba
   constexpr const char* where = "KVCacheBatch::attend";
   const ModelShape& s = shape();
   const int d = s.head_dim, kv_heads = s.kv_heads, q_heads = s.q_heads;
-  cuda::DeviceGuard guard(context_->device());
+  cuda::DeviceGuard guard(context().device());
   std::lock_guard<std::mutex> lock(scratch_->mutex);
   const int64_t n = static_cast<int64_t>(batch.size());
   detail::require(n * kv_heads <= 65535, where, "entries", n, "<= 65535 / kv_heads (one launch)");
@@ -137,7 +132,7 @@ void KVCacheBatch<Policy, backend::Cuda>::attend(int layer, const std::vector<Ba
   const int64_t row_blocks =
       (most_tokens * s.group_size() + cuda::kAttentionRows - 1) / cuda::kAttentionRows;
   const int64_t splits =
-      cuda::attention_splits(row_blocks * n * kv_heads, longest, context_->sm_count());
+      cuda::attention_splits(row_blocks * n * kv_heads, longest, context().sm_count());
   const bool host = space == MemorySpace::kHost;
 
   // Workspace: uploaded [each entry's queries (QueryUpload) | head table | sequence table], then
@@ -157,7 +152,7 @@ void KVCacheBatch<Policy, backend::Cuda>::attend(int layer, const std::vector<Ba
   const std::size_t at_max = layout.add<float>(splits * rows);
   const std::size_t at_sum = layout.add<float>(splits * rows);
   const std::size_t at_out = layout.add<float>(host ? rows * d : 0);
-  unsigned char* ws = cuda::grown_workspace(scratch_->device, layout.bytes(), *context_,
+  unsigned char* ws = cuda::grown_workspace(scratch_->device, layout.bytes(), context(),
                                             "KVCacheBatch: workspace growth");
   unsigned char* stage = scratch_->host.acquire(upload_bytes);
 
@@ -172,8 +167,8 @@ void KVCacheBatch<Policy, backend::Cuda>::attend(int layer, const std::vector<Ba
     sequences[i] = {queries[i].q(ws), queries[i].positions(ws), batch[i].q.tokens(), first_row};
     first_row += batch[i].q.tokens() * q_heads;
   }
-  scratch_->host.upload(ws, upload_bytes, context_->stream(), "KVCacheBatch::attend: upload");
-  for (const auto& query : queries) query.convert(ws, context_->stream());
+  scratch_->host.upload(ws, upload_bytes, context().stream(), "KVCacheBatch::attend: upload");
+  for (const auto& query : queries) query.convert(ws, context().stream());
 
   cuda::AttentionParams params{};
   params.tokens = tokens;
@@ -190,18 +185,18 @@ void KVCacheBatch<Policy, backend::Cuda>::attend(int layer, const std::vector<Ba
   cuda::dispatch_head_dim(d, [&](auto head_dim) {
     constexpr int D = decltype(head_dim)::value;
     cuda::launch_attention_kernel<D>(reinterpret_cast<const Head*>(ws + at_heads), n * kv_heads,
-                                     params, most_tokens, context_->stream());
+                                     params, most_tokens, context().stream());
     int64_t row = 0;
     for (int64_t i = 0; i < n; ++i) {
       const OutputView& out = batch[i].out;
       const int64_t entry_rows = out.tokens() * q_heads;
       if (host) {
         cuda::launch_merge_splits<D>(params, row, entry_rows, packed + row * d,
-                                     int64_t{q_heads} * d, d, context_->stream());
+                                     int64_t{q_heads} * d, d, context().stream());
       } else {  // OutputView exposes rows: the element strides from row addresses
         cuda::launch_merge_splits<D>(params, row, entry_rows, out.row(0, 0),
                                      out.row(1, 0) - out.row(0, 0), out.row(0, 1) - out.row(0, 0),
-                                     context_->stream());
+                                     context().stream());
       }
       row += entry_rows;
     }

@@ -122,11 +122,6 @@ struct ObserveParams {
   float* row_outputs;
 };
 
-/// The kept set of a policy that measures no attention mass (KVzip, SnapKV): empty.
-struct NoKeptSet {
-  KVPACK_HOST_DEVICE bool in_kept_set(int64_t, int64_t, int64_t) const { return false; }
-};
-
 /// LazyLayerDrop's pass: one warp per (query token, query head); lanes stride over the head's
 /// keys for the row's softmax statistics and, with p.row_mass, the softmax mass of the keys
 /// `kept.in_kept_set(position, first, query position)` selects (Policy: LazyLayerDrop). Grid: x
@@ -332,7 +327,8 @@ void launch_value_weights(const ObserveHead<T>* heads, int kv_heads, int64_t lon
   check_launch("value_weights_kernel");
 }
 
-/// Enqueues pass 1 alone (the row statistics; with p.row_mass, the mass on `kept`'s keys).
+/// Enqueues LazyLayerDrop's pass (the row statistics; with p.row_mass, the mass on `kept`'s
+/// keys).
 template <int D, class T, class KeptSet>
 void launch_observe_stats(const ObserveHead<T>* heads, const ObserveParams& p, const KeptSet& kept,
                           cudaStream_t stream) {
